@@ -1,0 +1,177 @@
+"""The DINOv3 / DINOv2 backbone: building it, naming its tensors, LoRA on it.
+
+The backbone is a plain `transformers` model. Its architecture comes only from
+its HF config dict; weights come from a bundle or an official checkpoint.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import BackboneConfig, LoraSettings
+
+# Key renames between transformers 4.x checkpoints (left) and the layouts that
+# transformers >= 5 builds (right). `from_pretrained` applies these to its own
+# files; a foreign state dict (an official checkpoint) needs them applied here.
+_LAYOUT_RENAMES = [
+    (re.compile(r"^layer\.(\d+)\."), r"model.layer.\1."),  # DINOv3 ViT
+    (re.compile(r"\.attention\.attention\.query\b"), ".attention.q_proj"),  # DINOv2
+    (re.compile(r"\.attention\.attention\.key\b"), ".attention.k_proj"),
+    (re.compile(r"\.attention\.attention\.value\b"), ".attention.v_proj"),
+    (re.compile(r"\.attention\.output\.dense\b"), ".attention.o_proj"),
+    (re.compile(r"\.mlp\.weights_out\b"), ".mlp.down_proj"),
+]
+_REVERSE_RENAMES = [
+    (re.compile(r"^model\.layer\.(\d+)\."), r"layer.\1."),
+    (re.compile(r"\.attention\.q_proj\b"), ".attention.attention.query"),
+    (re.compile(r"\.attention\.k_proj\b"), ".attention.attention.key"),
+    (re.compile(r"\.attention\.v_proj\b"), ".attention.attention.value"),
+    (re.compile(r"\.attention\.o_proj\b"), ".attention.output.dense"),
+    (re.compile(r"\.mlp\.down_proj\b"), ".mlp.weights_out"),
+]
+
+# Default LoRA targets: the q/k/v projections, under whichever names the model uses.
+_QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """An un-trained backbone of the described architecture (weights loaded later)."""
+    from transformers import AutoConfig, AutoModel
+
+    values = {k: v for k, v in cfg.hf_config.items() if k not in ("model_type", "transformers_version")}
+    hf_config = AutoConfig.for_model(cfg.model_type, **values)
+    model = AutoModel.from_config(hf_config, attn_implementation="sdpa")
+    return model.eval()
+
+
+def read_backbone_config(path: str | Path) -> BackboneConfig:
+    """The architecture of a local HF backbone directory (its config.json)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"backbone directory {path} has no config.json")
+    cfg = _clean_config(AutoConfig.from_pretrained(str(path)).to_dict())
+    cfg.family  # validates the model type
+    return cfg
+
+
+def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a local HF backbone directory, in the installed layout."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(path))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def backbone_config_of(model: nn.Module) -> BackboneConfig:
+    return _clean_config(model.config.to_dict())
+
+
+def _clean_config(d: dict) -> BackboneConfig:
+    drop = ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset")
+    return BackboneConfig(hf_config={k: v for k, v in d.items() if k not in drop})
+
+
+def resolve_key(key: str, known: set[str] | dict) -> str | None:
+    """Map a backbone key from any supported layout onto a name in `known`."""
+    if key in known:
+        return key
+    for renames in (_LAYOUT_RENAMES, _REVERSE_RENAMES):
+        candidate = key
+        for pattern, repl in renames:
+            candidate = pattern.sub(repl, candidate)
+        if candidate in known:
+            return candidate
+    return None
+
+
+def lora_target_modules(backbone: nn.Module, settings: LoraSettings) -> list[str]:
+    """Full names of the Linear layers LoRA applies to, in module order."""
+    linear_names = {n: m for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}
+    targets = settings.targets
+    if targets is None:
+        leaves = {n.rsplit(".", 1)[-1] for n in linear_names}
+        targets = next((list(t) for t in _QKV_NAMES if set(t) <= leaves), None)
+        if targets is None:
+            raise ValueError("cannot find q/k/v projections in the backbone; set lora.targets")
+    found = [n for n in linear_names if n.rsplit(".", 1)[-1] in targets and ".attention." in f".{n}"]
+    if not found:
+        raise ValueError(f"no Linear layers named {targets} in the backbone")
+    return found
+
+
+def lora_shapes(backbone: nn.Module, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
+    """Expected LoRA tensors: '{module}.lora_A.weight' [r, in], '{module}.lora_B.weight' [out, r]."""
+    shapes = {}
+    for name in lora_target_modules(backbone, settings):
+        layer = backbone.get_submodule(name)
+        shapes[f"{name}.lora_A.weight"] = (settings.rank, layer.in_features)
+        shapes[f"{name}.lora_B.weight"] = (layer.out_features, settings.rank)
+    return shapes
+
+
+@torch.no_grad()
+def merge_lora_(backbone: nn.Module, lora: dict[str, torch.Tensor], settings: LoraSettings) -> None:
+    """Fold LoRA deltas into the base weights in place: W += (alpha / r) * B @ A.
+
+    Scoring then runs a plain backbone and pays nothing for the adapters.
+    Uses peft so the math is the library's own (train with the same wrappers).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = attach_lora(backbone, settings)
+    load_lora_(wrapped, lora)
+    for name in lora_target_modules_wrapped(wrapped):
+        module = wrapped.get_submodule(name)
+        assert isinstance(module, BaseTunerLayer)
+        module.merge()
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(wrapped.get_submodule(parent_name), leaf, module.get_base_layer())
+
+
+def attach_lora(backbone: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap the target layers with trainable peft LoRA adapters (in place)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    modules = lora_target_modules(backbone, settings)
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=modules,
+    )
+    return inject_adapter_in_model(config, backbone, adapter_name="default")
+
+
+def lora_target_modules_wrapped(backbone: nn.Module) -> list[str]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [n for n, m in backbone.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def load_lora_(wrapped: nn.Module, lora: dict[str, torch.Tensor]) -> None:
+    """Copy '{module}.lora_X.weight' tensors into peft's 'default' adapter."""
+    expected = set()
+    for name in lora_target_modules_wrapped(wrapped):
+        module = wrapped.get_submodule(name)
+        for part in ("lora_A", "lora_B"):
+            key = f"{name}.{part}.weight"
+            expected.add(key)
+            getattr(module, part)["default"].weight.data.copy_(lora[key])
+    extra = set(lora) - expected
+    if extra:
+        raise KeyError(f"unexpected LoRA tensors: {sorted(extra)}")
+
+
+def export_lora(wrapped: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a peft-wrapped backbone, in bundle naming."""
+    out = {}
+    for name in lora_target_modules_wrapped(wrapped):
+        module = wrapped.get_submodule(name)
+        for part in ("lora_A", "lora_B"):
+            out[f"{name}.{part}.weight"] = getattr(module, part)["default"].weight.detach().clone()
+    return out

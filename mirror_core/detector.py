@@ -1,0 +1,112 @@
+"""Detector: single-process scoring of images, paths or bytes, in batches."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .bundle import Bundle, load_bundle
+from .config import MirrorConfig
+from .model import MirrorModel, assemble_model
+from .preprocess import Preprocessed, official_preprocess, preprocess_rgb, read_bytes
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIGNALS = ("logit_real", "logit_fake", "prob_fake", "max_score", "entropy", "residual_norm")
+
+
+class Detector:
+    """A MIRROR model ready to score, plus its preprocessing policy.
+
+    `score_pixels` takes preprocessed uint8 crops (what the pipeline ships between
+    stages); `score` takes anything a user has: PIL images, paths/URIs or bytes.
+    """
+
+    def __init__(self, model: MirrorModel, config: MirrorConfig, model_id: str, device="cpu", precision="fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.model_id = model_id
+        self.precision = precision
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, device="cpu", precision="fp32", alignment: str | None = None) -> "Detector":
+        config = bundle.config
+        if alignment is not None:
+            config = replace(config, preprocess=replace(config.preprocess, alignment=alignment))
+        return cls(assemble_model(config, bundle.weights), config, bundle.model_id, device, precision)
+
+    @classmethod
+    def from_pretrained(cls, uri: str | Path, device="cpu", precision="fp32", alignment: str | None = None) -> "Detector":
+        """Load a bundle directory (local path or fsspec URI such as s3://...)."""
+        return cls.from_bundle(load_bundle(str(uri)), device, precision, alignment)
+
+    @property
+    def threshold(self) -> float:
+        return self.config.threshold
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=dtype)
+
+    @torch.inference_mode()
+    def score_pixels(self, pixels: np.ndarray, token_residuals: bool = False) -> dict[str, np.ndarray]:
+        """uint8 [B, 224, 224, 3] -> named float arrays [B] (and 'token_residual' [B, gh, gw])."""
+        batch = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        with self._autocast():
+            out = self.model(batch, token_residuals=token_residuals)
+        result = {
+            "logit_real": out.logits[:, 0],
+            "logit_fake": out.logits[:, 1],
+            "prob_fake": out.prob_fake,
+            "max_score": out.max_score,
+            "entropy": out.entropy,
+            "residual_norm": out.residual_norm,
+        }
+        if token_residuals:
+            result["token_residual"] = out.token_residual
+        return {k: v.float().cpu().numpy() for k, v in result.items()}
+
+    def preprocess(self, item: Any, name: str | None = None) -> Preprocessed:
+        """PIL image, path/URI or bytes -> the policy's uint8 crop."""
+        cfg = self.config.preprocess
+        if isinstance(item, Image.Image):
+            return preprocess_rgb(item, cfg, name=name, fmt=item.format)
+        if isinstance(item, (str, Path)):
+            return official_preprocess(read_bytes(item), cfg, name=name or str(item))
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            return official_preprocess(bytes(item), cfg, name=name)
+        raise TypeError(f"cannot score an object of type {type(item).__name__}")
+
+    def score(
+        self, items: Iterable[Any], batch_size: int = 32, names: Sequence[str | None] | None = None
+    ) -> list[dict[str, Any]]:
+        """One dict per item, in order: the signals + 'pred', or an 'error' message."""
+        items = list(items)
+        names = list(names) if names is not None else [None] * len(items)
+        rows: list[dict[str, Any]] = [{} for _ in items]
+        ready: list[tuple[int, Preprocessed]] = []
+        for i, (item, name) in enumerate(zip(items, names)):
+            try:
+                ready.append((i, self.preprocess(item, name)))
+            except Exception as err:  # one bad image never sinks the batch
+                rows[i] = {"error": f"{type(err).__name__}: {err}"}
+        for start in range(0, len(ready), batch_size):
+            chunk = ready[start : start + batch_size]
+            scores = self.score_pixels(np.stack([p.pixels for _, p in chunk]))
+            for j, (i, pre) in enumerate(chunk):
+                row = {k: float(scores[k][j]) for k in SIGNALS}
+                row.update(pred=int(row["prob_fake"] > self.threshold), width=pre.width, height=pre.height,
+                           format=pre.format, aligned=pre.aligned, error=None)
+                rows[i] = row
+        return rows

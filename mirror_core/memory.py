@@ -1,0 +1,89 @@
+"""MemoryBank: reconstructs an "ideal reference" of patch features from real-image prototypes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import MemoryConfig
+
+ENTROPY_EPS = 1e-9  # the official entropy is -sum A log(A + 1e-9)
+
+
+@dataclass
+class MemoryOutput:
+    reference: torch.Tensor  # [B, N, D] reconstructed features F^
+    max_score: torch.Tensor  # [B] mean over heads/tokens of max_k A
+    entropy: torch.Tensor  # [B] mean over heads/tokens of the attention entropy
+
+
+class MemoryBank(nn.Module):
+    """Sparse top-k multi-head attention from tokens to K learned memory slots.
+
+    Keys and values depend only on the memory, so in inference they are
+    projected once and cached; the cache drops whenever weights may change
+    (train mode, state-dict load, device/dtype moves).
+    """
+
+    def __init__(self, dim: int, cfg: MemoryConfig):
+        super().__init__()
+        if dim % cfg.num_heads:
+            raise ValueError(f"width {dim} is not divisible by {cfg.num_heads} memory heads")
+        if not 0 < cfg.top_k <= cfg.num_slots:
+            raise ValueError(f"top_k={cfg.top_k} must be in 1..num_slots={cfg.num_slots}")
+        self.cfg = cfg
+        self.num_heads = cfg.num_heads
+        self.head_dim = dim // cfg.num_heads
+        self.scale = self.head_dim**-0.5
+        self.memory = nn.Parameter(torch.empty(cfg.num_slots, dim))
+        nn.init.orthogonal_(self.memory)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=True)
+        self._kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._register_load_state_dict_pre_hook(lambda *a, **k: self.clear_cache())
+
+    def clear_cache(self) -> None:
+        self._kv_cache = None
+
+    def train(self, mode: bool = True):
+        self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        # [..., L, D] -> [..., H, L, hd]
+        *lead, length, _ = x.shape
+        return x.view(*lead, length, self.num_heads, self.head_dim).transpose(-3, -2)
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [H, K, hd] each; cached when nothing can change them."""
+        needs_grad = torch.is_grad_enabled() and (self.training or self.memory.requires_grad)
+        if needs_grad:
+            return self._split(self.k_proj(self.memory)), self._split(self.v_proj(self.memory))
+        if self._kv_cache is None:
+            with torch.no_grad():
+                self._kv_cache = (self._split(self.k_proj(self.memory)), self._split(self.v_proj(self.memory)))
+        return self._kv_cache
+
+    def forward(self, tokens: torch.Tensor) -> MemoryOutput:
+        b, n, d = tokens.shape
+        k, v = self.keys_values()  # [H, K, hd]
+        q = self._split(self.q_proj(tokens))  # [B, H, N, hd]
+        logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [B, H, N, K]
+        top_logits, top_idx = logits.topk(self.cfg.top_k, dim=-1)  # [B, H, N, k]
+        # Softmax over the kept slots only, in fp32; every other slot weighs exactly 0,
+        # so max and entropy over the k kept weights equal those over all K.
+        weights = F.softmax(top_logits.float(), dim=-1)
+        max_score = weights.amax(dim=-1).mean(dim=(1, 2))  # [B]
+        entropy = -(weights * torch.log(weights + ENTROPY_EPS)).sum(-1).mean(dim=(1, 2))  # [B]
+        attn = torch.zeros_like(logits).scatter_(-1, top_idx, weights.to(logits.dtype))
+        mixed = torch.matmul(attn, v)  # [B, H, N, hd]
+        reference = self.out_proj(mixed.transpose(1, 2).reshape(b, n, d))
+        return MemoryOutput(reference=reference, max_score=max_score, entropy=entropy)

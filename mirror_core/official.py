@@ -1,0 +1,227 @@
+"""Import official MIRROR `.pth` files: safe unpickling, key mapping, strict checks.
+
+Official files are pickles. We only ever unpickle them with
+`torch.load(weights_only=True)`, allowing the one harmless class they carry
+(`argparse.Namespace` for the training args). Anything else is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbone import build_backbone, lora_shapes, read_backbone_config, read_backbone_weights, resolve_key
+from .config import BackboneConfig, LoraSettings, MemoryConfig, MirrorConfig, PreprocessConfig
+from .head import DualBranchHead
+from .memory import MemoryBank
+from .model import Normalize
+from .weights import MirrorWeights
+
+SAFE_GLOBALS = [argparse.Namespace]
+ENVELOPE_KEYS = ("model", "state_dict", "model_state_dict")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.default\.weight$")
+_SWIGLU_IN = re.compile(r"^(?P<prefix>.+\.mlp)\.weights_in\.(?P<kind>weight|bias)$")
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file needs something other than plain tensors and allowlisted classes."""
+
+
+class CheckpointMismatchError(ValueError):
+    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str]):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = ["checkpoint does not match the model:"]
+        lines += [f"  missing: {k}" for k in missing]
+        lines += [f"  unexpected: {k}" for k in unexpected]
+        lines += [f"  wrong shape: {k}" for k in mismatched]
+        super().__init__("\n".join(lines))
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """torch.load with weights_only=True; refuses (never falls back) on anything unsafe."""
+    import fsspec
+    import pickle
+
+    with fsspec.open(str(path), "rb") as f:
+        data = f.read()
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = found.group(1) if found else "an object that is not a tensor"
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: unpickling it would call {what}, which is not allowed. "
+            "Official MIRROR checkpoints hold only tensors, numbers and argparse.Namespace; "
+            "this file is not one of them (it was not executed)."
+        ) from None
+
+
+def unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """The state dict inside an official file, with any `module.` prefix removed."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source}: expected a dict, found {type(obj).__name__}")
+    for key in ENVELOPE_KEYS:
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{source}: no state dict found (non-tensor entries: {not_tensors[:5]})")
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def training_args(obj: Any) -> dict[str, Any]:
+    args = obj.get("args") if isinstance(obj, dict) else None
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+
+
+@dataclass
+class ImportReport:
+    config: MirrorConfig
+    weights: MirrorWeights
+    notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def map_backbone_key(rest: str, backbone_known: dict, lora_known: dict) -> tuple[str, str] | None:
+    """'…base_model.model.…' official backbone key -> ('backbone'|'lora', bundle key)."""
+    rest = rest.replace("base_model.model.", "")
+    lora = _LORA_KEY.match(rest)
+    if lora:
+        module = resolve_key(lora["module"] + ".weight", backbone_known)
+        if module is None:
+            return None
+        key = f"{module[: -len('.weight')]}.{lora['part']}.weight"
+        return ("lora", key) if key in lora_known else None
+    resolved = resolve_key(rest.replace(".base_layer.", "."), backbone_known)
+    return ("backbone", resolved) if resolved else None
+
+
+def map_official_state(
+    state: dict[str, torch.Tensor], backbone_known: dict, lora_known: dict
+) -> tuple[MirrorWeights, list[str]]:
+    """Sort official keys into bundle groups; returns (weights, unexpected keys)."""
+    weights, unexpected = MirrorWeights(), []
+    for key, tensor in state.items():
+        if key in ("norm.mean", "norm.std"):
+            weights.mirror["normalize." + key.split(".")[1]] = tensor
+        elif key.startswith(("memory_bank.", "detector.")):
+            weights.mirror[key] = tensor
+        elif key.startswith("backbone.dino."):
+            rest = key[len("backbone.dino.") :].replace("base_model.model.", "")
+            swiglu = _SWIGLU_IN.match(rest)
+            if swiglu:  # DINOv2 SwiGLU: fused gate+up, split as transformers 5 does
+                gate, up = tensor.chunk(2, dim=0)
+                for name, part in (("gate_proj", gate), ("up_proj", up)):
+                    mapped = resolve_key(f"{swiglu['prefix']}.{name}.{swiglu['kind']}", backbone_known)
+                    if mapped is None:
+                        unexpected.append(key)
+                        break
+                    weights.backbone[mapped] = part
+                continue
+            target = map_backbone_key(rest, backbone_known, lora_known)
+            if target is None:
+                unexpected.append(key)
+            else:
+                getattr(weights, target[0])[target[1]] = tensor
+        else:
+            unexpected.append(key)
+    return weights, unexpected
+
+
+def expected_shapes(cfg: MirrorConfig) -> tuple[dict, dict, dict]:
+    """Shapes every group must have, from meta-device modules (no memory, no init cost)."""
+    with torch.device("meta"):
+        backbone = build_backbone(cfg.backbone)
+        mirror = {f"normalize.{k}": v.shape for k, v in Normalize().state_dict().items()}
+        mirror.update({f"memory_bank.{k}": v.shape for k, v in MemoryBank(cfg.dim, cfg.memory).state_dict().items()})
+        mirror.update({f"detector.{k}": v.shape for k, v in DualBranchHead(cfg.dim, cfg.head).state_dict().items()})
+    backbone_shapes = {k: v.shape for k, v in backbone.state_dict().items()}
+    return backbone_shapes, {k: torch.Size(v) for k, v in lora_shapes(backbone, cfg.lora).items()}, mirror
+
+
+def check_strict(weights: MirrorWeights, cfg: MirrorConfig, unexpected: list[str]) -> None:
+    missing, mismatched = [], []
+    for group, shapes in zip(("backbone", "lora", "mirror"), expected_shapes(cfg)):
+        got = getattr(weights, group)
+        unexpected += [f"{group}:{k}" for k in sorted(set(got) - set(shapes))]
+        for key, shape in shapes.items():
+            if key not in got:
+                missing.append(f"{group}:{key} {list(shape)}")
+            elif got[key].shape != shape:
+                mismatched.append(f"{group}:{key} checkpoint {list(got[key].shape)} vs model {list(shape)}")
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(missing, unexpected, mismatched)
+
+
+def read_memory_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Phase 1 file -> ('memory_bank.*' tensors, memory_config dict or {})."""
+    obj = safe_torch_load(path)
+    state = unwrap_state_dict(obj, str(path))
+    tensors = {k if k.startswith("memory_bank.") else f"memory_bank.{k}": v for k, v in state.items()}
+    return tensors, dict(obj.get("memory_config") or {}) if isinstance(obj, dict) else {}
+
+
+def import_official(
+    checkpoint: str | Path,
+    backbone_dir: str | Path,
+    memory: str | Path | None = None,
+    alignment: str = "by-extension",
+    lora_alpha: float | None = None,
+    memory_heads: int | None = None,
+    top_k: int | None = None,
+) -> ImportReport:
+    """Read official files into a config + bundle-grouped weights, strictly."""
+    notes: list[str] = []
+    raw = safe_torch_load(checkpoint)
+    state = unwrap_state_dict(raw, str(checkpoint))
+    args = training_args(raw)
+    backbone_cfg = read_backbone_config(backbone_dir)
+
+    memory_tensors, memory_config = ({}, {})
+    if memory is not None:
+        memory_tensors, memory_config = read_memory_file(memory)
+    in_checkpoint = {k for k in state if k.startswith("memory_bank.")}
+    if memory is not None and in_checkpoint:
+        notes.append(f"memory bank: {len(in_checkpoint)} tensors from the detector checkpoint override the memory file")
+    merged_state = {**memory_tensors, **state}  # the detector checkpoint wins
+
+    if "memory_bank.memory" not in merged_state:
+        raise CheckpointMismatchError(["mirror:memory_bank.memory (pass --memory)"], [], [])
+    feature_dim = memory_config.get("feature_dim")
+    if feature_dim is not None and int(feature_dim) != backbone_cfg.hidden_size:
+        raise ValueError(f"memory_config.feature_dim={feature_dim} but the backbone width is {backbone_cfg.hidden_size}")
+
+    rank = int(args.get("lora_r") or _lora_rank(state) or LoraSettings.rank)
+    cfg = MirrorConfig(
+        backbone=backbone_cfg,
+        lora=LoraSettings(rank=rank, alpha=float(lora_alpha or args.get("lora_alpha") or 2 * rank)),
+        memory=MemoryConfig(
+            num_slots=int(merged_state["memory_bank.memory"].shape[0]),
+            num_heads=int(memory_heads or memory_config.get("num_heads") or MemoryConfig.num_heads),
+            top_k=int(top_k or memory_config.get("top_k") or MemoryConfig.top_k),
+        ),
+        preprocess=PreprocessConfig(alignment=alignment),
+    )
+    backbone_shapes, lora_known, _ = expected_shapes(cfg)
+    weights, unexpected = map_official_state(merged_state, backbone_shapes, lora_known)
+    if not weights.backbone:
+        # Checkpoints that saved only trainable tensors: the official model keeps the
+        # directory's weights for the backbone, and so do we, loudly.
+        weights.backbone = read_backbone_weights(backbone_dir)
+        notes.append(f"backbone base weights: none in the checkpoint, taken from {backbone_dir}")
+    check_strict(weights, cfg, unexpected)
+    return ImportReport(config=cfg, weights=weights, notes=notes)
+
+
+def _lora_rank(state: dict[str, torch.Tensor]) -> int | None:
+    for key, tensor in state.items():
+        if key.endswith("lora_A.default.weight"):
+            return int(tensor.shape[0])
+    return None

@@ -1,0 +1,124 @@
+"""Evaluation preprocessing: the `official` policy, exactly.
+
+Steps (per image): decode -> RGB -> if the short side exceeds 512, bicubic resize
+so it is 512 -> torchvision-style centre crop 224 (zero padding, ties-to-even
+offsets) -> optional "format alignment" (JPEG q96 round trip) -> uint8 HWC.
+
+uint8 arrays leave this module; the model divides by 255 itself, which is
+exactly what the official ToTensor step computes.
+"""
+from __future__ import annotations
+
+import io
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from .config import PreprocessConfig
+
+# The official script aligns by file name: these suffixes (case-insensitive).
+ALIGN_EXTENSIONS = (".png", ".bmp", ".tiff")
+# ... and `by-format` uses the decoded container instead.
+ALIGN_FORMATS = ("PNG", "BMP", "TIFF")
+
+
+@dataclass
+class Preprocessed:
+    pixels: np.ndarray  # uint8 [crop, crop, 3]
+    width: int  # of the decoded image, before any resize
+    height: int
+    format: str | None  # container format PIL detected (JPEG, PNG, ...)
+    aligned: bool  # whether the JPEG q96 round trip was applied
+
+
+@contextmanager
+def _truncated_images_allowed():
+    # Official evaluation decodes truncated files as far as they go. Pillow only
+    # offers a module-level switch; scope it to our own decode calls.
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def decode_rgb(data: bytes) -> tuple[Image.Image, str | None]:
+    """Bytes -> (RGB image, detected format). No EXIF rotation, as official."""
+    with _truncated_images_allowed():
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            rgb = img.convert("RGB")
+    return rgb, fmt
+
+
+def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
+    """If min(w, h) > short_side, bicubic-resize so the short side equals it."""
+    w, h = img.size
+    short = min(w, h)
+    if short <= short_side:
+        return img
+    new_w = short_side if w == short else int(round(w * short_side / short))
+    new_h = short_side if h == short else int(round(h * short_side / short))
+    return img.resize((new_w, new_h), Image.BICUBIC)
+
+
+def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    """torchvision CenterCrop on HWC: zero-pad short sides, round-half-even offsets."""
+    h, w = arr.shape[:2]
+    if h < size or w < size:
+        pad_h, pad_w = max(size - h, 0), max(size - w, 0)
+        arr = np.pad(arr, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+        h, w = arr.shape[:2]
+    top = int(round((h - size) / 2))
+    left = int(round((w - size) / 2))
+    return arr[top : top + size, left : left + size]
+
+
+def jpeg_round_trip(arr: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality, optimize=True)
+    buf.seek(0)
+    with Image.open(buf) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def wants_alignment(cfg: PreprocessConfig, name: str | None, fmt: str | None) -> bool:
+    """by-extension: the official rule on the file name (no name -> no alignment);
+    by-format: the decoded container; off: never."""
+    if cfg.alignment == "by-extension":
+        return name is not None and name.lower().endswith(ALIGN_EXTENSIONS)
+    if cfg.alignment == "by-format":
+        return fmt in ALIGN_FORMATS
+    return False
+
+
+def official_preprocess(data: bytes, cfg: PreprocessConfig, name: str | None = None) -> Preprocessed:
+    """Encoded image bytes (+ its file name for by-extension alignment) -> model input."""
+    img, fmt = decode_rgb(data)
+    width, height = img.size
+    return preprocess_rgb(img, cfg, name=name, fmt=fmt, size=(width, height))
+
+
+def preprocess_rgb(
+    img: Image.Image, cfg: PreprocessConfig, name: str | None = None, fmt: str | None = None, size=None
+) -> Preprocessed:
+    """The policy applied to an already-decoded image."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    width, height = size or img.size
+    arr = center_crop(np.asarray(resize_short_side(img, cfg.resize_short_side)), cfg.crop_size)
+    aligned = wants_alignment(cfg, name, fmt)
+    if aligned:
+        arr = jpeg_round_trip(np.ascontiguousarray(arr), cfg.jpeg_quality)
+    return Preprocessed(np.ascontiguousarray(arr), width, height, fmt, aligned)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """Local path or fsspec URI -> bytes."""
+    import fsspec
+
+    with fsspec.open(str(path), "rb") as f:
+        return f.read()
