@@ -115,3 +115,17 @@ def load_bundle(uri: str) -> Bundle:
         raise ValueError(f"{uri}: model_id {doc['model_id']} does not match its contents ({model_id})")
     return Bundle(config, MirrorWeights(**groups), model_id, doc.get("provenance", {}), str(uri))
 
+
+
+def describe_model(config: MirrorConfig, weights: MirrorWeights) -> list[str]:
+    """Human summary lines: backbone, memory bank, LoRA, parameter counts."""
+    bb = config.backbone
+    counts = weights.num_params()
+    return [
+        f"backbone: {bb.family} ({bb.model_type}), width {bb.hidden_size}, depth {bb.num_layers}, "
+        f"{bb.num_register_tokens} register tokens, patch {bb.patch_size}",
+        f"memory bank: K={config.memory.num_slots} slots, {config.memory.num_heads} heads, top_k={config.memory.top_k}",
+        f"LoRA: rank {config.lora.rank}, alpha {config.lora.alpha:g}, targets {config.lora.targets or 'q/k/v'} (merged when scoring)",
+        "parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f", total {sum(counts.values()):,}",
+        f"preprocessing: {config.preprocess.name}, threshold {config.threshold:g}",
+    ]

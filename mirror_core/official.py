@@ -225,3 +225,36 @@ def _lora_rank(state: dict[str, torch.Tensor]) -> int | None:
         if key.endswith("lora_A.default.weight"):
             return int(tensor.shape[0])
     return None
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    import fsspec
+
+    digest = hashlib.sha256()
+    with fsspec.open(str(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_provenance(checkpoint, backbone_dir, memory=None) -> dict[str, Any]:
+    """Which files a bundle came from, by name and sha256."""
+    sources = {"checkpoint": checkpoint, "memory": memory}
+    out: dict[str, Any] = {
+        role: {"file": Path(str(p)).name, "sha256": file_sha256(p)} for role, p in sources.items() if p is not None
+    }
+    backbone_files = sorted(p for p in Path(backbone_dir).iterdir() if p.is_file())
+    out["backbone"] = {"dir": Path(backbone_dir).name, "files": {p.name: file_sha256(p) for p in backbone_files}}
+    return {"imported_from": "official", "sources": out}
+
+
+def import_official_bundle(checkpoint, backbone_dir, out: str, memory=None, **options) -> tuple[str, ImportReport]:
+    """import_official + save_bundle; returns (model_id, report)."""
+    from .bundle import save_bundle
+
+    report = import_official(checkpoint, backbone_dir, memory, **options)
+    report.provenance = source_provenance(checkpoint, backbone_dir, memory)
+    model_id = save_bundle(out, report.config, report.weights, report.provenance)
+    return model_id, report

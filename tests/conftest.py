@@ -1,0 +1,68 @@
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY = Path(os.environ.get("MIRROR_PARITY_FIXTURE", REPO.parent / "shared" / "fixtures" / "official_parity"))
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    if not (PARITY / "checkpoint.pth").is_file():
+        raise FileNotFoundError(f"official parity fixture not found at {PARITY} (set MIRROR_PARITY_FIXTURE)")
+    return PARITY
+
+
+@pytest.fixture(scope="session")
+def parity_bundle(parity_dir, tmp_path_factory) -> Path:
+    """The parity fixture imported once per session through the library."""
+    from mirror_core.official import import_official_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "parity"
+    import_official_bundle(parity_dir / "checkpoint.pth", parity_dir / "backbone", str(out),
+                           memory=parity_dir / "mirror_phase1.pth")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol server (moto) on 127.0.0.1; sets AWS_ENDPOINT_URL for everyone."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    import boto3
+
+    name = "mirror-" + request.node.name.lower().replace("_", "-")[:40]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return name
