@@ -13,25 +13,26 @@ from torch import nn
 
 from .config import BackboneConfig, LoraSettings
 
-# Key renames between transformers 4.x checkpoints (left) and the layouts that
+# Key renames, per family, from transformers 4.x checkpoints (left) to the layouts
 # transformers >= 5 builds (right). `from_pretrained` applies these to its own
 # files; a foreign state dict (an official checkpoint) needs them applied here.
-_LAYOUT_RENAMES = [
-    (re.compile(r"^layer\.(\d+)\."), r"model.layer.\1."),  # DINOv3 ViT
-    (re.compile(r"\.attention\.attention\.query\b"), ".attention.q_proj"),  # DINOv2
-    (re.compile(r"\.attention\.attention\.key\b"), ".attention.k_proj"),
-    (re.compile(r"\.attention\.attention\.value\b"), ".attention.v_proj"),
-    (re.compile(r"\.attention\.output\.dense\b"), ".attention.o_proj"),
-    (re.compile(r"\.mlp\.weights_out\b"), ".mlp.down_proj"),
-]
-_REVERSE_RENAMES = [
-    (re.compile(r"^model\.layer\.(\d+)\."), r"layer.\1."),
-    (re.compile(r"\.attention\.q_proj\b"), ".attention.attention.query"),
-    (re.compile(r"\.attention\.k_proj\b"), ".attention.attention.key"),
-    (re.compile(r"\.attention\.v_proj\b"), ".attention.attention.value"),
-    (re.compile(r"\.attention\.o_proj\b"), ".attention.output.dense"),
-    (re.compile(r"\.mlp\.down_proj\b"), ".mlp.weights_out"),
-]
+_RENAMES = {
+    "dinov3": [(r"^layer\.(\d+)\.", r"model.layer.\1.", r"^model\.layer\.(\d+)\.", r"layer.\1.")],
+    "dinov2": [
+        (r"\.attention\.attention\.query\b", ".attention.q_proj", r"\.attention\.q_proj\b", ".attention.attention.query"),
+        (r"\.attention\.attention\.key\b", ".attention.k_proj", r"\.attention\.k_proj\b", ".attention.attention.key"),
+        (r"\.attention\.attention\.value\b", ".attention.v_proj", r"\.attention\.v_proj\b", ".attention.attention.value"),
+        (r"\.attention\.output\.dense\b", ".attention.o_proj", r"\.attention\.o_proj\b", ".attention.output.dense"),
+        (r"\.mlp\.weights_out\b", ".mlp.down_proj", r"\.mlp\.down_proj\b", ".mlp.weights_out"),
+    ],
+}
+
+
+def _rename(key: str, family: str, reverse: bool) -> str:
+    for old, new, old_rev, new_rev in _RENAMES[family]:
+        key = re.sub(old_rev, new_rev, key) if reverse else re.sub(old, new, key)
+    return key
+
 
 # Default LoRA targets: the q/k/v projections, under whichever names the model uses.
 _QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
@@ -80,13 +81,17 @@ def resolve_key(key: str, known: set[str] | dict) -> str | None:
     """Map a backbone key from any supported layout onto a name in `known`."""
     if key in known:
         return key
-    for renames in (_LAYOUT_RENAMES, _REVERSE_RENAMES):
-        candidate = key
-        for pattern, repl in renames:
-            candidate = pattern.sub(repl, candidate)
-        if candidate in known:
-            return candidate
+    for family in _RENAMES:
+        for reverse in (False, True):
+            candidate = _rename(key, family, reverse)
+            if candidate in known:
+                return candidate
     return None
+
+
+def transformers4_key(key: str, family: str) -> str:
+    """An installed-layout backbone key in the transformers 4 layout official files use."""
+    return _rename(key, family, reverse=True)
 
 
 def lora_target_modules(backbone: nn.Module, settings: LoraSettings) -> list[str]:

@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from .backbone import build_backbone, lora_shapes, read_backbone_config, read_backbone_weights, resolve_key
+from .backbone import (
+    build_backbone,
+    lora_shapes,
+    read_backbone_config,
+    read_backbone_weights,
+    resolve_key,
+    transformers4_key,
+)
 from .config import BackboneConfig, LoraSettings, MemoryConfig, MirrorConfig, PreprocessConfig
 from .head import DualBranchHead
 from .memory import MemoryBank
@@ -25,6 +32,7 @@ from .weights import MirrorWeights
 SAFE_GLOBALS = [argparse.Namespace]
 ENVELOPE_KEYS = ("model", "state_dict", "model_state_dict")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.default\.weight$")
+_LAYER_PREFIX = re.compile(r"^((?:encoder\.)?layer\.\d+\.)(.*)$")
 _SWIGLU_IN = re.compile(r"^(?P<prefix>.+\.mlp)\.weights_in\.(?P<kind>weight|bias)$")
 
 
@@ -258,3 +266,25 @@ def import_official_bundle(checkpoint, backbone_dir, out: str, memory=None, **op
     report.provenance = source_provenance(checkpoint, backbone_dir, memory)
     model_id = save_bundle(out, report.config, report.weights, report.provenance)
     return model_id, report
+
+
+def export_official_state(config: MirrorConfig, weights: MirrorWeights) -> dict[str, torch.Tensor]:
+    """Bundle tensors in the official checkpoint layout: transformers 4 names, one PEFT
+    wrapper per layer. The inverse of `map_official_state` (used by `mirror demo`)."""
+
+    def wrapped(key: str) -> str:  # 'layer.3.attention.q_proj' -> 'layer.3.base_model.model.attention.q_proj'
+        m = _LAYER_PREFIX.match(key)
+        return f"{m.group(1)}base_model.model.{m.group(2)}" if m else key
+
+    family = config.backbone.family
+    adapted = {k.rsplit(".lora_", 1)[0] for k in weights.lora}
+    state = {"norm.mean": weights.mirror["normalize.mean"], "norm.std": weights.mirror["normalize.std"]}
+    for key, tensor in weights.backbone.items():
+        module, _, leaf = key.rpartition(".")
+        name = transformers4_key(module, family) + (".base_layer." if module in adapted else ".") + leaf
+        state[f"backbone.dino.{wrapped(name)}"] = tensor
+    for key, tensor in weights.lora.items():
+        module, _, part = key.rpartition(".lora_")
+        state[f"backbone.dino.{wrapped(transformers4_key(module, family))}.lora_{part[0]}.default.weight"] = tensor
+    state.update({k: v for k, v in weights.mirror.items() if not k.startswith("normalize.")})
+    return state

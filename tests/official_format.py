@@ -13,17 +13,16 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 # transformers 5 name -> transformers 4 name (what official checkpoints carry)
-TO_TF4 = [
-    (r"^model\.layer\.", "layer."),
+TO_TF4 = {"dinov3": [(r"^model\.layer\.", "layer.")], "dinov2": [
     (r"\.attention\.q_proj\.", ".attention.attention.query."),
     (r"\.attention\.k_proj\.", ".attention.attention.key."),
     (r"\.attention\.v_proj\.", ".attention.attention.value."),
     (r"\.attention\.o_proj\.", ".attention.output.dense."),
-]
+]}
 
 
-def tf4_name(key: str) -> str:
-    for pattern, repl in TO_TF4:
+def tf4_name(key: str, kind: str) -> str:
+    for pattern, repl in TO_TF4[kind]:
         key = re.sub(pattern, repl, key)
     return key
 
@@ -45,6 +44,7 @@ class OfficialParts:
     lora: dict  # module name -> (A [r, in], B [out, r])
     memory: dict  # memory, q_proj.weight, ...
     head: dict  # perplexity_mlp.0.weight, ...
+    kind: str = "dinov3"
     rank: int = 8
     alpha: float = 16.0
     num_heads: int = 8
@@ -66,7 +66,7 @@ def make_parts(kind: str, dim: int = 32, slots: int = 512, seed: int = 0, top_k:
             "residual_mlp.3.weight": rnd(256, 512, s=0.05), "residual_mlp.3.bias": rnd(256),
             "head.0.weight": rnd(512, 64 + 256 + dim, s=0.05), "head.0.bias": rnd(512),
             "head.3.weight": rnd(2, 512, s=0.05), "head.3.bias": rnd(2)}
-    return OfficialParts(backbone, lora, memory, head, top_k=top_k)
+    return OfficialParts(backbone, lora, memory, head, kind=kind, top_k=top_k)
 
 
 def to_official_state(parts: OfficialParts) -> dict[str, torch.Tensor]:
@@ -75,7 +75,7 @@ def to_official_state(parts: OfficialParts) -> dict[str, torch.Tensor]:
     layer_re = re.compile(r"^((?:encoder\.)?layer\.\d+\.)(.*)$")
     for key, tensor in parts.backbone.state_dict().items():
         module = key.rsplit(".", 1)[0]
-        key = tf4_name(key)
+        key = tf4_name(key, parts.kind)
         m = layer_re.match(key)
         if m:  # one PEFT wrapper per layer
             inner = m.group(2)
@@ -84,7 +84,7 @@ def to_official_state(parts: OfficialParts) -> dict[str, torch.Tensor]:
             key = f"{m.group(1)}base_model.model.{inner}"
         state[f"backbone.dino.{key}"] = tensor.clone()
     for module, (a, b) in parts.lora.items():
-        name = tf4_name(module + ".weight")[: -len(".weight")]
+        name = tf4_name(module + ".weight", parts.kind)[: -len(".weight")]
         m = layer_re.match(name)
         base = f"backbone.dino.{m.group(1)}base_model.model.{m.group(2)}"
         state[f"{base}.lora_A.default.weight"] = a.clone()

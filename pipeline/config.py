@@ -1,0 +1,118 @@
+"""Scan settings: one dataclass, filled from YAML and CLI flags, validated strictly."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mirror_core.config import ALIGNMENT_MODES
+from mirror_core.detector import PRECISIONS
+
+from .sources import DEFAULT_EXTENSIONS, INPUT_FORMATS, ColumnMap, SourceOptions
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ScanConfig:
+    batch_size: int = 32  # images per model call
+    actors: int = 1  # scoring actors (replicas); max_actors > actors enables autoscaling
+    max_actors: int | None = None
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    cpus_per_decode_task: float = 1.0
+    fetch_threads: int = 16  # concurrent reads per decode task (S3 latency hiding)
+    decode_rows_per_batch: int = 64
+    unit_size: int = 256  # records per committed unit (folders, manifests)
+    precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on GPU, fp32 on CPU
+    alignment: str | None = None  # override the bundle's JPEG alignment policy
+    threshold: float | None = None  # override the bundle's decision threshold
+    input_format: str = "auto"
+    extensions: list[str] = field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
+    columns: dict[str, str] = field(default_factory=lambda: dataclasses.asdict(ColumnMap()))
+    address: str | None = None  # Ray cluster; default RAY_ADDRESS or a local Ray
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, source: str = "settings") -> None:
+        positive = ("batch_size", "actors", "fetch_threads", "decode_rows_per_batch", "unit_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{source}: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("gpus_per_actor", "cpus_per_actor", "cpus_per_decode_task"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{source}: {name} must be >= 0, got {getattr(self, name)}")
+        if self.max_actors is not None and self.max_actors < self.actors:
+            raise ConfigError(f"{source}: max_actors ({self.max_actors}) must be >= actors ({self.actors})")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(f"{source}: precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.alignment is not None and self.alignment not in ALIGNMENT_MODES:
+            raise ConfigError(f"{source}: alignment must be one of {list(ALIGNMENT_MODES)}, got {self.alignment!r}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"{source}: threshold must be within [0, 1], got {self.threshold}")
+        if self.input_format not in INPUT_FORMATS:
+            raise ConfigError(f"{source}: input_format must be one of {list(INPUT_FORMATS)}, got {self.input_format!r}")
+        unknown = set(self.columns) - {f.name for f in dataclasses.fields(ColumnMap)}
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) under columns: {sorted(unknown)}")
+
+    def source_options(self) -> SourceOptions:
+        return SourceOptions(self.input_format, tuple(self.extensions), ColumnMap(**self.columns), self.unit_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(name: str, value: Any, annotation: Any, source: str) -> Any:
+    hint = typing.get_type_hints(ScanConfig)[name]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        base = typing.get_origin(kind) or kind
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base in (str, list, dict) and isinstance(value, base):
+            return value
+    raise ConfigError(f"{source}: {name} must be {hint}, got {type(value).__name__} {value!r}")
+
+
+def scan_config_from(values: dict[str, Any], source: str = "settings") -> ScanConfig:
+    known = {f.name for f in dataclasses.fields(ScanConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    checked = {k: _check_type(k, v, None, source) for k, v in values.items()}
+    cfg = ScanConfig.__new__(ScanConfig)
+    defaults = ScanConfig()
+    for f in dataclasses.fields(ScanConfig):
+        setattr(cfg, f.name, checked.get(f.name, getattr(defaults, f.name)))
+    if "columns" in checked:
+        cfg.columns = {**defaults.columns, **checked["columns"]}
+    cfg.validate(source)
+    return cfg
+
+
+def load_scan_config(path: str | Path | None, overrides: dict[str, Any]) -> ScanConfig:
+    """YAML file (optional) then CLI overrides (None values mean 'not given')."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        values.update(loaded)
+        source = str(path)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return scan_config_from(values, source)

@@ -1,0 +1,99 @@
+"""Decode stage: a unit of records -> typed Arrow batches of uint8 224x224 crops.
+
+Runs as CPU tasks. Every record yields exactly one row: unreadable or
+undecodable images become rows with `error` set and a zero crop.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from mirror_core.config import PreprocessConfig
+from mirror_core.preprocess import official_preprocess
+
+from .schema import DECODE_SECONDS, INDEX, PIXELS, UNIT
+from .sources import ColumnMap, Unit, fetch_all, read_shard_unit
+
+DECODED_SCHEMA = pa.schema([
+    pa.field(UNIT, pa.string()),
+    pa.field(INDEX, pa.int64()),
+    pa.field("sha256", pa.string()),
+    pa.field("width", pa.int64()),
+    pa.field("height", pa.int64()),
+    pa.field("format", pa.string()),
+    pa.field("aligned", pa.bool_()),
+    pa.field("error", pa.string()),
+    pa.field(DECODE_SECONDS, pa.float64()),
+])
+
+
+def tensor_column(pixels: np.ndarray) -> pa.Array:
+    from ray.data.extensions import ArrowTensorArray
+
+    return ArrowTensorArray.from_numpy(pixels)
+
+
+def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg: PreprocessConfig) -> pa.Table:
+    """payloads: (bytes, None) or (None, error) per record -> one typed row each."""
+    t0 = time.perf_counter()
+    n = len(names)
+    pixels = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
+    cols = {k: [None] * n for k in ("sha256", "width", "height", "format", "aligned", "error")}
+    for i, (name, (data, error)) in enumerate(zip(names, payloads)):
+        if data is not None:
+            cols["sha256"][i] = hashlib.sha256(data).hexdigest()
+            if not data:
+                error = "empty file (0 bytes)"
+            else:
+                try:
+                    pre = official_preprocess(data, cfg, name=name)
+                    pixels[i] = pre.pixels
+                    cols["width"][i], cols["height"][i], cols["format"][i] = pre.width, pre.height, pre.format
+                    cols["aligned"][i] = pre.aligned
+                except Exception as err:  # the record becomes an error row
+                    error = f"decode failed: {type(err).__name__}: {err}"
+        cols["error"][i] = error
+    seconds = (time.perf_counter() - t0) / max(n, 1)
+    arrays = [pa.array([unit_id] * n, pa.string()), pa.array(range(start, start + n), pa.int64())]
+    arrays += [pa.array(cols[f.name], f.type) for f in list(DECODED_SCHEMA)[2:-1]]
+    arrays.append(pa.array([seconds] * n, pa.float64()))
+    table = pa.Table.from_arrays(arrays, schema=DECODED_SCHEMA)
+    return table.append_column(PIXELS, tensor_column(pixels))
+
+
+def unit_payloads(unit: Unit, uris: list[str] | None, columns: ColumnMap, fetch_threads: int):
+    """(names, payload iterator) for a unit; a shard that cannot be read fails every row."""
+    if unit.kind == "inline":
+        return uris, fetch_all(uris, fetch_threads)
+    try:
+        records = read_shard_unit(unit, columns, with_bytes=True)
+    except Exception as err:
+        msg = f"shard read failed: {type(err).__name__}: {err}"
+        return [None] * unit.rows, iter([(None, msg)] * unit.rows)
+    if "bytes" not in records.column_names:
+        msg = f"shard {unit.file} has no {columns.bytes!r} column"
+        return [None] * unit.rows, iter([(None, msg)] * unit.rows)
+    datas = records["bytes"].to_pylist()
+    payloads = [(d, None) if d is not None else (None, "no image bytes (null)") for d in datas]
+    return records["uri"].to_pylist(), iter(payloads)
+
+
+def decode_units(
+    batch: dict, *, preprocess: dict, columns: dict, fetch_threads: int = 16, rows_per_batch: int = 64
+) -> Iterator[pa.Table]:
+    """Ray map_batches function over unit descriptors (batch_size=1 is typical)."""
+    cfg = PreprocessConfig(**preprocess)
+    colmap = ColumnMap(**columns)
+    for i in range(len(batch["unit"])):
+        unit = Unit(**json.loads(batch["unit"][i]))
+        uris = list(batch["uris"][i]) if unit.kind == "inline" else None
+        names, payloads = unit_payloads(unit, uris, colmap, fetch_threads)
+        for start in range(0, unit.rows, rows_per_batch):
+            chunk = [next(payloads) for _ in range(min(rows_per_batch, unit.rows - start))]
+            yield decode_rows(unit.unit_id, start, names[start : start + len(chunk)], chunk, cfg)
+

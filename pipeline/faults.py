@@ -1,0 +1,38 @@
+"""Fault-injection hooks for reliability tests, off unless their variables are set.
+
+MIRROR_FAULT_SCORE_DELAY_S   sleep this long before each scored batch (slows a scan
+                             so a test can interrupt it mid-way)
+MIRROR_FAULT_ACTOR_EXIT_AFTER  a scoring actor process exits after this many batches
+                             (once per marker file MIRROR_FAULT_MARKER, so the
+                             replacement actor lives)
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class FaultHooks:
+    score_delay_s: float = 0.0
+    actor_exit_after: int = 0
+    marker: str | None = None
+    batches: int = 0
+
+    @classmethod
+    def from_env(cls) -> "FaultHooks":
+        return cls(
+            score_delay_s=float(os.environ.get("MIRROR_FAULT_SCORE_DELAY_S", 0) or 0),
+            actor_exit_after=int(os.environ.get("MIRROR_FAULT_ACTOR_EXIT_AFTER", 0) or 0),
+            marker=os.environ.get("MIRROR_FAULT_MARKER"),
+        )
+
+    def before_score_batch(self) -> None:
+        self.batches += 1
+        if self.score_delay_s:
+            time.sleep(self.score_delay_s)
+        if self.actor_exit_after and self.batches > self.actor_exit_after:
+            if self.marker and not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os._exit(1)

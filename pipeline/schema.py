@@ -1,0 +1,66 @@
+"""Input records and output rows: the column contract, in one place.
+
+A *record* is one image to score: `uri` (where it came from), optional `id`,
+`label` (0 real / 1 fake), `subset`, and either inline `bytes` or nothing (then
+`uri` is fetched). Any other input columns are carried to the output unchanged.
+
+An output *row* is the record plus OUTPUT_COLUMNS. `error` is null exactly when
+the image was scored; `pred` and the scores are null exactly when it is set.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Internal bookkeeping columns (never written): which unit a record belongs to
+# and its position there, so each unit's rows can be committed exactly once.
+UNIT = "_unit"
+INDEX = "_index"
+PIXELS = "_pixels"
+DECODE_SECONDS = "_decode_s"
+SCORE_SECONDS = "_score_s"
+INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS)
+
+RECORD_FIELDS = [
+    pa.field("uri", pa.string()),
+    pa.field("id", pa.string()),
+    pa.field("label", pa.int64()),
+    pa.field("subset", pa.string()),
+]
+SCORE_FIELDS = [
+    pa.field("prob_fake", pa.float64()),
+    pa.field("logit_real", pa.float64()),
+    pa.field("logit_fake", pa.float64()),
+    pa.field("pred", pa.int64()),
+    pa.field("max_score", pa.float64()),
+    pa.field("entropy", pa.float64()),
+    pa.field("residual_norm", pa.float64()),
+]
+IMAGE_FIELDS = [
+    pa.field("width", pa.int64()),
+    pa.field("height", pa.int64()),
+    pa.field("format", pa.string()),
+    pa.field("aligned", pa.bool_()),
+    pa.field("error", pa.string()),
+]
+RUN_FIELDS = [
+    pa.field("model_id", pa.string()),
+    pa.field("preprocess", pa.string()),
+    pa.field("threshold", pa.float64()),
+]
+OUTPUT_FIELDS = RECORD_FIELDS + SCORE_FIELDS + IMAGE_FIELDS + RUN_FIELDS
+OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
+RESERVED = set(OUTPUT_COLUMNS) | set(INTERNAL) | {"bytes"}
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Order and type the known columns; extra (carried) columns follow, unchanged."""
+    columns, fields = [], []
+    for f in OUTPUT_FIELDS:
+        col = table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        columns.append(col.cast(f.type))
+        fields.append(f)
+    for name in table.column_names:
+        if name not in RESERVED:
+            columns.append(table[name])
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))

@@ -1,0 +1,89 @@
+"""Score stage: an actor holding one MIRROR replica, built from shared weights.
+
+The driver loads a bundle once and puts its tensors (as numpy arrays) in the
+Ray object store; each actor builds its replica from those shared arrays and
+never reads weights from storage itself.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mirror_core.config import MirrorConfig
+from mirror_core.detector import SIGNALS, Detector
+from mirror_core.model import assemble_model
+from mirror_core.weights import MirrorWeights
+
+from .schema import DECODE_SECONDS, INDEX, PIXELS, SCORE_SECONDS, UNIT
+
+
+def weights_to_numpy(weights: MirrorWeights) -> dict[str, dict[str, np.ndarray]]:
+    return {g: {k: v.detach().cpu().numpy() for k, v in t.items()} for g, t in weights.groups().items()}
+
+
+def weights_from_numpy(arrays: dict[str, dict[str, np.ndarray]]) -> MirrorWeights:
+    # Zero-copy views of the object-store buffers; load_state_dict copies them into the model.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we never write to them
+        return MirrorWeights(**{g: {k: torch.from_numpy(v) for k, v in t.items()} for g, t in arrays.items()})
+
+
+def default_device(num_gpus: float) -> str:
+    return "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+
+
+class Scorer:
+    """Callable class for `map_batches(..., compute=ActorPoolStrategy(...))`."""
+
+    def __init__(self, weights, config: dict, model_id: str, device: str = "cpu", precision: str = "fp32",
+                 threshold: float | None = None, alignment: str | None = None):
+        import ray
+
+        from .faults import FaultHooks
+
+        if isinstance(weights, ray.ObjectRef):
+            weights = ray.get(weights)
+        cfg = MirrorConfig.from_dict(config)
+        if alignment:
+            cfg = replace(cfg, preprocess=replace(cfg.preprocess, alignment=alignment))
+        if threshold is not None:
+            cfg = replace(cfg, threshold=threshold)
+        model = assemble_model(cfg, weights_from_numpy(weights))
+        self.detector = Detector(model, cfg, model_id, device=device, precision=precision)
+        self.faults = FaultHooks.from_env()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        self.faults.before_score_batch()
+        t0 = time.perf_counter()
+        errors = batch["error"]
+        ok = np.array([e is None for e in errors], dtype=bool)
+        n = len(errors)
+        scores = {k: np.full(n, np.nan) for k in SIGNALS}
+        if ok.any():
+            got = self.detector.score_pixels(np.asarray(batch[PIXELS])[ok])
+            for k in SIGNALS:
+                scores[k][ok] = got[k]
+        seconds = (time.perf_counter() - t0) / max(n, 1)
+        out = {k: v for k, v in batch.items() if k != PIXELS}
+        table = pa.table({
+            UNIT: pa.array(out[UNIT], pa.string()),
+            INDEX: pa.array(out[INDEX], pa.int64()),
+            "sha256": pa.array(out["sha256"], pa.string()),
+            "width": pa.array(out["width"], pa.int64()),
+            "height": pa.array(out["height"], pa.int64()),
+            "format": pa.array(out["format"], pa.string()),
+            "aligned": pa.array(out["aligned"], pa.bool_()),
+            "error": pa.array(errors, pa.string()),
+            DECODE_SECONDS: pa.array(out[DECODE_SECONDS], pa.float64()),
+            SCORE_SECONDS: pa.array(np.full(n, seconds), pa.float64()),
+        })
+        for k in SIGNALS:
+            table = table.append_column(k, pa.array(scores[k], pa.float64(), mask=~ok))
+        pred = (scores["prob_fake"] > self.detector.threshold).astype(np.int64)
+        return table.append_column("pred", pa.array(pred, pa.int64(), mask=~ok))

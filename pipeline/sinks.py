@@ -1,0 +1,127 @@
+"""Output layout, plan persistence and exactly-once unit commits.
+
+    OUTPUT/scores/part-<unit_id>.parquet   one file per finished unit (the scored rows)
+    OUTPUT/summary.json                    counts, throughput, metrics, effective config
+    OUTPUT/_scan.json                      what this output belongs to (model, input, policy)
+    OUTPUT/_plan/units.parquet             the units of the input, fixed at the first run
+    OUTPUT/_plan/records.parquet           records of folder/manifest units
+
+A unit's file appears only once all of its rows are scored, written to a
+temporary name and renamed (a single PUT on object stores), so its presence
+means "done" and a rerun skips it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from dataclasses import asdict
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .sources import Plan, Unit
+
+SCORES_DIR = "scores"
+PART_PREFIX = "part-"
+
+
+class OutputMismatchError(ValueError):
+    pass
+
+
+class Output:
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def uri_of(self, *parts: str) -> str:
+        return "/".join([self.uri, *parts])
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self.path(rel)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if self.local:  # atomic on POSIX: readers never see half a file
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, path)
+        else:  # object stores publish a PUT whole or not at all
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        path = self.path(rel)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            return f.read()
+
+    def write_json(self, rel: str, doc: dict) -> None:
+        self.write_bytes(rel, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str) -> dict | None:
+        data = self.read_bytes(rel)
+        return None if data is None else json.loads(data)
+
+    def write_parquet(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_parquet(self, rel: str, columns=None) -> pa.Table | None:
+        data = self.read_bytes(rel)
+        return None if data is None else pq.read_table(io.BytesIO(data), columns=columns)
+
+    # --- units --------------------------------------------------------------
+    def part_name(self, unit_id: str) -> str:
+        return f"{SCORES_DIR}/{PART_PREFIX}{unit_id}.parquet"
+
+    def done_units(self) -> set[str]:
+        scores = self.path(SCORES_DIR)
+        if not self.fs.exists(scores):
+            return set()
+        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(scores, detail=False)]
+        return {n[len(PART_PREFIX) : -len(".parquet")] for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")}
+
+    def part_files(self) -> list[str]:
+        return sorted(self.uri_of(SCORES_DIR, f"{PART_PREFIX}{u}.parquet") for u in self.done_units())
+
+    def read_scores(self, columns=None) -> pa.Table:
+        tables = [self.read_parquet(self.part_name(u), columns) for u in sorted(self.done_units())]
+        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+    # --- scan identity and plan --------------------------------------------
+    def claim(self, identity: dict) -> None:
+        """Tie this output to one model/input/policy; a different scan is refused."""
+        existing = self.read_json("_scan.json")
+        if existing is None:
+            self.write_json("_scan.json", identity)
+            return
+        diffs = [k for k in identity if existing.get(k) != identity[k]]
+        if diffs:
+            details = "; ".join(f"{k}: {existing.get(k)!r} there, {identity[k]!r} now" for k in diffs)
+            raise OutputMismatchError(f"{self.uri} holds another scan ({details}); choose a new --output")
+
+    def save_plan(self, plan: Plan) -> None:
+        units = pa.Table.from_pylist([asdict(u) for u in plan.units], schema=pa.schema([
+            ("unit_id", pa.string()), ("kind", pa.string()), ("rows", pa.int64()),
+            ("file", pa.string()), ("row_group", pa.int64())]))
+        units = units.replace_schema_metadata({"input": plan.input, "input_format": plan.input_format})
+        if plan.records.num_columns:
+            self.write_parquet("_plan/records.parquet", plan.records)
+        self.write_parquet("_plan/units.parquet", units)  # written last: its presence means "plan complete"
+
+    def load_plan(self) -> Plan | None:
+        units = self.read_parquet("_plan/units.parquet")
+        if units is None:
+            return None
+        meta = {k.decode(): v.decode() for k, v in (units.schema.metadata or {}).items()}
+        records = self.read_parquet("_plan/records.parquet")
+        plan_units = [Unit(**row) for row in units.to_pylist()]
+        return Plan(meta["input"], meta["input_format"], plan_units, records if records is not None else pa.table({}))
