@@ -2,9 +2,42 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from mirror_core.config import ALIGNMENT_MODES
+
+from .config import ConfigError
+
+SCAN_FLAGS = {  # flag -> (ScanConfig field, type, help)
+    "--batch-size": ("batch_size", int, "images per model call"),
+    "--actors": ("actors", int, "scoring actors (model replicas)"),
+    "--max-actors": ("max_actors", int, "autoscale the actor pool up to this many"),
+    "--gpus-per-actor": ("gpus_per_actor", float, "GPUs per scoring actor (0 = CPU)"),
+    "--cpus-per-actor": ("cpus_per_actor", float, "CPUs per scoring actor"),
+    "--cpus-per-decode-task": ("cpus_per_decode_task", float, "CPUs per decode task"),
+    "--fetch-threads": ("fetch_threads", int, "concurrent reads per decode task"),
+    "--unit-size": ("unit_size", int, "records per committed unit (folders, manifests)"),
+    "--threshold": ("threshold", float, "decision threshold on prob_fake (default: the bundle's)"),
+    "--precision": ("precision", str, "fp32 | bf16 | fp16 (default: bf16 on GPU, fp32 on CPU)"),
+    "--input-format": ("input_format", str, "auto | folder | parquet | manifest"),
+    "--address": ("address", str, "Ray cluster address (default: RAY_ADDRESS, else local Ray)"),
+}
+
+
+def add_scan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML settings (see configs/); flags override it")
+    for flag, (_, kind, help_text) in SCAN_FLAGS.items():
+        p.add_argument(flag, type=kind, help=help_text)
+    p.add_argument("--alignment", choices=ALIGNMENT_MODES, help="JPEG q96 alignment policy (default: the bundle's)")
+
+
+def scan_config_from_args(args: argparse.Namespace):
+    from .config import load_scan_config
+
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in SCAN_FLAGS.items()}
+    overrides["alignment"] = args.alignment
+    return load_scan_config(args.config, overrides)
 
 
 def cmd_import_official(args: argparse.Namespace) -> int:
@@ -12,18 +45,42 @@ def cmd_import_official(args: argparse.Namespace) -> int:
     from mirror_core.official import import_official_bundle
 
     model_id, report = import_official_bundle(
-        args.checkpoint,
-        args.backbone,
-        args.out,
-        memory=args.memory,
-        alignment=args.alignment,
-        lora_alpha=args.lora_alpha,
-        memory_heads=args.memory_heads,
-        top_k=args.top_k,
+        args.checkpoint, args.backbone, args.out, memory=args.memory, alignment=args.alignment,
+        lora_alpha=args.lora_alpha, memory_heads=args.memory_heads, top_k=args.top_k,
     )
     for line in describe_model(report.config, report.weights) + report.notes:
         print(line)
     print(f"bundle: {args.out} (model_id {model_id})")
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .scan import run_scan, summary_line
+
+    summary = run_scan(args.model, args.input, args.output, scan_config_from_args(args))
+    print(summary_line(summary))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest import ingest_folder
+
+    r = ingest_folder(args.input, args.output, rows_per_shard=args.rows_per_shard,
+                      rows_per_row_group=args.rows_per_row_group, fetch_threads=args.fetch_threads)
+    print(f"ingested {r.files} files into {r.shards} shards ({r.skipped_shards} already there, "
+          f"{r.read_errors} unreadable kept as rows with read_error): {r.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .scan import summary_line
+
+    summary = run_demo(args.workdir)
+    for subset, m in summary.get("metrics", {}).items():
+        print(f"  {subset:>10}: n={m['n']} Acc={m['Acc']:.3f} Bal_Acc={m['Bal_Acc']:.3f} AUC={m['AUC']:.3f}")
+    print(summary_line(summary))
+    print("(smoke-test weights: these numbers only show the pipeline works)")
     return 0
 
 
@@ -42,6 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-heads", type=int, help="memory-bank heads (default: memory_config, else 8)")
     p.add_argument("--top-k", type=int, help="memory-bank top_k (default: memory_config, else 128)")
     p.set_defaults(func=cmd_import_official)
+
+    p = sub.add_parser("scan", help="score every image of a folder / Parquet shards / manifest with Ray")
+    p.add_argument("--model", required=True, help="bundle directory or URI")
+    p.add_argument("--input", required=True, help="folder, Parquet shard(s) or manifest (.csv/.parquet); local or s3://")
+    p.add_argument("--output", required=True, help="output directory or URI; rerun the same command to resume")
+    add_scan_flags(p)
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("ingest", help="pack a folder tree of images into Parquet shards")
+    p.add_argument("--input", required=True, help="image folder (local or s3://)")
+    p.add_argument("--output", required=True, help="shard directory (local or s3://)")
+    p.add_argument("--rows-per-shard", type=int, default=4096)
+    p.add_argument("--rows-per-row-group", type=int, default=256, help="row group = unit of scan work")
+    p.add_argument("--fetch-threads", type=int, default=16)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("demo", help="offline end-to-end run on smoke-test weights and generated images")
+    p.add_argument("--workdir", default="mirror-demo", help="where to write weights, images and results")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -49,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, PermissionError) as err:
         print(f"mirror {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,14 @@
+"""Entry point for `ray job submit --working-dir . -- python jobs/scan.py ARGS`.
+
+Takes exactly the arguments of `mirror scan`; joins the cluster through
+RAY_ADDRESS, which `ray job submit` sets.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
+
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["scan", *sys.argv[1:]]))
