@@ -82,7 +82,8 @@ def _check_type(name: str, value: Any, annotation: Any, source: str) -> Any:
             return value
         if base in (str, list, dict) and isinstance(value, base):
             return value
-    raise ConfigError(f"{source}: {name} must be {hint}, got {type(value).__name__} {value!r}")
+    expected = hint.__name__ if isinstance(hint, type) else str(hint)
+    raise ConfigError(f"{source}: {name} must be {expected}, got {type(value).__name__} {value!r}")
 
 
 def scan_config_from(values: dict[str, Any], source: str = "settings") -> ScanConfig:

@@ -18,7 +18,8 @@ from mirror_core.detector import SIGNALS, Detector
 from mirror_core.model import assemble_model
 from mirror_core.weights import MirrorWeights
 
-from .schema import DECODE_SECONDS, INDEX, PIXELS, SCORE_SECONDS, UNIT
+from .decode import DECODED_SCHEMA
+from .schema import PIXELS, SCORE_SECONDS
 
 
 def weights_to_numpy(weights: MirrorWeights) -> dict[str, dict[str, np.ndarray]]:
@@ -70,19 +71,11 @@ class Scorer:
             for k in SIGNALS:
                 scores[k][ok] = got[k]
         seconds = (time.perf_counter() - t0) / max(n, 1)
-        out = {k: v for k, v in batch.items() if k != PIXELS}
-        table = pa.table({
-            UNIT: pa.array(out[UNIT], pa.string()),
-            INDEX: pa.array(out[INDEX], pa.int64()),
-            "sha256": pa.array(out["sha256"], pa.string()),
-            "width": pa.array(out["width"], pa.int64()),
-            "height": pa.array(out["height"], pa.int64()),
-            "format": pa.array(out["format"], pa.string()),
-            "aligned": pa.array(out["aligned"], pa.bool_()),
-            "error": pa.array(errors, pa.string()),
-            DECODE_SECONDS: pa.array(out[DECODE_SECONDS], pa.float64()),
-            SCORE_SECONDS: pa.array(np.full(n, seconds), pa.float64()),
-        })
+        # Pass the decode columns through with their types (numpy batches carry
+        # nullable ints as floats with NaN: from_pandas maps NaN back to null).
+        columns = {f.name: pa.array(batch[f.name], f.type, from_pandas=True) for f in DECODED_SCHEMA}
+        columns[SCORE_SECONDS] = pa.array(np.full(n, seconds), pa.float64())
+        table = pa.table(columns)
         for k in SIGNALS:
             table = table.append_column(k, pa.array(scores[k], pa.float64(), mask=~ok))
         pred = (scores["prob_fake"] > self.detector.threshold).astype(np.int64)

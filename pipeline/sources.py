@@ -84,7 +84,7 @@ def label_and_subset(parts: tuple[str, ...]) -> tuple[int | None, str | None]:
     for i, name in enumerate(parts):
         if name in LABEL_FOLDERS:
             label, depth = LABEL_FOLDERS[name], i
-    subset = parts[0] if depth is not None and depth > 0 else None
+    subset = parts[0] if depth is not None and parts[0] not in LABEL_FOLDERS else None
     return label, subset
 
 

@@ -66,3 +66,32 @@ def s3_bucket(s3_server, request):
 
     s3fs.S3FileSystem.clear_instance_cache()
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the session, started after the S3 server so that every
+    worker inherits AWS_ENDPOINT_URL; 4 logical CPUs so stages don't starve on 2 cores."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                                    "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}})
+    yield
+    ray.shutdown()
+
+
+def write_image(path: Path, size=(64, 48), seed=0, fmt=None) -> bytes:
+    """A small random image file; returns its bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt or {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[path.suffix[1:].lower()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()

@@ -1,0 +1,111 @@
+"""Pipeline pieces that need no cluster: sources, config validation, decode, scorer."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_image
+from mirror_core.bundle import load_bundle
+from pipeline.config import ConfigError, load_scan_config
+from pipeline.decode import decode_units
+from pipeline.scorer import Scorer, weights_to_numpy
+from pipeline.sources import SourceOptions, label_and_subset, list_images, normalize_labels, plan_source
+
+
+def test_labels_are_inherited_and_subset_is_first_level(tmp_path):
+    assert label_and_subset(("genA", "train", "1_fake", "deep")) == (1, "genA")
+    assert label_and_subset(("0_real",)) == (0, None)
+    assert label_and_subset(("ai", "x", "nature")) == (0, None)  # the deepest label folder wins
+    assert label_and_subset(("misc",)) == (None, None)
+    write_image(tmp_path / "gen" / "1_fake" / "a" / "x.JPG")
+    write_image(tmp_path / "gen" / "0_real" / "y.png")
+    write_image(tmp_path / "loose.webp")
+    (tmp_path / "notes.txt").write_text("not an image")
+    table = list_images(str(tmp_path))
+    assert table.to_pylist() == [
+        {"uri": str(tmp_path / "gen/0_real/y.png"), "label": 0, "subset": "gen"},
+        {"uri": str(tmp_path / "gen/1_fake/a/x.JPG"), "label": 1, "subset": "gen"},
+        {"uri": str(tmp_path / "loose.webp"), "label": None, "subset": None},
+    ]
+    assert list_images(str(tmp_path), extensions=("png",)).num_rows == 1
+
+
+def test_label_values_normalised_or_refused():
+    assert normalize_labels(pa.array(["real", "1_fake", "AI", None])).to_pylist() == [0, 1, 1, None]
+    assert normalize_labels(pa.array([True, False])).to_pylist() == [1, 0]
+    with pytest.raises(ValueError, match="'maybe'"):
+        normalize_labels(pa.array(["maybe"]))
+    with pytest.raises(ValueError, match="not 0 or 1"):
+        normalize_labels(pa.array([0, 2]))
+
+
+def test_plan_units_are_stable_and_cover_every_record(tmp_path):
+    for i in range(7):
+        write_image(tmp_path / "0_real" / f"{i}.jpg", seed=i)
+    a = plan_source(str(tmp_path), SourceOptions(unit_size=3))
+    b = plan_source(str(tmp_path), SourceOptions(unit_size=3))
+    assert [u.rows for u in a.units] == [3, 3, 1] and a.total_rows == 7
+    assert [u.unit_id for u in a.units] == [u.unit_id for u in b.units]
+    assert a.input_format == "folder"
+
+
+def test_yaml_config_errors_name_the_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: 8\nbatch_sise: 16\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\): batch_sise"):
+        load_scan_config(bad, {})
+    bad.write_text("batch_size: lots\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: batch_size must be int, got str 'lots'"):
+        load_scan_config(bad, {})
+    bad.write_text("columns: {bytes: img, colour: x}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\) under columns: \['colour'\]"):
+        load_scan_config(bad, {})
+    bad.write_text("precision: fp8\n")
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        load_scan_config(bad, {})
+    good = tmp_path / "good.yaml"
+    good.write_text("batch_size: 8\ncolumns: {bytes: img}\n")
+    cfg = load_scan_config(good, {"actors": 2, "threshold": None})
+    assert (cfg.batch_size, cfg.actors, cfg.columns["bytes"], cfg.columns["uri"]) == (8, 2, "img", "uri")
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "s3-cluster.yaml"])
+def test_shipped_configs_are_valid(name):
+    from conftest import REPO
+
+    load_scan_config(REPO / "configs" / name, {})
+
+
+def test_decode_and_scorer_yield_one_row_per_record(tmp_path, parity_bundle):
+    good = write_image(tmp_path / "a.png", size=(300, 260))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "page.jpg").write_bytes(b"<html>nope</html>")
+    uris = [str(tmp_path / n) for n in ("a.png", "empty.jpg", "page.jpg", "missing.jpg")]
+    unit = {"unit_id": "u1", "kind": "inline", "rows": 4, "file": None, "row_group": None}
+    batches = list(decode_units({"unit": [json.dumps(unit)], "uris": [uris]}, rows_per_batch=3,
+                                preprocess={"alignment": "by-extension"}, columns={}))
+    assert [b.num_rows for b in batches] == [3, 1]
+    decoded = pa.concat_tables(batches)
+    errors = decoded["error"].to_pylist()
+    assert errors[0] is None and errors[1] == "empty file (0 bytes)"
+    assert errors[2].startswith("decode failed: UnidentifiedImageError")
+    assert errors[3].startswith("read failed: FileNotFoundError")
+    assert decoded["aligned"].to_pylist()[0] is True and decoded["width"].to_pylist()[0] == 300
+    bundle = load_bundle(str(parity_bundle))
+    scorer = Scorer(weights_to_numpy(bundle.weights), bundle.config.to_dict(), bundle.model_id)
+    numpy_batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
+    numpy_batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
+    out = scorer(numpy_batch)
+    assert out.num_rows == 4
+    assert out["pred"].null_count == 3 and out["prob_fake"].to_pylist()[0] is not None
+    direct = scorer.detector.score([good], names=["a.png"])[0]
+    assert out["prob_fake"].to_pylist()[0] == pytest.approx(direct["prob_fake"], abs=1e-6)
+
+
+def test_parquet_shard_units_follow_row_groups(tmp_path):
+    table = pa.table({"bytes": [b"x"] * 10, "uri": [f"u{i}" for i in range(10)]})
+    pq.write_table(table, tmp_path / "s.parquet", row_group_size=4)
+    plan = plan_source(str(tmp_path), SourceOptions())
+    assert plan.input_format == "parquet" and [u.rows for u in plan.units] == [4, 4, 2]
