@@ -43,7 +43,7 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
 
 
 def effective_config(bundle: Bundle, cfg: ScanConfig) -> MirrorConfig:
@@ -113,9 +113,10 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
         decode_units,
         batch_size=1,
         num_cpus=cfg.cpus_per_decode_task,
-        # A remote-args function keeps Ray from fusing decode into the scoring actors:
-        # decoding must scale over CPU tasks, not run inside the (GPU) replicas.
-        ray_remote_args_fn=lambda: {},
+        # A memory reservation the actors don't have also keeps Ray from fusing decode
+        # into the scoring actors: decoding must scale over CPU tasks, not run inside
+        # the (GPU) replicas.
+        memory=cfg.decode_task_memory_mb * 2**20,
         fn_kwargs={"preprocess": dataclasses.asdict(model_cfg.preprocess), "columns": cfg.columns,
                    "fetch_threads": cfg.fetch_threads, "rows_per_batch": cfg.decode_rows_per_batch},
     )

@@ -1,0 +1,205 @@
+"""End to end on a real local Ray: the scan plan, sources, outputs, exactly-once."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, write_image
+from pipeline.config import ScanConfig
+from pipeline.scan import run_scan
+
+pytestmark = pytest.mark.slow
+
+
+def read_scores(out):
+    return pq.read_table(os.path.join(out, "scores")).sort_by("uri")
+
+
+def test_parity_fixture_through_ray_matches_official_scores(ray_local, parity_bundle, parity_dir, tmp_path):
+    summary = run_scan(str(parity_bundle), str(parity_dir / "data" / "WildRF" / "test"), str(tmp_path / "out"),
+                       ScanConfig(unit_size=7, batch_size=5, actors=2))
+    expected = {r["path"]: r for r in csv.DictReader(open(parity_dir / "expected_scores.csv"))}
+    rows = read_scores(tmp_path / "out").to_pylist()
+    assert len(rows) == 48 == summary["rows_in"] == summary["scored"]
+    for row in rows:
+        exp = expected[os.path.relpath(row["uri"], parity_dir / "data")]
+        assert abs(row["logit_real"] - float(exp["logit_real"])) < 1e-3
+        assert abs(row["logit_fake"] - float(exp["logit_fake"])) < 1e-3
+        assert row["pred"] == int(exp["pred"]) and row["label"] == int(exp["label"]) and row["subset"] == exp["subset"]
+        assert row["error"] is None and row["preprocess"] == "official/align=by-extension"
+        assert len(row["id"]) == 64  # content sha256 when no id is given
+    official = {r["Dataset"]: r for r in csv.DictReader(open(parity_dir / "official_results" / "WildRF_official.csv"))}
+    for subset in ("facebook", "reddit", "twitter"):
+        for metric in ("Acc", "Real_Acc", "Fake_Acc", "Bal_Acc", "AUC", "AP"):
+            assert summary["metrics"][subset][metric] == pytest.approx(float(official[subset][metric]), abs=1e-6)
+    assert summary["this_run"]["stage_busy_s"]["decode"] > 0 and summary["this_run"]["stage_busy_s"]["score"] > 0
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk["model_id"] == summary["model_id"] and on_disk["config"]["unit_size"] == 7
+
+
+def make_mixed_folder(root):
+    for i in range(5):
+        write_image(root / "genX" / "1_fake" / f"f{i}.png", seed=i)
+        write_image(root / "genX" / "0_real" / f"r{i}.JPG", seed=10 + i, size=(700, 600))
+    (root / "genX" / "0_real" / "zero.jpg").write_bytes(b"")
+    (root / "genX" / "1_fake" / "html.png").write_text("<html><body>404</body></html>")
+    good = write_image(root / "genX" / "1_fake" / "cut.jpg", seed=99, size=(320, 320))
+    (root / "genX" / "1_fake" / "cut.jpg").write_bytes(good[:200])  # truncated inside the entropy data
+    return 13
+
+
+def test_unreadable_files_still_give_one_row_each(ray_local, parity_bundle, tmp_path):
+    n = make_mixed_folder(tmp_path / "in")
+    summary = run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"), ScanConfig(unit_size=4))
+    rows = read_scores(tmp_path / "out")
+    assert rows.num_rows == n == summary["rows_in"] == summary["rows_out"]
+    by_name = {os.path.basename(r["uri"]): r for r in rows.to_pylist()}
+    assert by_name["zero.jpg"]["error"] == "empty file (0 bytes)" and by_name["zero.jpg"]["pred"] is None
+    assert by_name["html.png"]["error"].startswith("decode failed") and by_name["html.png"]["prob_fake"] is None
+    assert len(set(r["uri"] for r in rows.to_pylist())) == n
+    assert summary["errors"] == sum(r["error"] is not None for r in rows.to_pylist()) >= 2
+    assert all(r["pred"] is not None for r in rows.to_pylist() if r["error"] is None)
+
+
+def test_parquet_shards_carry_extra_columns_with_custom_names(ray_local, parity_bundle, tmp_path):
+    images = [write_image(tmp_path / "src" / f"{i}.png", seed=i) for i in range(6)]
+    table = pa.table({
+        "img": images + [b"garbage"],
+        "key": [f"k{i}" for i in range(7)],
+        "truth": ["real", "fake", "real", "fake", "real", "fake", "fake"],
+        "caption": [f"caption {i}" for i in range(7)],
+        "meta": [{"w": i} for i in range(7)],
+        "width": [-1] * 7,  # clashes with an output column: kept as input_width
+    })
+    (tmp_path / "shards").mkdir()
+    pq.write_table(table.slice(0, 4), tmp_path / "shards" / "a.parquet", row_group_size=3)
+    pq.write_table(table.slice(4), tmp_path / "shards" / "b.parquet")
+    cfg = ScanConfig(columns={"bytes": "img", "id": "key", "label": "truth"})
+    summary = run_scan(str(parity_bundle), str(tmp_path / "shards"), str(tmp_path / "out"), cfg)
+    assert summary["input_format"] == "parquet" and summary["units"]["total"] == 3
+    rows = sorted(read_scores(tmp_path / "out").to_pylist(), key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == [f"k{i}" for i in range(7)]
+    assert [r["label"] for r in rows] == [0, 1, 0, 1, 0, 1, 1]
+    assert [r["caption"] for r in rows] == [f"caption {i}" for i in range(7)]
+    assert [r["meta"] for r in rows] == [{"w": i} for i in range(7)]
+    assert all(r["input_width"] == -1 for r in rows) and rows[0]["width"] == 64
+    assert rows[6]["error"].startswith("decode failed") and all(r["error"] is None for r in rows[:6])
+    assert "img" not in read_scores(tmp_path / "out").column_names
+
+
+def test_manifest_csv_with_missing_file_and_unlabeled_input(ray_local, parity_bundle, tmp_path):
+    uris = [str(tmp_path / "imgs" / f"{i}.jpg") for i in range(4)]
+    for i, uri in enumerate(uris):
+        write_image(tmp_path / "imgs" / f"{i}.jpg", seed=i)
+    uris.append(str(tmp_path / "imgs" / "gone.jpg"))
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("uri,source\n" + "".join(f"{u},site{i % 2}\n" for i, u in enumerate(uris)))
+    summary = run_scan(str(parity_bundle), str(manifest), str(tmp_path / "out"), ScanConfig(unit_size=2))
+    rows = read_scores(tmp_path / "out").to_pylist()
+    assert len(rows) == 5 and summary["input_format"] == "manifest" and "metrics" not in summary
+    assert [r["source"] for r in rows] == ["site0", "site1", "site0", "site1", "site0"]
+    assert rows[4]["error"].startswith("read failed: FileNotFoundError") and rows[4]["id"] is None
+    assert all(r["label"] is None for r in rows)
+
+
+def test_rerun_skips_finished_units_and_refuses_another_model(ray_local, parity_bundle, tmp_path):
+    from mirror_core.bundle import load_bundle, save_bundle
+    from pipeline.sinks import OutputMismatchError
+
+    for i in range(6):
+        write_image(tmp_path / "in" / f"{i}.png", seed=i)
+    first = run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"), ScanConfig(unit_size=2))
+    again = run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"), ScanConfig(unit_size=2))
+    assert first["units"]["committed_now"] == 3 and again["units"]["skipped_done"] == 3
+    assert again["this_run"]["rows"] == 0 and again["rows_out"] == 6
+    bundle = load_bundle(str(parity_bundle))
+    other = tmp_path / "other"
+    save_bundle(str(other), bundle.config.__class__.from_dict({**bundle.config.to_dict(), "threshold": 0.7}), bundle.weights)
+    with pytest.raises(OutputMismatchError, match="threshold"):
+        run_scan(str(other), str(tmp_path / "in"), str(tmp_path / "out"), ScanConfig())
+
+
+def test_killed_scan_resumes_without_duplicates(parity_bundle, tmp_path):
+    """A real interruption: SIGKILL the `mirror scan` process mid-way, then rerun it."""
+    for i in range(24):
+        write_image(tmp_path / "in" / ("0_real" if i % 2 else "1_fake") / f"{i:02d}.png", seed=i)
+    cmd = [sys.executable, "-m", "pipeline.cli", "scan", "--model", str(parity_bundle), "--input",
+           str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--unit-size", "3", "--batch-size", "3"]
+    env = {**os.environ, "MIRROR_FAULT_SCORE_DELAY_S": "0.7"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    scores = tmp_path / "out" / "scores"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(scores.glob("part-*.parquet")) if scores.exists() else []) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in scores.glob("part-*.parquet")}
+    assert 2 <= len(done_before) < 8, "the scan was not interrupted mid-way"
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "24/24 rows: 24 scored, 0 errors" in rerun.stdout
+    for name, mtime in done_before.items():
+        assert (scores / name).stat().st_mtime_ns == mtime  # finished units were not redone
+    rows = read_scores(tmp_path / "out")
+    assert rows.num_rows == 24 and len(set(rows["uri"].to_pylist())) == 24
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["units"]["skipped_done"] == len(done_before)
+
+
+def test_decode_runs_in_tasks_separate_from_scoring_actors(ray_local, parity_bundle, capsys):
+    from mirror_core.bundle import load_bundle
+    from pipeline.scan import build_dataset
+
+    bundle = load_bundle(str(parity_bundle))
+    build_dataset([{"unit": "{}", "uris": []}], bundle, bundle.config, ScanConfig()).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(decode_units)]" in optimized
+    assert "ActorPoolMapOperator[MapBatches(Scorer)]" in optimized
+
+
+def test_s3_ingest_then_scan_from_s3_to_s3(ray_local, parity_bundle, parity_dir, s3_bucket, tmp_path):
+    import fsspec
+
+    from pipeline.cli import main
+
+    fs = fsspec.filesystem("s3")
+    fs.put(str(parity_dir / "data" / "WildRF" / "test"), f"{s3_bucket}/raw", recursive=True)
+    fs.put(str(parity_bundle), f"{s3_bucket}/models/parity", recursive=True)
+    assert main(["ingest", "--input", f"s3://{s3_bucket}/raw", "--output", f"s3://{s3_bucket}/shards",
+                 "--rows-per-shard", "20", "--rows-per-row-group", "8"]) == 0
+    shards = sorted(fs.ls(f"{s3_bucket}/shards"))
+    assert [s.rsplit("/", 1)[1] for s in shards] == ["shard-000000.parquet", "shard-000001.parquet", "shard-000002.parquet"]
+    first = pq.read_table(fs.open(shards[0], "rb"))
+    assert first.column_names == ["uri", "label", "subset", "bytes", "sha256", "original_format", "read_error"]
+    assert first["uri"][0].as_py().startswith(f"s3://{s3_bucket}/raw/") and first["subset"][0].as_py() == "facebook"
+
+    assert main(["scan", "--model", f"s3://{s3_bucket}/models/parity", "--input", f"s3://{s3_bucket}/shards",
+                 "--output", f"s3://{s3_bucket}/results", "--batch-size", "8"]) == 0
+    summary = json.loads(fs.cat(f"{s3_bucket}/results/summary.json"))
+    assert summary["rows_in"] == summary["scored"] == 48 and summary["input_format"] == "parquet"
+    rows = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in fs.ls(f"{s3_bucket}/results/scores")])
+    expected = {r["path"]: r for r in csv.DictReader(open(parity_dir / "expected_scores.csv"))}
+    assert rows.num_rows == 48
+    for row in rows.to_pylist():
+        rel = "WildRF/test/" + row["uri"].split("/raw/", 1)[1]
+        assert abs(row["logit_fake"] - float(expected[rel]["logit_fake"])) < 1e-3  # alignment kept the file name
+        assert row["original_format"] is not None and row["sha256"] == row["id"]
+
+
+def test_demo_is_deterministic(ray_local, tmp_path):
+    from pipeline.demo import run_demo
+
+    a = run_demo(tmp_path / "a", log=lambda *_: None)
+    b = run_demo(tmp_path / "b", log=lambda *_: None)
+    assert a["model_id"] == b["model_id"] and a["rows_in"] == a["scored"] == 24
+    scores_a = read_scores(tmp_path / "a" / "scan")["prob_fake"].to_pylist()
+    scores_b = read_scores(tmp_path / "b" / "scan")["prob_fake"].to_pylist()
+    assert scores_a == pytest.approx(scores_b, abs=1e-6)
+    assert set(a["metrics"]) == {"ALL", "portraits", "landscapes"}
