@@ -96,11 +96,20 @@ def wants_alignment(cfg: PreprocessConfig, name: str | None, fmt: str | None) ->
     return False
 
 
-def official_preprocess(data: bytes, cfg: PreprocessConfig, name: str | None = None) -> Preprocessed:
-    """Encoded image bytes (+ its file name for by-extension alignment) -> model input."""
+def official_preprocess(
+    data: bytes, cfg: PreprocessConfig, name: str | None = None, perturbation: str | None = None
+) -> Preprocessed:
+    """Encoded image bytes (+ its file name for by-extension alignment) -> model input.
+
+    `perturbation` (robustness sweeps, e.g. 'jpeg:75') is applied to the decoded image
+    before the policy; width/height stay those of the original."""
     img, fmt = decode_rgb(data)
-    width, height = img.size
-    return preprocess_rgb(img, cfg, name=name, fmt=fmt, size=(width, height))
+    size = img.size
+    if perturbation:
+        from .perturb import apply_perturbation
+
+        img = apply_perturbation(img, perturbation)
+    return preprocess_rgb(img, cfg, name=name, fmt=fmt, size=size)
 
 
 def preprocess_rgb(

@@ -72,6 +72,37 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from mirror_core.perturb import expand_sweep
+
+    from .benchmark import resolve_model, run_benchmarks
+    from .registry import load_registry
+
+    if args.device == "cuda" and args.gpus_per_actor is None:
+        args.gpus_per_actor = 1.0
+    if args.use_amp and args.precision is None:
+        args.precision = "fp16"
+    if not args.data_root or not args.output:
+        raise ValueError("--data-root (or --base_data_path) and --output (or --output_dir) are required")
+    cfg = scan_config_from_args(args)
+    model = resolve_model(args.output, args.model, args.model_path, args.memory_path, args.backbone_path)
+    run = run_benchmarks(model, args.data_root, args.benchmarks, args.output, cfg, load_registry(args.registry),
+                         expand_sweep(args.perturb or []), args.history, args.tolerance)
+    for r in run.results:
+        mean = r.rows[-1]
+        print(f"{r.name}: {mean['Dataset']} Acc={mean['Acc']:.4f} Bal_Acc={mean['Bal_Acc']:.4f} AUC={mean['AUC']:.4f} "
+              f"AP={mean['AP']:.4f} -> {r.csv_uri}")
+    print(f"report: {run.report}")
+    if run.comparison is not None:
+        c = run.comparison
+        print(f"history: {args.history}; " + (f"{len(c.regressions)} regression(s) vs run {c.previous_run}"
+                                               if c.previous_run else "first run of this model"))
+        for d in c.regressions:
+            print(f"  REGRESSION {d['benchmark']}/{d['subset']} {d['metric']}: {d['previous']:.4f} -> "
+                  f"{d['current']:.4f} ({d['delta']:+.4f})")
+    return run.exit_code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .scan import summary_line
@@ -114,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-row-group", type=int, default=256, help="row group = unit of scan work")
     p.add_argument("--fetch-threads", type=int, default=16)
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("benchmark", help="official metrics CSVs for registered benchmarks (+ nightly history)")
+    p.add_argument("--model", help="bundle directory or URI")
+    p.add_argument("--data-root", "--base_data_path", dest="data_root", help="folder (or URI) holding the benchmarks")
+    p.add_argument("--benchmarks", nargs="+", required=True, help="registry names (any other name: a folder)")
+    p.add_argument("--output", "--output_dir", dest="output", help="where CSVs, JSON, scans and the report go")
+    p.add_argument("--registry", help="YAML of extra benchmarks (see configs/benchmarks.yaml)")
+    p.add_argument("--history", help="nightly mode: Parquet history folder/URI to append to and compare with")
+    p.add_argument("--tolerance", type=float, default=0.01, help="allowed drop per metric before it is a regression")
+    p.add_argument("--perturb", nargs="+", help="robustness sweep, e.g. jpeg:95,75,50 blur:1,2 resize:0.5")
+    # the official script's flags, so its users only change the command name
+    p.add_argument("--model_path", help="official checkpoint-*.pth (imported on the fly)")
+    p.add_argument("--memory_path", help="official mirror_phase1.pth")
+    p.add_argument("--backbone_path", help="DINOv3 directory")
+    p.add_argument("--batch_size", dest="batch_size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--device", choices=("cpu", "cuda"), help="cuda: one GPU per scoring actor")
+    p.add_argument("--use_amp", action="store_true", help="fp16 autocast on GPU (official --use_amp)")
+    add_scan_flags(p)
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", help="offline end-to-end run on smoke-test weights and generated images")
     p.add_argument("--workdir", default="mirror-demo", help="where to write weights, images and results")

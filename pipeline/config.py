@@ -34,6 +34,7 @@ class ScanConfig:
     alignment: str | None = None  # override the bundle's JPEG alignment policy
     threshold: float | None = None  # override the bundle's decision threshold
     input_format: str = "auto"
+    perturbation: str | None = None  # robustness sweeps: e.g. 'jpeg:75', applied before preprocessing
     extensions: list[str] = field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     columns: dict[str, str] = field(default_factory=lambda: dataclasses.asdict(ColumnMap()))
     address: str | None = None  # Ray cluster; default RAY_ADDRESS or a local Ray
@@ -59,6 +60,13 @@ class ScanConfig:
             raise ConfigError(f"{source}: threshold must be within [0, 1], got {self.threshold}")
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"{source}: input_format must be one of {list(INPUT_FORMATS)}, got {self.input_format!r}")
+        if self.perturbation is not None:
+            from mirror_core.perturb import parse_perturbation
+
+            try:
+                parse_perturbation(self.perturbation)
+            except ValueError as err:
+                raise ConfigError(f"{source}: {err}") from None
         unknown = set(self.columns) - {f.name for f in dataclasses.fields(ColumnMap)}
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) under columns: {sorted(unknown)}")

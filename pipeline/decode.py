@@ -38,7 +38,8 @@ def tensor_column(pixels: np.ndarray) -> pa.Array:
     return ArrowTensorArray.from_numpy(pixels)
 
 
-def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg: PreprocessConfig) -> pa.Table:
+def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg: PreprocessConfig,
+                perturbation: str | None = None) -> pa.Table:
     """payloads: (bytes, None) or (None, error) per record -> one typed row each."""
     t0 = time.perf_counter()
     n = len(names)
@@ -51,7 +52,7 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
                 error = "empty file (0 bytes)"
             else:
                 try:
-                    pre = official_preprocess(data, cfg, name=name)
+                    pre = official_preprocess(data, cfg, name=name, perturbation=perturbation)
                     pixels[i] = pre.pixels
                     cols["width"][i], cols["height"][i], cols["format"][i] = pre.width, pre.height, pre.format
                     cols["aligned"][i] = pre.aligned
@@ -84,7 +85,8 @@ def unit_payloads(unit: Unit, uris: list[str] | None, columns: ColumnMap, fetch_
 
 
 def decode_units(
-    batch: dict, *, preprocess: dict, columns: dict, fetch_threads: int = 16, rows_per_batch: int = 64
+    batch: dict, *, preprocess: dict, columns: dict, fetch_threads: int = 16, rows_per_batch: int = 64,
+    perturbation: str | None = None,
 ) -> Iterator[pa.Table]:
     """Ray map_batches function over unit descriptors (batch_size=1 is typical)."""
     cfg = PreprocessConfig(**preprocess)
@@ -95,5 +97,5 @@ def decode_units(
         names, payloads = unit_payloads(unit, uris, colmap, fetch_threads)
         for start in range(0, unit.rows, rows_per_batch):
             chunk = [next(payloads) for _ in range(min(rows_per_batch, unit.rows - start))]
-            yield decode_rows(unit.unit_id, start, names[start : start + len(chunk)], chunk, cfg)
+            yield decode_rows(unit.unit_id, start, names[start : start + len(chunk)], chunk, cfg, perturbation)
 

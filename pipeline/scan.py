@@ -118,7 +118,8 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
         # the (GPU) replicas.
         memory=cfg.decode_task_memory_mb * 2**20,
         fn_kwargs={"preprocess": dataclasses.asdict(model_cfg.preprocess), "columns": cfg.columns,
-                   "fetch_threads": cfg.fetch_threads, "rows_per_batch": cfg.decode_rows_per_batch},
+                   "fetch_threads": cfg.fetch_threads, "rows_per_batch": cfg.decode_rows_per_batch,
+                   "perturbation": cfg.perturbation},
     )
     pool = (ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors) if cfg.max_actors
             else ray.data.ActorPoolStrategy(size=cfg.actors))
@@ -204,7 +205,8 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     model_cfg = effective_config(bundle, cfg)
     out = Output(output_uri)
-    run = {"model_id": bundle.model_id, "preprocess": model_cfg.preprocess.name, "threshold": model_cfg.threshold}
+    policy = model_cfg.preprocess.name + (f"+{cfg.perturbation}" if cfg.perturbation else "")
+    run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
     out.claim({**run, "input": input_uri})
     plan = out.load_plan()
     if plan is None:
@@ -224,7 +226,7 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
     wall = time.perf_counter() - t_start
     summary = summarize(out, plan, {
         "model_id": bundle.model_id,
-        "preprocess": model_cfg.preprocess.name,
+        "preprocess": policy,
         "threshold": model_cfg.threshold,
         "input": input_uri,
         "input_format": plan.input_format,

@@ -1,0 +1,14 @@
+"""Entry point for `ray job submit --working-dir . -- python jobs/benchmark.py ARGS`.
+
+Takes exactly the arguments of `mirror benchmark` (the official script's flags too);
+exits 3 when nightly mode finds a regression.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
+
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["benchmark", *sys.argv[1:]]))

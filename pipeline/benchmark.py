@@ -1,0 +1,212 @@
+"""`mirror benchmark`: scan benchmark folders and write the official metrics CSV, plus more.
+
+Per benchmark, under --output:
+    {name}_{YYYYmmdd_HHMMSS}.csv      official header and semantics, one row per sub-dataset + MEAN
+    {name}_{YYYYmmdd_HHMMSS}.json     counts, errors, threshold, EER, TPR@1%/5% FPR, ECE, policy,
+                                      and the robustness sweep when --perturb is given
+    scans/{name}/clean/...            the per-image scored Parquet (a resumable scan)
+    scans/{name}/{perturbation}/...   one scan per perturbation
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mirror_core.bundle import Bundle
+from mirror_core.metrics import OFFICIAL_COLUMNS, binary_metrics, eer, expected_calibration_error, tpr_at_fpr
+
+from .config import ScanConfig
+from .registry import BenchmarkSpec
+from .scan import run_scan
+from .sinks import Output
+from .sources import list_images
+
+log = logging.getLogger("mirror.benchmark")
+OFFICIAL_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "webp")  # what the official evaluation collects
+ALL = "ALL"
+
+
+@dataclass
+class BenchmarkResult:
+    name: str
+    csv_uri: str
+    json_uri: str
+    rows: list[dict[str, Any]]  # the official CSV rows
+    detail: dict[str, Any]
+    missing_subsets: list[str] = field(default_factory=list)
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
+
+
+def benchmark_records(data_root: str, spec: BenchmarkSpec) -> tuple[pa.Table | None, list[str], list[str]]:
+    """Folder benchmarks -> (labeled records with subset, found, missing). None when the
+    benchmark root holds Parquet shards instead (scanned directly)."""
+    root = join(data_root, spec.folder)
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"benchmark {spec.name}: its folder {root} does not exist")
+    if any(p.endswith(".parquet") for p in fs.ls(path, detail=False)):
+        return None, [], []
+    if not spec.subsets:
+        t = list_images(root, OFFICIAL_EXTENSIONS)
+        t = t.filter(pc.is_valid(t["label"]))
+        return t.set_column(2, "subset", pa.array([ALL] * t.num_rows, pa.string())), [ALL], []
+    tables, found, missing = [], [], []
+    for subset in spec.subsets:
+        try:
+            t = list_images(join(root, subset), OFFICIAL_EXTENSIONS)
+        except FileNotFoundError:
+            missing.append(subset)
+            continue
+        t = t.filter(pc.is_valid(t["label"]))
+        tables.append(t.set_column(2, "subset", pa.array([subset] * t.num_rows, pa.string())))
+        found.append(subset)
+    if not tables:
+        raise FileNotFoundError(f"benchmark {spec.name}: none of its sub-datasets exist under {root}")
+    return pa.concat_tables(tables), found, missing
+
+
+def subset_metrics(rows: pa.Table) -> dict[str, Any]:
+    """Official metrics + extras for one set of scanned rows (errors excluded, counted)."""
+    errors = int(pc.sum(pc.is_valid(rows["error"])).as_py() or 0)
+    ok = rows.filter(pc.and_(pc.is_null(rows["error"]), pc.is_valid(rows["label"])))
+    labels, probs = ok["label"].to_numpy(), ok["prob_fake"].to_numpy()
+    out: dict[str, Any] = binary_metrics(labels, probs, ok["pred"].to_numpy()) if ok.num_rows else {
+        k: float("nan") for k in OFFICIAL_COLUMNS}
+    out.update({"n": ok.num_rows, "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum()),
+                "errors": errors})
+    if ok.num_rows:
+        out.update({"EER": eer(labels, probs), "TPR@1%FPR": tpr_at_fpr(labels, probs, 0.01),
+                    "TPR@5%FPR": tpr_at_fpr(labels, probs, 0.05), "ECE": expected_calibration_error(labels, probs)})
+    return out
+
+
+def official_rows(per_subset: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = [{"Dataset": name, **{k: m[k] for k in OFFICIAL_COLUMNS}} for name, m in per_subset.items()]
+    if len(rows) > 1:
+        rows.append({"Dataset": "MEAN", **{k: float(np.mean([r[k] for r in rows])) for k in OFFICIAL_COLUMNS}})
+    return rows
+
+
+def official_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["Dataset", *OFFICIAL_COLUMNS])
+    for row in rows:
+        writer.writerow([row["Dataset"], *(repr(float(row[k])) for k in OFFICIAL_COLUMNS)])
+    return buf.getvalue()
+
+
+def scan_metrics(scan_out: str, spec: BenchmarkSpec, found: list[str] | None) -> tuple[dict[str, dict], list[str]]:
+    """Per sub-dataset metrics of a finished scan -> (metrics, sub-datasets missing).
+    found=None (Parquet shards): the registry's sub-datasets present in the `subset` column."""
+    rows = Output(scan_out).read_scores(columns=["label", "subset", "prob_fake", "pred", "error"])
+    missing: list[str] = []
+    if found is None:
+        present = set(rows["subset"].to_pylist())
+        found = [s for s in spec.subsets if s in present] if spec.subsets else [ALL]
+        missing = [s for s in spec.subsets if s not in present]
+        if not found:
+            raise ValueError(f"benchmark {spec.name}: none of its sub-datasets appear in the shards' subset column")
+    per = {s: subset_metrics(rows if s == ALL else rows.filter(pc.equal(rows["subset"], s))) for s in found}
+    return per, missing
+
+
+def run_benchmark(model: Bundle, data_root: str, spec: BenchmarkSpec, output: str, cfg: ScanConfig,
+                  stamp: str, perturbations: list[str] = ()) -> BenchmarkResult:
+    out = Output(output)
+    records, found, missing = benchmark_records(data_root, spec)
+    if records is None:  # Parquet shards made by `mirror ingest`
+        source, found = join(data_root, spec.folder), None
+    else:
+        out.write_parquet(f"scans/{spec.name}/input.parquet", records)
+        source = out.uri_of("scans", spec.name, "input.parquet")
+    sets: dict[str, dict[str, dict]] = {}
+    for perturbation in [None, *perturbations]:
+        scan_cfg = dataclasses.replace(cfg, perturbation=perturbation, input_format="auto")
+        scan_dir = out.uri_of("scans", spec.name, perturbation.replace(":", "-") if perturbation else "clean")
+        summary = run_scan(model, source, scan_dir, scan_cfg)
+        sets[perturbation or "clean"], shard_missing = scan_metrics(scan_dir, spec, found)
+        missing = missing or shard_missing
+    for subset in missing:
+        log.warning("benchmark %s: sub-dataset %s not found under %s; skipped", spec.name, subset,
+                    join(data_root, spec.folder))
+    clean = sets["clean"]
+    rows = official_rows(clean)
+    csv_name, json_name = f"{spec.name}_{stamp}.csv", f"{spec.name}_{stamp}.json"
+    out.write_bytes(csv_name, official_csv(rows).encode())
+    detail = {"benchmark": spec.name, "folder": spec.folder, "run": stamp, "model_id": model.model_id,
+              "preprocess": summary["preprocess"].split("+")[0], "threshold": summary["threshold"],
+              "subsets": clean, "missing_subsets": missing, "official_csv": csv_name,
+              "perturbations": {k: v for k, v in sets.items() if k != "clean"},
+              "scan": out.uri_of("scans", spec.name, "clean")}
+    out.write_json(json_name, detail)
+    return BenchmarkResult(spec.name, out.uri_of(csv_name), out.uri_of(json_name), rows, detail, missing)
+
+
+def run_stamp(now: datetime | None = None) -> str:
+    return (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
+
+
+@dataclass
+class BenchmarkRun:
+    results: list[BenchmarkResult]
+    report: str
+    comparison: Any = None  # history.Comparison in nightly mode
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 3 when nightly mode found a regression beyond the tolerance."""
+        return 3 if self.comparison is not None and self.comparison.regressions else 0
+
+
+def resolve_model(output: str, model: str | None = None, model_path: str | None = None,
+                  memory_path: str | None = None, backbone_path: str | None = None) -> Bundle:
+    """A bundle, or the official script's files imported on the fly into OUTPUT/_bundle."""
+    from mirror_core.bundle import load_bundle
+    from mirror_core.official import import_official_bundle
+
+    if model:
+        return load_bundle(model)
+    if not (model_path and backbone_path):
+        raise ValueError("give --model BUNDLE, or the official --model_path CKPT --backbone_path DIR [--memory_path MEM]")
+    target = Output(output).uri_of("_bundle")
+    import_official_bundle(model_path, backbone_path, target, memory=memory_path)
+    return load_bundle(target)
+
+
+def run_benchmarks(model: Bundle, data_root: str, names: list[str], output: str, cfg: ScanConfig,
+                   registry: dict[str, BenchmarkSpec], perturbations: list[str] = (), history: str | None = None,
+                   tolerance: float = 0.01, now: datetime | None = None) -> BenchmarkRun:
+    from . import history as hist
+    from .registry import resolve
+    from .report import write_report
+
+    now = now or datetime.now()
+    stamp = run_stamp(now)
+    results = [run_benchmark(model, data_root, resolve(n, registry), output, cfg, stamp, perturbations) for n in names]
+    comparison, comparison_md = None, None
+    if history:
+        run_id = now.isoformat(timespec="microseconds")
+        rows = pa.concat_tables([hist.history_rows(run_id, model.model_id, r.name, r.detail["subsets"], r.rows)
+                                 for r in results])
+        comparison = hist.compare(hist.read_history(history), rows, tolerance)
+        hist.append_history(history, rows)
+        comparison_md = hist.comparison_markdown(comparison, tolerance)
+        Output(output).write_json(f"comparison_{stamp}.json", {
+            "previous_run": comparison.previous_run, "tolerance": tolerance, "deltas": comparison.deltas,
+            "regressions": comparison.regressions})
+    report = write_report(output, stamp, results, comparison_md)
+    return BenchmarkRun(results, report, comparison)

@@ -1,0 +1,95 @@
+"""Nightly mode: a metrics history table and regression verdicts.
+
+The history is a Parquet dataset (a folder, local or s3://): each run appends
+one file of rows (run, model_id, benchmark, subset, metric, value), so
+concurrent or interrupted runs never corrupt earlier ones.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .sinks import Output
+
+HISTORY_SCHEMA = pa.schema([("run", pa.string()), ("model_id", pa.string()), ("benchmark", pa.string()),
+                            ("subset", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
+LOWER_IS_BETTER = {"EER", "ECE", "errors"}
+TRACKED = ("Acc", "Real_Acc", "Fake_Acc", "Bal_Acc", "AUC", "AP", "EER", "TPR@1%FPR", "TPR@5%FPR", "ECE")
+
+
+@dataclass
+class Comparison:
+    previous_run: str | None
+    deltas: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def regressions(self) -> list[dict[str, Any]]:
+        return [d for d in self.deltas if d["regression"]]
+
+
+def history_rows(run: str, model_id: str, benchmark: str, per_subset: dict[str, dict], official_rows) -> pa.Table:
+    rows = []
+    mean = next((r for r in official_rows if r["Dataset"] == "MEAN"), None)
+    sets = dict(per_subset, **({"MEAN": mean} if mean else {}))
+    for subset, metrics in sets.items():
+        for metric in TRACKED:
+            if metric in metrics and metrics[metric] == metrics[metric]:  # skip NaN
+                rows.append({"run": run, "model_id": model_id, "benchmark": benchmark, "subset": subset,
+                             "metric": metric, "value": float(metrics[metric])})
+    return pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
+
+
+def read_history(uri: str) -> pa.Table:
+    out = Output(uri)
+    if not out.fs.exists(out.root):
+        return HISTORY_SCHEMA.empty_table()
+    names = sorted(p.rsplit("/", 1)[-1] for p in out.fs.ls(out.root, detail=False) if p.endswith(".parquet"))
+    tables = [out.read_parquet(n) for n in names]
+    return pa.concat_tables([t.cast(HISTORY_SCHEMA) for t in tables]) if tables else HISTORY_SCHEMA.empty_table()
+
+
+def append_history(uri: str, rows: pa.Table) -> None:
+    run = rows["run"][0].as_py() if rows.num_rows else "empty"
+    Output(uri).write_parquet(f"run-{run}-{uuid.uuid4().hex[:8]}.parquet", rows)
+
+
+def compare(history: pa.Table, current: pa.Table, tolerance: float) -> Comparison:
+    """Deltas against the latest earlier run of the same model on the same benchmarks."""
+    if current.num_rows == 0:
+        return Comparison(None)
+    run, model_id = current["run"][0].as_py(), current["model_id"][0].as_py()
+    benchmarks = set(current["benchmark"].to_pylist())
+    earlier = history.filter(pc.and_(pc.equal(history["model_id"], model_id), pc.less(history["run"], run)))
+    earlier = earlier.filter(pc.is_in(earlier["benchmark"], pa.array(sorted(benchmarks))))
+    if earlier.num_rows == 0:
+        return Comparison(None)
+    previous_run = max(earlier["run"].to_pylist())
+    before = {(r["benchmark"], r["subset"], r["metric"]): r["value"]
+              for r in earlier.filter(pc.equal(earlier["run"], previous_run)).to_pylist()}
+    result = Comparison(previous_run)
+    for r in current.to_pylist():
+        key = (r["benchmark"], r["subset"], r["metric"])
+        if key not in before:
+            continue
+        delta = r["value"] - before[key]
+        worse = delta > tolerance if r["metric"] in LOWER_IS_BETTER else delta < -tolerance
+        result.deltas.append({"benchmark": key[0], "subset": key[1], "metric": key[2], "previous": before[key],
+                              "current": r["value"], "delta": delta, "regression": bool(worse)})
+    return result
+
+
+def comparison_markdown(c: Comparison, tolerance: float) -> str:
+    if c.previous_run is None:
+        return "No earlier run of this model on these benchmarks: nothing to compare.\n"
+    lines = [f"Compared with run {c.previous_run} (tolerance {tolerance:g}): "
+             f"{len(c.regressions)} regression(s).", "",
+             "| benchmark | subset | metric | previous | current | delta | |", "|---|---|---|---|---|---|---|"]
+    for d in sorted(c.deltas, key=lambda d: (not d["regression"], d["benchmark"], d["subset"], d["metric"])):
+        flag = "REGRESSION" if d["regression"] else ""
+        lines.append(f"| {d['benchmark']} | {d['subset']} | {d['metric']} | {d['previous']:.4f} | {d['current']:.4f} "
+                     f"| {d['delta']:+.4f} | {flag} |")
+    return "\n".join(lines) + "\n"
