@@ -1,0 +1,157 @@
+"""`mirror benchmark` end to end on a local Ray: official CSV parity, nightly regressions, sweeps."""
+import csv
+import glob
+import json
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_image
+from pipeline.cli import main
+
+pytestmark = pytest.mark.slow
+METRICS = ("Acc", "Real_Acc", "Fake_Acc", "Bal_Acc", "AUC", "AP")
+
+
+def read_csv(path):
+    return list(csv.DictReader(open(path)))
+
+
+def assert_official_csv(ours_path, official_path):
+    ours, official = read_csv(ours_path), read_csv(official_path)
+    assert [r["Dataset"] for r in ours] == [r["Dataset"] for r in official]
+    for a, b in zip(ours, official):
+        for m in METRICS:
+            tol = 1e-6 if m in ("AUC", "AP") else 1e-9
+            assert float(a[m]) == pytest.approx(float(b[m]), abs=tol), (a["Dataset"], m)
+
+
+def test_benchmark_csv_equals_official(ray_local, parity_bundle, parity_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["benchmark", "--model", str(parity_bundle), "--data-root", str(parity_dir / "data"),
+                 "--benchmarks", "WildRF", "--output", str(out)]) == 0
+    (csv_path,) = glob.glob(str(out / "WildRF_*.csv"))
+    assert os.path.basename(csv_path)[len("WildRF_"):-4].replace("_", "").isdigit()
+    assert open(csv_path).readline().strip() == "Dataset,Acc,Real_Acc,Fake_Acc,Bal_Acc,AUC,AP"
+    assert_official_csv(csv_path, parity_dir / "official_results" / "WildRF_official.csv")
+    detail = json.loads(open(csv_path[:-4] + ".json").read())
+    assert detail["subsets"]["facebook"]["n"] == 16 and detail["subsets"]["facebook"]["errors"] == 0
+    assert detail["preprocess"] == "official/align=by-extension" and detail["threshold"] == 0.5
+    for key in ("EER", "TPR@1%FPR", "TPR@5%FPR", "ECE"):
+        assert 0 <= detail["subsets"]["reddit"][key] <= 1
+    assert pq.read_table(out / "scans" / "WildRF" / "clean" / "scores").num_rows == 48
+    report = glob.glob(str(out / "report_*.md"))[0]
+    assert "## WildRF" in open(report).read()
+    assert os.path.getsize(glob.glob(str(out / "report_*" / "WildRF_roc.png"))[0]) > 1000
+
+
+def test_official_flags_import_on_the_fly(ray_local, parity_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["benchmark", "--model_path", str(parity_dir / "checkpoint.pth"),
+                 "--memory_path", str(parity_dir / "mirror_phase1.pth"), "--backbone_path", str(parity_dir / "backbone"),
+                 "--base_data_path", str(parity_dir / "data"), "--benchmarks", "WildRF", "--batch_size", "8",
+                 "--device", "cpu", "--output_dir", str(out)]) == 0
+    (csv_path,) = glob.glob(str(out / "WildRF_*.csv"))
+    assert_official_csv(csv_path, parity_dir / "official_results" / "WildRF_official.csv")
+    assert (out / "_bundle" / "mirror.json").is_file()
+
+
+def make_benchmark(root, per_class=4):
+    for subset in ("genA", "genB"):
+        for label in ("0_real", "1_fake"):
+            for i in range(per_class):
+                write_image(root / "MyBench" / subset / label / f"{i}.png", seed=hash((subset, label, i)) % 1000)
+
+
+def test_missing_subdataset_is_skipped_and_missing_root_is_an_error(ray_local, parity_bundle, tmp_path, capsys):
+    make_benchmark(tmp_path / "data")
+    registry = tmp_path / "bench.yaml"
+    registry.write_text("MyBench: {folder: MyBench, subsets: [genA, genC, genB]}\n")
+    out = tmp_path / "out"
+    assert main(["benchmark", "--model", str(parity_bundle), "--data-root", str(tmp_path / "data"),
+                 "--benchmarks", "MyBench", "--registry", str(registry), "--output", str(out)]) == 0
+    (csv_path,) = glob.glob(str(out / "MyBench_*.csv"))
+    assert [r["Dataset"] for r in read_csv(csv_path)] == ["genA", "genB", "MEAN"]
+    assert json.loads(open(csv_path[:-4] + ".json").read())["missing_subsets"] == ["genC"]
+    assert main(["benchmark", "--model", str(parity_bundle), "--data-root", str(tmp_path / "data"),
+                 "--benchmarks", "Genimage", "--output", str(out)]) == 2
+    assert "benchmark Genimage: its folder" in capsys.readouterr().err
+
+
+def test_unregistered_name_is_one_set_named_all(ray_local, parity_bundle, tmp_path):
+    make_benchmark(tmp_path / "data", per_class=2)
+    out = tmp_path / "out"
+    assert main(["benchmark", "--model", str(parity_bundle), "--data-root", str(tmp_path / "data"),
+                 "--benchmarks", "MyBench", "--output", str(out)]) == 0
+    (csv_path,) = glob.glob(str(out / "MyBench_*.csv"))
+    rows = read_csv(csv_path)
+    assert [r["Dataset"] for r in rows] == ["ALL"]
+
+
+def test_nightly_regression_is_flagged_with_nonzero_exit(ray_local, parity_bundle, tmp_path, capsys):
+    make_benchmark(tmp_path / "data")
+    registry = tmp_path / "bench.yaml"
+    registry.write_text("MyBench: {folder: MyBench, subsets: [genA, genB]}\n")
+    history = tmp_path / "history"
+    args = ["benchmark", "--model", str(parity_bundle), "--data-root", str(tmp_path / "data"), "--benchmarks",
+            "MyBench", "--registry", str(registry), "--history", str(history), "--tolerance", "0.01"]
+    assert main([*args, "--output", str(tmp_path / "night1")]) == 0
+    first = pq.read_table(tmp_path / "night1" / "scans" / "MyBench" / "clean" / "scores").to_pylist()
+    # Plant a regression: every correctly classified genA image moves to the other label folder.
+    moved = 0
+    for row in first:
+        if row["subset"] == "genA" and row["pred"] == row["label"]:
+            src = row["uri"]
+            dst = src.replace("/0_real/", "/tmp_fake/") if row["label"] == 0 else src.replace("/1_fake/", "/tmp_real/")
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.move(src, dst)
+            moved += 1
+    assert moved > 0
+    for tmp, final in (("tmp_fake", "1_fake"), ("tmp_real", "0_real")):
+        src_dir = tmp_path / "data" / "MyBench" / "genA" / tmp
+        for f in src_dir.glob("*") if src_dir.exists() else []:
+            shutil.move(str(f), str(tmp_path / "data" / "MyBench" / "genA" / final / f"moved_{f.name}"))
+    capsys.readouterr()
+    assert main([*args, "--output", str(tmp_path / "night2")]) == 3
+    printed = capsys.readouterr().out
+    assert "REGRESSION MyBench/genA Acc" in printed
+    (comparison,) = glob.glob(str(tmp_path / "night2" / "comparison_*.json"))
+    doc = json.loads(open(comparison).read())
+    acc = next(d for d in doc["regressions"] if d["subset"] == "genA" and d["metric"] == "Acc")
+    before = read_csv(glob.glob(str(tmp_path / "night1" / "MyBench_*.csv"))[0])[0]
+    after = read_csv(glob.glob(str(tmp_path / "night2" / "MyBench_*.csv"))[0])[0]
+    assert acc["delta"] == pytest.approx(float(after["Acc"]) - float(before["Acc"])) and acc["delta"] < -0.01
+    assert not any(d["regression"] for d in doc["deltas"] if d["subset"] == "genB")  # untouched
+    history_rows = pq.read_table(history)
+    assert set(history_rows.column_names) == {"run", "model_id", "benchmark", "subset", "metric", "value"}
+    assert len(set(history_rows["run"].to_pylist())) == 2
+
+
+def test_robustness_sweep_reports_every_metric_per_perturbation(ray_local, parity_bundle, parity_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["benchmark", "--model", str(parity_bundle), "--data-root", str(parity_dir / "data"),
+                 "--benchmarks", "WildRF", "--output", str(out), "--perturb", "jpeg:50", "blur:2"]) == 0
+    (json_path,) = glob.glob(str(out / "WildRF_*.json"))
+    detail = json.loads(open(json_path).read())
+    assert set(detail["perturbations"]) == {"jpeg:50", "blur:2"}
+    for per in detail["perturbations"].values():
+        assert set(per) == {"facebook", "reddit", "twitter"} and set(METRICS) <= set(per["reddit"])
+    clean = pq.read_table(out / "scans" / "WildRF" / "clean" / "scores").sort_by("uri")
+    blurred = pq.read_table(out / "scans" / "WildRF" / "blur-2" / "scores").sort_by("uri")
+    assert clean["uri"].to_pylist() == blurred["uri"].to_pylist()
+    assert clean["prob_fake"].to_pylist() != blurred["prob_fake"].to_pylist()
+    assert set(blurred["preprocess"].to_pylist()) == {"official/align=by-extension+blur:2"}
+    assert "Robustness" in open(glob.glob(str(out / "report_*.md"))[0]).read()
+
+
+def test_benchmark_from_ingested_shards(ray_local, parity_bundle, parity_dir, tmp_path):
+    root = tmp_path / "data"
+    assert main(["ingest", "--input", str(parity_dir / "data" / "WildRF" / "test"),
+                 "--output", str(root / "WildRF" / "test"), "--rows-per-shard", "16"]) == 0
+    out = tmp_path / "out"
+    assert main(["benchmark", "--model", str(parity_bundle), "--data-root", str(root), "--benchmarks", "WildRF",
+                 "--output", str(out)]) == 0
+    (csv_path,) = glob.glob(str(out / "WildRF_*.csv"))
+    assert_official_csv(csv_path, parity_dir / "official_results" / "WildRF_official.csv")
