@@ -92,6 +92,9 @@ class PreprocessConfig:
     resize_short_side: int = 512
     crop_size: int = 224
     jpeg_quality: int = 96
+    # Decoding is refused above this many pixels (header check, before any pixel is
+    # decoded): decompression bombs and lying headers cost bounded memory.
+    max_pixels: int = 100_000_000
 
     def __post_init__(self) -> None:
         if self.policy != "official":

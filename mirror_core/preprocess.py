@@ -46,10 +46,18 @@ def _truncated_images_allowed():
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def decode_rgb(data: bytes) -> tuple[Image.Image, str | None]:
-    """Bytes -> (RGB image, detected format). No EXIF rotation, as official."""
+class ImageTooLargeError(ValueError):
+    pass
+
+
+def decode_rgb(data: bytes, max_pixels: int | None = None) -> tuple[Image.Image, str | None]:
+    """Bytes -> (RGB image, detected format). No EXIF rotation, as official; animated
+    files give their first frame."""
     with _truncated_images_allowed():
         with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageTooLargeError(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
             fmt = img.format
             rgb = img.convert("RGB")
     return rgb, fmt
@@ -103,7 +111,7 @@ def official_preprocess(
 
     `perturbation` (robustness sweeps, e.g. 'jpeg:75') is applied to the decoded image
     before the policy; width/height stay those of the original."""
-    img, fmt = decode_rgb(data)
+    img, fmt = decode_rgb(data, cfg.max_pixels)
     size = img.size
     if perturbation:
         from .perturb import apply_perturbation

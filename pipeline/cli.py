@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, PermissionError) as err:
-        print(f"mirror {args.command}: error: {err}", file=sys.stderr)
+        print(f"mirror {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
 
 

@@ -27,6 +27,7 @@ class ScanConfig:
     cpus_per_actor: float = 1.0
     cpus_per_decode_task: float = 1.0
     fetch_threads: int = 16  # concurrent reads per decode task (S3 latency hiding)
+    max_file_mb: int = 256  # larger files become error rows without being read whole
     decode_rows_per_batch: int = 64
     decode_task_memory_mb: int = 512  # reserved per decode task
     unit_size: int = 256  # records per committed unit (folders, manifests)
@@ -43,7 +44,7 @@ class ScanConfig:
         self.validate()
 
     def validate(self, source: str = "settings") -> None:
-        positive = ("batch_size", "actors", "fetch_threads", "decode_rows_per_batch", "decode_task_memory_mb", "unit_size")
+        positive = ("batch_size", "actors", "fetch_threads", "max_file_mb", "decode_rows_per_batch", "decode_task_memory_mb", "unit_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} must be >= 1, got {getattr(self, name)}")

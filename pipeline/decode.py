@@ -17,7 +17,7 @@ from mirror_core.config import PreprocessConfig
 from mirror_core.preprocess import official_preprocess
 
 from .schema import DECODE_SECONDS, INDEX, PIXELS, UNIT
-from .sources import ColumnMap, Unit, fetch_all, read_shard_unit
+from .sources import DEFAULT_MAX_FILE_BYTES, ColumnMap, Unit, fetch_all, read_shard_unit
 
 DECODED_SCHEMA = pa.schema([
     pa.field(UNIT, pa.string()),
@@ -67,10 +67,11 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
     return table.append_column(PIXELS, tensor_column(pixels))
 
 
-def unit_payloads(unit: Unit, uris: list[str] | None, columns: ColumnMap, fetch_threads: int):
+def unit_payloads(unit: Unit, uris: list[str] | None, columns: ColumnMap, fetch_threads: int,
+                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
     """(names, payload iterator) for a unit; a shard that cannot be read fails every row."""
     if unit.kind == "inline":
-        return uris, fetch_all(uris, fetch_threads)
+        return uris, fetch_all(uris, fetch_threads, max_file_bytes)
     try:
         records = read_shard_unit(unit, columns, with_bytes=True)
     except Exception as err:
@@ -80,13 +81,15 @@ def unit_payloads(unit: Unit, uris: list[str] | None, columns: ColumnMap, fetch_
         msg = f"shard {unit.file} has no {columns.bytes!r} column"
         return [None] * unit.rows, iter([(None, msg)] * unit.rows)
     datas = records["bytes"].to_pylist()
-    payloads = [(d, None) if d is not None else (None, "no image bytes (null)") for d in datas]
+    payloads = [(None, "no image bytes (null)") if d is None else
+                (None, f"file too large: over {max_file_bytes:,} bytes") if len(d) > max_file_bytes else (d, None)
+                for d in datas]
     return records["uri"].to_pylist(), iter(payloads)
 
 
 def decode_units(
     batch: dict, *, preprocess: dict, columns: dict, fetch_threads: int = 16, rows_per_batch: int = 64,
-    perturbation: str | None = None,
+    perturbation: str | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[pa.Table]:
     """Ray map_batches function over unit descriptors (batch_size=1 is typical)."""
     cfg = PreprocessConfig(**preprocess)
@@ -94,7 +97,7 @@ def decode_units(
     for i in range(len(batch["unit"])):
         unit = Unit(**json.loads(batch["unit"][i]))
         uris = list(batch["uris"][i]) if unit.kind == "inline" else None
-        names, payloads = unit_payloads(unit, uris, colmap, fetch_threads)
+        names, payloads = unit_payloads(unit, uris, colmap, fetch_threads, max_file_bytes)
         for start in range(0, unit.rows, rows_per_batch):
             chunk = [next(payloads) for _ in range(min(rows_per_batch, unit.rows - start))]
             yield decode_rows(unit.unit_id, start, names[start : start + len(chunk)], chunk, cfg, perturbation)

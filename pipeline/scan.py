@@ -119,7 +119,7 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
         memory=cfg.decode_task_memory_mb * 2**20,
         fn_kwargs={"preprocess": dataclasses.asdict(model_cfg.preprocess), "columns": cfg.columns,
                    "fetch_threads": cfg.fetch_threads, "rows_per_batch": cfg.decode_rows_per_batch,
-                   "perturbation": cfg.perturbation},
+                   "perturbation": cfg.perturbation, "max_file_bytes": cfg.max_file_mb * 2**20},
     )
     pool = (ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors) if cfg.max_actors
             else ray.data.ActorPoolStrategy(size=cfg.actors))

@@ -44,6 +44,12 @@ class Output:
         return "/".join([self.uri, *parts])
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        try:
+            self._write_bytes(rel, data)
+        except PermissionError as err:
+            raise PermissionError(f"access denied writing {self.uri_of(rel)} ({err})") from None
+
+    def _write_bytes(self, rel: str, data: bytes) -> None:
         path = self.path(rel)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:  # atomic on POSIX: readers never see half a file
@@ -57,10 +63,13 @@ class Output:
 
     def read_bytes(self, rel: str) -> bytes | None:
         path = self.path(rel)
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "rb") as f:
-            return f.read()
+        try:
+            if not self.fs.exists(path):
+                return None
+            with self.fs.open(path, "rb") as f:
+                return f.read()
+        except PermissionError as err:
+            raise PermissionError(f"access denied reading {self.uri_of(rel)} ({err})") from None
 
     def write_json(self, rel: str, doc: dict) -> None:
         self.write_bytes(rel, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())

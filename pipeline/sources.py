@@ -239,15 +239,22 @@ def read_shard_unit(unit: Unit, columns: ColumnMap, with_bytes: bool) -> pa.Tabl
     return table
 
 
-def fetch_all(uris: list[str], threads: int) -> Iterator[tuple[bytes | None, str | None]]:
-    """(bytes, None) or (None, error message) per URI, in order; I/O in a thread pool."""
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20
+
+
+def fetch_all(uris: list[str], threads: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Iterator[tuple[bytes | None, str | None]]:
+    """(bytes, None) or (None, error message) per URI, in order; I/O in a thread pool.
+    Files over `max_bytes` are refused after reading at most max_bytes + 1 bytes."""
 
     def fetch(uri: str):
         try:
             with fsspec.open(uri, "rb") as f:
-                return f.read(), None
+                data = f.read(max_bytes + 1)
         except Exception as err:  # recorded on the row, never raised
             return None, f"read failed: {type(err).__name__}: {err}"
+        if len(data) > max_bytes:
+            return None, f"file too large: over {max_bytes:,} bytes"
+        return data, None
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         yield from pool.map(fetch, uris)

@@ -1,0 +1,167 @@
+"""Hostile inputs, killed actors, flaky and failing storage, secrets, and writes outside --output."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import write_image
+from hostile import animated_gif, exif_rotated_jpeg, hostile_files, png_with_header, write_hostile_corpus
+from mirror_core.config import PreprocessConfig
+from mirror_core.preprocess import ImageTooLargeError, center_crop, official_preprocess
+from pipeline.cli import main
+from pipeline.config import ScanConfig
+from pipeline.scan import run_scan
+from pipeline.sources import fetch_all
+from s3_faults import FaultProxy
+
+
+def test_bomb_header_is_refused_before_decoding():
+    import tracemalloc
+
+    tracemalloc.start()
+    with pytest.raises(ImageTooLargeError, match="108,000,000 pixels exceeds the limit of 100,000,000"):
+        official_preprocess(png_with_header(12_000, 9_000, b"x"), PreprocessConfig())
+    assert tracemalloc.get_traced_memory()[1] < 20 * 2**20  # never allocated the 108M-pixel image
+    tracemalloc.stop()
+
+
+def test_animated_gif_gives_its_first_frame():
+    out = official_preprocess(animated_gif(), PreprocessConfig())
+    assert tuple(out.pixels[112, 112]) == (255, 0, 0)
+
+
+def test_exif_orientation_is_ignored_like_the_official_script():
+    data = exif_rotated_jpeg()
+    out = official_preprocess(data, PreprocessConfig())
+    raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # stored orientation, 120 wide x 60 high
+    assert (out.width, out.height) == (120, 60)
+    np.testing.assert_array_equal(out.pixels, center_crop(raw, 224))
+
+
+def test_fetch_reads_at_most_the_limit(tmp_path):
+    (tmp_path / "big.bin").write_bytes(b"\x00" * 5000)
+    (tmp_path / "ok.bin").write_bytes(b"\x01" * 100)
+    results = list(fetch_all([str(tmp_path / "big.bin"), str(tmp_path / "ok.bin")], threads=2, max_bytes=1000))
+    assert results == [(None, "file too large: over 1,000 bytes"), (b"\x01" * 100, None)]
+
+
+@pytest.mark.slow
+def test_hostile_corpus_gives_exactly_one_row_each(ray_local, parity_bundle, tmp_path):
+    limit = 2**20
+    paths = write_hostile_corpus(tmp_path / "in", max_file_bytes=limit)
+    summary = run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"),
+                       ScanConfig(unit_size=4, max_file_mb=1))
+    rows = {os.path.basename(r["uri"]): r for r in pq.read_table(tmp_path / "out" / "scores").to_pylist()}
+    assert sorted(rows) == sorted(paths) and summary["rows_out"] == summary["rows_in"] == len(paths)
+    errors = {name: row["error"] for name, row in rows.items() if row["error"]}
+    assert errors["zero.jpg"] == "empty file (0 bytes)"
+    assert errors["page.jpg"].startswith("decode failed: UnidentifiedImageError")
+    assert errors["noise.png"].startswith("decode failed")
+    assert "exceeds" in errors["bomb.png"] and "decompression bomb" in errors["bomb.png"].lower()
+    assert "exceeds the limit of 100,000,000" in errors["too_many_pixels.png"]
+    assert errors["oversized.jpg"] == f"file too large: over {limit:,} bytes"
+    for name in ("truncated.jpg", "animated.gif", "deep16.png", "cmyk.jpg", "one_pixel.png", "strip_5000x3.png",
+                 "exif_rotated.jpg"):
+        assert rows[name]["error"] is None and 0 <= rows[name]["prob_fake"] <= 1, name
+    assert rows["strip_5000x3.png"]["width"] == 5000 and rows["animated.gif"]["format"] == "GIF"
+    for row in rows.values():
+        assert (row["error"] is None) == (row["pred"] is not None)
+
+
+def _scan_cmd(model, src, out, *extra):
+    return [sys.executable, "-m", "pipeline.cli", "scan", "--model", str(model), "--input", str(src),
+            "--output", str(out), *extra]
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+def test_killed_actor_and_nothing_written_outside_output(parity_bundle, tmp_path):
+    for i in range(20):
+        write_image(tmp_path / "in" / f"{i:02d}.png", seed=i)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before_in, before_model = _tree(tmp_path / "in"), _tree(parity_bundle)
+    env = {**os.environ, "MIRROR_FAULT_ACTOR_EXIT_AFTER": "2", "MIRROR_FAULT_MARKER": str(tmp_path / "died")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(_scan_cmd(parity_bundle, tmp_path / "in", tmp_path / "out", "--unit-size", "4",
+                                    "--batch-size", "3"),
+                          env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "died").exists(), "the fault hook did not kill an actor"
+    rows = pq.read_table(tmp_path / "out" / "scores")
+    assert rows.num_rows == 20 and len(set(rows["uri"].to_pylist())) == 20 and rows["error"].null_count == 20
+    assert list(cwd.iterdir()) == []
+    assert _tree(tmp_path / "in") == before_in and _tree(parity_bundle) == before_model
+    assert set(os.listdir(tmp_path)) == {"in", "cwd", "out", "died"}
+
+
+@pytest.fixture
+def s3_corpus(s3_server, s3_bucket, parity_bundle, tmp_path):
+    import fsspec
+
+    for i in range(12):
+        write_image(tmp_path / "src" / ("0_real" if i % 2 else "1_fake") / f"{i:02d}.jpg", seed=i)
+    fs = fsspec.filesystem("s3")
+    fs.put(str(tmp_path / "src"), f"{s3_bucket}/images", recursive=True)
+    fs.put(str(parity_bundle), f"{s3_bucket}/model", recursive=True)
+    return s3_bucket
+
+
+@pytest.mark.slow
+def test_flaky_s3_is_retried_and_secrets_never_written(s3_server, s3_corpus, tmp_path):
+    import fsspec
+
+    bucket = s3_corpus
+    secret = "Sekr3t-" + os.urandom(8).hex()
+    with FaultProxy(s3_server, fail_every=3) as proxy:
+        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "AWS_SECRET_ACCESS_KEY": secret,
+               "AWS_ACCESS_KEY_ID": "AKIA" + os.urandom(6).hex().upper()}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run(_scan_cmd(f"s3://{bucket}/model", f"s3://{bucket}/images", f"s3://{bucket}/out",
+                                        "--unit-size", "3", "--fetch-threads", "4"),
+                              env=env, capture_output=True, text=True, timeout=400)
+        injected = proxy.injected
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert injected >= 5, injected  # transient 503s really happened, and were retried
+    assert "12/12 rows: 12 scored, 0 errors" in proc.stdout
+    fs = fsspec.filesystem("s3")
+    for path in fs.find(f"{bucket}/out"):
+        data = fs.cat(path)
+        assert secret.encode() not in data and env["AWS_ACCESS_KEY_ID"].encode() not in data, path
+    assert secret not in proc.stdout + proc.stderr and env["AWS_ACCESS_KEY_ID"] not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_permanent_storage_errors_exit_nonzero_with_a_clear_message(s3_server, s3_corpus, monkeypatch, capsys):
+    import s3fs
+
+    bucket = s3_corpus
+    args = ["--model", f"s3://{bucket}/model", "--input", f"s3://{bucket}/images"]
+    assert main(["scan", "--model", f"s3://{bucket}/model", "--input", "s3://no-such-bucket-here/x",
+                 "--output", f"s3://{bucket}/o1"]) == 2
+    assert "s3://no-such-bucket-here/x does not exist" in capsys.readouterr().err
+    assert main(["scan", "--model", f"s3://{bucket}/no-model", "--input", f"s3://{bucket}/images",
+                 "--output", f"s3://{bucket}/o2"]) == 2
+    assert "is not a MIRROR bundle" in capsys.readouterr().err
+    with FaultProxy(s3_server, deny_prefixes=(f"/{bucket}/locked",)) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        assert main(["scan", *args, "--output", f"s3://{bucket}/locked/out"]) == 2
+        assert proxy.denied > 0
+    err = capsys.readouterr().err
+    assert f"PermissionError: access denied reading s3://{bucket}/locked/out/_scan.json" in err
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_every_hostile_file_is_generated_small():
+    sizes = {name: len(data) for name, data in hostile_files(2**20).items()}
+    assert sizes["bomb.png"] < 1000 and sum(sizes.values()) < 4 * 2**20
