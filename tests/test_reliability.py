@@ -165,3 +165,20 @@ def test_permanent_storage_errors_exit_nonzero_with_a_clear_message(s3_server, s
 def test_every_hostile_file_is_generated_small():
     sizes = {name: len(data) for name, data in hostile_files(2**20).items()}
     assert sizes["bomb.png"] < 1000 and sum(sizes.values()) < 4 * 2**20
+
+
+def test_unreadable_shard_turns_its_rows_into_error_rows(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.decode import decode_units
+    from pipeline.sources import SourceOptions, plan_source
+
+    data = write_image(tmp_path / "x.png")
+    pq.write_table(pa.table({"bytes": [data] * 5, "uri": [f"u{i}" for i in range(5)]}), tmp_path / "shards.parquet",
+                   row_group_size=5)
+    (unit,) = plan_source(str(tmp_path / "shards.parquet"), SourceOptions()).units
+    (tmp_path / "shards.parquet").write_bytes(b"PAR1 truncated")  # broken after planning
+    batch = {"unit": [json.dumps(unit.__dict__)], "uris": [[]]}
+    out = list(decode_units(batch, preprocess={}, columns={}))
+    errors = [e for t in out for e in t["error"].to_pylist()]
+    assert len(errors) == 5 and all(e.startswith("shard read failed") for e in errors)
