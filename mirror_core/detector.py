@@ -60,7 +60,7 @@ class Detector:
     @torch.inference_mode()
     def score_pixels(self, pixels: np.ndarray, token_residuals: bool = False) -> dict[str, np.ndarray]:
         """uint8 [B, 224, 224, 3] -> named float arrays [B] (and 'token_residual' [B, gh, gw])."""
-        batch = torch.from_numpy(np.ascontiguousarray(pixels))
+        batch = torch.from_numpy(np.require(pixels, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         with self._autocast():

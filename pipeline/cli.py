@@ -103,6 +103,22 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return run.exit_code
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import AuditConfig, run_audit
+
+    cfg = AuditConfig(threshold=args.threshold, target_fpr=args.target_fpr, calibration=args.calibration,
+                      group_by=args.group_by, prefix_depth=args.prefix_depth, filter_mode=args.filter,
+                      top_n=args.top_n)
+    args.threshold = None  # the audit decides the scan's threshold
+    result = run_audit(args.model, args.input, args.output, scan_config_from_args(args), cfg)
+    print(f"audited {result['rows']} rows: {result['flagged']} flagged "
+          f"({100 * result['flagged_fraction']:.2f}% of {result['scored']} scored), {result['errors']} errors; "
+          f"threshold {result['threshold']:.6g} ({result['threshold_method']})")
+    print(f"flagged: {result['output']}/flagged.parquet  filtered: {result['output']}/filtered/  "
+          f"report: {result['report']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .scan import summary_line
@@ -164,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_amp", action="store_true", help="fp16 autocast on GPU (official --use_amp)")
     add_scan_flags(p)
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("audit", help="audit a corpus: flagged manifest, group summary, filtered copy, heatmaps")
+    p.add_argument("--model", required=True, help="bundle directory or URI")
+    p.add_argument("--input", required=True, help="corpus: Parquet shards, folder or manifest; local or s3://")
+    p.add_argument("--output", required=True, help="output directory or URI")
+    p.add_argument("--target-fpr", type=float, help="pick the threshold for this FPR on --calibration")
+    p.add_argument("--calibration", help="labeled or all-real image set for --target-fpr")
+    p.add_argument("--group-by", help="input column to summarise by (source, domain, shard, ...)")
+    p.add_argument("--prefix-depth", type=int, help="or summarise by the first N folders of each uri")
+    p.add_argument("--filter", choices=("drop", "mark"), default="drop",
+                   help="filtered copy: drop flagged rows, or keep all with a mirror_keep column")
+    p.add_argument("--top-n", type=int, default=16, help="flagged images to explain with heatmaps")
+    add_scan_flags(p)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("demo", help="offline end-to-end run on smoke-test weights and generated images")
     p.add_argument("--workdir", default="mirror-demo", help="where to write weights, images and results")

@@ -101,6 +101,16 @@ class Output:
     def part_files(self) -> list[str]:
         return sorted(self.uri_of(SCORES_DIR, f"{PART_PREFIX}{u}.parquet") for u in self.done_units())
 
+    def read_scores_with_position(self, columns=None) -> pa.Table:
+        """All scored rows plus `_unit` and `_index` (position in its unit; parts are
+        written whole and in order), so a row can be traced back to its input."""
+        tables = []
+        for unit in sorted(self.done_units()):
+            t = self.read_parquet(self.part_name(unit), columns)
+            t = t.append_column("_unit", pa.array([unit] * t.num_rows, pa.string()))
+            tables.append(t.append_column("_index", pa.array(range(t.num_rows), pa.int64())))
+        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
     def read_scores(self, columns=None) -> pa.Table:
         tables = [self.read_parquet(self.part_name(u), columns) for u in sorted(self.done_units())]
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})

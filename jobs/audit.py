@@ -1,0 +1,13 @@
+"""Entry point for `ray job submit --working-dir . -- python jobs/audit.py ARGS`.
+
+Takes exactly the arguments of `mirror audit`.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
+
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["audit", *sys.argv[1:]]))

@@ -1,0 +1,230 @@
+"""`mirror audit`: how much of a training corpus is AI-generated, where it comes from,
+and a clean copy without it.
+
+Outputs under --output (every one records the threshold and how it was chosen):
+    scan/                    the scan (scored Parquet, scan schema + original columns)
+    calibration/             the scan of the calibration set (with --target-fpr)
+    flagged.parquet          rows above the threshold: uri, id, prob_fake, grouping column
+    groups.parquet           per group: counts, flagged fraction, score quantiles, errors
+    filtered/                the corpus without flagged rows (or with a keep column)
+    explanations.parquet     top-N flagged: residual-norm grid; heatmaps/*.png overlays
+    audit_report.md          totals, groups, histogram, thumbnails with heatmaps
+    audit_summary.json
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyarrow.compute as pc
+
+from mirror_core.bundle import Bundle, load_bundle
+from mirror_core.detector import Detector
+from PIL import Image
+
+from .config import ScanConfig
+from .explain import heatmap_overlay, png_bytes
+from .scan import run_scan
+from .sinks import Output
+from .sources import fetch_all, read_shard_unit
+
+FILTER_MODES = ("drop", "mark")
+KEEP_COLUMN = "mirror_keep"
+
+
+@dataclass
+class AuditConfig:
+    threshold: float | None = None
+    target_fpr: float | None = None
+    calibration: str | None = None
+    group_by: str | None = None  # a column of the input
+    prefix_depth: int | None = None  # or: the first N folders of the uri
+    filter_mode: str = "drop"
+    top_n: int = 16
+
+    def __post_init__(self):
+        if (self.target_fpr is None) != (self.calibration is None):
+            raise ValueError("--target-fpr and --calibration go together")
+        if self.target_fpr is not None and self.threshold is not None:
+            raise ValueError("give either --threshold or --target-fpr/--calibration, not both")
+        if self.target_fpr is not None and not 0 < self.target_fpr < 1:
+            raise ValueError(f"--target-fpr must be in (0, 1), got {self.target_fpr}")
+        if self.group_by and self.prefix_depth:
+            raise ValueError("give either --group-by or --prefix-depth, not both")
+        if self.filter_mode not in FILTER_MODES:
+            raise ValueError(f"--filter must be one of {FILTER_MODES}")
+
+
+def threshold_for_fpr(real_scores: np.ndarray, target_fpr: float) -> float:
+    """Largest-FPR threshold not above the target: exactly floor(target * n) real
+    scores lie strictly above it (fewer only when scores tie at the boundary)."""
+    scores = np.sort(np.asarray(real_scores, np.float64))[::-1]
+    if scores.size == 0:
+        raise ValueError("the calibration set has no scored real images")
+    k = int(np.floor(target_fpr * scores.size))
+    return float(scores[min(k, scores.size - 1)])
+
+
+def choose_threshold(bundle: Bundle, cfg: AuditConfig, scan_cfg: ScanConfig, out: Output) -> tuple[float, str]:
+    if cfg.threshold is not None:
+        return cfg.threshold, "explicit --threshold"
+    if cfg.calibration is None:
+        return bundle.config.threshold, "model default"
+    summary = run_scan(bundle, cfg.calibration, out.uri_of("calibration"), scan_cfg)
+    rows = Output(out.uri_of("calibration")).read_scores(columns=["label", "prob_fake", "error"])
+    rows = rows.filter(pc.and_(pc.is_null(rows["error"]), pc.invert(pc.fill_null(pc.equal(rows["label"], 1), False))))
+    scores = rows["prob_fake"].to_numpy()
+    t = threshold_for_fpr(scores, cfg.target_fpr)
+    fpr = float((scores > t).mean())
+    return t, (f"target FPR {cfg.target_fpr:g} on {cfg.calibration}: {scores.size} real images, "
+               f"FPR at threshold {fpr:.4f} ({int((scores > t).sum())} above)")
+
+
+def group_keys(rows: pa.Table, cfg: AuditConfig, root: str) -> list[str]:
+    """Group of each row: a column's value, or the first N folders of its uri below the
+    input root (of the whole uri when it lies elsewhere, e.g. shards' original uris)."""
+    if cfg.group_by:
+        if cfg.group_by not in rows.column_names:
+            raise ValueError(f"--group-by {cfg.group_by!r}: no such column (have {rows.column_names})")
+        return [None if v is None else str(v) for v in rows[cfg.group_by].to_pylist()]
+    depth = cfg.prefix_depth or 1
+    root = root.rstrip("/") + "/"
+    keys = []
+    for uri in rows["uri"].to_pylist():
+        rel = uri[len(root):] if uri.startswith(root) else uri.split("://", 1)[-1]
+        keys.append("/".join(rel.strip("/").split("/")[:-1][:depth]) or ".")
+    return keys
+
+
+def group_summary(rows: pa.Table, keys: list[str], threshold: float) -> pa.Table:
+    prob = rows["prob_fake"].to_numpy(zero_copy_only=False)
+    err = np.array([e is not None for e in rows["error"].to_pylist()])
+    keys_arr = np.array(keys, dtype=object)
+    out = []
+    for key in sorted(set(keys), key=lambda k: (k is None, str(k))):
+        sel = keys_arr == key
+        scored = prob[sel & ~err].astype(np.float64)
+        q = np.quantile(scored, [0.5, 0.9, 0.99]) if scored.size else [np.nan] * 3
+        flagged = int((scored > threshold).sum())
+        out.append({"group": key, "count": int(sel.sum()), "scored": int(scored.size), "errors": int((sel & err).sum()),
+                    "flagged": flagged, "flagged_fraction": flagged / scored.size if scored.size else float("nan"),
+                    "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+                    "max": float(scored.max()) if scored.size else float("nan")})
+    return pa.Table.from_pylist(out)
+
+
+def with_threshold_info(table: pa.Table, threshold: float, method: str) -> pa.Table:
+    meta = dict(table.schema.metadata or {})
+    meta.update({b"mirror_threshold": repr(threshold).encode(), b"mirror_threshold_method": method.encode()})
+    return table.replace_schema_metadata(meta)
+
+
+def write_filtered(out: Output, scan: Output, rows: pa.Table, keep: np.ndarray, mode: str, threshold: float,
+                   method: str, columns) -> int:
+    """The corpus minus flagged rows (mode 'drop') or with a keep column ('mark').
+    Parquet shards come out as shards with every original column; folders and
+    manifests come out as a manifest of their records."""
+    plan = scan.load_plan()
+    keep_by_pos = {(u, i): k for u, i, k in zip(rows["_unit"].to_pylist(), rows["_index"].to_pylist(), keep)}
+    written = 0
+    if plan.input_format == "parquet":
+        for file in dict.fromkeys(u.file for u in plan.units):
+            units = [u for u in plan.units if u.file == file]
+            with fsspec.open(file, "rb") as f:
+                table = pq.read_table(f)
+            flags = [keep_by_pos[(u.unit_id, i)] for u in units for i in range(u.rows)]
+            written += _write_part(out, f"filtered/{file.rsplit('/', 1)[-1]}", table, flags, mode, threshold, method)
+    else:
+        records = plan.records
+        flags = [keep_by_pos[(u, i)] for u, i in zip(records["_unit"].to_pylist(), records["_index"].to_pylist())]
+        written += _write_part(out, "filtered/manifest.parquet", records.drop_columns(["_unit", "_index"]), flags,
+                               mode, threshold, method)
+    return written
+
+
+def _write_part(out: Output, rel: str, table: pa.Table, flags, mode: str, threshold: float, method: str) -> int:
+    flags = pa.array(flags, pa.bool_())
+    table = table.filter(flags) if mode == "drop" else table.append_column(KEEP_COLUMN, flags)
+    out.write_parquet(rel, with_threshold_info(table, threshold, method))
+    return table.num_rows
+
+
+def record_bytes(scan: Output, unit_id: str, index: int, columns) -> tuple[bytes | None, str | None]:
+    plan = scan.load_plan()
+    unit = next(u for u in plan.units if u.unit_id == unit_id)
+    if unit.kind == "shard":
+        t = read_shard_unit(unit, columns, with_bytes=True)
+        return t["bytes"][index].as_py(), t["uri"][index].as_py()
+    rec = plan.records.filter(pc.and_(pc.equal(plan.records["_unit"], unit_id), pc.equal(plan.records["_index"], index)))
+    uri = rec["uri"][0].as_py()
+    data, _ = next(fetch_all([uri], 1))
+    return data, uri
+
+
+def explain_top(out: Output, scan: Output, bundle: Bundle, flagged: pa.Table, top_n: int, threshold: float,
+                method: str, columns, alignment: str | None) -> pa.Table:
+    detector = Detector.from_bundle(bundle, alignment=alignment)
+    top = flagged.sort_by([("prob_fake", "descending")]).slice(0, top_n)
+    rows = []
+    for rank, r in enumerate(top.to_pylist(), start=1):
+        data, name = record_bytes(scan, r["_unit"], r["_index"], columns)
+        pre = detector.preprocess(data, name=name)
+        grid = detector.score_pixels(pre.pixels[None], token_residuals=True)["token_residual"][0]
+        stem = f"heatmaps/{rank:03d}_{(r['id'] or 'noid')[:12]}"
+        out.write_bytes(f"{stem}_heatmap.png", png_bytes(heatmap_overlay(pre.pixels, grid)))
+        out.write_bytes(f"{stem}_crop.png", png_bytes(Image.fromarray(pre.pixels)))
+        rows.append({"rank": rank, "uri": r["uri"], "id": r["id"], "prob_fake": r["prob_fake"],
+                     "grid": grid.astype(np.float32).ravel().tolist(), "grid_h": grid.shape[0], "grid_w": grid.shape[1],
+                     "heatmap": f"{stem}_heatmap.png", "crop": f"{stem}_crop.png"})
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("rank", pa.int64()), ("uri", pa.string()), ("id", pa.string()), ("prob_fake", pa.float64()),
+        ("grid", pa.list_(pa.float32())), ("grid_h", pa.int64()), ("grid_w", pa.int64()),
+        ("heatmap", pa.string()), ("crop", pa.string())]))
+    out.write_parquet("explanations.parquet", with_threshold_info(table, threshold, method))
+    return table
+
+
+def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: ScanConfig,
+              cfg: AuditConfig) -> dict[str, Any]:
+    from .audit_report import write_audit_report
+
+    bundle = model if isinstance(model, Bundle) else load_bundle(model)
+    out = Output(output_uri)
+    threshold, method = choose_threshold(bundle, cfg, scan_cfg, out)
+    scan_cfg = dataclasses.replace(scan_cfg, threshold=threshold)
+    summary = run_scan(bundle, input_uri, out.uri_of("scan"), scan_cfg)
+    scan = Output(out.uri_of("scan"))
+    rows = scan.read_scores_with_position()
+    scored = pc.is_null(rows["error"])
+    is_flagged = pc.and_(scored, pc.greater(pc.fill_null(rows["prob_fake"], 0.0), threshold))
+    keys = group_keys(rows, cfg, input_uri)
+    group_col = cfg.group_by or f"uri_prefix_{cfg.prefix_depth or 1}"
+    rows = rows.append_column("_group", pa.array(keys, pa.string()))
+    flagged = rows.filter(is_flagged)
+    manifest = pa.table({"uri": flagged["uri"], "id": flagged["id"], "prob_fake": flagged["prob_fake"],
+                         group_col: flagged["_group"], "threshold": pa.array([threshold] * flagged.num_rows),
+                         "threshold_method": pa.array([method] * flagged.num_rows, pa.string())})
+    out.write_parquet("flagged.parquet", with_threshold_info(manifest, threshold, method))
+    groups = group_summary(rows, keys, threshold)
+    groups = groups.rename_columns([group_col if c == "group" else c for c in groups.column_names])
+    out.write_parquet("groups.parquet", with_threshold_info(groups, threshold, method))
+    keep = (~np.asarray(is_flagged.to_numpy(zero_copy_only=False), bool)).tolist()
+    kept = write_filtered(out, scan, rows, keep, cfg.filter_mode, threshold, method, scan_cfg.source_options().columns)
+    explanations = explain_top(out, scan, bundle, flagged, cfg.top_n, threshold, method,
+                               scan_cfg.source_options().columns, scan_cfg.alignment)
+    result = {
+        "model_id": bundle.model_id, "input": input_uri, "output": out.uri,
+        "threshold": threshold, "threshold_method": method,
+        "rows": rows.num_rows, "scored": int(pc.sum(scored).as_py() or 0), "errors": summary["errors"],
+        "flagged": flagged.num_rows, "flagged_fraction": flagged.num_rows / max(1, int(pc.sum(scored).as_py() or 0)),
+        "group_column": group_col, "groups": groups.to_pylist(), "filter_mode": cfg.filter_mode,
+        "filtered_rows": kept, "explained": explanations.num_rows,
+    }
+    result["report"] = write_audit_report(out, result, rows, explanations)
+    out.write_json("audit_summary.json", result)
+    return result
