@@ -95,6 +95,9 @@ class PreprocessConfig:
     # Decoding is refused above this many pixels (header check, before any pixel is
     # decoded): decompression bombs and lying headers cost bounded memory.
     max_pixels: int = 100_000_000
+    # Fast mode (never the default): JPEGs at least twice the target size are decoded
+    # at a reduced DCT scale before the bicubic resize. Faster, not bit-exact.
+    fast_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.policy != "official":
@@ -105,7 +108,7 @@ class PreprocessConfig:
     @property
     def name(self) -> str:
         """Short recorded form, e.g. 'official/align=by-extension'."""
-        return f"{self.policy}/align={self.alignment}"
+        return f"{self.policy}/align={self.alignment}" + ("/fast-decode" if self.fast_decode else "")
 
 
 @dataclass

@@ -83,7 +83,8 @@ class MemoryBank(nn.Module):
         weights = F.softmax(top_logits.float(), dim=-1)
         max_score = weights.amax(dim=-1).mean(dim=(1, 2))  # [B]
         entropy = -(weights * torch.log(weights + ENTROPY_EPS)).sum(-1).mean(dim=(1, 2))  # [B]
-        attn = torch.zeros_like(logits).scatter_(-1, top_idx, weights.to(logits.dtype))
+        # Reuse the logits buffer for the sparse attention matrix (no second [B,H,N,K] tensor).
+        attn = logits.zero_().scatter_(-1, top_idx, weights.to(logits.dtype))
         mixed = torch.matmul(attn, v)  # [B, H, N, hd]
         reference = self.out_proj(mixed.transpose(1, 2).reshape(b, n, d))
         return MemoryOutput(reference=reference, max_score=max_score, entropy=entropy)

@@ -50,17 +50,23 @@ class ImageTooLargeError(ValueError):
     pass
 
 
-def decode_rgb(data: bytes, max_pixels: int | None = None) -> tuple[Image.Image, str | None]:
-    """Bytes -> (RGB image, detected format). No EXIF rotation, as official; animated
-    files give their first frame."""
+def decode_rgb(data: bytes, max_pixels: int | None = None, draft_short_side: int | None = None
+               ) -> tuple[Image.Image, str | None, tuple[int, int]]:
+    """Bytes -> (RGB image, detected format, original size). No EXIF rotation, as
+    official; animated files give their first frame. With `draft_short_side`, a JPEG
+    whose short side is at least twice that is decoded at a reduced DCT scale (libjpeg
+    1/2, 1/4 or 1/8) that keeps the short side >= draft_short_side."""
     with _truncated_images_allowed():
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageTooLargeError(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
             fmt = img.format
+            if draft_short_side and fmt == "JPEG" and min(w, h) >= 2 * draft_short_side:
+                scale = draft_short_side / min(w, h)
+                img.draft("RGB", (int(np.ceil(w * scale)), int(np.ceil(h * scale))))
             rgb = img.convert("RGB")
-    return rgb, fmt
+    return rgb, fmt, (w, h)
 
 
 def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
@@ -111,8 +117,8 @@ def official_preprocess(
 
     `perturbation` (robustness sweeps, e.g. 'jpeg:75') is applied to the decoded image
     before the policy; width/height stay those of the original."""
-    img, fmt = decode_rgb(data, cfg.max_pixels)
-    size = img.size
+    draft = cfg.resize_short_side if cfg.fast_decode else None
+    img, fmt, size = decode_rgb(data, cfg.max_pixels, draft)
     if perturbation:
         from .perturb import apply_perturbation
 

@@ -33,6 +33,7 @@ class ScanConfig:
     unit_size: int = 256  # records per committed unit (folders, manifests)
     precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on GPU, fp32 on CPU
     alignment: str | None = None  # override the bundle's JPEG alignment policy
+    fast_decode: bool = False  # reduced-scale JPEG decoding (faster, not bit-exact; recorded)
     threshold: float | None = None  # override the bundle's decision threshold
     input_format: str = "auto"
     perturbation: str | None = None  # robustness sweeps: e.g. 'jpeg:75', applied before preprocessing
@@ -89,6 +90,8 @@ def _check_type(name: str, value: Any, annotation: Any, source: str) -> Any:
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is bool and isinstance(value, bool):
             return value
         if base in (str, list, dict) and isinstance(value, base):
             return value

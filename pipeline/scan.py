@@ -50,6 +50,8 @@ def effective_config(bundle: Bundle, cfg: ScanConfig) -> MirrorConfig:
     model_cfg = bundle.config
     if cfg.alignment:
         model_cfg = replace(model_cfg, preprocess=replace(model_cfg.preprocess, alignment=cfg.alignment))
+    if cfg.fast_decode:
+        model_cfg = replace(model_cfg, preprocess=replace(model_cfg.preprocess, fast_decode=True))
     if cfg.threshold is not None:
         model_cfg = replace(model_cfg, threshold=cfg.threshold)
     return model_cfg

@@ -107,3 +107,20 @@ def test_unknown_policy_and_alignment_are_errors():
         PreprocessConfig(alignment="sometimes")
     with pytest.raises(ValueError, match="policy"):
         PreprocessConfig(policy="fancy")
+
+
+def test_fast_decode_is_opt_in_reduced_scale_and_close():
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 256, (270, 480, 3), np.uint8)
+    img = Image.fromarray(base).resize((1920, 1080), Image.BICUBIC)
+    data = encode(img, "JPEG", quality=92)
+    exact = official_preprocess(data, PreprocessConfig(alignment="off"))
+    fast_cfg = PreprocessConfig(alignment="off", fast_decode=True)
+    fast = official_preprocess(data, fast_cfg)
+    assert fast_cfg.name == "official/align=off/fast-decode" and PreprocessConfig().fast_decode is False
+    assert (fast.width, fast.height) == (exact.width, exact.height) == (1920, 1080)
+    assert not np.array_equal(fast.pixels, exact.pixels)
+    assert np.abs(fast.pixels.astype(int) - exact.pixels.astype(int)).mean() < 6
+    small = encode(Image.fromarray(base), "JPEG")  # short side 270 < 2 x 512: untouched
+    np.testing.assert_array_equal(official_preprocess(small, fast_cfg).pixels,
+                                  official_preprocess(small, PreprocessConfig(alignment="off")).pixels)
