@@ -75,9 +75,9 @@ class MemoryBank(nn.Module):
     def forward(self, tokens: torch.Tensor) -> MemoryOutput:
         b, n, d = tokens.shape
         k, v = self.keys_values()  # [H, K, hd]
-        q = self._split(self.q_proj(tokens))  # [B, H, N, hd]
-        logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [B, H, N, K]
-        top_logits, top_idx = logits.topk(self.cfg.top_k, dim=-1)  # [B, H, N, k]
+        q = self._split(self.q_proj(tokens)) * self.scale  # [B, H, N, hd]; scaling q, not the
+        logits = torch.matmul(q, k.transpose(-1, -2))  # [B, H, N, K] logits, saves a K-wide copy
+        top_logits, top_idx = logits.topk(self.cfg.top_k, dim=-1, sorted=False)  # [B, H, N, k], any order
         # Softmax over the kept slots only, in fp32; every other slot weighs exactly 0,
         # so max and entropy over the k kept weights equal those over all K.
         weights = F.softmax(top_logits.float(), dim=-1)

@@ -30,21 +30,27 @@ DEMO_BACKBONE = {  # a DINOv3 ViT far smaller than any real one
 DEMO_MEMORY = MemoryConfig(num_slots=512, num_heads=8, top_k=64)
 
 
-def write_smoke_test_weights(folder: Path, seed: int = 0) -> tuple[Path, Path, Path]:
-    """Random weights in the official layout: (checkpoint.pth, mirror_phase1.pth, backbone dir)."""
-    torch.manual_seed(seed)
-    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
-    model = MirrorModel(cfg)
-    gen = torch.Generator().manual_seed(seed)
+def random_mirror(cfg: MirrorConfig, seed: int = 0, lora_scale: float = 0.05) -> tuple[MirrorModel, MirrorWeights]:
+    """A randomly initialised MIRROR (non-zero LoRA) and its weights, reproducibly."""
     from mirror_core.backbone import lora_shapes
 
-    lora = {k: torch.randn(*shape, generator=gen) * 0.05 for k, shape in lora_shapes(model.backbone, cfg.lora).items()}
+    torch.manual_seed(seed)
+    model = MirrorModel(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    lora = {k: torch.randn(*shape, generator=gen) * lora_scale for k, shape in lora_shapes(model.backbone, cfg.lora).items()}
     state = model.state_dict()
     weights = MirrorWeights(
         backbone={k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")},
         lora=lora,
         mirror={k: v for k, v in state.items() if not k.startswith("backbone.")},
     )
+    return model, weights
+
+
+def write_smoke_test_weights(folder: Path, seed: int = 0) -> tuple[Path, Path, Path]:
+    """Random weights in the official layout: (checkpoint.pth, mirror_phase1.pth, backbone dir)."""
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
+    model, weights = random_mirror(cfg, seed)
     official = export_official_state(cfg, weights)
     folder.mkdir(parents=True, exist_ok=True)
     model.backbone.save_pretrained(folder / "backbone")

@@ -1,0 +1,224 @@
+"""Performance harness (not a test): prints one JSON object and appends a dated row to
+BENCHMARKS.md.
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--no-record]
+
+Figures: model_speedup_vs_reference, model_over_backbone, pipeline_efficiency,
+decode_img_per_s_per_core (exact / fast, 3 sizes), fast_decode_speedup_1080p,
+fast_mode_max_abs_dprob (parity fixture), peak_actor_rss_mb.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig, PreprocessConfig  # noqa: E402
+from mirror_core.detector import Detector  # noqa: E402
+from mirror_core.model import assemble_model  # noqa: E402
+from mirror_core.preprocess import official_preprocess  # noqa: E402
+
+VIT_S = {"model_type": "dinov3_vit", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+         "intermediate_size": 1536, "patch_size": 16, "num_register_tokens": 4, "image_size": 224}
+VIT_L = {**VIT_S, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
+DECODE_SIZES = {"500x375": (500, 375), "1024x768": (1024, 768), "1920x1080": (1920, 1080)}
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds per call after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def model_figures(backbone: dict, batch: int, reps: int, device: str) -> dict:
+    from benchmarks.reference import OfficialStyleMirror
+    from pipeline.demo import random_mirror
+
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    base, weights = random_mirror(cfg, seed=0, lora_scale=0.02)
+    ours = assemble_model(cfg, weights).to(device)
+    reference = OfficialStyleMirror(base, weights.lora).to(device)
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)).to(device)
+    with torch.inference_mode():
+        ours_logits = ours(pixels).logits
+        ref_logits = reference(pixels)
+        max_diff = float((ours_logits - ref_logits).abs().max())
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        t_ours = timed(lambda: (ours(pixels), sync()), reps)
+        t_ref = timed(lambda: (reference(pixels), sync()), reps)
+        x = ours.normalize(pixels.permute(0, 3, 1, 2).float() / 255)
+        t_backbone = timed(lambda: (ours.backbone(pixel_values=x), sync()), reps)
+    return {"model_speedup_vs_reference": t_ref / t_ours, "model_over_backbone": t_ours / t_backbone,
+            "model_ms_per_image": 1000 * t_ours / batch, "reference_ms_per_image": 1000 * t_ref / batch,
+            "backbone_ms_per_image": 1000 * t_backbone / batch, "reference_max_abs_logit_diff": max_diff}
+
+
+def jpeg(size, seed=0, quality=90) -> bytes:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    small = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_figures(n: int) -> dict:
+    out = {}
+    for label, size in DECODE_SIZES.items():
+        files = [jpeg(size, seed=i) for i in range(n)]
+        for mode, cfg in (("exact", PreprocessConfig()), ("fast", PreprocessConfig(fast_decode=True))):
+            t = timed(lambda: [official_preprocess(f, cfg, name="x.jpg") for f in files], 2)
+            out[f"{label}_{mode}"] = n / t  # one process, single-threaded decode: images/s per core
+    return {"decode_img_per_s_per_core": out,
+            "fast_decode_speedup_1080p": out["1920x1080_fast"] / out["1920x1080_exact"]}
+
+
+def fast_mode_dprob() -> float | None:
+    fixture = Path(os.environ.get("MIRROR_PARITY_FIXTURE", REPO.parent / "shared/fixtures/official_parity"))
+    if not (fixture / "checkpoint.pth").exists():
+        return None
+    from mirror_core.official import import_official
+
+    report = import_official(fixture / "checkpoint.pth", fixture / "backbone", fixture / "mirror_phase1.pth")
+    paths = sorted((fixture / "data").rglob("*.*"))
+    from mirror_core.bundle import Bundle
+
+    bundle = Bundle(report.config, report.weights, "parity")
+    exact = Detector.from_bundle(bundle).score(paths)
+    fast = Detector.from_bundle(bundle)
+    fast.config.preprocess.fast_decode = True
+    fast_rows = fast.score(paths)
+    return max(abs(a["prob_fake"] - b["prob_fake"]) for a, b in zip(exact, fast_rows))
+
+
+def pipeline_figures(backbone: dict, n_images: int, batch: int) -> dict:
+    """End-to-end `mirror scan` images/s over a pure model loop on the same pre-decoded crops."""
+    from mirror_core.bundle import load_bundle, save_bundle
+    from pipeline.config import ScanConfig
+    from pipeline.demo import random_mirror
+    from pipeline.scan import ensure_ray, run_scan
+
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    _, weights = random_mirror(cfg, seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_bundle(str(tmp / "bundle"), cfg, weights)
+        (tmp / "images").mkdir()
+        for i in range(n_images):
+            (tmp / "images" / f"{i:04d}.jpg").write_bytes(jpeg((500, 375), seed=i))
+        bundle = load_bundle(str(tmp / "bundle"))
+        det = Detector.from_bundle(bundle)
+        crops = np.stack([det.preprocess(p.read_bytes(), name=p.name).pixels for p in sorted((tmp / "images").iterdir())])
+        t = time.perf_counter()
+        for s in range(0, n_images, batch):
+            det.score_pixels(crops[s : s + batch])
+        pure = n_images / (time.perf_counter() - t)
+        ensure_ray()
+        scan_cfg = ScanConfig(batch_size=batch, unit_size=max(8, n_images // 8), actors=1, cpus_per_actor=1)
+        summary = run_scan(bundle, str(tmp / "images"), str(tmp / "out"), scan_cfg)
+        e2e = summary["this_run"]["images_per_s"]
+    return {"pipeline_efficiency": e2e / pure, "pipeline_img_per_s": e2e, "pure_model_img_per_s": pure,
+            "pipeline_images": n_images}
+
+
+def actor_peak_rss_mb(backbone: dict) -> float:
+    """Peak RSS (MB) of a fresh process that receives the weights as arrays (as an actor
+    does from the object store), builds one scoring replica and scores a batch of 16."""
+    import subprocess
+
+    from pipeline.demo import random_mirror
+    from pipeline.scorer import weights_to_numpy
+
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    _, weights = random_mirror(cfg, seed=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        arrays = {f"{g}/{k}": v for g, t in weights_to_numpy(weights).items() for k, v in t.items()}
+        np.savez(Path(tmp) / "w.npz", **arrays)
+        (Path(tmp) / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+        code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.run import replica_memory_probe; " \
+               f"replica_memory_probe({tmp!r})"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def replica_memory_probe(folder: str) -> None:
+    from pipeline.scorer import Scorer
+
+    loaded = np.load(Path(folder) / "w.npz")
+    arrays: dict = {}
+    for key in loaded.files:
+        group, name = key.split("/", 1)
+        arrays.setdefault(group, {})[name] = loaded[key]
+    config = json.loads((Path(folder) / "cfg.json").read_text())
+    scorer = Scorer(arrays, config, "probe")
+    scorer.detector.score_pixels(np.zeros((16, 224, 224, 3), np.uint8))
+    print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
+
+
+def record(result: dict, path: Path) -> None:
+    header = ("| date | machine | device | quick | speedup vs ref | model/backbone | pipeline eff. | "
+              "decode 1080p exact/fast img/s/core | fast speedup 1080p | fast max dprob | actor RSS MB |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nRows appended by `python benchmarks/run.py`; see the notes below the table.\n\n" + header)
+    d = result["decode_img_per_s_per_core"]
+    row = (f"| {result['date']} | {result['machine']} | {result['device']} | {result['quick']} | "
+           f"{result['model_speedup_vs_reference']:.2f} | {result['model_over_backbone']:.2f} | "
+           f"{result['pipeline_efficiency']:.2f} | {d['1920x1080_exact']:.1f} / {d['1920x1080_fast']:.1f} | "
+           f"{result['fast_decode_speedup_1080p']:.2f} | {result['fast_mode_max_abs_dprob']} | "
+           f"{result['peak_actor_rss_mb']:.0f} |\n")
+    text = path.read_text()
+    marker = header.splitlines()[1] + "\n"
+    at = text.index(marker) + len(marker)
+    end = text.find("\n\n", at)
+    end = len(text) if end == -1 else end + 1
+    path.write_text(text[:end] + row + text[end:])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and images (< 2 minutes on 2 cores)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    args = p.parse_args(argv)
+    backbone = VIT_S if args.device == "cpu" else VIT_L
+    reps = 2 if args.quick else 5
+    result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"),
+              "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "quick": args.quick,
+              "config": "ViT-S DINOv3 (384/12/6), memory 4096/8/128, batch 16, fp32" if args.device == "cpu"
+              else "ViT-L DINOv3 (1024/24/16), memory 4096/8/128"}
+    result.update(model_figures(backbone, 16 if args.device == "cpu" else 256, reps, args.device))
+    result.update(decode_figures(8 if args.quick else 24))
+    result["fast_mode_max_abs_dprob"] = fast_mode_dprob()
+    result.update(pipeline_figures(backbone, 48 if args.quick else 256, 16))
+    result["peak_actor_rss_mb"] = actor_peak_rss_mb(backbone)
+    print(json.dumps(result, indent=2))
+    if not args.no_record:
+        record(result, REPO / "BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
