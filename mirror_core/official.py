@@ -23,7 +23,7 @@ from .backbone import (
     resolve_key,
     transformers4_key,
 )
-from .config import BackboneConfig, LoraSettings, MemoryConfig, MirrorConfig, PreprocessConfig
+from .config import LoraSettings, MemoryConfig, MirrorConfig, PreprocessConfig
 from .head import DualBranchHead
 from .memory import MemoryBank
 from .model import Normalize

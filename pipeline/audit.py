@@ -75,7 +75,7 @@ def choose_threshold(bundle: Bundle, cfg: AuditConfig, scan_cfg: ScanConfig, out
         return cfg.threshold, "explicit --threshold"
     if cfg.calibration is None:
         return bundle.config.threshold, "model default"
-    summary = run_scan(bundle, cfg.calibration, out.uri_of("calibration"), scan_cfg)
+    run_scan(bundle, cfg.calibration, out.uri_of("calibration"), scan_cfg)
     rows = Output(out.uri_of("calibration")).read_scores(columns=["label", "prob_fake", "error"])
     rows = rows.filter(pc.and_(pc.is_null(rows["error"]), pc.invert(pc.fill_null(pc.equal(rows["label"], 1), False))))
     scores = rows["prob_fake"].to_numpy()

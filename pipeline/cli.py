@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from mirror_core.config import ALIGNMENT_MODES

@@ -16,20 +16,16 @@ import pyarrow as pa
 from mirror_core.config import PreprocessConfig
 from mirror_core.preprocess import official_preprocess
 
-from .schema import DECODE_SECONDS, INDEX, PIXELS, UNIT
+from .schema import DECODE_SECONDS, IMAGE_FIELDS, INDEX, PIXELS, UNIT
 from .sources import DEFAULT_MAX_FILE_BYTES, ColumnMap, Unit, fetch_all, read_shard_unit
 
-DECODED_SCHEMA = pa.schema([
-    pa.field(UNIT, pa.string()),
-    pa.field(INDEX, pa.int64()),
-    pa.field("sha256", pa.string()),
-    pa.field("width", pa.int64()),
-    pa.field("height", pa.int64()),
-    pa.field("format", pa.string()),
-    pa.field("aligned", pa.bool_()),
-    pa.field("error", pa.string()),
-    pa.field(DECODE_SECONDS, pa.float64()),
-])
+# What the decode stage emits per record (besides the pixels); the image fields are the
+# output schema's own.
+DECODED_SCHEMA = pa.schema(
+    [pa.field(UNIT, pa.string()), pa.field(INDEX, pa.int64()), pa.field("sha256", pa.string())]
+    + IMAGE_FIELDS
+    + [pa.field(DECODE_SECONDS, pa.float64())]
+)
 
 
 def tensor_column(pixels: np.ndarray) -> pa.Array:

@@ -22,7 +22,7 @@ from mirror_core.metrics import binary_metrics
 
 from .config import ScanConfig
 from .decode import decode_units
-from .schema import DECODE_SECONDS, INDEX, INTERNAL, OUTPUT_COLUMNS, SCORE_SECONDS, UNIT, conform
+from .schema import DECODE_SECONDS, INDEX, OUTPUT_COLUMNS, SCORE_SECONDS, UNIT, conform
 from .scorer import Scorer, weights_to_numpy
 from .sinks import Output
 from .sources import Plan, Unit, plan_source, read_shard_unit

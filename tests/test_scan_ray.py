@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, write_image
+from conftest import write_image
 from pipeline.config import ScanConfig
 from pipeline.scan import run_scan
 

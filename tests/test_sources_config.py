@@ -1,7 +1,6 @@
 """Pipeline pieces that need no cluster: sources, config validation, decode, scorer."""
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
