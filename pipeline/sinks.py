@@ -112,8 +112,11 @@ class Output:
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
     def read_scores(self, columns=None) -> pa.Table:
-        tables = [self.read_parquet(self.part_name(u), columns) for u in sorted(self.done_units())]
-        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        """Every committed row (all parts read concurrently by pyarrow's dataset reader)."""
+        paths = [self.path(self.part_name(u)) for u in sorted(self.done_units())]
+        if not paths:
+            return pa.table({})
+        return pq.read_table(paths, filesystem=self.fs, columns=columns)
 
     # --- scan identity and plan --------------------------------------------
     def claim(self, identity: dict) -> None:
