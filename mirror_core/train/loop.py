@@ -1,0 +1,85 @@
+"""Single-process training steps for both phases (Ray Train wraps these per worker)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..backbone import export_lora
+from ..model import MirrorModel
+from ..weights import MirrorWeights
+from .losses import phase1_loss, phase2_loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    grad_accum: int = 1
+
+
+def cosine_with_warmup(opt: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def freeze_for_phase(model: MirrorModel, phase: int) -> list[torch.nn.Parameter]:
+    """Phase 1: only the memory bank trains. Phase 2: LoRA adapters + head (memory frozen)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if phase == 1:
+        trainable = list(model.memory_bank.parameters())
+    else:
+        trainable = [p for n, p in model.backbone.named_parameters() if "lora_" in n]
+        trainable += list(model.detector.parameters())
+        if not any("lora_" in n for n, _ in model.backbone.named_parameters()):
+            raise ValueError("phase 2 needs a backbone with LoRA adapters (assemble_model(..., merge_lora=False))")
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+class PhaseTrainer:
+    """AdamW + warm-up/cosine + gradient accumulation over one model, one phase."""
+
+    def __init__(self, model: MirrorModel, phase: int, optim: OptimConfig, label_smoothing: float = 0.0,
+                 ortho_weight: float = 0.01):
+        self.model, self.phase, self.optim_cfg = model, phase, optim
+        self.label_smoothing, self.ortho_weight = label_smoothing, ortho_weight
+        params = freeze_for_phase(model, phase)
+        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.scheduler = cosine_with_warmup(self.optimizer, optim)
+        self.micro = 0
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.phase == 1:
+            return phase1_loss(self.model, images, self.ortho_weight)
+        return phase2_loss(self.model, images, labels, self.label_smoothing)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        self.model.train()
+        self.model.backbone.eval()  # frozen backbone: no dropout / drop-path noise
+        out = self.loss(images, labels)
+        (out["loss"] / self.optim_cfg.grad_accum).backward()
+        self.micro += 1
+        if self.micro % self.optim_cfg.grad_accum == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        return {k: float(v.detach().mean()) for k, v in out.items() if v.dim() == 0}
+
+
+def trained_weights(model: MirrorModel, base: MirrorWeights) -> MirrorWeights:
+    """Bundle weights after training: base backbone unchanged, LoRA and the rest from the model."""
+    state = model.state_dict()
+    lora = export_lora(model.backbone) if any("lora_" in k for k in state) else dict(base.lora)
+    mirror = {k: v.detach().clone() for k, v in state.items() if not k.startswith("backbone.")}
+    return MirrorWeights(backbone=dict(base.backbone), lora=lora, mirror=mirror)
