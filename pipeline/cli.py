@@ -121,6 +121,57 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from mirror_core.config import MemoryConfig
+
+    from .train import TrainConfig, run_training
+
+    phase = 1 if args.command == "train-memory" else 2
+    tc = TrainConfig(phase=phase, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
+                     label_smoothing=args.label_smoothing, ortho_weight=args.ortho_weight,
+                     val_fraction=args.val_fraction, num_workers=args.workers, use_gpu=args.gpu, seed=args.seed,
+                     name=args.name, max_failures=args.max_failures)
+    memory = MemoryConfig(args.memory_slots, args.memory_heads, args.top_k) if phase == 1 else None
+    card = run_training(args.base, args.input, args.output, args.storage, tc, args.address, memory)
+    final = card["final"]
+    print(f"phase {phase}: {card['train_images']} training / {card['val_images']} held-out images, "
+          f"{len(card['history'])} epochs" + (f" (resumed after epoch {card['resumed_from_epoch']})"
+                                              if card["resumed_from_epoch"] is not None else ""))
+    print("final: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+    print(f"bundle: {args.output} (model_id {card['model_id']}), model card: {args.output}/model_card.json")
+    return 0
+
+
+def add_train_parser(sub, name: str, help_text: str, phase: int) -> None:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--base", required=True, help="bundle" + (" or DINOv3/DINOv2 directory" if phase == 1 else
+                                                                " (the Phase 1 result)"))
+    p.add_argument("--input", required=True, help=("real images" if phase == 1 else "labeled images (0_real/1_fake)")
+                   + ": folder, manifest or Parquet shards; local or s3://")
+    p.add_argument("--output", required=True, help="bundle to write")
+    p.add_argument("--storage", required=True, help="Ray Train storage for checkpoints; rerun to resume")
+    p.add_argument("--name", default=f"mirror-phase{phase}", help="run name under --storage")
+    p.add_argument("--epochs", type=int, default=100 if phase == 1 else 10)
+    p.add_argument("--batch-size", type=int, default=128 if phase == 1 else 32, help="per worker")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=0 if phase == 1 else 100)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--ortho-weight", type=float, default=0.01, help="phase 1: orthogonality penalty weight")
+    p.add_argument("--memory-slots", type=int, default=4096, help="phase 1 from a backbone directory")
+    p.add_argument("--memory-heads", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=128)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train recovers from")
+    p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else local)")
+    p.set_defaults(func=cmd_train)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .scan import summary_line
@@ -196,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-n", type=int, default=16, help="flagged images to explain with heatmaps")
     add_scan_flags(p)
     p.set_defaults(func=cmd_audit)
+
+    add_train_parser(sub, "train-memory", "Phase 1: train the memory bank on real images (Ray Train)", 1)
+    add_train_parser(sub, "train-detector", "Phase 2: train LoRA + head on labeled images (Ray Train)", 2)
 
     p = sub.add_parser("demo", help="offline end-to-end run on smoke-test weights and generated images")
     p.add_argument("--workdir", default="mirror-demo", help="where to write weights, images and results")

@@ -51,10 +51,13 @@ class PhaseTrainer:
     """AdamW + warm-up/cosine + gradient accumulation over one model, one phase."""
 
     def __init__(self, model: MirrorModel, phase: int, optim: OptimConfig, label_smoothing: float = 0.0,
-                 ortho_weight: float = 0.01):
+                 ortho_weight: float = 0.01, sync_grads=None, amp_dtype: torch.dtype | None = None):
         self.model, self.phase, self.optim_cfg = model, phase, optim
         self.label_smoothing, self.ortho_weight = label_smoothing, ortho_weight
+        self.sync_grads = sync_grads  # data parallel: average gradients across workers
+        self.amp_dtype = amp_dtype  # mixed precision on GPU (bf16 / fp16 autocast)
         params = freeze_for_phase(model, phase)
+        self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
         self.scheduler = cosine_with_warmup(self.optimizer, optim)
         self.micro = 0
@@ -67,10 +70,14 @@ class PhaseTrainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         self.model.train()
         self.model.backbone.eval()  # frozen backbone: no dropout / drop-path noise
-        out = self.loss(images, labels)
+        device = images.device.type
+        with torch.autocast(device, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and device == "cuda"):
+            out = self.loss(images, labels)
         (out["loss"] / self.optim_cfg.grad_accum).backward()
         self.micro += 1
         if self.micro % self.optim_cfg.grad_accum == 0:
+            if self.sync_grads is not None:
+                self.sync_grads(self.params)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -83,3 +90,11 @@ def trained_weights(model: MirrorModel, base: MirrorWeights) -> MirrorWeights:
     lora = export_lora(model.backbone) if any("lora_" in k for k in state) else dict(base.lora)
     mirror = {k: v.detach().clone() for k, v in state.items() if not k.startswith("backbone.")}
     return MirrorWeights(backbone=dict(base.backbone), lora=lora, mirror=mirror)
+
+
+def trainable_state(model: MirrorModel, phase: int) -> dict[str, torch.Tensor]:
+    """What a phase changes (what its checkpoints hold): the memory bank, or LoRA + head."""
+    state = model.state_dict()
+    if phase == 1:
+        return {k: v.detach().cpu().clone() for k, v in state.items() if k.startswith("memory_bank.")}
+    return {k: v.detach().cpu().clone() for k, v in state.items() if "lora_" in k or k.startswith("detector.")}

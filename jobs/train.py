@@ -1,0 +1,16 @@
+"""Entry point for `ray job submit --working-dir . -- python jobs/train.py memory|detector ARGS`.
+
+`memory` takes the arguments of `mirror train-memory`, `detector` those of
+`mirror train-detector`.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
+
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in ("memory", "detector"):
+        sys.exit("usage: python jobs/train.py memory|detector ARGS")
+    sys.exit(main([f"train-{sys.argv[1]}", *sys.argv[2:]]))

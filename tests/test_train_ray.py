@@ -1,0 +1,86 @@
+"""Training on Ray Train (CPU, tiny models): Phase 1 and Phase 2, bundles that scan, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mirror_core.bundle import save_bundle
+from pipeline.cli import main
+from pipeline.config import ScanConfig
+from pipeline.scan import run_scan
+from test_train import smooth_image, tiny
+
+pytestmark = pytest.mark.slow
+
+
+def labeled_folder(root, n, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = i % 2
+        folder = root / ("1_fake" if label else "0_real")
+        folder.mkdir(parents=True, exist_ok=True)
+        smooth_image(rng, bool(label)).save(folder / f"{seed}_{i:03d}.png")
+    return root
+
+
+def detector_args(base, data, out, storage, epochs=4):
+    return ["train-detector", "--base", str(base), "--input", str(data), "--output", str(out), "--storage",
+            str(storage), "--epochs", str(epochs), "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "5",
+            "--val-fraction", "0.25"]
+
+
+def test_phase2_on_a_planted_trace_gives_a_bundle_that_scans(ray_local, tmp_path):
+    cfg, weights = tiny(seed=1)
+    save_bundle(str(tmp_path / "base"), cfg, weights)
+    labeled_folder(tmp_path / "train", 80, seed=0)
+    assert main(detector_args(tmp_path / "base", tmp_path / "train", tmp_path / "out", tmp_path / "store")) == 0
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["final"]["val_bal_acc"] >= 0.9 and len(card["history"]) == 4
+    assert card["recipe"]["phase"] == 2 and card["train_images"] + card["val_images"] == 80
+    labeled_folder(tmp_path / "heldout", 32, seed=7)  # images never seen in training
+    summary = run_scan(str(tmp_path / "out"), str(tmp_path / "heldout"), str(tmp_path / "scan"), ScanConfig())
+    assert summary["metrics"]["ALL"]["Bal_Acc"] >= 0.9, summary["metrics"]
+
+
+def test_phase1_from_a_backbone_directory_lowers_reconstruction(ray_local, tmp_path):
+    from official_format import tiny_backbone
+
+    tiny_backbone("dinov3", dim=64).save_pretrained(tmp_path / "backbone")
+    labeled_folder(tmp_path / "reals", 40, seed=3)  # the 1_fake half is filtered out: phase 1 sees reals only
+    assert main(["train-memory", "--base", str(tmp_path / "backbone"), "--input", str(tmp_path / "reals"),
+                 "--output", str(tmp_path / "memory"), "--storage", str(tmp_path / "store"), "--epochs", "4",
+                 "--batch-size", "8", "--lr", "3e-3", "--memory-slots", "256", "--top-k", "32",
+                 "--val-fraction", "0.25"]) == 0
+    card = json.loads((tmp_path / "memory" / "model_card.json").read_text())
+    recon = [h["val_reconstruction"] for h in card["history"]]
+    assert all(later < earlier for earlier, later in zip(recon, recon[1:])), recon  # every epoch improves
+    assert recon[-1] < 0.99 * recon[0], recon
+    assert card["train_images"] + card["val_images"] == 20
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path):
+    cfg, weights = tiny(seed=2)
+    save_bundle(str(tmp_path / "base"), cfg, weights)
+    labeled_folder(tmp_path / "train", 48, seed=1)
+    cmd = [sys.executable, "-m", "pipeline.cli", *detector_args(tmp_path / "base", tmp_path / "train",
+                                                                 tmp_path / "out", tmp_path / "store", epochs=5)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "store").rglob("trainable.safetensors")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((tmp_path / "store").rglob("trainable.safetensors")), "no checkpoint before the kill"
+    assert not (tmp_path / "out" / "model_card.json").exists()
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["resumed_from_epoch"] is not None and card["resumed_from_epoch"] >= 0
+    assert [h["epoch"] for h in card["history"]] == [0, 1, 2, 3, 4]
+    assert "resumed after epoch" in rerun.stdout
