@@ -45,6 +45,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ortho_weight: float = 0.01
     val_fraction: float = 0.2
+    ema_decay: float | None = None  # validate and export an EMA of the weights
     num_workers: int = 1
     use_gpu: bool = False
     seed: int = 0
@@ -142,7 +143,7 @@ def train_loop(config: dict) -> None:
 
     optim = OptimConfig(tc.lr, tc.weight_decay, tc.warmup_steps, config["total_steps"], tc.grad_accum)
     trainer = PhaseTrainer(model, tc.phase, optim, tc.label_smoothing, tc.ortho_weight, sync_grads,
-                           torch.bfloat16 if device.type == "cuda" else None)
+                           torch.bfloat16 if device.type == "cuda" else None, tc.ema_decay)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -161,11 +162,13 @@ def train_loop(config: dict) -> None:
             labels = torch.from_numpy(batch["label"].astype(np.int64)).to(device) if tc.phase == 2 else None
             losses.append(trainer.step(images, labels)["loss"])
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan")}
-        metrics.update(_validate(model, tc.phase, device, world, binary_metrics))
+        with trainer.averaged():
+            metrics.update(_validate(model, tc.phase, device, binary_metrics))
+            exported = trainable_state(model, tc.phase)
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                save_file(trainable_state(model, tc.phase), os.path.join(d, "trainable.safetensors"))
+                save_file(exported, os.path.join(d, "trainable.safetensors"))
                 torch.save({"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict()},
                            os.path.join(d, "optimizer.pt"))
                 Path(d, "meta.json").write_text(json.dumps({"epoch": epoch, "history": history,
@@ -173,10 +176,11 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
-def _validate(model, phase: int, device, world: int, binary_metrics) -> dict[str, float]:
+def _validate(model, phase: int, device, binary_metrics) -> dict[str, float]:
+    """On the whole held-out set (not split across workers: every worker sees all of it,
+    so every worker reports the same numbers and no row is dropped by an even split)."""
     import ray.train
     import torch
-    import torch.distributed as dist
 
     from mirror_core.train.losses import phase1_loss
 
@@ -190,13 +194,6 @@ def _validate(model, phase: int, device, world: int, binary_metrics) -> dict[str
             else:
                 probs += model(images).prob_fake.float().cpu().tolist()
                 labels += batch["label"].astype(int).tolist()
-    parts = [(labels, probs, recon)]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, (labels, probs, recon))
-    labels = [x for p in parts for x in p[0]]
-    probs = [x for p in parts for x in p[1]]
-    recon = [x for p in parts for x in p[2]]
     if phase == 1:
         return {"val_reconstruction": sum(t for t, _ in recon) / max(1, sum(n for _, n in recon))}
     m = binary_metrics(labels, probs, (np.array(probs) > 0.5).astype(int))
@@ -206,7 +203,7 @@ def _validate(model, phase: int, device, world: int, binary_metrics) -> dict[str
 def run_training(base: str, input_uri: str, output: str, storage: str, tc: TrainConfig,
                  address: str | None = None, memory: MemoryConfig | None = None) -> dict[str, Any]:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
@@ -233,6 +230,7 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
         datasets={"train": ray.data.from_arrow(train), "val": ray.data.from_arrow(val)},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:

@@ -77,3 +77,22 @@ def test_phase2_learns_a_planted_trace_and_the_bundle_scores_the_same():
     bundle = Bundle(cfg, trained_weights(model, weights), "trained")
     scored = Detector.from_bundle(bundle).score_pixels(x.numpy())["prob_fake"]
     np.testing.assert_allclose(scored, prob, atol=1e-4)  # merged LoRA scores as the trained model
+
+
+def test_ema_tracks_weights_and_is_swapped_in_only_inside_averaged():
+    cfg, weights = tiny(seed=3)
+    model = assemble_model(cfg, weights, merge_lora=False)
+    trainer = PhaseTrainer(model, phase=2, optim=OptimConfig(lr=1e-2, total_steps=5), ema_decay=0.5)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (4, 224, 224, 3), dtype=np.uint8))
+    y = torch.tensor([0, 1, 0, 1])
+    start = [p.detach().clone() for p in trainer.params]
+    for _ in range(3):
+        trainer.step(x, y)
+    live = [p.detach().clone() for p in trainer.params]
+    with trainer.averaged():
+        inside = [p.detach().clone() for p in trainer.params]
+    after = [p.detach().clone() for p in trainer.params]
+    assert all(torch.equal(a, b) for a, b in zip(live, after))  # restored
+    moved = [(i - s).norm() / ((l - s).norm() + 1e-12) for i, l, s in zip(inside, live, start) if (l - s).norm() > 0]
+    assert moved and all(0 < m < 1 for m in moved)  # the average lags behind the live weights

@@ -84,3 +84,14 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     assert card["resumed_from_epoch"] is not None and card["resumed_from_epoch"] >= 0
     assert [h["epoch"] for h in card["history"]] == [0, 1, 2, 3, 4]
     assert "resumed after epoch" in rerun.stdout
+
+
+def test_two_workers_data_parallel_with_ema(ray_local, tmp_path):
+    cfg, weights = tiny(seed=4)
+    save_bundle(str(tmp_path / "base"), cfg, weights)
+    labeled_folder(tmp_path / "train", 48, seed=5)
+    assert main([*detector_args(tmp_path / "base", tmp_path / "train", tmp_path / "out", tmp_path / "store",
+                                epochs=2), "--workers", "2", "--ema", "0.9"]) == 0
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["recipe"]["num_workers"] == 2 and card["recipe"]["ema_decay"] == 0.9
+    assert card["final"]["val_n"] == card["val_images"]  # the whole held-out set, no row dropped

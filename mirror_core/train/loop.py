@@ -1,6 +1,7 @@
 """Single-process training steps for both phases (Ray Train wraps these per worker)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -51,13 +52,16 @@ class PhaseTrainer:
     """AdamW + warm-up/cosine + gradient accumulation over one model, one phase."""
 
     def __init__(self, model: MirrorModel, phase: int, optim: OptimConfig, label_smoothing: float = 0.0,
-                 ortho_weight: float = 0.01, sync_grads=None, amp_dtype: torch.dtype | None = None):
+                 ortho_weight: float = 0.01, sync_grads=None, amp_dtype: torch.dtype | None = None,
+                 ema_decay: float | None = None):
         self.model, self.phase, self.optim_cfg = model, phase, optim
         self.label_smoothing, self.ortho_weight = label_smoothing, ortho_weight
         self.sync_grads = sync_grads  # data parallel: average gradients across workers
         self.amp_dtype = amp_dtype  # mixed precision on GPU (bf16 / fp16 autocast)
         params = freeze_for_phase(model, phase)
         self.params = params
+        self.ema_decay = ema_decay  # exponential moving average of the trained weights, if set
+        self.ema = [p.detach().clone() for p in params] if ema_decay else None
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
         self.scheduler = cosine_with_warmup(self.optimizer, optim)
         self.micro = 0
@@ -81,7 +85,29 @@ class PhaseTrainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
+            if self.ema is not None:
+                with torch.no_grad():
+                    for shadow, p in zip(self.ema, self.params):
+                        shadow.lerp_(p.detach(), 1 - self.ema_decay)
         return {k: float(v.detach().mean()) for k, v in out.items() if v.dim() == 0}
+
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Inside: the model holds the EMA weights (validation, export); restored after."""
+        if self.ema is None:
+            yield
+            return
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, shadow in zip(self.params, self.ema):
+                p.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, live):
+                    p.copy_(value)
 
 
 def trained_weights(model: MirrorModel, base: MirrorWeights) -> MirrorWeights:
