@@ -30,7 +30,7 @@ from mirror_core.config import MemoryConfig, MirrorConfig
 from mirror_core.weights import MirrorWeights
 
 from .sinks import Output
-from .sources import SourceOptions, fetch_all, plan_source, read_shard_unit
+from .sources import ColumnMap, SourceOptions, fetch_all, plan_source, read_shard_unit, standard_records
 
 
 @dataclass
@@ -73,44 +73,83 @@ def base_model(base: str, memory: MemoryConfig | None = None) -> Bundle:
     return Bundle(cfg, weights, "untrained")
 
 
-def training_records(input_uri: str, columns=None) -> pa.Table:
-    """uri, label, bytes for every record of the source (bytes fetched for folders/manifests)."""
-    plan = plan_source(input_uri, SourceOptions() if columns is None else SourceOptions(columns=columns))
-    if plan.input_format == "parquet":
-        tables = [read_shard_unit(u, SourceOptions().columns, with_bytes=True).select(["uri", "label", "bytes"])
-                  for u in plan.units]
-        return pa.concat_tables(tables)
-    uris = plan.records["uri"].to_pylist()
-    data = [d for d, _ in fetch_all(uris, 16)]
-    labels = plan.records["label"] if "label" in plan.records.column_names else pa.nulls(len(uris), pa.int64())
-    return pa.table({"uri": uris, "label": labels, "bytes": pa.array(data, pa.binary())})
-
-
-def split(records: pa.Table, val_fraction: float) -> tuple[pa.Table, pa.Table]:
+def is_held_out(uris, val_fraction: float) -> np.ndarray:
     """Deterministic held-out split by uri hash (stable across runs and resumes)."""
-    held = np.array([int(hashlib.sha256(u.encode()).hexdigest()[:8], 16) % 1000 < val_fraction * 1000
-                     for u in records["uri"].to_pylist()], dtype=bool)
-    return records.filter(pa.array(~held)), records.filter(pa.array(held))
+    return np.array([int(hashlib.sha256(str(u).encode()).hexdigest()[:8], 16) % 1000 < val_fraction * 1000
+                     for u in uris], dtype=bool)
 
 
-def _decode_augment(batch: dict, phase: int, rng: np.random.Generator) -> np.ndarray:
+def _select(batch: pa.Table, phase: int, val_fraction: float, held_out: bool) -> pa.Table:
+    """Rows of one split (phase 1: real or unlabeled images only)."""
+    keep = is_held_out(batch["uri"].to_pylist(), val_fraction) == held_out
+    if phase == 1:
+        keep &= ~np.asarray(pc.fill_null(pc.equal(batch["label"], 1), False).to_numpy(zero_copy_only=False), bool)
+    return batch.filter(pa.array(keep))
+
+
+def _fetch_bytes(batch: pa.Table) -> pa.Table:
+    data = [d for d, _ in fetch_all(batch["uri"].to_pylist(), 16)]
+    return batch.append_column("bytes", pa.array(data, pa.binary()))
+
+
+def _standardize_shard(batch: pa.Table) -> pa.Table:
+    return standard_records(batch, ColumnMap()).select(["uri", "label", "bytes"])
+
+
+def training_datasets(input_uri: str, phase: int, val_fraction: float):
+    """Streaming Ray datasets (train, val) from any scan source, plus their row counts.
+    The driver only lists records (uris, labels); image bytes are read by Ray tasks."""
+    import ray
+
+    plan = plan_source(input_uri, SourceOptions())
+    if plan.input_format == "parquet":
+        files = sorted({u.file for u in plan.units})
+        index = pa.concat_tables([read_shard_unit(u, ColumnMap(), with_bytes=False).select(["uri", "label"])
+                                  for u in plan.units])
+        source = ray.data.read_parquet(files).map_batches(_standardize_shard, batch_format="pyarrow")
+    else:
+        index = plan.records.select(["uri", "label"]) if "label" in plan.records.column_names else \
+            plan.records.select(["uri"]).append_column("label", pa.nulls(plan.records.num_rows, pa.int64()))
+        source = ray.data.from_arrow(index).map_batches(_fetch_bytes, batch_format="pyarrow")
+    if phase == 2 and index["label"].null_count:
+        raise ValueError(f"phase 2 needs a label for every image; {index['label'].null_count} have none")
+    counts = [_select(index, phase, val_fraction, held).num_rows for held in (False, True)]
+    splits = [source.map_batches(_select, batch_format="pyarrow",
+                                 fn_kwargs={"phase": phase, "val_fraction": val_fraction, "held_out": held})
+              for held in (False, True)]
+    return splits[0], splits[1], counts[0], counts[1]
+
+
+def _decode_batch(batch: dict, transform) -> tuple[np.ndarray | None, np.ndarray, int]:
+    """Decoded + transformed uint8 crops, their labels, and how many images were skipped
+    (unreadable or undecodable: training must not die on one bad file)."""
+    crops, labels, skipped = [], [], 0
+    for data, label, uri in zip(batch["bytes"], batch["label"], batch["uri"]):
+        try:
+            crops.append(transform(data, label, uri))
+            labels.append(label)
+        except Exception:
+            skipped += 1
+    return (np.stack(crops) if crops else None), np.asarray(labels), skipped
+
+
+def _augmenter(phase: int, rng: np.random.Generator):
     from PIL import Image
 
     from mirror_core.train.augment import phase1_augment, phase2_augment
 
-    out = []
-    for data, label in zip(batch["bytes"], batch["label"]):
+    def transform(data, label, uri):
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        out.append(phase1_augment(img, rng) if phase == 1 else phase2_augment(img, int(label), rng))
-    return np.stack(out)
+        return phase1_augment(img, rng) if phase == 1 else phase2_augment(img, int(label), rng)
+
+    return transform
 
 
-def _eval_crops(batch: dict) -> np.ndarray:
+def _evaluation_crop(data, label, uri):
     from mirror_core.config import PreprocessConfig
     from mirror_core.preprocess import official_preprocess
 
-    cfg = PreprocessConfig()
-    return np.stack([official_preprocess(d, cfg, name=u).pixels for d, u in zip(batch["bytes"], batch["uri"])])
+    return official_preprocess(data, PreprocessConfig(), name=uri).pixels
 
 
 def train_loop(config: dict) -> None:
@@ -156,12 +195,16 @@ def train_loop(config: dict) -> None:
             start_epoch, history = meta["epoch"] + 1, meta["history"]
     for epoch in range(start_epoch, tc.epochs):
         rng = np.random.default_rng([tc.seed, epoch, rank])
-        losses = []
+        losses, skipped, augment = [], 0, _augmenter(tc.phase, rng)
         for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
-            images = torch.from_numpy(_decode_augment(batch, tc.phase, rng)).to(device)
-            labels = torch.from_numpy(batch["label"].astype(np.int64)).to(device) if tc.phase == 2 else None
-            losses.append(trainer.step(images, labels)["loss"])
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+            crops, labels, bad = _decode_batch(batch, augment)
+            skipped += bad
+            if crops is None:
+                continue
+            targets = torch.from_numpy(labels.astype(np.int64)).to(device) if tc.phase == 2 else None
+            losses.append(trainer.step(torch.from_numpy(crops).to(device), targets)["loss"])
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "skipped_images": skipped}
         with trainer.averaged():
             metrics.update(_validate(model, tc.phase, device, binary_metrics))
             exported = trainable_state(model, tc.phase)
@@ -188,12 +231,15 @@ def _validate(model, phase: int, device, binary_metrics) -> dict[str, float]:
     labels, probs, recon = [], [], []
     with torch.no_grad():
         for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=64, batch_format="numpy"):
-            images = torch.from_numpy(_eval_crops(batch)).to(device)
+            crops, batch_labels, _ = _decode_batch(batch, _evaluation_crop)
+            if crops is None:
+                continue
+            images = torch.from_numpy(crops).to(device)
             if phase == 1:
                 recon.append((float(phase1_loss(model, images)["reconstruction"]) * len(images), len(images)))
             else:
                 probs += model(images).prob_fake.float().cpu().tolist()
-                labels += batch["label"].astype(int).tolist()
+                labels += batch_labels.astype(int).tolist()
     if phase == 1:
         return {"val_reconstruction": sum(t for t, _ in recon) / max(1, sum(n for _, n in recon))}
     m = binary_metrics(labels, probs, (np.array(probs) > 0.5).astype(int))
@@ -211,16 +257,11 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     from .scorer import weights_to_numpy
 
     bundle = base_model(base, memory)
-    records = training_records(input_uri)
-    if tc.phase == 1:  # real images only: label 0, or unlabeled
-        records = records.filter(pc.invert(pc.fill_null(pc.equal(records["label"], 1), False)))
-    elif records["label"].null_count:
-        raise ValueError(f"phase 2 needs a label for every image; {records['label'].null_count} have none")
-    train, val = split(records, tc.val_fraction)
-    if train.num_rows == 0 or val.num_rows == 0:
-        raise ValueError(f"not enough images: {train.num_rows} to train on, {val.num_rows} held out")
     ensure_ray(address)
-    steps = tc.epochs * math.ceil(train.num_rows / (tc.batch_size * tc.num_workers * tc.grad_accum))
+    train_ds, val_ds, n_train, n_val = training_datasets(input_uri, tc.phase, tc.val_fraction)
+    if n_train == 0 or n_val == 0:
+        raise ValueError(f"not enough images: {n_train} to train on, {n_val} held out")
+    steps = tc.epochs * math.ceil(n_train / (tc.batch_size * tc.num_workers * tc.grad_accum))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": dataclasses.asdict(tc), "model_config": bundle.config.to_dict(),
@@ -229,7 +270,7 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
         run_config=RunConfig(name=tc.name, storage_path=os.path.abspath(storage) if "://" not in storage else storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
-        datasets={"train": ray.data.from_arrow(train), "val": ray.data.from_arrow(val)},
+        datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
@@ -247,7 +288,7 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
             mirror[key] = tensor
     new = MirrorWeights(backbone=weights.backbone, lora=lora, mirror=mirror)
     card = {"phase": tc.phase, "base": base, "base_model_id": bundle.model_id, "data": input_uri,
-            "train_images": train.num_rows, "val_images": val.num_rows, "recipe": dataclasses.asdict(tc),
+            "train_images": n_train, "val_images": n_val, "recipe": dataclasses.asdict(tc),
             "history": meta["history"], "final": meta["history"][-1], "resumed_from_epoch": meta["resumed_from_epoch"]}
     model_id = save_bundle(output, bundle.config, new, {"trained": card})
     card["model_id"] = model_id

@@ -13,6 +13,7 @@ from mirror_core.bundle import save_bundle
 from pipeline.cli import main
 from pipeline.config import ScanConfig
 from pipeline.scan import run_scan
+from pipeline.train import is_held_out
 from test_train import smooth_image, tiny
 
 pytestmark = pytest.mark.slow
@@ -38,10 +39,14 @@ def test_phase2_on_a_planted_trace_gives_a_bundle_that_scans(ray_local, tmp_path
     cfg, weights = tiny(seed=1)
     save_bundle(str(tmp_path / "base"), cfg, weights)
     labeled_folder(tmp_path / "train", 80, seed=0)
+    broken = tmp_path / "train" / "1_fake" / "broken.png"
+    broken.write_bytes(b"")  # one bad file must not stop training
     assert main(detector_args(tmp_path / "base", tmp_path / "train", tmp_path / "out", tmp_path / "store")) == 0
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
     assert card["final"]["val_bal_acc"] >= 0.9 and len(card["history"]) == 4
-    assert card["recipe"]["phase"] == 2 and card["train_images"] + card["val_images"] == 80
+    assert card["recipe"]["phase"] == 2 and card["train_images"] + card["val_images"] == 81
+    if not is_held_out([str(broken)], 0.25)[0]:
+        assert all(h["skipped_images"] == 1 for h in card["history"])
     labeled_folder(tmp_path / "heldout", 32, seed=7)  # images never seen in training
     summary = run_scan(str(tmp_path / "out"), str(tmp_path / "heldout"), str(tmp_path / "scan"), ScanConfig())
     assert summary["metrics"]["ALL"]["Bal_Acc"] >= 0.9, summary["metrics"]
