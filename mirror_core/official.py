@@ -154,9 +154,10 @@ def expected_shapes(cfg: MirrorConfig) -> tuple[dict, dict, dict]:
     return backbone_shapes, {k: torch.Size(v) for k, v in lora_shapes(backbone, cfg.lora).items()}, mirror
 
 
-def check_strict(weights: MirrorWeights, cfg: MirrorConfig, unexpected: list[str]) -> None:
+def check_strict(weights: MirrorWeights, expected: tuple[dict, dict, dict], unexpected: list[str]) -> None:
+    """`expected`: the (backbone, lora, mirror) shapes from `expected_shapes`."""
     missing, mismatched = [], []
-    for group, shapes in zip(("backbone", "lora", "mirror"), expected_shapes(cfg)):
+    for group, shapes in zip(("backbone", "lora", "mirror"), expected):
         got = getattr(weights, group)
         unexpected += [f"{group}:{k}" for k in sorted(set(got) - set(shapes))]
         for key, shape in shapes.items():
@@ -217,14 +218,14 @@ def import_official(
         ),
         preprocess=PreprocessConfig(alignment=alignment),
     )
-    backbone_shapes, lora_known, _ = expected_shapes(cfg)
-    weights, unexpected = map_official_state(merged_state, backbone_shapes, lora_known)
+    expected = expected_shapes(cfg)
+    weights, unexpected = map_official_state(merged_state, expected[0], expected[1])
     if not weights.backbone:
         # Checkpoints that saved only trainable tensors: the official model keeps the
         # directory's weights for the backbone, and so do we, loudly.
         weights.backbone = read_backbone_weights(backbone_dir)
         notes.append(f"backbone base weights: none in the checkpoint, taken from {backbone_dir}")
-    check_strict(weights, cfg, unexpected)
+    check_strict(weights, expected, unexpected)
     return ImportReport(config=cfg, weights=weights, notes=notes)
 
 

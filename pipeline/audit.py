@@ -133,8 +133,10 @@ def write_filtered(out: Output, scan: Output, rows: pa.Table, keep: np.ndarray, 
     keep_by_pos = {(u, i): k for u, i, k in zip(rows["_unit"].to_pylist(), rows["_index"].to_pylist(), keep)}
     written = 0
     if plan.input_format == "parquet":
-        for file in dict.fromkeys(u.file for u in plan.units):
-            units = [u for u in plan.units if u.file == file]
+        by_file: dict[str, list] = {}
+        for u in plan.units:
+            by_file.setdefault(u.file, []).append(u)
+        for file, units in by_file.items():
             with fsspec.open(file, "rb") as f:
                 table = pq.read_table(f)
             flags = [keep_by_pos[(u.unit_id, i)] for u in units for i in range(u.rows)]
@@ -154,8 +156,7 @@ def _write_part(out: Output, rel: str, table: pa.Table, flags, mode: str, thresh
     return table.num_rows
 
 
-def record_bytes(scan: Output, unit_id: str, index: int, columns) -> tuple[bytes | None, str | None]:
-    plan = scan.load_plan()
+def record_bytes(plan, unit_id: str, index: int, columns) -> tuple[bytes | None, str | None]:
     unit = next(u for u in plan.units if u.unit_id == unit_id)
     if unit.kind == "shard":
         t = read_shard_unit(unit, columns, with_bytes=True)
@@ -170,9 +171,10 @@ def explain_top(out: Output, scan: Output, bundle: Bundle, flagged: pa.Table, to
                 method: str, columns, alignment: str | None) -> pa.Table:
     detector = Detector.from_bundle(bundle, alignment=alignment)
     top = flagged.sort_by([("prob_fake", "descending")]).slice(0, top_n)
+    plan = scan.load_plan()
     rows = []
     for rank, r in enumerate(top.to_pylist(), start=1):
-        data, name = record_bytes(scan, r["_unit"], r["_index"], columns)
+        data, name = record_bytes(plan, r["_unit"], r["_index"], columns)
         pre = detector.preprocess(data, name=name)
         grid = detector.score_pixels(pre.pixels[None], token_residuals=True)["token_residual"][0]
         stem = f"heatmaps/{rank:03d}_{(r['id'] or 'noid')[:12]}"
