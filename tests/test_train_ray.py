@@ -76,12 +76,15 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
                                                                  tmp_path / "out", tmp_path / "store", epochs=5)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # A checkpoint counts once Ray Train has registered it (its manager snapshot names it);
+    # the files alone can be uploaded a moment earlier.
+    snapshot = tmp_path / "store" / "mirror-phase2" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
-    while time.time() < deadline and not list((tmp_path / "store").rglob("trainable.safetensors")):
+    while time.time() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list((tmp_path / "store").rglob("trainable.safetensors")), "no checkpoint before the kill"
+    assert snapshot.exists(), "no registered checkpoint before the kill"
     assert not (tmp_path / "out" / "model_card.json").exists()
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
