@@ -176,24 +176,68 @@ def replica_memory_probe(folder: str) -> None:
     print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
 
 
+CPU_TABLE = ("| date | machine | device | quick | speedup vs ref | model/backbone | pipeline eff. | "
+             "decode 1080p exact/fast img/s/core | fast speedup 1080p | fast max dprob | actor RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|")
+GPU_TABLE = ("| date | machine | device | model img/s (bf16, batch) | compiled img/s | MFU (datasheet / measured) | "
+             "model/backbone | speedup vs ref | pipeline img/s | pipeline eff. (wall / steady) | bf16 max dprob |",
+             "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table_row(r: dict) -> str:
+    if r["device"] == "cpu":
+        d = r.get("decode_img_per_s_per_core", {})
+        cells = [r["date"], r["machine"], r["device"], str(r["quick"]), fmt(r.get("model_speedup_vs_reference")),
+                 fmt(r.get("model_over_backbone")), fmt(r.get("pipeline_efficiency")),
+                 f"{fmt(d.get('1920x1080_exact'), '.1f')} / {fmt(d.get('1920x1080_fast'), '.1f')}",
+                 fmt(r.get("fast_decode_speedup_1080p")), fmt(r.get("fast_mode_max_abs_dprob"), ".1e"),
+                 fmt(r.get("peak_actor_rss_mb"), ".0f")]
+    else:
+        cells = [r["date"], r["machine"], r["device"],
+                 f"{fmt(r.get('model_img_s_bf16'), '.0f')} ({r.get('best_batch', '-')})",
+                 fmt(r.get("compiled_img_s_bf16"), ".0f"),
+                 f"{fmt(r.get('mfu_vs_datasheet'))} / {fmt(r.get('mfu_vs_measured_matmul'))}",
+                 fmt(r.get("model_over_backbone")), fmt(r.get("model_speedup_vs_reference")),
+                 fmt(r.get("gpu_pipeline_img_s"), ".0f"),
+                 f"{fmt(r.get('gpu_pipeline_efficiency'))} / {fmt(r.get('gpu_pipeline_steady_efficiency'))}",
+                 fmt(r.get("bf16_autocast_max_abs_dprob"), ".1e")]
+    return "| " + " | ".join(cells) + " |\n"
+
+
 def record(result: dict, path: Path) -> None:
-    header = ("| date | machine | device | quick | speedup vs ref | model/backbone | pipeline eff. | "
-              "decode 1080p exact/fast img/s/core | fast speedup 1080p | fast max dprob | actor RSS MB |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|\n")
-    if not path.exists():
-        path.write_text("# Benchmarks\n\nRows appended by `python benchmarks/run.py`; see the notes below the table.\n\n" + header)
-    d = result["decode_img_per_s_per_core"]
-    row = (f"| {result['date']} | {result['machine']} | {result['device']} | {result['quick']} | "
-           f"{result['model_speedup_vs_reference']:.2f} | {result['model_over_backbone']:.2f} | "
-           f"{result['pipeline_efficiency']:.2f} | {d['1920x1080_exact']:.1f} / {d['1920x1080_fast']:.1f} | "
-           f"{result['fast_decode_speedup_1080p']:.2f} | {result['fast_mode_max_abs_dprob']} | "
-           f"{result['peak_actor_rss_mb']:.0f} |\n")
-    text = path.read_text()
-    marker = header.splitlines()[1] + "\n"
-    at = text.index(marker) + len(marker)
-    end = text.find("\n\n", at)
-    end = len(text) if end == -1 else end + 1
-    path.write_text(text[:end] + row + text[end:])
+    """Append a row to the CPU or the GPU table of BENCHMARKS.md (created if missing)."""
+    header, rule = CPU_TABLE if result["device"] == "cpu" else GPU_TABLE
+    text = path.read_text() if path.exists() else \
+        "# Benchmarks\n\nRows appended by `python benchmarks/run.py`; see the notes below the tables.\n"
+    if rule + "\n" not in text or header not in text:
+        title = "CPU" if result["device"] == "cpu" else "GPU"
+        at = text.find("\n## ")  # new tables go above the notes
+        block = f"\n## {title} runs\n\n{header}\n{rule}\n"
+        text = text + block if at == -1 else text[:at] + "\n" + block.strip("\n") + "\n" + text[at:]
+    end = text.index(rule + "\n", text.index(header)) + len(rule) + 1
+    while text.startswith("|", end):  # past the table's last row
+        end = text.index("\n", end) + 1 if "\n" in text[end:] else len(text)
+    path.write_text(text[:end] + table_row(result) + text[end:])
+
+
+def section(result: dict, name: str, fn, json_out: Path | None) -> None:
+    """Run one group of figures; a failure is recorded, not fatal (a GPU lease is short)."""
+    t = time.perf_counter()
+    try:
+        result.update(fn())
+    except Exception as err:  # noqa: BLE001 - recorded in the output
+        import traceback
+
+        traceback.print_exc()
+        result.setdefault("failed", {})[name] = f"{type(err).__name__}: {err}"
+    result.setdefault("section_s", {})[name] = round(time.perf_counter() - t, 1)
+    print(f"[{name}] {result['section_s'][name]} s", file=sys.stderr, flush=True)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2, default=str))
 
 
 def main(argv=None) -> int:
@@ -201,20 +245,48 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repetitions and images (< 2 minutes on 2 cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    p.add_argument("--json-out", type=Path, help="also write the JSON here after every section")
+    p.add_argument("--only", help="comma-separated sections: model,decode,fast,pipeline,rss (cpu), compile (cuda)")
+    g = p.add_argument_group("cuda")
+    g.add_argument("--gpu-batches", default="128,256,512")
+    g.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
+    g.add_argument("--pipeline-compile", action="store_true", help="compile the replicas of the pipeline figures")
+    g.add_argument("--pipeline-images", type=int, default=65536)
+    g.add_argument("--pipeline-batch", type=int, default=256)
+    g.add_argument("--actors", type=int, default=1)
+    g.add_argument("--gpus-per-actor", type=float, default=1.0)
     args = p.parse_args(argv)
-    backbone = VIT_S if args.device == "cpu" else VIT_L
+    cuda = args.device == "cuda"
+    only = set(args.only.split(",")) if args.only else {"model", "decode", "fast", "pipeline", "rss"}
     reps = 2 if args.quick else 5
     result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"),
               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "quick": args.quick,
-              "config": "ViT-S DINOv3 (384/12/6), memory 4096/8/128, batch 16, fp32" if args.device == "cpu"
-              else "ViT-L DINOv3 (1024/24/16), memory 4096/8/128"}
-    result.update(model_figures(backbone, 16 if args.device == "cpu" else 256, reps, args.device))
-    result.update(decode_figures(8 if args.quick else 24))
-    result["fast_mode_max_abs_dprob"] = fast_mode_dprob()
-    result.update(pipeline_figures(backbone, 48 if args.quick else 256, 16))
-    result["peak_actor_rss_mb"] = actor_peak_rss_mb(backbone)
-    print(json.dumps(result, indent=2))
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "quick": args.quick,
+              "config": "ViT-L DINOv3 (1024/24/16), memory 4096/8/128, bf16 autocast" if cuda
+              else "ViT-S DINOv3 (384/12/6), memory 4096/8/128, batch 16, fp32"}
+    if cuda:
+        from benchmarks import gpu
+
+        batches = [int(b) for b in args.gpu_batches.split(",")]
+        if "model" in only:
+            section(result, "model", lambda: gpu.model_figures(VIT_L, batches, reps, args.pipeline_batch if args.compile else None), args.json_out)
+        if "compile" in only:
+            section(result, "compile", lambda: gpu.compile_figures(VIT_L, args.pipeline_batch, reps), args.json_out)
+        if "pipeline" in only:
+            section(result, "pipeline", lambda: gpu.pipeline_figures(
+                VIT_L, args.pipeline_images, args.pipeline_batch, args.actors, args.gpus_per_actor, args.pipeline_compile), args.json_out)
+    else:
+        if "model" in only:
+            section(result, "model", lambda: model_figures(VIT_S, 16, reps, "cpu"), args.json_out)
+        if "pipeline" in only:
+            section(result, "pipeline", lambda: pipeline_figures(VIT_S, 48 if args.quick else 256, 16), args.json_out)
+        if "rss" in only:
+            section(result, "rss", lambda: {"peak_actor_rss_mb": actor_peak_rss_mb(VIT_S)}, args.json_out)
+    if "decode" in only:
+        section(result, "decode", lambda: decode_figures(8 if args.quick else 24), args.json_out)
+    if "fast" in only:
+        section(result, "fast", lambda: {"fast_mode_max_abs_dprob": fast_mode_dprob()}, args.json_out)
+    print(json.dumps(result, indent=2, default=str))
     if not args.no_record:
         record(result, REPO / "BENCHMARKS.md")
     return 0

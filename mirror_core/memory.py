@@ -68,7 +68,9 @@ class MemoryBank(nn.Module):
         if needs_grad:
             return self._split(self.k_proj(self.memory)), self._split(self.v_proj(self.memory))
         if self._kv_cache is None:
-            with torch.no_grad():
+            # In the parameters' own dtype whatever autocast says: the cache must not
+            # depend on which precision happened to ask first (autocast casts it per use).
+            with torch.no_grad(), torch.autocast(self.memory.device.type, enabled=False):
                 self._kv_cache = (self._split(self.k_proj(self.memory)), self._split(self.v_proj(self.memory)))
         return self._kv_cache
 

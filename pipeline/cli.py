@@ -31,6 +31,8 @@ def add_scan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alignment", choices=ALIGNMENT_MODES, help="JPEG q96 alignment policy (default: the bundle's)")
     p.add_argument("--fast-decode", action="store_true", default=None,
                    help="decode large JPEGs at reduced DCT scale: faster, not bit-exact (recorded in every row)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile each scoring replica (slower start, faster steady state on GPU)")
 
 
 def scan_config_from_args(args: argparse.Namespace):
@@ -39,6 +41,7 @@ def scan_config_from_args(args: argparse.Namespace):
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in SCAN_FLAGS.items()}
     overrides["alignment"] = args.alignment
     overrides["fast_decode"] = args.fast_decode
+    overrides["compile"] = args.compile
     return load_scan_config(args.config, overrides)
 
 

@@ -138,6 +138,7 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
             "model_id": bundle.model_id,
             "device": "cuda" if gpu else "cpu",
             "precision": cfg.precision or ("bf16" if gpu else "fp32"),
+            "compile": cfg.compile,
         },
     )
 
@@ -218,10 +219,13 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
     todo = [u for u in plan.units if u.unit_id not in done]
     committer = UnitCommitter(plan, out, cfg, run)
     t_plan = time.perf_counter()
+    t_first = None
     if todo:
         ensure_ray(cfg.address)
         ds = build_dataset(unit_descriptors(todo, plan, committer.offsets), bundle, model_cfg, cfg)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if t_first is None:  # start-up ends here: Ray, replica builds, first decodes
+                t_first = time.perf_counter()
             committer.add(batch)
         if committer.pending:
             raise RuntimeError(f"{len(committer.pending)} units did not receive all their rows: {sorted(committer.pending)[:5]}")
@@ -240,6 +244,7 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
             "wall_s": round(wall, 3),
             "plan_s": round(t_plan - t_start, 3),
             "images_per_s": round(committer.rows / wall, 2) if wall > 0 else None,
+            "first_batch_s": round(t_first - t_start, 3) if t_first else None,
             "stage_busy_s": {k: round(v, 3) for k, v in committer.busy.items()},
         },
         "config": cfg.to_dict(),

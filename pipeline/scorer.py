@@ -43,7 +43,7 @@ class Scorer:
     """Callable class for `map_batches(..., compute=ActorPoolStrategy(...))`."""
 
     def __init__(self, weights, config: dict, model_id: str, device: str = "cpu", precision: str = "fp32",
-                 threshold: float | None = None, alignment: str | None = None):
+                 threshold: float | None = None, alignment: str | None = None, compile: bool = False):
         import ray
 
         from .faults import FaultHooks
@@ -56,7 +56,7 @@ class Scorer:
         if threshold is not None:
             cfg = replace(cfg, threshold=threshold)
         model = assemble_model(cfg, weights_from_numpy(weights))
-        self.detector = Detector(model, cfg, model_id, device=device, precision=precision)
+        self.detector = Detector(model, cfg, model_id, device=device, precision=precision, compile=compile)
         self.faults = FaultHooks.from_env()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

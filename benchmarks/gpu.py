@@ -1,0 +1,228 @@
+"""GPU figures for benchmarks/run.py (--device cuda): a DINOv3-L-sized random MIRROR.
+
+model: images/s of our forward, the official-style reference and the backbone alone per
+batch size, bf16 autocast (and bf16 weights, and torch.compile); model FLOP utilisation
+against the datasheet and a measured bf16 matmul; bf16-vs-fp32 score drift.
+pipeline: `mirror scan` over pre-resized (224x224 JPEG) Parquet shards vs a pure model
+loop on pre-decoded crops, same batch size.
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+H100_BF16_DENSE_TFLOPS = 989.0  # datasheet, SXM; MFU is also given against a measured matmul
+
+
+def cuda_median_s(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return float(np.median(times))
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / cuda_median_s(lambda: a @ b, 10, 3) / 1e12
+
+
+def flops_per_image(model, pixels) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast("cuda", dtype=torch.bfloat16):
+        model(pixels[:1])
+    return float(counter.get_total_flops())
+
+
+def natural_like(batch: int, seed: int) -> np.ndarray:
+    """Smooth random images (upscaled noise): closer to photos than white noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((batch, 224, 224, 3), np.uint8)
+    for i in range(batch):
+        small = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+        out[i] = np.asarray(Image.fromarray(small).resize((224, 224), Image.BICUBIC))
+    return out
+
+
+def model_figures(backbone: dict, batches: list[int], reps: int, compile_batch: int | None) -> dict:
+    from benchmarks.reference import OfficialStyleMirror
+    from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig
+    from mirror_core.model import assemble_model
+    from pipeline.demo import random_mirror
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    base, weights = random_mirror(cfg, seed=0, lora_scale=0.02)
+    ours = assemble_model(cfg, weights).cuda()
+    reference = OfficialStyleMirror(base, weights.lora).cuda()
+    del base
+    res: dict = {"matmul_bf16_tflops_measured": matmul_tflops()}
+    check = torch.from_numpy(natural_like(32, 0)).cuda()
+    with torch.inference_mode():
+        fp32 = ours(check)
+        res["reference_max_abs_logit_diff_fp32"] = float((fp32.logits - reference(check)).abs().max())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = ours(check)
+        res["bf16_autocast_max_abs_dprob"] = float((bf16.prob_fake - fp32.prob_fake).abs().max())
+        res["bf16_autocast_max_abs_dlogit"] = float((bf16.logits - fp32.logits).abs().max())
+        res["flops_per_image_g"] = flops_per_image(ours, check) / 1e9
+        per_batch = {}
+        for batch in batches:
+            pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
+            x = ours.normalize(pixels.permute(0, 3, 1, 2).float() / 255)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                t_ours = cuda_median_s(lambda: ours(pixels), reps)
+                t_ref = cuda_median_s(lambda: reference(pixels), reps)
+                t_bb = cuda_median_s(lambda: ours.backbone(pixel_values=x), reps)
+            per_batch[batch] = {"ours_img_s": batch / t_ours, "reference_img_s": batch / t_ref,
+                                "backbone_img_s": batch / t_bb, "speedup_vs_reference": t_ref / t_ours,
+                                "model_over_backbone": t_ours / t_bb}
+            torch.cuda.empty_cache()
+        res["per_batch"] = per_batch
+        best = max(per_batch, key=lambda b: per_batch[b]["ours_img_s"])
+        res["best_batch"] = best
+        res["model_img_s_bf16"] = per_batch[best]["ours_img_s"]
+        res["model_over_backbone"] = per_batch[best]["model_over_backbone"]
+        res["model_speedup_vs_reference"] = per_batch[best]["speedup_vs_reference"]
+        achieved = res["model_img_s_bf16"] * res["flops_per_image_g"] / 1e3  # TFLOP/s
+        res["mfu_vs_datasheet"] = achieved / H100_BF16_DENSE_TFLOPS
+        res["mfu_vs_measured_matmul"] = achieved / res["matmul_bf16_tflops_measured"]
+        del reference
+        torch.cuda.empty_cache()
+        # bf16 weights (no autocast): LayerNorms and residual adds in bf16 too.
+        pixels = torch.randint(0, 256, (best, 224, 224, 3), dtype=torch.uint8, device="cuda")
+        half = assemble_model(cfg, weights).cuda().to(torch.bfloat16)
+        res["bf16_weights_img_s"] = best / cuda_median_s(lambda: half(pixels), reps)
+        res["bf16_weights_max_abs_dprob"] = float((half(check).prob_fake.float() - fp32.prob_fake).abs().max())
+        del half
+        torch.cuda.empty_cache()
+    if compile_batch:
+        t0 = time.perf_counter()
+        compiled = torch.compile(ours, dynamic=False)
+        pixels = torch.randint(0, 256, (compile_batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            compiled(pixels)
+            torch.cuda.synchronize()
+            res["compile_s"] = time.perf_counter() - t0
+            res["compiled_img_s_bf16"] = compile_batch / cuda_median_s(lambda: compiled(pixels), reps)
+    return res
+
+
+def jpeg_224(seed: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(natural_like(1, seed)[0]).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, n_images: int, distinct: int = 2048, rows_per_group: int = 1024,
+                 groups_per_file: int = 8) -> None:
+    """Pre-resized shards: 224x224 JPEGs in Parquet (uri, bytes), `distinct` images repeated."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    payloads = [jpeg_224(i) for i in range(distinct)]
+    folder.mkdir(parents=True)
+    per_file = rows_per_group * groups_per_file
+    for f, start in enumerate(range(0, n_images, per_file)):
+        rows = range(start, min(start + per_file, n_images))
+        table = pa.table({"uri": [f"synthetic://{i:08d}.jpg" for i in rows],
+                          "bytes": pa.array([payloads[i % distinct] for i in rows], pa.binary())})
+        pq.write_table(table, folder / f"shard-{f:05d}.parquet", row_group_size=rows_per_group)
+
+
+def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpus_per_actor: float,
+                     compile: bool = False) -> dict:
+    from mirror_core.bundle import load_bundle, save_bundle
+    from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig
+    from mirror_core.detector import Detector
+    from pipeline.config import ScanConfig
+    from pipeline.demo import random_mirror
+    from pipeline.scan import ensure_ray, run_scan
+
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    _, weights = random_mirror(cfg, seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_bundle(str(tmp / "bundle"), cfg, weights)
+        del weights
+        t = time.perf_counter()
+        write_shards(tmp / "shards", n_images)
+        shards_s = time.perf_counter() - t
+        bundle = load_bundle(str(tmp / "bundle"))
+        det = Detector.from_bundle(bundle, device="cuda", precision="bf16", compile=compile)
+        torch.cuda.reset_peak_memory_stats()
+        crops = natural_like(4 * batch, 2)  # the pure loop cycles through pre-decoded crops
+        for _ in range(3):
+            det.score_pixels(crops[:batch])
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for s in range(0, n_images, batch):
+            j = (s // batch) % 4
+            det.score_pixels(crops[j * batch : (j + 1) * batch][: n_images - s])
+        pure = n_images / (time.perf_counter() - t)
+        replica_mb = torch.cuda.max_memory_allocated() / 2**20
+        del det
+        torch.cuda.empty_cache()
+        ensure_ray()
+        scan_cfg = ScanConfig(batch_size=batch, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=1,
+                              decode_rows_per_batch=256, precision="bf16", compile=compile)
+        summary = run_scan(bundle, str(tmp / "shards"), str(tmp / "out"), scan_cfg)
+    run = summary["this_run"]
+    steady = (run["rows"] - batch) / (run["wall_s"] - run["first_batch_s"])
+    assert summary["rows_out"] == n_images and summary["errors"] == 0, summary
+    return {"gpu_pure_model_img_s": pure, "gpu_pipeline_img_s": run["images_per_s"],
+            "gpu_pipeline_steady_img_s": steady, "gpu_pipeline_efficiency": run["images_per_s"] / pure,
+            "gpu_pipeline_steady_efficiency": steady / pure, "gpu_pipeline_first_batch_s": run["first_batch_s"],
+            "gpu_pipeline_images": n_images, "gpu_pipeline_batch": batch, "gpu_pipeline_actors": actors,
+            "gpu_pipeline_gpus_per_actor": gpus_per_actor, "gpu_pipeline_stage_busy_s": run["stage_busy_s"],
+            "gpu_shard_write_s": shards_s, "gpu_replica_peak_mem_mb": replica_mb}
+
+
+def compile_figures(backbone: dict, batch: int, reps: int) -> dict:
+    """Eager vs torch.compile, autocast vs bf16 weights, full model vs backbone alone."""
+    from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig
+    from mirror_core.model import assemble_model
+    from pipeline.demo import random_mirror
+
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    _, weights = random_mirror(cfg, seed=0, lora_scale=0.02)
+    pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
+    res: dict = {"compile_batch": batch}
+    for weights_dtype in ("fp32", "bf16"):
+        model = assemble_model(cfg, weights).cuda()
+        if weights_dtype == "bf16":
+            model = model.to(torch.bfloat16)
+        x = model.normalize(pixels.permute(0, 3, 1, 2).float() / 255).to(model.backbone_dtype)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=weights_dtype == "fp32")
+        with torch.inference_mode(), autocast:
+            full, bb = torch.compile(model, dynamic=False), torch.compile(model.backbone, dynamic=False)
+            for name, fn in (("full_eager", lambda: model(pixels)), ("backbone_eager", lambda: model.backbone(pixel_values=x)),
+                             ("full_compiled", lambda: full(pixels)), ("backbone_compiled", lambda: bb(pixel_values=x))):
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                res[f"{weights_dtype}_{name}_img_s"] = batch / cuda_median_s(fn, reps)
+                res[f"{weights_dtype}_{name}_first_call_s"] = first
+        del model, full, bb
+        torch.cuda.empty_cache()
+    return res
