@@ -19,6 +19,15 @@ import torch
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet, SXM; MFU is also given against a measured matmul
 
 
+def set_kernel_shape(spec: str | None) -> None:
+    """'r4_w8' (as memory_bank_gpu.py's sweep names them): read-out kernel launch shape."""
+    if spec:
+        from mirror_core import kernels
+
+        rows, warps = spec.split("_")
+        kernels.BLOCK_ROWS, kernels.NUM_WARPS = int(rows[1:]), int(warps[1:])
+
+
 def cuda_median_s(fn, reps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
@@ -197,7 +206,8 @@ def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpu
             "gpu_shard_write_s": shards_s, "gpu_replica_peak_mem_mb": replica_mb}
 
 
-def compile_figures(backbone: dict, batch: int, reps: int) -> dict:
+def compile_figures(backbone: dict, batch: int, reps: int,
+                    names=("full_eager", "backbone_eager", "full_compiled", "backbone_compiled")) -> dict:
     """Eager vs torch.compile, autocast vs bf16 weights, full model vs backbone alone."""
     from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig
     from mirror_core.model import assemble_model
@@ -215,8 +225,10 @@ def compile_figures(backbone: dict, batch: int, reps: int) -> dict:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=weights_dtype == "fp32")
         with torch.inference_mode(), autocast:
             full, bb = torch.compile(model, dynamic=False), torch.compile(model.backbone, dynamic=False)
-            for name, fn in (("full_eager", lambda: model(pixels)), ("backbone_eager", lambda: model.backbone(pixel_values=x)),
-                             ("full_compiled", lambda: full(pixels)), ("backbone_compiled", lambda: bb(pixel_values=x))):
+            variants = {"full_eager": lambda: model(pixels), "backbone_eager": lambda: model.backbone(pixel_values=x),
+                        "full_compiled": lambda: full(pixels), "backbone_compiled": lambda: bb(pixel_values=x)}
+            for name in names:
+                fn = variants[name]
                 t0 = time.perf_counter()
                 fn()
                 torch.cuda.synchronize()

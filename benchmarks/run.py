@@ -251,6 +251,8 @@ def main(argv=None) -> int:
     g.add_argument("--gpu-batches", default="128,256,512")
     g.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
     g.add_argument("--pipeline-compile", action="store_true", help="compile the replicas of the pipeline figures")
+    g.add_argument("--kernel-shape", help="read-out kernel launch shape, e.g. r4_w8 (default: the library's)")
+    g.add_argument("--compile-variants", default="full_eager,backbone_eager,full_compiled,backbone_compiled")
     g.add_argument("--pipeline-images", type=int, default=65536)
     g.add_argument("--pipeline-batch", type=int, default=256)
     g.add_argument("--actors", type=int, default=1)
@@ -268,10 +270,13 @@ def main(argv=None) -> int:
         from benchmarks import gpu
 
         batches = [int(b) for b in args.gpu_batches.split(",")]
+        gpu.set_kernel_shape(args.kernel_shape)
+        result["kernel_shape"] = args.kernel_shape
         if "model" in only:
             section(result, "model", lambda: gpu.model_figures(VIT_L, batches, reps, args.pipeline_batch if args.compile else None), args.json_out)
         if "compile" in only:
-            section(result, "compile", lambda: gpu.compile_figures(VIT_L, args.pipeline_batch, reps), args.json_out)
+            names = args.compile_variants.split(",")
+            section(result, "compile", lambda: gpu.compile_figures(VIT_L, args.pipeline_batch, reps, names), args.json_out)
         if "pipeline" in only:
             section(result, "pipeline", lambda: gpu.pipeline_figures(
                 VIT_L, args.pipeline_images, args.pipeline_batch, args.actors, args.gpus_per_actor, args.pipeline_compile), args.json_out)

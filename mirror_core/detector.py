@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -66,7 +67,10 @@ class Detector:
     @torch.inference_mode()
     def score_pixels(self, pixels: np.ndarray, token_residuals: bool = False) -> dict[str, np.ndarray]:
         """uint8 [B, 224, 224, 3] -> named float arrays [B] (and 'token_residual' [B, gh, gw])."""
-        batch = torch.from_numpy(np.require(pixels, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]))
+        pixels = np.require(pixels, np.uint8, ["C_CONTIGUOUS"])
+        with warnings.catch_warnings():  # read-only arrays (Ray's zero-copy batches) are never written
+            warnings.simplefilter("ignore", UserWarning)
+            batch = torch.from_numpy(pixels)
         n = batch.shape[0]
         model = self.model
         if self.compiled is not None and n:

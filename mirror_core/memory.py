@@ -5,11 +5,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .config import MemoryConfig
-
-ENTROPY_EPS = 1e-9  # the official entropy is -sum A log(A + 1e-9)
+from .readout import ENTROPY_EPS, sparse_readout  # noqa: F401 (ENTROPY_EPS re-exported)
 
 
 @dataclass
@@ -77,16 +75,12 @@ class MemoryBank(nn.Module):
     def forward(self, tokens: torch.Tensor) -> MemoryOutput:
         b, n, d = tokens.shape
         k, v = self.keys_values()  # [H, K, hd]
-        q = self._split(self.q_proj(tokens)) * self.scale  # [B, H, N, hd]; scaling q, not the
-        logits = torch.matmul(q, k.transpose(-1, -2))  # [B, H, N, K] logits, saves a K-wide copy
-        top_logits, top_idx = logits.topk(self.cfg.top_k, dim=-1, sorted=False)  # [B, H, N, k], any order
-        # Softmax over the kept slots only, in fp32; every other slot weighs exactly 0,
-        # so max and entropy over the k kept weights equal those over all K.
-        weights = F.softmax(top_logits.float(), dim=-1)
-        max_score = weights.amax(dim=-1).mean(dim=(1, 2))  # [B]
-        entropy = -(weights * torch.log(weights + ENTROPY_EPS)).sum(-1).mean(dim=(1, 2))  # [B]
-        # Reuse the logits buffer for the sparse attention matrix (no second [B,H,N,K] tensor).
-        attn = logits.zero_().scatter_(-1, top_idx, weights.to(logits.dtype))
-        mixed = torch.matmul(attn, v)  # [B, H, N, hd]
-        reference = self.out_proj(mixed.transpose(1, 2).reshape(b, n, d))
-        return MemoryOutput(reference=reference, max_score=max_score, entropy=entropy)
+        # Scaling q, not the [.., K] logits, saves a K-wide pass.
+        q = (self.q_proj(tokens) * self.scale).view(b * n, self.num_heads, self.head_dim).transpose(0, 1)
+        mixed, max_w, entropy = sparse_readout(q.contiguous(), k, v, self.cfg.top_k)  # [H, B*N, hd], [H, B*N]
+        reference = self.out_proj(mixed.transpose(0, 1).reshape(b, n, d))
+        return MemoryOutput(
+            reference=reference,
+            max_score=max_w.view(-1, b, n).mean(dim=(0, 2)),  # [B]: mean over heads and tokens
+            entropy=entropy.view(-1, b, n).mean(dim=(0, 2)),
+        )

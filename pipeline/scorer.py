@@ -67,7 +67,8 @@ class Scorer:
         n = len(errors)
         scores = {k: np.full(n, np.nan) for k in SIGNALS}
         if ok.any():
-            got = self.detector.score_pixels(np.asarray(batch[PIXELS])[ok])
+            pixels = np.asarray(batch[PIXELS])
+            got = self.detector.score_pixels(pixels if ok.all() else pixels[ok])  # no copy in the common case
             for k in SIGNALS:
                 scores[k][ok] = got[k]
         seconds = (time.perf_counter() - t0) / max(n, 1)

@@ -1,0 +1,97 @@
+"""Triton kernel for the GPU read-out: k-th value, thresholded softmax, max and entropy.
+
+One program takes BLOCK_R rows of 16-bit logits (fp16 / bf16) and, in registers:
+1. maps each value to a 16-bit key with the same order (sign-magnitude -> unsigned),
+2. finds the k-th largest key bit by bit (16 rounds of count(key >= candidate)),
+3. writes softmax weights (computed in fp32) over the entries at or above it, 0
+   elsewhere, over the logits in place, and each row's max weight and entropy.
+Entries tied with the k-th value are all kept, as the official masked softmax
+(`logits < kth -> -inf`) keeps them.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+ENTROPY_EPS = 1e-9
+BLOCK_ROWS = 2  # launch shape defaults (0 in the arguments below): rows per program
+NUM_WARPS = 8  # warps per program for rows of 2048+ slots (4 below)
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed, or no usable backend
+        return False
+    return True
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def threshold_softmax_kernel(x_ptr, max_ptr, ent_ptr, n_rows, n_cols, TOP_K: tl.constexpr,
+                                 BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, EPS: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        valid = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        ptrs = x_ptr + rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        x = tl.load(ptrs, mask=valid, other=0.0)
+        bits = x.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
+        key = (bits ^ ((bits >> 15) & 0x7FFF)) + 32768  # float order -> 0..65535
+        key = tl.where(valid, key, -1)  # padding never counts, never kept
+        kth = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for bit in tl.static_range(15, -1, -1):  # largest t with count(key >= t) >= TOP_K
+            cand = kth | (1 << bit)
+            count = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+            kth = tl.where(count >= TOP_K, cand, kth)
+        keep = key >= kth[:, None]
+        xf = tl.where(valid, x.to(tl.float32), float("-inf"))
+        p = tl.where(keep, tl.exp(xf - tl.max(xf, axis=1)[:, None]), 0.0)
+        w = p / tl.sum(p, axis=1)[:, None]
+        entropy = -tl.sum(w * tl.log(w + EPS), axis=1)
+        tl.store(ptrs, w.to(x.dtype), mask=valid)
+        tl.store(max_ptr + rows, tl.max(w, axis=1), mask=rows < n_rows)
+        tl.store(ent_ptr + rows, entropy, mask=rows < n_rows)
+
+    return threshold_softmax_kernel
+
+
+@torch.library.custom_op("mirror::threshold_softmax_", mutates_args=("logits",))
+def _threshold_softmax(logits: torch.Tensor, top_k: int, block_rows: int = 0, num_warps: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    import triton
+
+    rows, cols = logits.shape
+    max_w = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    entropy = torch.empty_like(max_w)
+    block_c = triton.next_power_of_2(cols)
+    block_rows = block_rows or BLOCK_ROWS
+    num_warps = num_warps or (NUM_WARPS if block_c >= 2048 else 4)
+    grid = (triton.cdiv(rows, block_rows),)
+    _kernel()[grid](logits, max_w, entropy, rows, cols, TOP_K=top_k, BLOCK_C=block_c, BLOCK_R=block_rows,
+                    EPS=ENTROPY_EPS, num_warps=num_warps)
+    return max_w, entropy
+
+
+@_threshold_softmax.register_fake
+def _(logits: torch.Tensor, top_k: int, block_rows: int = 0, num_warps: int = 0):
+    rows = logits.shape[0]
+    return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32)
+
+
+def threshold_softmax_(logits: torch.Tensor, top_k: int, block_rows: int = 0, num_warps: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [R, K] fp16/bf16, contiguous -> (the same tensor now holding the weights,
+    max weight [R], entropy [R]); both statistics in fp32. block_rows / num_warps: launch
+    shape (0 = the module defaults)."""
+    if logits.dtype not in (torch.float16, torch.bfloat16) or logits.dim() != 2 or not logits.is_contiguous():
+        raise ValueError(f"threshold_softmax_ wants contiguous 2-D fp16/bf16 logits, got {logits.dtype} {tuple(logits.shape)}")
+    if not 0 < top_k <= logits.shape[1]:
+        raise ValueError(f"top_k={top_k} must be in 1..{logits.shape[1]}")
+    max_w, entropy = _threshold_softmax(logits, top_k, block_rows, num_warps)
+    return logits, max_w, entropy

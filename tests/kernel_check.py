@@ -1,0 +1,65 @@
+"""Checks of the Triton read-out kernel, run as a script so that TRITON_INTERPRET can be
+set before Triton loads (CPU machines run the kernel in Triton's interpreter).
+
+    TRITON_INTERPRET=1 python tests/kernel_check.py cpu
+    python tests/kernel_check.py cuda
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mirror_core.kernels import threshold_softmax_  # noqa: E402
+from mirror_core.readout import readout_dense, readout_gpu  # noqa: E402
+
+
+def masked_softmax(x: torch.Tensor, k: int):
+    """The official form: everything below the k-th value -> -inf, softmax, stats."""
+    x = x.float()
+    kth = x.topk(k, dim=-1).values[..., -1:]
+    w = torch.softmax(x.masked_fill(x < kth, float("-inf")), dim=-1)
+    return w, w.amax(-1), -(w * torch.log(w + 1e-9)).sum(-1)
+
+
+def check_kernel(device: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        for rows, cols, k in ((5, 300, 32), (6, 4096, 128), (3, 64, 64), (1, 50, 1)):
+            x = (torch.randn(rows, cols, generator=gen) * 3).to(dtype)
+            x[0, :12] = x[0, 7]  # a run of ties, likely straddling the k-th value in 16 bits
+            x[-1, -5:] = -x[-1, -5:].abs() - 100  # very negative values
+            w_ref, max_ref, ent_ref = masked_softmax(x, k)
+            w, max_w, ent = threshold_softmax_(x.clone().to(device), k)
+            w = w.float().cpu()
+            assert torch.equal(w > 0, w_ref > 0), (dtype, rows, cols, k, "kept entries differ")
+            tol = 4e-3 if dtype == torch.bfloat16 else 5e-4  # weights are stored in 16 bits
+            torch.testing.assert_close(w, w_ref, atol=tol, rtol=0)
+            torch.testing.assert_close(max_w.cpu(), max_ref, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(ent.cpu(), ent_ref, atol=1e-5, rtol=1e-5)
+    try:
+        threshold_softmax_(torch.zeros(2, 8, device=device), 2)
+    except ValueError as err:
+        assert "fp16/bf16" in str(err)
+    else:
+        raise AssertionError("fp32 logits were accepted")
+
+
+def check_readout(device: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    heads, rows, slots, hd, k = 4, 37, 512, 16, 64
+    q, keys, values = (torch.randn(heads, n, hd, generator=gen) for n in (rows, slots, slots))
+    q = q * 0.5
+    mixed_ref, max_ref, ent_ref = readout_dense(q, keys, values, k)  # fp32
+    mixed, max_w, ent = readout_gpu(q.to(device, torch.bfloat16), keys.to(device), values.to(device), k)
+    torch.testing.assert_close(mixed.float().cpu(), mixed_ref, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(max_w.cpu(), max_ref, atol=0.02, rtol=0.05)
+    torch.testing.assert_close(ent.cpu(), ent_ref, atol=0.02, rtol=0.02)
+
+
+if __name__ == "__main__":
+    dev = sys.argv[1]
+    check_kernel(dev)
+    check_readout(dev)
+    print("kernel checks passed on", dev)
