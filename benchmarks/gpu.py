@@ -196,7 +196,7 @@ def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpu
                               decode_rows_per_batch=256, precision="bf16", compile=compile)
         summary = run_scan(bundle, str(tmp / "shards"), str(tmp / "out"), scan_cfg)
     run = summary["this_run"]
-    steady = (run["rows"] - batch) / (run["wall_s"] - run["first_batch_s"])
+    steady = run["steady_images_per_s"]
     assert summary["rows_out"] == n_images and summary["errors"] == 0, summary
     return {"gpu_pure_model_img_s": pure, "gpu_pipeline_img_s": run["images_per_s"],
             "gpu_pipeline_steady_img_s": steady, "gpu_pipeline_efficiency": run["images_per_s"] / pure,

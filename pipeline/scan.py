@@ -219,14 +219,16 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
     todo = [u for u in plan.units if u.unit_id not in done]
     committer = UnitCommitter(plan, out, cfg, run)
     t_plan = time.perf_counter()
-    t_first = None
+    t_first = t_last = None
+    first_rows = 0
     if todo:
         ensure_ray(cfg.address)
         ds = build_dataset(unit_descriptors(todo, plan, committer.offsets), bundle, model_cfg, cfg)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if t_first is None:  # start-up ends here: Ray, replica builds, first decodes
-                t_first = time.perf_counter()
+                t_first, first_rows = time.perf_counter(), batch.num_rows
             committer.add(batch)
+        t_last = time.perf_counter()
         if committer.pending:
             raise RuntimeError(f"{len(committer.pending)} units did not receive all their rows: {sorted(committer.pending)[:5]}")
     wall = time.perf_counter() - t_start
@@ -245,6 +247,9 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
             "plan_s": round(t_plan - t_start, 3),
             "images_per_s": round(committer.rows / wall, 2) if wall > 0 else None,
             "first_batch_s": round(t_first - t_start, 3) if t_first else None,
+            # Throughput once running: rows after the first output over the time they took.
+            "steady_images_per_s": round((committer.rows - first_rows) / (t_last - t_first), 2)
+            if t_first and t_last > t_first else None,
             "stage_busy_s": {k: round(v, 3) for k, v in committer.busy.items()},
         },
         "config": cfg.to_dict(),
