@@ -14,7 +14,6 @@ import io
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -179,7 +178,10 @@ def replica_memory_probe(folder: str) -> None:
     config = json.loads((Path(folder) / "cfg.json").read_text())
     scorer = Scorer(arrays, config, "probe")
     scorer.detector.score_pixels(np.zeros((16, 224, 224, 3), np.uint8))
-    print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through
+    # fork + exec, so it reported the harness's own peak (2.5 GB) instead of the probe's.
+    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"{hwm_kb / 1024:.1f}")
 
 
 CPU_TABLE = ("| date | machine | device | quick | speedup vs ref | model/backbone | pipeline eff. (wall / steady) | "

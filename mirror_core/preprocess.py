@@ -80,6 +80,24 @@ def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
     return img.resize((new_w, new_h), Image.BICUBIC)
 
 
+def resized_center_crop(img: Image.Image, short_side: int, size: int) -> np.ndarray | None:
+    """resize_short_side + center_crop in one bicubic resample of just the cropped box
+    (fast mode): ~7x less resampling, within a few grey levels of the exact path (the
+    two-pass filter rounds in between on a different grid). None when no resize is due."""
+    w, h = img.size
+    short = min(w, h)
+    if short <= short_side:
+        return None
+    new_w = short_side if w == short else int(round(w * short_side / short))
+    new_h = short_side if h == short else int(round(h * short_side / short))
+    if new_w < size or new_h < size:
+        return None
+    top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
+
+
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     """torchvision CenterCrop on HWC: zero-pad short sides, round-half-even offsets."""
     h, w = arr.shape[:2]
@@ -132,7 +150,9 @@ def preprocess_rgb(
     """The policy applied to an already-decoded image."""
     img = img if img.mode == "RGB" else img.convert("RGB")
     width, height = size or img.size
-    arr = center_crop(np.asarray(resize_short_side(img, cfg.resize_short_side)), cfg.crop_size)
+    arr = resized_center_crop(img, cfg.resize_short_side, cfg.crop_size) if cfg.fast_decode else None
+    if arr is None:
+        arr = center_crop(np.asarray(resize_short_side(img, cfg.resize_short_side)), cfg.crop_size)
     aligned = wants_alignment(cfg, name, fmt)
     if aligned:
         arr = jpeg_round_trip(np.ascontiguousarray(arr), cfg.jpeg_quality)

@@ -124,3 +124,16 @@ def test_fast_decode_is_opt_in_reduced_scale_and_close():
     small = encode(Image.fromarray(base), "JPEG")  # short side 270 < 2 x 512: untouched
     np.testing.assert_array_equal(official_preprocess(small, fast_cfg).pixels,
                                   official_preprocess(small, PreprocessConfig(alignment="off")).pixels)
+
+
+def test_fast_mode_resamples_only_the_crop_box():
+    from mirror_core.preprocess import center_crop, resize_short_side, resized_center_crop
+
+    rng = np.random.default_rng(6)
+    for size in ((1920, 1080), (700, 1333), (513, 600), (600, 600)):
+        img = Image.fromarray(rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), np.uint8)).resize(size, Image.BICUBIC)
+        exact = center_crop(np.asarray(resize_short_side(img, 512)), 224)
+        fast = resized_center_crop(img, 512, 224)
+        assert fast.shape == exact.shape == (224, 224, 3)
+        assert np.abs(fast.astype(int) - exact.astype(int)).max() <= 4  # same box, other rounding grid
+    assert resized_center_crop(Image.new("RGB", (500, 375)), 512, 224) is None  # nothing to resize
