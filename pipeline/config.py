@@ -31,7 +31,7 @@ class ScanConfig:
     decode_rows_per_batch: int = 64
     decode_task_memory_mb: int = 512  # reserved per decode task
     unit_size: int = 256  # records per committed unit (folders, manifests)
-    precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on GPU, fp32 on CPU
+    precision: str | None = None  # fp32 | bf16 | fp16 | bf16-weights; default bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile each replica (slower start; see BENCHMARKS.md)
     alignment: str | None = None  # override the bundle's JPEG alignment policy
     fast_decode: bool = False  # reduced-scale JPEG decoding (faster, not bit-exact; recorded)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import time
 from dataclasses import replace
@@ -27,7 +26,6 @@ from .scorer import Scorer, weights_to_numpy
 from .sinks import Output
 from .sources import Plan, Unit, plan_source, read_shard_unit
 
-log = logging.getLogger("mirror.scan")
 SCORE_COLUMNS_FROM_STAGE = ("sha256", "width", "height", "format", "aligned", "error", "prob_fake", "logit_real",
                             "logit_fake", "pred", "max_score", "entropy", "residual_norm")
 
