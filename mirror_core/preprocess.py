@@ -69,29 +69,32 @@ def decode_rgb(data: bytes, max_pixels: int | None = None, draft_short_side: int
     return rgb, fmt, (w, h)
 
 
-def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
-    """If min(w, h) > short_side, bicubic-resize so the short side equals it."""
-    w, h = img.size
+def short_side_size(size: tuple[int, int], short_side: int) -> tuple[int, int] | None:
+    """(w, h) after resizing so the short side equals `short_side`; None when the
+    short side is already at most that (the official policy never upsamples)."""
+    w, h = size
     short = min(w, h)
     if short <= short_side:
-        return img
+        return None
     new_w = short_side if w == short else int(round(w * short_side / short))
     new_h = short_side if h == short else int(round(h * short_side / short))
-    return img.resize((new_w, new_h), Image.BICUBIC)
+    return new_w, new_h
+
+
+def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
+    """If min(w, h) > short_side, bicubic-resize so the short side equals it."""
+    new_size = short_side_size(img.size, short_side)
+    return img if new_size is None else img.resize(new_size, Image.BICUBIC)
 
 
 def resized_center_crop(img: Image.Image, short_side: int, size: int) -> np.ndarray | None:
     """resize_short_side + center_crop in one bicubic resample of just the cropped box
     (fast mode): ~7x less resampling, within a few grey levels of the exact path (the
     two-pass filter rounds in between on a different grid). None when no resize is due."""
-    w, h = img.size
-    short = min(w, h)
-    if short <= short_side:
+    new_size = short_side_size(img.size, short_side)
+    if new_size is None or min(new_size) < size:
         return None
-    new_w = short_side if w == short else int(round(w * short_side / short))
-    new_h = short_side if h == short else int(round(h * short_side / short))
-    if new_w < size or new_h < size:
-        return None
+    (w, h), (new_w, new_h) = img.size, new_size
     top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
     sx, sy = w / new_w, h / new_h
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
