@@ -171,6 +171,9 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     cfg = MirrorConfig.from_dict(config["model_config"])
+    # Dropout and adapter init draw from torch's global generator: seed it here so a run
+    # does not depend on what else this worker process happened to execute before.
+    torch.manual_seed(tc.seed * 1_000_003 + rank)
     model = assemble_model(cfg, weights_from_numpy(ray.get(config["weights"])), merge_lora=tc.phase == 1).to(device)
 
     def sync_grads(params):
