@@ -41,9 +41,11 @@ def test_phase2_on_a_planted_trace_gives_a_bundle_that_scans(ray_local, tmp_path
     labeled_folder(tmp_path / "train", 80, seed=0)
     broken = tmp_path / "train" / "1_fake" / "broken.png"
     broken.write_bytes(b"")  # one bad file must not stop training
-    assert main(detector_args(tmp_path / "base", tmp_path / "train", tmp_path / "out", tmp_path / "store")) == 0
+    # 8 epochs: the held-out split hashes the (temporary) paths, so its ~20 images change
+    # from run to run; after 4 epochs Bal_Acc on them ranged 0.78-0.94, after 8 0.96-1.0.
+    assert main(detector_args(tmp_path / "base", tmp_path / "train", tmp_path / "out", tmp_path / "store", epochs=8)) == 0
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
-    assert card["final"]["val_bal_acc"] >= 0.9 and len(card["history"]) == 4
+    assert card["final"]["val_bal_acc"] >= 0.9 and len(card["history"]) == 8
     assert card["recipe"]["phase"] == 2 and card["train_images"] + card["val_images"] == 81
     if not is_held_out([str(broken)], 0.25)[0]:
         assert all(h["skipped_images"] == 1 for h in card["history"])
