@@ -8,7 +8,6 @@ loop on pre-decoded crops, same batch size.
 """
 from __future__ import annotations
 
-import io
 import tempfile
 import time
 from pathlib import Path
@@ -134,21 +133,15 @@ def model_figures(backbone: dict, batches: list[int], reps: int, compile_batch: 
     return res
 
 
-def jpeg_224(seed: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(natural_like(1, seed)[0]).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def write_shards(folder: Path, n_images: int, distinct: int = 2048, rows_per_group: int = 1024,
                  groups_per_file: int = 8) -> None:
     """Pre-resized shards: 224x224 JPEGs in Parquet (uri, bytes), `distinct` images repeated."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    payloads = [jpeg_224(i) for i in range(distinct)]
+    from benchmarks.run import jpeg
+
+    payloads = [jpeg((224, 224), seed=i) for i in range(distinct)]
     folder.mkdir(parents=True)
     per_file = rows_per_group * groups_per_file
     for f, start in enumerate(range(0, n_images, per_file)):

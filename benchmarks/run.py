@@ -136,7 +136,7 @@ def pipeline_figures(backbone: dict, n_images: int, batch: int) -> dict:
         ensure_ray()
         # The replica gets the machine's cores (Ray gives an actor as many intra-op threads
         # as CPUs it reserves); decode tasks take the remaining logical CPUs.
-        cores = max(1, (os.cpu_count() or 2))
+        cores = os.cpu_count() or 1
         scan_cfg = ScanConfig(batch_size=batch, unit_size=max(8, n_images // 8), actors=1, cpus_per_actor=cores)
         summary = run_scan(bundle, str(tmp / "images"), str(tmp / "out"), scan_cfg)
         run = summary["this_run"]

@@ -36,8 +36,7 @@ class Detector:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
-        weight_dtype = PRECISIONS[precision][1]
-        self.model = model.to(self.device, dtype=weight_dtype).eval() if weight_dtype else model.to(self.device).eval()
+        self.model = model.to(self.device, dtype=PRECISIONS[precision][1]).eval()  # dtype None: as loaded
         self.config = config
         self.model_id = model_id
         self.precision = precision
