@@ -82,8 +82,8 @@ def readout_native(q, k, v, top_k: int):
     ext = native_readout_module()
     h, r, hd = q.shape
     slots = k.shape[1]
-    q, v = q.float().contiguous(), v.float().contiguous()
-    kt = k.float().transpose(1, 2).contiguous()  # [H, hd, K]: slots along the vector lanes
+    q, v = q.detach().float().contiguous(), v.detach().float().contiguous()
+    kt = k.detach().float().transpose(1, 2).contiguous()  # [H, hd, K]: slots along the vector lanes
     mixed = q.new_empty(h, r, hd)
     max_w = q.new_empty(h, r)
     entropy = q.new_empty(h, r)
