@@ -64,9 +64,9 @@ class Detector:
 
     def _autocast(self):
         dtype = PRECISIONS[self.precision][0]
-        if dtype is None or self.device.type != "cuda":
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast(self.device.type, dtype=dtype)  # on CPU too: asked for, so done
 
     @torch.inference_mode()
     def score_pixels(self, pixels: np.ndarray, token_residuals: bool = False) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ Given per-head queries q [H, R, hd] (already scaled), keys k and values v [H, K,
     max_w, entropy = max_k w, -sum w log(w + 1e-9)   [H, R]
 
 - `readout_dense`: the plain form (autograd-safe; any device).
-- `readout_native`: inference on CPU, fp32: the `_mirror_readout` extension
+- `readout_native`: inference on CPU, in fp32: the `_mirror_readout` extension
   (csrc/topk_readout.cpp) computes a few rows of logits at a time in cache, finds each
   row's k-th value among a few candidates (torch.topk does a full selection: ~80% of
   `readout_cpu`'s time) and writes the softmax statistics and w v directly.
@@ -69,27 +69,42 @@ def readout_cpu(q, k, v, top_k: int, chunk_bytes: int = CPU_CHUNK_BYTES):
     return mixed, max_w, entropy
 
 
+try:  # the compiled CPU read-out (csrc/), absent where no C++ compiler was at install time
+    import _mirror_readout as _NATIVE
+except ImportError:
+    _NATIVE = None
+
+
 def native_readout_module():
-    """The compiled CPU read-out, or None where it was not built (no C++ compiler at install)."""
-    try:
-        import _mirror_readout
-    except ImportError:
-        return None
-    return _mirror_readout
+    return _NATIVE
+
+
+# A torch custom op, so torch.compile keeps it as one opaque call (tracing into the
+# .numpy() views and the extension broke the compiled graph's guards).
+@torch.library.custom_op("mirror::topk_readout_cpu", mutates_args=())
+def _topk_readout_cpu(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, top_k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, r, hd = q.shape
+    mixed, max_w, entropy = q.new_empty(h, r, hd), q.new_empty(h, r), q.new_empty(h, r)
+    native_readout_module().topk_readout(q.numpy(), kt.numpy(), v.numpy(), mixed.numpy(), max_w.numpy(),
+                                         entropy.numpy(), h, r, kt.shape[2], hd, top_k, ENTROPY_EPS,
+                                         torch.get_num_threads())
+    return mixed, max_w, entropy
+
+
+@_topk_readout_cpu.register_fake
+def _(q, kt, v, top_k):
+    h, r, hd = q.shape
+    return q.new_empty(h, r, hd), q.new_empty(h, r), q.new_empty(h, r)
 
 
 def readout_native(q, k, v, top_k: int):
-    ext = native_readout_module()
-    h, r, hd = q.shape
-    slots = k.shape[1]
+    """fp32 throughout (16-bit inputs under CPU autocast are widened); w v in q's dtype."""
+    dtype = q.dtype
     q, v = q.detach().float().contiguous(), v.detach().float().contiguous()
     kt = k.detach().float().transpose(1, 2).contiguous()  # [H, hd, K]: slots along the vector lanes
-    mixed = q.new_empty(h, r, hd)
-    max_w = q.new_empty(h, r)
-    entropy = q.new_empty(h, r)
-    ext.topk_readout(q.numpy(), kt.numpy(), v.numpy(), mixed.numpy(), max_w.numpy(), entropy.numpy(),
-                     h, r, slots, hd, top_k, ENTROPY_EPS, torch.get_num_threads())
-    return mixed, max_w, entropy
+    mixed, max_w, entropy = _topk_readout_cpu(q, kt, v, top_k)
+    return mixed.to(dtype), max_w, entropy
 
 
 def readout_gpu(q, k, v, top_k: int):
@@ -123,12 +138,11 @@ def sparse_readout(q, k, v, top_k: int):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return readout_dense(q, k, v, top_k)
     if q.device.type == "cpu":
-        if q.dtype == torch.float32 and native_readout_module() is not None:
-            return readout_native(q, k, v, top_k)
-        if q.dtype == torch.float32:
+        if native_readout_module() is None:
             _warn_once("the _mirror_readout extension is not built (no C++ compiler when this package was "
-                       "installed?): the CPU read-out falls back to torch.topk, same results, ~2x slower model")
-        return readout_cpu(q, k, v, top_k)
+                       "installed?): the CPU read-out falls back to torch.topk, same scores, ~1.5x slower model")
+            return readout_cpu(q, k, v, top_k)
+        return readout_native(q, k, v, top_k)
     if gpu_readout_available(q):
         return readout_gpu(q, k, v, top_k)
     return readout_dense(q, k, v, top_k)

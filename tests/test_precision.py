@@ -23,6 +23,18 @@ def test_bf16_weights_mode_casts_the_model_and_scores_near_fp32():
     assert not np.array_equal(b["prob_fake"], a["prob_fake"])  # it really ran in bf16
 
 
+def test_bf16_autocast_runs_on_cpu_too():
+    # Asked for on a CPU, bf16 is really used (it once fell back to fp32 without a word).
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
+    _, weights = random_mirror(cfg, seed=7)
+    fp32 = Detector(assemble_model(cfg, weights), cfg, "m")
+    auto = Detector(assemble_model(cfg, weights), cfg, "m", precision="bf16")
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    a, b = fp32.score_pixels(pixels), auto.score_pixels(pixels)
+    np.testing.assert_allclose(b["prob_fake"], a["prob_fake"], atol=0.02)
+    assert not np.array_equal(b["prob_fake"], a["prob_fake"])
+
+
 def test_unknown_precision_is_refused_by_detector_and_scan_settings():
     cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
     _, weights = random_mirror(cfg, seed=7)
