@@ -275,6 +275,11 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name() if cuda else "cpu", "quick": args.quick,
               "config": "ViT-L DINOv3 (1024/24/16), memory 4096/8/128, bf16 autocast" if cuda
               else "ViT-S DINOv3 (384/12/6), memory 4096/8/128, batch 16, fp32"}
+    if not cuda:
+        from mirror_core.readout import native_readout_module
+
+        ext = native_readout_module()
+        result["cpu_readout"] = f"extension ({ext.isa()})" if ext else "torch.topk (extension not built)"
     if cuda:
         from benchmarks import gpu
 
