@@ -134,11 +134,11 @@ def pipeline_figures(backbone: dict, n_images: int, batch: int) -> dict:
             det.score_pixels(crops[s : s + batch])
         pure = n_images / (time.perf_counter() - t)
         ensure_ray()
-        # The replica gets the machine's cores (Ray gives an actor as many intra-op threads
-        # as CPUs it reserves); decode tasks take the remaining logical CPUs.
-        cores = os.cpu_count() or 1
-        scan_cfg = ScanConfig(batch_size=batch, unit_size=max(8, n_images // 8), actors=1, cpus_per_actor=cores)
+        # cpus_per_actor left unset: what a user gets (on 2 cores: the replica's 2 threads
+        # and 2 logical CPUs for decode tasks).
+        scan_cfg = ScanConfig(batch_size=batch, unit_size=max(8, n_images // 8), actors=1)
         summary = run_scan(bundle, str(tmp / "images"), str(tmp / "out"), scan_cfg)
+        cores = summary["config"]["cpus_per_actor"]
         run = summary["this_run"]
         e2e = run["images_per_s"]
         steady = run["steady_images_per_s"]

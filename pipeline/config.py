@@ -24,7 +24,7 @@ class ScanConfig:
     actors: int = 1  # scoring actors (replicas); max_actors > actors enables autoscaling
     max_actors: int | None = None
     gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # None: 1 on GPU; on CPU see pipeline.scan.scoring_cpus
     cpus_per_decode_task: float = 1.0
     fetch_threads: int = 16  # concurrent reads per decode task (S3 latency hiding)
     max_file_mb: int = 256  # larger files become error rows without being read whole
@@ -51,7 +51,7 @@ class ScanConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("gpus_per_actor", "cpus_per_actor", "cpus_per_decode_task"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{source}: {name} must be >= 0, got {getattr(self, name)}")
         if self.max_actors is not None and self.max_actors < self.actors:
             raise ConfigError(f"{source}: max_actors ({self.max_actors}) must be >= actors ({self.actors})")

@@ -44,6 +44,31 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
 
 
+DECODE_CPUS_KEPT = 2  # CPUs a one-node cluster keeps for decode tasks when sizing CPU scorers
+
+
+def scoring_cpus(cfg: ScanConfig) -> float:
+    """CPUs per scoring actor, which Ray also makes its torch thread count.
+
+    As set, if set. Unset: 1 for GPU scoring; for CPU scoring on a one-node Ray (the local
+    one `mirror scan` starts, say) the node's CPUs less DECODE_CPUS_KEPT, shared by the
+    actors and capped at the machine's cores: one thread per replica left most of a
+    machine idle. On a multi-node cluster 1, as nodes may differ: set it there.
+    """
+    if cfg.cpus_per_actor is not None:
+        return cfg.cpus_per_actor
+    if cfg.gpus_per_actor:
+        return 1.0
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) != 1:
+        return 1.0
+    node_cpus = int(nodes[0]["Resources"].get("CPU", 1))
+    usable = min(node_cpus - DECODE_CPUS_KEPT, os.cpu_count() or 1)
+    return float(max(1, usable // cfg.actors))
+
+
 def effective_config(bundle: Bundle, cfg: ScanConfig) -> MirrorConfig:
     model_cfg = bundle.config
     if cfg.alignment:
@@ -221,6 +246,7 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
     first_rows = 0
     if todo:
         ensure_ray(cfg.address)
+        cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
         ds = build_dataset(unit_descriptors(todo, plan, committer.offsets), bundle, model_cfg, cfg)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if t_first is None:  # start-up ends here: Ray, replica builds, first decodes

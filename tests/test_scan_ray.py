@@ -42,6 +42,19 @@ def test_parity_fixture_through_ray_matches_official_scores(ray_local, parity_bu
     assert summary["this_run"]["stage_busy_s"]["decode"] > 0 and summary["this_run"]["stage_busy_s"]["score"] > 0
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["model_id"] == summary["model_id"] and on_disk["config"]["unit_size"] == 7
+    assert on_disk["config"]["cpus_per_actor"] == 1.0  # resolved and recorded: 4 CPUs - 2 for decode, 2 actors
+
+
+def test_cpu_scorers_get_the_node_less_decode_cpus_unless_set(ray_local):
+    from pipeline.scan import DECODE_CPUS_KEPT, scoring_cpus
+
+    node_cpus = 4  # the ray_local fixture's
+    cores = min(node_cpus - DECODE_CPUS_KEPT, os.cpu_count())
+    assert scoring_cpus(ScanConfig()) == cores
+    assert scoring_cpus(ScanConfig(actors=2)) == max(1, cores // 2)
+    assert scoring_cpus(ScanConfig(actors=9)) == 1  # never 0
+    assert scoring_cpus(ScanConfig(cpus_per_actor=0.5)) == 0.5  # set: as set
+    assert scoring_cpus(ScanConfig(gpus_per_actor=1)) == 1.0
 
 
 def make_mixed_folder(root):
