@@ -10,7 +10,7 @@
 // torch.topk spends ~3.4 ns per logit on a full selection; here the k-th value is found
 // among a few candidates instead: the maxima of 2k blocks are distinct elements, so the
 // k-th largest block maximum is a lower bound of t, and only the ~4% of the row at or
-// above it (for K = 4096, k = 128) go into an exact nth_element (readout_row.h).
+// above it (for K = 4096, k = 128) go into an exact selection (readout_row.h).
 // The row code is compiled for AVX-512, AVX2 and the baseline; the best one the CPU
 // has is picked at import (use_isa() switches, for tests).
 //
