@@ -52,7 +52,7 @@ def scoring_cpus(cfg: ScanConfig) -> float:
 
     As set, if set. Unset: 1 for GPU scoring; for CPU scoring on a one-node Ray (the local
     one `mirror scan` starts, say) the node's CPUs less DECODE_CPUS_KEPT, shared by the
-    actors and capped at the machine's cores: one thread per replica left most of a
+    actors (max_actors if set) and capped at the machine's cores: one thread per replica left most of a
     machine idle. On a multi-node cluster 1, as nodes may differ: set it there.
     """
     if cfg.cpus_per_actor is not None:
@@ -66,7 +66,7 @@ def scoring_cpus(cfg: ScanConfig) -> float:
         return 1.0
     node_cpus = int(nodes[0]["Resources"].get("CPU", 1))
     usable = min(node_cpus - DECODE_CPUS_KEPT, os.cpu_count() or 1)
-    return float(max(1, usable // cfg.actors))
+    return float(max(1, usable // (cfg.max_actors or cfg.actors)))  # room for the largest pool
 
 
 def effective_config(bundle: Bundle, cfg: ScanConfig) -> MirrorConfig:

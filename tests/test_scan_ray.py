@@ -52,6 +52,7 @@ def test_cpu_scorers_get_the_node_less_decode_cpus_unless_set(ray_local):
     cores = min(node_cpus - DECODE_CPUS_KEPT, os.cpu_count())
     assert scoring_cpus(ScanConfig()) == cores
     assert scoring_cpus(ScanConfig(actors=2)) == max(1, cores // 2)
+    assert scoring_cpus(ScanConfig(actors=1, max_actors=2)) == max(1, cores // 2)  # room to scale up
     assert scoring_cpus(ScanConfig(actors=9)) == 1  # never 0
     assert scoring_cpus(ScanConfig(cpus_per_actor=0.5)) == 0.5  # set: as set
     assert scoring_cpus(ScanConfig(gpus_per_actor=1)) == 1.0
