@@ -138,13 +138,13 @@ def pipeline_figures(backbone: dict, n_images: int, batch: int) -> dict:
         # and 2 logical CPUs for decode tasks).
         scan_cfg = ScanConfig(batch_size=batch, unit_size=max(8, n_images // 8), actors=1)
         summary = run_scan(bundle, str(tmp / "images"), str(tmp / "out"), scan_cfg)
-        cores = summary["config"]["cpus_per_actor"]
+        scorer_cpus = summary["config"]["cpus_per_actor"]
         run = summary["this_run"]
         e2e = run["images_per_s"]
         steady = run["steady_images_per_s"]
     return {"pipeline_efficiency": e2e / pure, "pipeline_img_per_s": e2e, "pure_model_img_per_s": pure,
             "pipeline_steady_efficiency": steady / pure, "pipeline_first_batch_s": run["first_batch_s"],
-            "pipeline_images": n_images, "pipeline_cpus_per_actor": cores}
+            "pipeline_images": n_images, "pipeline_cpus_per_actor": scorer_cpus}
 
 
 def actor_peak_rss_mb(backbone: dict) -> float:
@@ -275,11 +275,6 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name() if cuda else "cpu", "quick": args.quick,
               "config": "ViT-L DINOv3 (1024/24/16), memory 4096/8/128, bf16 autocast" if cuda
               else "ViT-S DINOv3 (384/12/6), memory 4096/8/128, batch 16, fp32"}
-    if not cuda:
-        from mirror_core.readout import native_readout_module
-
-        ext = native_readout_module()
-        result["cpu_readout"] = f"extension ({ext.isa()})" if ext else "torch.topk (extension not built)"
     if cuda:
         from benchmarks import gpu
 
@@ -295,6 +290,10 @@ def main(argv=None) -> int:
             section(result, "pipeline", lambda: gpu.pipeline_figures(
                 VIT_L, args.pipeline_images, args.pipeline_batch, args.actors, args.gpus_per_actor, args.pipeline_compile), args.json_out)
     else:
+        from mirror_core.readout import native_readout_module
+
+        ext = native_readout_module()
+        result["cpu_readout"] = f"extension ({ext.isa()})" if ext else "torch.topk (extension not built)"
         if "model" in only:
             section(result, "model", lambda: model_figures(VIT_S, 16, reps, "cpu"), args.json_out)
         if "pipeline" in only:

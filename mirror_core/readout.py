@@ -22,6 +22,7 @@ query against [H, hd, K] keys would make torch.matmul copy the keys B times.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -124,13 +125,10 @@ def gpu_readout_available(q: torch.Tensor) -> bool:
     return triton_available()
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
+@functools.cache  # once per process
+def _warn_no_extension() -> None:
+    log.warning("the _mirror_readout extension is not built (no C++ compiler when this package was installed?): "
+                "the CPU read-out falls back to torch.topk, same scores, ~1.5x slower model")
 
 
 def sparse_readout(q, k, v, top_k: int):
@@ -139,8 +137,7 @@ def sparse_readout(q, k, v, top_k: int):
         return readout_dense(q, k, v, top_k)
     if q.device.type == "cpu":
         if native_readout_module() is None:
-            _warn_once("the _mirror_readout extension is not built (no C++ compiler when this package was "
-                       "installed?): the CPU read-out falls back to torch.topk, same scores, ~1.5x slower model")
+            _warn_no_extension()
             return readout_cpu(q, k, v, top_k)
         return readout_native(q, k, v, top_k)
     if gpu_readout_available(q):

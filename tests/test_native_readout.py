@@ -108,7 +108,7 @@ def test_without_the_extension_the_torch_path_runs_and_says_so(monkeypatch):
     gen = torch.Generator().manual_seed(2)
     q, k, v = torch.randn(2, 20, 8, generator=gen), torch.randn(2, 100, 8, generator=gen), torch.randn(2, 100, 8, generator=gen)
     monkeypatch.setattr(readout, "native_readout_module", lambda: None)
-    monkeypatch.setattr(readout, "_warned", set())
+    readout._warn_no_extension.cache_clear()
     seen: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: seen.append(record.getMessage())
