@@ -95,6 +95,7 @@ class ImportReport:
     weights: MirrorWeights
     notes: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    memory_sources: dict[str, str] = field(default_factory=dict)  # MemoryConfig field -> file / flag / default
 
 
 def map_backbone_key(rest: str, backbone_known: dict, lora_known: dict) -> tuple[str, str] | None:
@@ -177,6 +178,63 @@ def read_memory_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, dict(obj.get("memory_config") or {}) if isinstance(obj, dict) else {}
 
 
+# What official files call each memory setting (memory_config and training args alike).
+_RECORDED_MEMORY_KEYS = {"feature_dim": "feature_dim", "mem_slots": "num_slots", "num_heads": "num_heads",
+                         "top_k": "top_k"}
+MEMORY_FLAGS = {"num_heads": "--memory-heads", "top_k": "--top-k"}
+
+
+def recorded_memory_values(sources: list[tuple[str, dict]]) -> dict[str, tuple[int, str]]:
+    """{MemoryConfig field or 'feature_dim': (value, where)} from the files' own records.
+
+    Two records that disagree about one field are an error: neither can be trusted."""
+    found: dict[str, tuple[int, str]] = {}
+    for where, record in sources:
+        for key, name in _RECORDED_MEMORY_KEYS.items():
+            if record.get(key) is None:
+                continue
+            value = int(record[key])
+            if name in found and found[name][0] != value:
+                raise ValueError(f"{key} is {found[name][0]} in {found[name][1]} but {value} in {where}")
+            found.setdefault(name, (value, where))
+    return found
+
+
+def resolve_memory_config(
+    recorded: dict[str, tuple[int, str]], tensor_slots: int, width: int, flags: dict[str, int | None]
+) -> tuple[MemoryConfig, dict[str, str]]:
+    """The memory bank's settings and where each came from (file, flag or default).
+
+    What the files record is authoritative: the number of heads cannot be read from
+    tensor shapes, so a flag that contradicts the record would change the math silently."""
+    if "feature_dim" in recorded and recorded["feature_dim"][0] != width:
+        value, where = recorded["feature_dim"]
+        raise ValueError(f"feature_dim is {value} in {where} but the backbone width is {width}")
+    if "num_slots" in recorded and recorded["num_slots"][0] != tensor_slots:
+        value, where = recorded["num_slots"]
+        raise ValueError(f"mem_slots is {value} in {where} but the memory tensor has {tensor_slots} rows")
+    values, sources = {"num_slots": tensor_slots}, {"num_slots": "memory tensor rows"}
+    for name, flag in MEMORY_FLAGS.items():
+        asked = flags.get(name)
+        if name in recorded:
+            value, where = recorded[name]
+            if asked is not None and int(asked) != value:
+                raise ValueError(f"{name} is {value} in {where} but {flag} is {asked}; "
+                                 f"the file's value is authoritative (drop {flag} or pass {value})")
+            values[name], sources[name] = value, where
+        elif asked is not None:
+            values[name], sources[name] = int(asked), f"flag {flag}"
+        else:
+            values[name], sources[name] = getattr(MemoryConfig, name), "default"
+    if not 1 <= values["top_k"] <= tensor_slots:
+        raise ValueError(f"top_k={values['top_k']} ({sources['top_k']}) must be between 1 and "
+                         f"mem_slots={tensor_slots}")
+    if values["num_heads"] < 1 or width % values["num_heads"]:
+        raise ValueError(f"feature_dim={width} is not divisible by num_heads={values['num_heads']} "
+                         f"({sources['num_heads']})")
+    return MemoryConfig(**values), sources
+
+
 def import_official(
     checkpoint: str | Path,
     backbone_dir: str | Path,
@@ -203,19 +261,24 @@ def import_official(
 
     if "memory_bank.memory" not in merged_state:
         raise CheckpointMismatchError(["mirror:memory_bank.memory (pass --memory)"], [], [])
-    feature_dim = memory_config.get("feature_dim")
-    if feature_dim is not None and int(feature_dim) != backbone_cfg.hidden_size:
-        raise ValueError(f"memory_config.feature_dim={feature_dim} but the backbone width is {backbone_cfg.hidden_size}")
+    checkpoint_name = Path(str(checkpoint)).name
+    recorded = recorded_memory_values([
+        (f"memory_config in {Path(str(memory)).name}", memory_config),
+        (f"memory_config in {checkpoint_name}", dict(raw.get("memory_config") or {})),
+        (f"args in {checkpoint_name}", args),
+    ])
+    memory_cfg, memory_sources = resolve_memory_config(
+        recorded, int(merged_state["memory_bank.memory"].shape[0]), backbone_cfg.hidden_size,
+        {"num_heads": memory_heads, "top_k": top_k},
+    )
+    notes.append("memory: " + ", ".join(f"{name}={getattr(memory_cfg, name)} ({memory_sources[name]})"
+                                        for name in ("num_slots", "num_heads", "top_k")))
 
     rank = int(args.get("lora_r") or _lora_rank(state) or LoraSettings.rank)
     cfg = MirrorConfig(
         backbone=backbone_cfg,
         lora=LoraSettings(rank=rank, alpha=float(lora_alpha or args.get("lora_alpha") or 2 * rank)),
-        memory=MemoryConfig(
-            num_slots=int(merged_state["memory_bank.memory"].shape[0]),
-            num_heads=int(memory_heads or memory_config.get("num_heads") or MemoryConfig.num_heads),
-            top_k=int(top_k or memory_config.get("top_k") or MemoryConfig.top_k),
-        ),
+        memory=memory_cfg,
         preprocess=PreprocessConfig(alignment=alignment),
     )
     expected = expected_shapes(cfg)
@@ -226,7 +289,7 @@ def import_official(
         weights.backbone = read_backbone_weights(backbone_dir)
         notes.append(f"backbone base weights: none in the checkpoint, taken from {backbone_dir}")
     check_strict(weights, expected, unexpected)
-    return ImportReport(config=cfg, weights=weights, notes=notes)
+    return ImportReport(config=cfg, weights=weights, notes=notes, memory_sources=memory_sources)
 
 
 def _lora_rank(state: dict[str, torch.Tensor]) -> int | None:
@@ -264,7 +327,7 @@ def import_official_bundle(checkpoint, backbone_dir, out: str, memory=None, **op
     from .bundle import save_bundle
 
     report = import_official(checkpoint, backbone_dir, memory, **options)
-    report.provenance = source_provenance(checkpoint, backbone_dir, memory)
+    report.provenance = {**source_provenance(checkpoint, backbone_dir, memory), "memory_config_from": report.memory_sources}
     model_id = save_bundle(out, report.config, report.weights, report.provenance)
     return model_id, report
 

@@ -173,3 +173,76 @@ def test_generated_official_checkpoint_matches_reference_math(kind, tmp_path):
     np.testing.assert_allclose(ours["logit_real"], expected[:, 0], atol=1e-4)
     np.testing.assert_allclose(ours["logit_fake"], expected[:, 1], atol=1e-4)
     assert load_bundle(str(tmp_path / "bundle")).model_id == model_id
+
+
+@pytest.fixture
+def phase1_with_memory_config(tmp_path):
+    """A detector checkpoint without memory, and a newer-release Phase 1 file that records
+    memory_config (heads 4 / top_k 64: not the defaults, and unreadable from shapes)."""
+    parts = make_parts("dinov3", dim=32, slots=512, seed=5, top_k=64)
+    parts.backbone.save_pretrained(tmp_path / "backbone")
+    state = {k: v for k, v in to_official_state(parts).items() if not k.startswith("memory_bank.")}
+    save_official(tmp_path / "checkpoint-1.pth", state)
+
+    def write_phase1(**memory_config):
+        path = tmp_path / "mirror_phase1.pth"
+        torch.save({"model_state_dict": parts.memory, "memory_config": memory_config, "epoch": 3}, path)
+        return path
+
+    write_phase1(feature_dim=32, mem_slots=512, num_heads=4, top_k=64)
+    return tmp_path, write_phase1
+
+
+def import_cli(root, *flags, check=False):
+    return mirror_cli("import-official", "--checkpoint", root / "checkpoint-1.pth", "--memory",
+                      root / "mirror_phase1.pth", "--backbone", root / "backbone", "--out", root / "bundle",
+                      *flags, check=check)
+
+
+def test_memory_config_is_read_and_an_agreeing_flag_is_accepted(phase1_with_memory_config):
+    root, _ = phase1_with_memory_config
+    proc = import_cli(root, "--memory-heads", "4", check=True)
+    memory = load_bundle(str(root / "bundle")).config.memory
+    assert (memory.num_slots, memory.num_heads, memory.top_k) == (512, 4, 64)
+    assert ("memory: num_slots=512 (memory tensor rows), num_heads=4 (memory_config in mirror_phase1.pth), "
+            "top_k=64 (memory_config in mirror_phase1.pth)") in proc.stdout
+    provenance = load_bundle(str(root / "bundle")).provenance
+    assert provenance["memory_config_from"]["num_heads"] == "memory_config in mirror_phase1.pth"
+
+
+@pytest.mark.parametrize("flag, value, field, recorded", [("--memory-heads", "8", "num_heads", 4),
+                                                          ("--top-k", "32", "top_k", 64)])
+def test_a_flag_contradicting_memory_config_is_refused(phase1_with_memory_config, flag, value, field, recorded):
+    root, _ = phase1_with_memory_config
+    proc = import_cli(root, flag, value)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"mirror import-official: error: ValueError: {field} is {recorded} in memory_config in mirror_phase1.pth "
+        f"but {flag} is {value}; the file's value is authoritative (drop {flag} or pass {recorded})")
+    assert not (root / "bundle").exists()
+
+
+@pytest.mark.parametrize("memory_config, flags, message", [
+    (dict(mem_slots=600, num_heads=4), (), "mem_slots is 600 in memory_config in mirror_phase1.pth but the memory "
+                                           "tensor has 512 rows"),
+    (dict(num_heads=4, top_k=1000), (), "top_k=1000 (memory_config in mirror_phase1.pth) must be between 1 and "
+                                        "mem_slots=512"),
+    (dict(num_heads=4), ("--top-k", "513"), "top_k=513 (flag --top-k) must be between 1 and mem_slots=512"),
+    ({}, ("--memory-heads", "5"), "feature_dim=32 is not divisible by num_heads=5 (flag --memory-heads)"),
+    (dict(feature_dim=48), (), "feature_dim is 48 in memory_config in mirror_phase1.pth but the backbone width is 32"),
+])
+def test_inconsistent_memory_settings_are_one_line_errors(phase1_with_memory_config, memory_config, flags, message):
+    root, write_phase1 = phase1_with_memory_config
+    write_phase1(**memory_config)
+    proc = import_cli(root, *flags)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"mirror import-official: error: ValueError: {message}"
+
+
+def test_flags_apply_where_the_files_record_nothing(phase1_with_memory_config):
+    root, write_phase1 = phase1_with_memory_config
+    write_phase1()
+    report = import_official(root / "checkpoint-1.pth", root / "backbone", root / "mirror_phase1.pth", top_k=64)
+    assert (report.config.memory.num_heads, report.config.memory.top_k) == (8, 64)
+    assert report.memory_sources == {"num_slots": "memory tensor rows", "num_heads": "default",
+                                     "top_k": "flag --top-k"}
