@@ -290,10 +290,9 @@ def main(argv=None) -> int:
             section(result, "pipeline", lambda: gpu.pipeline_figures(
                 VIT_L, args.pipeline_images, args.pipeline_batch, args.actors, args.gpus_per_actor, args.pipeline_compile), args.json_out)
     else:
-        from mirror_core.readout import native_readout_module
+        from mirror_core.readout import inference_readout
 
-        ext = native_readout_module()
-        result["cpu_readout"] = f"extension ({ext.isa()})" if ext else "torch.topk (extension not built)"
+        result["cpu_readout"] = inference_readout("cpu", autocast_16bit=False)
         if "model" in only:
             section(result, "model", lambda: model_figures(VIT_S, 16, reps, "cpu"), args.json_out)
         if "pipeline" in only:

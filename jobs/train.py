@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
 
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import entry  # noqa: E402
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in ("memory", "detector"):
         sys.exit("usage: python jobs/train.py memory|detector ARGS")
-    sys.exit(main([f"train-{sys.argv[1]}", *sys.argv[2:]]))
+    entry([f"train-{sys.argv[1]}", *sys.argv[2:]])

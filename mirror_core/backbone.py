@@ -13,6 +13,11 @@ from torch import nn
 
 from .config import BackboneConfig, LoraSettings
 
+
+class LoraMismatchError(ValueError):
+    """LoRA tensors that do not fit the backbone's adapted layers (names or shapes)."""
+
+
 # Key renames, per family, from transformers 4.x checkpoints (left) to the layouts
 # transformers >= 5 builds (right). `from_pretrained` applies these to its own
 # files; a foreign state dict (an official checkpoint) needs them applied here.
@@ -130,9 +135,9 @@ def merge_lora_(backbone: nn.Module, lora: dict[str, torch.Tensor], settings: Lo
     expected = lora_shapes(backbone, settings)
     extra, missing = set(lora) - set(expected), set(expected) - set(lora)
     if extra:
-        raise KeyError(f"unexpected LoRA tensors: {sorted(extra)}")
+        raise LoraMismatchError(f"unexpected LoRA tensors: {sorted(extra)}")
     if missing:
-        raise KeyError(f"missing LoRA tensors: {sorted(missing)}")
+        raise LoraMismatchError(f"missing LoRA tensors: {sorted(missing)}")
     for key, shape in expected.items():
         if tuple(lora[key].shape) != shape:
             raise ValueError(f"LoRA tensor {key} has shape {tuple(lora[key].shape)}, expected {shape}")
@@ -175,7 +180,7 @@ def load_lora_(wrapped: nn.Module, lora: dict[str, torch.Tensor]) -> None:
             getattr(module, part)["default"].weight.data.copy_(lora[key])
     extra = set(lora) - expected
     if extra:
-        raise KeyError(f"unexpected LoRA tensors: {sorted(extra)}")
+        raise LoraMismatchError(f"unexpected LoRA tensors: {sorted(extra)}")
 
 
 def export_lora(wrapped: nn.Module) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ class Bundle:
     model_id: str
     provenance: dict[str, Any] = field(default_factory=dict)
     uri: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 (verified)
 
 
 def library_versions() -> dict[str, str]:
@@ -113,8 +114,25 @@ def load_bundle(uri: str) -> Bundle:
     model_id = compute_model_id(config, hashes)
     if model_id != doc["model_id"]:
         raise ValueError(f"{uri}: model_id {doc['model_id']} does not match its contents ({model_id})")
-    return Bundle(config, MirrorWeights(**groups), model_id, doc.get("provenance", {}), str(uri))
+    return Bundle(config, MirrorWeights(**groups), model_id, doc.get("provenance", {}), str(uri), hashes)
 
+
+def inspect_bundle(uri: str) -> dict[str, Any]:
+    """Everything a bundle says about itself, after verifying it (what `mirror inspect` shows)."""
+    bundle = load_bundle(uri)
+    counts = bundle.weights.num_params()
+    return {
+        "uri": str(uri),
+        "format": BUNDLE_FORMAT,
+        "model_id": bundle.model_id,
+        "architecture": {k: v for k, v in bundle.config.to_dict().items() if k in ARCHITECTURE_KEYS},
+        "preprocessing": {**bundle.config.to_dict()["preprocess"], "name": bundle.config.preprocess.name},
+        "threshold": bundle.config.threshold,
+        "parameters": {**counts, "total": sum(counts.values())},
+        "files": bundle.files,
+        "provenance": bundle.provenance,
+        "summary": describe_model(bundle.config, bundle.weights),
+    }
 
 
 def describe_model(config: MirrorConfig, weights: MirrorWeights) -> list[str]:

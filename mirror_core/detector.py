@@ -15,6 +15,7 @@ from .bundle import Bundle, load_bundle
 from .config import MirrorConfig
 from .model import MirrorModel, assemble_model
 from .preprocess import Preprocessed, official_preprocess, preprocess_rgb, read_bytes
+from .readout import inference_readout
 
 # name -> (autocast dtype, weight dtype). "bf16-weights" casts the whole model: faster than
 # autocast (no fp32 LayerNorms / residual stream) and a little further from fp32 scores;
@@ -61,6 +62,12 @@ class Detector:
     @property
     def threshold(self) -> float:
         return self.config.threshold
+
+    @property
+    def readout(self) -> str:
+        """The memory bank's read-out this replica runs (C++ extension, its fallback, Triton...)."""
+        autocast, weights = PRECISIONS[self.precision]
+        return inference_readout(self.device, autocast is not None or weights is not None)
 
     def _autocast(self):
         dtype = PRECISIONS[self.precision][0]

@@ -125,6 +125,17 @@ def gpu_readout_available(q: torch.Tensor) -> bool:
     return triton_available()
 
 
+def inference_readout(device: str | torch.device, autocast_16bit: bool) -> str:
+    """Which read-out `sparse_readout` runs for inference on `device`, in words (recorded
+    by scans and the benchmark: a fallback must never pass unnoticed)."""
+    if torch.device(device).type == "cpu":
+        ext = native_readout_module()
+        return f"extension ({ext.isa()})" if ext else "torch.topk (extension not built)"
+    from .kernels import triton_available
+
+    return "triton" if autocast_16bit and triton_available() else "dense masked softmax"
+
+
 @functools.cache  # once per process
 def _warn_no_extension() -> None:
     log.warning("the _mirror_readout extension is not built (no C++ compiler when this package was installed?): "

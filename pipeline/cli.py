@@ -11,9 +11,9 @@ from .config import ConfigError
 SCAN_FLAGS = {  # flag -> (ScanConfig field, type, help)
     "--batch-size": ("batch_size", int, "images per model call"),
     "--actors": ("actors", int, "scoring actors (model replicas)"),
-    "--max-actors": ("max_actors", int, "autoscale the actor pool up to this many"),
+    "--max-actors": ("max_actors", int, "autoscale the actor pool up to this many (default: a fixed pool of --actors)"),
     "--gpus-per-actor": ("gpus_per_actor", float, "GPUs per scoring actor (0 = CPU)"),
-    "--cpus-per-actor": ("cpus_per_actor", float, "CPUs per scoring actor"),
+    "--cpus-per-actor": ("cpus_per_actor", float, "CPUs per scoring actor (default: 1 on GPU; on a one-node CPU Ray its CPUs less 2, shared)"),
     "--cpus-per-decode-task": ("cpus_per_decode_task", float, "CPUs per decode task"),
     "--fetch-threads": ("fetch_threads", int, "concurrent reads per decode task"),
     "--unit-size": ("unit_size", int, "records per committed unit (folders, manifests)"),
@@ -24,15 +24,33 @@ SCAN_FLAGS = {  # flag -> (ScanConfig field, type, help)
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_scan_flags(p: argparse.ArgumentParser) -> None:
+    from .config import ScanConfig
+
+    # The flags default to None ("not given") so a YAML value survives; the help shows
+    # what applies when neither says anything.
+    defaults = ScanConfig()
     p.add_argument("--config", help="YAML settings (see configs/); flags override it")
-    for flag, (_, kind, help_text) in SCAN_FLAGS.items():
-        p.add_argument(flag, type=kind, help=help_text)
+    for flag, (field, kind, help_text) in SCAN_FLAGS.items():
+        shown = "" if "default" in help_text else f" (default: {getattr(defaults, field)})"
+        p.add_argument(flag, type=kind, help=help_text + shown)
     p.add_argument("--alignment", choices=ALIGNMENT_MODES, help="JPEG q96 alignment policy (default: the bundle's)")
-    p.add_argument("--fast-decode", action="store_true", default=None,
-                   help="decode large JPEGs at reduced DCT scale: faster, not bit-exact (recorded in every row)")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile each scoring replica (slower start, faster steady state on GPU)")
+    p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode large JPEGs at reduced DCT scale: faster, not bit-exact, recorded in every row "
+                        "(default: off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each scoring replica: slower start, faster steady state on GPU (default: off)")
 
 
 def scan_config_from_args(args: argparse.Namespace):
@@ -50,12 +68,41 @@ def cmd_import_official(args: argparse.Namespace) -> int:
     from mirror_core.official import import_official_bundle
 
     model_id, report = import_official_bundle(
-        args.checkpoint, args.backbone, args.out, memory=args.memory, alignment=args.alignment,
+        args.checkpoint, args.backbone, args.output, memory=args.memory, alignment=args.alignment,
         lora_alpha=args.lora_alpha, memory_heads=args.memory_heads, top_k=args.top_k,
     )
     for line in describe_model(report.config, report.weights) + report.notes:
         print(line)
-    print(f"bundle: {args.out} (model_id {model_id})")
+    print(f"bundle: {args.output} (model_id {model_id})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from mirror_core.bundle import inspect_bundle
+
+    info = inspect_bundle(args.bundle)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(f"bundle: {info['uri']} (model_id {info['model_id']}, {info['format']}, verified)")
+    for line in info["summary"]:
+        print(line)
+    pre = info["preprocessing"]
+    print(f"preprocessing: resize short side {pre['resize_short_side']}, center crop {pre['crop_size']}, "
+          f"JPEG q{pre['jpeg_quality']} alignment {pre['alignment']}, fast decode {'on' if pre['fast_decode'] else 'off'}")
+    provenance = info["provenance"]
+    sources = provenance.get("sources", {})
+    origin = provenance.get("imported_from") or provenance.get("trained_from") or "unrecorded"
+    print(f"provenance: {origin}" + "".join(f"; {role} {s.get('file') or s.get('dir')}" for role, s in sources.items()))
+    for name, value in sorted(provenance.get("memory_config_from", {}).items()):
+        print(f"  memory {name}: from {value}")
+    libraries = provenance.get("libraries", {})
+    if libraries:
+        print("written with: " + ", ".join(f"{k} {v}" for k, v in sorted(libraries.items())))
+    for name, digest in sorted(info["files"].items()):
+        print(f"file: {name} sha256 {digest}")
     return 0
 
 
@@ -155,21 +202,21 @@ def add_train_parser(sub, name: str, help_text: str, phase: int) -> None:
     p.add_argument("--output", required=True, help="bundle to write")
     p.add_argument("--storage", required=True, help="Ray Train storage for checkpoints; rerun to resume")
     p.add_argument("--name", default=f"mirror-phase{phase}", help="run name under --storage")
-    p.add_argument("--epochs", type=int, default=100 if phase == 1 else 10)
+    p.add_argument("--epochs", type=int, default=100 if phase == 1 else 10, help="passes over the training split")
     p.add_argument("--batch-size", type=int, default=128 if phase == 1 else 32, help="per worker")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-steps", type=int, default=0 if phase == 1 else 100)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=int, default=0 if phase == 1 else 100, help="linear warm-up, in optimizer steps")
+    p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="phase 2: cross-entropy label smoothing")
     p.add_argument("--ortho-weight", type=float, default=0.01, help="phase 1: orthogonality penalty weight")
     p.add_argument("--memory-slots", type=int, default=4096, help="phase 1 from a backbone directory")
-    p.add_argument("--memory-heads", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=128)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--memory-heads", type=int, default=8, help="phase 1: memory-bank attention heads")
+    p.add_argument("--top-k", type=int, default=128, help="phase 1: memory slots kept per query")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the input (by record)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, initialisation and shuffling")
     p.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train recovers from")
     p.add_argument("--ema", type=float, help="EMA decay (e.g. 0.999): validate and export averaged weights")
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else local)")
@@ -188,15 +235,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mirror-at-scale")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mirror", description="MIRROR AI-generated image detection at scale")
+    parser = argparse.ArgumentParser(prog="mirror", description="MIRROR AI-generated image detection at scale",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add_parser(*a, formatter_class=HelpFormatter, **kw)
+
+    p = sub.add_parser("inspect", help="what a bundle is: architecture, preprocessing, threshold, provenance, hashes")
+    p.add_argument("bundle", help="bundle directory or URI")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("import-official", help="convert official .pth weights into a model bundle (safely)")
     p.add_argument("--checkpoint", required=True, help="official Phase 2 checkpoint-*.pth")
     p.add_argument("--memory", help="official Phase 1 mirror_phase1*.pth (optional when the checkpoint has memory_bank.*)")
     p.add_argument("--backbone", required=True, help="DINOv3 / DINOv2 directory (config.json)")
-    p.add_argument("--out", required=True, help="bundle directory or URI (s3://...)")
+    p.add_argument("--output", "--out", dest="output", required=True, help="bundle directory or URI (s3://...)")
     p.add_argument("--alignment", choices=ALIGNMENT_MODES, default="by-extension",
                    help="JPEG q96 format alignment recorded in the bundle (default: official by-extension)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: checkpoint args, else 2 x rank = official 16)")
@@ -214,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="pack a folder tree of images into Parquet shards")
     p.add_argument("--input", required=True, help="image folder (local or s3://)")
     p.add_argument("--output", required=True, help="shard directory (local or s3://)")
-    p.add_argument("--rows-per-shard", type=int, default=4096)
+    p.add_argument("--rows-per-shard", type=int, default=4096, help="images per Parquet shard")
     p.add_argument("--rows-per-row-group", type=int, default=256, help="row group = unit of scan work")
-    p.add_argument("--fetch-threads", type=int, default=16)
+    p.add_argument("--fetch-threads", type=int, default=16, help="concurrent file reads")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("benchmark", help="official metrics CSVs for registered benchmarks (+ nightly history)")
@@ -265,10 +330,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError, PermissionError) as err:
+    # Errors about the user's input, files or settings: one line. Anything else is a bug
+    # and keeps its traceback.
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as err:
         print(f"mirror {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The `mirror` executable (and `jobs/*.py`): `main` with a clean console."""
+    from .console import filter_ray_false_alarm
+
+    filter_ray_false_alarm()
+    sys.exit(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -21,7 +21,7 @@ from mirror_core.metrics import binary_metrics
 
 from .config import ScanConfig
 from .decode import decode_units
-from .schema import DECODE_SECONDS, INDEX, OUTPUT_COLUMNS, SCORE_SECONDS, UNIT, conform
+from .schema import DECODE_SECONDS, INDEX, OUTPUT_COLUMNS, READOUT, SCORE_SECONDS, UNIT, conform
 from .scorer import Scorer, weights_to_numpy
 from .sinks import Output
 from .sources import Plan, Unit, plan_source, read_shard_unit
@@ -178,10 +178,12 @@ class UnitCommitter:
         self.committed = 0
         self.rows = 0
         self.busy = {"decode": 0.0, "score": 0.0}
+        self.readouts: set[str] = set()
 
     def add(self, batch: pa.Table) -> None:
         self.busy["decode"] += float(pc.sum(batch[DECODE_SECONDS]).as_py() or 0)
         self.busy["score"] += float(pc.sum(batch[SCORE_SECONDS]).as_py() or 0)
+        self.readouts.update(pc.unique(batch[READOUT]).to_pylist())
         units = batch[UNIT].to_pylist()
         for unit_id in dict.fromkeys(units):
             part = batch.filter(pc.equal(batch[UNIT], unit_id))
@@ -275,6 +277,7 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
             "steady_images_per_s": round((committer.rows - first_rows) / (t_last - t_first), 2)
             if t_first and t_last > t_first else None,
             "stage_busy_s": {k: round(v, 3) for k, v in committer.busy.items()},
+            "replica_readout": sorted(committer.readouts),  # as the scoring replicas reported it
         },
         "config": cfg.to_dict(),
     })

@@ -18,7 +18,8 @@ INDEX = "_index"
 PIXELS = "_pixels"
 DECODE_SECONDS = "_decode_s"
 SCORE_SECONDS = "_score_s"
-INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS)
+READOUT = "_readout"  # which read-out the replica ran: reported in summary.json
+INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS, READOUT)
 
 RECORD_FIELDS = [
     pa.field("uri", pa.string()),

@@ -19,7 +19,7 @@ from mirror_core.model import assemble_model
 from mirror_core.weights import MirrorWeights
 
 from .decode import DECODED_SCHEMA
-from .schema import PIXELS, SCORE_SECONDS
+from .schema import PIXELS, READOUT, SCORE_SECONDS
 
 
 def weights_to_numpy(weights: MirrorWeights) -> dict[str, dict[str, np.ndarray]]:
@@ -76,6 +76,7 @@ class Scorer:
         # nullable ints as floats with NaN: from_pandas maps NaN back to null).
         columns = {f.name: pa.array(batch[f.name], f.type, from_pandas=True) for f in DECODED_SCHEMA}
         columns[SCORE_SECONDS] = pa.array(np.full(n, seconds), pa.float64())
+        columns[READOUT] = pa.array([self.detector.readout] * n, pa.string())
         table = pa.table(columns)
         for k in SIGNALS:
             table = table.append_column(k, pa.array(scores[k], pa.float64(), mask=~ok))

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from mirror_core.backbone import attach_lora, build_backbone, lora_shapes, lora_target_modules_wrapped, load_lora_, merge_lora_
+from mirror_core.backbone import LoraMismatchError, attach_lora, build_backbone, lora_shapes, lora_target_modules_wrapped, load_lora_, merge_lora_
 from mirror_core.config import BackboneConfig, LoraSettings
 from pipeline.demo import DEMO_BACKBONE
 
@@ -38,9 +38,9 @@ def test_merge_refuses_missing_extra_and_misshaped_tensors():
     settings = LoraSettings()
     backbone, lora = _backbone_and_lora(settings)
     first = sorted(lora)[0]
-    with pytest.raises(KeyError, match="missing LoRA tensors"):
+    with pytest.raises(LoraMismatchError, match="missing LoRA tensors"):
         merge_lora_(backbone, {k: v for k, v in lora.items() if k != first}, settings)
-    with pytest.raises(KeyError, match="unexpected LoRA tensors"):
+    with pytest.raises(LoraMismatchError, match="unexpected LoRA tensors"):
         merge_lora_(backbone, {**lora, "x.lora_A.weight": torch.zeros(1)}, settings)
     with pytest.raises(ValueError, match="has shape"):
         merge_lora_(backbone, {**lora, first: lora[first][:1]}, settings)

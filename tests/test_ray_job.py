@@ -2,10 +2,12 @@
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,8 +39,10 @@ def ray_cluster(tmp_path):
     agent_ports = [f"--{name}={free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
         "ray-client-server-port")]
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
         [bin_dir / "ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
+         f"--temp-dir={temp_dir}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats", *agent_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -51,30 +55,38 @@ def ray_cluster(tmp_path):
     else:
         os.killpg(head.pid, signal.SIGKILL)
         pytest.fail("ray head did not come up")
-    yield address, env
+    yield address, env, temp_dir
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_scan(ray_cluster, parity_bundle, parity_dir, tmp_path):
-    address, env = ray_cluster
+def test_ray_job_submit_scan_with_the_documented_runtime_env(ray_cluster, parity_bundle, parity_dir, tmp_path):
+    """The README's command: configs/runtime_env.yaml installs the project on the node,
+    which compiles the C++ read-out there; the replicas report using it."""
+    address, env, temp_dir = ray_cluster
     out = tmp_path / "job-out"
-    runtime_env = {"excludes": [".venv", ".git", "tests", "*.egg-info"]}
-    cmd = [Path(sys.executable).parent / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--",
+    cmd = [Path(sys.executable).parent / "ray", "job", "submit", "--address", address,
+           "--runtime-env", "configs/runtime_env.yaml", "--",
            "python", "jobs/scan.py", "--model", str(parity_bundle), "--input", str(parity_dir / "data"),
            "--output", str(out), "--unit-size", "16", "--actors", "2"]
     deadline = time.time() + 90
     while True:  # the head answers before its job agent is up: retry only that answer
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
         if "No available agent to submit job" not in proc.stderr or time.time() > deadline:
             break
         time.sleep(2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "48/48 rows: 48 scored, 0 errors" in proc.stdout
     assert "succeeded" in proc.stdout
+    assert "core_worker.cc" not in proc.stdout + proc.stderr  # a clean console in the job's log too
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scored"] == 48 and summary["metrics"]["ALL"]["n"] == 48
+    readouts = summary["this_run"]["replica_readout"]
+    assert readouts and all(r.startswith("extension (") for r in readouts), readouts
+    # built on the node by the runtime env's pip install (the checkout's .so is not uploaded)
+    built = list(temp_dir.glob("session_*/runtime_resources/pip/*/virtualenv/lib/python*/site-packages/_mirror_readout*"))
+    assert built, "the runtime env did not build the extension on the node"
