@@ -29,6 +29,7 @@ from PIL import Image
 
 from .config import ScanConfig
 from .explain import heatmap_overlay, png_bytes
+from .progress import progress, step
 from .scan import run_scan
 from .sinks import Output
 from .sources import fetch_all, read_shard_unit
@@ -136,7 +137,7 @@ def write_filtered(out: Output, scan: Output, rows: pa.Table, keep: np.ndarray, 
         by_file: dict[str, list] = {}
         for u in plan.units:
             by_file.setdefault(u.file, []).append(u)
-        for file, units in by_file.items():
+        for file, units in progress(by_file.items(), "filtered shards", total=len(by_file), unit="shard"):
             with fsspec.open(file, "rb") as f:
                 table = pq.read_table(f)
             flags = [keep_by_pos[(u.unit_id, i)] for u in units for i in range(u.rows)]
@@ -173,7 +174,7 @@ def explain_top(out: Output, scan: Output, bundle: Bundle, flagged: pa.Table, to
     top = flagged.sort_by([("prob_fake", "descending")]).slice(0, top_n)
     plan = scan.load_plan()
     rows = []
-    for rank, r in enumerate(top.to_pylist(), start=1):
+    for rank, r in enumerate(progress(top.to_pylist(), "explaining", unit="image"), start=1):
         data, name = record_bytes(plan, r["_unit"], r["_index"], columns)
         pre = detector.preprocess(data, name=name)
         grid = detector.score_pixels(pre.pixels[None], token_residuals=True)["token_residual"][0]
@@ -211,14 +212,20 @@ def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: Sc
     manifest = pa.table({"uri": flagged["uri"], "id": flagged["id"], "prob_fake": flagged["prob_fake"],
                          group_col: flagged["_group"], "threshold": pa.array([threshold] * flagged.num_rows),
                          "threshold_method": pa.array([method] * flagged.num_rows, pa.string())})
-    out.write_parquet("flagged.parquet", with_threshold_info(manifest, threshold, method))
-    groups = group_summary(rows, keys, threshold)
-    groups = groups.rename_columns([group_col if c == "group" else c for c in groups.column_names])
-    out.write_parquet("groups.parquet", with_threshold_info(groups, threshold, method))
-    keep = (~np.asarray(is_flagged.to_numpy(zero_copy_only=False), bool)).tolist()
-    kept = write_filtered(out, scan, rows, keep, cfg.filter_mode, threshold, method, scan_cfg.source_options().columns)
-    explanations = explain_top(out, scan, bundle, flagged, cfg.top_n, threshold, method,
-                               scan_cfg.source_options().columns, scan_cfg.alignment)
+    with step("flagged manifest and group summary") as info:
+        out.write_parquet("flagged.parquet", with_threshold_info(manifest, threshold, method))
+        groups = group_summary(rows, keys, threshold)
+        groups = groups.rename_columns([group_col if c == "group" else c for c in groups.column_names])
+        out.write_parquet("groups.parquet", with_threshold_info(groups, threshold, method))
+        info.update(items=groups.num_rows, unit="groups")
+    with step(f"filtered copy ({cfg.filter_mode})") as info:
+        keep = (~np.asarray(is_flagged.to_numpy(zero_copy_only=False), bool)).tolist()
+        kept = write_filtered(out, scan, rows, keep, cfg.filter_mode, threshold, method,
+                              scan_cfg.source_options().columns)
+        info.update(items=kept, unit="rows written")
+    with step(f"heatmaps of the top {cfg.top_n} flagged"):
+        explanations = explain_top(out, scan, bundle, flagged, cfg.top_n, threshold, method,
+                                   scan_cfg.source_options().columns, scan_cfg.alignment)
     result = {
         "model_id": bundle.model_id, "input": input_uri, "output": out.uri,
         "threshold": threshold, "threshold_method": method,
@@ -227,6 +234,7 @@ def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: Sc
         "group_column": group_col, "groups": groups.to_pylist(), "filter_mode": cfg.filter_mode,
         "filtered_rows": kept, "explained": explanations.num_rows,
     }
-    result["report"] = write_audit_report(out, result, rows, explanations)
+    with step("audit report"):
+        result["report"] = write_audit_report(out, result, rows, explanations)
     out.write_json("audit_summary.json", result)
     return result

@@ -192,6 +192,7 @@ def run_benchmarks(model: Bundle, data_root: str, names: list[str], output: str,
                    tolerance: float = 0.01, now: datetime | None = None) -> BenchmarkRun:
     from . import history as hist
     from .registry import resolve
+    from .progress import step
     from .report import write_report
 
     now = now or datetime.now()
@@ -208,5 +209,6 @@ def run_benchmarks(model: Bundle, data_root: str, names: list[str], output: str,
         Output(output).write_json(f"comparison_{stamp}.json", {
             "previous_run": comparison.previous_run, "tolerance": tolerance, "deltas": comparison.deltas,
             "regressions": comparison.regressions})
-    report = write_report(output, stamp, results, comparison_md)
+    with step("benchmark report"):
+        report = write_report(output, stamp, results, comparison_md)
     return BenchmarkRun(results, report, comparison)

@@ -90,7 +90,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for line in info["summary"]:
         print(line)
     pre = info["preprocessing"]
-    print(f"preprocessing: resize short side {pre['resize_short_side']}, center crop {pre['crop_size']}, "
+    print(f"  resize short side {pre['resize_short_side']}, center crop {pre['crop_size']}, "
           f"JPEG q{pre['jpeg_quality']} alignment {pre['alignment']}, fast decode {'on' if pre['fast_decode'] else 'off'}")
     provenance = info["provenance"]
     sources = provenance.get("sources", {})
@@ -340,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
 def entry(argv: list[str] | None = None) -> None:
     """The `mirror` executable (and `jobs/*.py`): `main` with a clean console."""
     from .console import filter_ray_false_alarm
+    from .progress import log_to_console
 
     filter_ray_false_alarm()
+    log_to_console()
     sys.exit(main(argv))
 
 

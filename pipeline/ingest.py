@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .progress import progress, step
 from .sinks import Output
 from .sources import DEFAULT_EXTENSIONS, fetch_all, list_images
 
@@ -43,11 +44,13 @@ def sniff_format(data: bytes) -> str | None:
 
 def ingest_folder(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per_row_group: int = 256,
                   extensions=DEFAULT_EXTENSIONS, fetch_threads: int = 16) -> IngestResult:
-    listing = list_images(input_uri, extensions)
+    with step(f"listing {input_uri}") as info:
+        listing = list_images(input_uri, extensions)
+        info.update(items=listing.num_rows, unit="images")
     out = Output(output_uri)
     existing = {p.rsplit("/", 1)[-1] for p in out.fs.find(out.root)} if out.fs.exists(out.root) else set()
     shards = skipped = errors = 0
-    for start in range(0, listing.num_rows, rows_per_shard):
+    for start in progress(range(0, listing.num_rows, rows_per_shard), "writing shards", unit="shard"):
         name = f"shard-{start // rows_per_shard:06d}.parquet"
         shards += 1
         if name in existing:

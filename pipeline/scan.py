@@ -20,6 +20,7 @@ from mirror_core.config import MirrorConfig
 from mirror_core.metrics import binary_metrics
 
 from .config import ScanConfig
+from .progress import step
 from .decode import decode_units
 from .schema import DECODE_SECONDS, INDEX, OUTPUT_COLUMNS, READOUT, SCORE_SECONDS, UNIT, conform
 from .scorer import Scorer, weights_to_numpy
@@ -238,8 +239,10 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
     out.claim({**run, "input": input_uri})
     plan = out.load_plan()
     if plan is None:
-        plan = plan_source(input_uri, cfg.source_options())
-        out.save_plan(plan)
+        with step(f"planning {input_uri}") as info:
+            plan = plan_source(input_uri, cfg.source_options())
+            out.save_plan(plan)
+            info.update(items=plan.total_rows, unit=f"records in {len(plan.units)} units")
     done = out.done_units()
     todo = [u for u in plan.units if u.unit_id not in done]
     committer = UnitCommitter(plan, out, cfg, run)

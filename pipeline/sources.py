@@ -176,8 +176,10 @@ def shard_files(root: str) -> list[str]:
 
 
 def shard_units(files: list[str]) -> list[Unit]:
+    from .progress import progress
+
     units = []
-    for uri in files:
+    for uri in progress(files, "reading shard footers", unit="file"):
         with fsspec.open(uri, "rb") as f:
             meta = pq.ParquetFile(f).metadata
         for rg in range(meta.num_row_groups):

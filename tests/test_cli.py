@@ -1,0 +1,131 @@
+"""The `mirror` command as a user meets it: version, inspect, help, flags, errors, console."""
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli
+
+MIRROR = Path(sys.executable).parent / "mirror"  # the installed console script
+
+
+def run_mirror(*args, check=True):
+    proc = subprocess.run([MIRROR, *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    return proc
+
+
+def test_version_is_the_installed_package_version():
+    assert run_mirror("--version").stdout.strip() == f"mirror {version('mirror-at-scale')}"
+
+
+def test_inspect_shows_architecture_policy_threshold_provenance_counts_and_hashes(parity_bundle):
+    text = run_mirror("inspect", parity_bundle).stdout
+    for expected in ("verified", "width 64", "K=4096", "top_k=128", "total 764,488", "threshold 0.5",
+                     "alignment by-extension", "provenance: official; backbone backbone; checkpoint checkpoint.pth; "
+                     "memory mirror_phase1.pth", "memory num_heads: from default"):
+        assert expected in text, expected
+    info = json.loads(run_mirror("inspect", parity_bundle, "--json").stdout)
+    for name, digest in info["files"].items():
+        assert hashlib.sha256((parity_bundle / name).read_bytes()).hexdigest() == digest
+        assert f"file: {name} sha256 {digest}" in text
+    assert info["parameters"]["total"] == 764_488
+    assert info["architecture"]["memory"] == {"num_slots": 4096, "num_heads": 8, "top_k": 128}
+    assert info["preprocessing"]["name"] == "official/align=by-extension"
+    assert info["provenance"]["sources"]["checkpoint"]["file"] == "checkpoint.pth"
+
+
+def test_inspect_of_an_edited_bundle_is_a_one_line_error(parity_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(parity_bundle, copy)
+    data = bytearray((copy / "mirror.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "mirror.safetensors").write_bytes(bytes(data))
+    proc = run_mirror("inspect", copy, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "does not match mirror.json" in proc.stderr
+
+
+def test_help_shows_defaults():
+    text = run_mirror("scan", "--help").stdout
+    assert re.search(r"images per model call\s+\(default: 32\)", text)
+    assert "--no-fast-decode" in text and "--no-compile" in text
+    assert "(default: 4096)" in run_mirror("ingest", "--help").stdout
+
+
+def test_a_boolean_turned_on_in_yaml_can_be_turned_off_on_the_command_line(tmp_path):
+    config = tmp_path / "on.yaml"
+    config.write_text("fast_decode: true\ncompile: true\n")
+    base = ["scan", "--model", "m", "--input", "i", "--output", "o", "--config", str(config)]
+    on = cli.scan_config_from_args(cli.build_parser().parse_args(base))
+    assert on.fast_decode is True and on.compile is True
+    off = cli.scan_config_from_args(cli.build_parser().parse_args(base + ["--no-fast-decode", "--no-compile"]))
+    assert off.fast_decode is False and off.compile is False
+
+
+def test_malformed_yaml_is_one_line_naming_the_file_and_position(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("batch_size: 8\nactors: [1, 2\nunit_size: 4\n")
+    code = cli.main(["scan", "--model", "m", "--input", "i", "--output", "o", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert f"{config}: not valid YAML at line 3, column " in err
+
+
+def test_programming_errors_keep_their_traceback(monkeypatch):
+    def broken(args):
+        return {}["missing"]
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    with pytest.raises(KeyError, match="missing"):
+        cli.main(["inspect", "somewhere"])
+
+
+def test_output_flags_are_named_alike_with_old_spellings_kept():
+    parser = cli.build_parser()
+    for argv in (["import-official", "--checkpoint", "c", "--backbone", "b", "--output", "x"],
+                 ["import-official", "--checkpoint", "c", "--backbone", "b", "--out", "x"],
+                 ["scan", "--model", "m", "--input", "i", "--output", "x"],
+                 ["ingest", "--input", "i", "--output", "x"],
+                 ["audit", "--model", "m", "--input", "i", "--output", "x"],
+                 ["benchmark", "--benchmarks", "b", "--output", "x"],
+                 ["benchmark", "--benchmarks", "b", "--output_dir", "x"]):
+        assert parser.parse_args(argv).output == "x", argv
+
+
+# Error-level lines as Ray's C++ (glog: "[date time,ms E pid tid]"), Python logging
+# ("ERROR"/"CRITICAL" level field) and tracebacks print them.
+ERROR_LINE = re.compile(r"^\[[^\]]* [EF] \d+ \d+\]|\t(ERROR|CRITICAL) |\b(ERROR|CRITICAL)\b.* -- |^Traceback", re.M)
+
+
+@pytest.mark.slow
+def test_demo_console_has_no_error_level_lines_and_one_row_per_image(tmp_path):
+    proc = run_mirror("demo", "--workdir", tmp_path / "demo")
+    console = proc.stdout + proc.stderr
+    assert not ERROR_LINE.search(console), ERROR_LINE.search(console).group(0)
+    assert "24/24 rows: 24 scored, 0 errors" in proc.stdout
+    images = [p for p in (tmp_path / "demo" / "images").rglob("*") if p.is_file()]
+    assert len(images) == 24
+    assert "INFO mirror -- planning" in proc.stderr  # work outside Ray Data shows progress too
+
+
+def test_the_console_filter_drops_only_the_known_line_and_passes_partial_lines_at_once():
+    from pipeline.console import FALSE_ALARM, _FILTER
+
+    alarm = ("[2026-11-26 12:16:29,066 E 6390 6390] core_worker.cc:2465: Actor with class name: "
+             "'MapWorker(MapBatches(Scorer))' and ID: 'b87c1cb6e0e93fedfb40ba2e01000000' has constructor arguments "
+             "in the object store and max_restarts > 0. If the arguments in the object store go out of scope or are "
+             "lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
+    other = "[2026-11-26 12:16:29,067 E 6390 6390] core_worker.cc:100: a real error"
+    text = f"before\n{alarm}\n{other}\nprogress 10%\rprogress 20%\r[no newline at the end"
+    proc = subprocess.run([sys.executable, "-c", _FILTER, FALSE_ALARM], input=text.encode(), capture_output=True)
+    assert proc.stdout.decode() == f"before\n{other}\nprogress 10%\rprogress 20%\r[no newline at the end"
