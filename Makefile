@@ -1,18 +1,20 @@
 # Two commands from a fresh clone: `make demo` and `make test`.
 # Both create .venv when missing and install the project with the pinned, known-good
-# versions of constraints.txt (CPU torch); a second run installs nothing.
+# versions of constraints.txt (CPU torch); a second run installs nothing. Editing
+# csrc/ (or the packaging files) re-installs, rebuilding the C++ read-out.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mirror-installed
 
-.PHONY: demo test install clean-ext
+.PHONY: demo test install
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py constraints.txt csrc/topk_readout.cpp csrc/readout_row.h
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	rm -f mirror_core/_readout*.so  # an editable re-install may keep a stale in-place build
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
@@ -21,8 +23,3 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-
-# After editing csrc/: rebuild the in-place extension from scratch.
-clean-ext:
-	rm -f _mirror_readout*.so mirror_core/_readout*.so
-	rm -f $(STAMP)

@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "_mirror_readout",
+            "mirror_core._readout",
             sources=["csrc/topk_readout.cpp"],
             depends=["csrc/readout_row.h"],
             language="c++",

@@ -71,12 +71,11 @@ def natural_like(batch: int, seed: int) -> np.ndarray:
 
 def model_figures(backbone: dict, batches: list[int], reps: int, compile_batch: int | None) -> dict:
     from benchmarks.reference import OfficialStyleMirror
-    from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig
     from mirror_core.model import assemble_model
-    from pipeline.demo import random_mirror
+    from mirror_core.smoke import official_sized, random_mirror
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    cfg = official_sized(backbone)
     base, weights = random_mirror(cfg, seed=0, lora_scale=0.02)
     ours = assemble_model(cfg, weights).cuda()
     reference = OfficialStyleMirror(base, weights.lora).cuda()
@@ -139,7 +138,7 @@ def write_shards(folder: Path, n_images: int, distinct: int = 2048, rows_per_gro
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from benchmarks.run import jpeg
+    from benchmarks.images import jpeg
 
     payloads = [jpeg((224, 224), seed=i) for i in range(distinct)]
     folder.mkdir(parents=True)
@@ -154,13 +153,13 @@ def write_shards(folder: Path, n_images: int, distinct: int = 2048, rows_per_gro
 def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpus_per_actor: float,
                      compile: bool = False) -> dict:
     from mirror_core.bundle import load_bundle, save_bundle
-    from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig
     from mirror_core.detector import Detector
-    from pipeline.config import ScanConfig
-    from pipeline.demo import random_mirror
-    from pipeline.scan import ensure_ray, run_scan
+    from mirror_core.smoke import official_sized, random_mirror
+    from pipeline.cluster import ensure_ray
+    from pipeline.scan.config import ScanConfig
+    from pipeline.scan.run import run_scan
 
-    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    cfg = official_sized(backbone)
     _, weights = random_mirror(cfg, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -202,11 +201,10 @@ def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpu
 def compile_figures(backbone: dict, batch: int, reps: int,
                     names=("full_eager", "backbone_eager", "full_compiled", "backbone_compiled")) -> dict:
     """Eager vs torch.compile, autocast vs bf16 weights, full model vs backbone alone."""
-    from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig
     from mirror_core.model import assemble_model
-    from pipeline.demo import random_mirror
+    from mirror_core.smoke import official_sized, random_mirror
 
-    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    cfg = official_sized(backbone)
     _, weights = random_mirror(cfg, seed=0, lora_scale=0.02)
     pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
     res: dict = {"compile_batch": batch}

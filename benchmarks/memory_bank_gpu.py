@@ -33,7 +33,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     dim, n, b = 1024, 200, args.batch
-    bank = MemoryBank(dim, MemoryConfig(4096, 8, 128)).cuda().eval()
+    bank = MemoryBank(dim, MemoryConfig()).cuda().eval()
     tokens = torch.randn(b, n, dim, device="cuda")
     ms = lambda fn: 1e3 * cuda_median_s(fn, args.reps)  # noqa: E731
     res = {"batch": b}

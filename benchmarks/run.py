@@ -1,5 +1,5 @@
 """Performance harness (not a test): prints one JSON object and appends a dated row to
-BENCHMARKS.md.
+the performance log (benchmarks/results/perf-log.md).
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--no-record]
 
@@ -10,7 +10,6 @@ fast_mode_max_abs_dprob (parity fixture), peak_actor_rss_mb.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -22,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+PERF_LOG = REPO / "benchmarks" / "results" / "perf-log.md"  # dated figures, appended by every run
 sys.path.insert(0, str(REPO))
 
-from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig, PreprocessConfig  # noqa: E402
+from benchmarks.images import jpeg  # noqa: E402
+from mirror_core.config import PreprocessConfig  # noqa: E402
 from mirror_core.detector import Detector  # noqa: E402
 from mirror_core.model import assemble_model  # noqa: E402
 from mirror_core.preprocess import official_preprocess  # noqa: E402
@@ -51,9 +51,9 @@ def timed(fn, reps: int) -> float:
 
 def model_figures(backbone: dict, batch: int, reps: int, device: str) -> dict:
     from benchmarks.reference import OfficialStyleMirror
-    from pipeline.demo import random_mirror
+    from mirror_core.smoke import official_sized, random_mirror
 
-    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    cfg = official_sized(backbone)
     base, weights = random_mirror(cfg, seed=0, lora_scale=0.02)
     ours = assemble_model(cfg, weights).to(device)
     reference = OfficialStyleMirror(base, weights.lora).to(device)
@@ -70,16 +70,6 @@ def model_figures(backbone: dict, batch: int, reps: int, device: str) -> dict:
     return {"model_speedup_vs_reference": t_ref / t_ours, "model_over_backbone": t_ours / t_backbone,
             "model_ms_per_image": 1000 * t_ours / batch, "reference_ms_per_image": 1000 * t_ref / batch,
             "backbone_ms_per_image": 1000 * t_backbone / batch, "reference_max_abs_logit_diff": max_diff}
-
-
-def jpeg(size, seed=0, quality=90) -> bytes:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    small = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def decode_figures(n: int) -> dict:
@@ -114,11 +104,12 @@ def fast_mode_dprob() -> float | None:
 def pipeline_figures(backbone: dict, n_images: int, batch: int) -> dict:
     """End-to-end `mirror scan` images/s over a pure model loop on the same pre-decoded crops."""
     from mirror_core.bundle import load_bundle, save_bundle
-    from pipeline.config import ScanConfig
-    from pipeline.demo import random_mirror
-    from pipeline.scan import ensure_ray, run_scan
+    from mirror_core.smoke import official_sized, random_mirror
+    from pipeline.cluster import ensure_ray
+    from pipeline.scan.config import ScanConfig
+    from pipeline.scan.run import run_scan
 
-    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    cfg = official_sized(backbone)
     _, weights = random_mirror(cfg, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -152,13 +143,12 @@ def actor_peak_rss_mb(backbone: dict) -> float:
     does from the object store), builds one scoring replica and scores a batch of 16."""
     import subprocess
 
-    from pipeline.demo import random_mirror
-    from pipeline.scorer import weights_to_numpy
-
-    cfg = MirrorConfig(backbone=BackboneConfig(dict(backbone)), memory=MemoryConfig(4096, 8, 128))
+    from mirror_core.smoke import official_sized, random_mirror
+    
+    cfg = official_sized(backbone)
     _, weights = random_mirror(cfg, seed=2)
     with tempfile.TemporaryDirectory() as tmp:
-        arrays = {f"{g}/{k}": v for g, t in weights_to_numpy(weights).items() for k, v in t.items()}
+        arrays = {f"{g}/{k}": v for g, t in weights.to_numpy().items() for k, v in t.items()}
         np.savez(Path(tmp) / "w.npz", **arrays)
         (Path(tmp) / "cfg.json").write_text(json.dumps(cfg.to_dict()))
         code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.run import replica_memory_probe; " \
@@ -168,7 +158,7 @@ def actor_peak_rss_mb(backbone: dict) -> float:
 
 
 def replica_memory_probe(folder: str) -> None:
-    from pipeline.scorer import Scorer
+    from pipeline.scan.scorer import Scorer
 
     loaded = np.load(Path(folder) / "w.npz")
     arrays: dict = {}
@@ -218,19 +208,11 @@ def table_row(r: dict) -> str:
 
 
 def record(result: dict, path: Path) -> None:
-    """Append a row to the CPU or the GPU table of BENCHMARKS.md (created if missing)."""
+    """Append this run's row, under its own table header, to the end of the performance log."""
     header, rule = CPU_TABLE if result["device"] == "cpu" else GPU_TABLE
-    text = path.read_text() if path.exists() else \
-        "# Benchmarks\n\nRows appended by `python benchmarks/run.py`; see the notes below the tables.\n"
-    if rule + "\n" not in text or header not in text:
-        title = "CPU" if result["device"] == "cpu" else "GPU"
-        at = text.find("\n## ")  # new tables go above the notes
-        block = f"\n## {title} runs\n\n{header}\n{rule}\n"
-        text = text + block if at == -1 else text[:at] + "\n" + block.strip("\n") + "\n" + text[at:]
-    end = text.index(rule + "\n", text.index(header)) + len(rule) + 1
-    while text.startswith("|", end):  # past the table's last row
-        end = text.index("\n", end) + 1 if "\n" in text[end:] else len(text)
-    path.write_text(text[:end] + table_row(result) + text[end:])
+    with open(path, "a") as log:
+        log.write(f"\n### {result['date']}: {result['device']}, {result['config']}\n\n{header}\n{rule}\n"
+                  + table_row(result))
 
 
 def section(result: dict, name: str, fn, json_out: Path | None) -> None:
@@ -253,7 +235,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions and images (< 2 minutes on 2 cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
     p.add_argument("--json-out", type=Path, help="also write the JSON here after every section")
     p.add_argument("--only", help="comma-separated sections: model,decode,fast,pipeline,rss (cpu), compile (cuda)")
     g = p.add_argument_group("cuda")
@@ -305,7 +287,7 @@ def main(argv=None) -> int:
         section(result, "fast", lambda: {"fast_mode_max_abs_dprob": fast_mode_dprob()}, args.json_out)
     print(json.dumps(result, indent=2, default=str))
     if not args.no_record:
-        record(result, REPO / "BENCHMARKS.md")
+        record(result, PERF_LOG)
     return 0
 
 

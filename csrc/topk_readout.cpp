@@ -1,4 +1,4 @@
-// Exact sparse top-k read-out of memory-bank logits on the CPU (the `_mirror_readout`
+// Exact sparse top-k read-out of memory-bank logits on the CPU (the `mirror_core._readout`
 // extension module). For each row of logits x [K] (one query, one head):
 //
 //   t      = the k-th largest value of x
@@ -16,8 +16,8 @@
 //
 // The logits are computed here too, a few rows at a time into cache-sized scratch: they
 // never go to memory, and no torch (OpenMP) op alternates with this code's threads
-// (libgomp workers spin after each parallel region: alternating the two cost 4.5 of
-// 13.5 ms per image).
+// (libgomp workers spin after each parallel region and take the cores from this code's
+// threads when the two alternate).
 //
 // Layout: q [H, R, hd] (scaled), keys_t [H, hd, K], values [H, K, hd], outputs
 // [H, R, hd] and [H, R]; float32, C-contiguous. Row blocks are split over `threads`
@@ -234,12 +234,12 @@ PyMethodDef methods[] = {
     {"use_isa", use_isa, METH_VARARGS, "use_isa(name): run the code compiled for this instruction set (tests)."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_mirror_readout", "Exact CPU top-k read-out of memory-bank logits.", -1,
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "mirror_core._readout", "Exact CPU top-k read-out of memory-bank logits.", -1,
                       methods};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__mirror_readout() {
+PyMODINIT_FUNC PyInit__readout() {
 #ifdef MIRROR_X86_CLONES
   __builtin_cpu_init();
 #endif

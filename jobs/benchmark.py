@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
 
-from pipeline.cli import entry  # noqa: E402
+from pipeline.commands.cli import entry  # noqa: E402
 
 if __name__ == "__main__":
     entry(["benchmark", *sys.argv[1:]])

@@ -73,10 +73,6 @@ def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def backbone_config_of(model: nn.Module) -> BackboneConfig:
-    return _clean_config(model.config.to_dict())
-
-
 def _clean_config(d: dict) -> BackboneConfig:
     drop = ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset")
     return BackboneConfig(hf_config={k: v for k, v in d.items() if k not in drop})
@@ -130,7 +126,7 @@ def merge_lora_(backbone: nn.Module, lora: dict[str, torch.Tensor], settings: Lo
 
     Scoring then runs a plain backbone and pays nothing for the adapters. The same
     operations, in the same order, as peft's merge of a plain LoRA Linear (a test checks
-    bit-equality), without importing peft: that import alone costs ~2 s per replica start.
+    bit-equality), without importing peft, whose import alone is a large share of a replica's start.
     """
     expected = lora_shapes(backbone, settings)
     extra, missing = set(lora) - set(expected), set(expected) - set(lora)
@@ -181,13 +177,3 @@ def load_lora_(wrapped: nn.Module, lora: dict[str, torch.Tensor]) -> None:
     extra = set(lora) - expected
     if extra:
         raise LoraMismatchError(f"unexpected LoRA tensors: {sorted(extra)}")
-
-
-def export_lora(wrapped: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of a peft-wrapped backbone, in bundle naming."""
-    out = {}
-    for name in lora_target_modules_wrapped(wrapped):
-        module = wrapped.get_submodule(name)
-        for part in ("lora_A", "lora_B"):
-            out[f"{name}.{part}.weight"] = getattr(module, part)["default"].weight.detach().clone()
-    return out

@@ -18,6 +18,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import MirrorConfig
+from .uri import join_uri
 from .weights import MirrorWeights
 
 BUNDLE_FORMAT = "mirror-bundle/1"
@@ -61,10 +62,6 @@ def compute_model_id(config: MirrorConfig, file_sha256: dict[str, str]) -> str:
     return "mirror-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _join(uri: str, name: str) -> str:
-    return uri.rstrip("/") + "/" + name
-
-
 def save_bundle(uri: str, config: MirrorConfig, weights: MirrorWeights, provenance: dict[str, Any] | None = None) -> str:
     """Write a bundle; returns its model_id."""
     import fsspec
@@ -75,7 +72,7 @@ def save_bundle(uri: str, config: MirrorConfig, weights: MirrorWeights, provenan
     for group, tensors in weights.groups().items():
         data = save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
         hashes[WEIGHT_FILES[group]] = hashlib.sha256(data).hexdigest()
-        with fs.open(_join(root, WEIGHT_FILES[group]), "wb") as f:
+        with fs.open(join_uri(root, WEIGHT_FILES[group]), "wb") as f:
             f.write(data)
     model_id = compute_model_id(config, hashes)
     doc = {
@@ -85,7 +82,7 @@ def save_bundle(uri: str, config: MirrorConfig, weights: MirrorWeights, provenan
         "files": hashes,
         "provenance": {**(provenance or {}), "libraries": library_versions()},
     }
-    with fs.open(_join(root, CONFIG_FILE), "w") as f:
+    with fs.open(join_uri(root, CONFIG_FILE), "w") as f:
         json.dump(doc, f, indent=2, sort_keys=True)
     return model_id
 
@@ -95,7 +92,7 @@ def load_bundle(uri: str) -> Bundle:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(str(uri))
-    config_path = _join(root, CONFIG_FILE)
+    config_path = join_uri(root, CONFIG_FILE)
     if not fs.exists(config_path):
         raise FileNotFoundError(f"{uri} is not a MIRROR bundle (no {CONFIG_FILE})")
     with fs.open(config_path, "r") as f:
@@ -105,7 +102,7 @@ def load_bundle(uri: str) -> Bundle:
     config = MirrorConfig.from_dict(doc["config"])
     groups, hashes = {}, {}
     for group, name in WEIGHT_FILES.items():
-        with fs.open(_join(root, name), "rb") as f:
+        with fs.open(join_uri(root, name), "rb") as f:
             data = f.read()
         hashes[name] = hashlib.sha256(data).hexdigest()
         if hashes[name] != doc["files"].get(name):

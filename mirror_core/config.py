@@ -5,13 +5,15 @@ describes the architecture; nothing is inferred from file or folder names.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 # Backbone families we know how to load; the token layout follows the HF config.
 BACKBONE_FAMILIES = {"dinov3_vit": "dinov3", "dinov2": "dinov2", "dinov2_with_registers": "dinov2"}
 
 ALIGNMENT_MODES = ("by-extension", "by-format", "off")
+
+ENTROPY_EPS = 1e-9  # the official read-out entropy is -sum A log(A + 1e-9)
 
 
 @dataclass
@@ -126,6 +128,16 @@ class MirrorConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_overrides(self, alignment: str | None = None, fast_decode: bool = False,
+                       threshold: float | None = None) -> "MirrorConfig":
+        """This config with the choices a scan may override (None / False: keep the bundle's)."""
+        preprocess = self.preprocess
+        if alignment:
+            preprocess = replace(preprocess, alignment=alignment)
+        if fast_decode:
+            preprocess = replace(preprocess, fast_decode=True)
+        return replace(self, preprocess=preprocess, threshold=self.threshold if threshold is None else threshold)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MirrorConfig":

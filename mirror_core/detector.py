@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -22,7 +21,9 @@ from .readout import inference_readout
 # the memory-bank softmaxes, max and entropy stay fp32 in every mode.
 PRECISIONS = {"fp32": (None, None), "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None),
               "bf16-weights": (None, torch.bfloat16)}
-SIGNALS = ("logit_real", "logit_fake", "prob_fake", "max_score", "entropy", "residual_norm")
+# What the model says about each image, by name (float each); the output row's score
+# columns are these plus the decision `pred`.
+SIGNALS = ("prob_fake", "logit_real", "logit_fake", "max_score", "entropy", "residual_norm")
 
 
 class Detector:
@@ -48,9 +49,7 @@ class Detector:
     @classmethod
     def from_bundle(cls, bundle: Bundle, device="cpu", precision="fp32", alignment: str | None = None,
                     compile: bool = False) -> "Detector":
-        config = bundle.config
-        if alignment is not None:
-            config = replace(config, preprocess=replace(config.preprocess, alignment=alignment))
+        config = bundle.config.with_overrides(alignment=alignment)
         return cls(assemble_model(config, bundle.weights), config, bundle.model_id, device, precision, compile)
 
     @classmethod

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from .readout import ENTROPY_EPS
+from .config import ENTROPY_EPS
 
 BLOCK_ROWS = 1  # launch shape defaults (0 in the arguments below), the fastest of a sweep on an H100
 NUM_WARPS = 8  # warps per program for rows of 2048+ slots (4 below)

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from transformers.initialization import no_init_weights
 
 from .backbone import attach_lora, build_backbone, load_lora_, merge_lora_, resolve_key

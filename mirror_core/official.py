@@ -52,8 +52,9 @@ class CheckpointMismatchError(ValueError):
 
 def safe_torch_load(path: str | Path) -> Any:
     """torch.load with weights_only=True; refuses (never falls back) on anything unsafe."""
-    import fsspec
     import pickle
+
+    import fsspec
 
     with fsspec.open(str(path), "rb") as f:
         data = f.read()

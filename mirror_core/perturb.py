@@ -5,9 +5,10 @@ sigma 2 px), 'resize:0.5' (bicubic rescale by 0.5). Pure functions of the pixels
 """
 from __future__ import annotations
 
-import io
-
+import numpy as np
 from PIL import Image, ImageFilter
+
+from .jpeg import jpeg_round_trip
 
 KINDS = ("jpeg", "blur", "resize")
 
@@ -43,11 +44,7 @@ def apply_perturbation(img: Image.Image, spec: str) -> Image.Image:
     kind, amount = parse_perturbation(spec)
     img = img.convert("RGB")
     if kind == "jpeg":
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=int(amount))
-        buf.seek(0)
-        with Image.open(buf) as out:
-            return out.convert("RGB")
+        return Image.fromarray(jpeg_round_trip(np.asarray(img), int(amount)))
     if kind == "blur":
         return img.filter(ImageFilter.GaussianBlur(radius=amount))
     w, h = img.size

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from .config import PreprocessConfig
+from .jpeg import jpeg_round_trip
 
 # The official script aligns by file name: these suffixes (case-insensitive).
 ALIGN_EXTENSIONS = (".png", ".bmp", ".tiff")
@@ -113,14 +114,6 @@ def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     return arr[top : top + size, left : left + size]
 
 
-def jpeg_round_trip(arr: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality, optimize=True)
-    buf.seek(0)
-    with Image.open(buf) as img:
-        return np.asarray(img.convert("RGB"))
-
-
 def wants_alignment(cfg: PreprocessConfig, name: str | None, fmt: str | None) -> bool:
     """by-extension: the official rule on the file name (no name -> no alignment);
     by-format: the decoded container; off: never."""
@@ -158,7 +151,7 @@ def preprocess_rgb(
         arr = center_crop(np.asarray(resize_short_side(img, cfg.resize_short_side)), cfg.crop_size)
     aligned = wants_alignment(cfg, name, fmt)
     if aligned:
-        arr = jpeg_round_trip(np.ascontiguousarray(arr), cfg.jpeg_quality)
+        arr = jpeg_round_trip(np.ascontiguousarray(arr), cfg.jpeg_quality, optimize=True)
     return Preprocessed(np.ascontiguousarray(arr), width, height, fmt, aligned)
 
 

@@ -7,7 +7,7 @@ Given per-head queries q [H, R, hd] (already scaled), keys k and values v [H, K,
     max_w, entropy = max_k w, -sum w log(w + 1e-9)   [H, R]
 
 - `readout_dense`: the plain form (autograd-safe; any device).
-- `readout_native`: inference on CPU, in fp32: the `_mirror_readout` extension
+- `readout_native`: inference on CPU, in fp32: the `mirror_core._readout` extension
   (csrc/topk_readout.cpp) computes a few rows of logits at a time in cache, finds each
   row's k-th value among a few candidates (torch.topk does a full selection: ~80% of
   `readout_cpu`'s time) and writes the softmax statistics and w v directly.
@@ -28,9 +28,10 @@ import logging
 import torch
 from torch.nn import functional as F
 
+from .config import ENTROPY_EPS
+
 log = logging.getLogger(__name__)
 
-ENTROPY_EPS = 1e-9  # the official entropy is -sum A log(A + 1e-9)
 CPU_CHUNK_BYTES = 4 << 20  # logits per chunk: a few MB stays in L2
 
 
@@ -71,7 +72,7 @@ def readout_cpu(q, k, v, top_k: int, chunk_bytes: int = CPU_CHUNK_BYTES):
 
 
 try:  # the compiled CPU read-out (csrc/), absent where no C++ compiler was at install time
-    import _mirror_readout as _NATIVE
+    from . import _readout as _NATIVE
 except ImportError:
     _NATIVE = None
 
@@ -138,8 +139,8 @@ def inference_readout(device: str | torch.device, autocast_16bit: bool) -> str:
 
 @functools.cache  # once per process
 def _warn_no_extension() -> None:
-    log.warning("the _mirror_readout extension is not built (no C++ compiler when this package was installed?): "
-                "the CPU read-out falls back to torch.topk, same scores, ~1.5x slower model")
+    log.warning("the mirror_core._readout extension is not built (no C++ compiler when this package was installed?): "
+                "the CPU read-out falls back to torch.topk: same scores, a slower model")
 
 
 def sparse_readout(q, k, v, top_k: int):

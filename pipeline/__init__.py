@@ -1,0 +1,1 @@
+"""Running MIRROR on Ray: scan core, evaluation, audit, training, entry points (see ARCHITECTURE.md)."""

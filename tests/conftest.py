@@ -95,3 +95,14 @@ def write_image(path: Path, size=(64, 48), seed=0, fmt=None) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buf.getvalue())
     return buf.getvalue()
+
+
+def tampered_copy(bundle: Path, dest: Path) -> Path:
+    """A copy of a bundle with one bit of its weights flipped (its sha256 no longer matches)."""
+    import shutil
+
+    shutil.copytree(bundle, dest)
+    data = bytearray((dest / "mirror.safetensors").read_bytes())
+    data[-1] ^= 1
+    (dest / "mirror.safetensors").write_bytes(bytes(data))
+    return dest

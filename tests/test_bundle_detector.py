@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tampered_copy
 from PIL import Image
 
 from mirror_core.bundle import load_bundle, save_bundle
@@ -39,15 +40,8 @@ def test_bundle_records_provenance_and_has_no_pickle(parity_bundle):
 
 
 def test_tampered_weights_are_refused(parity_bundle, tmp_path):
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(parity_bundle, copy)
-    data = bytearray((copy / "mirror.safetensors").read_bytes())
-    data[-1] ^= 1
-    (copy / "mirror.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
-        load_bundle(str(copy))
+        load_bundle(str(tampered_copy(parity_bundle, tmp_path / "copy")))
 
 
 def test_bundle_from_s3(parity_bundle, s3_bucket):

@@ -8,8 +8,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from conftest import tampered_copy
 
-from pipeline import cli
+from pipeline.commands import cli
 
 MIRROR = Path(sys.executable).parent / "mirror"  # the installed console script
 
@@ -42,14 +43,7 @@ def test_inspect_shows_architecture_policy_threshold_provenance_counts_and_hashe
 
 
 def test_inspect_of_an_edited_bundle_is_a_one_line_error(parity_bundle, tmp_path):
-    import shutil
-
-    copy = tmp_path / "edited"
-    shutil.copytree(parity_bundle, copy)
-    data = bytearray((copy / "mirror.safetensors").read_bytes())
-    data[-1] ^= 1
-    (copy / "mirror.safetensors").write_bytes(bytes(data))
-    proc = run_mirror("inspect", copy, check=False)
+    proc = run_mirror("inspect", tampered_copy(parity_bundle, tmp_path / "edited"), check=False)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "does not match mirror.json" in proc.stderr
 
@@ -119,7 +113,7 @@ def test_demo_console_has_no_error_level_lines_and_one_row_per_image(tmp_path):
 
 
 def test_the_console_filter_drops_only_the_known_line_and_passes_partial_lines_at_once():
-    from pipeline.console import FALSE_ALARM, _FILTER
+    from pipeline.commands.console import _FILTER, FALSE_ALARM
 
     alarm = ("[2026-11-26 12:16:29,066 E 6390 6390] core_worker.cc:2465: Actor with class name: "
              "'MapWorker(MapBatches(Scorer))' and ID: 'b87c1cb6e0e93fedfb40ba2e01000000' has constructor arguments "

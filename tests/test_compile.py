@@ -5,7 +5,7 @@ import pytest
 from mirror_core.config import BackboneConfig, MirrorConfig
 from mirror_core.detector import Detector
 from mirror_core.model import assemble_model
-from pipeline.demo import DEMO_BACKBONE, DEMO_MEMORY, random_mirror
+from mirror_core.smoke import DEMO_BACKBONE, DEMO_MEMORY, random_mirror
 
 
 @pytest.mark.slow

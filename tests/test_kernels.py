@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 CHECK = Path(__file__).with_name("kernel_check.py")
 
 

@@ -4,9 +4,17 @@ import copy
 import pytest
 import torch
 
-from mirror_core.backbone import LoraMismatchError, attach_lora, build_backbone, lora_shapes, lora_target_modules_wrapped, load_lora_, merge_lora_
+from mirror_core.backbone import (
+    LoraMismatchError,
+    attach_lora,
+    build_backbone,
+    load_lora_,
+    lora_shapes,
+    lora_target_modules_wrapped,
+    merge_lora_,
+)
 from mirror_core.config import BackboneConfig, LoraSettings
-from pipeline.demo import DEMO_BACKBONE
+from mirror_core.smoke import DEMO_BACKBONE
 
 
 def _backbone_and_lora(settings: LoraSettings):

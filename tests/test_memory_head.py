@@ -1,9 +1,9 @@
 import torch
+from official_format import reference_head, reference_memory
 
 from mirror_core.config import HeadConfig, MemoryConfig
 from mirror_core.head import DualBranchHead
 from mirror_core.memory import MemoryBank
-from official_format import reference_head, reference_memory
 
 
 def _bank(dim=48, slots=300, heads=8, top_k=32, seed=0):

@@ -1,4 +1,4 @@
-"""The compiled CPU read-out (`_mirror_readout`, csrc/) against the official formulation.
+"""The compiled CPU read-out (`mirror_core._readout`, csrc/) against the official formulation.
 
 Inputs are multiples of 1/8 with few digits, so every logit is exact in fp32 whatever
 the summation order: the comparison is exact about which slots are kept, and many
@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from mirror_core import readout
-from mirror_core.readout import ENTROPY_EPS, readout_cpu, readout_native, sparse_readout
+from mirror_core.config import ENTROPY_EPS
+from mirror_core.readout import readout_cpu, readout_native, sparse_readout
 
 ext = readout.native_readout_module()
 
 
 def test_extension_is_built():
     # The suite requires it: a CI machine that could not compile it must fail, not skip.
-    assert ext is not None, "_mirror_readout was not built: pip install -e . needs a C++ compiler"
+    assert ext is not None, "mirror_core._readout was not built: pip install -e . needs a C++ compiler"
     assert ext.isa() in ext.supported_isas()
 
 

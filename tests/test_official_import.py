@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from official_format import make_parts, reference_logits, save_official, to_official_state
 
 from mirror_core.bundle import load_bundle
 from mirror_core.detector import Detector
@@ -16,11 +17,10 @@ from mirror_core.official import (
     import_official_bundle,
     safe_torch_load,
 )
-from official_format import make_parts, reference_logits, save_official, to_official_state
 
 
 def mirror_cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.commands.cli", *map(str, args)], capture_output=True, text=True)
     if check and proc.returncode:
         raise AssertionError(proc.stderr)
     return proc

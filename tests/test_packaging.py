@@ -2,15 +2,14 @@
 import ast
 import re
 import sys
-import tomllib
 from importlib.metadata import packages_distributions
 
 import pytest
-
+import tomllib
 from conftest import REPO
 
 PRODUCT = ("mirror_core", "pipeline", "jobs")
-FIRST_PARTY = {"mirror_core", "pipeline", "benchmarks", "_mirror_readout"}
+FIRST_PARTY = {"mirror_core", "pipeline", "benchmarks"}
 # Core dependencies used without an import statement of their own.
 IMPLICIT = {"s3fs": "fsspec loads it for s3:// URIs"}
 # Optional modules: extra -> (module, the function that checks it where it is used).

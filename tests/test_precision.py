@@ -6,8 +6,8 @@ import torch
 from mirror_core.config import BackboneConfig, MirrorConfig
 from mirror_core.detector import Detector
 from mirror_core.model import assemble_model
-from pipeline.config import ConfigError, ScanConfig
-from pipeline.demo import DEMO_BACKBONE, DEMO_MEMORY, random_mirror
+from mirror_core.smoke import DEMO_BACKBONE, DEMO_MEMORY, random_mirror
+from pipeline.scan.config import ConfigError, ScanConfig
 
 
 def test_bf16_weights_mode_casts_the_model_and_scores_near_fp32():

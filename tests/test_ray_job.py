@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -88,5 +87,5 @@ def test_ray_job_submit_scan_with_the_documented_runtime_env(ray_cluster, parity
     readouts = summary["this_run"]["replica_readout"]
     assert readouts and all(r.startswith("extension (") for r in readouts), readouts
     # built on the node by the runtime env's pip install (the checkout's .so is not uploaded)
-    built = list(temp_dir.glob("session_*/runtime_resources/pip/*/virtualenv/lib/python*/site-packages/_mirror_readout*"))
+    built = list(temp_dir.glob("session_*/runtime_resources/pip/*/virtualenv/lib/python*/site-packages/mirror_core/_readout*"))
     assert built, "the runtime env did not build the extension on the node"

@@ -8,17 +8,17 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import write_image
 from hostile import animated_gif, exif_rotated_jpeg, hostile_files, png_with_header, write_hostile_corpus
+from PIL import Image
+from s3_faults import FaultProxy
+
 from mirror_core.config import PreprocessConfig
 from mirror_core.preprocess import ImageTooLargeError, center_crop, official_preprocess
-from pipeline.cli import main
-from pipeline.config import ScanConfig
-from pipeline.scan import run_scan
-from pipeline.sources import fetch_all
-from s3_faults import FaultProxy
+from pipeline.commands.cli import main
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.run import run_scan
+from pipeline.scan.sources import fetch_all
 
 
 def test_bomb_header_is_refused_before_decoding():
@@ -75,7 +75,7 @@ def test_hostile_corpus_gives_exactly_one_row_each(ray_local, parity_bundle, tmp
 
 
 def _scan_cmd(model, src, out, *extra):
-    return [sys.executable, "-m", "pipeline.cli", "scan", "--model", str(model), "--input", str(src),
+    return [sys.executable, "-m", "pipeline.commands.cli", "scan", "--model", str(model), "--input", str(src),
             "--output", str(out), *extra]
 
 
@@ -170,8 +170,8 @@ def test_every_hostile_file_is_generated_small():
 def test_unreadable_shard_turns_its_rows_into_error_rows(tmp_path):
     import pyarrow as pa
 
-    from pipeline.decode import decode_units
-    from pipeline.sources import SourceOptions, plan_source
+    from pipeline.scan.decode import decode_units
+    from pipeline.scan.sources import SourceOptions, plan_source
 
     data = write_image(tmp_path / "x.png")
     pq.write_table(pa.table({"bytes": [data] * 5, "uri": [f"u{i}" for i in range(5)]}), tmp_path / "shards.parquet",

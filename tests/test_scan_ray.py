@@ -10,10 +10,10 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import write_image
-from pipeline.config import ScanConfig
-from pipeline.scan import run_scan
+
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.run import run_scan
 
 pytestmark = pytest.mark.slow
 
@@ -45,17 +45,19 @@ def test_parity_fixture_through_ray_matches_official_scores(ray_local, parity_bu
     assert on_disk["config"]["cpus_per_actor"] == 1.0  # resolved and recorded: 4 CPUs - 2 for decode, 2 actors
 
 
-def test_cpu_scorers_get_the_node_less_decode_cpus_unless_set(ray_local):
-    from pipeline.scan import DECODE_CPUS_KEPT, scoring_cpus
+def test_cpu_scorers_get_the_node_less_decode_cpus_unless_set(ray_local, monkeypatch):
+    from pipeline.scan.run import scoring_cpus
 
-    node_cpus = 4  # the ray_local fixture's
-    cores = min(node_cpus - DECODE_CPUS_KEPT, os.cpu_count())
-    assert scoring_cpus(ScanConfig()) == cores
-    assert scoring_cpus(ScanConfig(actors=2)) == max(1, cores // 2)
-    assert scoring_cpus(ScanConfig(actors=1, max_actors=2)) == max(1, cores // 2)  # room to scale up
-    assert scoring_cpus(ScanConfig(actors=9)) == 1  # never 0
+    # The ray_local node has 4 logical CPUs; 2 stay for decoding.
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert scoring_cpus(ScanConfig()) == 2.0
+    assert scoring_cpus(ScanConfig(actors=2)) == 1.0
+    assert scoring_cpus(ScanConfig(actors=1, max_actors=2)) == 1.0  # room to scale up
+    assert scoring_cpus(ScanConfig(actors=9)) == 1.0  # never 0
     assert scoring_cpus(ScanConfig(cpus_per_actor=0.5)) == 0.5  # set: as set
     assert scoring_cpus(ScanConfig(gpus_per_actor=1)) == 1.0
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert scoring_cpus(ScanConfig()) == 1.0  # capped at the machine's cores
 
 
 def make_mixed_folder(root):
@@ -125,7 +127,7 @@ def test_manifest_csv_with_missing_file_and_unlabeled_input(ray_local, parity_bu
 
 def test_rerun_skips_finished_units_and_refuses_another_model(ray_local, parity_bundle, tmp_path):
     from mirror_core.bundle import load_bundle, save_bundle
-    from pipeline.sinks import OutputMismatchError
+    from pipeline.scan.store import OutputMismatchError
 
     for i in range(6):
         write_image(tmp_path / "in" / f"{i}.png", seed=i)
@@ -144,7 +146,7 @@ def test_killed_scan_resumes_without_duplicates(parity_bundle, tmp_path):
     """A real interruption: SIGKILL the `mirror scan` process mid-way, then rerun it."""
     for i in range(24):
         write_image(tmp_path / "in" / ("0_real" if i % 2 else "1_fake") / f"{i:02d}.png", seed=i)
-    cmd = [sys.executable, "-m", "pipeline.cli", "scan", "--model", str(parity_bundle), "--input",
+    cmd = [sys.executable, "-m", "pipeline.commands.cli", "scan", "--model", str(parity_bundle), "--input",
            str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--unit-size", "3", "--batch-size", "3"]
     env = {**os.environ, "MIRROR_FAULT_SCORE_DELAY_S": "0.7"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -169,7 +171,7 @@ def test_killed_scan_resumes_without_duplicates(parity_bundle, tmp_path):
 
 def test_decode_runs_in_tasks_separate_from_scoring_actors(ray_local, parity_bundle, capsys):
     from mirror_core.bundle import load_bundle
-    from pipeline.scan import build_dataset
+    from pipeline.scan.run import build_dataset
 
     bundle = load_bundle(str(parity_bundle))
     build_dataset([{"unit": "{}", "uris": []}], bundle, bundle.config, ScanConfig()).explain()
@@ -181,7 +183,7 @@ def test_decode_runs_in_tasks_separate_from_scoring_actors(ray_local, parity_bun
 def test_s3_ingest_then_scan_from_s3_to_s3(ray_local, parity_bundle, parity_dir, s3_bucket, tmp_path):
     import fsspec
 
-    from pipeline.cli import main
+    from pipeline.commands.cli import main
 
     fs = fsspec.filesystem("s3")
     fs.put(str(parity_dir / "data" / "WildRF" / "test"), f"{s3_bucket}/raw", recursive=True)
@@ -208,7 +210,7 @@ def test_s3_ingest_then_scan_from_s3_to_s3(ray_local, parity_bundle, parity_dir,
 
 
 def test_demo_is_deterministic(ray_local, tmp_path):
-    from pipeline.demo import run_demo
+    from pipeline.commands.demo import run_demo
 
     a = run_demo(tmp_path / "a", log=lambda *_: None)
     b = run_demo(tmp_path / "b", log=lambda *_: None)

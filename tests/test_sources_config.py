@@ -4,13 +4,13 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import write_image
+
 from mirror_core.bundle import load_bundle
-from pipeline.config import ConfigError, load_scan_config
-from pipeline.decode import decode_units
-from pipeline.scorer import Scorer, weights_to_numpy
-from pipeline.sources import SourceOptions, label_and_subset, list_images, normalize_labels, plan_source
+from pipeline.scan.config import ConfigError, load_scan_config
+from pipeline.scan.decode import decode_units
+from pipeline.scan.scorer import Scorer
+from pipeline.scan.sources import SourceOptions, label_and_subset, list_images, normalize_labels, plan_source
 
 
 def test_labels_are_inherited_and_subset_is_first_level(tmp_path):
@@ -93,7 +93,7 @@ def test_decode_and_scorer_yield_one_row_per_record(tmp_path, parity_bundle):
     assert errors[3].startswith("read failed: FileNotFoundError")
     assert decoded["aligned"].to_pylist()[0] is True and decoded["width"].to_pylist()[0] == 300
     bundle = load_bundle(str(parity_bundle))
-    scorer = Scorer(weights_to_numpy(bundle.weights), bundle.config.to_dict(), bundle.model_id)
+    scorer = Scorer(bundle.weights.to_numpy(), bundle.config.to_dict(), bundle.model_id)
     numpy_batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
     numpy_batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
     out = scorer(numpy_batch)

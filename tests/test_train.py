@@ -9,9 +9,9 @@ from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig
 from mirror_core.detector import Detector
 from mirror_core.metrics import binary_metrics
 from mirror_core.model import assemble_model
+from mirror_core.smoke import DEMO_BACKBONE, random_mirror
 from mirror_core.train.augment import phase1_augment, phase2_augment, random_view
-from mirror_core.train.loop import OptimConfig, PhaseTrainer, trained_weights
-from pipeline.demo import DEMO_BACKBONE, random_mirror
+from mirror_core.train.loop import OptimConfig, PhaseTrainer, trainable_state, trained_weights
 
 
 def smooth_image(rng, fake: bool, size=(256, 240)) -> Image.Image:
@@ -74,7 +74,7 @@ def test_phase2_learns_a_planted_trace_and_the_bundle_scores_the_same():
         prob = model(x).prob_fake.numpy()
     metrics = binary_metrics(y.numpy(), prob, (prob > 0.5).astype(int))
     assert metrics["Bal_Acc"] >= 0.9, metrics
-    bundle = Bundle(cfg, trained_weights(model, weights), "trained")
+    bundle = Bundle(cfg, trained_weights(weights, trainable_state(model, phase=2)), "trained")
     scored = Detector.from_bundle(bundle).score_pixels(x.numpy())["prob_fake"]
     np.testing.assert_allclose(scored, prob, atol=1e-4)  # merged LoRA scores as the trained model
 

@@ -8,13 +8,13 @@ import time
 
 import numpy as np
 import pytest
+from test_train import smooth_image, tiny
 
 from mirror_core.bundle import save_bundle
-from pipeline.cli import main
-from pipeline.config import ScanConfig
-from pipeline.scan import run_scan
-from pipeline.train import is_held_out
-from test_train import smooth_image, tiny
+from pipeline.commands.cli import main
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.run import run_scan
+from pipeline.train.run import is_held_out
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +39,18 @@ def test_phase2_on_a_planted_trace_gives_a_bundle_that_scans(ray_local, tmp_path
     cfg, weights = tiny(seed=1)
     save_bundle(str(tmp_path / "base"), cfg, weights)
     labeled_folder(tmp_path / "train", 80, seed=0)
-    broken = tmp_path / "train" / "1_fake" / "broken.png"
-    broken.write_bytes(b"")  # one bad file must not stop training
+    # one bad file must not stop training; named so it lands in the training split (the
+    # split hashes the whole path), so its skip is counted in every epoch
+    broken = next(p for p in (tmp_path / "train" / "1_fake" / f"broken_{i}.png" for i in range(100))
+                  if not is_held_out([str(p)], 0.25)[0])
+    broken.write_bytes(b"")
     # 8 epochs: the held-out split hashes the (temporary) paths, so its ~20 images change
     # from run to run; after 4 epochs Bal_Acc on them ranged 0.78-0.94, after 8 0.96-1.0.
     assert main(detector_args(tmp_path / "base", tmp_path / "train", tmp_path / "out", tmp_path / "store", epochs=8)) == 0
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
     assert card["final"]["val_bal_acc"] >= 0.9 and len(card["history"]) == 8
     assert card["recipe"]["phase"] == 2 and card["train_images"] + card["val_images"] == 81
-    if not is_held_out([str(broken)], 0.25)[0]:
-        assert all(h["skipped_images"] == 1 for h in card["history"])
+    assert all(h["skipped_images"] == 1 for h in card["history"])
     labeled_folder(tmp_path / "heldout", 32, seed=7)  # images never seen in training
     summary = run_scan(str(tmp_path / "out"), str(tmp_path / "heldout"), str(tmp_path / "scan"), ScanConfig())
     assert summary["metrics"]["ALL"]["Bal_Acc"] >= 0.9, summary["metrics"]
@@ -65,8 +67,8 @@ def test_phase1_from_a_backbone_directory_lowers_reconstruction(ray_local, tmp_p
                  "--val-fraction", "0.25"]) == 0
     card = json.loads((tmp_path / "memory" / "model_card.json").read_text())
     recon = [h["val_reconstruction"] for h in card["history"]]
-    assert all(later < earlier for earlier, later in zip(recon, recon[1:])), recon  # every epoch improves
-    assert recon[-1] < 0.99 * recon[0], recon
+    # training lowers held-out reconstruction error overall (single epochs may wobble)
+    assert len(recon) == 4 and min(recon[1:]) < recon[0] and recon[-1] < 0.99 * recon[0], recon
     assert card["train_images"] + card["val_images"] == 20
 
 
@@ -74,7 +76,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     cfg, weights = tiny(seed=2)
     save_bundle(str(tmp_path / "base"), cfg, weights)
     labeled_folder(tmp_path / "train", 48, seed=1)
-    cmd = [sys.executable, "-m", "pipeline.cli", *detector_args(tmp_path / "base", tmp_path / "train",
+    cmd = [sys.executable, "-m", "pipeline.commands.cli", *detector_args(tmp_path / "base", tmp_path / "train",
                                                                  tmp_path / "out", tmp_path / "store", epochs=5)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

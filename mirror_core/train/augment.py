@@ -7,23 +7,14 @@ random JPEG augmentation applies to all images.
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image
 
-from ..preprocess import center_crop, jpeg_round_trip
+from ..jpeg import jpeg_round_trip
+from ..preprocess import center_crop
 
 CROP = 224
 VIEW_MODES = ("center_crop", "resize", "random_crop", "rescale_crop")
-
-
-def _jpeg(arr: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality))
-    buf.seek(0)
-    with Image.open(buf) as img:
-        return np.asarray(img.convert("RGB"))
 
 
 def random_view(img: Image.Image, rng: np.random.Generator, size: int = CROP) -> np.ndarray:
@@ -45,13 +36,13 @@ def random_view(img: Image.Image, rng: np.random.Generator, size: int = CROP) ->
 
 
 def phase1_augment(img: Image.Image, rng: np.random.Generator) -> np.ndarray:
-    return _jpeg(np.ascontiguousarray(random_view(img, rng)), int(rng.integers(50, 101)))
+    return jpeg_round_trip(np.ascontiguousarray(random_view(img, rng)), int(rng.integers(50, 101)))
 
 
 def phase2_augment(img: Image.Image, label: int, rng: np.random.Generator, jpeg_prob: float = 0.5) -> np.ndarray:
     arr = np.ascontiguousarray(random_view(img, rng))
     if label == 1:
-        arr = jpeg_round_trip(arr, 96)  # format alignment: fakes are often PNG, reals JPEG
+        arr = jpeg_round_trip(arr, 96, optimize=True)  # format alignment: fakes are often PNG, reals JPEG
     if rng.random() < jpeg_prob:
-        arr = _jpeg(arr, int(rng.integers(50, 101)))
+        arr = jpeg_round_trip(arr, int(rng.integers(50, 101)))
     return arr

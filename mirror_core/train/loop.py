@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbone import export_lora
 from ..model import MirrorModel
 from ..weights import MirrorWeights
 from .losses import phase1_loss, phase2_loss
@@ -110,11 +109,16 @@ class PhaseTrainer:
                     p.copy_(value)
 
 
-def trained_weights(model: MirrorModel, base: MirrorWeights) -> MirrorWeights:
-    """Bundle weights after training: base backbone unchanged, LoRA and the rest from the model."""
-    state = model.state_dict()
-    lora = export_lora(model.backbone) if any("lora_" in k for k in state) else dict(base.lora)
-    mirror = {k: v.detach().clone() for k, v in state.items() if not k.startswith("backbone.")}
+def trained_weights(base: MirrorWeights, trainable: dict[str, torch.Tensor]) -> MirrorWeights:
+    """Bundle weights after training: the base's, with what training changed (a
+    `trainable_state`, as checkpoints hold it) put in; the base backbone is unchanged."""
+    lora, mirror = dict(base.lora), dict(base.mirror)
+    for key, tensor in trainable.items():
+        if key.startswith("backbone."):  # peft '{module}.lora_A.default.weight' -> bundle '{module}.lora_A.weight'
+            module, _, part = key[len("backbone."):].rpartition(".lora_")
+            lora[f"{module}.lora_{part[0]}.weight"] = tensor
+        else:
+            mirror[key] = tensor
     return MirrorWeights(backbone=dict(base.backbone), lora=lora, mirror=mirror)
 
 

@@ -1,4 +1,4 @@
-"""Output layout, plan persistence and exactly-once unit commits.
+"""The scan's store: output layout, plan persistence and exactly-once unit commits.
 
     OUTPUT/scores/part-<unit_id>.parquet   one file per finished unit (the scored rows)
     OUTPUT/summary.json                    counts, throughput, metrics, effective config
@@ -12,16 +12,13 @@ means "done" and a rerun skips it.
 """
 from __future__ import annotations
 
-import io
-import json
-import uuid
 from dataclasses import asdict
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .sources import Plan, Unit
+from pipeline.scan.sources import Plan, Unit
+from pipeline.storage import Location
 
 SCORES_DIR = "scores"
 PART_PREFIX = "part-"
@@ -31,61 +28,8 @@ class OutputMismatchError(ValueError):
     pass
 
 
-class Output:
-    def __init__(self, uri: str):
-        self.uri = uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def uri_of(self, *parts: str) -> str:
-        return "/".join([self.uri, *parts])
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        try:
-            self._write_bytes(rel, data)
-        except PermissionError as err:
-            raise PermissionError(f"access denied writing {self.uri_of(rel)} ({err})") from None
-
-    def _write_bytes(self, rel: str, data: bytes) -> None:
-        path = self.path(rel)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        if self.local:  # atomic on POSIX: readers never see half a file
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, path)
-        else:  # object stores publish a PUT whole or not at all
-            with self.fs.open(path, "wb") as f:
-                f.write(data)
-
-    def read_bytes(self, rel: str) -> bytes | None:
-        path = self.path(rel)
-        try:
-            if not self.fs.exists(path):
-                return None
-            with self.fs.open(path, "rb") as f:
-                return f.read()
-        except PermissionError as err:
-            raise PermissionError(f"access denied reading {self.uri_of(rel)} ({err})") from None
-
-    def write_json(self, rel: str, doc: dict) -> None:
-        self.write_bytes(rel, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
-
-    def read_json(self, rel: str) -> dict | None:
-        data = self.read_bytes(rel)
-        return None if data is None else json.loads(data)
-
-    def write_parquet(self, rel: str, table: pa.Table) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        self.write_bytes(rel, buf.getvalue())
-
-    def read_parquet(self, rel: str, columns=None) -> pa.Table | None:
-        data = self.read_bytes(rel)
-        return None if data is None else pq.read_table(io.BytesIO(data), columns=columns)
+class ScanStore(Location):
+    """A scan's output: its identity, its plan, and one committed part per finished unit."""
 
     # --- units --------------------------------------------------------------
     def part_name(self, unit_id: str) -> str:
@@ -97,9 +41,6 @@ class Output:
             return set()
         names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(scores, detail=False)]
         return {n[len(PART_PREFIX) : -len(".parquet")] for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")}
-
-    def part_files(self) -> list[str]:
-        return sorted(self.uri_of(SCORES_DIR, f"{PART_PREFIX}{u}.parquet") for u in self.done_units())
 
     def read_scores_with_position(self, columns=None) -> pa.Table:
         """All scored rows plus `_unit` and `_index` (position in its unit; parts are

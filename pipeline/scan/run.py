@@ -18,32 +18,24 @@ import pyarrow.compute as pc
 from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.config import MirrorConfig
 from mirror_core.metrics import binary_metrics
-
-from .config import ScanConfig
-from .progress import step
-from .decode import decode_units
-from .schema import DECODE_SECONDS, INDEX, OUTPUT_COLUMNS, READOUT, SCORE_SECONDS, UNIT, conform
-from .scorer import Scorer, weights_to_numpy
-from .sinks import Output
-from .sources import Plan, Unit, plan_source, read_shard_unit
-
-SCORE_COLUMNS_FROM_STAGE = ("sha256", "width", "height", "format", "aligned", "error", "prob_fake", "logit_real",
-                            "logit_fake", "pred", "max_score", "entropy", "residual_norm")
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Join `address` / RAY_ADDRESS, else start a local Ray (at least 4 logical CPUs so
-    decode tasks and scoring actors both get slots on small machines)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
-
+from pipeline.cluster import ensure_ray
+from pipeline.progress import step
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.decode import decode_units
+from pipeline.scan.schema import (
+    DECODE_SECONDS,
+    INDEX,
+    OUTPUT_COLUMNS,
+    READOUT,
+    SCORE_SECONDS,
+    SHA256,
+    STAGE_RESULT_FIELDS,
+    UNIT,
+    conform,
+)
+from pipeline.scan.scorer import Scorer
+from pipeline.scan.sources import Plan, Unit, plan_source, read_shard_unit
+from pipeline.scan.store import ScanStore
 
 DECODE_CPUS_KEPT = 2  # CPUs a one-node cluster keeps for decode tasks when sizing CPU scorers
 
@@ -71,14 +63,7 @@ def scoring_cpus(cfg: ScanConfig) -> float:
 
 
 def effective_config(bundle: Bundle, cfg: ScanConfig) -> MirrorConfig:
-    model_cfg = bundle.config
-    if cfg.alignment:
-        model_cfg = replace(model_cfg, preprocess=replace(model_cfg.preprocess, alignment=cfg.alignment))
-    if cfg.fast_decode:
-        model_cfg = replace(model_cfg, preprocess=replace(model_cfg.preprocess, fast_decode=True))
-    if cfg.threshold is not None:
-        model_cfg = replace(model_cfg, threshold=cfg.threshold)
-    return model_cfg
+    return bundle.config.with_overrides(alignment=cfg.alignment, fast_decode=cfg.fast_decode, threshold=cfg.threshold)
 
 
 def unit_offsets(plan: Plan) -> dict[str, tuple[int, int]]:
@@ -107,11 +92,10 @@ def assemble_rows(records: pa.Table, scored: pa.Table, run: dict[str, Any]) -> p
     clashes = [c for c in table.column_names if c in OUTPUT_COLUMNS and c not in ("uri", "id", "label", "subset")]
     table = table.rename_columns([f"input_{c}" if c in clashes else c for c in table.column_names])
     given_id = table["id"] if "id" in table.column_names else pa.nulls(table.num_rows, pa.string())
-    ids = pc.coalesce(pc.cast(given_id, pa.string()), scored["sha256"])
+    ids = pc.coalesce(pc.cast(given_id, pa.string()), scored[SHA256])
     table = table.drop_columns([c for c in ("id",) if c in table.column_names]).append_column("id", ids)
-    for name in SCORE_COLUMNS_FROM_STAGE:
-        if name != "sha256":
-            table = table.append_column(name, scored[name])
+    for field in STAGE_RESULT_FIELDS:
+        table = table.append_column(field.name, scored[field.name])
     for name, value in run.items():
         table = table.append_column(name, pa.array([value] * table.num_rows))
     return conform(table)
@@ -133,7 +117,7 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
     import ray
 
     gpu = cfg.gpus_per_actor > 0
-    weights_ref = ray.put(weights_to_numpy(bundle.weights))
+    weights_ref = ray.put(bundle.weights.to_numpy())
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         decode_units,
@@ -170,7 +154,7 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
 class UnitCommitter:
     """Collects scored rows per unit and writes each unit once, when it is whole."""
 
-    def __init__(self, plan: Plan, out: Output, cfg: ScanConfig, run: dict[str, Any]):
+    def __init__(self, plan: Plan, out: ScanStore, cfg: ScanConfig, run: dict[str, Any]):
         self.plan, self.out, self.cfg, self.run = plan, out, cfg, run
         self.units = {u.unit_id: u for u in plan.units}
         self.offsets = unit_offsets(plan)
@@ -207,7 +191,7 @@ class UnitCommitter:
         self.rows += scored.num_rows
 
 
-def summarize(out: Output, plan: Plan, extra: dict[str, Any]) -> dict[str, Any]:
+def summarize(out: ScanStore, plan: Plan, extra: dict[str, Any]) -> dict[str, Any]:
     rows = out.read_scores(columns=["label", "subset", "prob_fake", "pred", "error"])
     n = rows.num_rows
     errors = int(pc.sum(pc.is_valid(rows["error"])).as_py() or 0) if n else 0
@@ -233,7 +217,7 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
     t_start = time.perf_counter()
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     model_cfg = effective_config(bundle, cfg)
-    out = Output(output_uri)
+    out = ScanStore(output_uri)
     policy = model_cfg.preprocess.name + (f"+{cfg.perturbation}" if cfg.perturbation else "")
     run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
     out.claim({**run, "input": input_uri})

@@ -7,55 +7,30 @@ never reads weights from storage itself.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from mirror_core.config import MirrorConfig
 from mirror_core.detector import SIGNALS, Detector
 from mirror_core.model import assemble_model
 from mirror_core.weights import MirrorWeights
-
-from .decode import DECODED_SCHEMA
-from .schema import PIXELS, READOUT, SCORE_SECONDS
-
-
-def weights_to_numpy(weights: MirrorWeights) -> dict[str, dict[str, np.ndarray]]:
-    return {g: {k: v.detach().cpu().numpy() for k, v in t.items()} for g, t in weights.groups().items()}
-
-
-def weights_from_numpy(arrays: dict[str, dict[str, np.ndarray]]) -> MirrorWeights:
-    # Zero-copy views of the object-store buffers; load_state_dict copies them into the model.
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we never write to them
-        return MirrorWeights(**{g: {k: torch.from_numpy(v) for k, v in t.items()} for g, t in arrays.items()})
-
-
-def default_device(num_gpus: float) -> str:
-    return "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+from pipeline.scan.schema import DECODED_SCHEMA, PIXELS, PRED, READOUT, SCORE_SECONDS
 
 
 class Scorer:
     """Callable class for `map_batches(..., compute=ActorPoolStrategy(...))`."""
 
     def __init__(self, weights, config: dict, model_id: str, device: str = "cpu", precision: str = "fp32",
-                 threshold: float | None = None, alignment: str | None = None, compile: bool = False):
+                 compile: bool = False):
         import ray
 
-        from .faults import FaultHooks
+        from pipeline.scan.faults import FaultHooks
 
         if isinstance(weights, ray.ObjectRef):
             weights = ray.get(weights)
-        cfg = MirrorConfig.from_dict(config)
-        if alignment:
-            cfg = replace(cfg, preprocess=replace(cfg.preprocess, alignment=alignment))
-        if threshold is not None:
-            cfg = replace(cfg, threshold=threshold)
-        model = assemble_model(cfg, weights_from_numpy(weights))
+        cfg = MirrorConfig.from_dict(config)  # with the scan's overrides applied already
+        model = assemble_model(cfg, MirrorWeights.from_numpy(weights))
         self.detector = Detector(model, cfg, model_id, device=device, precision=precision, compile=compile)
         self.faults = FaultHooks.from_env()
 
@@ -81,4 +56,4 @@ class Scorer:
         for k in SIGNALS:
             table = table.append_column(k, pa.array(scores[k], pa.float64(), mask=~ok))
         pred = (scores["prob_fake"] > self.detector.threshold).astype(np.int64)
-        return table.append_column("pred", pa.array(pred, pa.int64(), mask=~ok))
+        return table.append_column(PRED, pa.array(pred, pa.int64(), mask=~ok))

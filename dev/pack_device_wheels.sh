@@ -7,7 +7,7 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 #   export PYTHONPATH=/tmp/site:$PWD
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.."  # the repository root
 RAY_VERSION=${RAY_VERSION:-2.60.0}
 work=$(mktemp -d)
 mkdir -p .whl

@@ -5,8 +5,7 @@ import argparse
 import sys
 
 from mirror_core.config import ALIGNMENT_MODES
-
-from .config import ConfigError
+from pipeline.scan.config import ConfigError
 
 SCAN_FLAGS = {  # flag -> (ScanConfig field, type, help)
     "--batch-size": ("batch_size", int, "images per model call"),
@@ -36,7 +35,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def add_scan_flags(p: argparse.ArgumentParser) -> None:
-    from .config import ScanConfig
+    from pipeline.scan.config import ScanConfig
 
     # The flags default to None ("not given") so a YAML value survives; the help shows
     # what applies when neither says anything.
@@ -54,7 +53,7 @@ def add_scan_flags(p: argparse.ArgumentParser) -> None:
 
 
 def scan_config_from_args(args: argparse.Namespace):
-    from .config import load_scan_config
+    from pipeline.scan.config import load_scan_config
 
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in SCAN_FLAGS.items()}
     overrides["alignment"] = args.alignment
@@ -107,7 +106,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .scan import run_scan, summary_line
+    from pipeline.scan.run import run_scan, summary_line
 
     summary = run_scan(args.model, args.input, args.output, scan_config_from_args(args))
     print(summary_line(summary))
@@ -115,7 +114,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingest import ingest_folder
+    from pipeline.commands.ingest import ingest_folder
 
     r = ingest_folder(args.input, args.output, rows_per_shard=args.rows_per_shard,
                       rows_per_row_group=args.rows_per_row_group, fetch_threads=args.fetch_threads)
@@ -126,9 +125,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from mirror_core.perturb import expand_sweep
-
-    from .benchmark import resolve_model, run_benchmarks
-    from .registry import load_registry
+    from pipeline.evaluation.evaluate import resolve_model, run_benchmarks
+    from pipeline.evaluation.registry import load_registry
 
     if args.device == "cuda" and args.gpus_per_actor is None:
         args.gpus_per_actor = 1.0
@@ -156,7 +154,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import AuditConfig, run_audit
+    from pipeline.audit.audit import AuditConfig, run_audit
 
     cfg = AuditConfig(threshold=args.threshold, target_fpr=args.target_fpr, calibration=args.calibration,
                       group_by=args.group_by, prefix_depth=args.prefix_depth, filter_mode=args.filter,
@@ -173,8 +171,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mirror_core.config import MemoryConfig
-
-    from .train import TrainConfig, run_training
+    from pipeline.train.run import TrainConfig, run_training
 
     phase = 1 if args.command == "train-memory" else 2
     tc = TrainConfig(phase=phase, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -224,8 +221,8 @@ def add_train_parser(sub, name: str, help_text: str, phase: int) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .scan import summary_line
+    from pipeline.commands.demo import run_demo
+    from pipeline.scan.run import summary_line
 
     summary = run_demo(args.workdir)
     for subset, m in summary.get("metrics", {}).items():
@@ -339,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry(argv: list[str] | None = None) -> None:
     """The `mirror` executable (and `jobs/*.py`): `main` with a clean console."""
-    from .console import filter_ray_false_alarm
-    from .progress import log_to_console
+    from pipeline.commands.console import filter_ray_false_alarm
+    from pipeline.progress import log_to_console
 
     filter_ray_false_alarm()
     log_to_console()

@@ -24,12 +24,13 @@ import pyarrow.compute as pc
 
 from mirror_core.bundle import Bundle
 from mirror_core.metrics import OFFICIAL_COLUMNS, binary_metrics, eer, expected_calibration_error, tpr_at_fpr
-
-from .config import ScanConfig
-from .registry import BenchmarkSpec
-from .scan import run_scan
-from .sinks import Output
-from .sources import list_images
+from mirror_core.uri import join_uri
+from pipeline.evaluation.registry import BenchmarkSpec
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.run import run_scan
+from pipeline.scan.sources import list_images
+from pipeline.scan.store import ScanStore
+from pipeline.storage import Location
 
 log = logging.getLogger("mirror.benchmark")
 OFFICIAL_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "webp")  # what the official evaluation collects
@@ -46,14 +47,16 @@ class BenchmarkResult:
     missing_subsets: list[str] = field(default_factory=list)
 
 
-def join(*parts: str) -> str:
-    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
+def with_subset(records: pa.Table, subset: str) -> pa.Table:
+    """Records with every `subset` set to this benchmark sub-dataset's name."""
+    return records.set_column(records.column_names.index("subset"), "subset",
+                              pa.array([subset] * records.num_rows, pa.string()))
 
 
 def benchmark_records(data_root: str, spec: BenchmarkSpec) -> tuple[pa.Table | None, list[str], list[str]]:
     """Folder benchmarks -> (labeled records with subset, found, missing). None when the
     benchmark root holds Parquet shards instead (scanned directly)."""
-    root = join(data_root, spec.folder)
+    root = join_uri(data_root, spec.folder)
     fs, path = fsspec.core.url_to_fs(root)
     if not fs.isdir(path):
         raise FileNotFoundError(f"benchmark {spec.name}: its folder {root} does not exist")
@@ -62,16 +65,16 @@ def benchmark_records(data_root: str, spec: BenchmarkSpec) -> tuple[pa.Table | N
     if not spec.subsets:
         t = list_images(root, OFFICIAL_EXTENSIONS)
         t = t.filter(pc.is_valid(t["label"]))
-        return t.set_column(2, "subset", pa.array([ALL] * t.num_rows, pa.string())), [ALL], []
+        return with_subset(t, ALL), [ALL], []
     tables, found, missing = [], [], []
     for subset in spec.subsets:
         try:
-            t = list_images(join(root, subset), OFFICIAL_EXTENSIONS)
+            t = list_images(join_uri(root, subset), OFFICIAL_EXTENSIONS)
         except FileNotFoundError:
             missing.append(subset)
             continue
         t = t.filter(pc.is_valid(t["label"]))
-        tables.append(t.set_column(2, "subset", pa.array([subset] * t.num_rows, pa.string())))
+        tables.append(with_subset(t, subset))
         found.append(subset)
     if not tables:
         raise FileNotFoundError(f"benchmark {spec.name}: none of its sub-datasets exist under {root}")
@@ -112,7 +115,7 @@ def official_csv(rows: list[dict[str, Any]]) -> str:
 def scan_metrics(scan_out: str, spec: BenchmarkSpec, found: list[str] | None) -> tuple[dict[str, dict], list[str]]:
     """Per sub-dataset metrics of a finished scan -> (metrics, sub-datasets missing).
     found=None (Parquet shards): the registry's sub-datasets present in the `subset` column."""
-    rows = Output(scan_out).read_scores(columns=["label", "subset", "prob_fake", "pred", "error"])
+    rows = ScanStore(scan_out).read_scores(columns=["label", "subset", "prob_fake", "pred", "error"])
     missing: list[str] = []
     if found is None:
         present = set(rows["subset"].to_pylist())
@@ -126,10 +129,10 @@ def scan_metrics(scan_out: str, spec: BenchmarkSpec, found: list[str] | None) ->
 
 def run_benchmark(model: Bundle, data_root: str, spec: BenchmarkSpec, output: str, cfg: ScanConfig,
                   stamp: str, perturbations: list[str] = ()) -> BenchmarkResult:
-    out = Output(output)
+    out = Location(output)
     records, found, missing = benchmark_records(data_root, spec)
     if records is None:  # Parquet shards made by `mirror ingest`
-        source, found = join(data_root, spec.folder), None
+        source, found = join_uri(data_root, spec.folder), None
     else:
         out.write_parquet(f"scans/{spec.name}/input.parquet", records)
         source = out.uri_of("scans", spec.name, "input.parquet")
@@ -142,7 +145,7 @@ def run_benchmark(model: Bundle, data_root: str, spec: BenchmarkSpec, output: st
         missing = missing or shard_missing
     for subset in missing:
         log.warning("benchmark %s: sub-dataset %s not found under %s; skipped", spec.name, subset,
-                    join(data_root, spec.folder))
+                    join_uri(data_root, spec.folder))
     clean = sets["clean"]
     rows = official_rows(clean)
     csv_name, json_name = f"{spec.name}_{stamp}.csv", f"{spec.name}_{stamp}.json"
@@ -182,7 +185,7 @@ def resolve_model(output: str, model: str | None = None, model_path: str | None 
         return load_bundle(model)
     if not (model_path and backbone_path):
         raise ValueError("give --model BUNDLE, or the official --model_path CKPT --backbone_path DIR [--memory_path MEM]")
-    target = Output(output).uri_of("_bundle")
+    target = Location(output).uri_of("_bundle")
     import_official_bundle(model_path, backbone_path, target, memory=memory_path)
     return load_bundle(target)
 
@@ -190,10 +193,10 @@ def resolve_model(output: str, model: str | None = None, model_path: str | None 
 def run_benchmarks(model: Bundle, data_root: str, names: list[str], output: str, cfg: ScanConfig,
                    registry: dict[str, BenchmarkSpec], perturbations: list[str] = (), history: str | None = None,
                    tolerance: float = 0.01, now: datetime | None = None) -> BenchmarkRun:
-    from . import history as hist
-    from .registry import resolve
-    from .progress import step
-    from .report import write_report
+    import pipeline.evaluation.history as hist
+    from pipeline.evaluation.registry import resolve
+    from pipeline.evaluation.report import write_report
+    from pipeline.progress import step
 
     now = now or datetime.now()
     stamp = run_stamp(now)
@@ -206,7 +209,7 @@ def run_benchmarks(model: Bundle, data_root: str, names: list[str], output: str,
         comparison = hist.compare(hist.read_history(history), rows, tolerance)
         hist.append_history(history, rows)
         comparison_md = hist.comparison_markdown(comparison, tolerance)
-        Output(output).write_json(f"comparison_{stamp}.json", {
+        Location(output).write_json(f"comparison_{stamp}.json", {
             "previous_run": comparison.previous_run, "tolerance": tolerance, "deltas": comparison.deltas,
             "regressions": comparison.regressions})
     with step("benchmark report"):

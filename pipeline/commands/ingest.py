@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .progress import progress, step
-from .sinks import Output
-from .sources import DEFAULT_EXTENSIONS, fetch_all, list_images
+from pipeline.progress import progress, step
+from pipeline.scan.sources import DEFAULT_EXTENSIONS, fetch_all, list_images
+from pipeline.storage import Location
 
 SHARD_SCHEMA = pa.schema([
     ("uri", pa.string()), ("label", pa.int64()), ("subset", pa.string()), ("bytes", pa.binary()),
@@ -47,7 +47,7 @@ def ingest_folder(input_uri: str, output_uri: str, rows_per_shard: int = 4096, r
     with step(f"listing {input_uri}") as info:
         listing = list_images(input_uri, extensions)
         info.update(items=listing.num_rows, unit="images")
-    out = Output(output_uri)
+    out = Location(output_uri)
     existing = {p.rsplit("/", 1)[-1] for p in out.fs.find(out.root)} if out.fs.exists(out.root) else set()
     shards = skipped = errors = 0
     for start in progress(range(0, listing.num_rows, rows_per_shard), "writing shards", unit="shard"):

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .sinks import Output
+from pipeline.storage import Location
 
 HISTORY_SCHEMA = pa.schema([("run", pa.string()), ("model_id", pa.string()), ("benchmark", pa.string()),
                             ("subset", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
@@ -44,7 +44,7 @@ def history_rows(run: str, model_id: str, benchmark: str, per_subset: dict[str, 
 
 
 def read_history(uri: str) -> pa.Table:
-    out = Output(uri)
+    out = Location(uri)
     if not out.fs.exists(out.root):
         return HISTORY_SCHEMA.empty_table()
     names = sorted(p.rsplit("/", 1)[-1] for p in out.fs.ls(out.root, detail=False) if p.endswith(".parquet"))
@@ -54,7 +54,7 @@ def read_history(uri: str) -> pa.Table:
 
 def append_history(uri: str, rows: pa.Table) -> None:
     run = rows["run"][0].as_py() if rows.num_rows else "empty"
-    Output(uri).write_parquet(f"run-{run}-{uuid.uuid4().hex[:8]}.parquet", rows)
+    Location(uri).write_parquet(f"run-{run}-{uuid.uuid4().hex[:8]}.parquet", rows)
 
 
 def compare(history: pa.Table, current: pa.Table, tolerance: float) -> Comparison:

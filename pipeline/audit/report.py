@@ -7,30 +7,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .report import _png, _table
-from .sinks import Output
+from pipeline.reporting import figure_png, markdown_table, pyplot
+from pipeline.storage import Location
 
 GROUP_COLUMNS = ("count", "scored", "errors", "flagged", "flagged_fraction", "p50", "p90", "p99")
 
 
 def score_histogram(rows: pa.Table, threshold: float) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     probs = rows.filter(pc.is_null(rows["error"]))["prob_fake"].to_numpy()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.hist(probs, bins=np.linspace(0, 1, 41), color="#4477aa")
     ax.axvline(threshold, color="#cc3311", ls="--", label=f"threshold {threshold:.4g}")
     ax.set(xlabel="prob_fake", ylabel="images", title="corpus scores")
     ax.legend()
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return figure_png(fig)
 
 
-def write_audit_report(out: Output, result: dict[str, Any], rows: pa.Table, explanations: pa.Table) -> str:
+def write_audit_report(out: Location, result: dict[str, Any], rows: pa.Table, explanations: pa.Table) -> str:
     out.write_bytes("audit_histogram.png", score_histogram(rows, result["threshold"]))
     g = result["group_column"]
     lines = [
@@ -41,7 +35,7 @@ def write_audit_report(out: Output, result: dict[str, Any], rows: pa.Table, expl
         f"- flagged: {result['flagged']} ({100 * result['flagged_fraction']:.2f}% of scored)",
         f"- filtered output: `filtered/` ({result['filter_mode']}, {result['filtered_rows']} rows)", "",
         f"## By {g}", "",
-        *_table([g, *GROUP_COLUMNS], [[grp[g], *(grp[c] for c in GROUP_COLUMNS)] for grp in result["groups"]]),
+        *markdown_table([g, *GROUP_COLUMNS], [[grp[g], *(grp[c] for c in GROUP_COLUMNS)] for grp in result["groups"]]),
         "", "## Scores", "", "![histogram](audit_histogram.png)", "",
         f"## Top {explanations.num_rows} flagged images", "",
         "Left: the 224x224 crop the model saw. Right: where the reconstruction from real-image",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from mirror_core.detector import SIGNALS
+
 # Internal bookkeeping columns (never written): which unit a record belongs to
 # and its position there, so each unit's rows can be committed exactly once.
 UNIT = "_unit"
@@ -27,15 +29,8 @@ RECORD_FIELDS = [
     pa.field("label", pa.int64()),
     pa.field("subset", pa.string()),
 ]
-SCORE_FIELDS = [
-    pa.field("prob_fake", pa.float64()),
-    pa.field("logit_real", pa.float64()),
-    pa.field("logit_fake", pa.float64()),
-    pa.field("pred", pa.int64()),
-    pa.field("max_score", pa.float64()),
-    pa.field("entropy", pa.float64()),
-    pa.field("residual_norm", pa.float64()),
-]
+PRED = "pred"  # 1 when prob_fake is above the threshold
+SCORE_FIELDS = [pa.field(name, pa.float64()) for name in SIGNALS] + [pa.field(PRED, pa.int64())]
 IMAGE_FIELDS = [
     pa.field("width", pa.int64()),
     pa.field("height", pa.int64()),
@@ -49,6 +44,14 @@ RUN_FIELDS = [
     pa.field("threshold", pa.float64()),
 ]
 OUTPUT_FIELDS = RECORD_FIELDS + SCORE_FIELDS + IMAGE_FIELDS + RUN_FIELDS
+
+# Between stages: what the decode stage emits per record besides the pixels (the image
+# fields are the output's own; sha256 of the bytes becomes the id where none is given).
+SHA256 = "sha256"
+DECODED_SCHEMA = pa.schema([pa.field(UNIT, pa.string()), pa.field(INDEX, pa.int64()), pa.field(SHA256, pa.string())]
+                           + IMAGE_FIELDS + [pa.field(DECODE_SECONDS, pa.float64())])
+# What a scored batch adds to the input record to make an output row.
+STAGE_RESULT_FIELDS = IMAGE_FIELDS + SCORE_FIELDS
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
 RESERVED = set(OUTPUT_COLUMNS) | set(INTERNAL) | {"bytes"}
 

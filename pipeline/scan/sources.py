@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .schema import INDEX, UNIT
+from pipeline.scan.schema import INDEX, UNIT
 
 LABEL_FOLDERS = {"0_real": 0, "nature": 0, "1_fake": 1, "ai": 1}
 LABEL_NAMES = {**LABEL_FOLDERS, "0": 0, "1": 1, "real": 0, "fake": 1}
@@ -176,7 +176,7 @@ def shard_files(root: str) -> list[str]:
 
 
 def shard_units(files: list[str]) -> list[Unit]:
-    from .progress import progress
+    from pipeline.progress import progress
 
     units = []
     for uri in progress(files, "reading shard footers", unit="file"):

@@ -20,19 +20,19 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
 
 from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.detector import Detector
-from PIL import Image
-
-from .config import ScanConfig
-from .explain import heatmap_overlay, png_bytes
-from .progress import progress, step
-from .scan import run_scan
-from .sinks import Output
-from .sources import fetch_all, read_shard_unit
+from pipeline.audit.explain import heatmap_overlay, png_bytes
+from pipeline.progress import progress, step
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.run import run_scan
+from pipeline.scan.sources import fetch_all, read_shard_unit
+from pipeline.scan.store import ScanStore
+from pipeline.storage import Location
 
 FILTER_MODES = ("drop", "mark")
 KEEP_COLUMN = "mirror_keep"
@@ -71,13 +71,13 @@ def threshold_for_fpr(real_scores: np.ndarray, target_fpr: float) -> float:
     return float(scores[min(k, scores.size - 1)])
 
 
-def choose_threshold(bundle: Bundle, cfg: AuditConfig, scan_cfg: ScanConfig, out: Output) -> tuple[float, str]:
+def choose_threshold(bundle: Bundle, cfg: AuditConfig, scan_cfg: ScanConfig, out: Location) -> tuple[float, str]:
     if cfg.threshold is not None:
         return cfg.threshold, "explicit --threshold"
     if cfg.calibration is None:
         return bundle.config.threshold, "model default"
     run_scan(bundle, cfg.calibration, out.uri_of("calibration"), scan_cfg)
-    rows = Output(out.uri_of("calibration")).read_scores(columns=["label", "prob_fake", "error"])
+    rows = ScanStore(out.uri_of("calibration")).read_scores(columns=["label", "prob_fake", "error"])
     rows = rows.filter(pc.and_(pc.is_null(rows["error"]), pc.invert(pc.fill_null(pc.equal(rows["label"], 1), False))))
     scores = rows["prob_fake"].to_numpy()
     t = threshold_for_fpr(scores, cfg.target_fpr)
@@ -125,8 +125,8 @@ def with_threshold_info(table: pa.Table, threshold: float, method: str) -> pa.Ta
     return table.replace_schema_metadata(meta)
 
 
-def write_filtered(out: Output, scan: Output, rows: pa.Table, keep: np.ndarray, mode: str, threshold: float,
-                   method: str, columns) -> int:
+def write_filtered(out: Location, scan: ScanStore, rows: pa.Table, keep: np.ndarray, mode: str, threshold: float,
+                   method: str) -> int:
     """The corpus minus flagged rows (mode 'drop') or with a keep column ('mark').
     Parquet shards come out as shards with every original column; folders and
     manifests come out as a manifest of their records."""
@@ -150,7 +150,7 @@ def write_filtered(out: Output, scan: Output, rows: pa.Table, keep: np.ndarray, 
     return written
 
 
-def _write_part(out: Output, rel: str, table: pa.Table, flags, mode: str, threshold: float, method: str) -> int:
+def _write_part(out: Location, rel: str, table: pa.Table, flags, mode: str, threshold: float, method: str) -> int:
     flags = pa.array(flags, pa.bool_())
     table = table.filter(flags) if mode == "drop" else table.append_column(KEEP_COLUMN, flags)
     out.write_parquet(rel, with_threshold_info(table, threshold, method))
@@ -168,7 +168,7 @@ def record_bytes(plan, unit_id: str, index: int, columns) -> tuple[bytes | None,
     return data, uri
 
 
-def explain_top(out: Output, scan: Output, bundle: Bundle, flagged: pa.Table, top_n: int, threshold: float,
+def explain_top(out: Location, scan: ScanStore, bundle: Bundle, flagged: pa.Table, top_n: int, threshold: float,
                 method: str, columns, alignment: str | None) -> pa.Table:
     detector = Detector.from_bundle(bundle, alignment=alignment)
     top = flagged.sort_by([("prob_fake", "descending")]).slice(0, top_n)
@@ -194,14 +194,14 @@ def explain_top(out: Output, scan: Output, bundle: Bundle, flagged: pa.Table, to
 
 def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: ScanConfig,
               cfg: AuditConfig) -> dict[str, Any]:
-    from .audit_report import write_audit_report
+    from pipeline.audit.report import write_audit_report
 
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
-    out = Output(output_uri)
+    out = Location(output_uri)
     threshold, method = choose_threshold(bundle, cfg, scan_cfg, out)
     scan_cfg = dataclasses.replace(scan_cfg, threshold=threshold)
     summary = run_scan(bundle, input_uri, out.uri_of("scan"), scan_cfg)
-    scan = Output(out.uri_of("scan"))
+    scan = ScanStore(out.uri_of("scan"))
     rows = scan.read_scores_with_position()
     scored = pc.is_null(rows["error"])
     is_flagged = pc.and_(scored, pc.greater(pc.fill_null(rows["prob_fake"], 0.0), threshold))
@@ -220,8 +220,7 @@ def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: Sc
         info.update(items=groups.num_rows, unit="groups")
     with step(f"filtered copy ({cfg.filter_mode})") as info:
         keep = (~np.asarray(is_flagged.to_numpy(zero_copy_only=False), bool)).tolist()
-        kept = write_filtered(out, scan, rows, keep, cfg.filter_mode, threshold, method,
-                              scan_cfg.source_options().columns)
+        kept = write_filtered(out, scan, rows, keep, cfg.filter_mode, threshold, method)
         info.update(items=kept, unit="rows written")
     with step(f"heatmaps of the top {cfg.top_n} flagged"):
         explanations = explain_top(out, scan, bundle, flagged, cfg.top_n, threshold, method,

@@ -27,10 +27,10 @@ import pyarrow.compute as pc
 
 from mirror_core.bundle import Bundle, load_bundle, save_bundle
 from mirror_core.config import MemoryConfig, MirrorConfig
+from mirror_core.train.loop import trained_weights
 from mirror_core.weights import MirrorWeights
-
-from .sinks import Output
-from .sources import ColumnMap, SourceOptions, fetch_all, plan_source, read_shard_unit, standard_records
+from pipeline.scan.sources import ColumnMap, SourceOptions, fetch_all, plan_source, read_shard_unit, standard_records
+from pipeline.storage import Location
 
 
 @dataclass
@@ -164,8 +164,6 @@ def train_loop(config: dict) -> None:
     from mirror_core.model import assemble_model
     from mirror_core.train.loop import OptimConfig, PhaseTrainer, trainable_state
 
-    from .scorer import weights_from_numpy
-
     tc = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -174,7 +172,7 @@ def train_loop(config: dict) -> None:
     # Dropout and adapter init draw from torch's global generator: seed it here so a run
     # does not depend on what else this worker process happened to execute before.
     torch.manual_seed(tc.seed * 1_000_003 + rank)
-    model = assemble_model(cfg, weights_from_numpy(ray.get(config["weights"])), merge_lora=tc.phase == 1).to(device)
+    model = assemble_model(cfg, MirrorWeights.from_numpy(ray.get(config["weights"])), merge_lora=tc.phase == 1).to(device)
 
     def sync_grads(params):
         if world > 1:
@@ -256,9 +254,8 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
-    from .scan import ensure_ray
-    from .scorer import weights_to_numpy
-
+    from pipeline.cluster import ensure_ray
+    
     bundle = base_model(base, memory)
     ensure_ray(address)
     train_ds, val_ds, n_train, n_val = training_datasets(input_uri, tc.phase, tc.val_fraction)
@@ -268,7 +265,7 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": dataclasses.asdict(tc), "model_config": bundle.config.to_dict(),
-                           "weights": ray.put(weights_to_numpy(bundle.weights)), "total_steps": steps},
+                           "weights": ray.put(bundle.weights.to_numpy()), "total_steps": steps},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
         run_config=RunConfig(name=tc.name, storage_path=os.path.abspath(storage) if "://" not in storage else storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -280,20 +277,11 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     with result.checkpoint.as_directory() as d:
         trained = load_file(os.path.join(d, "trainable.safetensors"))
         meta = json.loads(Path(d, "meta.json").read_text())
-    weights = bundle.weights
-    lora = dict(weights.lora)
-    mirror = dict(weights.mirror)
-    for key, tensor in trained.items():
-        if key.startswith("backbone."):  # peft name '…q_proj.lora_A.default.weight' -> bundle name
-            module, _, part = key[len("backbone."):].rpartition(".lora_")
-            lora[f"{module}.lora_{part[0]}.weight"] = tensor
-        else:
-            mirror[key] = tensor
-    new = MirrorWeights(backbone=weights.backbone, lora=lora, mirror=mirror)
+    new = trained_weights(bundle.weights, trained)
     card = {"phase": tc.phase, "base": base, "base_model_id": bundle.model_id, "data": input_uri,
             "train_images": n_train, "val_images": n_val, "recipe": dataclasses.asdict(tc),
             "history": meta["history"], "final": meta["history"][-1], "resumed_from_epoch": meta["resumed_from_epoch"]}
     model_id = save_bundle(output, bundle.config, new, {"trained": card})
     card["model_id"] = model_id
-    Output(output).write_json("model_card.json", card)
+    Location(output).write_json("model_card.json", card)
     return card

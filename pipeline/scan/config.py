@@ -10,8 +10,7 @@ from typing import Any
 
 from mirror_core.config import ALIGNMENT_MODES
 from mirror_core.detector import PRECISIONS
-
-from .sources import DEFAULT_EXTENSIONS, INPUT_FORMATS, ColumnMap, SourceOptions
+from pipeline.scan.sources import DEFAULT_EXTENSIONS, INPUT_FORMATS, ColumnMap, SourceOptions
 
 
 class ConfigError(ValueError):
@@ -81,7 +80,7 @@ class ScanConfig:
         return dataclasses.asdict(self)
 
 
-def _check_type(name: str, value: Any, annotation: Any, source: str) -> Any:
+def _check_type(name: str, value: Any, source: str) -> Any:
     hint = typing.get_type_hints(ScanConfig)[name]
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
     if value is None and type(None) in allowed:
@@ -105,7 +104,7 @@ def scan_config_from(values: dict[str, Any], source: str = "settings") -> ScanCo
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    checked = {k: _check_type(k, v, None, source) for k, v in values.items()}
+    checked = {k: _check_type(k, v, source) for k, v in values.items()}
     cfg = ScanConfig.__new__(ScanConfig)
     defaults = ScanConfig()
     for f in dataclasses.fields(ScanConfig):

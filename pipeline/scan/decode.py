@@ -15,17 +15,8 @@ import pyarrow as pa
 
 from mirror_core.config import PreprocessConfig
 from mirror_core.preprocess import official_preprocess
-
-from .schema import DECODE_SECONDS, IMAGE_FIELDS, INDEX, PIXELS, UNIT
-from .sources import DEFAULT_MAX_FILE_BYTES, ColumnMap, Unit, fetch_all, read_shard_unit
-
-# What the decode stage emits per record (besides the pixels); the image fields are the
-# output schema's own.
-DECODED_SCHEMA = pa.schema(
-    [pa.field(UNIT, pa.string()), pa.field(INDEX, pa.int64()), pa.field("sha256", pa.string())]
-    + IMAGE_FIELDS
-    + [pa.field(DECODE_SECONDS, pa.float64())]
-)
+from pipeline.scan.schema import DECODE_SECONDS, DECODED_SCHEMA, IMAGE_FIELDS, INDEX, PIXELS, SHA256, UNIT
+from pipeline.scan.sources import DEFAULT_MAX_FILE_BYTES, ColumnMap, Unit, fetch_all, read_shard_unit
 
 
 def tensor_column(pixels: np.ndarray) -> pa.Array:
@@ -40,10 +31,10 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
     t0 = time.perf_counter()
     n = len(names)
     pixels = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
-    cols = {k: [None] * n for k in ("sha256", "width", "height", "format", "aligned", "error")}
+    cols = {name: [None] * n for name in [SHA256] + [f.name for f in IMAGE_FIELDS]}
     for i, (name, (data, error)) in enumerate(zip(names, payloads)):
         if data is not None:
-            cols["sha256"][i] = hashlib.sha256(data).hexdigest()
+            cols[SHA256][i] = hashlib.sha256(data).hexdigest()
             if not data:
                 error = "empty file (0 bytes)"
             else:
@@ -56,10 +47,8 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
                     error = f"decode failed: {type(err).__name__}: {err}"
         cols["error"][i] = error
     seconds = (time.perf_counter() - t0) / max(n, 1)
-    arrays = [pa.array([unit_id] * n, pa.string()), pa.array(range(start, start + n), pa.int64())]
-    arrays += [pa.array(cols[f.name], f.type) for f in list(DECODED_SCHEMA)[2:-1]]
-    arrays.append(pa.array([seconds] * n, pa.float64()))
-    table = pa.Table.from_arrays(arrays, schema=DECODED_SCHEMA)
+    values = {UNIT: [unit_id] * n, INDEX: range(start, start + n), DECODE_SECONDS: [seconds] * n, **cols}
+    table = pa.Table.from_arrays([pa.array(values[f.name], f.type) for f in DECODED_SCHEMA], schema=DECODED_SCHEMA)
     return table.append_column(PIXELS, tensor_column(pixels))
 
 

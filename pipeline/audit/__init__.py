@@ -1,0 +1,1 @@
+"""Corpus audits (`mirror audit`): flagged manifest, group summary, filtered copy, heatmaps, report."""

@@ -1,0 +1,1 @@
+"""Entry points: the `mirror` command, its console, the demo, ingest."""

@@ -1,0 +1,1 @@
+"""Accuracy on benchmark datasets (`mirror benchmark`): official CSVs, sweeps, nightly history, report."""

@@ -1,0 +1,73 @@
+"""A place to write results: a local directory or any fsspec URI (s3://...).
+
+`Location` holds the I/O every command's output needs (atomic local writes, whole
+PUTs on object stores, JSON / Parquet helpers, access errors that name the URI).
+"""
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mirror_core.uri import join_uri
+
+
+class Location:
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def path(self, *parts: str) -> str:
+        return join_uri(self.root, *parts)
+
+    def uri_of(self, *parts: str) -> str:
+        return join_uri(self.uri, *parts)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        try:
+            self._write_bytes(rel, data)
+        except PermissionError as err:
+            raise PermissionError(f"access denied writing {self.uri_of(rel)} ({err})") from None
+
+    def _write_bytes(self, rel: str, data: bytes) -> None:
+        path = self.path(rel)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if self.local:  # atomic on POSIX: readers never see half a file
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, path)
+        else:  # object stores publish a PUT whole or not at all
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        path = self.path(rel)
+        try:
+            if not self.fs.exists(path):
+                return None
+            with self.fs.open(path, "rb") as f:
+                return f.read()
+        except PermissionError as err:
+            raise PermissionError(f"access denied reading {self.uri_of(rel)} ({err})") from None
+
+    def write_json(self, rel: str, doc: dict) -> None:
+        self.write_bytes(rel, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str) -> dict | None:
+        data = self.read_bytes(rel)
+        return None if data is None else json.loads(data)
+
+    def write_parquet(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_parquet(self, rel: str, columns=None) -> pa.Table | None:
+        data = self.read_bytes(rel)
+        return None if data is None else pq.read_table(io.BytesIO(data), columns=columns)
