@@ -104,6 +104,23 @@ def test_killed_actor_and_nothing_written_outside_output(parity_bundle, tmp_path
     assert set(os.listdir(tmp_path)) == {"in", "cwd", "out", "died"}
 
 
+@pytest.mark.slow
+def test_killed_writer_is_retried_and_every_row_lands_once(parity_bundle, tmp_path):
+    for i in range(12):
+        write_image(tmp_path / "in" / f"{i:02d}.png", seed=i)
+    env = {**os.environ, "MIRROR_FAULT_WRITER_EXIT": "1", "MIRROR_FAULT_MARKER": str(tmp_path / "died")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(_scan_cmd(parity_bundle, tmp_path / "in", tmp_path / "out", "--unit-size", "4"),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "died").exists(), "the fault hook did not kill a writer"
+    rows = pq.read_table(tmp_path / "out" / "scores")
+    assert rows.num_rows == 12 and len(set(rows["uri"].to_pylist())) == 12
+    assert len(list((tmp_path / "out" / "scores").iterdir())) == 3  # one part per unit, no temporaries left
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["units"]["committed_now"] == 3 and summary["rows_out"] == 12
+
+
 @pytest.fixture
 def s3_corpus(s3_server, s3_bucket, parity_bundle, tmp_path):
     import fsspec

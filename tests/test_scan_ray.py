@@ -169,15 +169,17 @@ def test_killed_scan_resumes_without_duplicates(parity_bundle, tmp_path):
     assert summary["units"]["skipped_done"] == len(done_before)
 
 
-def test_decode_runs_in_tasks_separate_from_scoring_actors(ray_local, parity_bundle, capsys):
+def test_decode_and_commit_run_in_tasks_separate_from_scoring_actors(ray_local, parity_bundle, capsys, tmp_path):
     from mirror_core.bundle import load_bundle
     from pipeline.scan.run import build_dataset
 
     bundle = load_bundle(str(parity_bundle))
-    build_dataset([{"unit": "{}", "uris": []}], bundle, bundle.config, ScanConfig()).explain()
+    build_dataset([{"unit": "{}", "records": None}], bundle, bundle.config, ScanConfig(), str(tmp_path), {},
+                  2**20).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(decode_units)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(Scorer)]" in optimized
+    assert "TaskPoolMapOperator[MapBatches(commit_units)]" in optimized  # writes never block a replica
 
 
 def test_s3_ingest_then_scan_from_s3_to_s3(ray_local, parity_bundle, parity_dir, s3_bucket, tmp_path):

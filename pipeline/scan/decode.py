@@ -15,7 +15,18 @@ import pyarrow as pa
 
 from mirror_core.config import PreprocessConfig
 from mirror_core.preprocess import official_preprocess
-from pipeline.scan.schema import DECODE_SECONDS, DECODED_SCHEMA, IMAGE_FIELDS, INDEX, PIXELS, SHA256, UNIT
+from pipeline.scan.schema import (
+    DECODE_SECONDS,
+    DECODED_SCHEMA,
+    IMAGE_FIELDS,
+    INDEX,
+    PIXELS,
+    SHA256,
+    UNIT,
+    UNIT_RECORDS,
+    pack_records,
+    unpack_records,
+)
 from pipeline.scan.sources import DEFAULT_MAX_FILE_BYTES, ColumnMap, Unit, fetch_all, read_shard_unit
 
 
@@ -26,8 +37,9 @@ def tensor_column(pixels: np.ndarray) -> pa.Array:
 
 
 def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg: PreprocessConfig,
-                perturbation: str | None = None) -> pa.Table:
-    """payloads: (bytes, None) or (None, error) per record -> one typed row each."""
+                perturbation: str | None = None, records: bytes | None = None) -> pa.Table:
+    """payloads: (bytes, None) or (None, error) per record -> one typed row each.
+    `records` (the unit's packed records) rides on the first row when given."""
     t0 = time.perf_counter()
     n = len(names)
     pixels = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
@@ -47,43 +59,54 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
                     error = f"decode failed: {type(err).__name__}: {err}"
         cols["error"][i] = error
     seconds = (time.perf_counter() - t0) / max(n, 1)
-    values = {UNIT: [unit_id] * n, INDEX: range(start, start + n), DECODE_SECONDS: [seconds] * n, **cols}
+    values = {UNIT: [unit_id] * n, INDEX: range(start, start + n), DECODE_SECONDS: [seconds] * n,
+              UNIT_RECORDS: [records] + [None] * (n - 1) if n else [], **cols}
     table = pa.Table.from_arrays([pa.array(values[f.name], f.type) for f in DECODED_SCHEMA], schema=DECODED_SCHEMA)
     return table.append_column(PIXELS, tensor_column(pixels))
 
 
-def unit_payloads(unit: Unit, uris: list[str] | None, columns: ColumnMap, fetch_threads: int,
-                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
-    """(names, payload iterator) for a unit; a shard that cannot be read fails every row."""
+def placeholder_records(unit: Unit) -> pa.Table:
+    """Records for a shard unit that cannot be read: positions only (every row an error)."""
+    return pa.table({"uri": pa.array([f"{unit.file}#{unit.row_group}:{i}" for i in range(unit.rows)], pa.string())})
+
+
+def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_threads: int,
+                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+    """(records without bytes, names, payload iterator) for a unit; a shard that cannot be
+    read fails every row. Inline units bring their records from the plan."""
     if unit.kind == "inline":
-        return uris, fetch_all(uris, fetch_threads, max_file_bytes)
+        uris = records["uri"].to_pylist()
+        return records, uris, fetch_all(uris, fetch_threads, max_file_bytes)
     try:
         records = read_shard_unit(unit, columns, with_bytes=True)
     except Exception as err:
         msg = f"shard read failed: {type(err).__name__}: {err}"
-        return [None] * unit.rows, iter([(None, msg)] * unit.rows)
+        return placeholder_records(unit), [None] * unit.rows, iter([(None, msg)] * unit.rows)
     if "bytes" not in records.column_names:
         msg = f"shard {unit.file} has no {columns.bytes!r} column"
-        return [None] * unit.rows, iter([(None, msg)] * unit.rows)
+        return records, [None] * unit.rows, iter([(None, msg)] * unit.rows)
     datas = records["bytes"].to_pylist()
     payloads = [(None, "no image bytes (null)") if d is None else
                 (None, f"file too large: over {max_file_bytes:,} bytes") if len(d) > max_file_bytes else (d, None)
                 for d in datas]
-    return records["uri"].to_pylist(), iter(payloads)
+    return records.drop_columns(["bytes"]), records["uri"].to_pylist(), iter(payloads)
 
 
 def decode_units(
     batch: dict, *, preprocess: dict, columns: dict, fetch_threads: int = 16, rows_per_batch: int = 64,
     perturbation: str | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[pa.Table]:
-    """Ray map_batches function over unit descriptors (batch_size=1 is typical)."""
+    """Ray map_batches function over unit descriptors (one per call): the unit's rows,
+    decoded in chunks, its packed records on the first row."""
     cfg = PreprocessConfig(**preprocess)
     colmap = ColumnMap(**columns)
     for i in range(len(batch["unit"])):
         unit = Unit(**json.loads(batch["unit"][i]))
-        uris = list(batch["uris"][i]) if unit.kind == "inline" else None
-        names, payloads = unit_payloads(unit, uris, colmap, fetch_threads, max_file_bytes)
+        # only inline units carry records (shard units read theirs below; their empty slot
+        # may reach a numpy batch as NaN)
+        records = unpack_records(batch["records"][i]) if unit.kind == "inline" else None
+        records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes)
         for start in range(0, unit.rows, rows_per_batch):
             chunk = [next(payloads) for _ in range(min(rows_per_batch, unit.rows - start))]
-            yield decode_rows(unit.unit_id, start, names[start : start + len(chunk)], chunk, cfg, perturbation)
-
+            yield decode_rows(unit.unit_id, start, names[start : start + len(chunk)], chunk, cfg, perturbation,
+                              pack_records(records) if start == 0 else None)

@@ -5,6 +5,8 @@ MIRROR_FAULT_SCORE_DELAY_S   sleep this long before each scored batch (slows a s
 MIRROR_FAULT_ACTOR_EXIT_AFTER  a scoring actor process exits after this many batches
                              (once per marker file MIRROR_FAULT_MARKER, so the
                              replacement actor lives)
+MIRROR_FAULT_WRITER_EXIT       a commit task's process exits just before writing its
+                             part (once per marker file MIRROR_FAULT_MARKER)
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ class FaultHooks:
     score_delay_s: float = 0.0
     actor_exit_after: int = 0
     marker: str | None = None
+    writer_exit: bool = False
     batches: int = 0
 
     @classmethod
@@ -26,6 +29,7 @@ class FaultHooks:
             score_delay_s=float(os.environ.get("MIRROR_FAULT_SCORE_DELAY_S", 0) or 0),
             actor_exit_after=int(os.environ.get("MIRROR_FAULT_ACTOR_EXIT_AFTER", 0) or 0),
             marker=os.environ.get("MIRROR_FAULT_MARKER"),
+            writer_exit=bool(os.environ.get("MIRROR_FAULT_WRITER_EXIT")),
         )
 
     def before_score_batch(self) -> None:
@@ -33,6 +37,13 @@ class FaultHooks:
         if self.score_delay_s:
             time.sleep(self.score_delay_s)
         if self.actor_exit_after and self.batches > self.actor_exit_after:
-            if self.marker and not os.path.exists(self.marker):
-                open(self.marker, "w").close()
-                os._exit(1)
+            self._exit_once()
+
+    def before_write(self) -> None:
+        if self.writer_exit:
+            self._exit_once()
+
+    def _exit_once(self) -> None:
+        if self.marker and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)

@@ -11,7 +11,6 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -20,21 +19,12 @@ from mirror_core.config import MirrorConfig
 from mirror_core.metrics import binary_metrics
 from pipeline.cluster import ensure_ray
 from pipeline.progress import step
+from pipeline.scan.commit import commit_units
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
-from pipeline.scan.schema import (
-    DECODE_SECONDS,
-    INDEX,
-    OUTPUT_COLUMNS,
-    READOUT,
-    SCORE_SECONDS,
-    SHA256,
-    STAGE_RESULT_FIELDS,
-    UNIT,
-    conform,
-)
+from pipeline.scan.schema import INDEX, UNIT, pack_records
 from pipeline.scan.scorer import Scorer
-from pipeline.scan.sources import Plan, Unit, plan_source, read_shard_unit
+from pipeline.scan.sources import Plan, Unit, plan_source
 from pipeline.scan.store import ScanStore
 
 DECODE_CPUS_KEPT = 2  # CPUs a one-node cluster keeps for decode tasks when sizing CPU scorers
@@ -66,56 +56,39 @@ def effective_config(bundle: Bundle, cfg: ScanConfig) -> MirrorConfig:
     return bundle.config.with_overrides(alignment=cfg.alignment, fast_decode=cfg.fast_decode, threshold=cfg.threshold)
 
 
-def unit_offsets(plan: Plan) -> dict[str, tuple[int, int]]:
-    """Inline units' rows are contiguous in plan.records: unit_id -> (start, rows)."""
-    offsets, start = {}, 0
-    for unit in plan.units:
-        if unit.kind == "inline":
-            offsets[unit.unit_id] = (start, unit.rows)
-            start += unit.rows
-    return offsets
+def unit_descriptors(units: list[Unit], plan: Plan) -> list[dict]:
+    """One item per unit for the pipeline: the unit, and an inline unit's records packed
+    (shard units read theirs on the workers)."""
+    wanted = {u.unit_id for u in units if u.kind == "inline"}
+    packed: dict[str, bytes] = {}
+    if wanted:
+        unit_col = plan.records[UNIT].to_pylist()
+        start = 0
+        while start < len(unit_col):  # inline units' rows are contiguous in the plan
+            unit_id, end = unit_col[start], start
+            while end < len(unit_col) and unit_col[end] == unit_id:
+                end += 1
+            if unit_id in wanted:
+                packed[unit_id] = pack_records(plan.records.slice(start, end - start).drop_columns([UNIT, INDEX]))
+            start = end
+    return [{"unit": json.dumps(dataclasses.asdict(u)), "records": packed.get(u.unit_id)} for u in units]
 
 
-def unit_records(unit: Unit, plan: Plan, offsets, columns) -> pa.Table:
-    if unit.kind == "inline":
-        start, rows = offsets[unit.unit_id]
-        return plan.records.slice(start, rows).drop_columns([UNIT, INDEX])
-    return read_shard_unit(unit, columns, with_bytes=False)
+def whole_unit_block_bytes(units: list[Unit], crop: int) -> int:
+    """A block size that holds the largest unit's decoded rows, so no unit is split."""
+    largest = max((u.rows for u in units), default=1)
+    return int(largest * (crop * crop * 3 + 4096) * 1.25)
 
 
-def assemble_rows(records: pa.Table, scored: pa.Table, run: dict[str, Any]) -> pa.Table:
-    """Input record columns + stage results -> output rows in the documented schema."""
-    if records.num_rows != scored.num_rows:
-        raise RuntimeError(f"unit has {records.num_rows} records but {scored.num_rows} scored rows")
-    table = records.drop_columns([c for c in records.column_names if c == "bytes"])
-    # carried input columns that collide with output names keep their data under input_<name>
-    clashes = [c for c in table.column_names if c in OUTPUT_COLUMNS and c not in ("uri", "id", "label", "subset")]
-    table = table.rename_columns([f"input_{c}" if c in clashes else c for c in table.column_names])
-    given_id = table["id"] if "id" in table.column_names else pa.nulls(table.num_rows, pa.string())
-    ids = pc.coalesce(pc.cast(given_id, pa.string()), scored[SHA256])
-    table = table.drop_columns([c for c in ("id",) if c in table.column_names]).append_column("id", ids)
-    for field in STAGE_RESULT_FIELDS:
-        table = table.append_column(field.name, scored[field.name])
-    for name, value in run.items():
-        table = table.append_column(name, pa.array([value] * table.num_rows))
-    return conform(table)
-
-
-def unit_descriptors(units: list[Unit], plan: Plan, offsets) -> list[dict]:
-    uris = plan.records["uri"].to_pylist() if plan.records.num_columns else []
-    items = []
-    for u in units:
-        unit_uris = []
-        if u.kind == "inline":
-            start, rows = offsets[u.unit_id]
-            unit_uris = uris[start : start + rows]
-        items.append({"unit": json.dumps(dataclasses.asdict(u)), "uris": unit_uris})
-    return items
-
-
-def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfig):
+def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfig, store: str, run: dict[str, Any],
+                  largest_block_bytes: int):
+    """decode (CPU tasks) -> score (actor pool) -> commit (CPU tasks): one completion
+    record per unit comes out."""
     import ray
 
+    ctx = ray.data.DataContext.get_current()
+    if ctx.target_max_block_size is not None and ctx.target_max_block_size < largest_block_bytes:
+        ctx.target_max_block_size = largest_block_bytes  # a unit's block must never be split
     gpu = cfg.gpus_per_actor > 0
     weights_ref = ray.put(bundle.weights.to_numpy())
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -133,9 +106,9 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
     )
     pool = (ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors) if cfg.max_actors
             else ray.data.ActorPoolStrategy(size=cfg.actors))
-    return ds.map_batches(
+    ds = ds.map_batches(
         Scorer,
-        batch_size=cfg.batch_size,
+        batch_size=None,  # whole blocks: a unit stays in one piece; the scorer batches the model itself
         batch_format="numpy",
         compute=pool,
         num_gpus=cfg.gpus_per_actor,
@@ -147,48 +120,44 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
             "device": "cuda" if gpu else "cpu",
             "precision": cfg.precision or ("bf16" if gpu else "fp32"),
             "compile": cfg.compile,
+            "batch_size": cfg.batch_size,
         },
+    )
+    return ds.map_batches(
+        commit_units,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=COMMIT_TASK_CPUS,
+        fn_kwargs={"store": store, "run": run},
     )
 
 
-class UnitCommitter:
-    """Collects scored rows per unit and writes each unit once, when it is whole."""
+COMMIT_TASK_CPUS = 0.25  # writes wait on storage, not on a core; several share one
 
-    def __init__(self, plan: Plan, out: ScanStore, cfg: ScanConfig, run: dict[str, Any]):
-        self.plan, self.out, self.cfg, self.run = plan, out, cfg, run
-        self.units = {u.unit_id: u for u in plan.units}
-        self.offsets = unit_offsets(plan)
-        self.pending: dict[str, list[pa.Table]] = {}
-        self.counts: dict[str, set[int]] = {}
-        self.committed = 0
-        self.rows = 0
-        self.busy = {"decode": 0.0, "score": 0.0}
-        self.readouts: set[str] = set()
+
+class Completions:
+    """What the driver learns of a scan: one record per committed unit (never rows)."""
+
+    def __init__(self):
+        self.units: dict[str, dict] = {}
 
     def add(self, batch: pa.Table) -> None:
-        self.busy["decode"] += float(pc.sum(batch[DECODE_SECONDS]).as_py() or 0)
-        self.busy["score"] += float(pc.sum(batch[SCORE_SECONDS]).as_py() or 0)
-        self.readouts.update(pc.unique(batch[READOUT]).to_pylist())
-        units = batch[UNIT].to_pylist()
-        for unit_id in dict.fromkeys(units):
-            part = batch.filter(pc.equal(batch[UNIT], unit_id))
-            self.pending.setdefault(unit_id, []).append(part)
-            seen = self.counts.setdefault(unit_id, set())
-            seen.update(part[INDEX].to_pylist())
-            if len(seen) >= self.units[unit_id].rows:
-                self.commit(unit_id)
+        for rec in batch.to_pylist():
+            self.units.setdefault(rec["unit_id"], rec)  # a re-executed task reports again
 
-    def commit(self, unit_id: str) -> None:
-        unit = self.units[unit_id]
-        scored = pa.concat_tables(self.pending.pop(unit_id))
-        del self.counts[unit_id]
-        # Ray may re-run a batch after a failure: keep the first row per index.
-        _, first = np.unique(scored[INDEX].to_numpy(), return_index=True)
-        scored = scored.take(pa.array(first)).sort_by(INDEX)
-        records = unit_records(unit, self.plan, self.offsets, self.cfg.source_options().columns)
-        self.out.write_parquet(self.out.part_name(unit_id), assemble_rows(records, scored, self.run))
-        self.committed += 1
-        self.rows += scored.num_rows
+    def figures(self) -> dict[str, Any]:
+        recs = list(self.units.values())
+        writers: dict[str, int] = {}
+        for r in recs:
+            writers[r["writer_node"]] = writers.get(r["writer_node"], 0) + 1
+        return {
+            "committed": len(recs),
+            "rows": sum(r["rows"] for r in recs),
+            "busy": {"decode": sum(r["decode_s"] for r in recs), "score": sum(r["score_s"] for r in recs)},
+            "readouts": sorted({x for r in recs for x in r["readout"].split(",") if x}),
+            "writer_pids": sorted({r["writer_pid"] for r in recs}),
+            "writer_nodes": writers,
+        }
 
 
 def summarize(out: ScanStore, plan: Plan, extra: dict[str, Any]) -> dict[str, Any]:
@@ -229,21 +198,24 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
             info.update(items=plan.total_rows, unit=f"records in {len(plan.units)} units")
     done = out.done_units()
     todo = [u for u in plan.units if u.unit_id not in done]
-    committer = UnitCommitter(plan, out, cfg, run)
+    completions = Completions()
     t_plan = time.perf_counter()
     t_first = t_last = None
     first_rows = 0
     if todo:
         ensure_ray(cfg.address)
         cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
-        ds = build_dataset(unit_descriptors(todo, plan, committer.offsets), bundle, model_cfg, cfg)
+        ds = build_dataset(unit_descriptors(todo, plan), bundle, model_cfg, cfg, out.uri, run,
+                           whole_unit_block_bytes(todo, model_cfg.preprocess.crop_size))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if t_first is None:  # start-up ends here: Ray, replica builds, first decodes
-                t_first, first_rows = time.perf_counter(), batch.num_rows
-            committer.add(batch)
+            if t_first is None:  # start-up ends here: Ray, replica builds, first decodes and writes
+                t_first, first_rows = time.perf_counter(), int(pc.sum(batch["rows"]).as_py() or 0)
+            completions.add(batch)
         t_last = time.perf_counter()
-        if committer.pending:
-            raise RuntimeError(f"{len(committer.pending)} units did not receive all their rows: {sorted(committer.pending)[:5]}")
+        missing = {u.unit_id for u in todo} - set(completions.units)
+        if missing:
+            raise RuntimeError(f"{len(missing)} units were not committed: {sorted(missing)[:5]}")
+    done_now = completions.figures()
     wall = time.perf_counter() - t_start
     summary = summarize(out, plan, {
         "model_id": bundle.model_id,
@@ -253,18 +225,20 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
         "input_format": plan.input_format,
         "output": out.uri,
         "scores": out.uri_of("scores"),
-        "units": {"total": len(plan.units), "skipped_done": len(done), "committed_now": committer.committed},
+        "units": {"total": len(plan.units), "skipped_done": len(done), "committed_now": done_now["committed"]},
         "this_run": {
-            "rows": committer.rows,
+            "rows": done_now["rows"],
             "wall_s": round(wall, 3),
             "plan_s": round(t_plan - t_start, 3),
-            "images_per_s": round(committer.rows / wall, 2) if wall > 0 else None,
+            "images_per_s": round(done_now["rows"] / wall, 2) if wall > 0 else None,
             "first_batch_s": round(t_first - t_start, 3) if t_first else None,
-            # Throughput once running: rows after the first output over the time they took.
-            "steady_images_per_s": round((committer.rows - first_rows) / (t_last - t_first), 2)
+            # Throughput once running: rows after the first commit over the time they took.
+            "steady_images_per_s": round((done_now["rows"] - first_rows) / (t_last - t_first), 2)
             if t_first and t_last > t_first else None,
-            "stage_busy_s": {k: round(v, 3) for k, v in committer.busy.items()},
-            "replica_readout": sorted(committer.readouts),  # as the scoring replicas reported it
+            "stage_busy_s": {k: round(v, 3) for k, v in done_now["busy"].items()},
+            "replica_readout": done_now["readouts"],  # as the scoring replicas reported it
+            # Parts are written by Ray workers; the driver receives completion records only.
+            "writers": {"nodes": done_now["writer_nodes"], "processes": len(done_now["writer_pids"])},
         },
         "config": cfg.to_dict(),
     })

@@ -21,7 +21,10 @@ PIXELS = "_pixels"
 DECODE_SECONDS = "_decode_s"
 SCORE_SECONDS = "_score_s"
 READOUT = "_readout"  # which read-out the replica ran: reported in summary.json
-INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS, READOUT)
+# The unit's input records (Arrow IPC, bytes dropped) on the first row of its block, so
+# the commit stage can assemble output rows without asking the driver.
+UNIT_RECORDS = "_unit_records"
+INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS, READOUT, UNIT_RECORDS)
 
 RECORD_FIELDS = [
     pa.field("uri", pa.string()),
@@ -49,7 +52,7 @@ OUTPUT_FIELDS = RECORD_FIELDS + SCORE_FIELDS + IMAGE_FIELDS + RUN_FIELDS
 # fields are the output's own; sha256 of the bytes becomes the id where none is given).
 SHA256 = "sha256"
 DECODED_SCHEMA = pa.schema([pa.field(UNIT, pa.string()), pa.field(INDEX, pa.int64()), pa.field(SHA256, pa.string())]
-                           + IMAGE_FIELDS + [pa.field(DECODE_SECONDS, pa.float64())])
+                           + IMAGE_FIELDS + [pa.field(DECODE_SECONDS, pa.float64()), pa.field(UNIT_RECORDS, pa.binary())])
 # What a scored batch adds to the input record to make an output row.
 STAGE_RESULT_FIELDS = IMAGE_FIELDS + SCORE_FIELDS
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
@@ -68,3 +71,15 @@ def conform(table: pa.Table) -> pa.Table:
             columns.append(table[name])
             fields.append(table.schema.field(name))
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def pack_records(table: pa.Table) -> bytes:
+    """A unit's records as Arrow IPC bytes (what travels with its block between stages)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def unpack_records(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()

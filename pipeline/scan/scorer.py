@@ -22,7 +22,7 @@ class Scorer:
     """Callable class for `map_batches(..., compute=ActorPoolStrategy(...))`."""
 
     def __init__(self, weights, config: dict, model_id: str, device: str = "cpu", precision: str = "fp32",
-                 compile: bool = False):
+                 compile: bool = False, batch_size: int = 32):
         import ray
 
         from pipeline.scan.faults import FaultHooks
@@ -33,19 +33,26 @@ class Scorer:
         model = assemble_model(cfg, MirrorWeights.from_numpy(weights))
         self.detector = Detector(model, cfg, model_id, device=device, precision=precision, compile=compile)
         self.faults = FaultHooks.from_env()
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        self.faults.before_score_batch()
+        """One whole block (a unit's rows): scored in model calls of `batch_size` images,
+        returned whole, so the commit stage receives the unit in one piece."""
         t0 = time.perf_counter()
         errors = batch["error"]
         ok = np.array([e is None for e in errors], dtype=bool)
         n = len(errors)
         scores = {k: np.full(n, np.nan) for k in SIGNALS}
-        if ok.any():
-            pixels = np.asarray(batch[PIXELS])
-            got = self.detector.score_pixels(pixels if ok.all() else pixels[ok])  # no copy in the common case
+        pixels = np.asarray(batch[PIXELS])
+        for start in range(0, n, self.batch_size):
+            self.faults.before_score_batch()
+            sel = ok[start : start + self.batch_size]
+            if not sel.any():
+                continue
+            chunk = pixels[start : start + self.batch_size]
+            got = self.detector.score_pixels(chunk if sel.all() else chunk[sel])  # no copy in the common case
             for k in SIGNALS:
-                scores[k][ok] = got[k]
+                scores[k][start : start + self.batch_size][sel] = got[k]
         seconds = (time.perf_counter() - t0) / max(n, 1)
         # Pass the decode columns through with their types (numpy batches carry
         # nullable ints as floats with NaN: from_pandas maps NaN back to null).

@@ -1,0 +1,99 @@
+"""Commit stage: a unit's scored rows -> its part file, written by a Ray worker.
+
+Runs as CPU tasks after the score stage. Each block holds whole units (the decode stage
+emits one block per unit and the score stage keeps blocks whole), so a task can assemble
+a unit's output rows from its packed records and scored rows and write its part once,
+whole (atomic rename locally, one PUT on object stores). A re-executed task writes the
+same part again under the same name: never a duplicate row. What reaches the driver is
+one completion record per unit (ids and counts), never rows.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.scan.schema import (
+    DECODE_SECONDS,
+    INDEX,
+    OUTPUT_COLUMNS,
+    READOUT,
+    SCORE_SECONDS,
+    SHA256,
+    STAGE_RESULT_FIELDS,
+    UNIT,
+    UNIT_RECORDS,
+    conform,
+    unpack_records,
+)
+
+WRITER_METADATA = b"mirror_writer"  # part files record which node and process wrote them
+
+COMPLETION_SCHEMA = pa.schema([
+    ("unit_id", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()), ("decode_s", pa.float64()),
+    ("score_s", pa.float64()), ("readout", pa.string()), ("writer_node", pa.string()), ("writer_pid", pa.int64()),
+])
+
+
+def assemble_rows(records: pa.Table, scored: pa.Table, run: dict[str, Any]) -> pa.Table:
+    """Input record columns + stage results -> output rows in the documented schema."""
+    if records.num_rows != scored.num_rows:
+        raise RuntimeError(f"unit has {records.num_rows} records but {scored.num_rows} scored rows")
+    table = records.drop_columns([c for c in records.column_names if c == "bytes"])
+    # carried input columns that collide with output names keep their data under input_<name>
+    clashes = [c for c in table.column_names if c in OUTPUT_COLUMNS and c not in ("uri", "id", "label", "subset")]
+    table = table.rename_columns([f"input_{c}" if c in clashes else c for c in table.column_names])
+    given_id = table["id"] if "id" in table.column_names else pa.nulls(table.num_rows, pa.string())
+    ids = pc.coalesce(pc.cast(given_id, pa.string()), scored[SHA256])
+    table = table.drop_columns([c for c in ("id",) if c in table.column_names]).append_column("id", ids)
+    for field in STAGE_RESULT_FIELDS:
+        table = table.append_column(field.name, scored[field.name])
+    for name, value in run.items():
+        table = table.append_column(name, pa.array([value] * table.num_rows))
+    return conform(table)
+
+
+def unit_rows(scored: pa.Table, unit_id: str) -> tuple[pa.Table, pa.Table]:
+    """(records, scored rows in index order) of one whole unit; a partial unit is an error."""
+    part = scored.filter(pc.equal(scored[UNIT], unit_id))
+    packed = [p for p in part[UNIT_RECORDS].to_pylist() if p is not None]
+    if not packed:
+        raise RuntimeError(f"unit {unit_id}: its block lost the first row (records)")
+    records = unpack_records(packed[0])
+    _, first = np.unique(part[INDEX].to_numpy(), return_index=True)  # a re-run batch: first row per index
+    part = part.take(pa.array(first)).sort_by(INDEX)
+    if part.num_rows != records.num_rows or part[INDEX][0].as_py() != 0:
+        raise RuntimeError(f"unit {unit_id} reached the commit stage split: {part.num_rows} of "
+                           f"{records.num_rows} rows in one block")
+    return records, part
+
+
+def commit_units(batch: pa.Table, *, store: str, run: dict[str, Any]) -> pa.Table:
+    """Ray map_batches function (pyarrow, whole blocks): write each unit's part, return
+    one completion record per unit."""
+    import ray
+
+    from pipeline.scan.faults import FaultHooks
+    from pipeline.scan.store import ScanStore
+
+    out, faults = ScanStore(store), FaultHooks.from_env()
+    # outside Ray (a stage run by hand) the writer is named by its host
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+    pid = os.getpid()
+    writer = {WRITER_METADATA: f'{{"node": "{node}", "pid": {pid}}}'.encode()}
+    done = []
+    for unit_id in dict.fromkeys(batch[UNIT].to_pylist()):
+        records, scored = unit_rows(batch, unit_id)
+        rows = assemble_rows(records, scored, run)
+        faults.before_write()
+        out.write_parquet(out.part_name(unit_id), rows.replace_schema_metadata({**(rows.schema.metadata or {}), **writer}))
+        done.append({"unit_id": unit_id, "rows": rows.num_rows, "errors": rows.num_rows - rows["error"].null_count,
+                     "decode_s": float(pc.sum(scored[DECODE_SECONDS]).as_py() or 0),
+                     "score_s": float(pc.sum(scored[SCORE_SECONDS]).as_py() or 0),
+                     "readout": ",".join(sorted(set(scored[READOUT].to_pylist()) - {None})),
+                     "writer_node": node, "writer_pid": pid})
+    return pa.Table.from_pylist(done, schema=COMPLETION_SCHEMA)
