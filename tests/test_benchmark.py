@@ -157,3 +157,22 @@ def test_benchmark_from_ingested_shards(ray_local, parity_bundle, parity_dir, tm
                  "--output", str(out)]) == 0
     (csv_path,) = glob.glob(str(out / "WildRF_*.csv"))
     assert_official_csv(csv_path, parity_dir / "official_results" / "WildRF_official.csv")
+
+
+def test_all_benchmarks_and_perturbations_share_one_scoring_pool(ray_local, parity_bundle, tmp_path):
+    for name in ("B1", "B2", "B3"):
+        make_benchmark(tmp_path / "data", per_class=2)
+        shutil.move(str(tmp_path / "data" / "MyBench"), str(tmp_path / "data" / name))
+    registry = tmp_path / "bench.yaml"
+    registry.write_text("".join(f"{n}: {{folder: {n}, subsets: [genA, genB]}}\n" for n in ("B1", "B2", "B3")))
+    common = ["benchmark", "--model", str(parity_bundle), "--data-root", str(tmp_path / "data"), "--registry",
+              str(registry), "--perturb", "jpeg:75"]
+    assert main([*common, "--benchmarks", "B1", "B2", "B3", "--output", str(tmp_path / "together")]) == 0
+    for name in ("B1", "B2", "B3"):
+        (detail,) = glob.glob(str(tmp_path / "together" / f"{name}_*.json"))
+        # 3 benchmarks x (clean + jpeg:75) in one pipeline, one replica (--actors 1) built once
+        assert json.loads(open(detail).read())["pipeline"] == {"scans": 6, "scoring_replicas": 1}
+        assert main([*common, "--benchmarks", name, "--output", str(tmp_path / f"alone-{name}")]) == 0
+        (together,) = glob.glob(str(tmp_path / "together" / f"{name}_*.csv"))
+        (alone,) = glob.glob(str(tmp_path / f"alone-{name}" / f"{name}_*.csv"))
+        assert open(together).read() == open(alone).read()  # the same CSV as a run of its own

@@ -174,8 +174,8 @@ def test_decode_and_commit_run_in_tasks_separate_from_scoring_actors(ray_local, 
     from pipeline.scan.run import build_dataset
 
     bundle = load_bundle(str(parity_bundle))
-    build_dataset([{"unit": "{}", "records": None}], bundle, bundle.config, ScanConfig(), str(tmp_path), {},
-                  2**20).explain()
+    build_dataset([{"key": "0/u", "unit": "{}", "records": None, "target": "{}", "perturbation": ""}], bundle,
+                  bundle.config, ScanConfig(), 2**20).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(decode_units)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(Scorer)]" in optimized

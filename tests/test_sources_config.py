@@ -11,7 +11,7 @@ from mirror_core.bundle import load_bundle
 from pipeline.scan.commit import commit_units
 from pipeline.scan.config import ConfigError, load_scan_config
 from pipeline.scan.decode import decode_units
-from pipeline.scan.schema import INDEX, OUTPUT_COLUMNS, UNIT, UNIT_RECORDS, pack_records
+from pipeline.scan.schema import INDEX, OUTPUT_COLUMNS, UNIT, UNIT_RECORDS, UNIT_TARGET, pack_records
 from pipeline.scan.scorer import Scorer
 from pipeline.scan.sources import SourceOptions, label_and_subset, list_images, normalize_labels, plan_source
 
@@ -87,7 +87,10 @@ def test_decode_and_scorer_yield_one_row_per_record(tmp_path, parity_bundle):
     uris = [str(tmp_path / n) for n in ("a.png", "empty.jpg", "page.jpg", "missing.jpg")]
     unit = {"unit_id": "u1", "kind": "inline", "rows": 4, "file": None, "row_group": None}
     records = pa.table({"uri": uris, "label": [1, 0, 0, None]})
-    batches = list(decode_units({"unit": [json.dumps(unit)], "records": [pack_records(records)]}, rows_per_batch=3,
+    run = {"model_id": "m", "preprocess": "p", "threshold": 0.5}
+    target = json.dumps({"store": str(tmp_path / "scan"), "unit_id": "u1", "run": run})
+    batches = list(decode_units({"key": ["0/u1"], "unit": [json.dumps(unit)], "records": [pack_records(records)],
+                                 "target": [target], "perturbation": [""]}, rows_per_batch=3,
                                 preprocess={"alignment": "by-extension"}, columns={}))
     assert [b.num_rows for b in batches] == [3, 1]
     decoded = pa.concat_tables(batches)
@@ -106,22 +109,24 @@ def test_decode_and_scorer_yield_one_row_per_record(tmp_path, parity_bundle):
     direct = scorer.detector.score([good], names=["a.png"])[0]
     assert out["prob_fake"].to_pylist()[0] == pytest.approx(direct["prob_fake"], abs=1e-6)
     # the commit stage, by hand: one part with one output row per record, in order
-    run = {"model_id": bundle.model_id, "preprocess": "p", "threshold": 0.5}
-    done = commit_units(out, store=str(tmp_path / "scan"), run=run)
+    done = commit_units(out)
     assert done.to_pylist()[0] | {"decode_s": 0, "score_s": 0, "writer_pid": 0} == {
-        "unit_id": "u1", "rows": 4, "errors": 3, "decode_s": 0, "score_s": 0, "readout": scorer.detector.readout,
-        "writer_node": socket.gethostname(), "writer_pid": 0}
+        "store": str(tmp_path / "scan"), "unit_id": "u1", "rows": 4, "errors": 3, "decode_s": 0, "score_s": 0,
+        "readout": scorer.detector.readout, "replicas": scorer.replica, "writer_node": socket.gethostname(),
+        "writer_pid": 0}
     part = pq.read_table(tmp_path / "scan" / "scores" / "part-u1.parquet")
     assert part["uri"].to_pylist() == uris and part["label"].to_pylist() == [1, 0, 0, None]
     assert part["prob_fake"].to_pylist()[0] == out["prob_fake"].to_pylist()[0]
-    assert part.column_names[: len(OUTPUT_COLUMNS)] == OUTPUT_COLUMNS
+    assert part.column_names[: len(OUTPUT_COLUMNS)] == OUTPUT_COLUMNS and part["model_id"].to_pylist() == ["m"] * 4
 
 
 def test_the_commit_stage_refuses_a_split_unit(tmp_path):
     records = pa.table({"uri": ["a", "b", "c"]})
-    scored = pa.table({UNIT: ["u"] * 2, INDEX: [0, 1], UNIT_RECORDS: [pack_records(records), None]})
+    target = json.dumps({"store": str(tmp_path), "unit_id": "u", "run": {}})
+    scored = pa.table({UNIT: ["u"] * 2, INDEX: [0, 1], UNIT_RECORDS: [pack_records(records), None],
+                       UNIT_TARGET: [target, None]})
     with pytest.raises(RuntimeError, match="reached the commit stage split: 2 of 3 rows"):
-        commit_units(scored, store=str(tmp_path), run={})
+        commit_units(scored)
     assert not (tmp_path / "scores").exists()
 
 

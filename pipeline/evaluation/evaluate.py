@@ -27,7 +27,7 @@ from mirror_core.metrics import OFFICIAL_COLUMNS, binary_metrics, eer, expected_
 from mirror_core.uri import join_uri
 from pipeline.evaluation.registry import BenchmarkSpec
 from pipeline.scan.config import ScanConfig
-from pipeline.scan.run import run_scan
+from pipeline.scan.run import ScanJob, run_scans
 from pipeline.scan.sources import list_images
 from pipeline.scan.store import ScanStore
 from pipeline.storage import Location
@@ -127,8 +127,18 @@ def scan_metrics(scan_out: str, spec: BenchmarkSpec, found: list[str] | None) ->
     return per, missing
 
 
-def run_benchmark(model: Bundle, data_root: str, spec: BenchmarkSpec, output: str, cfg: ScanConfig,
-                  stamp: str, perturbations: list[str] = ()) -> BenchmarkResult:
+@dataclass
+class PreparedBenchmark:
+    """A benchmark's scans (clean + one per perturbation), before they run."""
+
+    spec: BenchmarkSpec
+    found: list[str] | None  # sub-datasets present; None for Parquet shards (known after the scan)
+    missing: list[str]
+    scans: dict[str, ScanJob]  # "clean" / perturbation -> its scan
+
+
+def prepare_benchmark(data_root: str, spec: BenchmarkSpec, output: str, perturbations: list[str] = ()
+                      ) -> PreparedBenchmark:
     out = Location(output)
     records, found, missing = benchmark_records(data_root, spec)
     if records is None:  # Parquet shards made by `mirror ingest`
@@ -136,17 +146,23 @@ def run_benchmark(model: Bundle, data_root: str, spec: BenchmarkSpec, output: st
     else:
         out.write_parquet(f"scans/{spec.name}/input.parquet", records)
         source = out.uri_of("scans", spec.name, "input.parquet")
+    scans = {(p or "clean"): ScanJob(source, out.uri_of("scans", spec.name, p.replace(":", "-") if p else "clean"), p)
+             for p in [None, *perturbations]}
+    return PreparedBenchmark(spec, found, missing, scans)
+
+
+def finish_benchmark(model: Bundle, data_root: str, prepared: PreparedBenchmark, output: str, stamp: str,
+                     summaries: dict[str, dict]) -> BenchmarkResult:
+    """Metrics, the official CSV and the JSON detail of a benchmark whose scans are done."""
+    spec, out, missing = prepared.spec, Location(output), prepared.missing
     sets: dict[str, dict[str, dict]] = {}
-    for perturbation in [None, *perturbations]:
-        scan_cfg = dataclasses.replace(cfg, perturbation=perturbation, input_format="auto")
-        scan_dir = out.uri_of("scans", spec.name, perturbation.replace(":", "-") if perturbation else "clean")
-        summary = run_scan(model, source, scan_dir, scan_cfg)
-        sets[perturbation or "clean"], shard_missing = scan_metrics(scan_dir, spec, found)
+    for name, job in prepared.scans.items():
+        sets[name], shard_missing = scan_metrics(job.output_uri, spec, prepared.found)
         missing = missing or shard_missing
     for subset in missing:
         log.warning("benchmark %s: sub-dataset %s not found under %s; skipped", spec.name, subset,
                     join_uri(data_root, spec.folder))
-    clean = sets["clean"]
+    clean, summary = sets["clean"], summaries["clean"]
     rows = official_rows(clean)
     csv_name, json_name = f"{spec.name}_{stamp}.csv", f"{spec.name}_{stamp}.json"
     out.write_bytes(csv_name, official_csv(rows).encode())
@@ -154,9 +170,22 @@ def run_benchmark(model: Bundle, data_root: str, spec: BenchmarkSpec, output: st
               "preprocess": summary["preprocess"].split("+")[0], "threshold": summary["threshold"],
               "subsets": clean, "missing_subsets": missing, "official_csv": csv_name,
               "perturbations": {k: v for k, v in sets.items() if k != "clean"},
-              "scan": out.uri_of("scans", spec.name, "clean")}
+              "scan": prepared.scans["clean"].output_uri,
+              # the pipeline this run's scans shared: how many scans, how many replicas it built
+              "pipeline": summary["this_run"]["pipeline"]}
     out.write_json(json_name, detail)
     return BenchmarkResult(spec.name, out.uri_of(csv_name), out.uri_of(json_name), rows, detail, missing)
+
+
+def run_benchmark_set(model: Bundle, data_root: str, specs: list[BenchmarkSpec], output: str, cfg: ScanConfig,
+                      stamp: str, perturbations: list[str] = ()) -> list[BenchmarkResult]:
+    """Every benchmark x perturbation scan through one pipeline: the replicas are built
+    (and compiled) once for the whole run; outputs per benchmark as for one."""
+    prepared = [prepare_benchmark(data_root, spec, output, perturbations) for spec in specs]
+    jobs = [job for p in prepared for job in p.scans.values()]
+    summaries = iter(run_scans(model, jobs, dataclasses.replace(cfg, perturbation=None, input_format="auto")))
+    by_benchmark = [{name: next(summaries) for name in p.scans} for p in prepared]
+    return [finish_benchmark(model, data_root, p, output, stamp, s) for p, s in zip(prepared, by_benchmark)]
 
 
 def run_stamp(now: datetime | None = None) -> str:
@@ -200,7 +229,8 @@ def run_benchmarks(model: Bundle, data_root: str, names: list[str], output: str,
 
     now = now or datetime.now()
     stamp = run_stamp(now)
-    results = [run_benchmark(model, data_root, resolve(n, registry), output, cfg, stamp, perturbations) for n in names]
+    results = run_benchmark_set(model, data_root, [resolve(n, registry) for n in names], output, cfg, stamp,
+                                perturbations)
     comparison, comparison_md = None, None
     if history:
         run_id = now.isoformat(timespec="microseconds")

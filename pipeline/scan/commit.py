@@ -9,6 +9,7 @@ one completion record per unit (ids and counts), never rows.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Any
@@ -22,11 +23,13 @@ from pipeline.scan.schema import (
     INDEX,
     OUTPUT_COLUMNS,
     READOUT,
+    REPLICA,
     SCORE_SECONDS,
     SHA256,
     STAGE_RESULT_FIELDS,
     UNIT,
     UNIT_RECORDS,
+    UNIT_TARGET,
     conform,
     unpack_records,
 )
@@ -34,8 +37,9 @@ from pipeline.scan.schema import (
 WRITER_METADATA = b"mirror_writer"  # part files record which node and process wrote them
 
 COMPLETION_SCHEMA = pa.schema([
-    ("unit_id", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()), ("decode_s", pa.float64()),
-    ("score_s", pa.float64()), ("readout", pa.string()), ("writer_node", pa.string()), ("writer_pid", pa.int64()),
+    ("store", pa.string()), ("unit_id", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
+    ("decode_s", pa.float64()), ("score_s", pa.float64()), ("readout", pa.string()), ("replicas", pa.string()),
+    ("writer_node", pa.string()), ("writer_pid", pa.int64()),
 ])
 
 
@@ -57,43 +61,47 @@ def assemble_rows(records: pa.Table, scored: pa.Table, run: dict[str, Any]) -> p
     return conform(table)
 
 
-def unit_rows(scored: pa.Table, unit_id: str) -> tuple[pa.Table, pa.Table]:
-    """(records, scored rows in index order) of one whole unit; a partial unit is an error."""
+def unit_rows(scored: pa.Table, unit_id: str) -> tuple[pa.Table, dict, pa.Table]:
+    """(records, target, scored rows in index order) of one whole unit; a partial unit is an error."""
     part = scored.filter(pc.equal(scored[UNIT], unit_id))
-    packed = [p for p in part[UNIT_RECORDS].to_pylist() if p is not None]
-    if not packed:
-        raise RuntimeError(f"unit {unit_id}: its block lost the first row (records)")
-    records = unpack_records(packed[0])
+    first = part.filter(pc.equal(part[INDEX], 0))
+    if not first.num_rows:
+        raise RuntimeError(f"unit {unit_id}: its block lost the first row (records and target)")
+    records, target = unpack_records(first[UNIT_RECORDS][0].as_py()), json.loads(first[UNIT_TARGET][0].as_py())
     _, first = np.unique(part[INDEX].to_numpy(), return_index=True)  # a re-run batch: first row per index
     part = part.take(pa.array(first)).sort_by(INDEX)
     if part.num_rows != records.num_rows or part[INDEX][0].as_py() != 0:
         raise RuntimeError(f"unit {unit_id} reached the commit stage split: {part.num_rows} of "
                            f"{records.num_rows} rows in one block")
-    return records, part
+    return records, target, part
 
 
-def commit_units(batch: pa.Table, *, store: str, run: dict[str, Any]) -> pa.Table:
-    """Ray map_batches function (pyarrow, whole blocks): write each unit's part, return
-    one completion record per unit."""
+def commit_units(batch: pa.Table) -> pa.Table:
+    """Ray map_batches function (pyarrow, whole blocks): write each unit's part where its
+    target says, return one completion record per unit."""
     import ray
 
     from pipeline.scan.faults import FaultHooks
     from pipeline.scan.store import ScanStore
 
-    out, faults = ScanStore(store), FaultHooks.from_env()
+    faults = FaultHooks.from_env()
     # outside Ray (a stage run by hand) the writer is named by its host
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
     pid = os.getpid()
     writer = {WRITER_METADATA: f'{{"node": "{node}", "pid": {pid}}}'.encode()}
     done = []
-    for unit_id in dict.fromkeys(batch[UNIT].to_pylist()):
-        records, scored = unit_rows(batch, unit_id)
-        rows = assemble_rows(records, scored, run)
+    for key in dict.fromkeys(batch[UNIT].to_pylist()):
+        records, target, scored = unit_rows(batch, key)
+        rows = assemble_rows(records, scored, target["run"])
+        out = ScanStore(target["store"])
         faults.before_write()
-        out.write_parquet(out.part_name(unit_id), rows.replace_schema_metadata({**(rows.schema.metadata or {}), **writer}))
-        done.append({"unit_id": unit_id, "rows": rows.num_rows, "errors": rows.num_rows - rows["error"].null_count,
+        out.write_parquet(out.part_name(target["unit_id"]),
+                          rows.replace_schema_metadata({**(rows.schema.metadata or {}), **writer}))
+        done.append({"store": target["store"], "unit_id": target["unit_id"], "rows": rows.num_rows,
+                     "errors": rows.num_rows - rows["error"].null_count,
                      "decode_s": float(pc.sum(scored[DECODE_SECONDS]).as_py() or 0),
                      "score_s": float(pc.sum(scored[SCORE_SECONDS]).as_py() or 0),
                      "readout": ",".join(sorted(set(scored[READOUT].to_pylist()) - {None})),
+                     "replicas": ",".join(sorted(set(scored[REPLICA].to_pylist()) - {None})),
                      "writer_node": node, "writer_pid": pid})
     return pa.Table.from_pylist(done, schema=COMPLETION_SCHEMA)

@@ -24,6 +24,7 @@ from pipeline.scan.schema import (
     SHA256,
     UNIT,
     UNIT_RECORDS,
+    UNIT_TARGET,
     pack_records,
     unpack_records,
 )
@@ -37,9 +38,9 @@ def tensor_column(pixels: np.ndarray) -> pa.Array:
 
 
 def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg: PreprocessConfig,
-                perturbation: str | None = None, records: bytes | None = None) -> pa.Table:
+                perturbation: str | None = None, records: bytes | None = None, target: str | None = None) -> pa.Table:
     """payloads: (bytes, None) or (None, error) per record -> one typed row each.
-    `records` (the unit's packed records) rides on the first row when given."""
+    `records` (the unit's packed records) and `target` ride on the first row when given."""
     t0 = time.perf_counter()
     n = len(names)
     pixels = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
@@ -60,7 +61,8 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
         cols["error"][i] = error
     seconds = (time.perf_counter() - t0) / max(n, 1)
     values = {UNIT: [unit_id] * n, INDEX: range(start, start + n), DECODE_SECONDS: [seconds] * n,
-              UNIT_RECORDS: [records] + [None] * (n - 1) if n else [], **cols}
+              UNIT_RECORDS: [records] + [None] * (n - 1) if n else [],
+              UNIT_TARGET: [target] + [None] * (n - 1) if n else [], **cols}
     table = pa.Table.from_arrays([pa.array(values[f.name], f.type) for f in DECODED_SCHEMA], schema=DECODED_SCHEMA)
     return table.append_column(PIXELS, tensor_column(pixels))
 
@@ -94,10 +96,11 @@ def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_
 
 def decode_units(
     batch: dict, *, preprocess: dict, columns: dict, fetch_threads: int = 16, rows_per_batch: int = 64,
-    perturbation: str | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[pa.Table]:
     """Ray map_batches function over unit descriptors (one per call): the unit's rows,
-    decoded in chunks, its packed records on the first row."""
+    decoded in chunks (with the descriptor's perturbation, if any), its packed records and
+    target on the first row. The descriptor's `key` names the unit within the pipeline."""
     cfg = PreprocessConfig(**preprocess)
     colmap = ColumnMap(**columns)
     for i in range(len(batch["unit"])):
@@ -106,7 +109,9 @@ def decode_units(
         # may reach a numpy batch as NaN)
         records = unpack_records(batch["records"][i]) if unit.kind == "inline" else None
         records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes)
+        perturbation = batch["perturbation"][i] or None
         for start in range(0, unit.rows, rows_per_batch):
             chunk = [next(payloads) for _ in range(min(rows_per_batch, unit.rows - start))]
-            yield decode_rows(unit.unit_id, start, names[start : start + len(chunk)], chunk, cfg, perturbation,
-                              pack_records(records) if start == 0 else None)
+            first = start == 0
+            yield decode_rows(batch["key"][i], start, names[start : start + len(chunk)], chunk, cfg, perturbation,
+                              pack_records(records) if first else None, batch["target"][i] if first else None)

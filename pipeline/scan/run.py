@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -56,9 +56,11 @@ def effective_config(bundle: Bundle, cfg: ScanConfig) -> MirrorConfig:
     return bundle.config.with_overrides(alignment=cfg.alignment, fast_decode=cfg.fast_decode, threshold=cfg.threshold)
 
 
-def unit_descriptors(units: list[Unit], plan: Plan) -> list[dict]:
-    """One item per unit for the pipeline: the unit, and an inline unit's records packed
-    (shard units read theirs on the workers)."""
+def unit_descriptors(units: list[Unit], plan: Plan, store: str, run: dict[str, Any], perturbation: str | None,
+                     job: int = 0) -> list[dict]:
+    """One item per unit for the pipeline: the unit, an inline unit's records packed (shard
+    units read theirs on the workers), where its part goes, and its perturbation. `key`
+    names the unit within a pipeline that may serve several scans."""
     wanted = {u.unit_id for u in units if u.kind == "inline"}
     packed: dict[str, bytes] = {}
     if wanted:
@@ -71,7 +73,9 @@ def unit_descriptors(units: list[Unit], plan: Plan) -> list[dict]:
             if unit_id in wanted:
                 packed[unit_id] = pack_records(plan.records.slice(start, end - start).drop_columns([UNIT, INDEX]))
             start = end
-    return [{"unit": json.dumps(dataclasses.asdict(u)), "records": packed.get(u.unit_id)} for u in units]
+    return [{"key": f"{job}/{u.unit_id}", "unit": json.dumps(dataclasses.asdict(u)), "records": packed.get(u.unit_id),
+             "target": json.dumps({"store": store, "unit_id": u.unit_id, "run": run}),
+             "perturbation": perturbation or ""} for u in units]
 
 
 def whole_unit_block_bytes(units: list[Unit], crop: int) -> int:
@@ -80,10 +84,9 @@ def whole_unit_block_bytes(units: list[Unit], crop: int) -> int:
     return int(largest * (crop * crop * 3 + 4096) * 1.25)
 
 
-def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfig, store: str, run: dict[str, Any],
-                  largest_block_bytes: int):
+def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfig, largest_block_bytes: int):
     """decode (CPU tasks) -> score (actor pool) -> commit (CPU tasks): one completion
-    record per unit comes out."""
+    record per unit comes out. One pool of replicas serves every item."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -102,7 +105,7 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
         memory=cfg.decode_task_memory_mb * 2**20,
         fn_kwargs={"preprocess": dataclasses.asdict(model_cfg.preprocess), "columns": cfg.columns,
                    "fetch_threads": cfg.fetch_threads, "rows_per_batch": cfg.decode_rows_per_batch,
-                   "perturbation": cfg.perturbation, "max_file_bytes": cfg.max_file_mb * 2**20},
+                   "max_file_bytes": cfg.max_file_mb * 2**20},
     )
     pool = (ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors) if cfg.max_actors
             else ray.data.ActorPoolStrategy(size=cfg.actors))
@@ -128,7 +131,6 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=COMMIT_TASK_CPUS,
-        fn_kwargs={"store": store, "run": run},
     )
 
 
@@ -136,17 +138,18 @@ COMMIT_TASK_CPUS = 0.25  # writes wait on storage, not on a core; several share 
 
 
 class Completions:
-    """What the driver learns of a scan: one record per committed unit (never rows)."""
+    """What the driver learns of a pipeline: one record per committed unit (never rows)."""
 
     def __init__(self):
-        self.units: dict[str, dict] = {}
+        self.units: dict[tuple[str, str], dict] = {}
 
     def add(self, batch: pa.Table) -> None:
         for rec in batch.to_pylist():
-            self.units.setdefault(rec["unit_id"], rec)  # a re-executed task reports again
+            self.units.setdefault((rec["store"], rec["unit_id"]), rec)  # a re-executed task reports again
 
-    def figures(self) -> dict[str, Any]:
-        recs = list(self.units.values())
+    def figures(self, store: str) -> dict[str, Any]:
+        """One scan's figures; `replicas` counts the scoring replicas of the whole pipeline."""
+        recs = [r for (s, _), r in self.units.items() if s == store]
         writers: dict[str, int] = {}
         for r in recs:
             writers[r["writer_node"]] = writers.get(r["writer_node"], 0) + 1
@@ -157,6 +160,7 @@ class Completions:
             "readouts": sorted({x for r in recs for x in r["readout"].split(",") if x}),
             "writer_pids": sorted({r["writer_pid"] for r in recs}),
             "writer_nodes": writers,
+            "replicas": len({x for r in self.units.values() for x in r["replicas"].split(",") if x}),
         }
 
 
@@ -181,69 +185,92 @@ def _metrics(t: pa.Table) -> dict[str, float]:
     return {**m, "n": t.num_rows}
 
 
+@dataclass
+class ScanJob:
+    """One scan: an input, its output, and the perturbation its images get (sweeps)."""
+
+    input_uri: str
+    output_uri: str
+    perturbation: str | None = None
+
+
 def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConfig) -> dict[str, Any]:
     """Score every record of `input_uri` into `output_uri`; resumes a previous run there."""
+    return run_scans(model, [ScanJob(input_uri, output_uri, cfg.perturbation)], cfg)[0]
+
+
+def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list[dict[str, Any]]:
+    """Several scans through one pipeline: one pool of replicas (built, and compiled, once)
+    scores every job's units; each job gets its own output and summary, as `run_scan` does."""
     t_start = time.perf_counter()
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     model_cfg = effective_config(bundle, cfg)
-    out = ScanStore(output_uri)
-    policy = model_cfg.preprocess.name + (f"+{cfg.perturbation}" if cfg.perturbation else "")
-    run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
-    out.claim({**run, "input": input_uri})
-    plan = out.load_plan()
-    if plan is None:
-        with step(f"planning {input_uri}") as info:
-            plan = plan_source(input_uri, cfg.source_options())
-            out.save_plan(plan)
-            info.update(items=plan.total_rows, unit=f"records in {len(plan.units)} units")
-    done = out.done_units()
-    todo = [u for u in plan.units if u.unit_id not in done]
+    prepared, items = [], []
+    for j, job in enumerate(jobs):
+        out = ScanStore(job.output_uri)
+        policy = model_cfg.preprocess.name + (f"+{job.perturbation}" if job.perturbation else "")
+        run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
+        out.claim({**run, "input": job.input_uri})
+        plan = out.load_plan()
+        if plan is None:
+            with step(f"planning {job.input_uri}") as info:
+                plan = plan_source(job.input_uri, cfg.source_options())
+                out.save_plan(plan)
+                info.update(items=plan.total_rows, unit=f"records in {len(plan.units)} units")
+        done = out.done_units()
+        todo = [u for u in plan.units if u.unit_id not in done]
+        items += unit_descriptors(todo, plan, out.uri, run, job.perturbation, j)
+        prepared.append((job, out, plan, policy, done, todo))
     completions = Completions()
     t_plan = time.perf_counter()
     t_first = t_last = None
     first_rows = 0
-    if todo:
+    if items:
         ensure_ray(cfg.address)
         cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
-        ds = build_dataset(unit_descriptors(todo, plan), bundle, model_cfg, cfg, out.uri, run,
-                           whole_unit_block_bytes(todo, model_cfg.preprocess.crop_size))
+        all_todo = [u for *_, todo in prepared for u in todo]
+        ds = build_dataset(items, bundle, model_cfg, cfg, whole_unit_block_bytes(all_todo, model_cfg.preprocess.crop_size))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if t_first is None:  # start-up ends here: Ray, replica builds, first decodes and writes
                 t_first, first_rows = time.perf_counter(), int(pc.sum(batch["rows"]).as_py() or 0)
             completions.add(batch)
         t_last = time.perf_counter()
-        missing = {u.unit_id for u in todo} - set(completions.units)
+    summaries = []
+    for job, out, plan, policy, done, todo in prepared:
+        missing = {u.unit_id for u in todo} - {unit for store, unit in completions.units if store == out.uri}
         if missing:
-            raise RuntimeError(f"{len(missing)} units were not committed: {sorted(missing)[:5]}")
-    done_now = completions.figures()
-    wall = time.perf_counter() - t_start
-    summary = summarize(out, plan, {
-        "model_id": bundle.model_id,
-        "preprocess": policy,
-        "threshold": model_cfg.threshold,
-        "input": input_uri,
-        "input_format": plan.input_format,
-        "output": out.uri,
-        "scores": out.uri_of("scores"),
-        "units": {"total": len(plan.units), "skipped_done": len(done), "committed_now": done_now["committed"]},
-        "this_run": {
-            "rows": done_now["rows"],
-            "wall_s": round(wall, 3),
-            "plan_s": round(t_plan - t_start, 3),
-            "images_per_s": round(done_now["rows"] / wall, 2) if wall > 0 else None,
-            "first_batch_s": round(t_first - t_start, 3) if t_first else None,
-            # Throughput once running: rows after the first commit over the time they took.
-            "steady_images_per_s": round((done_now["rows"] - first_rows) / (t_last - t_first), 2)
-            if t_first and t_last > t_first else None,
-            "stage_busy_s": {k: round(v, 3) for k, v in done_now["busy"].items()},
-            "replica_readout": done_now["readouts"],  # as the scoring replicas reported it
-            # Parts are written by Ray workers; the driver receives completion records only.
-            "writers": {"nodes": done_now["writer_nodes"], "processes": len(done_now["writer_pids"])},
-        },
-        "config": cfg.to_dict(),
-    })
-    out.write_json("summary.json", summary)
-    return summary
+            raise RuntimeError(f"{out.uri}: {len(missing)} units were not committed: {sorted(missing)[:5]}")
+        done_now = completions.figures(out.uri)
+        wall = time.perf_counter() - t_start
+        summary = summarize(out, plan, {
+            "model_id": bundle.model_id,
+            "preprocess": policy,
+            "threshold": model_cfg.threshold,
+            "input": job.input_uri,
+            "input_format": plan.input_format,
+            "output": out.uri,
+            "scores": out.uri_of("scores"),
+            "units": {"total": len(plan.units), "skipped_done": len(done), "committed_now": done_now["committed"]},
+            "this_run": {
+                "rows": done_now["rows"],
+                "wall_s": round(wall, 3),
+                "plan_s": round(t_plan - t_start, 3),
+                "images_per_s": round(done_now["rows"] / wall, 2) if wall > 0 else None,
+                "first_batch_s": round(t_first - t_start, 3) if t_first else None,
+                # Throughput once running (the whole pipeline): rows after the first commit over their time.
+                "steady_images_per_s": round((sum(r["rows"] for r in completions.units.values()) - first_rows)
+                                             / (t_last - t_first), 2) if t_first and t_last > t_first else None,
+                "stage_busy_s": {k: round(v, 3) for k, v in done_now["busy"].items()},
+                "replica_readout": done_now["readouts"],  # as the scoring replicas reported it
+                # Parts are written by Ray workers; the driver receives completion records only.
+                "writers": {"nodes": done_now["writer_nodes"], "processes": len(done_now["writer_pids"])},
+                "pipeline": {"scans": len(jobs), "scoring_replicas": done_now["replicas"]},
+            },
+            "config": replace(cfg, perturbation=job.perturbation).to_dict(),
+        })
+        out.write_json("summary.json", summary)
+        summaries.append(summary)
+    return summaries
 
 
 def summary_line(summary: dict[str, Any]) -> str:

@@ -24,7 +24,11 @@ READOUT = "_readout"  # which read-out the replica ran: reported in summary.json
 # The unit's input records (Arrow IPC, bytes dropped) on the first row of its block, so
 # the commit stage can assemble output rows without asking the driver.
 UNIT_RECORDS = "_unit_records"
-INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS, READOUT, UNIT_RECORDS)
+# Where the unit's part goes (JSON: store, unit_id, run columns), also on the first row:
+# one pipeline can serve several scans (a benchmark run's benchmarks x perturbations).
+UNIT_TARGET = "_unit_target"
+REPLICA = "_replica"  # which scoring replica scored the row: counts the replicas a run built
+INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS, READOUT, UNIT_RECORDS, UNIT_TARGET, REPLICA)
 
 RECORD_FIELDS = [
     pa.field("uri", pa.string()),
@@ -52,7 +56,8 @@ OUTPUT_FIELDS = RECORD_FIELDS + SCORE_FIELDS + IMAGE_FIELDS + RUN_FIELDS
 # fields are the output's own; sha256 of the bytes becomes the id where none is given).
 SHA256 = "sha256"
 DECODED_SCHEMA = pa.schema([pa.field(UNIT, pa.string()), pa.field(INDEX, pa.int64()), pa.field(SHA256, pa.string())]
-                           + IMAGE_FIELDS + [pa.field(DECODE_SECONDS, pa.float64()), pa.field(UNIT_RECORDS, pa.binary())])
+                           + IMAGE_FIELDS + [pa.field(DECODE_SECONDS, pa.float64()), pa.field(UNIT_RECORDS, pa.binary()),
+                                             pa.field(UNIT_TARGET, pa.string())])
 # What a scored batch adds to the input record to make an output row.
 STAGE_RESULT_FIELDS = IMAGE_FIELDS + SCORE_FIELDS
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]

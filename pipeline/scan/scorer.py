@@ -7,6 +7,7 @@ never reads weights from storage itself.
 from __future__ import annotations
 
 import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ from mirror_core.config import MirrorConfig
 from mirror_core.detector import SIGNALS, Detector
 from mirror_core.model import assemble_model
 from mirror_core.weights import MirrorWeights
-from pipeline.scan.schema import DECODED_SCHEMA, PIXELS, PRED, READOUT, SCORE_SECONDS
+from pipeline.scan.schema import DECODED_SCHEMA, PIXELS, PRED, READOUT, REPLICA, SCORE_SECONDS
 
 
 class Scorer:
@@ -34,6 +35,7 @@ class Scorer:
         self.detector = Detector(model, cfg, model_id, device=device, precision=precision, compile=compile)
         self.faults = FaultHooks.from_env()
         self.batch_size = batch_size
+        self.replica = uuid.uuid4().hex  # this replica's identity: a run counts the replicas it built
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """One whole block (a unit's rows): scored in model calls of `batch_size` images,
@@ -59,6 +61,7 @@ class Scorer:
         columns = {f.name: pa.array(batch[f.name], f.type, from_pandas=True) for f in DECODED_SCHEMA}
         columns[SCORE_SECONDS] = pa.array(np.full(n, seconds), pa.float64())
         columns[READOUT] = pa.array([self.detector.readout] * n, pa.string())
+        columns[REPLICA] = pa.array([self.replica] * n, pa.string())
         table = pa.table(columns)
         for k in SIGNALS:
             table = table.append_column(k, pa.array(scores[k], pa.float64(), mask=~ok))
