@@ -135,3 +135,28 @@ def test_parquet_shard_units_follow_row_groups(tmp_path):
     pq.write_table(table, tmp_path / "s.parquet", row_group_size=4)
     plan = plan_source(str(tmp_path), SourceOptions())
     assert plan.input_format == "parquet" and [u.rows for u in plan.units] == [4, 4, 2]
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_a_plan_lists_its_input_once(tmp_path, monkeypatch, kind):
+    from pipeline.scan import sources
+
+    if kind == "folder":
+        for i in range(3):
+            write_image(tmp_path / "in" / "0_real" / f"{i}.png", seed=i)
+    else:
+        (tmp_path / "in").mkdir()
+        for i in range(3):  # several shards: footers are read concurrently, units stay in order
+            pq.write_table(pa.table({"bytes": [b"x"] * 5, "uri": [f"s{i}-{j}" for j in range(5)]}),
+                           tmp_path / "in" / f"s{i}.parquet", row_group_size=2)
+    calls = []
+    real = sources.list_files
+    monkeypatch.setattr(sources, "list_files", lambda root: calls.append(root) or real(root))
+    plan = plan_source(str(tmp_path / "in"), SourceOptions())
+    assert calls == [str(tmp_path / "in")]
+    if kind == "folder":
+        assert plan.input_format == "folder" and plan.total_rows == 3
+    else:
+        assert plan.input_format == "parquet"
+        assert [(u.file.rsplit("/", 1)[-1], u.row_group, u.rows) for u in plan.units] == [
+            (f"s{i}.parquet", rg, rows) for i in range(3) for rg, rows in enumerate((2, 2, 1))]

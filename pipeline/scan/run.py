@@ -185,6 +185,18 @@ def _metrics(t: pa.Table) -> dict[str, float]:
     return {**m, "n": t.num_rows}
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (VmHWM: ru_maxrss can carry a parent's peak
+    over fork + exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 @dataclass
 class ScanJob:
     """One scan: an input, its output, and the perturbation its images get (sweeps)."""
@@ -265,6 +277,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 # Parts are written by Ray workers; the driver receives completion records only.
                 "writers": {"nodes": done_now["writer_nodes"], "processes": len(done_now["writer_pids"])},
                 "pipeline": {"scans": len(jobs), "scoring_replicas": done_now["replicas"]},
+                "driver_peak_rss_mb": round(peak_rss_mb(), 1),
             },
             "config": replace(cfg, perturbation=job.perturbation).to_dict(),
         })

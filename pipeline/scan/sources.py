@@ -88,14 +88,22 @@ def label_and_subset(parts: tuple[str, ...]) -> tuple[int | None, str | None]:
     return label, subset
 
 
-def list_images(root: str, extensions=DEFAULT_EXTENSIONS) -> pa.Table:
-    """Recursive listing, sorted: uri, label, subset."""
+def list_files(root: str) -> list[str]:
+    """Every file below a folder (local or fsspec), sorted: one listing serves a plan."""
     fs, base = fsspec.core.url_to_fs(root)
-    if not fs.isdir(base):
-        raise FileNotFoundError(f"input folder {root} does not exist")
+    return sorted(fs.find(base))
+
+
+def list_images(root: str, extensions=DEFAULT_EXTENSIONS, files: list[str] | None = None) -> pa.Table:
+    """Recursive listing, sorted: uri, label, subset (`files`: the folder's listing, if made)."""
+    fs, base = fsspec.core.url_to_fs(root)
+    if files is None:
+        if not fs.isdir(base):
+            raise FileNotFoundError(f"input folder {root} does not exist")
+        files = list_files(root)
     wanted = {"." + e.lower().lstrip(".") for e in extensions}
     rows = {"uri": [], "label": [], "subset": []}
-    for path in sorted(fs.find(base)):
+    for path in files:
         rel = PurePosixPath(path).relative_to(PurePosixPath(base))
         if rel.suffix.lower() not in wanted:
             continue
@@ -166,25 +174,34 @@ def inline_units(records: pa.Table, unit_size: int, source: str) -> tuple[list[U
     return units, records
 
 
-def shard_files(root: str) -> list[str]:
+def shard_files(root: str, files: list[str] | None = None) -> list[str]:
     fs, base = fsspec.core.url_to_fs(root)
-    if fs.isfile(base):
-        return [full_uri(fs, base)]
-    if not fs.isdir(base):
-        raise FileNotFoundError(f"input {root} does not exist")
-    return [full_uri(fs, p) for p in sorted(fs.find(base)) if p.endswith(".parquet") and "/_" not in p[len(base):]]
+    if files is None:
+        if fs.isfile(base):
+            return [full_uri(fs, base)]
+        if not fs.isdir(base):
+            raise FileNotFoundError(f"input {root} does not exist")
+        files = list_files(root)
+    return [full_uri(fs, p) for p in files if p.endswith(".parquet") and "/_" not in p[len(base):]]
+
+
+FOOTER_THREADS = 32  # Parquet footers read at once (object-store latency, not bandwidth)
 
 
 def shard_units(files: list[str]) -> list[Unit]:
     from pipeline.progress import progress
 
-    units = []
-    for uri in progress(files, "reading shard footers", unit="file"):
+    def row_groups(uri: str) -> list[int]:
         with fsspec.open(uri, "rb") as f:
             meta = pq.ParquetFile(f).metadata
-        for rg in range(meta.num_row_groups):
-            rows = meta.row_group(rg).num_rows
-            units.append(Unit(_unit_id("shard", uri, str(rg), str(rows)), "shard", rows, uri, rg))
+        return [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)]
+
+    units = []
+    with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
+        for uri, sizes in zip(files, progress(pool.map(row_groups, files), "reading shard footers",
+                                               total=len(files), unit="file")):
+            units += [Unit(_unit_id("shard", uri, str(rg), str(rows)), "shard", rows, uri, rg)
+                      for rg, rows in enumerate(sizes)]
     return units
 
 
@@ -193,7 +210,8 @@ def _has_bytes_column(uri: str, columns: ColumnMap) -> bool:
         return columns.bytes in pq.ParquetFile(f).schema_arrow.names
 
 
-def detect_format(uri: str, options: SourceOptions) -> str:
+def detect_format(uri: str, options: SourceOptions, files: list[str] | None = None) -> str:
+    """`files`: the input folder's listing when it has been made (None for single files)."""
     if options.input_format != "auto":
         return options.input_format
     low = uri.lower()
@@ -202,10 +220,11 @@ def detect_format(uri: str, options: SourceOptions) -> str:
     fs, base = fsspec.core.url_to_fs(uri)
     if low.endswith(".parquet") and fs.isfile(base):
         return "parquet" if _has_bytes_column(uri, options.columns) else "manifest"
-    if not fs.isdir(base):
-        raise FileNotFoundError(f"input {uri} does not exist")
+    if files is None:
+        if not fs.isdir(base):
+            raise FileNotFoundError(f"input {uri} does not exist")
+        files = list_files(uri)
     wanted = {"." + e.lower() for e in options.extensions}
-    files = fs.find(base)
     if any(PurePosixPath(p).suffix.lower() in wanted for p in files):
         return "folder"
     parquet = [p for p in files if p.endswith(".parquet")]
@@ -215,15 +234,18 @@ def detect_format(uri: str, options: SourceOptions) -> str:
 
 
 def plan_source(uri: str, options: SourceOptions) -> Plan:
-    fmt = detect_format(uri, options)
+    """The input's units, from one listing of it."""
+    fs, base = fsspec.core.url_to_fs(uri)
+    listing = list_files(uri) if not uri.lower().endswith((".csv", ".parquet")) and fs.isdir(base) else None
+    fmt = detect_format(uri, options, listing)
     if fmt == "folder":
-        units, records = inline_units(list_images(uri, options.extensions), options.unit_size, uri)
+        units, records = inline_units(list_images(uri, options.extensions, listing), options.unit_size, uri)
     elif fmt == "manifest":
-        files = [uri] if uri.lower().endswith((".csv", ".parquet")) else shard_files(uri)
+        files = [uri] if uri.lower().endswith((".csv", ".parquet")) else shard_files(uri, listing)
         table = pa.concat_tables([read_manifest(f, options.columns) for f in files], promote_options="permissive")
         units, records = inline_units(table, options.unit_size, uri)
     elif fmt == "parquet":
-        units, records = shard_units(shard_files(uri)), pa.table({})
+        units, records = shard_units(shard_files(uri, listing)), pa.table({})
     else:
         raise ValueError(f"unknown input format {fmt!r}; expected one of {INPUT_FORMATS}")
     return Plan(uri, fmt, units, records)
