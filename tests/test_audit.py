@@ -118,3 +118,32 @@ def test_audit_on_s3_by_prefix_with_keep_column(ray_local, parity_bundle, s3_buc
     flagged = pq.read_table(io.BytesIO(fs.cat(f"{s3_bucket}/audit/flagged.parquet")))
     assert manifest["mirror_keep"].to_pylist().count(False) == flagged.num_rows == summary["flagged"]
     assert len(fs.glob(f"{s3_bucket}/audit/heatmaps/*_heatmap.png")) == min(2, flagged.num_rows)
+
+
+def test_group_summary_is_exact_with_errors_and_a_null_group():
+    from pipeline.audit.audit import group_summary
+
+    rng = np.random.default_rng(1)
+    n = 60
+    keys = [None if i % 17 == 0 else f"g{i % 4}" for i in range(n)]
+    prob = rng.random(n)
+    err = ["e" if i % 7 == 0 else None for i in range(n)]
+    keys.append("only-errors")
+    prob = np.append(prob, 0.0)
+    err.append("e")
+    rows = pa.table({"prob_fake": pa.array([None if e else p for p, e in zip(prob, err)], pa.float64()),
+                     "error": pa.array(err, pa.string())})
+    got = group_summary(rows, keys, 0.5).to_pylist()
+    assert [g["group"] for g in got] == ["g0", "g1", "g2", "g3", "only-errors", None]
+    is_err = np.array([e is not None for e in err])
+    for g in got:
+        sel = np.array([k == g["group"] for k in keys])
+        scored = prob[sel & ~is_err]
+        assert (g["count"], g["scored"], g["errors"]) == (sel.sum(), scored.size, (sel & is_err).sum())
+        assert g["flagged"] == (scored > 0.5).sum()
+        if scored.size:
+            for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+                assert g[name] == pytest.approx(np.quantile(scored, q), abs=1e-12)
+            assert g["max"] == scored.max() and g["flagged_fraction"] == pytest.approx((scored > 0.5).mean())
+        else:
+            assert np.isnan(g["p50"]) and np.isnan(g["max"]) and np.isnan(g["flagged_fraction"])
