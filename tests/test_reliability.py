@@ -2,8 +2,10 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -199,3 +201,39 @@ def test_unreadable_shard_turns_its_rows_into_error_rows(tmp_path):
     out = list(decode_units(batch, preprocess={}, columns={}))
     errors = [e for t in out for e in t["error"].to_pylist()]
     assert len(errors) == 5 and all(e.startswith("shard read failed") for e in errors)
+
+
+@pytest.mark.slow
+def test_killed_ingest_reruns_to_the_same_shards(tmp_path):
+    for i in range(24):
+        write_image(tmp_path / "in" / ("0_real" if i % 2 else "1_fake") / f"{i:02d}.png", seed=i)
+    (tmp_path / "in" / "top.png").write_bytes(b"not an image")  # a root-level file, kept as a row
+    ingest = [sys.executable, "-m", "pipeline.commands.cli", "ingest", "--input", str(tmp_path / "in"),
+              "--rows-per-shard", "5", "--rows-per-row-group", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    subprocess.run([*ingest, "--output", str(tmp_path / "whole")], env=env, check=True, capture_output=True,
+                   timeout=300)
+    # slowed so that the kill lands mid-way: some shards written, others not
+    proc = subprocess.Popen([*ingest, "--output", str(tmp_path / "resumed")], start_new_session=True,
+                            env={**env, "MIRROR_FAULT_WRITE_DELAY_S": "1.5"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((tmp_path / "resumed").glob("shard-*.parquet"))) < 1:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = sorted(p.name for p in (tmp_path / "resumed").glob("shard-*.parquet"))
+    assert 1 <= len(before) < 5, before
+    rerun = subprocess.run([*ingest, "--output", str(tmp_path / "resumed")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"({len(before)} already there" in rerun.stdout
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("shard-*.parquet")}
+    resumed = {p.name: p.read_bytes() for p in (tmp_path / "resumed").glob("shard-*.parquet")}
+    assert len(whole) == 5 and resumed == whole  # byte for byte
+    rows = pq.read_table(tmp_path / "resumed", columns=["uri", "read_error"]).to_pylist()
+    assert len(rows) == 25 and len({r["uri"] for r in rows}) == 25
+    other = [a if a != "5" else "6" for a in ingest]  # another shard size over the same output
+    changed = subprocess.run([*other, "--output", str(tmp_path / "resumed")], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert changed.returncode == 2 and "holds shards of another ingest (rows_per_shard differ)" in changed.stderr

@@ -117,7 +117,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from pipeline.commands.ingest import ingest_folder
 
     r = ingest_folder(args.input, args.output, rows_per_shard=args.rows_per_shard,
-                      rows_per_row_group=args.rows_per_row_group, fetch_threads=args.fetch_threads)
+                      rows_per_row_group=args.rows_per_row_group, fetch_threads=args.fetch_threads,
+                      address=args.address)
     print(f"ingested {r.files} files into {r.shards} shards ({r.skipped_shards} already there, "
           f"{r.read_errors} unreadable kept as rows with read_error): {r.output}")
     return 0
@@ -278,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="shard directory (local or s3://)")
     p.add_argument("--rows-per-shard", type=int, default=4096, help="images per Parquet shard")
     p.add_argument("--rows-per-row-group", type=int, default=256, help="row group = unit of scan work")
-    p.add_argument("--fetch-threads", type=int, default=16, help="concurrent file reads")
+    p.add_argument("--fetch-threads", type=int, default=16, help="concurrent file reads per shard task")
+    p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else local Ray)")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("benchmark", help="official metrics CSVs for registered benchmarks (+ nightly history)")

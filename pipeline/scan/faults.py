@@ -7,6 +7,7 @@ MIRROR_FAULT_ACTOR_EXIT_AFTER  a scoring actor process exits after this many bat
                              replacement actor lives)
 MIRROR_FAULT_WRITER_EXIT       a commit task's process exits just before writing its
                              part (once per marker file MIRROR_FAULT_MARKER)
+MIRROR_FAULT_WRITE_DELAY_S     sleep this long before each part or shard is written
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class FaultHooks:
     actor_exit_after: int = 0
     marker: str | None = None
     writer_exit: bool = False
+    write_delay_s: float = 0.0
     batches: int = 0
 
     @classmethod
@@ -30,6 +32,7 @@ class FaultHooks:
             actor_exit_after=int(os.environ.get("MIRROR_FAULT_ACTOR_EXIT_AFTER", 0) or 0),
             marker=os.environ.get("MIRROR_FAULT_MARKER"),
             writer_exit=bool(os.environ.get("MIRROR_FAULT_WRITER_EXIT")),
+            write_delay_s=float(os.environ.get("MIRROR_FAULT_WRITE_DELAY_S", 0) or 0),
         )
 
     def before_score_batch(self) -> None:
@@ -40,6 +43,8 @@ class FaultHooks:
             self._exit_once()
 
     def before_write(self) -> None:
+        if self.write_delay_s:
+            time.sleep(self.write_delay_s)
         if self.writer_exit:
             self._exit_once()
 
