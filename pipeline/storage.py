@@ -28,6 +28,15 @@ class Location:
     def uri_of(self, *parts: str) -> str:
         return join_uri(self.uri, *parts)
 
+    def names(self, rel: str = "") -> list[str]:
+        """File names directly below `rel`, listed afresh: other processes (Ray workers)
+        write here, so a listing cached by this process's filesystem would be stale."""
+        path = self.path(rel) if rel else self.root
+        self.fs.invalidate_cache(path)
+        if not self.fs.exists(path):
+            return []
+        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         try:
             self._write_bytes(rel, data)

@@ -192,7 +192,8 @@ def test_s3_ingest_then_scan_from_s3_to_s3(ray_local, parity_bundle, parity_dir,
     fs.put(str(parity_bundle), f"{s3_bucket}/models/parity", recursive=True)
     assert main(["ingest", "--input", f"s3://{s3_bucket}/raw", "--output", f"s3://{s3_bucket}/shards",
                  "--rows-per-shard", "20", "--rows-per-row-group", "8"]) == 0
-    shards = sorted(fs.ls(f"{s3_bucket}/shards"))
+    fs.invalidate_cache()  # Ray workers wrote the shards: this process's cached listings are stale
+    shards = sorted(p for p in fs.ls(f"{s3_bucket}/shards") if "/shard-" in p)
     assert [s.rsplit("/", 1)[1] for s in shards] == ["shard-000000.parquet", "shard-000001.parquet", "shard-000002.parquet"]
     first = pq.read_table(fs.open(shards[0], "rb"))
     assert first.column_names == ["uri", "label", "subset", "bytes", "sha256", "original_format", "read_error"]
@@ -202,6 +203,7 @@ def test_s3_ingest_then_scan_from_s3_to_s3(ray_local, parity_bundle, parity_dir,
                  "--output", f"s3://{s3_bucket}/results", "--batch-size", "8"]) == 0
     summary = json.loads(fs.cat(f"{s3_bucket}/results/summary.json"))
     assert summary["rows_in"] == summary["scored"] == 48 and summary["input_format"] == "parquet"
+    fs.invalidate_cache()
     rows = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in fs.ls(f"{s3_bucket}/results/scores")])
     expected = {r["path"]: r for r in csv.DictReader(open(parity_dir / "expected_scores.csv"))}
     assert rows.num_rows == 48

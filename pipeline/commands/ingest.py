@@ -120,7 +120,7 @@ def ingest_folder(input_uri: str, output_uri: str, rows_per_shard: int = 4096, r
         raise ValueError(f"{output_uri} holds shards of another ingest ({', '.join(changed)} differ); "
                          "choose a new --output")
     out.write_json(IDENTITY_FILE, identity)
-    existing = {p.rsplit("/", 1)[-1] for p in out.fs.find(out.root)} if out.fs.exists(out.root) else set()
+    existing = set(out.names())
     task = ray.remote(num_cpus=SHARD_TASK_CPUS)(write_shard)
     pending, skipped = [], 0
     for index, start in enumerate(range(0, listing.num_rows, rows_per_shard)):

@@ -45,10 +45,7 @@ def history_rows(run: str, model_id: str, benchmark: str, per_subset: dict[str, 
 
 def read_history(uri: str) -> pa.Table:
     out = Location(uri)
-    if not out.fs.exists(out.root):
-        return HISTORY_SCHEMA.empty_table()
-    names = sorted(p.rsplit("/", 1)[-1] for p in out.fs.ls(out.root, detail=False) if p.endswith(".parquet"))
-    tables = [out.read_parquet(n) for n in names]
+    tables = [out.read_parquet(n) for n in out.names() if n.endswith(".parquet")]
     return pa.concat_tables([t.cast(HISTORY_SCHEMA) for t in tables]) if tables else HISTORY_SCHEMA.empty_table()
 
 

@@ -36,10 +36,7 @@ class ScanStore(Location):
         return f"{SCORES_DIR}/{PART_PREFIX}{unit_id}.parquet"
 
     def done_units(self) -> set[str]:
-        scores = self.path(SCORES_DIR)
-        if not self.fs.exists(scores):
-            return set()
-        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(scores, detail=False)]
+        names = self.names(SCORES_DIR)
         return {n[len(PART_PREFIX) : -len(".parquet")] for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")}
 
     def read_scores_with_position(self, columns=None) -> pa.Table:
