@@ -3,12 +3,14 @@
 Rules, checked per request:
 - deny_prefixes: paths starting with one of these answer 403 AccessDenied;
 - fail_every: every Nth GET of an object answers 503 SlowDown (a transient error
-  every S3 client retries), counted in `injected`.
+  every S3 client retries), counted in `injected`;
+- delay_s: every request waits this long first (a distant object store).
 """
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -17,8 +19,9 @@ ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><M
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, fail_every: int = 0, deny_prefixes: tuple[str, ...] = ()):
+    def __init__(self, upstream: str, fail_every: int = 0, deny_prefixes: tuple[str, ...] = (), delay_s: float = 0.0):
         self.upstream = urlsplit(upstream)
+        self.delay_s = delay_s
         self.fail_every = fail_every
         self.deny_prefixes = deny_prefixes
         self.injected = 0
@@ -42,6 +45,8 @@ class FaultProxy:
                 self.wfile.write(body)
 
             def _forward(self):
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 path = urlsplit(self.path).path

@@ -197,7 +197,8 @@ def test_unreadable_shard_turns_its_rows_into_error_rows(tmp_path):
                    row_group_size=5)
     (unit,) = plan_source(str(tmp_path / "shards.parquet"), SourceOptions()).units
     (tmp_path / "shards.parquet").write_bytes(b"PAR1 truncated")  # broken after planning
-    batch = {"unit": [json.dumps(unit.__dict__)], "uris": [[]]}
+    batch = {"key": ["0/u"], "unit": [json.dumps(unit.__dict__)], "records": [None], "target": ["{}"],
+             "perturbation": [""]}
     out = list(decode_units(batch, preprocess={}, columns={}))
     errors = [e for t in out for e in t["error"].to_pylist()]
     assert len(errors) == 5 and all(e.startswith("shard read failed") for e in errors)

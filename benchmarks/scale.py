@@ -1,0 +1,272 @@
+"""Scale-out harness (not a test): what the driver costs as a scan grows.
+
+    python benchmarks/scale.py [--quick] [--images N] [--no-record]
+
+Starts a local multi-node Ray cluster (a head that schedules nothing and two worker
+nodes), a moto S3 server, writes a synthetic corpus of small images as Parquet shards
+to it, scans it with a demo-size model and prints one JSON object:
+
+- rows, nodes, rows_exactly_once (every input id once in the output), images_per_s;
+- driver_rows_received: scored rows whose data reached the driver's own code (counted
+  on what the scan loop consumes from the pipeline);
+- driver_ceiling_rows_per_s: rows per second the driver's part of a scan sustains, fed
+  the completion records of a synthetic 1M-row scan as fast as it takes them;
+- driver_cpu_s, bare_pipeline_driver_cpu_s, driver_cpu_over_bare: the driver's CPU for
+  the scan, and for a bare Ray Data pipeline of the same shape (same blocks and stages,
+  stages that only sleep for the scan's measured stage times, write_parquet to the store);
+- plan_s, plan_peak_rss_mb: planning a generated 1M-record manifest (not scanned), in a
+  fresh process;
+- sink_rows_per_s_at_50ms, serial_bound_rows_per_s: the commit stage alone (the scan's
+  code, fed pre-scored blocks through Ray) writing to S3 behind a proxy that delays every
+  request by 50 ms, against one unit per 50 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+PERF_LOG = REPO / "benchmarks" / "results" / "perf-log.md"
+UNIT_ROWS = 256
+
+
+def small_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """n distinct small JPEGs (64x48 noise): decode cost stays small, rows many."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def write_corpus(fs, bucket: str, n: int, rows_per_shard: int = 2048) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = small_jpegs(min(n, 512))
+    for s, start in enumerate(range(0, n, rows_per_shard)):
+        rows = range(start, min(n, start + rows_per_shard))
+        table = pa.table({"id": [f"img-{i:07d}" for i in rows], "bytes": [images[i % len(images)] for i in rows]})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=UNIT_ROWS)
+        fs.pipe(f"{bucket}/corpus/shard-{s:05d}.parquet", buf.getvalue())
+
+
+class CountingCompletions:
+    """The scan loop's consumer, counting rows that carry score data (there should be none)."""
+
+    def __init__(self, inner):
+        self.inner, self.scored_rows = inner, 0
+
+    def add(self, batch):
+        if "prob_fake" in batch.column_names:
+            self.scored_rows += batch.num_rows
+        self.inner.add(batch)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def driver_ceiling(rows: int = 1_000_000) -> float:
+    """Rows/s of the driver's per-unit work on a 1M-row scan: its completion records."""
+    import pyarrow as pa
+
+    from pipeline.scan.commit import COMPLETION_SCHEMA
+    from pipeline.scan.run import Completions
+
+    units = rows // UNIT_ROWS
+    batches = [pa.Table.from_pylist([{"store": "s3://b/out", "unit_id": f"u{i:08d}", "rows": UNIT_ROWS, "errors": 0,
+                                      "decode_s": 0.1, "score_s": 0.2, "readout": "extension (avx2)",
+                                      "replicas": "r1", "writer_node": "n1", "writer_pid": 1}],
+                                    schema=COMPLETION_SCHEMA) for i in range(units)]
+    completions = Completions()
+    t = time.perf_counter()
+    for b in batches:
+        completions.add(b)
+    completions.figures("s3://b/out")
+    return units * UNIT_ROWS / (time.perf_counter() - t)
+
+
+def bare_pipeline_cpu(blocks: int, decode_s: float, score_s: float, out_uri: str) -> float:
+    """Driver CPU of a Ray Data pipeline of the scan's shape whose stages only sleep."""
+    import pyarrow as pa
+    import ray
+
+    def decode(batch):
+        time.sleep(decode_s / blocks)
+        return pa.table({"x": np.zeros(UNIT_ROWS)})
+
+    class Score:
+        def __call__(self, batch):
+            time.sleep(score_s / blocks)
+            return batch
+
+    def commit(batch):
+        return batch
+
+    t = time.process_time()
+    ds = ray.data.from_items([{"i": i} for i in range(blocks)], override_num_blocks=blocks)
+    ds = ds.map_batches(decode, batch_size=1, batch_format="pyarrow", num_cpus=1, memory=2**20)
+    ds = ds.map_batches(Score, batch_size=None, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1)
+    ds.map_batches(commit, batch_size=None, batch_format="pyarrow", num_cpus=0.25).write_parquet(out_uri)
+    return time.process_time() - t
+
+
+def plan_figures(tmp: Path, records: int = 1_000_000) -> dict:
+    """plan_s and peak RSS of planning a 1M-record manifest, in a fresh process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tmp / "manifest.parquet"
+    pq.write_table(pa.table({"uri": [f"s3://corpus/images/{i:08d}.jpg" for i in range(records)]}), manifest)
+    code = ("import json, time; from pipeline.scan.sources import plan_source, SourceOptions; "
+            "from pipeline.scan.run import peak_rss_mb; t = time.perf_counter(); "
+            f"p = plan_source({str(manifest)!r}, SourceOptions()); "
+            "print(json.dumps({'plan_s': time.perf_counter() - t, 'plan_peak_rss_mb': peak_rss_mb(), "
+            "'plan_units': len(p.units)}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sink_figures(proxy, bucket: str, units: int, delay_s: float = 0.05) -> dict:
+    """The commit stage alone, through Ray, to S3 behind the proxy (every worker's S3
+    endpoint), which now delays every request by `delay_s`."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline.scan.commit import commit_units
+    from pipeline.scan.schema import DECODED_SCHEMA, READOUT, REPLICA, SCORE_FIELDS, SCORE_SECONDS, pack_records
+
+    def block(u: int, store: str) -> pa.Table:
+        n = UNIT_ROWS
+        cols = {f.name: pa.nulls(n, f.type) for f in DECODED_SCHEMA}
+        cols.update({"_unit": pa.array([f"0/u{u}"] * n), "_index": pa.array(range(n), pa.int64()),
+                     "sha256": pa.array([f"{u}-{i}" for i in range(n)]),
+                     "_unit_records": pa.array([pack_records(pa.table({"uri": [f"x/{u}/{i}" for i in range(n)]}))]
+                                               + [None] * (n - 1), pa.binary()),
+                     "_unit_target": pa.array([json.dumps({"store": store, "unit_id": f"u{u}", "run": {}})]
+                                              + [None] * (n - 1), pa.string()),
+                     "_decode_s": pa.array(np.zeros(n)), SCORE_SECONDS: pa.array(np.zeros(n)),
+                     READOUT: pa.array(["x"] * n), REPLICA: pa.array(["r"] * n)})
+        cols.update({f.name: pa.array(np.zeros(n), f.type) if f.type == pa.float64() else pa.array(np.zeros(n, int))
+                     for f in SCORE_FIELDS})
+        return pa.table(cols)
+
+    store = f"s3://{bucket}/sink"
+    blocks = [block(u, store) for u in range(units)]
+    proxy.delay_s = delay_s
+    try:
+        t = time.perf_counter()
+        ds = ray.data.from_arrow(blocks).map_batches(commit_units, batch_size=None, batch_format="pyarrow",
+                                                     num_cpus=0.25)
+        rows = sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+        elapsed = time.perf_counter() - t
+    finally:
+        proxy.delay_s = 0.0
+    return {"sink_rows_per_s_at_50ms": rows / elapsed, "serial_bound_rows_per_s": UNIT_ROWS * 1000 / (delay_s * 1000),
+            "sink_units": units}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="10,000 images (a few minutes on 2 cores)")
+    p.add_argument("--images", type=int, help="corpus size (default 10,000 quick, 50,000 otherwise)")
+    p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
+    args = p.parse_args(argv)
+    n = args.images or (10_000 if args.quick else 50_000)
+
+    import fsspec
+    import pyarrow.parquet as pq
+    import ray
+    from moto.server import ThreadedMotoServer
+    from ray.cluster_utils import Cluster
+
+    import pipeline.scan.run as scan_run
+    from mirror_core.bundle import save_bundle
+    from mirror_core.config import BackboneConfig, MirrorConfig
+    from mirror_core.smoke import DEMO_BACKBONE, DEMO_MEMORY, random_mirror
+    from pipeline.scan.config import ScanConfig
+
+    from conftest import _free_port
+
+    port = _free_port()
+    from s3_faults import FaultProxy
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    # Everyone reaches S3 through the proxy (no delay until the sink figures ask for it);
+    # set before the cluster starts, so every node's workers inherit it.
+    proxy = FaultProxy(f"http://127.0.0.1:{port}").__enter__()
+    os.environ.update(AWS_ENDPOINT_URL=proxy.url, AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
+                      AWS_DEFAULT_REGION="us-east-1")
+    fs = fsspec.filesystem("s3")
+    bucket = "mirror-scale"
+    fs.mkdir(bucket)
+    result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores", "rows": n}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address)
+        result["nodes"] = len([x for x in ray.nodes() if x["Alive"]])
+        t = time.perf_counter()
+        write_corpus(fs, bucket, n)
+        result["corpus_write_s"] = round(time.perf_counter() - t, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
+            save_bundle(str(tmp / "bundle"), cfg, random_mirror(cfg)[1])
+            counting = []
+            real = scan_run.Completions
+            scan_run.Completions = lambda: counting.append(CountingCompletions(real())) or counting[-1]
+            cpu = time.process_time()
+            summary = scan_run.run_scan(str(tmp / "bundle"), f"s3://{bucket}/corpus", f"s3://{bucket}/scan",
+                                        ScanConfig(actors=2, batch_size=64, cpus_per_actor=1))
+            result["driver_cpu_s"] = round(time.process_time() - cpu, 2)
+            scan_run.Completions = real
+            fs.invalidate_cache()
+            ids = pq.read_table(f"{bucket}/scan/scores", filesystem=fs, columns=["id"])["id"].to_pylist()
+            result.update({"rows_out": len(ids), "rows_exactly_once": len(ids) == len(set(ids)) == n,
+                           "images_per_s": summary["this_run"]["images_per_s"],
+                           "driver_rows_received": counting[0].scored_rows,
+                           "writer_nodes": len(summary["this_run"]["writers"]["nodes"])})
+            busy = summary["this_run"]["stage_busy_s"]
+            units = summary["units"]["committed_now"]
+            result["bare_pipeline_driver_cpu_s"] = round(bare_pipeline_cpu(
+                units, busy["decode"] / 2, busy["score"] / 2, f"s3://{bucket}/bare"), 2)
+            result["driver_cpu_over_bare"] = round(result["driver_cpu_s"] / result["bare_pipeline_driver_cpu_s"], 2)
+            result.update(plan_figures(tmp))
+        result["driver_ceiling_rows_per_s"] = round(driver_ceiling())
+        result.update(sink_figures(proxy, bucket, units=64 if args.quick else 256))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        proxy.__exit__(None, None, None)
+        server.stop()
+    print(json.dumps(result, indent=2, default=str))
+    if not args.no_record:
+        with open(PERF_LOG, "a") as log:
+            log.write(f"\n### {result['date']}: scale harness ({n:,} images, {result['nodes']} nodes, moto S3)\n\n"
+                      "```json\n" + json.dumps(result, indent=2, default=str) + "\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
