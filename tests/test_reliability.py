@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,7 +229,10 @@ def test_killed_ingest_reruns_to_the_same_shards(tmp_path):
     rerun = subprocess.run([*ingest, "--output", str(tmp_path / "resumed")], env=env, capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"({len(before)} already there" in rerun.stdout
+    # Ray worker processes of the killed run may still finish a shard after the kill: it
+    # is whole (written under a temporary name, then renamed) and counts as already there
+    skipped = int(re.search(r"\((\d+) already there", rerun.stdout).group(1))
+    assert len(before) <= skipped <= 5, (before, rerun.stdout)
     whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("shard-*.parquet")}
     resumed = {p.name: p.read_bytes() for p in (tmp_path / "resumed").glob("shard-*.parquet")}
     assert len(whole) == 5 and resumed == whole  # byte for byte
