@@ -161,3 +161,25 @@ def test_a_plan_lists_its_input_once(tmp_path, monkeypatch, kind):
         assert plan.input_format == "parquet"
         assert [(u.file.rsplit("/", 1)[-1], u.row_group, u.rows) for u in plan.units] == [
             (f"s{i}.parquet", rg, rows) for i in range(3) for rg, rows in enumerate((2, 2, 1))]
+
+
+def test_avif_is_a_default_extension_and_skipped_files_are_counted(tmp_path):
+    from mirror_core.config import PreprocessConfig
+    from mirror_core.preprocess import official_preprocess
+    from pipeline.commands import cli
+    from pipeline.scan.store import ScanStore
+
+    avif = write_image(tmp_path / "in" / "0_real" / "a.avif", fmt="AVIF")
+    write_image(tmp_path / "in" / "0_real" / "b.png")
+    (tmp_path / "in" / "0_real" / "notes.txt").write_text("not an image")
+    plan = plan_source(str(tmp_path / "in"), SourceOptions())
+    assert plan.total_rows == 2 and plan.skipped_by_extension == 1
+    assert official_preprocess(avif, PreprocessConfig(), name="a.avif").format == "AVIF"
+    store = ScanStore(str(tmp_path / "out"))
+    store.save_plan(plan)
+    assert store.load_plan().skipped_by_extension == 1  # kept with the plan, for every rerun's summary
+    args = cli.build_parser().parse_args(["scan", "--model", "m", "--input", "i", "--output", "o",
+                                          "--extensions", "png, .jpg"])
+    only = cli.scan_config_from_args(args)
+    assert only.extensions == ["png", "jpg"]
+    assert plan_source(str(tmp_path / "in"), only.source_options()).skipped_by_extension == 2

@@ -45,6 +45,8 @@ def add_scan_flags(p: argparse.ArgumentParser) -> None:
         shown = "" if "default" in help_text else f" (default: {getattr(defaults, field)})"
         p.add_argument(flag, type=kind, help=help_text + shown)
     p.add_argument("--alignment", choices=ALIGNMENT_MODES, help="JPEG q96 alignment policy (default: the bundle's)")
+    p.add_argument("--extensions", help="image file extensions of folder inputs, comma-separated "
+                                        f"(default: {','.join(defaults.extensions)})")
     p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="decode large JPEGs at reduced DCT scale: faster, not bit-exact, recorded in every row "
                         "(default: off)")
@@ -57,6 +59,8 @@ def scan_config_from_args(args: argparse.Namespace):
 
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in SCAN_FLAGS.items()}
     overrides["alignment"] = args.alignment
+    overrides["extensions"] = [e.strip().lstrip(".") for e in args.extensions.split(",") if e.strip()] \
+        if args.extensions else None
     overrides["fast_decode"] = args.fast_decode
     overrides["compile"] = args.compile
     return load_scan_config(args.config, overrides)

@@ -168,7 +168,8 @@ def summarize(out: ScanStore, plan: Plan, extra: dict[str, Any]) -> dict[str, An
     rows = out.read_scores(columns=["label", "subset", "prob_fake", "pred", "error"])
     n = rows.num_rows
     errors = int(pc.sum(pc.is_valid(rows["error"])).as_py() or 0) if n else 0
-    summary = {"rows_in": plan.total_rows, "rows_out": n, "scored": n - errors, "errors": errors, **extra}
+    summary = {"rows_in": plan.total_rows, "rows_out": n, "scored": n - errors, "errors": errors,
+               "skipped_by_extension": plan.skipped_by_extension, **extra}
     if n:
         scored = rows.filter(pc.is_null(rows["error"]))
         labeled = scored.filter(pc.is_valid(scored["label"]))

@@ -23,7 +23,7 @@ from pipeline.scan.schema import INDEX, UNIT
 
 LABEL_FOLDERS = {"0_real": 0, "nature": 0, "1_fake": 1, "ai": 1}
 LABEL_NAMES = {**LABEL_FOLDERS, "0": 0, "1": 1, "real": 0, "fake": 1}
-DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff")
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff", "avif")
 INPUT_FORMATS = ("auto", "folder", "parquet", "manifest")
 
 
@@ -63,6 +63,7 @@ class Plan:
     input_format: str
     units: list[Unit]
     records: pa.Table  # inline units' records (+ _unit, _index); empty for shards
+    skipped_by_extension: int = 0  # files of a folder input left out for their extension
 
     @property
     def total_rows(self) -> int:
@@ -238,8 +239,11 @@ def plan_source(uri: str, options: SourceOptions) -> Plan:
     fs, base = fsspec.core.url_to_fs(uri)
     listing = list_files(uri) if not uri.lower().endswith((".csv", ".parquet")) and fs.isdir(base) else None
     fmt = detect_format(uri, options, listing)
+    skipped = 0
     if fmt == "folder":
-        units, records = inline_units(list_images(uri, options.extensions, listing), options.unit_size, uri)
+        images = list_images(uri, options.extensions, listing)
+        skipped = len(listing) - images.num_rows if listing is not None else 0
+        units, records = inline_units(images, options.unit_size, uri)
     elif fmt == "manifest":
         files = [uri] if uri.lower().endswith((".csv", ".parquet")) else shard_files(uri, listing)
         table = pa.concat_tables([read_manifest(f, options.columns) for f in files], promote_options="permissive")
@@ -248,7 +252,7 @@ def plan_source(uri: str, options: SourceOptions) -> Plan:
         units, records = shard_units(shard_files(uri, listing)), pa.table({})
     else:
         raise ValueError(f"unknown input format {fmt!r}; expected one of {INPUT_FORMATS}")
-    return Plan(uri, fmt, units, records)
+    return Plan(uri, fmt, units, records, skipped)
 
 
 def read_shard_unit(unit: Unit, columns: ColumnMap, with_bytes: bool) -> pa.Table:

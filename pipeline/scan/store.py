@@ -72,7 +72,8 @@ class ScanStore(Location):
         units = pa.Table.from_pylist([asdict(u) for u in plan.units], schema=pa.schema([
             ("unit_id", pa.string()), ("kind", pa.string()), ("rows", pa.int64()),
             ("file", pa.string()), ("row_group", pa.int64())]))
-        units = units.replace_schema_metadata({"input": plan.input, "input_format": plan.input_format})
+        units = units.replace_schema_metadata({"input": plan.input, "input_format": plan.input_format,
+                                               "skipped_by_extension": str(plan.skipped_by_extension)})
         if plan.records.num_columns:
             self.write_parquet("_plan/records.parquet", plan.records)
         self.write_parquet("_plan/units.parquet", units)  # written last: its presence means "plan complete"
@@ -84,4 +85,5 @@ class ScanStore(Location):
         meta = {k.decode(): v.decode() for k, v in (units.schema.metadata or {}).items()}
         records = self.read_parquet("_plan/records.parquet")
         plan_units = [Unit(**row) for row in units.to_pylist()]
-        return Plan(meta["input"], meta["input_format"], plan_units, records if records is not None else pa.table({}))
+        return Plan(meta["input"], meta["input_format"], plan_units, records if records is not None else pa.table({}),
+                    int(meta.get("skipped_by_extension", 0)))
