@@ -63,16 +63,13 @@ def unit_descriptors(units: list[Unit], plan: Plan, store: str, run: dict[str, A
     names the unit within a pipeline that may serve several scans."""
     wanted = {u.unit_id for u in units if u.kind == "inline"}
     packed: dict[str, bytes] = {}
-    if wanted:
-        unit_col = plan.records[UNIT].to_pylist()
-        start = 0
-        while start < len(unit_col):  # inline units' rows are contiguous in the plan
-            unit_id, end = unit_col[start], start
-            while end < len(unit_col) and unit_col[end] == unit_id:
-                end += 1
-            if unit_id in wanted:
-                packed[unit_id] = pack_records(plan.records.slice(start, end - start).drop_columns([UNIT, INDEX]))
-            start = end
+    start = 0
+    for u in plan.units:  # inline units' rows are contiguous in the plan, in unit order
+        if u.kind != "inline":
+            continue
+        if u.unit_id in wanted:
+            packed[u.unit_id] = pack_records(plan.records.slice(start, u.rows).drop_columns([UNIT, INDEX]))
+        start += u.rows
     return [{"key": f"{job}/{u.unit_id}", "unit": json.dumps(dataclasses.asdict(u)), "records": packed.get(u.unit_id),
              "target": json.dumps({"store": store, "unit_id": u.unit_id, "run": run}),
              "perturbation": perturbation or ""} for u in units]
