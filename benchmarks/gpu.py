@@ -229,3 +229,68 @@ def compile_figures(backbone: dict, batch: int, reps: int,
         del model, full, bb
         torch.cuda.empty_cache()
     return res
+
+
+def attention_kernels(model, pixels) -> list[str]:
+    """CUDA kernels that one forward launches for attention (flash / cuDNN / mem-efficient / math)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(pixels)
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages()}
+    return sorted(n for n in names if any(t in n.lower() for t in ("flash", "fmha", "attention", "cudnn", "sdpa")))[:8]
+
+
+def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
+                         compile_modes: tuple[str, ...] = ("default",), with_backbone: bool = True,
+                         unfused_baseline: bool = False) -> dict:
+    """One backbone size, bf16 weights, projections fused as scoring replicas run them:
+    eager and compiled images/s of the model (and of the backbone alone), FLOPs per image,
+    MFU, the attention kernels. Compile modes: 'default', 'reduce-overhead' (CUDA graphs),
+    'max-autotune-no-cudagraphs'. `unfused_baseline`: also the default compile unfused."""
+    from mirror_core.fused import fuse_projections_
+    from mirror_core.model import assemble_model
+    from mirror_core.smoke import official_sized, random_mirror
+
+    cfg = official_sized(backbone)
+    _, weights = random_mirror(cfg, seed=0, lora_scale=0.02)
+    model = assemble_model(cfg, weights).cuda().to(torch.bfloat16).eval()
+    del weights
+    pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
+    res: dict = {f"{prefix}_batch": batch, f"{prefix}_params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+    def compiled_img_s(name: str, mode: str) -> float:
+        t0 = time.perf_counter()
+        full = torch.compile(model, dynamic=False, mode=None if mode == "default" else mode)
+        full(pixels)
+        torch.cuda.synchronize()
+        res[f"{prefix}_{name}_first_call_s"] = time.perf_counter() - t0
+        img_s = res[f"{prefix}_{name}_img_s"] = batch / cuda_median_s(lambda: full(pixels), reps)
+        res[f"{prefix}_{name}_mfu_vs_datasheet"] = img_s * res[f"{prefix}_flops_per_image_g"] / 1e3 / H100_BF16_DENSE_TFLOPS
+        torch._dynamo.reset()
+        return img_s
+
+    with torch.inference_mode():
+        res[f"{prefix}_flops_per_image_g"] = flops_per_image(model, pixels) / 1e9
+        if unfused_baseline:
+            res[f"{prefix}_unfused_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
+            compiled_img_s("unfused_compiled_default", "default")
+        fuse_projections_(model.backbone)
+        x = model.normalize(pixels.permute(0, 3, 1, 2).float() / 255).to(torch.bfloat16)
+        res[f"{prefix}_attention_kernels"] = attention_kernels(model, pixels[:8])
+        res[f"{prefix}_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
+        if with_backbone:
+            res[f"{prefix}_eager_backbone_img_s"] = batch / cuda_median_s(lambda: model.backbone(pixel_values=x), reps)
+            res[f"{prefix}_eager_model_over_backbone"] = res[f"{prefix}_eager_backbone_img_s"] / res[f"{prefix}_eager_img_s"]
+        for mode in compile_modes:
+            compiled_img_s(f"compiled_{mode}", mode)
+        if with_backbone:
+            bb = torch.compile(model.backbone, dynamic=False)
+            bb(pixel_values=x)
+            res[f"{prefix}_compiled_backbone_img_s"] = batch / cuda_median_s(lambda: bb(pixel_values=x), reps)
+            res[f"{prefix}_compiled_model_over_backbone"] = (res[f"{prefix}_compiled_backbone_img_s"]
+                                                              / res[f"{prefix}_compiled_{compile_modes[0]}_img_s"])
+    del model
+    torch.cuda.empty_cache()
+    return res

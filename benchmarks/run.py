@@ -35,6 +35,10 @@ from mirror_core.preprocess import official_preprocess  # noqa: E402
 VIT_S = {"model_type": "dinov3_vit", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
          "intermediate_size": 1536, "patch_size": 16, "num_register_tokens": 4, "image_size": 224}
 VIT_L = {**VIT_S, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
+# The official detector's backbone, dinov3-vith16plus: SwiGLU MLP (6x ratio -> 5120 gated), 4 registers.
+VIT_HPLUS = {**VIT_S, "hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20,
+             "intermediate_size": 5120, "use_gated_mlp": True, "hidden_act": "silu"}
+PARITY_FIXTURE = Path(os.environ.get("MIRROR_PARITY_FIXTURE", REPO.parent / "shared/fixtures/official_parity"))
 DECODE_SIZES = {"500x375": (500, 375), "1024x768": (1024, 768), "1920x1080": (1920, 1080)}
 
 
@@ -84,7 +88,7 @@ def decode_figures(n: int) -> dict:
 
 
 def fast_mode_dprob() -> float | None:
-    fixture = Path(os.environ.get("MIRROR_PARITY_FIXTURE", REPO.parent / "shared/fixtures/official_parity"))
+    fixture = PARITY_FIXTURE
     if not (fixture / "checkpoint.pth").exists():
         return None
     from mirror_core.official import import_official
@@ -237,7 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
     p.add_argument("--json-out", type=Path, help="also write the JSON here after every section")
-    p.add_argument("--only", help="comma-separated sections: model,decode,fast,pipeline,rss (cpu), compile (cuda)")
+    p.add_argument("--only", help="comma-separated sections: model,decode,fast,pipeline,rss (cpu), compile (cuda); "
+                                  "opt-in: gpu_decode,raw_jpeg (both), hplus,graphs (cuda)")
     g = p.add_argument_group("cuda")
     g.add_argument("--gpu-batches", default="128,256,512")
     g.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
@@ -248,6 +253,12 @@ def main(argv=None) -> int:
     g.add_argument("--pipeline-batch", type=int, default=256)
     g.add_argument("--actors", type=int, default=1)
     g.add_argument("--gpus-per-actor", type=float, default=1.0)
+    g.add_argument("--compile-modes", default="default", help="for hplus / graphs: default,reduce-overhead,...")
+    r = p.add_argument_group("raw_jpeg")
+    r.add_argument("--raw-images", type=int, default=8192)
+    r.add_argument("--raw-modes", default="exact,fast,gpu")
+    r.add_argument("--raw-precision", default=None, help="default: bf16-weights on cuda, fp32 on cpu")
+    r.add_argument("--raw-compile", action="store_true")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     only = set(args.only.split(",")) if args.only else {"model", "decode", "fast", "pipeline", "rss"}
@@ -271,6 +282,14 @@ def main(argv=None) -> int:
         if "pipeline" in only:
             section(result, "pipeline", lambda: gpu.pipeline_figures(
                 VIT_L, args.pipeline_images, args.pipeline_batch, args.actors, args.gpus_per_actor, args.pipeline_compile), args.json_out)
+        modes = tuple(args.compile_modes.split(","))
+        if "hplus" in only:
+            section(result, "hplus", lambda: gpu.architecture_figures("vith_plus", VIT_HPLUS, args.pipeline_batch, reps, modes),
+                    args.json_out)
+        if "graphs" in only:
+            section(result, "graphs", lambda: gpu.architecture_figures("vitl", VIT_L, args.pipeline_batch, reps, modes,
+                                                                       with_backbone=False, unfused_baseline=True),
+                    args.json_out)
     else:
         from mirror_core.readout import inference_readout
 
@@ -281,6 +300,18 @@ def main(argv=None) -> int:
             section(result, "pipeline", lambda: pipeline_figures(VIT_S, 48 if args.quick else 256, 16), args.json_out)
         if "rss" in only:
             section(result, "rss", lambda: {"peak_actor_rss_mb": actor_peak_rss_mb(VIT_S)}, args.json_out)
+    if "gpu_decode" in only:
+        from benchmarks.gpu_jpeg import gpu_decode_parity
+
+        section(result, "gpu_decode", lambda: gpu_decode_parity(PARITY_FIXTURE, args.device), args.json_out)
+    if "raw_jpeg" in only:
+        from benchmarks.gpu_jpeg import raw_jpeg_figures
+
+        backbone, batch = (VIT_L, args.pipeline_batch) if cuda else (VIT_S, 16)
+        precision = args.raw_precision or ("bf16-weights" if cuda else "fp32")
+        section(result, "raw_jpeg", lambda: raw_jpeg_figures(backbone, args.raw_images if not args.quick else 64, batch,
+                                                             args.device, precision, tuple(args.raw_modes.split(",")),
+                                                             args.raw_compile), args.json_out)
     if "decode" in only:
         section(result, "decode", lambda: decode_figures(8 if args.quick else 24), args.json_out)
     if "fast" in only:

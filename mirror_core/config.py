@@ -100,8 +100,14 @@ class PreprocessConfig:
     # Fast mode (never the default): JPEGs at least twice the target size are decoded
     # at a reduced DCT scale before the bicubic resize. Faster, not bit-exact.
     fast_decode: bool = False
+    # GPU mode (opt-in, needs a CUDA replica): JPEGs are decoded, resized and cropped on
+    # the GPU; other formats, and JPEGs the GPU decoder refuses, take the exact CPU path
+    # (every row records which). Not bit-exact: a different IDCT and resampler.
+    gpu_decode: bool = False
 
     def __post_init__(self) -> None:
+        if self.fast_decode and self.gpu_decode:
+            raise ValueError("fast_decode and gpu_decode exclude each other: choose one decode mode")
         if self.policy != "official":
             raise ValueError(f"unknown preprocessing policy {self.policy!r}; known: 'official'")
         if self.alignment not in ALIGNMENT_MODES:
@@ -110,7 +116,13 @@ class PreprocessConfig:
     @property
     def name(self) -> str:
         """Short recorded form, e.g. 'official/align=by-extension'."""
-        return f"{self.policy}/align={self.alignment}" + ("/fast-decode" if self.fast_decode else "")
+        mode = "/fast-decode" if self.fast_decode else "/gpu-decode" if self.gpu_decode else ""
+        return f"{self.policy}/align={self.alignment}{mode}"
+
+    @property
+    def cpu_name(self) -> str:
+        """What a row decoded on the CPU under this policy records (GPU mode's fallback)."""
+        return replace(self, gpu_decode=False).name
 
 
 @dataclass
@@ -130,13 +142,13 @@ class MirrorConfig:
         return asdict(self)
 
     def with_overrides(self, alignment: str | None = None, fast_decode: bool = False,
-                       threshold: float | None = None) -> "MirrorConfig":
+                       threshold: float | None = None, gpu_decode: bool = False) -> "MirrorConfig":
         """This config with the choices a scan may override (None / False: keep the bundle's)."""
         preprocess = self.preprocess
         if alignment:
             preprocess = replace(preprocess, alignment=alignment)
-        if fast_decode:
-            preprocess = replace(preprocess, fast_decode=True)
+        if fast_decode or gpu_decode:
+            preprocess = replace(preprocess, fast_decode=fast_decode, gpu_decode=gpu_decode)
         return replace(self, preprocess=preprocess, threshold=self.threshold if threshold is None else threshold)
 
     @classmethod

@@ -12,6 +12,7 @@ from PIL import Image
 
 from .bundle import Bundle, load_bundle
 from .config import MirrorConfig
+from .fused import fuse_projections_
 from .model import MirrorModel, assemble_model
 from .preprocess import Preprocessed, official_preprocess, preprocess_rgb, read_bytes
 from .readout import inference_readout
@@ -39,6 +40,8 @@ class Detector:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=PRECISIONS[precision][1]).eval()  # dtype None: as loaded
+        if self.device.type == "cuda":  # one GEMM per fused group; CPU keeps the exact official layout
+            fuse_projections_(self.model.backbone)
         self.config = config
         self.model_id = model_id
         self.precision = precision
@@ -74,20 +77,24 @@ class Detector:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)  # on CPU too: asked for, so done
 
-    @torch.inference_mode()
     def score_pixels(self, pixels: np.ndarray, token_residuals: bool = False) -> dict[str, np.ndarray]:
         """uint8 [B, 224, 224, 3] -> named float arrays [B] (and 'token_residual' [B, gh, gw])."""
         pixels = np.require(pixels, np.uint8, ["C_CONTIGUOUS"])
         with warnings.catch_warnings():  # read-only arrays (Ray's zero-copy batches) are never written
             warnings.simplefilter("ignore", UserWarning)
             batch = torch.from_numpy(pixels)
+        return self.score_tensor(batch, token_residuals)
+
+    @torch.inference_mode()
+    def score_tensor(self, batch: torch.Tensor, token_residuals: bool = False) -> dict[str, np.ndarray]:
+        """score_pixels for a uint8 [B, 224, 224, 3] tensor on any device (GPU-decoded crops stay there)."""
         n = batch.shape[0]
         model = self.model
         if self.compiled is not None and n:
             padded = 1 << (n - 1).bit_length()  # rows are independent: padding changes no score
             batch = torch.cat([batch, batch.new_zeros((padded - n, *batch.shape[1:]))]) if padded > n else batch
             model = self.compiled
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and batch.device.type != "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         with self._autocast():
             out = model(batch, token_residuals=token_residuals)

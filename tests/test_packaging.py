@@ -12,8 +12,10 @@ PRODUCT = ("mirror_core", "pipeline", "jobs")
 FIRST_PARTY = {"mirror_core", "pipeline", "benchmarks"}
 # Core dependencies used without an import statement of their own.
 IMPLICIT = {"s3fs": "fsspec loads it for s3:// URIs"}
-# Optional modules: extra -> (module, the function that checks it where it is used).
-OPTIONAL = {"gpu": ("triton", "mirror_core.kernels.triton_available")}
+# Optional modules: extra -> (module, the function that checks it, the one file importing it).
+OPTIONAL = {"gpu": ("triton", "mirror_core.kernels.triton_available", "mirror_core/kernels.py"),
+            "gpu-decode": ("torchvision", "mirror_core.gpu_decode.torchvision_decode_available",
+                           "mirror_core/gpu_decode.py")}
 
 
 def normalize(name: str) -> str:
@@ -47,13 +49,13 @@ def test_every_imported_module_is_a_core_dependency_or_a_checked_extra():
     core = {normalize(d) for d in project()["dependencies"]}
     extras = {name: {normalize(d) for d in deps} for name, deps in project()["optional-dependencies"].items()}
     dists = packages_distributions()
-    optional_modules = {module for module, _ in OPTIONAL.values()}
+    optional_modules = {module for module, *_ in OPTIONAL.values()}
     for module, files in sorted(imported_modules().items()):
         owners = {normalize(d) for d in dists.get(module, [module])}
         if module in optional_modules:
-            extra = next(e for e, (m, _) in OPTIONAL.items() if m == module)
+            extra, (_, _, place) = next((e, spec) for e, spec in OPTIONAL.items() if spec[0] == module)
             assert owners & extras[extra], f"{module} should be in the [{extra}] extra"
-            assert files == {"mirror_core/kernels.py"}, f"{module} imported outside its checked place: {files}"
+            assert files == {place}, f"{module} imported outside its checked place: {files}"
             continue
         assert owners & core, f"{module} (imported by {sorted(files)}) is not a core dependency"
 
@@ -67,7 +69,7 @@ def test_every_core_dependency_is_used():
 
 
 def test_extras_hold_only_what_is_optional():
-    assert set(project()["optional-dependencies"]) == {"gpu", "test"}
+    assert set(project()["optional-dependencies"]) == {"gpu", "gpu-decode", "test"}
 
 
 def test_optional_modules_are_checked_where_used(monkeypatch):
@@ -79,7 +81,7 @@ def test_optional_modules_are_checked_where_used(monkeypatch):
     from mirror_core import readout
 
     checks = []
-    for module, checker in OPTIONAL.values():
+    for module, checker, _ in OPTIONAL.values():
         owner, func = checker.rsplit(".", 1)
         checks.append(getattr(importlib.import_module(owner), func))
         monkeypatch.setitem(sys.modules, module, None)  # `import triton` now raises ImportError

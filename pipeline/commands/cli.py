@@ -50,6 +50,9 @@ def add_scan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="decode large JPEGs at reduced DCT scale: faster, not bit-exact, recorded in every row "
                         "(default: off)")
+    p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode, resize and crop JPEGs on the scoring replicas' GPUs (needs the gpu-decode extra; "
+                        "other formats take the CPU path): not bit-exact, recorded in every row (default: off)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each scoring replica: slower start, faster steady state on GPU (default: off)")
 
@@ -62,6 +65,7 @@ def scan_config_from_args(args: argparse.Namespace):
     overrides["extensions"] = [e.strip().lstrip(".") for e in args.extensions.split(",") if e.strip()] \
         if args.extensions else None
     overrides["fast_decode"] = args.fast_decode
+    overrides["gpu_decode"] = args.gpu_decode
     overrides["compile"] = args.compile
     return load_scan_config(args.config, overrides)
 

@@ -24,6 +24,7 @@ from pipeline.scan.schema import (
     OUTPUT_COLUMNS,
     READOUT,
     REPLICA,
+    ROW_PREPROCESS,
     SCORE_SECONDS,
     SHA256,
     STAGE_RESULT_FIELDS,
@@ -39,6 +40,7 @@ WRITER_METADATA = b"mirror_writer"  # part files record which node and process w
 COMPLETION_SCHEMA = pa.schema([
     ("store", pa.string()), ("unit_id", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
     ("decode_s", pa.float64()), ("score_s", pa.float64()), ("readout", pa.string()), ("replicas", pa.string()),
+    ("cpu_decoded_in_gpu_mode", pa.int64()),
     ("writer_node", pa.string()), ("writer_pid", pa.int64()),
 ])
 
@@ -58,6 +60,9 @@ def assemble_rows(records: pa.Table, scored: pa.Table, run: dict[str, Any]) -> p
         table = table.append_column(field.name, scored[field.name])
     for name, value in run.items():
         table = table.append_column(name, pa.array([value] * table.num_rows))
+    if ROW_PREPROCESS in scored.column_names:  # rows decoded under another policy than the run's
+        at = table.column_names.index("preprocess")
+        table = table.set_column(at, "preprocess", pc.coalesce(scored[ROW_PREPROCESS], table["preprocess"]))
     return conform(table)
 
 
@@ -103,5 +108,6 @@ def commit_units(batch: pa.Table) -> pa.Table:
                      "score_s": float(pc.sum(scored[SCORE_SECONDS]).as_py() or 0),
                      "readout": ",".join(sorted(set(scored[READOUT].to_pylist()) - {None})),
                      "replicas": ",".join(sorted(set(scored[REPLICA].to_pylist()) - {None})),
+                     "cpu_decoded_in_gpu_mode": scored.num_rows - scored[ROW_PREPROCESS].null_count,
                      "writer_node": node, "writer_pid": pid})
     return pa.Table.from_pylist(done, schema=COMPLETION_SCHEMA)

@@ -34,6 +34,7 @@ class ScanConfig:
     compile: bool = False  # torch.compile each replica (slower start; see BENCHMARKS.md)
     alignment: str | None = None  # override the bundle's JPEG alignment policy
     fast_decode: bool = False  # reduced-scale JPEG decoding (faster, not bit-exact; recorded)
+    gpu_decode: bool = False  # JPEGs decoded, resized and cropped on the replicas' GPUs (not bit-exact; recorded)
     threshold: float | None = None  # override the bundle's decision threshold
     input_format: str = "auto"
     perturbation: str | None = None  # robustness sweeps: e.g. 'jpeg:75', applied before preprocessing
@@ -58,6 +59,10 @@ class ScanConfig:
             raise ConfigError(f"{source}: precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.alignment is not None and self.alignment not in ALIGNMENT_MODES:
             raise ConfigError(f"{source}: alignment must be one of {list(ALIGNMENT_MODES)}, got {self.alignment!r}")
+        if self.gpu_decode and self.fast_decode:
+            raise ConfigError(f"{source}: fast_decode and gpu_decode exclude each other: choose one decode mode")
+        if self.gpu_decode and not self.gpus_per_actor:
+            raise ConfigError(f"{source}: gpu_decode needs GPU replicas (gpus_per_actor > 0)")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"{source}: threshold must be within [0, 1], got {self.threshold}")
         if self.input_format not in INPUT_FORMATS:

@@ -6,21 +6,26 @@ undecodable images become rows with `error` set and a zero crop.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from mirror_core.config import PreprocessConfig
-from mirror_core.preprocess import official_preprocess
+from mirror_core.gpu_decode import GPU_JPEG_MODES, is_jpeg
+from mirror_core.preprocess import ImageTooLargeError, official_preprocess, wants_alignment
 from pipeline.scan.schema import (
     DECODE_SECONDS,
     DECODED_SCHEMA,
+    ENCODED,
     IMAGE_FIELDS,
     INDEX,
     PIXELS,
+    ROW_PREPROCESS,
     SHA256,
     UNIT,
     UNIT_RECORDS,
@@ -37,14 +42,29 @@ def tensor_column(pixels: np.ndarray) -> pa.Array:
     return ArrowTensorArray.from_numpy(pixels)
 
 
+def gpu_decodable(data: bytes, name: str | None, cfg: PreprocessConfig) -> tuple[int, int] | None:
+    """GPU decode mode: (width, height) from the header of a JPEG the replica should decode
+    on its GPU; None for what takes the CPU path (other formats, CMYK, alignment due)."""
+    if not is_jpeg(data):
+        return None
+    with Image.open(io.BytesIO(data)) as img:
+        (w, h), fmt, mode = img.size, img.format, img.mode
+    if cfg.max_pixels is not None and w * h > cfg.max_pixels:
+        raise ImageTooLargeError(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {cfg.max_pixels:,}")
+    if fmt != "JPEG" or mode not in GPU_JPEG_MODES or wants_alignment(cfg, name, fmt):
+        return None
+    return w, h
+
+
 def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg: PreprocessConfig,
                 perturbation: str | None = None, records: bytes | None = None, target: str | None = None) -> pa.Table:
     """payloads: (bytes, None) or (None, error) per record -> one typed row each.
-    `records` (the unit's packed records) and `target` ride on the first row when given."""
+    `records` (the unit's packed records) and `target` ride on the first row when given.
+    In GPU decode mode a plain JPEG leaves with its bytes (ENCODED) and a zero crop."""
     t0 = time.perf_counter()
     n = len(names)
     pixels = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
-    cols = {name: [None] * n for name in [SHA256] + [f.name for f in IMAGE_FIELDS]}
+    cols = {name: [None] * n for name in [SHA256, ENCODED, ROW_PREPROCESS] + [f.name for f in IMAGE_FIELDS]}
     for i, (name, (data, error)) in enumerate(zip(names, payloads)):
         if data is not None:
             cols[SHA256][i] = hashlib.sha256(data).hexdigest()
@@ -52,6 +72,14 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
                 error = "empty file (0 bytes)"
             else:
                 try:
+                    size = gpu_decodable(data, name, cfg) if cfg.gpu_decode and not perturbation else None
+                    if size is not None:
+                        cols[ENCODED][i] = data
+                        cols["width"][i], cols["height"][i] = size
+                        cols["format"][i], cols["aligned"][i] = "JPEG", False
+                        continue
+                    if cfg.gpu_decode:
+                        cols[ROW_PREPROCESS][i] = cfg.cpu_name
                     pre = official_preprocess(data, cfg, name=name, perturbation=perturbation)
                     pixels[i] = pre.pixels
                     cols["width"][i], cols["height"][i], cols["format"][i] = pre.width, pre.height, pre.format
@@ -64,7 +92,7 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
               UNIT_RECORDS: [records] + [None] * (n - 1) if n else [],
               UNIT_TARGET: [target] + [None] * (n - 1) if n else [], **cols}
     table = pa.Table.from_arrays([pa.array(values[f.name], f.type) for f in DECODED_SCHEMA], schema=DECODED_SCHEMA)
-    return table.append_column(PIXELS, tensor_column(pixels))
+    return table.append_column(PIXELS, tensor_column(pixels)).append_column(ENCODED, pa.array(cols[ENCODED], pa.binary()))
 
 
 def placeholder_records(unit: Unit) -> pa.Table:

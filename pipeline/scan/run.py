@@ -53,7 +53,8 @@ def scoring_cpus(cfg: ScanConfig) -> float:
 
 
 def effective_config(bundle: Bundle, cfg: ScanConfig) -> MirrorConfig:
-    return bundle.config.with_overrides(alignment=cfg.alignment, fast_decode=cfg.fast_decode, threshold=cfg.threshold)
+    return bundle.config.with_overrides(alignment=cfg.alignment, fast_decode=cfg.fast_decode, threshold=cfg.threshold,
+                                        gpu_decode=cfg.gpu_decode)
 
 
 def unit_descriptors(units: list[Unit], plan: Plan, store: str, run: dict[str, Any], perturbation: str | None,
@@ -75,10 +76,14 @@ def unit_descriptors(units: list[Unit], plan: Plan, store: str, run: dict[str, A
              "perturbation": perturbation or ""} for u in units]
 
 
-def whole_unit_block_bytes(units: list[Unit], crop: int) -> int:
+# GPU decode mode ships encoded JPEGs between stages: a generous bound on one's size.
+ENCODED_ROW_BYTES = 4 * 2**20
+
+
+def whole_unit_block_bytes(units: list[Unit], crop: int, encoded: bool = False) -> int:
     """A block size that holds the largest unit's decoded rows, so no unit is split."""
     largest = max((u.rows for u in units), default=1)
-    return int(largest * (crop * crop * 3 + 4096) * 1.25)
+    return int(largest * (crop * crop * 3 + 4096 + (ENCODED_ROW_BYTES if encoded else 0)) * 1.25)
 
 
 def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfig, largest_block_bytes: int):
@@ -153,6 +158,7 @@ class Completions:
         return {
             "committed": len(recs),
             "rows": sum(r["rows"] for r in recs),
+            "cpu_decoded_in_gpu_mode": sum(r["cpu_decoded_in_gpu_mode"] for r in recs),
             "busy": {"decode": sum(r["decode_s"] for r in recs), "score": sum(r["score_s"] for r in recs)},
             "readouts": sorted({x for r in recs for x in r["readout"].split(",") if x}),
             "writer_pids": sorted({r["writer_pid"] for r in recs}),
@@ -239,7 +245,8 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
         ensure_ray(cfg.address)
         cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
         all_todo = [u for *_, todo in prepared for u in todo]
-        ds = build_dataset(items, bundle, model_cfg, cfg, whole_unit_block_bytes(all_todo, model_cfg.preprocess.crop_size))
+        ds = build_dataset(items, bundle, model_cfg, cfg, whole_unit_block_bytes(
+            all_todo, model_cfg.preprocess.crop_size, model_cfg.preprocess.gpu_decode))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if t_first is None:  # start-up ends here: Ray, replica builds, first decodes and writes
                 t_first, first_rows = time.perf_counter(), int(pc.sum(batch["rows"]).as_py() or 0)
@@ -272,6 +279,8 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                                              / (t_last - t_first), 2) if t_first and t_last > t_first else None,
                 "stage_busy_s": {k: round(v, 3) for k, v in done_now["busy"].items()},
                 "replica_readout": done_now["readouts"],  # as the scoring replicas reported it
+                # GPU decode mode: rows that took the CPU path (other formats, refused JPEGs)
+                "cpu_decoded_in_gpu_mode": done_now["cpu_decoded_in_gpu_mode"],
                 # Parts are written by Ray workers; the driver receives completion records only.
                 "writers": {"nodes": done_now["writer_nodes"], "processes": len(done_now["writer_pids"])},
                 "pipeline": {"scans": len(jobs), "scoring_replicas": done_now["replicas"]},

@@ -28,7 +28,14 @@ UNIT_RECORDS = "_unit_records"
 # one pipeline can serve several scans (a benchmark run's benchmarks x perturbations).
 UNIT_TARGET = "_unit_target"
 REPLICA = "_replica"  # which scoring replica scored the row: counts the replicas a run built
-INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS, READOUT, UNIT_RECORDS, UNIT_TARGET, REPLICA)
+# GPU decode mode: a JPEG's bytes, left for the scoring replica to decode on its GPU (null
+# where the decode stage produced the crop itself) ...
+ENCODED = "_encoded"
+# ... and the policy a row was decoded under when it is not the run's (GPU mode's CPU
+# fallback: other formats, JPEGs the GPU decoder refuses). Null: the run's policy.
+ROW_PREPROCESS = "_row_preprocess"
+INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS, READOUT, UNIT_RECORDS, UNIT_TARGET, REPLICA,
+            ENCODED, ROW_PREPROCESS)
 
 RECORD_FIELDS = [
     pa.field("uri", pa.string()),
@@ -57,7 +64,7 @@ OUTPUT_FIELDS = RECORD_FIELDS + SCORE_FIELDS + IMAGE_FIELDS + RUN_FIELDS
 SHA256 = "sha256"
 DECODED_SCHEMA = pa.schema([pa.field(UNIT, pa.string()), pa.field(INDEX, pa.int64()), pa.field(SHA256, pa.string())]
                            + IMAGE_FIELDS + [pa.field(DECODE_SECONDS, pa.float64()), pa.field(UNIT_RECORDS, pa.binary()),
-                                             pa.field(UNIT_TARGET, pa.string())])
+                                             pa.field(UNIT_TARGET, pa.string()), pa.field(ROW_PREPROCESS, pa.string())])
 # What a scored batch adds to the input record to make an output row.
 STAGE_RESULT_FIELDS = IMAGE_FIELDS + SCORE_FIELDS
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]

@@ -8,15 +8,28 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from mirror_core.config import MirrorConfig
 from mirror_core.detector import SIGNALS, Detector
+from mirror_core.gpu_decode import decode_crops, device_jpeg_decoder
 from mirror_core.model import assemble_model
+from mirror_core.preprocess import official_preprocess
 from mirror_core.weights import MirrorWeights
-from pipeline.scan.schema import DECODED_SCHEMA, PIXELS, PRED, READOUT, REPLICA, SCORE_SECONDS
+from pipeline.scan.schema import (
+    DECODED_SCHEMA,
+    ENCODED,
+    PIXELS,
+    PRED,
+    READOUT,
+    REPLICA,
+    ROW_PREPROCESS,
+    SCORE_SECONDS,
+)
 
 
 class Scorer:
@@ -33,6 +46,8 @@ class Scorer:
         cfg = MirrorConfig.from_dict(config)  # with the scan's overrides applied already
         model = assemble_model(cfg, MirrorWeights.from_numpy(weights))
         self.detector = Detector(model, cfg, model_id, device=device, precision=precision, compile=compile)
+        self.preprocess = cfg.preprocess
+        self.gpu_decoder = device_jpeg_decoder(device) if cfg.preprocess.gpu_decode else None
         self.faults = FaultHooks.from_env()
         self.batch_size = batch_size
         self.replica = uuid.uuid4().hex  # this replica's identity: a run counts the replicas it built
@@ -41,24 +56,29 @@ class Scorer:
         """One whole block (a unit's rows): scored in model calls of `batch_size` images,
         returned whole, so the commit stage receives the unit in one piece."""
         t0 = time.perf_counter()
-        errors = batch["error"]
-        ok = np.array([e is None for e in errors], dtype=bool)
-        n = len(errors)
-        scores = {k: np.full(n, np.nan) for k in SIGNALS}
+        # Pass the decode columns through with their types (numpy batches carry
+        # nullable ints as floats with NaN: from_pandas maps NaN back to null).
+        columns = {f.name: pa.array(batch[f.name], f.type, from_pandas=True) for f in DECODED_SCHEMA}
         pixels = np.asarray(batch[PIXELS])
+        encoded = [i for i, e in enumerate(batch.get(ENCODED, ())) if isinstance(e, bytes)]
+        if encoded:  # GPU decode mode: crops made here, on the replica's device
+            pixels, columns = self._decode_on_device(pixels, [batch[ENCODED][i] for i in encoded], encoded, columns)
+        ok = np.asarray(columns["error"].is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        n = len(ok)
+        scores = {k: np.full(n, np.nan) for k in SIGNALS}
         for start in range(0, n, self.batch_size):
             self.faults.before_score_batch()
             sel = ok[start : start + self.batch_size]
             if not sel.any():
                 continue
             chunk = pixels[start : start + self.batch_size]
-            got = self.detector.score_pixels(chunk if sel.all() else chunk[sel])  # no copy in the common case
+            if not sel.all():
+                chunk = chunk[sel] if isinstance(chunk, np.ndarray) else chunk[torch.from_numpy(sel).to(chunk.device)]
+            got = (self.detector.score_pixels(chunk) if isinstance(chunk, np.ndarray)  # no copy in the common case
+                   else self.detector.score_tensor(chunk))
             for k in SIGNALS:
                 scores[k][start : start + self.batch_size][sel] = got[k]
         seconds = (time.perf_counter() - t0) / max(n, 1)
-        # Pass the decode columns through with their types (numpy batches carry
-        # nullable ints as floats with NaN: from_pandas maps NaN back to null).
-        columns = {f.name: pa.array(batch[f.name], f.type, from_pandas=True) for f in DECODED_SCHEMA}
         columns[SCORE_SECONDS] = pa.array(np.full(n, seconds), pa.float64())
         columns[READOUT] = pa.array([self.detector.readout] * n, pa.string())
         columns[REPLICA] = pa.array([self.replica] * n, pa.string())
@@ -67,3 +87,28 @@ class Scorer:
             table = table.append_column(k, pa.array(scores[k], pa.float64(), mask=~ok))
         pred = (scores["prob_fake"] > self.detector.threshold).astype(np.int64)
         return table.append_column(PRED, pa.array(pred, pa.int64(), mask=~ok))
+
+    def _decode_on_device(self, pixels: np.ndarray, payloads: list[bytes], rows: list[int], columns: dict):
+        """The block's crops as one device tensor, the ENCODED rows decoded into it on the GPU;
+        a JPEG the GPU decoder refuses takes the exact CPU path (recorded in ROW_PREPROCESS),
+        and one the CPU cannot decode either becomes an error row."""
+        cfg = self.preprocess
+        device = self.detector.device
+        block = torch.from_numpy(np.array(pixels)).to(device)
+        if self.gpu_decoder is not None:
+            crops, refused = decode_crops(payloads, cfg, self.gpu_decoder, device)
+            block[torch.tensor(rows, device=device)] = crops
+        else:
+            refused = ["no GPU JPEG decoder in this replica (CUDA and torchvision's decode_jpeg needed)"] * len(rows)
+        fallback = [(row, data) for row, data, why in zip(rows, payloads, refused) if why is not None]
+        if fallback:
+            errors, formats = columns["error"].to_pylist(), columns[ROW_PREPROCESS].to_pylist()
+            cpu = replace(cfg, gpu_decode=False)
+            for row, data in fallback:
+                formats[row] = cfg.cpu_name
+                try:
+                    block[row] = torch.from_numpy(official_preprocess(data, cpu).pixels).to(device)
+                except Exception as err:  # the record becomes an error row
+                    errors[row] = f"decode failed: {type(err).__name__}: {err}"
+            columns = {**columns, "error": pa.array(errors, pa.string()), ROW_PREPROCESS: pa.array(formats, pa.string())}
+        return block, columns

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One GPU measurement round on the lent device machine (see /work/.library/device): carries
+# .whl (dev/pack_device_wheels.sh) and .devfix/official_parity (a copy of the parity fixture).
+#   bash dev/device_gpu_round.sh "SECTIONS" SECONDS [extra run.py flags...]
+# Writes $OUT/<tag>.json and $OUT/<tag>.log per call; never appends to the performance log there.
+set -uo pipefail
+sections=$1; budget=$2; shift 2
+if [ ! -d /tmp/site/ray ]; then
+    mkdir -p /tmp/site && tar -xJf .whl/ray-site.tar.xz -C /tmp/site &&
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MIRROR_PARITY_FIXTURE=$PWD/.devfix/official_parity
+export RAY_DEDUP_LOGS=0
+tag=$(echo "$sections" | tr ',' '-')
+timeout "$budget" python3 benchmarks/run.py --only "$sections" --no-record --json-out "$OUT/$tag.json" "$@" \
+    > "$OUT/$tag.log" 2>&1
+echo "[$tag] rc=$?"
+grep -E "Error|error|Traceback|\[[a-z_]+\] [0-9.]+ s" "$OUT/$tag.log" | grep -v "issue_detector\|WARNING" | tail -15

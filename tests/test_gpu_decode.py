@@ -1,0 +1,113 @@
+"""GPU decode mode, on CPU: the tensor resize/crop against the exact path, which rows go to the
+GPU, the CPU fallback when a replica has no GPU decoder, and the per-row recording."""
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import write_image
+from PIL import Image
+
+from mirror_core.bundle import load_bundle
+from mirror_core.config import PreprocessConfig
+from mirror_core.gpu_decode import device_jpeg_decoder, official_crop
+from mirror_core.preprocess import official_preprocess, preprocess_rgb
+from pipeline.scan.commit import commit_units
+from pipeline.scan.config import ConfigError, ScanConfig
+from pipeline.scan.decode import decode_units
+from pipeline.scan.schema import ENCODED, ROW_PREPROCESS, pack_records
+from pipeline.scan.scorer import Scorer
+
+
+def photo_like(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8))
+    base = np.asarray(small.resize((w, h), Image.BICUBIC)).astype(int)
+    return Image.fromarray(np.clip(base + rng.integers(0, 24, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(1920, 1080), (1080, 1920), (700, 513), (640, 480), (200, 150), (512, 900)])
+def test_tensor_resize_and_crop_match_the_exact_path_within_one_level(size):
+    img = photo_like(*size, seed=size[0])
+    exact = preprocess_rgb(img, PreprocessConfig()).pixels
+    got = official_crop(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), PreprocessConfig()).numpy()
+    assert got.shape == exact.shape == (224, 224, 3)
+    diff = np.abs(got.astype(int) - exact.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    if max(size) <= 512:  # no resize: padding and crop are exact
+        assert diff.max() == 0
+
+
+def test_decode_modes_exclude_each_other_and_need_gpu_replicas():
+    with pytest.raises(ValueError, match="choose one decode mode"):
+        PreprocessConfig(fast_decode=True, gpu_decode=True)
+    assert PreprocessConfig(gpu_decode=True).name == "official/align=by-extension/gpu-decode"
+    assert PreprocessConfig(gpu_decode=True).cpu_name == "official/align=by-extension"
+    with pytest.raises(ConfigError, match="gpu_decode needs GPU replicas"):
+        ScanConfig(gpu_decode=True)
+    with pytest.raises(ConfigError, match="choose one decode mode"):
+        ScanConfig(gpu_decode=True, fast_decode=True, gpus_per_actor=1)
+    assert device_jpeg_decoder("cpu") is None
+
+
+def test_gpu_mode_rows_fall_back_to_the_exact_cpu_path_and_say_so(tmp_path, parity_bundle):
+    """JPEGs leave the decode stage as bytes; other formats, CMYK and alignment-due JPEGs are
+    decoded there. A replica without a GPU decoder (this machine) decodes the bytes on its CPU:
+    scores equal the exact path, every row records the policy it was decoded under."""
+    plain = write_image(tmp_path / "plain.jpg", size=(700, 600), seed=1)
+    write_image(tmp_path / "b.png", size=(300, 260), seed=2)
+    buf = io.BytesIO()
+    photo_like(640, 560, 3).convert("CMYK").save(buf, format="JPEG")
+    (tmp_path / "cmyk.jpg").write_bytes(buf.getvalue())
+    write_image(tmp_path / "named.png", size=(400, 300), seed=4, fmt="JPEG")  # a JPEG named .png: aligned on CPU
+    (tmp_path / "cut.jpg").write_bytes(plain[: len(plain) // 2])  # truncated: the GPU would refuse it
+    names = ["plain.jpg", "b.png", "cmyk.jpg", "named.png", "cut.jpg"]
+    uris = [str(tmp_path / n) for n in names]
+    unit = {"unit_id": "u1", "kind": "inline", "rows": len(uris), "file": None, "row_group": None}
+    run = {"model_id": "m", "preprocess": PreprocessConfig(gpu_decode=True).name, "threshold": 0.5}
+    target = json.dumps({"store": str(tmp_path / "scan"), "unit_id": "u1", "run": run})
+    (decoded,) = decode_units({"key": ["0/u1"], "unit": [json.dumps(unit)], "records": [pack_records(pa.table({"uri": uris}))],
+                               "target": [target], "perturbation": [""]},
+                              preprocess={"gpu_decode": True}, columns={})
+    sent = [v is not None for v in decoded[ENCODED].to_pylist()]
+    assert sent == [True, False, False, False, True]
+    assert decoded[ROW_PREPROCESS].to_pylist() == [None, *["official/align=by-extension"] * 3, None]
+    assert decoded["width"].to_pylist()[0] == 700 and decoded["error"].null_count == 5
+
+    bundle = load_bundle(str(parity_bundle))
+    config = bundle.config.with_overrides(gpu_decode=True)
+    scorer = Scorer(bundle.weights.to_numpy(), config.to_dict(), bundle.model_id)
+    assert scorer.gpu_decoder is None
+    batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
+    batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
+    out = scorer(batch)
+    assert out[ROW_PREPROCESS].to_pylist() == ["official/align=by-extension"] * 5
+    exact = scorer.detector.score([(tmp_path / n).read_bytes() for n in names], names=names)
+    np.testing.assert_allclose(out["prob_fake"].to_numpy(zero_copy_only=False), [r["prob_fake"] for r in exact], atol=1e-6)
+    assert out["aligned"].to_pylist() == [False, True, False, True, False]  # the .png names
+    (done,) = commit_units(out).to_pylist()
+    assert done["cpu_decoded_in_gpu_mode"] == 5 and done["errors"] == 0
+
+
+def test_gpu_mode_rows_the_cpu_cannot_decode_either_are_error_rows(tmp_path, parity_bundle):
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 64)  # JPEG magic, no image
+    good = write_image(tmp_path / "ok.jpg", size=(300, 300), seed=5)
+    uris = [str(tmp_path / "junk.jpg"), str(tmp_path / "ok.jpg")]
+    unit = {"unit_id": "u2", "kind": "inline", "rows": 2, "file": None, "row_group": None}
+    run = {"model_id": "m", "preprocess": "p", "threshold": 0.5}
+    target = json.dumps({"store": str(tmp_path / "scan"), "unit_id": "u2", "run": run})
+    (decoded,) = decode_units({"key": ["0/u2"], "unit": [json.dumps(unit)], "records": [pack_records(pa.table({"uri": uris}))],
+                               "target": [target], "perturbation": [""]},
+                              preprocess={"gpu_decode": True}, columns={})
+    bundle = load_bundle(str(parity_bundle))
+    scorer = Scorer(bundle.weights.to_numpy(), bundle.config.with_overrides(gpu_decode=True).to_dict(), bundle.model_id)
+    batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
+    batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
+    out = scorer(batch)
+    errors = out["error"].to_pylist()
+    assert errors[0] is not None and errors[0].startswith("decode failed:") and errors[1] is None
+    assert out["prob_fake"].to_pylist()[0] is None
+    direct = official_preprocess(good, PreprocessConfig())
+    assert out["width"].to_pylist()[1] == direct.width
