@@ -255,7 +255,7 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
 
     cfg = official_sized(backbone)
     _, weights = random_mirror(cfg, seed=0, lora_scale=0.02)
-    model = assemble_model(cfg, weights).cuda().to(torch.bfloat16).eval()
+    model = assemble_model(cfg, weights).cuda().to(torch.bfloat16).eval().requires_grad_(False)
     del weights
     pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
     res: dict = {f"{prefix}_batch": batch, f"{prefix}_params_m": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -271,8 +271,9 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
         torch._dynamo.reset()
         return img_s
 
-    with torch.inference_mode():
+    with torch.no_grad():  # the FLOP counter's module tracker does not run under inference_mode
         res[f"{prefix}_flops_per_image_g"] = flops_per_image(model, pixels) / 1e9
+    with torch.inference_mode():
         if unfused_baseline:
             res[f"{prefix}_unfused_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
             compiled_img_s("unfused_compiled_default", "default")

@@ -105,12 +105,15 @@ def gpu_decode_parity(fixture: Path, device: str) -> dict:
     from mirror_core.gpu_decode import decode_crops, device_jpeg_decoder, is_jpeg
     from mirror_core.official import import_official
     from mirror_core.preprocess import official_preprocess
+    from pipeline.scan.decode import gpu_decodable
 
     report = import_official(fixture / "checkpoint.pth", fixture / "backbone", fixture / "mirror_phase1.pth")
     det = Detector.from_bundle(Bundle(report.config, report.weights, "parity"), device=device)
     cfg = det.config.preprocess
-    payloads = [p.read_bytes() for p in sorted((fixture / "data").rglob("*.*"))]
-    jpegs = [d for d in payloads if is_jpeg(d)]
+    files = sorted((fixture / "data").rglob("*.*"))
+    # what a scan sends to the GPU: plain (YCbCr / grayscale) JPEGs with no alignment due
+    sent = [p for p in files if is_jpeg(p.read_bytes()) and gpu_decodable(p.read_bytes(), p.name, cfg)]
+    jpegs = [p.read_bytes() for p in sent]
     decoder = device_jpeg_decoder(device)
     if decoder is None:
         return {"gpu_decode_available": False, "gpu_decode_parity_jpegs": len(jpegs)}
@@ -121,7 +124,10 @@ def gpu_decode_parity(fixture: Path, device: str) -> dict:
     diff = np.abs(gpu.astype(int) - exact.astype(int))
     s_exact = det.score_pixels(exact)["prob_fake"]
     s_gpu = det.score_tensor(crops[ok])["prob_fake"]
+    per_image = {sent[i].name: [int(diff[j].max()), round(float(diff[j].mean()), 3), round(float(abs(s_gpu[j] - s_exact[j])), 5)]
+                 for j, i in enumerate(ok)}
     return {"gpu_decode_available": True, "gpu_decode_parity_jpegs": len(jpegs),
+            "gpu_decode_per_image_max_mean_dpixel_dprob": per_image,
             "gpu_decode_refused": [why for why in refused if why], "gpu_decode_max_abs_dpixel": int(diff.max()),
             "gpu_decode_mean_abs_dpixel": float(diff.mean()),
             "gpu_decode_max_abs_dprob": float(np.abs(s_gpu - s_exact).max())}

@@ -111,3 +111,16 @@ def test_gpu_mode_rows_the_cpu_cannot_decode_either_are_error_rows(tmp_path, par
     assert out["prob_fake"].to_pylist()[0] is None
     direct = official_preprocess(good, PreprocessConfig())
     assert out["width"].to_pylist()[1] == direct.width
+
+
+def test_a_gpu_scan_pipeline_can_be_built(ray_local, parity_bundle):
+    """Ray's public map_batches refuses whole blocks to GPU stages; the scan keeps whole
+    units on GPUs too. Built lazily here (nothing runs without a GPU)."""
+    from pipeline.scan.run import build_dataset
+
+    bundle = load_bundle(str(parity_bundle))
+    cfg = ScanConfig(gpus_per_actor=1.0, gpu_decode=True, cpus_per_actor=1)
+    model_cfg = bundle.config.with_overrides(gpu_decode=True)
+    ds = build_dataset([{"key": "0/u", "unit": "{}", "records": b"", "target": "{}", "perturbation": ""}],
+                       bundle, model_cfg, cfg, 1 << 20)
+    assert "Scorer" in str(ds)

@@ -111,7 +111,10 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
     )
     pool = (ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors) if cfg.max_actors
             else ray.data.ActorPoolStrategy(size=cfg.actors))
-    ds = ds.map_batches(
+    # Ray's public map_batches refuses whole blocks (batch_size=None) to a GPU stage; Ray's own
+    # map_groups needs whole blocks on GPUs too and calls map_batches_internal, as we do.
+    map_whole_blocks = ds.map_batches_internal if gpu else ds.map_batches
+    ds = map_whole_blocks(
         Scorer,
         batch_size=None,  # whole blocks: a unit stays in one piece; the scorer batches the model itself
         batch_format="numpy",
