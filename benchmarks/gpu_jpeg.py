@@ -55,7 +55,8 @@ def pure_model_img_s(det, n_images: int, batch: int) -> float:
 
 
 def raw_jpeg_figures(backbone: dict, n_images: int, batch: int, device: str, precision: str,
-                     modes=("exact", "fast", "gpu"), compile: bool = False, decode_cpus: float = 1.0) -> dict:
+                     modes=("exact", "fast", "gpu"), compile: bool = False, decode_cpus: float = 1.0,
+                     actors: int = 1) -> dict:
     from mirror_core.bundle import load_bundle, save_bundle
     from mirror_core.detector import Detector
     from mirror_core.smoke import official_sized, random_mirror
@@ -66,7 +67,8 @@ def raw_jpeg_figures(backbone: dict, n_images: int, batch: int, device: str, pre
     cuda = device == "cuda"
     cfg = official_sized(backbone)
     _, weights = random_mirror(cfg, seed=1)
-    res: dict = {"raw_images": n_images, "raw_batch": batch, "raw_precision": precision, "raw_compile": compile}
+    res: dict = {"raw_images": n_images, "raw_batch": batch, "raw_precision": precision, "raw_compile": compile,
+                 "raw_actors": actors}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_bundle(str(tmp / "bundle"), cfg, weights)
@@ -82,7 +84,7 @@ def raw_jpeg_figures(backbone: dict, n_images: int, batch: int, device: str, pre
         for mode in modes:
             if mode == "gpu" and not cuda:
                 continue
-            scan_cfg = ScanConfig(batch_size=batch, actors=1, gpus_per_actor=1.0 if cuda else 0.0,
+            scan_cfg = ScanConfig(batch_size=batch, actors=actors, gpus_per_actor=1.0 / actors if cuda else 0.0,
                                   cpus_per_actor=1 if cuda else None, cpus_per_decode_task=decode_cpus,
                                   decode_rows_per_batch=64, precision=precision, compile=compile,
                                   fast_decode=mode == "fast", gpu_decode=mode == "gpu")
@@ -131,3 +133,20 @@ def gpu_decode_parity(fixture: Path, device: str) -> dict:
             "gpu_decode_refused": [why for why in refused if why], "gpu_decode_max_abs_dpixel": int(diff.max()),
             "gpu_decode_mean_abs_dpixel": float(diff.mean()),
             "gpu_decode_max_abs_dprob": float(np.abs(s_gpu - s_exact).max())}
+
+
+def gpu_decode_speed(batch: int = 256, reps: int = 3) -> dict:
+    """Where GPU decode mode spends its time: nvJPEG alone, then with the resize and crop,
+    on a batch of the raw_jpeg images (images/s, one process)."""
+    from benchmarks.gpu import cuda_median_s
+    from benchmarks.images import jpeg
+    from mirror_core.config import PreprocessConfig
+    from mirror_core.gpu_decode import decode_crops, device_jpeg_decoder
+
+    decoder = device_jpeg_decoder("cuda")
+    payloads = [jpeg(RAW_SIZES[i % len(RAW_SIZES)], seed=i, quality=92) for i in range(batch)]
+    encoded = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads]
+    device = torch.device("cuda")
+    return {"gpu_nvjpeg_only_img_s": batch / cuda_median_s(lambda: decoder(encoded), reps, 1),
+            "gpu_decode_and_crop_img_s": batch / cuda_median_s(
+                lambda: decode_crops(payloads, PreprocessConfig(gpu_decode=True), decoder, device), reps, 1)}

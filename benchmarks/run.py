@@ -259,6 +259,7 @@ def main(argv=None) -> int:
     r.add_argument("--raw-modes", default="exact,fast,gpu")
     r.add_argument("--raw-precision", default=None, help="default: bf16-weights on cuda, fp32 on cpu")
     r.add_argument("--raw-compile", action="store_true")
+    r.add_argument("--raw-actors", type=int, default=1, help="scoring actors sharing the GPU (1/N GPU each)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     only = set(args.only.split(",")) if args.only else {"model", "decode", "fast", "pipeline", "rss"}
@@ -286,6 +287,10 @@ def main(argv=None) -> int:
         if "hplus" in only:
             section(result, "hplus", lambda: gpu.architecture_figures("vith_plus", VIT_HPLUS, args.pipeline_batch, reps, modes),
                     args.json_out)
+        if "gpu_decode_speed" in only:
+            from benchmarks.gpu_jpeg import gpu_decode_speed
+
+            section(result, "gpu_decode_speed", gpu_decode_speed, args.json_out)
         if "graphs" in only:
             section(result, "graphs", lambda: gpu.architecture_figures("vitl", VIT_L, args.pipeline_batch, reps, modes,
                                                                        with_backbone=False, unfused_baseline=True),
@@ -311,7 +316,7 @@ def main(argv=None) -> int:
         precision = args.raw_precision or ("bf16-weights" if cuda else "fp32")
         section(result, "raw_jpeg", lambda: raw_jpeg_figures(backbone, args.raw_images if not args.quick else 64, batch,
                                                              args.device, precision, tuple(args.raw_modes.split(",")),
-                                                             args.raw_compile), args.json_out)
+                                                             args.raw_compile, actors=args.raw_actors), args.json_out)
     if "decode" in only:
         section(result, "decode", lambda: decode_figures(8 if args.quick else 24), args.json_out)
     if "fast" in only:

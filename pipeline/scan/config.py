@@ -28,7 +28,7 @@ class ScanConfig:
     fetch_threads: int = 16  # concurrent reads per decode task (S3 latency hiding)
     max_file_mb: int = 256  # larger files become error rows without being read whole
     decode_rows_per_batch: int = 64
-    decode_task_memory_mb: int = 512  # reserved per decode task
+    decode_task_memory_mb: int = 1024  # reserved per decode task (a unit of full-size JPEGs peaks near 1 GB)
     unit_size: int = 256  # records per committed unit (folders, manifests)
     precision: str | None = None  # fp32 | bf16 | fp16 | bf16-weights; default bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile each replica (slower start; see BENCHMARKS.md)
