@@ -104,7 +104,8 @@ def gpu_decode_parity(fixture: Path, device: str) -> dict:
     """The fixture's JPEGs: GPU crops and scores against the exact CPU path (fp32 model)."""
     from mirror_core.bundle import Bundle
     from mirror_core.detector import Detector
-    from mirror_core.gpu_decode import decode_crops, device_jpeg_decoder, is_jpeg
+    from mirror_core.gpu_decode import decode_crops, device_jpeg_decoder
+    from mirror_core.jpeg import is_jpeg
     from mirror_core.official import import_official
     from mirror_core.preprocess import official_preprocess
     from pipeline.scan.decode import gpu_decodable

@@ -16,15 +16,13 @@ from .fused import fuse_projections_
 from .model import MirrorModel, assemble_model
 from .preprocess import Preprocessed, official_preprocess, preprocess_rgb, read_bytes
 from .readout import inference_readout
+from .signals import SIGNALS  # the output row's score columns are these plus the decision `pred`
 
 # name -> (autocast dtype, weight dtype). "bf16-weights" casts the whole model: faster than
 # autocast (no fp32 LayerNorms / residual stream) and a little further from fp32 scores;
 # the memory-bank softmaxes, max and entropy stay fp32 in every mode.
 PRECISIONS = {"fp32": (None, None), "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None),
               "bf16-weights": (None, torch.bfloat16)}
-# What the model says about each image, by name (float each); the output row's score
-# columns are these plus the decision `pred`.
-SIGNALS = ("prob_fake", "logit_real", "logit_fake", "max_score", "entropy", "residual_norm")
 
 
 class Detector:

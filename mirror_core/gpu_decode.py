@@ -21,16 +21,7 @@ import torch.nn.functional as F
 from .config import PreprocessConfig
 from .preprocess import short_side_size
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-# Pillow modes of JPEGs nvJPEG decodes as Pillow does (YCbCr / grayscale); CMYK and the
-# rest go to the CPU path, whose colour conversion is the official one.
-GPU_JPEG_MODES = ("RGB", "L")
-
 Decoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # 1-D uint8 CPU tensors -> [3, H, W] uint8
-
-
-def is_jpeg(data: bytes) -> bool:
-    return data[:3] == JPEG_MAGIC
 
 
 @functools.lru_cache(maxsize=None)

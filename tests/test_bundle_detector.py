@@ -34,7 +34,7 @@ def test_bundle_records_provenance_and_has_no_pickle(parity_bundle):
     assert {"torch", "transformers", "safetensors"} <= set(doc["provenance"]["libraries"])
     assert doc["config"]["preprocess"] == {"policy": "official", "alignment": "by-extension", "resize_short_side": 512,
                                            "crop_size": 224, "jpeg_quality": 96, "max_pixels": 100_000_000,
-                                           "fast_decode": False}
+                                           "fast_decode": False, "gpu_decode": False}
     assert sorted(p.name for p in parity_bundle.iterdir()) == [
         "backbone.safetensors", "lora.safetensors", "mirror.json", "mirror.safetensors"]
 

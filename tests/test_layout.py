@@ -72,3 +72,16 @@ def test_the_core_never_imports_the_pipeline():
     for name, targets in graph.items():
         if name.startswith("mirror_core"):
             assert not {t for t in targets if t.startswith(("pipeline", "benchmarks"))}, name
+
+
+def test_cpu_stage_modules_do_not_import_torch():
+    """Decode, commit, ingest and audit-filter tasks run in many CPU worker processes:
+    importing torch (and transformers) there costs seconds and hundreds of MB per process."""
+    import subprocess
+    import sys
+
+    modules = ("pipeline.scan.decode", "pipeline.scan.commit", "pipeline.commands.ingest", "pipeline.audit.filtered")
+    code = (f"import sys; import {', '.join(modules)}; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"

@@ -17,26 +17,24 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.detector import Detector
 from pipeline.audit.explain import heatmap_overlay, png_bytes
-from pipeline.cluster import ensure_ray
+from pipeline.audit.filtered import with_threshold_info, write_filtered
 from pipeline.progress import progress, step
+from pipeline.scan import webdataset
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
-from pipeline.scan.sources import fetch_all, read_shard_unit
+from pipeline.scan.sources import DEFAULT_MAX_FILE_BYTES, fetch_all, read_shard_unit, record_names
 from pipeline.scan.store import ScanStore
 from pipeline.storage import Location
 
 FILTER_MODES = ("drop", "mark")
-KEEP_COLUMN = "mirror_keep"
 
 
 @dataclass
@@ -141,65 +139,15 @@ def group_summary(rows: pa.Table, keys: list[str], threshold: float) -> pa.Table
     })
 
 
-def with_threshold_info(table: pa.Table, threshold: float, method: str) -> pa.Table:
-    meta = dict(table.schema.metadata or {})
-    meta.update({b"mirror_threshold": repr(threshold).encode(), b"mirror_threshold_method": method.encode()})
-    return table.replace_schema_metadata(meta)
-
-
-def filter_shard(out_uri: str, file: str, keep: np.ndarray, mode: str, threshold: float, method: str) -> int:
-    """One shard of the filtered copy (every original column, image bytes included): runs
-    as a Ray task, so shard bytes never pass through the driver."""
-    with fsspec.open(file, "rb") as f:
-        table = pq.read_table(f)
-    return _write_part(Location(out_uri), f"filtered/{file.rsplit('/', 1)[-1]}", table, keep, mode, threshold, method)
-
-
-def write_filtered(out: Location, scan: ScanStore, rows: pa.Table, keep: np.ndarray, mode: str, threshold: float,
-                   method: str, address: str | None = None) -> int:
-    """The corpus minus flagged rows (mode 'drop') or with a keep column ('mark').
-    Parquet shards come out as shards with every original column, one Ray task per shard;
-    folders and manifests come out as a manifest of their records."""
-    plan = scan.load_plan()
-    keep_by_pos = {(u, i): k for u, i, k in zip(rows["_unit"].to_pylist(), rows["_index"].to_pylist(), keep)}
-    written = 0
-    if plan.input_format == "parquet":
-        import ray
-
-        ensure_ray(address)
-        by_file: dict[str, list] = {}
-        for u in plan.units:
-            by_file.setdefault(u.file, []).append(u)
-        task = ray.remote(num_cpus=FILTER_TASK_CPUS)(filter_shard)
-        pending = [task.remote(out.uri, file, np.array([keep_by_pos[(u.unit_id, i)] for u in units
-                                                        for i in range(u.rows)], bool), mode, threshold, method)
-                   for file, units in by_file.items()]
-        for ref in progress(pending, "filtered shards", unit="shard"):
-            written += ray.get(ref)
-    else:
-        records = plan.records
-        flags = [keep_by_pos[(u, i)] for u, i in zip(records["_unit"].to_pylist(), records["_index"].to_pylist())]
-        written += _write_part(out, "filtered/manifest.parquet", records.drop_columns(["_unit", "_index"]), flags,
-                               mode, threshold, method)
-    return written
-
-
-FILTER_TASK_CPUS = 0.5  # a shard task mostly waits on storage
-
-
-def _write_part(out: Location, rel: str, table: pa.Table, flags, mode: str, threshold: float, method: str) -> int:
-    flags = pa.array(flags, pa.bool_())
-    table = table.filter(flags) if mode == "drop" else table.append_column(KEEP_COLUMN, flags)
-    out.write_parquet(rel, with_threshold_info(table, threshold, method))
-    return table.num_rows
-
-
 def record_bytes(plan, unit_id: str, index: int, columns) -> tuple[bytes | None, str | None]:
     unit = next(u for u in plan.units if u.unit_id == unit_id)
     if unit.kind == "shard":
         t = read_shard_unit(unit, columns, with_bytes=True)
-        return t["bytes"][index].as_py(), t["uri"][index].as_py()
+        return t["bytes"][index].as_py(), record_names(t)[index]
     rec = plan.records.filter(pc.and_(pc.equal(plan.records["_unit"], unit_id), pc.equal(plan.records["_index"], index)))
+    if unit.kind == "samples":  # a tar sample: its image member, named as in the tar
+        _, names, payloads = webdataset.read_samples(rec, 1, DEFAULT_MAX_FILE_BYTES)
+        return payloads[0][0], names[0]
     uri = rec["uri"][0].as_py()
     data, _ = next(fetch_all([uri], 1))
     return data, uri

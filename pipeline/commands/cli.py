@@ -18,7 +18,7 @@ SCAN_FLAGS = {  # flag -> (ScanConfig field, type, help)
     "--unit-size": ("unit_size", int, "records per committed unit (folders, manifests)"),
     "--threshold": ("threshold", float, "decision threshold on prob_fake (default: the bundle's)"),
     "--precision": ("precision", str, "fp32 | bf16 | fp16 (autocast) | bf16-weights (default: bf16 on GPU, fp32 on CPU)"),
-    "--input-format": ("input_format", str, "auto | folder | parquet | manifest"),
+    "--input-format": ("input_format", str, "auto | folder | parquet | manifest | webdataset"),
     "--address": ("address", str, "Ray cluster address (default: RAY_ADDRESS, else local Ray)"),
 }
 
@@ -53,6 +53,12 @@ def add_scan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="decode, resize and crop JPEGs on the scoring replicas' GPUs (needs the gpu-decode extra; "
                         "other formats take the CPU path): not bit-exact, recorded in every row (default: off)")
+    p.add_argument("--update", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-list the input; files, shards or records added since the first run become new units "
+                        "and are scored now (finished units are never re-scored) (default: off)")
+    p.add_argument("--retry-errors", action=argparse.BooleanOptionalAction, default=None,
+                   help="score again the units holding rows whose read failed (storage errors), replacing their "
+                        "parts; undecodable images stay errors (default: off)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each scoring replica: slower start, faster steady state on GPU (default: off)")
 
@@ -66,6 +72,8 @@ def scan_config_from_args(args: argparse.Namespace):
         if args.extensions else None
     overrides["fast_decode"] = args.fast_decode
     overrides["gpu_decode"] = args.gpu_decode
+    overrides["update"] = args.update
+    overrides["retry_errors"] = args.retry_errors
     overrides["compile"] = args.compile
     return load_scan_config(args.config, overrides)
 

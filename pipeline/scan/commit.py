@@ -60,7 +60,7 @@ def assemble_rows(records: pa.Table, scored: pa.Table, run: dict[str, Any]) -> p
         table = table.append_column(field.name, scored[field.name])
     for name, value in run.items():
         table = table.append_column(name, pa.array([value] * table.num_rows))
-    if ROW_PREPROCESS in scored.column_names:  # rows decoded under another policy than the run's
+    if ROW_PREPROCESS in scored.column_names and "preprocess" in run:  # rows decoded under another policy
         at = table.column_names.index("preprocess")
         table = table.set_column(at, "preprocess", pc.coalesce(scored[ROW_PREPROCESS], table["preprocess"]))
     return conform(table)

@@ -41,6 +41,8 @@ class ScanConfig:
     extensions: list[str] = field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     columns: dict[str, str] = field(default_factory=lambda: dataclasses.asdict(ColumnMap()))
     address: str | None = None  # Ray cluster; default RAY_ADDRESS or a local Ray
+    update: bool = False  # re-list the input: new files / shards become new units, scored now
+    retry_errors: bool = False  # score again the finished units holding read failures
 
     def __post_init__(self) -> None:
         self.validate()

@@ -16,8 +16,9 @@ import pyarrow as pa
 from PIL import Image
 
 from mirror_core.config import PreprocessConfig
-from mirror_core.gpu_decode import GPU_JPEG_MODES, is_jpeg
+from mirror_core.jpeg import GPU_JPEG_MODES, is_jpeg
 from mirror_core.preprocess import ImageTooLargeError, official_preprocess, wants_alignment
+from pipeline.scan import webdataset
 from pipeline.scan.schema import (
     DECODE_SECONDS,
     DECODED_SCHEMA,
@@ -33,7 +34,15 @@ from pipeline.scan.schema import (
     pack_records,
     unpack_records,
 )
-from pipeline.scan.sources import DEFAULT_MAX_FILE_BYTES, ColumnMap, Unit, fetch_all, read_shard_unit
+from pipeline.scan.sources import (
+    DEFAULT_MAX_FILE_BYTES,
+    RECORD_KINDS,
+    ColumnMap,
+    Unit,
+    fetch_all,
+    read_shard_unit,
+    record_names,
+)
 
 
 def tensor_column(pixels: np.ndarray) -> pa.Array:
@@ -107,6 +116,12 @@ def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_
     if unit.kind == "inline":
         uris = records["uri"].to_pylist()
         return records, uris, fetch_all(uris, fetch_threads, max_file_bytes)
+    if unit.kind == "samples":  # tar samples: members by range reads, carried by extension
+        members, names, payloads = webdataset.read_samples(records, fetch_threads, max_file_bytes)
+        records = records.drop_columns([webdataset.MEMBERS, webdataset.IMAGE_MEMBER, webdataset.PLAN_ERROR])
+        for name, column in members.items():
+            records = records.append_column(name if name not in records.column_names else f"member_{name}", column)
+        return records, names, iter(payloads)
     try:
         records = read_shard_unit(unit, columns, with_bytes=True)
     except Exception as err:
@@ -119,7 +134,7 @@ def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_
     payloads = [(None, "no image bytes (null)") if d is None else
                 (None, f"file too large: over {max_file_bytes:,} bytes") if len(d) > max_file_bytes else (d, None)
                 for d in datas]
-    return records.drop_columns(["bytes"]), records["uri"].to_pylist(), iter(payloads)
+    return records.drop_columns(["bytes"]), record_names(records), iter(payloads)
 
 
 def decode_units(
@@ -133,9 +148,9 @@ def decode_units(
     colmap = ColumnMap(**columns)
     for i in range(len(batch["unit"])):
         unit = Unit(**json.loads(batch["unit"][i]))
-        # only inline units carry records (shard units read theirs below; their empty slot
-        # may reach a numpy batch as NaN)
-        records = unpack_records(batch["records"][i]) if unit.kind == "inline" else None
+        # only inline and sample units carry records (shard units read theirs below; their
+        # empty slot may reach a numpy batch as NaN)
+        records = unpack_records(batch["records"][i]) if unit.kind in RECORD_KINDS else None
         records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes)
         perturbation = batch["perturbation"][i] or None
         for start in range(0, unit.rows, rows_per_batch):

@@ -24,7 +24,7 @@ from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.schema import INDEX, UNIT, pack_records
 from pipeline.scan.scorer import Scorer
-from pipeline.scan.sources import Plan, Unit, plan_source
+from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, extend_plan, plan_source
 from pipeline.scan.store import ScanStore
 
 DECODE_CPUS_KEPT = 2  # CPUs a one-node cluster keeps for decode tasks when sizing CPU scorers
@@ -62,11 +62,11 @@ def unit_descriptors(units: list[Unit], plan: Plan, store: str, run: dict[str, A
     """One item per unit for the pipeline: the unit, an inline unit's records packed (shard
     units read theirs on the workers), where its part goes, and its perturbation. `key`
     names the unit within a pipeline that may serve several scans."""
-    wanted = {u.unit_id for u in units if u.kind == "inline"}
+    wanted = {u.unit_id for u in units if u.kind in RECORD_KINDS}
     packed: dict[str, bytes] = {}
     start = 0
     for u in plan.units:  # inline units' rows are contiguous in the plan, in unit order
-        if u.kind != "inline":
+        if u.kind not in RECORD_KINDS:
             continue
         if u.unit_id in wanted:
             packed[u.unit_id] = pack_records(plan.records.slice(start, u.rows).drop_columns([UNIT, INDEX]))
@@ -230,16 +230,27 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
         policy = model_cfg.preprocess.name + (f"+{job.perturbation}" if job.perturbation else "")
         run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
         out.claim({**run, "input": job.input_uri})
-        plan = out.load_plan()
+        plan, added = out.load_plan(), []
         if plan is None:
             with step(f"planning {job.input_uri}") as info:
                 plan = plan_source(job.input_uri, cfg.source_options())
                 out.save_plan(plan)
                 info.update(items=plan.total_rows, unit=f"records in {len(plan.units)} units")
+        elif cfg.update:
+            with step(f"re-listing {job.input_uri}") as info:
+                plan, added = extend_plan(plan, plan_source(job.input_uri, cfg.source_options()), cfg.unit_size)
+                if added:
+                    out.save_plan(plan)
+                info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units")
         done = out.done_units()
-        todo = [u for u in plan.units if u.unit_id not in done]
+        retried = set()
+        if cfg.retry_errors and done:
+            with step("finding units with read failures") as info:
+                retried = out.units_with_transient_errors(done)
+                info.update(items=len(retried), unit="units to score again")
+        todo = [u for u in plan.units if u.unit_id not in done or u.unit_id in retried]
         items += unit_descriptors(todo, plan, out.uri, run, job.perturbation, j)
-        prepared.append((job, out, plan, policy, done, todo))
+        prepared.append((job, out, plan, policy, done - retried, todo, {"new": len(added), "retried": len(retried)}))
     completions = Completions()
     t_plan = time.perf_counter()
     t_first = t_last = None
@@ -247,7 +258,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
     if items:
         ensure_ray(cfg.address)
         cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
-        all_todo = [u for *_, todo in prepared for u in todo]
+        all_todo = [u for *_, todo, _ in prepared for u in todo]
         ds = build_dataset(items, bundle, model_cfg, cfg, whole_unit_block_bytes(
             all_todo, model_cfg.preprocess.crop_size, model_cfg.preprocess.gpu_decode))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -256,7 +267,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
             completions.add(batch)
         t_last = time.perf_counter()
     summaries = []
-    for job, out, plan, policy, done, todo in prepared:
+    for job, out, plan, policy, done, todo, changes in prepared:
         missing = {u.unit_id for u in todo} - {unit for store, unit in completions.units if store == out.uri}
         if missing:
             raise RuntimeError(f"{out.uri}: {len(missing)} units were not committed: {sorted(missing)[:5]}")
@@ -270,7 +281,9 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
             "input_format": plan.input_format,
             "output": out.uri,
             "scores": out.uri_of("scores"),
-            "units": {"total": len(plan.units), "skipped_done": len(done), "committed_now": done_now["committed"]},
+            # new: added by --update; retried: finished units scored again by --retry-errors
+            "units": {"total": len(plan.units), "skipped_done": len(done), "committed_now": done_now["committed"],
+                      **changes},
             "this_run": {
                 "rows": done_now["rows"],
                 "wall_s": round(wall, 3),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from mirror_core.detector import SIGNALS
+from mirror_core.signals import SIGNALS
 
 # Internal bookkeeping columns (never written): which unit a record belongs to
 # and its position there, so each unit's rows can be committed exactly once.

@@ -15,10 +15,11 @@ import pyarrow as pa
 import torch
 
 from mirror_core.config import MirrorConfig
-from mirror_core.detector import SIGNALS, Detector
+from mirror_core.detector import Detector
 from mirror_core.gpu_decode import decode_crops, device_jpeg_decoder
 from mirror_core.model import assemble_model
 from mirror_core.preprocess import official_preprocess
+from mirror_core.signals import SIGNALS
 from mirror_core.weights import MirrorWeights
 from pipeline.scan.schema import (
     DECODED_SCHEMA,

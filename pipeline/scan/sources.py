@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -19,12 +20,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline.scan import webdataset
+from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
 from pipeline.scan.schema import INDEX, UNIT
 
 LABEL_FOLDERS = {"0_real": 0, "nature": 0, "1_fake": 1, "ai": 1}
 LABEL_NAMES = {**LABEL_FOLDERS, "0": 0, "1": 1, "real": 0, "fake": 1}
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff", "avif")
-INPUT_FORMATS = ("auto", "folder", "parquet", "manifest")
+INPUT_FORMATS = ("auto", "folder", "parquet", "manifest", "webdataset")
+RECORD_KINDS = ("inline", "samples")  # units whose records the plan holds (folders, manifests, tar samples)
 
 
 @dataclass
@@ -48,7 +52,8 @@ class SourceOptions:
 
 @dataclass
 class Unit:
-    """kind 'inline': records listed in the plan; kind 'shard': one Parquet row group."""
+    """kind 'inline': records listed in the plan; 'samples': tar samples listed in the plan
+    (WebDataset); 'shard': one Parquet row group."""
 
     unit_id: str
     kind: str
@@ -162,15 +167,21 @@ def _unit_id(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
 
 
-def inline_units(records: pa.Table, unit_size: int, source: str) -> tuple[list[Unit], pa.Table]:
+def inline_units(records: pa.Table, unit_size: int, source: str, kind: str = "inline",
+                 group_sizes: list[int] | None = None) -> tuple[list[Unit], pa.Table]:
+    """Records -> units of `unit_size` consecutive records (never across groups: a tar
+    shard's samples), and the records with their unit and index."""
     units, unit_col, index_col = [], [], []
     uris = records["uri"].to_pylist()
-    for start in range(0, records.num_rows, unit_size):
-        chunk = uris[start : start + unit_size]
-        unit = Unit(_unit_id("inline", source, str(start), *chunk), "inline", len(chunk))
-        units.append(unit)
-        unit_col += [unit.unit_id] * len(chunk)
-        index_col += list(range(len(chunk)))
+    group_start = 0
+    for size in group_sizes if group_sizes is not None else [records.num_rows]:
+        for start in range(group_start, group_start + size, unit_size):
+            chunk = uris[start : min(start + unit_size, group_start + size)]
+            unit = Unit(_unit_id(kind, source, str(start), *chunk), kind, len(chunk))
+            units.append(unit)
+            unit_col += [unit.unit_id] * len(chunk)
+            index_col += list(range(len(chunk)))
+        group_start += size
     records = records.append_column(UNIT, pa.array(unit_col, pa.string())).append_column(INDEX, pa.array(index_col, pa.int64()))
     return units, records
 
@@ -186,15 +197,33 @@ def shard_files(root: str, files: list[str] | None = None) -> list[str]:
     return [full_uri(fs, p) for p in files if p.endswith(".parquet") and "/_" not in p[len(base):]]
 
 
+def tar_files(root: str, files: list[str] | None = None) -> list[str]:
+    """WebDataset shards: a brace pattern ('shards/{00000..00099}.tar'), one .tar, or a
+    folder's .tar files."""
+    if webdataset.has_braces(root):
+        return webdataset.expand_braces(root)
+    fs, base = fsspec.core.url_to_fs(root)
+    if root.lower().endswith(".tar") and fs.isfile(base):
+        return [root]
+    files = list_files(root) if files is None else files
+    return [full_uri(fs, p) for p in files if p.lower().endswith(".tar")]
+
+
 FOOTER_THREADS = 32  # Parquet footers read at once (object-store latency, not bandwidth)
 
 
-def shard_units(files: list[str]) -> list[Unit]:
+def shard_units(files: list[str], columns: ColumnMap | None = None) -> list[Unit]:
+    """One unit per row group, footers read concurrently; every shard's image column is
+    checked on the way (a wrong type is an error before any scoring)."""
+    columns = columns or ColumnMap()
     from pipeline.progress import progress
 
     def row_groups(uri: str) -> list[int]:
         with fsspec.open(uri, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
+            pf = pq.ParquetFile(f)
+            if find_image_column(pf.schema_arrow, columns.bytes, uri) is None:  # refused here, before any work
+                raise ImageColumnError(f"{uri}: no image column ({columns.bytes!r}, or a Hugging Face Image struct)")
+            meta = pf.metadata
         return [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)]
 
     units = []
@@ -207,14 +236,17 @@ def shard_units(files: list[str]) -> list[Unit]:
 
 
 def _has_bytes_column(uri: str, columns: ColumnMap) -> bool:
+    """Whether a Parquet file holds images (a shard) rather than records of URIs (a manifest)."""
     with fsspec.open(uri, "rb") as f:
-        return columns.bytes in pq.ParquetFile(f).schema_arrow.names
+        return find_image_column(pq.ParquetFile(f).schema_arrow, columns.bytes, uri) is not None
 
 
 def detect_format(uri: str, options: SourceOptions, files: list[str] | None = None) -> str:
     """`files`: the input folder's listing when it has been made (None for single files)."""
     if options.input_format != "auto":
         return options.input_format
+    if webdataset.is_webdataset_uri(uri):
+        return "webdataset"
     low = uri.lower()
     if low.endswith(".csv"):
         return "manifest"
@@ -228,10 +260,12 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     wanted = {"." + e.lower() for e in options.extensions}
     if any(PurePosixPath(p).suffix.lower() in wanted for p in files):
         return "folder"
+    if any(p.lower().endswith(".tar") for p in files):
+        return "webdataset"
     parquet = [p for p in files if p.endswith(".parquet")]
     if parquet:
         return "parquet" if _has_bytes_column(full_uri(fs, parquet[0]), options.columns) else "manifest"
-    raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}) and no Parquet files")
+    raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar shards and no Parquet files")
 
 
 def plan_source(uri: str, options: SourceOptions) -> Plan:
@@ -249,25 +283,86 @@ def plan_source(uri: str, options: SourceOptions) -> Plan:
         table = pa.concat_tables([read_manifest(f, options.columns) for f in files], promote_options="permissive")
         units, records = inline_units(table, options.unit_size, uri)
     elif fmt == "parquet":
-        units, records = shard_units(shard_files(uri, listing)), pa.table({})
+        units, records = shard_units(shard_files(uri, listing), options.columns), pa.table({})
+    elif fmt == "webdataset":
+        shards = tar_files(uri, listing)
+        if not shards:
+            raise ValueError(f"input {uri} holds no .tar shards")
+        samples, per_shard, skipped = webdataset.index_shards(shards)
+        units, records = inline_units(samples, options.unit_size, uri, "samples", per_shard)
     else:
         raise ValueError(f"unknown input format {fmt!r}; expected one of {INPUT_FORMATS}")
     return Plan(uri, fmt, units, records, skipped)
 
 
+def extend_plan(plan: Plan, fresh: Plan, unit_size: int) -> tuple[Plan, list[Unit]]:
+    """`plan` plus what a new listing (`fresh`) holds beyond it, as new units: records whose
+    uri the plan lacks (folders, manifests), row groups of shards it lacks. Existing units
+    are kept as they are (never re-chunked, so finished parts stay finished)."""
+    if fresh.input_format != plan.input_format:
+        raise ValueError(f"{plan.input} was planned as {plan.input_format}, now looks like {fresh.input_format}: "
+                         "scan it into a new --output")
+    if plan.input_format == "parquet":
+        known = {u.unit_id for u in plan.units}
+        added = [u for u in fresh.units if u.unit_id not in known]
+        return Plan(plan.input, plan.input_format, plan.units + added, plan.records, fresh.skipped_by_extension), added
+    new = fresh.records.drop_columns([UNIT, INDEX])
+    if plan.records.num_rows:
+        new = new.filter(pc.invert(pc.is_in(new["uri"], value_set=plan.records["uri"].combine_chunks())))
+    kind = "samples" if plan.input_format == "webdataset" else "inline"
+    groups = _shard_runs(new["uri"].to_pylist()) if kind == "samples" else None
+    # the salt keeps new units' ids apart from every earlier generation's
+    added, new = inline_units(new, unit_size, f"{plan.input}@{len(plan.units)}", kind, groups)
+    records = pa.concat_tables([plan.records, new], promote_options="permissive") if plan.records.num_rows else new
+    return Plan(plan.input, plan.input_format, plan.units + added, records, fresh.skipped_by_extension), added
+
+
+NAME_COLUMN_KEY = b"mirror_name_column"  # records' metadata: the column naming each image (HF path)
+
+
+def _shard_runs(sample_uris: list[str]) -> list[int]:
+    """Lengths of the runs of consecutive samples from one tar shard ('<shard>#<key>')."""
+    shards = [u.rsplit("#", 1)[0] for u in sample_uris]
+    return [len(list(run)) for _, run in itertools.groupby(shards)]
+
+
 def read_shard_unit(unit: Unit, columns: ColumnMap, with_bytes: bool) -> pa.Table:
-    """The records of one row group, in standard names; bytes only when asked."""
+    """The records of one row group, in standard names; bytes only when asked. A Hugging
+    Face Image struct becomes `bytes` and `<column>_path`; ClassLabel names become labels."""
     with fsspec.open(unit.file, "rb") as f:
         pf = pq.ParquetFile(f)
-        names = [n for n in pf.schema_arrow.names if with_bytes or n != columns.bytes]
+        schema = pf.schema_arrow
+        image = find_image_column(schema, columns.bytes, unit.file)
+        names = [n for n in schema.names if image is None or n != image.column]
+        if image is not None and (with_bytes or image.path_field):
+            names.append(image.column if with_bytes else f"{image.column}.{image.path_field}")
         table = pf.read_row_group(unit.row_group, columns=names)
+    if image is not None and image.column in table.column_names:
+        table = split_image_column(table, image)
+    labels = class_label_names(schema, columns.label)
+    if labels and columns.label in table.column_names and all(n.strip().lower() in LABEL_NAMES for n in labels):
+        at = table.column_names.index(columns.label)  # label i means labels[i] (e.g. ['fake', 'real'])
+        table = table.set_column(at, columns.label, pa.array([None if i is None else labels[i]
+                                                               for i in table[columns.label].to_pylist()], pa.string()))
     table = standard_records(table, columns)
+    path = image.path_column if image is not None and image.path_column in table.column_names else None
     if "uri" not in table.column_names:
-        table = table.append_column("uri", pa.array([f"{unit.file}#{unit.row_group}:{i}" for i in range(table.num_rows)], pa.string()))
-    return table
+        fallback = pa.array([f"{unit.file}#{unit.row_group}:{i}" for i in range(table.num_rows)], pa.string())
+        table = table.append_column("uri", pc.coalesce(table[path], fallback) if path else fallback)
+    return table.replace_schema_metadata({NAME_COLUMN_KEY: path.encode()} if path else None)
+
+
+def record_names(records: pa.Table) -> list[str | None]:
+    """The name of each record's image (alignment by extension): its HF path, else its uri."""
+    path = (records.schema.metadata or {}).get(NAME_COLUMN_KEY)
+    if path and path.decode() in records.column_names:
+        return pc.coalesce(records[path.decode()], records["uri"]).to_pylist()
+    return records["uri"].to_pylist()
 
 
 DEFAULT_MAX_FILE_BYTES = 256 * 2**20
+# Errors that another try may heal (storage), unlike undecodable or oversized images.
+TRANSIENT_ERROR_PREFIXES = ("read failed:", "shard read failed:")
 
 
 def fetch_all(uris: list[str], threads: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Iterator[tuple[bytes | None, str | None]]:

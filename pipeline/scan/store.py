@@ -3,12 +3,13 @@
     OUTPUT/scores/part-<unit_id>.parquet   one file per finished unit (the scored rows)
     OUTPUT/summary.json                    counts, throughput, metrics, effective config
     OUTPUT/_scan.json                      what this output belongs to (model, input, policy)
-    OUTPUT/_plan/units.parquet             the units of the input, fixed at the first run
+    OUTPUT/_plan/units.parquet             the units of the input (extended by --update)
     OUTPUT/_plan/records.parquet           records of folder/manifest units
 
 A unit's file appears only once all of its rows are scored, written to a
 temporary name and renamed (a single PUT on object stores), so its presence
-means "done" and a rerun skips it.
+means "done" and a rerun skips it. `--retry-errors` scores a unit again and
+replaces its part the same way.
 """
 from __future__ import annotations
 
@@ -38,6 +39,23 @@ class ScanStore(Location):
     def done_units(self) -> set[str]:
         names = self.names(SCORES_DIR)
         return {n[len(PART_PREFIX) : -len(".parquet")] for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")}
+
+    def units_with_transient_errors(self, units: set[str]) -> set[str]:
+        """Finished units holding a row whose error another try may heal (read failures)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow.compute as pc
+
+        from pipeline.scan.sources import TRANSIENT_ERROR_PREFIXES
+
+        def transient(unit: str) -> bool:
+            errors = self.read_parquet(self.part_name(unit), ["error"])["error"]
+            hits = [pc.any(pc.starts_with(errors, p)).as_py() for p in TRANSIENT_ERROR_PREFIXES]
+            return any(bool(h) for h in hits)
+
+        ordered = sorted(units)
+        with ThreadPoolExecutor(max_workers=32) as pool:  # object-store latency, not bandwidth
+            return {u for u, bad in zip(ordered, pool.map(transient, ordered)) if bad}
 
     def read_scores_with_position(self, columns=None) -> pa.Table:
         """All scored rows plus `_unit` and `_index` (position in its unit; parts are

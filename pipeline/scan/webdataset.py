@@ -1,0 +1,172 @@
+"""WebDataset input: tar shards of samples (`key.jpg` + `key.json` + `key.txt` ...), as
+img2dataset writes them (LAION / DataComp-style corpora).
+
+Planning indexes every shard once (member headers; shards concurrently): a sample is the
+members sharing a key (the member name up to the first dot of its base name), and it is
+a record when one member is an image. A record keeps its members' offsets and sizes, so
+decode tasks read exactly their samples' bytes with range reads; units are fixed runs of
+samples of one shard. A shard that cannot be read to its end (truncated, corrupt header)
+yields the samples before the damage, an error record for a sample cut by it, and one
+error record naming the shard and the offset where reading stopped.
+
+Ray Data's `read_webdataset` was not used: it gives rows with no stable positions to commit
+units by, and a damaged tar fails the whole read instead of becoming error rows.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+
+import fsspec
+import pyarrow as pa
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
+TEXT_EXTENSIONS = ("json", "txt")  # carried as strings in every row; other members as binary
+MEMBERS = "_wds_members"  # plan records: JSON {extension: [offset, size]} of the sample
+IMAGE_MEMBER = "_wds_image"  # plan records: the image member's name (drives alignment)
+PLAN_ERROR = "_wds_error"  # plan records: why the sample cannot be read (damaged shard)
+INDEX_THREADS = 16
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'shards/{00000..00002}.tar' -> three names; '{a,b}' lists; several groups multiply."""
+    groups = _BRACES.findall(pattern)
+    if not groups:
+        return [pattern]
+    choices = []
+    for group in groups:
+        if ".." in group:
+            lo, hi = group.split("..", 1)
+            if not (lo.isdigit() and hi.isdigit()):
+                raise ValueError(f"cannot expand {{{group}}} in {pattern}: expected {{N..M}} with digits")
+            width = len(lo) if lo.startswith("0") else 0
+            choices.append([str(i).zfill(width) for i in range(int(lo), int(hi) + 1)])
+        else:
+            choices.append(group.split(","))
+    parts = _BRACES.split(pattern)[::2]  # the literal text around the groups
+    return ["".join(p + c for p, c in zip(parts, combo)) + parts[-1] for combo in itertools.product(*choices)]
+
+
+def has_braces(uri: str) -> bool:
+    return bool(_BRACES.search(uri))
+
+
+def is_webdataset_uri(uri: str) -> bool:
+    return has_braces(uri) or uri.lower().endswith(".tar")
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """'dir/000123.jpg' -> ('dir/000123', 'jpg'); the extension is everything after the
+    first dot of the base name, lower-cased ('000123.seg.png' -> 'seg.png')."""
+    path = PurePosixPath(name)
+    stem, _, ext = path.name.partition(".")
+    return str(path.with_name(stem)), ext.lower()
+
+
+TAR_PADDING_MAX = 64 * 1024  # end-of-archive blocks + record padding (10 KiB by default)
+
+
+def _zero_padding(f, start: int, size: int) -> bool:
+    """Whether the bytes after the last member are the end-of-archive zeros, not more data."""
+    if size - start > TAR_PADDING_MAX:
+        return False
+    f.seek(start)
+    return not f.read(size - start).strip(b"\0")
+
+
+def index_shard(uri: str) -> tuple[list[dict], int]:
+    """One shard -> (records, samples without an image). Records: uri, the members' offsets,
+    the image member's name, and an error for what the damage makes unreadable."""
+    samples: dict[str, dict[str, list[int]]] = {}
+    stopped: str | None = None
+    with fsspec.open(uri, "rb") as f:
+        size = f.size if hasattr(f, "size") else None
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:
+                    if info.isfile():
+                        key, ext = split_key(info.name)
+                        samples.setdefault(key, {})[ext] = [info.offset_data, info.size]
+                end = tar.offset
+        except (tarfile.TarError, OSError, EOFError) as err:
+            stopped = f"{type(err).__name__}: {err}"
+            end = None
+        if stopped is None and size is not None and end is not None and end < size and not _zero_padding(f, end, size):
+            stopped = f"unreadable tar header at offset {end}"  # tarfile ends quietly at a corrupt header
+    records, no_image = [], 0
+    for key, members in samples.items():
+        image = next((e for e in members if e in IMAGE_EXTENSIONS), None)
+        if image is None:
+            no_image += 1
+            continue
+        cut = size is not None and any(off + n > size for off, n in members.values())
+        records.append({"uri": f"{uri}#{key}", MEMBERS: json.dumps(members), IMAGE_MEMBER: f"{key}.{image}",
+                        PLAN_ERROR: f"tar member cut short: {uri} ends inside sample {key}" if cut else None})
+    if stopped is not None:
+        records.append({"uri": f"{uri}#<unreadable>", MEMBERS: "{}", IMAGE_MEMBER: None,
+                        PLAN_ERROR: f"tar shard unreadable past this point: {stopped}"})
+    return records, no_image
+
+
+def index_shards(uris: list[str]) -> tuple[pa.Table, list[int], int]:
+    """Every shard's records in shard order, the record count per shard, samples skipped."""
+    from pipeline.progress import progress
+
+    tables, counts, skipped = [], [], 0
+    schema = pa.schema([("uri", pa.string()), (MEMBERS, pa.string()), (IMAGE_MEMBER, pa.string()),
+                        (PLAN_ERROR, pa.string())])
+    with ThreadPoolExecutor(max_workers=INDEX_THREADS) as pool:
+        for records, no_image in progress(pool.map(index_shard, uris), "indexing tar shards", total=len(uris),
+                                          unit="shard"):
+            tables.append(pa.Table.from_pylist(records, schema=schema))
+            counts.append(len(records))
+            skipped += no_image
+    return (pa.concat_tables(tables) if tables else schema.empty_table()), counts, skipped
+
+
+def read_samples(records: pa.Table, threads: int, max_bytes: int):
+    """(member columns, names, payloads) for a unit's sample records: each sample's members
+    with one range read; json/txt members as strings, others as binary columns."""
+    shard_of = [u.rsplit("#", 1)[0] for u in records["uri"].to_pylist()]
+    members = [json.loads(m) for m in records[MEMBERS].to_pylist()]
+    errors = records[PLAN_ERROR].to_pylist()
+    images = records[IMAGE_MEMBER].to_pylist()
+
+    def fetch(i: int):
+        if errors[i] is not None:
+            return None, errors[i]
+        spans = members[i]
+        start = min(off for off, _ in spans.values())
+        end = max(off + n for off, n in spans.values())
+        ext = images[i].rpartition(".")[2]
+        if spans[ext][1] > max_bytes:
+            return None, f"file too large: over {max_bytes:,} bytes"
+        try:
+            fs, path = fsspec.core.url_to_fs(shard_of[i])
+            blob = fs.cat_file(path, start=start, end=end)
+        except Exception as err:  # recorded on the row, never raised
+            return None, f"read failed: {type(err).__name__}: {err}"
+        if len(blob) < end - start:
+            return None, f"tar member cut short: {shard_of[i]} ends inside the sample"
+        return {e: blob[off - start : off - start + n] for e, (off, n) in spans.items()}, None
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        fetched = list(pool.map(fetch, range(records.num_rows)))
+    # json / txt always (null when absent): every part of a scan then has them, whatever
+    # its samples hold; rarer members only where some sample of the unit has them
+    extensions = sorted(({e for spans in members for e in spans} | set(TEXT_EXTENSIONS)) - set(IMAGE_EXTENSIONS))
+    columns = {}
+    for ext in extensions:
+        values = [None if got is None else got.get(ext) for got, _ in fetched]
+        if ext in TEXT_EXTENSIONS:
+            columns[ext] = pa.array([None if v is None else v.decode("utf-8", "replace") for v in values], pa.string())
+        else:
+            columns[ext] = pa.array(values, pa.binary())
+    payloads = [(None, err) if got is None else (got[images[i].rpartition(".")[2]], None)
+                for i, (got, err) in enumerate(fetched)]
+    return columns, images, payloads

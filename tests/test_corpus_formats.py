@@ -1,0 +1,77 @@
+"""Corpus formats: Hugging Face image Parquet (struct image column + `huggingface` metadata)."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_image
+
+from pipeline.commands.cli import main
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.run import run_scan
+
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def corpus(root):
+    """A labelled folder and the same images as the records of an HF dataset."""
+    records = []
+    for i in range(6):
+        label = "0_real" if i % 2 else "1_fake"
+        name = f"{i:02d}.{'png' if i % 3 == 0 else 'jpg'}"
+        data = write_image(root / "folder" / label / name, size=(96 + 8 * i, 80), seed=i)
+        records.append({"image": {"bytes": data, "path": name}, "label": 1 if label == "0_real" else 0, "n": i})
+    return records
+
+
+def hf_table(records, metadata=True):
+    table = pa.table({"image": pa.array([r["image"] for r in records], IMAGE),
+                      "label": pa.array([r["label"] for r in records], pa.int64()),
+                      "n": pa.array([r["n"] for r in records], pa.int64())})
+    if metadata:  # as `datasets` writes it: ClassLabel names in index order
+        features = {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": ["fake", "real"]},
+                    "n": {"dtype": "int64", "_type": "Value"}}
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    return table
+
+
+@pytest.mark.parametrize("metadata", [True, False])
+def test_hf_image_parquet_scans_with_no_config_and_matches_the_folder_scan(ray_local, parity_bundle, tmp_path, metadata):
+    records = corpus(tmp_path)
+    (tmp_path / "hf").mkdir()
+    pq.write_table(hf_table(records, metadata), tmp_path / "hf" / "train-00000-of-00001.parquet", row_group_size=4)
+    run_scan(str(parity_bundle), str(tmp_path / "folder"), str(tmp_path / "out-folder"), ScanConfig())
+    hf = run_scan(str(parity_bundle), str(tmp_path / "hf"), str(tmp_path / "out-hf"), ScanConfig())
+    assert hf["input_format"] == "parquet" and hf["rows_out"] == 6 and hf["errors"] == 0
+    by_name = {r["uri"].rsplit("/", 1)[-1]: r for r in pq.read_table(tmp_path / "out-folder" / "scores").to_pylist()}
+    rows = pq.read_table(tmp_path / "out-hf" / "scores").to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(by_name)  # the struct's path is the uri
+    for r in rows:
+        ref = by_name[r["uri"]]
+        assert r["prob_fake"] == pytest.approx(ref["prob_fake"], abs=1e-6)
+        assert r["aligned"] == ref["aligned"] == r["uri"].endswith(".png")  # the path drives alignment
+        assert r["image_path"] == r["uri"] and "n" in r
+        if metadata:  # ClassLabel names map to labels (index 0 is 'fake' here)
+            assert r["label"] == ref["label"]
+
+
+def test_a_nested_bytes_column_in_yaml_and_a_wrongly_typed_one(ray_local, parity_bundle, tmp_path, capsys, monkeypatch):
+    records = corpus(tmp_path)
+    (tmp_path / "hf").mkdir()
+    table = hf_table(records).rename_columns(["picture", "label", "n"])
+    pq.write_table(table, tmp_path / "hf" / "part.parquet")
+    (tmp_path / "nested.yaml").write_text("columns:\n  bytes: picture.bytes\n")
+    args = ["scan", "--model", str(parity_bundle), "--input", str(tmp_path / "hf")]
+    assert main([*args, "--output", str(tmp_path / "o1"), "--config", str(tmp_path / "nested.yaml")]) == 0
+    assert pq.read_table(tmp_path / "o1" / "scores")["error"].null_count == 6
+
+    import pipeline.scan.run as scan_run
+
+    def no_ray(*_, **__):
+        raise AssertionError("Ray was started for a scan that must be refused first")
+
+    monkeypatch.setattr(scan_run, "ensure_ray", no_ray)
+    (tmp_path / "wrong.yaml").write_text("columns:\n  bytes: n\n")
+    assert main([*args, "--output", str(tmp_path / "o2"), "--config", str(tmp_path / "wrong.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "column 'n' is int64; expected binary image bytes, or a struct with a binary 'bytes' field" in err

@@ -1,0 +1,103 @@
+"""WebDataset tar shards: one row per sample with an image, error rows for damaged ones,
+json / txt carried, scores equal to a folder scan of the same image files."""
+import io
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_image
+
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.run import run_scan
+from pipeline.scan.webdataset import expand_braces, index_shard
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(root, folder):
+    """shard 0: three good samples + one without an image; shard 1: a corrupt image member;
+    shard 2: cut inside its second sample. Good images also go to `folder` for reference."""
+    root.mkdir(parents=True)
+    expected = {}
+
+    def sample(tar, shard, i, ext="jpg", data=None):
+        key = f"{shard:05d}{i:04d}"
+        if data is None:
+            data = write_image(folder / f"{key}.{ext}", size=(72 + 8 * i, 64), seed=shard * 10 + i)
+            expected[key] = None
+        add(tar, f"{key}.{ext}", data)
+        add(tar, f"{key}.json", json.dumps({"key": key, "shard": shard}).encode())
+        add(tar, f"{key}.txt", f"caption {key}".encode())
+        return key
+
+    with tarfile.open(root / "shard-00000.tar", "w") as tar:
+        for i, ext in enumerate(["jpg", "png", "jpeg"]):
+            sample(tar, 0, i, ext)
+        add(tar, "000000099.json", b'{"no": "image"}')  # a sample without an image: no row
+    with tarfile.open(root / "shard-00001.tar", "w") as tar:
+        sample(tar, 1, 0)
+        corrupt = sample(tar, 1, 1, data=b"\xff\xd8\xff" + b"\x13" * 500)  # JPEG magic, garbage after
+        expected[corrupt] = "decode failed"
+        sample(tar, 1, 2)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        sample(tar, 2, 0)
+        cut = sample(tar, 2, 1, data=write_image(root.parent / "unused.jpg", size=(300, 300), seed=99))
+    data = buf.getvalue()
+    (root / "shard-00002.tar").write_bytes(data[: len(data) // 2 + 700])
+    expected[cut] = "tar member cut short"
+    return expected
+
+
+def check(out, folder_out, expected):
+    rows = {r["uri"].rsplit("#", 1)[-1]: r for r in pq.read_table(out / "scores" if not isinstance(out, str) else out).to_pylist()}
+    ref = {r["uri"].rsplit("/", 1)[-1].split(".")[0]: r for r in pq.read_table(folder_out / "scores").to_pylist()}
+    samples = {k: v for k, v in rows.items() if k != "<unreadable>"}
+    assert set(samples) == set(expected)
+    for key, error in expected.items():
+        row = samples[key]
+        if error is None:
+            assert row["error"] is None and row["prob_fake"] == pytest.approx(ref[key]["prob_fake"], abs=1e-6)
+            assert row["aligned"] == ref[key]["aligned"]  # .png members are aligned, as .png files are
+            assert json.loads(row["json"])["key"] == key and row["txt"] == f"caption {key}"
+        else:
+            assert row["error"].startswith(error) and row["prob_fake"] is None
+    return rows
+
+
+def test_local_webdataset_shards(ray_local, parity_bundle, tmp_path):
+    expected = write_shards(tmp_path / "wds", tmp_path / "folder")
+    run_scan(str(parity_bundle), str(tmp_path / "folder"), str(tmp_path / "folder-out"), ScanConfig())
+    summary = run_scan(str(parity_bundle), str(tmp_path / "wds"), str(tmp_path / "out"), ScanConfig(unit_size=2))
+    assert summary["input_format"] == "webdataset" and summary["skipped_by_extension"] == 1
+    rows = check(tmp_path / "out", tmp_path / "folder-out", expected)
+    assert summary["rows_out"] == len(rows) and summary["rows_in"] == len(rows)
+
+
+def test_webdataset_on_s3_by_brace_pattern(ray_local, s3_bucket, parity_bundle, tmp_path):
+    import fsspec
+
+    expected = write_shards(tmp_path / "wds", tmp_path / "folder")
+    fs = fsspec.filesystem("s3")
+    fs.put(str(tmp_path / "wds"), f"{s3_bucket}/wds", recursive=True)
+    run_scan(str(parity_bundle), str(tmp_path / "folder"), str(tmp_path / "folder-out"), ScanConfig())
+    summary = run_scan(str(parity_bundle), f"s3://{s3_bucket}/wds/shard-{{00000..00002}}.tar",
+                       str(tmp_path / "out"), ScanConfig(unit_size=2))
+    assert summary["input_format"] == "webdataset"
+    rows = check(tmp_path / "out", tmp_path / "folder-out", expected)
+    assert all(uri.startswith(f"s3://{s3_bucket}/wds/shard-") for uri in (r["uri"] for r in rows.values()))
+
+
+def test_brace_patterns_and_a_truncated_index(tmp_path):
+    assert expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+    assert expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
+    expected = write_shards(tmp_path / "wds", tmp_path / "folder")
+    records, no_image = index_shard(str(tmp_path / "wds" / "shard-00002.tar"))
+    errors = {r["uri"].rsplit("#", 1)[-1]: r["_wds_error"] for r in records}
+    assert no_image == 0 and sum(e is None for e in errors.values()) == 1
+    assert [k for k, e in expected.items() if e == "tar member cut short"][0] in errors
