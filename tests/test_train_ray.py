@@ -72,12 +72,18 @@ def test_phase1_from_a_backbone_directory_lowers_reconstruction(ray_local, tmp_p
     assert card["train_images"] + card["val_images"] == 20
 
 
-def test_killed_training_resumes_from_its_checkpoint(tmp_path):
+def test_killed_training_resumes_to_the_bundle_of_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
     cfg, weights = tiny(seed=2)
     save_bundle(str(tmp_path / "base"), cfg, weights)
     labeled_folder(tmp_path / "train", 48, seed=1)
-    cmd = [sys.executable, "-m", "pipeline.commands.cli", *detector_args(tmp_path / "base", tmp_path / "train",
-                                                                 tmp_path / "out", tmp_path / "store", epochs=5)]
+
+    def command(out, store):
+        return [sys.executable, "-m", "pipeline.commands.cli", *detector_args(tmp_path / "base", tmp_path / "train",
+                                                                      out, store, epochs=5), "--ema", "0.9"]
+
+    cmd = command(tmp_path / "out", tmp_path / "store")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # A checkpoint counts once Ray Train has registered it (its manager snapshot names it);
@@ -96,6 +102,14 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     assert card["resumed_from_epoch"] is not None and card["resumed_from_epoch"] >= 0
     assert [h["epoch"] for h in card["history"]] == [0, 1, 2, 3, 4]
     assert "resumed after epoch" in rerun.stdout
+    whole = subprocess.run(command(tmp_path / "whole", tmp_path / "store-whole"), env=env, capture_output=True,
+                           text=True, timeout=400)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for name in ("lora.safetensors", "mirror.safetensors"):  # LoRA, and head + memory bank
+        resumed, straight = (load_file(str(tmp_path / d / name)) for d in ("out", "whole"))
+        assert resumed.keys() == straight.keys()
+        for key in resumed:  # live weights, EMA, optimizer and schedule all continued exactly
+            assert (resumed[key] - straight[key]).abs().max() <= 1e-6, (name, key)
 
 
 def test_two_workers_data_parallel_with_ema(ray_local, tmp_path):

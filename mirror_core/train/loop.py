@@ -90,6 +90,33 @@ class PhaseTrainer:
                         shadow.lerp_(p.detach(), 1 - self.ema_decay)
         return {k: float(v.detach().mean()) for k, v in out.items() if v.dim() == 0}
 
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue this one exactly: the live trained
+        weights, gradients accumulated towards the next step, the EMA shadow, optimizer and
+        schedule state, the micro-step count."""
+        return {"params": [p.detach().cpu().clone() for p in self.params],
+                "grads": [None if p.grad is None else p.grad.detach().cpu().clone() for p in self.params],
+                "ema": None if self.ema is None else [s.detach().cpu().clone() for s in self.ema],
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "micro": self.micro}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Strict: the same trained tensors (count and shapes) and the same EMA setting."""
+        shapes = [tuple(t.shape) for t in state["params"]]
+        if shapes != [tuple(p.shape) for p in self.params]:
+            raise ValueError(f"checkpoint holds {len(shapes)} trained tensors that do not fit this model's "
+                             f"{len(self.params)}")
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError("checkpoint and run disagree on EMA (--ema): resume with the setting it was saved with")
+        with torch.no_grad():
+            for p, value, grad in zip(self.params, state["params"], state["grads"]):
+                p.copy_(value)
+                p.grad = None if grad is None else grad.to(p.device, p.dtype)
+            for shadow, value in zip(self.ema or [], state["ema"] or []):
+                shadow.copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = int(state["micro"])
 
     @contextlib.contextmanager
     def averaged(self):

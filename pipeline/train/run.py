@@ -5,8 +5,10 @@ s3://) through Ray Data; each worker decodes and augments its shard with a gener
 seeded by (seed, epoch, rank). Data parallel: gradients are averaged across workers
 (torch.distributed all-reduce) before every optimizer step. Each epoch ends with a
 validation on a held-out split (phase 1: reconstruction loss; phase 2: Bal_Acc, AUC)
-and a Ray Train checkpoint; rerunning with the same --storage and --name resumes from
-the latest one. The result is a bundle plus model_card.json.
+and a Ray Train checkpoint (live weights, EMA shadow, optimizer, schedule, and the
+exported weights); rerunning with the same --storage and --name resumes from the latest
+one and ends with the bundle an uninterrupted run would have made (epoch-level: records
+arrive in a fixed order, and every epoch seeds its own generators). The result is a bundle plus model_card.json.
 """
 from __future__ import annotations
 
@@ -158,7 +160,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from mirror_core.metrics import binary_metrics
     from mirror_core.model import assemble_model
@@ -169,9 +171,6 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     cfg = MirrorConfig.from_dict(config["model_config"])
-    # Dropout and adapter init draw from torch's global generator: seed it here so a run
-    # does not depend on what else this worker process happened to execute before.
-    torch.manual_seed(tc.seed * 1_000_003 + rank)
     model = assemble_model(cfg, MirrorWeights.from_numpy(ray.get(config["weights"])), merge_lora=tc.phase == 1).to(device)
 
     def sync_grads(params):
@@ -186,15 +185,15 @@ def train_loop(config: dict) -> None:
                            torch.bfloat16 if device.type == "cuda" else None, tc.ema_decay)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint:  # exact resume: live weights, EMA, optimizer, schedule; epochs seed themselves
         with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, "trainable.safetensors"), device=str(device)), strict=False)
-            state = torch.load(os.path.join(d, "optimizer.pt"), map_location=device, weights_only=True)
-            trainer.optimizer.load_state_dict(state["optimizer"])
-            trainer.scheduler.load_state_dict(state["scheduler"])
+            trainer.load_state_dict(torch.load(os.path.join(d, TRAINER_STATE), map_location="cpu", weights_only=True))
             meta = json.loads(Path(d, "meta.json").read_text())
             start_epoch, history = meta["epoch"] + 1, meta["history"]
     for epoch in range(start_epoch, tc.epochs):
+        # Augmentation and dropout draw from generators seeded by (seed, epoch, rank), so an
+        # epoch after a resume draws what it would have drawn in an uninterrupted run.
+        torch.manual_seed(int(np.random.SeedSequence([tc.seed, epoch, rank]).generate_state(1)[0]))
         rng = np.random.default_rng([tc.seed, epoch, rank])
         losses, skipped, augment = [], 0, _augmenter(tc.phase, rng)
         for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
@@ -212,12 +211,16 @@ def train_loop(config: dict) -> None:
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                save_file(exported, os.path.join(d, "trainable.safetensors"))
-                torch.save({"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict()},
-                           os.path.join(d, "optimizer.pt"))
+                save_file(exported, os.path.join(d, EXPORT))  # what the bundle gets (the EMA with --ema)
+                torch.save(trainer.state_dict(), os.path.join(d, TRAINER_STATE))
                 Path(d, "meta.json").write_text(json.dumps({"epoch": epoch, "history": history,
                                                             "resumed_from_epoch": start_epoch - 1 if start_epoch else None}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+# A checkpoint: EXPORT (the weights a bundle gets), TRAINER_STATE (to resume exactly), meta.json.
+EXPORT = "export.safetensors"
+TRAINER_STATE = "trainer.pt"
 
 
 def _validate(model, phase: int, device, binary_metrics) -> dict[str, float]:
@@ -247,6 +250,14 @@ def _validate(model, phase: int, device, binary_metrics) -> dict[str, float]:
     return {"val_bal_acc": m["Bal_Acc"], "val_auc": m["AUC"], "val_n": len(labels)}
 
 
+def _ordered():
+    from ray.data import ExecutionOptions
+
+    options = ExecutionOptions()
+    options.preserve_order = True
+    return options
+
+
 def run_training(base: str, input_uri: str, output: str, storage: str, tc: TrainConfig,
                  address: str | None = None, memory: MemoryConfig | None = None) -> dict[str, Any]:
     import ray
@@ -271,11 +282,13 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # records in the same order every run: a resumed run sees each epoch's batches as the
+        # uninterrupted run did (augmentation is seeded per epoch, not per position)
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ordered()),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
-        trained = load_file(os.path.join(d, "trainable.safetensors"))
+        trained = load_file(os.path.join(d, EXPORT))
         meta = json.loads(Path(d, "meta.json").read_text())
     new = trained_weights(bundle.weights, trained)
     card = {"phase": tc.phase, "base": base, "base_model_id": bundle.model_id, "data": input_uri,
