@@ -121,3 +121,55 @@ def test_two_workers_data_parallel_with_ema(ray_local, tmp_path):
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
     assert card["recipe"]["num_workers"] == 2 and card["recipe"]["ema_decay"] == 0.9
     assert card["final"]["val_n"] == card["val_images"]  # the whole held-out set, no row dropped
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_two_ddp_workers_with_batch_b_match_one_worker_with_batch_2b(ray_local, tmp_path, phase):
+    import dataclasses
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load_file
+
+    def ddp_steps(config):  # local: Ray pickles it by value
+        """A Ray Train worker: the production trainer (`phase_trainer`: prepare_model / DDP with
+        several workers) stepping on this rank's half of every batch."""
+        import ray.train
+        import torch
+        from safetensors.torch import save_file
+
+        from mirror_core.config import MirrorConfig
+        from mirror_core.model import assemble_model
+        from mirror_core.train.loop import trainable_state
+        from mirror_core.weights import MirrorWeights
+        from pipeline.train.run import TrainConfig, phase_trainer
+
+        ctx = ray.train.get_context()
+        rank, world, phase = ctx.get_world_rank(), ctx.get_world_size(), config["phase"]
+        model = assemble_model(MirrorConfig.from_dict(config["cfg"]), MirrorWeights.from_numpy(config["weights"]),
+                               merge_lora=phase == 1)
+        trainer = phase_trainer(model, TrainConfig(phase=phase, lr=1e-2), 3, torch.device("cpu"))
+        for x, y in config["batches"]:
+            part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+            trainer.step(torch.from_numpy(x[part]), torch.from_numpy(y[part]) if phase == 2 else None)
+        if rank == 0:
+            save_file(trainable_state(model, phase), os.path.join(config["out"], f"world{world}.safetensors"))
+        ray.train.report({"steps": len(config["batches"])})
+
+    cfg, weights = tiny(seed=6)
+    cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, dropout=0.0))  # no random masks to differ
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 256, (8, 224, 224, 3), dtype=np.uint8), rng.integers(0, 2, 8)) for _ in range(3)]
+    for world in (1, 2):
+        TorchTrainer(ddp_steps, train_loop_config={"cfg": cfg.to_dict(), "weights": weights.to_numpy(), "phase": phase,
+                                                    "batches": batches, "out": str(tmp_path)},
+                     scaling_config=ScalingConfig(num_workers=world),
+                     run_config=RunConfig(name=f"ddp{world}", storage_path=str(tmp_path / "store"))).fit()
+    one, two = (load_file(str(tmp_path / f"world{w}.safetensors")) for w in (1, 2))
+    assert one.keys() == two.keys() and len(one) > 0
+    moved = 0
+    for key in one:
+        torch_diff = (one[key] - two[key]).abs().max().item()
+        assert torch_diff <= 1e-5, (key, torch_diff)
+        moved += int(not np.allclose(one[key].numpy(), weights.to_numpy()["mirror"].get(key, one[key].numpy() + 1)))
+    assert moved  # training changed the weights: the comparison is not between two untouched copies

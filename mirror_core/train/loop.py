@@ -51,13 +51,18 @@ class PhaseTrainer:
     """AdamW + warm-up/cosine + gradient accumulation over one model, one phase."""
 
     def __init__(self, model: MirrorModel, phase: int, optim: OptimConfig, label_smoothing: float = 0.0,
-                 ortho_weight: float = 0.01, sync_grads=None, amp_dtype: torch.dtype | None = None,
+                 ortho_weight: float = 0.01, wrap=None, amp_dtype: torch.dtype | None = None,
                  ema_decay: float | None = None):
         self.model, self.phase, self.optim_cfg = model, phase, optim
         self.label_smoothing, self.ortho_weight = label_smoothing, ortho_weight
-        self.sync_grads = sync_grads  # data parallel: average gradients across workers
         self.amp_dtype = amp_dtype  # mixed precision on GPU (bf16 / fp16 autocast)
         params = freeze_for_phase(model, phase)
+        # Data parallel: `wrap` (e.g. Ray Train's prepare_model: DDP, bucketed all-reduce
+        # overlapped with backward) wraps the module whose forward reaches every trained
+        # tensor: the memory bank in phase 1 (the frozen backbone runs outside it, without
+        # gradients), the whole model in phase 2 (LoRA + head; the bank is frozen there).
+        wrap = wrap or (lambda module: module)
+        self.trained_module = wrap(model.memory_bank if phase == 1 else model)
         self.params = params
         self.ema_decay = ema_decay  # exponential moving average of the trained weights, if set
         self.ema = [p.detach().clone() for p in params] if ema_decay else None
@@ -67,20 +72,22 @@ class PhaseTrainer:
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.phase == 1:
-            return phase1_loss(self.model, images, self.ortho_weight)
-        return phase2_loss(self.model, images, labels, self.label_smoothing)
+            return phase1_loss(self.model, images, self.ortho_weight, bank=self.trained_module)
+        return phase2_loss(self.trained_module, images, labels, self.label_smoothing)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         self.model.train()
         self.model.backbone.eval()  # frozen backbone: no dropout / drop-path noise
         device = images.device.type
-        with torch.autocast(device, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and device == "cuda"):
-            out = self.loss(images, labels)
-        (out["loss"] / self.optim_cfg.grad_accum).backward()
+        stepping = (self.micro + 1) % self.optim_cfg.grad_accum == 0
+        # under DDP, only the micro-step that ends an accumulation all-reduces
+        no_sync = getattr(self.trained_module, "no_sync", None)
+        with (contextlib.nullcontext() if stepping or no_sync is None else no_sync()):
+            with torch.autocast(device, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and device == "cuda"):
+                out = self.loss(images, labels)
+            (out["loss"] / self.optim_cfg.grad_accum).backward()
         self.micro += 1
-        if self.micro % self.optim_cfg.grad_accum == 0:
-            if self.sync_grads is not None:
-                self.sync_grads(self.params)
+        if stepping:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()

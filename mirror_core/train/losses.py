@@ -15,13 +15,15 @@ def orthogonality_penalty(memory: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype))
 
 
-def phase1_loss(model: MirrorModel, images: torch.Tensor, ortho_weight: float = 0.01) -> dict[str, torch.Tensor]:
-    """Reconstruction of frozen backbone features from memory: MSE(F^, F) + lambda * ortho."""
+def phase1_loss(model: MirrorModel, images: torch.Tensor, ortho_weight: float = 0.01,
+                bank: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Reconstruction of frozen backbone features from memory: MSE(F^, F) + lambda * ortho.
+    `bank`: the memory bank to call (a data-parallel wrapper of `model.memory_bank`)."""
     with torch.no_grad():
         _, tokens = model.features(to_pixels(images))
-    bank: MemoryBank = model.memory_bank
-    recon = F.mse_loss(bank(tokens).reference, tokens)
-    ortho = orthogonality_penalty(bank.memory)
+    memory: MemoryBank = model.memory_bank
+    recon = F.mse_loss((bank or memory)(tokens).reference, tokens)
+    ortho = orthogonality_penalty(memory.memory)
     return {"loss": recon + ortho_weight * ortho, "reconstruction": recon.detach(), "orthogonality": ortho.detach()}
 
 

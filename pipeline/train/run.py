@@ -159,30 +159,20 @@ def train_loop(config: dict) -> None:
     import ray
     import ray.train
     import torch
-    import torch.distributed as dist
     from safetensors.torch import save_file
 
     from mirror_core.metrics import binary_metrics
     from mirror_core.model import assemble_model
-    from mirror_core.train.loop import OptimConfig, PhaseTrainer, trainable_state
+    from mirror_core.train.loop import trainable_state
 
     tc = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     cfg = MirrorConfig.from_dict(config["model_config"])
     model = assemble_model(cfg, MirrorWeights.from_numpy(ray.get(config["weights"])), merge_lora=tc.phase == 1).to(device)
 
-    def sync_grads(params):
-        if world > 1:
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-
-    optim = OptimConfig(tc.lr, tc.weight_decay, tc.warmup_steps, config["total_steps"], tc.grad_accum)
-    trainer = PhaseTrainer(model, tc.phase, optim, tc.label_smoothing, tc.ortho_weight, sync_grads,
-                           torch.bfloat16 if device.type == "cuda" else None, tc.ema_decay)
+    trainer = phase_trainer(model, tc, config["total_steps"], device)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # exact resume: live weights, EMA, optimizer, schedule; epochs seed themselves
@@ -216,6 +206,25 @@ def train_loop(config: dict) -> None:
                 Path(d, "meta.json").write_text(json.dumps({"epoch": epoch, "history": history,
                                                             "resumed_from_epoch": start_epoch - 1 if start_epoch else None}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+def phase_trainer(model, tc: TrainConfig, total_steps: int, device):
+    """The worker's trainer; with several workers the trained module is wrapped by Ray
+    Train's `prepare_model` (DDP: bucketed all-reduce overlapped with backward; gloo on
+    CPU, NCCL on GPU)."""
+    import ray.train.torch
+    import torch
+
+    from mirror_core.train.loop import OptimConfig, PhaseTrainer
+
+    def wrap(module):
+        if ray.train.get_context().get_world_size() == 1:
+            return module
+        return ray.train.torch.prepare_model(module, move_to_device=False, parallel_strategy="ddp")
+
+    optim = OptimConfig(tc.lr, tc.weight_decay, tc.warmup_steps, total_steps, tc.grad_accum)
+    return PhaseTrainer(model, tc.phase, optim, tc.label_smoothing, tc.ortho_weight, wrap,
+                        torch.bfloat16 if device.type == "cuda" else None, tc.ema_decay)
 
 
 # A checkpoint: EXPORT (the weights a bundle gets), TRAINER_STATE (to resume exactly), meta.json.
