@@ -51,6 +51,8 @@ def test_phase2_on_a_planted_trace_gives_a_bundle_that_scans(ray_local, tmp_path
     assert card["final"]["val_bal_acc"] >= 0.9 and len(card["history"]) == 8
     assert card["recipe"]["phase"] == 2 and card["train_images"] + card["val_images"] == 81
     assert all(h["skipped_images"] == 1 for h in card["history"])
+    # decoding and augmentation ran in Ray Data tasks, never in the training worker
+    assert all(h["prepared_in_training_worker"] == 0 for h in card["history"])
     labeled_folder(tmp_path / "heldout", 32, seed=7)  # images never seen in training
     summary = run_scan(str(tmp_path / "out"), str(tmp_path / "heldout"), str(tmp_path / "scan"), ScanConfig())
     assert summary["metrics"]["ALL"]["Bal_Acc"] >= 0.9, summary["metrics"]

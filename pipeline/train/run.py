@@ -1,8 +1,8 @@
 """Ray Train wiring for Phase 1 (memory bank, real images) and Phase 2 (LoRA + head).
 
 Data come from the same sources as scan (folders, manifests, Parquet shards; local or
-s3://) through Ray Data; each worker decodes and augments its shard with a generator
-seeded by (seed, epoch, rank). Data parallel: gradients are averaged across workers
+s3://) through Ray Data; CPU tasks decode and augment them (`prepare.py`, seeded per
+epoch and record) and training workers receive ready crops. Data parallel: gradients are averaged across workers
 (torch.distributed all-reduce) before every optimizer step. Each epoch ends with a
 validation on a held-out split (phase 1: reconstruction loss; phase 2: Bal_Acc, AUC)
 and a Ray Train checkpoint (live weights, EMA shadow, optimizer, schedule, and the
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from mirror_core.train.loop import trained_weights
 from mirror_core.weights import MirrorWeights
 from pipeline.scan.sources import ColumnMap, SourceOptions, fetch_all, plan_source, read_shard_unit, standard_records
 from pipeline.storage import Location
+from pipeline.train.prepare import CROPS, OK, PREPARED_BY, epoch_clock, prepare_batch
 
 
 @dataclass
@@ -98,9 +98,10 @@ def _standardize_shard(batch: pa.Table) -> pa.Table:
     return standard_records(batch, ColumnMap()).select(["uri", "label", "bytes"])
 
 
-def training_datasets(input_uri: str, phase: int, val_fraction: float):
-    """Streaming Ray datasets (train, val) from any scan source, plus their row counts.
-    The driver only lists records (uris, labels); image bytes are read by Ray tasks."""
+def training_datasets(input_uri: str, phase: int, val_fraction: float, seed: int = 0, clock=None):
+    """Streaming Ray datasets (train, val) of prepared crops from any scan source, plus
+    their row counts. The driver only lists records (uris, labels); image bytes are read,
+    decoded and augmented by Ray tasks (`prepare.prepare_batch`)."""
     import ray
 
     plan = plan_source(input_uri, SourceOptions())
@@ -118,40 +119,20 @@ def training_datasets(input_uri: str, phase: int, val_fraction: float):
     counts = [_select(index, phase, val_fraction, held).num_rows for held in (False, True)]
     splits = [source.map_batches(_select, batch_format="pyarrow",
                                  fn_kwargs={"phase": phase, "val_fraction": val_fraction, "held_out": held})
+                    .map_batches(prepare_batch, batch_format="pyarrow", batch_size=PREPARE_ROWS,
+                                 fn_kwargs={"phase": phase, "seed": seed, "clock": clock, "evaluation": held})
               for held in (False, True)]
     return splits[0], splits[1], counts[0], counts[1]
 
 
-def _decode_batch(batch: dict, transform) -> tuple[np.ndarray | None, np.ndarray, int]:
-    """Decoded + transformed uint8 crops, their labels, and how many images were skipped
-    (unreadable or undecodable: training must not die on one bad file)."""
-    crops, labels, skipped = [], [], 0
-    for data, label, uri in zip(batch["bytes"], batch["label"], batch["uri"]):
-        try:
-            crops.append(transform(data, label, uri))
-            labels.append(label)
-        except Exception:
-            skipped += 1
-    return (np.stack(crops) if crops else None), np.asarray(labels), skipped
+PREPARE_ROWS = 32  # records per preparation task call
 
 
-def _augmenter(phase: int, rng: np.random.Generator):
-    from PIL import Image
-
-    from mirror_core.train.augment import phase1_augment, phase2_augment
-
-    def transform(data, label, uri):
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        return phase1_augment(img, rng) if phase == 1 else phase2_augment(img, int(label), rng)
-
-    return transform
-
-
-def _evaluation_crop(data, label, uri):
-    from mirror_core.config import PreprocessConfig
-    from mirror_core.preprocess import official_preprocess
-
-    return official_preprocess(data, PreprocessConfig(), name=uri).pixels
+def _ready(batch: dict) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """A prepared batch -> (crops, labels) of its good rows, rows skipped, rows prepared here."""
+    ok = np.asarray(batch[OK], bool)
+    here = int(np.sum(np.asarray(batch[PREPARED_BY]) == os.getpid()))
+    return np.asarray(batch[CROPS])[ok], np.asarray(batch["label"])[ok], int((~ok).sum()), here
 
 
 def train_loop(config: dict) -> None:
@@ -159,6 +140,7 @@ def train_loop(config: dict) -> None:
     import ray
     import ray.train
     import torch
+    import torch.distributed as dist
     from safetensors.torch import save_file
 
     from mirror_core.metrics import binary_metrics
@@ -181,20 +163,24 @@ def train_loop(config: dict) -> None:
             meta = json.loads(Path(d, "meta.json").read_text())
             start_epoch, history = meta["epoch"] + 1, meta["history"]
     for epoch in range(start_epoch, tc.epochs):
-        # Augmentation and dropout draw from generators seeded by (seed, epoch, rank), so an
-        # epoch after a resume draws what it would have drawn in an uninterrupted run.
+        # Dropout draws from torch's generator, seeded by (seed, epoch, rank); augmentation
+        # (in the preparation tasks) by (seed, epoch, record): an epoch after a resume draws
+        # what it would have drawn in an uninterrupted run.
         torch.manual_seed(int(np.random.SeedSequence([tc.seed, epoch, rank]).generate_state(1)[0]))
-        rng = np.random.default_rng([tc.seed, epoch, rank])
-        losses, skipped, augment = [], 0, _augmenter(tc.phase, rng)
+        if rank == 0:
+            ray.get(config["clock"].set.remote(epoch))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no worker starts the epoch's data before the clock says which epoch
+        losses, skipped, prepared_here = [], 0, 0
         for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
-            crops, labels, bad = _decode_batch(batch, augment)
-            skipped += bad
-            if crops is None:
+            crops, labels, bad, here = _ready(batch)
+            skipped, prepared_here = skipped + bad, prepared_here + here
+            if not len(crops):
                 continue
             targets = torch.from_numpy(labels.astype(np.int64)).to(device) if tc.phase == 2 else None
             losses.append(trainer.step(torch.from_numpy(crops).to(device), targets)["loss"])
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "skipped_images": skipped}
+                   "skipped_images": skipped, "prepared_in_training_worker": prepared_here}
         with trainer.averaged():
             metrics.update(_validate(model, tc.phase, device, binary_metrics))
             exported = trainable_state(model, tc.phase)
@@ -244,8 +230,8 @@ def _validate(model, phase: int, device, binary_metrics) -> dict[str, float]:
     labels, probs, recon = [], [], []
     with torch.no_grad():
         for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=64, batch_format="numpy"):
-            crops, batch_labels, _ = _decode_batch(batch, _evaluation_crop)
-            if crops is None:
+            crops, batch_labels, _, _ = _ready(batch)
+            if not len(crops):
                 continue
             images = torch.from_numpy(crops).to(device)
             if phase == 1:
@@ -278,14 +264,15 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     
     bundle = base_model(base, memory)
     ensure_ray(address)
-    train_ds, val_ds, n_train, n_val = training_datasets(input_uri, tc.phase, tc.val_fraction)
+    clock = epoch_clock()
+    train_ds, val_ds, n_train, n_val = training_datasets(input_uri, tc.phase, tc.val_fraction, tc.seed, clock)
     if n_train == 0 or n_val == 0:
         raise ValueError(f"not enough images: {n_train} to train on, {n_val} held out")
     steps = tc.epochs * math.ceil(n_train / (tc.batch_size * tc.num_workers * tc.grad_accum))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": dataclasses.asdict(tc), "model_config": bundle.config.to_dict(),
-                           "weights": ray.put(bundle.weights.to_numpy()), "total_steps": steps},
+                           "weights": ray.put(bundle.weights.to_numpy()), "total_steps": steps, "clock": clock},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
         run_config=RunConfig(name=tc.name, storage_path=os.path.abspath(storage) if "://" not in storage else storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -1,0 +1,76 @@
+"""Training data preparation as a Ray Data stage: bytes -> uint8 crops, on CPU tasks.
+
+Training workers receive ready crops (and never decode): the train split is augmented
+(phase 1 views + JPEG; phase 2 format alignment + JPEG), the held-out split gets the
+official evaluation crop. Augmentation is seeded per (seed, epoch, record), so a record
+is augmented the same way whichever task, batch or worker sees it, and an epoch after a
+resume draws what it would have drawn in an uninterrupted run. Ray Data re-runs the stage
+every epoch; the epoch comes from an `EpochClock` actor that rank 0 advances between
+epochs (while every worker waits at the epoch's checkpoint report).
+A record that cannot be read or decoded becomes a row with `ok` false (a zero crop), so
+the worker counts it as skipped: training never dies on one bad file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+
+CROPS = "crops"  # uint8 [224, 224, 3] per row
+OK = "ok"  # False: unreadable or undecodable (skipped, counted)
+PREPARED_BY = "prepared_by_pid"  # the process that decoded the row (never a training worker)
+
+
+def epoch_clock(initial: int = 0):
+    """A tiny actor holding the current epoch (read by the preparation tasks)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class EpochClock:
+        def __init__(self, epoch: int):
+            self.epoch = epoch
+
+        def set(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def get(self) -> int:
+            return self.epoch
+
+    return EpochClock.remote(initial)
+
+
+def record_seed(seed: int, epoch: int, uri: str) -> list[int]:
+    return [seed, epoch, int(hashlib.sha256(uri.encode()).hexdigest()[:12], 16)]
+
+
+def prepare_batch(batch: pa.Table, *, phase: int, seed: int, clock=None, evaluation: bool = False) -> pa.Table:
+    """Ray map_batches function (pyarrow): uri, label, bytes -> uri, label, crops, ok, prepared_by_pid."""
+    import ray
+    from PIL import Image
+
+    from mirror_core.config import PreprocessConfig
+    from mirror_core.preprocess import official_preprocess
+    from mirror_core.train.augment import phase1_augment, phase2_augment
+
+    epoch = ray.get(clock.get.remote()) if clock is not None and not evaluation else 0
+    uris, labels, datas = (batch[c].to_pylist() for c in ("uri", "label", "bytes"))
+    crops = np.zeros((len(uris), 224, 224, 3), np.uint8)
+    ok = np.zeros(len(uris), bool)
+    for i, (uri, label, data) in enumerate(zip(uris, labels, datas)):
+        try:
+            if evaluation:
+                crops[i] = official_preprocess(data, PreprocessConfig(), name=uri).pixels
+            else:
+                rng = np.random.default_rng(record_seed(seed, epoch, uri))
+                img = Image.open(io.BytesIO(data)).convert("RGB")
+                crops[i] = phase1_augment(img, rng) if phase == 1 else phase2_augment(img, int(label), rng)
+            ok[i] = True
+        except Exception:  # unreadable (no bytes) or undecodable: skipped and counted by the worker
+            pass
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({"uri": batch["uri"], "label": batch["label"], CROPS: ArrowTensorArray.from_numpy(crops),
+                     OK: pa.array(ok), PREPARED_BY: pa.array(np.full(len(uris), os.getpid(), np.int64))})
