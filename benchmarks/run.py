@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
     p.add_argument("--json-out", type=Path, help="also write the JSON here after every section")
     p.add_argument("--only", help="comma-separated sections: model,decode,fast,pipeline,rss (cpu), compile (cuda); "
-                                  "opt-in: gpu_decode,raw_jpeg (both), hplus,graphs (cuda)")
+                                  "opt-in: gpu_decode,raw_jpeg,train (both), hplus,graphs,gpu_decode_speed (cuda)")
     g = p.add_argument_group("cuda")
     g.add_argument("--gpu-batches", default="128,256,512")
     g.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
@@ -317,6 +317,10 @@ def main(argv=None) -> int:
         section(result, "raw_jpeg", lambda: raw_jpeg_figures(backbone, args.raw_images if not args.quick else 64, batch,
                                                              args.device, precision, tuple(args.raw_modes.split(",")),
                                                              args.raw_compile, actors=args.raw_actors), args.json_out)
+    if "train" in only:
+        from benchmarks.train_speed import train_figures
+
+        section(result, "train", lambda: train_figures(args.device), args.json_out)
     if "decode" in only:
         section(result, "decode", lambda: decode_figures(8 if args.quick else 24), args.json_out)
     if "fast" in only:
@@ -324,6 +328,10 @@ def main(argv=None) -> int:
     print(json.dumps(result, indent=2, default=str))
     if not args.no_record:
         record(result, PERF_LOG)
+        extra = {k: v for k, v in result.items() if k.startswith(("train_", "raw_", "gpu_decode", "vit"))}
+        if extra:  # figures the table has no column for: kept as JSON under the row
+            with open(PERF_LOG, "a") as log:
+                log.write("\n```json\n" + json.dumps(extra, indent=2, default=str) + "\n```\n")
     return 0
 
 
