@@ -135,19 +135,10 @@ def model_figures(backbone: dict, batches: list[int], reps: int, compile_batch: 
 def write_shards(folder: Path, n_images: int, distinct: int = 2048, rows_per_group: int = 1024,
                  groups_per_file: int = 8) -> None:
     """Pre-resized shards: 224x224 JPEGs in Parquet (uri, bytes), `distinct` images repeated."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from benchmarks.images import jpeg, write_repeated_shards
 
-    from benchmarks.images import jpeg
-
-    payloads = [jpeg((224, 224), seed=i) for i in range(distinct)]
-    folder.mkdir(parents=True)
-    per_file = rows_per_group * groups_per_file
-    for f, start in enumerate(range(0, n_images, per_file)):
-        rows = range(start, min(start + per_file, n_images))
-        table = pa.table({"uri": [f"synthetic://{i:08d}.jpg" for i in rows],
-                          "bytes": pa.array([payloads[i % distinct] for i in rows], pa.binary())})
-        pq.write_table(table, folder / f"shard-{f:05d}.parquet", row_group_size=rows_per_group)
+    write_repeated_shards(folder, [jpeg((224, 224), seed=i) for i in range(distinct)], n_images, rows_per_group,
+                          groups_per_file)
 
 
 def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpus_per_actor: float,

@@ -22,19 +22,10 @@ RAW_SIZES = ((1920, 1080), (1280, 720), (1080, 1350), (800, 600), (640, 480))
 def write_raw_shards(folder: Path, n_images: int, distinct: int = 160, rows_per_group: int = 256,
                      groups_per_file: int = 8) -> dict:
     """Shards of full-size JPEGs (uri, bytes): `distinct` images of RAW_SIZES, repeated."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from benchmarks.images import jpeg
+    from benchmarks.images import jpeg, write_repeated_shards
 
     payloads = [jpeg(RAW_SIZES[i % len(RAW_SIZES)], seed=i, quality=92) for i in range(distinct)]
-    folder.mkdir(parents=True)
-    per_file = rows_per_group * groups_per_file
-    for f, start in enumerate(range(0, n_images, per_file)):
-        rows = range(start, min(start + per_file, n_images))
-        table = pa.table({"uri": [f"synthetic://{i:08d}.jpg" for i in rows],
-                          "bytes": pa.array([payloads[i % distinct] for i in rows], pa.binary())})
-        pq.write_table(table, folder / f"shard-{f:05d}.parquet", row_group_size=rows_per_group)
+    write_repeated_shards(folder, payloads, n_images, rows_per_group, groups_per_file)
     return {"raw_mean_jpeg_kb": float(np.mean([len(p) for p in payloads]) / 1024)}
 
 

@@ -15,3 +15,18 @@ def jpeg(size, seed=0, quality=90) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def write_repeated_shards(folder, payloads: list[bytes], n_images: int, rows_per_group: int,
+                          groups_per_file: int) -> None:
+    """Parquet shards (uri, bytes) of `n_images` rows cycling through `payloads`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    per_file = rows_per_group * groups_per_file
+    for f, start in enumerate(range(0, n_images, per_file)):
+        rows = range(start, min(start + per_file, n_images))
+        table = pa.table({"uri": [f"synthetic://{i:08d}.jpg" for i in rows],
+                          "bytes": pa.array([payloads[i % len(payloads)] for i in rows], pa.binary())})
+        pq.write_table(table, folder / f"shard-{f:05d}.parquet", row_group_size=rows_per_group)

@@ -22,6 +22,20 @@ SCAN_FLAGS = {  # flag -> (ScanConfig field, type, help)
     "--address": ("address", str, "Ray cluster address (default: RAY_ADDRESS, else local Ray)"),
 }
 
+# Boolean scan settings: flag -> (ScanConfig field, help).
+SCAN_SWITCHES = {
+    "--fast-decode": ("fast_decode", "decode large JPEGs at reduced DCT scale: faster, not bit-exact, recorded in "
+                                     "every row"),
+    "--gpu-decode": ("gpu_decode", "decode, resize and crop JPEGs on the scoring replicas' GPUs (needs the "
+                                   "gpu-decode extra; other formats take the CPU path): not bit-exact, recorded in "
+                                   "every row"),
+    "--update": ("update", "re-list the input; files, shards or records added since the first run become new "
+                           "units and are scored now (finished units are never re-scored)"),
+    "--retry-errors": ("retry_errors", "score again the units holding rows whose read failed (storage errors), "
+                                       "replacing their parts; undecodable images stay errors"),
+    "--compile": ("compile", "torch.compile each scoring replica: slower start, faster steady state on GPU"),
+}
+
 
 class HelpFormatter(argparse.HelpFormatter):
     """Help that shows each option's default, where it has a meaningful one."""
@@ -47,21 +61,9 @@ def add_scan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alignment", choices=ALIGNMENT_MODES, help="JPEG q96 alignment policy (default: the bundle's)")
     p.add_argument("--extensions", help="image file extensions of folder inputs, comma-separated "
                                         f"(default: {','.join(defaults.extensions)})")
-    p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode large JPEGs at reduced DCT scale: faster, not bit-exact, recorded in every row "
-                        "(default: off)")
-    p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode, resize and crop JPEGs on the scoring replicas' GPUs (needs the gpu-decode extra; "
-                        "other formats take the CPU path): not bit-exact, recorded in every row (default: off)")
-    p.add_argument("--update", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-list the input; files, shards or records added since the first run become new units "
-                        "and are scored now (finished units are never re-scored) (default: off)")
-    p.add_argument("--retry-errors", action=argparse.BooleanOptionalAction, default=None,
-                   help="score again the units holding rows whose read failed (storage errors), replacing their "
-                        "parts; undecodable images stay errors (default: off)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each scoring replica: slower start, faster steady state on GPU (default: off)")
-
+    for flag, (field, help_text) in SCAN_SWITCHES.items():  # --x / --no-x, off unless YAML or flag says so
+        p.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None,
+                       help=f"{help_text} (default: off)")
 
 def scan_config_from_args(args: argparse.Namespace):
     from pipeline.scan.config import load_scan_config
@@ -70,11 +72,7 @@ def scan_config_from_args(args: argparse.Namespace):
     overrides["alignment"] = args.alignment
     overrides["extensions"] = [e.strip().lstrip(".") for e in args.extensions.split(",") if e.strip()] \
         if args.extensions else None
-    overrides["fast_decode"] = args.fast_decode
-    overrides["gpu_decode"] = args.gpu_decode
-    overrides["update"] = args.update
-    overrides["retry_errors"] = args.retry_errors
-    overrides["compile"] = args.compile
+    overrides.update({field: getattr(args, field) for field, _ in SCAN_SWITCHES.values()})
     return load_scan_config(args.config, overrides)
 
 
