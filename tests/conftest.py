@@ -68,6 +68,19 @@ def s3_bucket(s3_server, request):
     return name
 
 
+@pytest.fixture
+def s3_corpus(s3_server, s3_bucket, parity_bundle, tmp_path):
+    """A bucket holding 12 labelled JPEGs under images/ (0_real, 1_fake) and the parity bundle under model/."""
+    import fsspec
+
+    for i in range(12):
+        write_image(tmp_path / "src" / ("0_real" if i % 2 else "1_fake") / f"{i:02d}.jpg", seed=i)
+    fs = fsspec.filesystem("s3")
+    fs.put(str(tmp_path / "src"), f"{s3_bucket}/images", recursive=True)
+    fs.put(str(parity_bundle), f"{s3_bucket}/model", recursive=True)
+    return s3_bucket
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """One local Ray for the session, started after the S3 server so that every

@@ -64,14 +64,11 @@ def _scan(bucket, endpoint, *extra):
 
 
 @pytest.mark.slow
-def test_retry_errors_heals_exactly_the_rows_a_transient_s3_fault_broke(s3_server, s3_bucket, parity_bundle, tmp_path):
+def test_retry_errors_heals_exactly_the_rows_a_transient_s3_fault_broke(s3_server, s3_corpus):
     import fsspec
 
-    for i in range(12):
-        write_image(tmp_path / "src" / ("0_real" if i % 2 else "1_fake") / f"{i:02d}.jpg", seed=i)
+    s3_bucket = s3_corpus
     fs = fsspec.filesystem("s3")
-    fs.put(str(tmp_path / "src"), f"{s3_bucket}/images", recursive=True)
-    fs.put(str(parity_bundle), f"{s3_bucket}/model", recursive=True)
     with FaultProxy(s3_server, deny_prefixes=(f"/{s3_bucket}/images/1_fake",)) as proxy:
         broken = _scan(s3_bucket, proxy.url)
         assert proxy.denied >= 6

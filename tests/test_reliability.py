@@ -124,18 +124,6 @@ def test_killed_writer_is_retried_and_every_row_lands_once(parity_bundle, tmp_pa
     assert summary["units"]["committed_now"] == 3 and summary["rows_out"] == 12
 
 
-@pytest.fixture
-def s3_corpus(s3_server, s3_bucket, parity_bundle, tmp_path):
-    import fsspec
-
-    for i in range(12):
-        write_image(tmp_path / "src" / ("0_real" if i % 2 else "1_fake") / f"{i:02d}.jpg", seed=i)
-    fs = fsspec.filesystem("s3")
-    fs.put(str(tmp_path / "src"), f"{s3_bucket}/images", recursive=True)
-    fs.put(str(parity_bundle), f"{s3_bucket}/model", recursive=True)
-    return s3_bucket
-
-
 @pytest.mark.slow
 def test_flaky_s3_is_retried_and_secrets_never_written(s3_server, s3_corpus, tmp_path):
     import fsspec
