@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from mirror_core.bundle import Bundle, load_bundle, save_bundle
 from mirror_core.config import MemoryConfig, MirrorConfig
 from mirror_core.train.loop import trained_weights
+from mirror_core.uri import join_uri
 from mirror_core.weights import MirrorWeights
 from pipeline.scan.sources import ColumnMap, SourceOptions, fetch_all, plan_source, read_shard_unit, standard_records
 from pipeline.storage import Location
@@ -156,7 +157,8 @@ def train_loop(config: dict) -> None:
 
     trainer = phase_trainer(model, tc, config["total_steps"], device)
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(config["resume_from"])
+                                                if config.get("resume_from") else None)
     if checkpoint:  # exact resume: live weights, EMA, optimizer, schedule; epochs seed themselves
         with checkpoint.as_directory() as d:
             trainer.load_state_dict(torch.load(os.path.join(d, TRAINER_STATE), map_location="cpu", weights_only=True))
@@ -245,6 +247,31 @@ def _validate(model, phase: int, device, binary_metrics) -> dict[str, float]:
     return {"val_bal_acc": m["Bal_Acc"], "val_auc": m["AUC"], "val_n": len(labels)}
 
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
+
+
+def recover_interrupted_run(storage: str, name: str) -> str | None:
+    """Ray Train rewrites its checkpoint list in place: a run killed during that write
+    leaves it unreadable, and every rerun then fails at start. In that case the list is
+    removed and the newest complete checkpoint of ours (all its files there) is returned,
+    for the rerun to resume from; None when there is nothing to recover."""
+    run = Location(join_uri(storage, name))
+    raw = run.read_bytes(SNAPSHOT)
+    if raw is None:
+        return None
+    try:
+        json.loads(raw)
+        return None  # readable: Ray Train resumes by itself
+    except ValueError:
+        pass
+    run.fs.rm(run.path(SNAPSHOT))
+    for checkpoint in sorted((n for n in run.names() if n.startswith("checkpoint_")), reverse=True):
+        files = set(run.names(checkpoint))
+        if {EXPORT, TRAINER_STATE, "meta.json"} <= files:
+            return run.uri_of(checkpoint)
+    return None
+
+
 def _ordered():
     from ray.data import ExecutionOptions
 
@@ -269,12 +296,15 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     if n_train == 0 or n_val == 0:
         raise ValueError(f"not enough images: {n_train} to train on, {n_val} held out")
     steps = tc.epochs * math.ceil(n_train / (tc.batch_size * tc.num_workers * tc.grad_accum))
+    storage = os.path.abspath(storage) if "://" not in storage else storage
+    resume_from = recover_interrupted_run(storage, tc.name)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": dataclasses.asdict(tc), "model_config": bundle.config.to_dict(),
-                           "weights": ray.put(bundle.weights.to_numpy()), "total_steps": steps, "clock": clock},
+                           "weights": ray.put(bundle.weights.to_numpy()), "total_steps": steps, "clock": clock,
+                           "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
-        run_config=RunConfig(name=tc.name, storage_path=os.path.abspath(storage) if "://" not in storage else storage,
+        run_config=RunConfig(name=tc.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
         datasets={"train": train_ds, "val": val_ds},
