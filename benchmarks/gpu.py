@@ -233,6 +233,31 @@ def attention_kernels(model, pixels) -> list[str]:
     return sorted(n for n in names if any(t in n.lower() for t in ("flash", "fmha", "attention", "cudnn", "sdpa")))[:8]
 
 
+KERNEL_KINDS = (("attention", ("flash", "fmha", "sdpa", "attention")),
+                ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "mm_")),
+                ("fused_elementwise", ("triton",)))
+
+
+def kernel_time_shares(fn) -> dict:
+    """Share of one call's CUDA kernel time by kind (attention / matmul / inductor-fused
+    elementwise / other) and the total: where a compiled forward spends the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        name = e.key.lower()
+        kind = next((k for k, tags in KERNEL_KINDS if any(t in name for t in tags)), "other")
+        totals[kind] = totals.get(kind, 0.0) + us
+    all_us = sum(totals.values()) or 1.0
+    return {"kernel_ms": all_us / 1e3, **{f"share_{k}": round(v / all_us, 3) for k, v in sorted(totals.items())}}
+
+
 def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
                          compile_modes: tuple[str, ...] = ("default",), with_backbone: bool = True,
                          unfused_baseline: bool = False) -> dict:
@@ -259,6 +284,10 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
         res[f"{prefix}_{name}_first_call_s"] = time.perf_counter() - t0
         img_s = res[f"{prefix}_{name}_img_s"] = batch / cuda_median_s(lambda: full(pixels), reps)
         res[f"{prefix}_{name}_mfu_vs_datasheet"] = img_s * res[f"{prefix}_flops_per_image_g"] / 1e3 / H100_BF16_DENSE_TFLOPS
+        try:  # a profiler failure must not cost the section's figures
+            res[f"{prefix}_{name}_kernel_time"] = kernel_time_shares(lambda: full(pixels))
+        except Exception as err:
+            res[f"{prefix}_{name}_kernel_time"] = f"profiler failed: {type(err).__name__}: {err}"
         torch._dynamo.reset()
         return img_s
 

@@ -1,8 +1,9 @@
 """Raw-JPEG figures for benchmarks/run.py: decode modes end to end, GPU decode's deviation.
 
 raw_jpeg: `mirror scan` over Parquet shards of full-size JPEGs (a mix of sizes up to
-1920x1080) with CPU exact decode, CPU fast decode and GPU decode, each against a pure
-model loop on pre-decoded crops (same model, batch and precision).
+1920x1080) with CPU exact decode, CPU fast decode and GPU decode (overlapping the model, or
+`gpu_serial`: not), each against a pure model loop on pre-decoded crops (same model, batch
+and precision).
 gpu_decode_parity: the parity fixture's JPEGs through the GPU path and the exact CPU path:
 max |d pixel| of the crops and max |d prob_fake| of the fixture model's scores.
 Both run on CPU too (GPU decode then falls back to the CPU path and says so).
@@ -73,12 +74,13 @@ def raw_jpeg_figures(backbone: dict, n_images: int, batch: int, device: str, pre
             torch.cuda.empty_cache()
         ensure_ray()
         for mode in modes:
-            if mode == "gpu" and not cuda:
+            gpu_decode = mode in ("gpu", "gpu_serial")  # gpu_serial: decode not overlapping the model
+            if gpu_decode and not cuda:
                 continue
             scan_cfg = ScanConfig(batch_size=batch, actors=actors, gpus_per_actor=1.0 / actors if cuda else 0.0,
                                   cpus_per_actor=1 if cuda else None, cpus_per_decode_task=decode_cpus,
                                   decode_rows_per_batch=64, precision=precision, compile=compile,
-                                  fast_decode=mode == "fast", gpu_decode=mode == "gpu")
+                                  fast_decode=mode == "fast", gpu_decode=gpu_decode, decode_overlap=mode == "gpu")
             summary = run_scan(bundle, str(tmp / "shards"), str(tmp / f"out-{mode}"), scan_cfg)
             run = summary["this_run"]
             assert summary["rows_out"] == n_images and summary["errors"] == 0, summary

@@ -254,9 +254,10 @@ def main(argv=None) -> int:
     g.add_argument("--actors", type=int, default=1)
     g.add_argument("--gpus-per-actor", type=float, default=1.0)
     g.add_argument("--compile-modes", default="default", help="for hplus / graphs: default,reduce-overhead,...")
+    g.add_argument("--graphs-unfused", action="store_true", help="graphs: also the unfused projections")
     r = p.add_argument_group("raw_jpeg")
     r.add_argument("--raw-images", type=int, default=8192)
-    r.add_argument("--raw-modes", default="exact,fast,gpu")
+    r.add_argument("--raw-modes", default="exact,fast,gpu", help="exact,fast,gpu,gpu_serial")
     r.add_argument("--raw-precision", default=None, help="default: bf16-weights on cuda, fp32 on cpu")
     r.add_argument("--raw-compile", action="store_true")
     r.add_argument("--raw-actors", type=int, default=1, help="scoring actors sharing the GPU (1/N GPU each)")
@@ -293,7 +294,8 @@ def main(argv=None) -> int:
             section(result, "gpu_decode_speed", gpu_decode_speed, args.json_out)
         if "graphs" in only:
             section(result, "graphs", lambda: gpu.architecture_figures("vitl", VIT_L, args.pipeline_batch, reps, modes,
-                                                                       with_backbone=False, unfused_baseline=True),
+                                                                       with_backbone=False,
+                                                                       unfused_baseline=args.graphs_unfused),
                     args.json_out)
     else:
         from mirror_core.readout import inference_readout

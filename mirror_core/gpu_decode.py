@@ -1,11 +1,11 @@
 """GPU decode mode: JPEG bytes -> the official crop, decoded, resized and cropped on a CUDA device.
 
 Opt-in (`PreprocessConfig.gpu_decode`). nvJPEG, through torchvision's `decode_jpeg`,
-decodes a batch; each image is then resized as the exact path does (short side to 512 when
-larger, bicubic with PIL's filter: torch's antialiased bicubic, horizontal pass first and
-rounded to 8 bits between the passes as Pillow does) and centre-cropped (zero padding,
-round-half-even offsets). Not bit-exact against the CPU path: nvJPEG's IDCT and chroma
-upsampling differ from libjpeg-turbo's; the benchmark reports the score deviation.
+decodes a batch; the images of each size are then resized as the exact path does (short
+side to 512 when larger, Pillow's bicubic arithmetic in `resample`, computed for the crop's
+pixels only) and centre-cropped (zero padding, round-half-even offsets). Not bit-exact
+against the CPU path: nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's; the
+benchmark reports the score deviation.
 
 torchvision is an optional extra (`gpu-decode`): without it, or without CUDA, there is no
 device decoder and every image takes the CPU path, recorded as such per row.
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .config import PreprocessConfig
 from .preprocess import short_side_size
+from .resample import resized_windows
 
 Decoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # 1-D uint8 CPU tensors -> [3, H, W] uint8
 
@@ -48,30 +49,35 @@ def device_jpeg_decoder(device: str | torch.device) -> Decoder | None:
     return decode
 
 
-def _resize_axis(image: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    """One antialiased bicubic pass along H (dim=-2) or W (dim=-1), rounded to 8 bits."""
-    h, w = image.shape[-2:]
-    target = (size, w) if dim == -2 else (h, size)
-    out = F.interpolate(image[None].float(), size=target, mode="bicubic", antialias=True, align_corners=False)[0]
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+def _crop_window(size: int, crop: int) -> tuple[int, int, int]:
+    """One axis of the centre crop: (first kept index, kept length, zero padding before);
+    torchvision's CenterCrop: round-half-even offsets, padding split low side first."""
+    if size >= crop:
+        return int(round((size - crop) / 2)), crop, 0
+    return 0, size, (crop - size) // 2
+
+
+def official_crops(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 [n, 3, H, W] of one size (any device) -> uint8 [n, crop, crop, 3]: the official
+    resize (short side to `resize_short_side` when larger, Pillow's bicubic) and centre
+    crop, resampling only the pixels the crop keeps."""
+    _, _, h, w = images.shape
+    new_size = short_side_size((w, h), cfg.resize_short_side)
+    new_w, new_h = new_size or (w, h)
+    top, height, pad_top = _crop_window(new_h, cfg.crop_size)
+    left, width, pad_left = _crop_window(new_w, cfg.crop_size)
+    if new_size is not None:
+        out = resized_windows(images, new_size, top, left, height, width)
+    else:
+        out = images[:, :, top : top + height, left : left + width]
+    if height < cfg.crop_size or width < cfg.crop_size:
+        out = F.pad(out, (pad_left, cfg.crop_size - width - pad_left, pad_top, cfg.crop_size - height - pad_top))
+    return out.permute(0, 2, 3, 1)
 
 
 def official_crop(image: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """uint8 [3, H, W] (any device) -> uint8 [crop, crop, 3]: the official resize and crop."""
-    _, h, w = image.shape
-    new_size = short_side_size((w, h), cfg.resize_short_side)
-    if new_size is not None:
-        new_w, new_h = new_size
-        image = _resize_axis(image, new_w, -1) if new_w != w else image
-        image = _resize_axis(image, new_h, -2) if new_h != h else image
-    size = cfg.crop_size
-    _, h, w = image.shape
-    if h < size or w < size:
-        pad_h, pad_w = max(size - h, 0), max(size - w, 0)
-        image = F.pad(image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        _, h, w = image.shape
-    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
-    return image[:, top : top + size, left : left + size].permute(1, 2, 0)
+    return official_crops(image[None], cfg)[0]
 
 
 def decode_crops(payloads: Sequence[bytes], cfg: PreprocessConfig, decoder: Decoder, device: torch.device
@@ -91,7 +97,11 @@ def decode_crops(payloads: Sequence[bytes], cfg: PreprocessConfig, decoder: Deco
             except Exception as err:
                 images.append(None)
                 refused[i] = f"{type(err).__name__}: {err}"
+    by_size: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         if image is not None:
-            crops[i] = official_crop(image, cfg)
+            by_size.setdefault(tuple(image.shape), []).append(i)
+    for rows in by_size.values():  # one batched resize per distinct image size
+        index = torch.tensor(rows, device=device)
+        crops[index] = official_crops(torch.stack([images[i] for i in rows]), cfg)
     return crops, refused

@@ -35,6 +35,7 @@ class ScanConfig:
     alignment: str | None = None  # override the bundle's JPEG alignment policy
     fast_decode: bool = False  # reduced-scale JPEG decoding (faster, not bit-exact; recorded)
     gpu_decode: bool = False  # JPEGs decoded, resized and cropped on the replicas' GPUs (not bit-exact; recorded)
+    decode_overlap: bool = True  # gpu_decode: a replica decodes its next block while its model scores
     threshold: float | None = None  # override the bundle's decision threshold
     input_format: str = "auto"
     perturbation: str | None = None  # robustness sweeps: e.g. 'jpeg:75', applied before preprocessing

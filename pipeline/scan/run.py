@@ -109,8 +109,11 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
                    "fetch_threads": cfg.fetch_threads, "rows_per_batch": cfg.decode_rows_per_batch,
                    "max_file_bytes": cfg.max_file_mb * 2**20},
     )
-    pool = (ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors) if cfg.max_actors
-            else ray.data.ActorPoolStrategy(size=cfg.actors))
+    # GPU decode: two calls per replica at once, so one block decodes while another scores
+    overlap = {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True} if (
+        cfg.gpu_decode and cfg.decode_overlap) else {}
+    pool = (ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors, **overlap) if cfg.max_actors
+            else ray.data.ActorPoolStrategy(size=cfg.actors, **overlap))
     # Ray's public map_batches refuses whole blocks (batch_size=None) to a GPU stage; Ray's own
     # map_groups needs whole blocks on GPUs too and calls map_batches_internal, as we do.
     map_whole_blocks = ds.map_batches_internal if gpu else ds.map_batches

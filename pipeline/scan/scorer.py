@@ -6,6 +6,8 @@ never reads weights from storage itself.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -51,6 +53,10 @@ class Scorer:
         self.gpu_decoder = device_jpeg_decoder(device) if cfg.preprocess.gpu_decode else None
         self.faults = FaultHooks.from_env()
         self.batch_size = batch_size
+        # GPU decode overlaps the model when Ray runs two calls of this actor at once (one
+        # decoding its block on a side stream while the other scores): one of each at a time.
+        self._decode_lock, self._model_lock = threading.Lock(), threading.Lock()
+        self._decode_stream = torch.cuda.Stream(self.detector.device) if self.gpu_decoder is not None else None
         self.replica = uuid.uuid4().hex  # this replica's identity: a run counts the replicas it built
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -67,6 +73,21 @@ class Scorer:
         ok = np.asarray(columns["error"].is_null().to_numpy(zero_copy_only=False), dtype=bool)
         n = len(ok)
         scores = {k: np.full(n, np.nan) for k in SIGNALS}
+        with self._model_lock:
+            self._score_block(pixels, ok, scores)
+        seconds = (time.perf_counter() - t0) / max(n, 1)
+        columns[SCORE_SECONDS] = pa.array(np.full(n, seconds), pa.float64())
+        columns[READOUT] = pa.array([self.detector.readout] * n, pa.string())
+        columns[REPLICA] = pa.array([self.replica] * n, pa.string())
+        table = pa.table(columns)
+        for k in SIGNALS:
+            table = table.append_column(k, pa.array(scores[k], pa.float64(), mask=~ok))
+        pred = (scores["prob_fake"] > self.detector.threshold).astype(np.int64)
+        return table.append_column(PRED, pa.array(pred, pa.int64(), mask=~ok))
+
+    def _score_block(self, pixels, ok: np.ndarray, scores: dict[str, np.ndarray]) -> None:
+        """Model calls of `batch_size` images over the block's decodable rows, into `scores`."""
+        n = len(ok)
         for start in range(0, n, self.batch_size):
             self.faults.before_score_batch()
             sel = ok[start : start + self.batch_size]
@@ -79,15 +100,6 @@ class Scorer:
                    else self.detector.score_tensor(chunk))
             for k in SIGNALS:
                 scores[k][start : start + self.batch_size][sel] = got[k]
-        seconds = (time.perf_counter() - t0) / max(n, 1)
-        columns[SCORE_SECONDS] = pa.array(np.full(n, seconds), pa.float64())
-        columns[READOUT] = pa.array([self.detector.readout] * n, pa.string())
-        columns[REPLICA] = pa.array([self.replica] * n, pa.string())
-        table = pa.table(columns)
-        for k in SIGNALS:
-            table = table.append_column(k, pa.array(scores[k], pa.float64(), mask=~ok))
-        pred = (scores["prob_fake"] > self.detector.threshold).astype(np.int64)
-        return table.append_column(PRED, pa.array(pred, pa.int64(), mask=~ok))
 
     def _decode_on_device(self, pixels: np.ndarray, payloads: list[bytes], rows: list[int], columns: dict):
         """The block's crops as one device tensor, the ENCODED rows decoded into it on the GPU;
@@ -95,12 +107,13 @@ class Scorer:
         and one the CPU cannot decode either becomes an error row."""
         cfg = self.preprocess
         device = self.detector.device
-        block = torch.from_numpy(np.array(pixels)).to(device)
-        if self.gpu_decoder is not None:
-            crops, refused = decode_crops(payloads, cfg, self.gpu_decoder, device)
-            block[torch.tensor(rows, device=device)] = crops
-        else:
-            refused = ["no GPU JPEG decoder in this replica (CUDA and torchvision's decode_jpeg needed)"] * len(rows)
+        stream = self._decode_stream
+        with self._decode_lock, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            block = torch.from_numpy(np.array(pixels)).to(device)
+            refused = self._decode_into(block, payloads, rows)
+            if stream is not None:  # the crops are whole before the model's stream reads them
+                stream.synchronize()
+                block.record_stream(torch.cuda.default_stream(device))
         fallback = [(row, data) for row, data, why in zip(rows, payloads, refused) if why is not None]
         if fallback:
             errors, formats = columns["error"].to_pylist(), columns[ROW_PREPROCESS].to_pylist()
@@ -113,3 +126,11 @@ class Scorer:
                     errors[row] = f"decode failed: {type(err).__name__}: {err}"
             columns = {**columns, "error": pa.array(errors, pa.string()), ROW_PREPROCESS: pa.array(formats, pa.string())}
         return block, columns
+
+    def _decode_into(self, block: torch.Tensor, payloads: list[bytes], rows: list[int]) -> list[str | None]:
+        """GPU-decoded crops into `block`'s `rows`; per row None or why it was refused."""
+        if self.gpu_decoder is None:
+            return ["no GPU JPEG decoder in this replica (CUDA and torchvision's decode_jpeg needed)"] * len(rows)
+        crops, refused = decode_crops(payloads, self.preprocess, self.gpu_decoder, block.device)
+        block[torch.tensor(rows, device=block.device)] = crops
+        return refused
