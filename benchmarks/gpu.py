@@ -249,13 +249,17 @@ def kernel_time_shares(fn) -> dict:
         fn()
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
+    per_kernel: dict[str, float] = {}
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
         name = e.key.lower()
         kind = next((k for k, tags in KERNEL_KINDS if any(t in name for t in tags)), "other")
         totals[kind] = totals.get(kind, 0.0) + us
+        per_kernel[e.key[:90]] = per_kernel.get(e.key[:90], 0.0) + us
     all_us = sum(totals.values()) or 1.0
-    return {"kernel_ms": all_us / 1e3, **{f"share_{k}": round(v / all_us, 3) for k, v in sorted(totals.items())}}
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {"kernel_ms": all_us / 1e3, **{f"share_{k}": round(v / all_us, 3) for k, v in sorted(totals.items())},
+            "top_kernels_ms": {k: round(v / 1e3, 2) for k, v in top}}
 
 
 def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
