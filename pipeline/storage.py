@@ -45,15 +45,20 @@ class Location:
 
     def _write_bytes(self, rel: str, data: bytes) -> None:
         path = self.path(rel)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:  # atomic on POSIX: readers never see half a file
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             with self.fs.open(tmp, "wb") as f:
                 f.write(data)
             self.fs.mv(tmp, path)
-        else:  # object stores publish a PUT whole or not at all
-            with self.fs.open(path, "wb") as f:
-                f.write(data)
+            return
+        # Object stores publish a PUT whole or not at all, and have no directories: one
+        # request per file (a write is latency-bound), the bucket made only when missing.
+        try:
+            self.fs.pipe_file(path, data)
+        except FileNotFoundError:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(path, data)
 
     def read_bytes(self, rel: str) -> bytes | None:
         path = self.path(rel)

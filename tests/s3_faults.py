@@ -26,6 +26,7 @@ class FaultProxy:
         self.deny_prefixes = deny_prefixes
         self.injected = 0
         self.denied = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
         self._gets = 0
         self._lock = threading.Lock()
         proxy = self
@@ -50,6 +51,8 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 path = urlsplit(self.path).path
+                with proxy._lock:
+                    proxy.requests.append((self.command, path))
                 if any(path.startswith(p) for p in proxy.deny_prefixes):
                     with proxy._lock:
                         proxy.denied += 1

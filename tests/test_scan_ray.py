@@ -169,7 +169,7 @@ def test_killed_scan_resumes_without_duplicates(parity_bundle, tmp_path):
     assert summary["units"]["skipped_done"] == len(done_before)
 
 
-def test_decode_and_commit_run_in_tasks_separate_from_scoring_actors(ray_local, parity_bundle, capsys, tmp_path):
+def test_decode_tasks_scoring_actors_and_writers_are_separate_stages(ray_local, parity_bundle, capsys, tmp_path):
     from mirror_core.bundle import load_bundle
     from pipeline.scan.run import build_dataset
 
@@ -179,7 +179,7 @@ def test_decode_and_commit_run_in_tasks_separate_from_scoring_actors(ray_local, 
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(decode_units)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(Scorer)]" in optimized
-    assert "TaskPoolMapOperator[MapBatches(commit_units)]" in optimized  # writes never block a replica
+    assert "ActorPoolMapOperator[MapBatches(CommitWriter)]" in optimized  # writes never block a replica
 
 
 def test_s3_ingest_then_scan_from_s3_to_s3(ray_local, parity_bundle, parity_dir, s3_bucket, tmp_path):

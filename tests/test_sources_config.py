@@ -184,3 +184,25 @@ def test_avif_is_a_default_extension_and_skipped_files_are_counted(tmp_path):
     only = cli.scan_config_from_args(args)
     assert only.extensions == ["png", "jpg"]
     assert plan_source(str(tmp_path / "in"), only.source_options()).skipped_by_extension == 2
+
+
+def test_an_object_store_write_is_one_put_and_makes_a_missing_bucket(s3_server, s3_bucket):
+    """Part files are latency-bound on object stores: one request each (no directory or
+    bucket checks), and a bucket that does not exist yet is made on the first write."""
+    import s3fs
+    from s3_faults import FaultProxy
+
+    from pipeline.storage import Location
+
+    with FaultProxy(s3_server) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.url
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            Location(f"s3://{s3_bucket}/scan").write_bytes("parts/u1.parquet", b"one")
+            assert proxy.requests == [("PUT", f"/{s3_bucket}/scan/parts/u1.parquet")]
+            fresh = Location("s3://mirror-made-on-write/scan")
+            fresh.write_bytes("parts/u2.parquet", b"two")
+            assert fresh.read_bytes("parts/u2.parquet") == b"two"
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = s3_server
+            s3fs.S3FileSystem.clear_instance_cache()

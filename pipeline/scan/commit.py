@@ -1,17 +1,18 @@
 """Commit stage: a unit's scored rows -> its part file, written by a Ray worker.
 
-Runs as CPU tasks after the score stage. Each block holds whole units (the decode stage
-emits one block per unit and the score stage keeps blocks whole), so a task can assemble
-a unit's output rows from its packed records and scored rows and write its part once,
-whole (atomic rename locally, one PUT on object stores). A re-executed task writes the
-same part again under the same name: never a duplicate row. What reaches the driver is
-one completion record per unit (ids and counts), never rows.
+Runs in a pool of writer actors after the score stage. Each block holds whole units (the
+decode stage emits one block per unit and the score stage keeps blocks whole), so a writer
+can assemble a unit's output rows from its packed records and scored rows and write its
+part once, whole (atomic rename locally, one PUT on object stores). A re-executed call
+writes the same part again under the same name: never a duplicate row. What reaches the
+driver is one completion record per unit (ids and counts), never rows.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -81,33 +82,69 @@ def unit_rows(scored: pa.Table, unit_id: str) -> tuple[pa.Table, dict, pa.Table]
     return records, target, part
 
 
+WRITE_THREADS = 16  # a block's part writes in flight at once (object stores: latency-bound)
+CALLS_PER_WRITER = 8  # blocks one writer commits at once
+
+
 def commit_units(batch: pa.Table) -> pa.Table:
     """Ray map_batches function (pyarrow, whole blocks): write each unit's part where its
-    target says, return one completion record per unit."""
+    target says (a block's parts in parallel), return one completion record per unit."""
     import ray
 
     from pipeline.scan.faults import FaultHooks
-    from pipeline.scan.store import ScanStore
 
     faults = FaultHooks.from_env()
     # outside Ray (a stage run by hand) the writer is named by its host
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
-    pid = os.getpid()
-    writer = {WRITER_METADATA: f'{{"node": "{node}", "pid": {pid}}}'.encode()}
-    done = []
-    for key in dict.fromkeys(batch[UNIT].to_pylist()):
-        records, target, scored = unit_rows(batch, key)
-        rows = assemble_rows(records, scored, target["run"])
-        out = ScanStore(target["store"])
-        faults.before_write()
-        out.write_parquet(out.part_name(target["unit_id"]),
-                          rows.replace_schema_metadata({**(rows.schema.metadata or {}), **writer}))
-        done.append({"store": target["store"], "unit_id": target["unit_id"], "rows": rows.num_rows,
-                     "errors": rows.num_rows - rows["error"].null_count,
-                     "decode_s": float(pc.sum(scored[DECODE_SECONDS]).as_py() or 0),
-                     "score_s": float(pc.sum(scored[SCORE_SECONDS]).as_py() or 0),
-                     "readout": ",".join(sorted(set(scored[READOUT].to_pylist()) - {None})),
-                     "replicas": ",".join(sorted(set(scored[REPLICA].to_pylist()) - {None})),
-                     "cpu_decoded_in_gpu_mode": scored.num_rows - scored[ROW_PREPROCESS].null_count,
-                     "writer_node": node, "writer_pid": pid})
+    writer = {"node": node, "pid": os.getpid()}
+    keys = list(dict.fromkeys(batch[UNIT].to_pylist()))
+    if len(keys) == 1:
+        return pa.Table.from_pylist([_commit_unit(batch, keys[0], writer, faults)], schema=COMPLETION_SCHEMA)
+    with ThreadPoolExecutor(min(WRITE_THREADS, len(keys))) as pool:
+        done = list(pool.map(lambda key: _commit_unit(batch, key, writer, faults), keys))
     return pa.Table.from_pylist(done, schema=COMPLETION_SCHEMA)
+
+
+def _commit_unit(batch: pa.Table, key: str, writer: dict, faults) -> dict:
+    """One unit of the block: its part written whole, its completion record returned."""
+    from pipeline.scan.store import ScanStore
+
+    records, target, scored = unit_rows(batch, key)
+    rows = assemble_rows(records, scored, target["run"])
+    out = ScanStore(target["store"])
+    faults.before_write()
+    metadata = {WRITER_METADATA: f'{{"node": "{writer["node"]}", "pid": {writer["pid"]}}}'.encode()}
+    out.write_parquet(out.part_name(target["unit_id"]),
+                      rows.replace_schema_metadata({**(rows.schema.metadata or {}), **metadata}))
+    return {"store": target["store"], "unit_id": target["unit_id"], "rows": rows.num_rows,
+            "errors": rows.num_rows - rows["error"].null_count,
+            "decode_s": float(pc.sum(scored[DECODE_SECONDS]).as_py() or 0),
+            "score_s": float(pc.sum(scored[SCORE_SECONDS]).as_py() or 0),
+            "readout": ",".join(sorted(set(scored[READOUT].to_pylist()) - {None})),
+            "replicas": ",".join(sorted(set(scored[REPLICA].to_pylist()) - {None})),
+            "cpu_decoded_in_gpu_mode": scored.num_rows - scored[ROW_PREPROCESS].null_count,
+            "writer_node": writer["node"], "writer_pid": writer["pid"]}
+
+
+class CommitWriter:
+    """The commit stage's actor: `commit_units` on each block it is handed. Ray runs several
+    calls of one writer at once (threads), so part writes, which wait on storage, overlap,
+    and a long-lived writer spares every block a task's scheduling and process start."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return commit_units(batch)
+
+
+def add_commit_stage(ds, writers: int | None = None):
+    """`ds` (whole-unit blocks of scored rows) -> one completion record per unit, the parts
+    written by a pool of CommitWriter actors: `writers`, by default one per node with CPUs
+    (at least 2), kept on such nodes (a head that schedules no work gets none). Writers
+    reserve no CPU: a fraction of a core held for the whole scan would leave small nodes
+    unable to start a decode task."""
+    import ray
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    pool = ray.data.ActorPoolStrategy(size=writers or max(2, len(nodes)), max_concurrent_calls_per_actor=CALLS_PER_WRITER,
+                                      enable_true_multi_threading=True)
+    return ds.map_batches(CommitWriter, batch_size=None, batch_format="pyarrow", num_cpus=0, compute=pool,
+                          label_selector={"ray.io/node-id": f"in({','.join(nodes)})"} if nodes else None)

@@ -29,6 +29,7 @@ class ScanConfig:
     max_file_mb: int = 256  # larger files become error rows without being read whole
     decode_rows_per_batch: int = 64
     decode_task_memory_mb: int = 1024  # reserved per decode task (a unit of full-size JPEGs peaks near 1 GB)
+    commit_writers: int | None = None  # writer actors of the commit stage; default one per node, at least 2
     unit_size: int = 256  # records per committed unit (folders, manifests)
     precision: str | None = None  # fp32 | bf16 | fp16 | bf16-weights; default bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile each replica (slower start; see BENCHMARKS.md)
@@ -53,6 +54,8 @@ class ScanConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.commit_writers is not None and self.commit_writers < 1:
+            raise ConfigError(f"{source}: commit_writers must be >= 1, got {self.commit_writers}")
         for name in ("gpus_per_actor", "cpus_per_actor", "cpus_per_decode_task"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{source}: {name} must be >= 0, got {getattr(self, name)}")

@@ -19,7 +19,7 @@ from mirror_core.config import MirrorConfig
 from mirror_core.metrics import binary_metrics
 from pipeline.cluster import ensure_ray
 from pipeline.progress import step
-from pipeline.scan.commit import commit_units
+from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.schema import INDEX, UNIT, pack_records
@@ -134,15 +134,7 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
             "batch_size": cfg.batch_size,
         },
     )
-    return ds.map_batches(
-        commit_units,
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=COMMIT_TASK_CPUS,
-    )
-
-
-COMMIT_TASK_CPUS = 0.25  # writes wait on storage, not on a core; several share one
+    return add_commit_stage(ds, cfg.commit_writers)
 
 
 class Completions:
@@ -224,7 +216,7 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
 def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list[dict[str, Any]]:
     """Several scans through one pipeline: one pool of replicas (built, and compiled, once)
     scores every job's units; each job gets its own output and summary, as `run_scan` does."""
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     model_cfg = effective_config(bundle, cfg)
     prepared, items = [], []
@@ -255,7 +247,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
         items += unit_descriptors(todo, plan, out.uri, run, job.perturbation, j)
         prepared.append((job, out, plan, policy, done - retried, todo, {"new": len(added), "retried": len(retried)}))
     completions = Completions()
-    t_plan = time.perf_counter()
+    t_plan, cpu_plan = time.perf_counter(), time.process_time()
     t_first = t_last = None
     first_rows = 0
     if items:
@@ -269,6 +261,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 t_first, first_rows = time.perf_counter(), int(pc.sum(batch["rows"]).as_py() or 0)
             completions.add(batch)
         t_last = time.perf_counter()
+    cpu_pipeline = time.process_time()
     summaries = []
     for job, out, plan, policy, done, todo, changes in prepared:
         missing = {u.unit_id for u in todo} - {unit for store, unit in completions.units if store == out.uri}
@@ -304,6 +297,10 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 "writers": {"nodes": done_now["writer_nodes"], "processes": len(done_now["writer_pids"])},
                 "pipeline": {"scans": len(jobs), "scoring_replicas": done_now["replicas"]},
                 "driver_peak_rss_mb": round(peak_rss_mb(), 1),
+                # this process's CPU: planning, the pipeline (Ray Data's executor, completion
+                # records), and the summaries up to this one (reading back label/score columns)
+                "driver_cpu_s": {"plan": round(cpu_plan - cpu_start, 3), "pipeline": round(cpu_pipeline - cpu_plan, 3),
+                                 "summaries": round(time.process_time() - cpu_pipeline, 3)},
             },
             "config": replace(cfg, perturbation=job.perturbation).to_dict(),
         })
