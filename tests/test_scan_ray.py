@@ -45,6 +45,23 @@ def test_parity_fixture_through_ray_matches_official_scores(ray_local, parity_bu
     assert on_disk["config"]["cpus_per_actor"] == 1.0  # resolved and recorded: 4 CPUs - 2 for decode, 2 actors
 
 
+def test_units_share_blocks_and_still_commit_one_part_each(ray_local, parity_bundle, parity_dir, tmp_path):
+    """48 one-record units on 4 decode slots travel 3 to a block (Ray Data's cost is per
+    block); each is still its own part with its own record, scored as the official script."""
+    from pipeline.scan.run import MAX_UNITS_PER_BLOCK, units_per_block
+
+    assert units_per_block(48, 4) == 3 and units_per_block(10, 4) == 1
+    assert units_per_block(10**6, 4) == MAX_UNITS_PER_BLOCK
+    summary = run_scan(str(parity_bundle), str(parity_dir / "data" / "WildRF" / "test"), str(tmp_path / "out"),
+                       ScanConfig(unit_size=1, batch_size=8))
+    assert summary["this_run"]["pipeline"]["units_per_block"] == 3
+    assert len(list((tmp_path / "out" / "scores").glob("*.parquet"))) == 48 == summary["units"]["committed_now"]
+    expected = {r["path"]: float(r["logit_fake"]) for r in csv.DictReader(open(parity_dir / "expected_scores.csv"))}
+    rows = read_scores(tmp_path / "out").to_pylist()
+    assert sorted(os.path.relpath(r["uri"], parity_dir / "data") for r in rows) == sorted(expected)
+    assert all(abs(r["logit_fake"] - expected[os.path.relpath(r["uri"], parity_dir / "data")]) < 1e-3 for r in rows)
+
+
 def test_cpu_scorers_get_the_node_less_decode_cpus_unless_set(ray_local, monkeypatch):
     from pipeline.scan.run import scoring_cpus
 
