@@ -1,7 +1,7 @@
 """Commit stage: a unit's scored rows -> its part file, written by a Ray worker.
 
 Runs in a pool of writer actors after the score stage. Each block holds whole units (the
-decode stage emits one block per unit and the score stage keeps blocks whole), so a writer
+decode stage emits blocks of whole units and the score stage keeps blocks whole), so a writer
 can assemble a unit's output rows from its packed records and scored rows and write its
 part once, whole (atomic rename locally, one PUT on object stores). A re-executed call
 writes the same part again under the same name: never a duplicate row. What reaches the
