@@ -137,15 +137,15 @@ class CommitWriter:
 
 def add_commit_stage(ds, writers: int | None = None):
     """`ds` (whole-unit blocks of scored rows) -> one completion record per unit, the parts
-    written by a pool of CommitWriter actors: `writers`, by default one per node with CPUs
-    (at least 2), kept off the nodes without CPUs (a head that schedules no work gets none;
+    written by a pool of CommitWriter actors: `writers`, by default one per node with CPUs,
+    kept off the nodes without CPUs (a head that schedules no work gets none;
     nodes that join later may host them). Writers reserve no CPU: a fraction of a core held
     for the whole scan would leave small nodes unable to start a decode task."""
     import ray
 
     alive = [n for n in ray.nodes() if n["Alive"]]
     cpu_less = [n["NodeID"] for n in alive if not n["Resources"].get("CPU", 0)]
-    pool = ray.data.ActorPoolStrategy(size=writers or max(2, len(alive) - len(cpu_less)),
+    pool = ray.data.ActorPoolStrategy(size=writers or max(1, len(alive) - len(cpu_less)),
                                       max_concurrent_calls_per_actor=CALLS_PER_WRITER, enable_true_multi_threading=True)
     return ds.map_batches(CommitWriter, batch_size=None, batch_format="pyarrow", num_cpus=0, compute=pool,
                           label_selector={"ray.io/node-id": f"!in({','.join(cpu_less)})"} if cpu_less else None)

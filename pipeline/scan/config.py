@@ -29,7 +29,7 @@ class ScanConfig:
     max_file_mb: int = 256  # larger files become error rows without being read whole
     decode_rows_per_batch: int = 64
     decode_task_memory_mb: int = 1024  # reserved per decode task (a unit of full-size JPEGs peaks near 1 GB)
-    commit_writers: int | None = None  # writer actors of the commit stage; default one per node, at least 2
+    commit_writers: int | None = None  # writer actors of the commit stage; default one per node with CPUs
     unit_size: int = 256  # records per committed unit (folders, manifests)
     precision: str | None = None  # fp32 | bf16 | fp16 | bf16-weights; default bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile each replica (slower start; see BENCHMARKS.md)
