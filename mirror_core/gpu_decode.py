@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PreprocessConfig
-from .preprocess import short_side_size
+from .preprocess import crop_window, short_side_size
 from .resample import resized_windows
 
 Decoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # 1-D uint8 CPU tensors -> [3, H, W] uint8
@@ -49,14 +49,6 @@ def device_jpeg_decoder(device: str | torch.device) -> Decoder | None:
     return decode
 
 
-def _crop_window(size: int, crop: int) -> tuple[int, int, int]:
-    """One axis of the centre crop: (first kept index, kept length, zero padding before);
-    torchvision's CenterCrop: round-half-even offsets, padding split low side first."""
-    if size >= crop:
-        return int(round((size - crop) / 2)), crop, 0
-    return 0, size, (crop - size) // 2
-
-
 def official_crops(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """uint8 [n, 3, H, W] of one size (any device) -> uint8 [n, crop, crop, 3]: the official
     resize (short side to `resize_short_side` when larger, Pillow's bicubic) and centre
@@ -64,8 +56,8 @@ def official_crops(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     _, _, h, w = images.shape
     new_size = short_side_size((w, h), cfg.resize_short_side)
     new_w, new_h = new_size or (w, h)
-    top, height, pad_top = _crop_window(new_h, cfg.crop_size)
-    left, width, pad_left = _crop_window(new_w, cfg.crop_size)
+    top, height, pad_top = crop_window(new_h, cfg.crop_size)
+    left, width, pad_left = crop_window(new_w, cfg.crop_size)
     if new_size is not None:
         out = resized_windows(images, new_size, top, left, height, width)
     else:

@@ -102,16 +102,22 @@ def resized_center_crop(img: Image.Image, short_side: int, size: int) -> np.ndar
     return np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
 
 
+def crop_window(size: int, crop: int) -> tuple[int, int, int]:
+    """One axis of torchvision's CenterCrop: (first kept index, kept length, zero padding
+    before). Round-half-even offsets; a short axis is kept whole and padded, low side first."""
+    if size >= crop:
+        return int(round((size - crop) / 2)), crop, 0
+    return 0, size, (crop - size) // 2
+
+
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     """torchvision CenterCrop on HWC: zero-pad short sides, round-half-even offsets."""
-    h, w = arr.shape[:2]
-    if h < size or w < size:
-        pad_h, pad_w = max(size - h, 0), max(size - w, 0)
-        arr = np.pad(arr, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-        h, w = arr.shape[:2]
-    top = int(round((h - size) / 2))
-    left = int(round((w - size) / 2))
-    return arr[top : top + size, left : left + size]
+    top, height, pad_top = crop_window(arr.shape[0], size)
+    left, width, pad_left = crop_window(arr.shape[1], size)
+    arr = arr[top : top + height, left : left + width]
+    if height < size or width < size:
+        arr = np.pad(arr, ((pad_top, size - height - pad_top), (pad_left, size - width - pad_left), (0, 0)))
+    return arr
 
 
 def wants_alignment(cfg: PreprocessConfig, name: str | None, fmt: str | None) -> bool:
