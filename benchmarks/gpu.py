@@ -19,12 +19,17 @@ H100_BF16_DENSE_TFLOPS = 989.0  # datasheet, SXM; MFU is also given against a me
 
 
 def set_kernel_shape(spec: str | None) -> None:
-    """'r4_w8' (as memory_bank_gpu.py's sweep names them): read-out kernel launch shape."""
+    """'r4_w8' or 'bounded_r4_w8' (as memory_bank_gpu.py's sweep names them): the read-out
+    kernel's launch shape, and its selection method when named."""
     if spec:
         from mirror_core import kernels
 
-        rows, warps = spec.split("_")
+        *method, rows, warps = spec.split("_")
         kernels.BLOCK_ROWS, kernels.NUM_WARPS = int(rows[1:]), int(warps[1:])
+        if method:
+            if method[0] not in kernels.METHODS:
+                raise ValueError(f"unknown read-out kernel method {method[0]!r} (one of {kernels.METHODS})")
+            kernels.METHOD = method[0]
 
 
 def cuda_median_s(fn, reps: int, warmup: int = 2) -> float:

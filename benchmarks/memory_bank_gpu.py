@@ -4,7 +4,7 @@
 
 DINOv3-L size (D 1024, 8 heads, 4096 slots, top-128, 200 tokens), bf16 autocast: the
 Triton read-out against the plain top-k + scatter + matmul one, each checked against
-an fp32 run of the plain math.
+an fp32 run of the plain math; the kernel alone for each selection method and launch shape.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu import cuda_median_s  # noqa: E402
-from mirror_core import readout  # noqa: E402
+from mirror_core import kernels, readout  # noqa: E402
 from mirror_core.config import MemoryConfig  # noqa: E402
 from mirror_core.kernels import threshold_softmax_  # noqa: E402
 from mirror_core.memory import MemoryBank  # noqa: E402
@@ -28,7 +28,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--best-to", help="write the fastest kernel launch shape (e.g. r4_w8) to this file")
+    p.add_argument("--best-to", help="write the fastest kernel method and launch shape (e.g. bounded_r1_w8) to this file")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -55,12 +55,14 @@ def main() -> None:
             res["kernel_ms"] = ms(lambda: threshold_softmax_(flat.clone(), 128)) - copy_ms
             res["kernel_gb_s"] = 2 * flat.numel() * 2 / (res["kernel_ms"] / 1e3) / 1e9
             sweep = {}
-            for rows in (1, 2, 4, 8):
-                for warps in (4, 8, 16):
-                    try:
-                        sweep[f"r{rows}_w{warps}"] = ms(lambda: threshold_softmax_(flat.clone(), 128, rows, warps)) - copy_ms
-                    except Exception as err:  # noqa: BLE001 - e.g. out of registers
-                        sweep[f"r{rows}_w{warps}"] = f"{type(err).__name__}"
+            for method in kernels.METHODS:
+                for rows in (1, 2, 4, 8):
+                    for warps in (4, 8, 16):
+                        name = f"{method}_r{rows}_w{warps}"
+                        try:
+                            sweep[name] = ms(lambda: threshold_softmax_(flat.clone(), 128, rows, warps, method)) - copy_ms
+                        except Exception as err:  # noqa: BLE001 - e.g. out of registers
+                            sweep[name] = f"{type(err).__name__}"
             res["kernel_sweep_ms"] = sweep
             timed = {k: t for k, t in sweep.items() if isinstance(t, float)}
             res["kernel_best"] = min(timed, key=timed.get)

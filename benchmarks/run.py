@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     g.add_argument("--gpu-batches", default="128,256,512")
     g.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
     g.add_argument("--pipeline-compile", action="store_true", help="compile the replicas of the pipeline figures")
-    g.add_argument("--kernel-shape", help="read-out kernel launch shape, e.g. r4_w8 (default: the library's)")
+    g.add_argument("--kernel-shape", help="read-out kernel launch shape and method, e.g. r4_w8 or bounded_r1_w8 (default: the library's)")
     g.add_argument("--compile-variants", default="full_eager,backbone_eager,full_compiled,backbone_compiled")
     g.add_argument("--pipeline-images", type=int, default=65536)
     g.add_argument("--pipeline-batch", type=int, default=256)

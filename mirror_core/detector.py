@@ -12,7 +12,7 @@ from PIL import Image
 
 from .bundle import Bundle, load_bundle
 from .config import MirrorConfig
-from .fused import fuse_projections_
+from .fused import fuse_projections_, precompute_rope_
 from .model import MirrorModel, assemble_model
 from .preprocess import Preprocessed, official_preprocess, preprocess_rgb, read_bytes
 from .readout import inference_readout
@@ -40,6 +40,7 @@ class Detector:
         self.model = model.to(self.device, dtype=PRECISIONS[precision][1]).eval()  # dtype None: as loaded
         if self.device.type == "cuda":  # one GEMM per fused group; CPU keeps the exact official layout
             fuse_projections_(self.model.backbone)
+        precompute_rope_(self.model.backbone, config.preprocess.crop_size)  # the same values, computed once
         self.config = config
         self.model_id = model_id
         self.precision = precision

@@ -1,5 +1,10 @@
 """Inference-only fusions of a DINOv3 backbone (after LoRA is merged).
 
+`precompute_rope_` computes the rotary embedding's cos/sin once for the patch grid every
+scored crop has: torch.compile otherwise folds their computation into each layer's fused
+RoPE kernel and evaluates sin and cos again for every query and key element. Same values
+(the same module computes them, once). Every device uses it.
+
 `fuse_projections_` replaces each attention's three q/k/v projections by one Linear of
 three times the width, and a gated (SwiGLU) MLP's gate and up projections by one of twice
 the width: one GEMM reads its input once instead of three (two) times. The key projection
@@ -61,6 +66,39 @@ class FusedGatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
+
+
+class PrecomputedRope(nn.Module):
+    """DINOv3's rotary embedding with its eval-mode cos/sin for one input size kept as
+    buffers; other sizes, and training (random coordinate jitter), compute them as usual."""
+
+    def __init__(self, rope: nn.Module, image_size: int):
+        super().__init__()
+        self.rope = rope
+        self.image_size = image_size
+        ref = next(rope.buffers())
+        pixels = torch.zeros(1, 3, image_size, image_size, device=ref.device)  # fp32: cast per call below
+        was_training = rope.training
+        with torch.no_grad():
+            cos, sin = rope.eval()(pixels)  # [patches, head_dim]
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.train(was_training)  # a new module starts in training mode
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training or tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size):
+            return self.rope(pixel_values)
+        return self.cos.to(pixel_values.dtype), self.sin.to(pixel_values.dtype)  # as the module casts
+
+
+def precompute_rope_(backbone: nn.Module, image_size: int) -> bool:
+    """Give a DINOv3 backbone cos/sin precomputed for image_size x image_size inputs, in
+    place (after any dtype or device move); False for backbones without RoPE (DINOv2)."""
+    rope = getattr(backbone, "rope_embeddings", None)
+    if rope is None or isinstance(rope, PrecomputedRope):
+        return False
+    backbone.rope_embeddings = PrecomputedRope(rope, image_size)
+    return True
 
 
 def fuse_projections_(backbone: nn.Module) -> int:

@@ -23,21 +23,41 @@ def masked_softmax(x: torch.Tensor, k: int):
     return w, w.amax(-1), -(w * torch.log(w + 1e-9)).sum(-1)
 
 
+def hard_rows(rows: int, cols: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    x = (torch.randn(rows, cols, generator=gen) * 3).to(dtype)
+    x[0, :12] = x[0, 7]  # a run of ties, likely straddling the k-th value in 16 bits
+    x[-1, -5:] = -x[-1, -5:].abs() - 100  # very negative values
+    if rows > 2:
+        x[1] = -x[1].abs() - 0.5  # all negative: the bound and the max share the sign bit
+    if rows > 3:
+        x[2] = 1.25  # all tied: the bound equals the max, no round at all
+    if rows > 4:
+        x[3, 1::2] = -x[3, 1::2].abs() * 1e-3  # signs and exponents far apart
+    return x
+
+
 def check_kernel(device: str) -> None:
     gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float16, torch.bfloat16):
-        for rows, cols, k in ((5, 300, 32), (6, 4096, 128), (3, 64, 64), (1, 50, 1)):
-            x = (torch.randn(rows, cols, generator=gen) * 3).to(dtype)
-            x[0, :12] = x[0, 7]  # a run of ties, likely straddling the k-th value in 16 bits
-            x[-1, -5:] = -x[-1, -5:].abs() - 100  # very negative values
+    for dtype, method, rows_per_program in ((torch.float16, "bitwise", 1), (torch.bfloat16, "bitwise", 1),
+                                            (torch.float16, "bounded", 1), (torch.bfloat16, "bounded", 1),
+                                            (torch.bfloat16, "bounded", 4)):
+        for rows, cols, k in ((5, 300, 32), (6, 4096, 128), (3, 64, 64), (1, 50, 1), (7, 200, 100)):
+            x = hard_rows(rows, cols, dtype, gen)
             w_ref, max_ref, ent_ref = masked_softmax(x, k)
-            w, max_w, ent = threshold_softmax_(x.clone().to(device), k)
+            w, max_w, ent = threshold_softmax_(x.clone().to(device), k, rows_per_program, 0, method)
             w = w.float().cpu()
-            assert torch.equal(w > 0, w_ref > 0), (dtype, rows, cols, k, "kept entries differ")
+            # kept = weight > 0 once stored in 16 bits (the smallest weights underflow there)
+            assert torch.equal(w > 0, w_ref.to(dtype) > 0), (dtype, method, rows, cols, k, "kept entries differ")
             tol = 4e-3 if dtype == torch.bfloat16 else 5e-4  # weights are stored in 16 bits
             torch.testing.assert_close(w, w_ref, atol=tol, rtol=0)
             torch.testing.assert_close(max_w.cpu(), max_ref, atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(ent.cpu(), ent_ref, atol=1e-5, rtol=1e-5)
+    try:
+        threshold_softmax_(torch.zeros(2, 8, device=device, dtype=torch.bfloat16), 2, method="radix")
+    except ValueError as err:
+        assert "method" in str(err)
+    else:
+        raise AssertionError("an unknown method was accepted")
     try:
         threshold_softmax_(torch.zeros(2, 8, device=device), 2)
     except ValueError as err:

@@ -6,7 +6,7 @@ import torch
 
 from mirror_core.config import BackboneConfig, MirrorConfig
 from mirror_core.detector import Detector
-from mirror_core.fused import FusedGatedMLP, FusedQKVAttention, fuse_projections_
+from mirror_core.fused import FusedGatedMLP, FusedQKVAttention, PrecomputedRope, fuse_projections_, precompute_rope_
 from mirror_core.model import assemble_model
 from mirror_core.smoke import DEMO_BACKBONE, DEMO_MEMORY, random_mirror
 
@@ -39,3 +39,29 @@ def test_other_families_are_left_alone_and_cpu_detectors_do_not_fuse():
     _, weights = random_mirror(cfg, seed=0)
     det = Detector(assemble_model(cfg, weights), cfg, "m")
     assert not any(isinstance(m, FusedQKVAttention) for m in det.model.modules())  # bit-exact CPU parity stays
+
+
+def test_precomputed_rope_gives_the_same_scores_without_recomputing():
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
+    _, weights = random_mirror(cfg, seed=4)
+    plain = assemble_model(cfg, weights).eval()
+    det = Detector(assemble_model(cfg, weights), cfg, "m")  # every device precomputes
+    rope = det.model.backbone.rope_embeddings
+    assert isinstance(rope, PrecomputedRope) and not rope.training
+    assert not precompute_rope_(det.model.backbone, 224)  # once is enough
+    calls = []
+    rope.rope.register_forward_hook(lambda *args: calls.append(1))
+    pixels = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = plain(pixels), det.model(pixels)
+        assert not calls  # the buffers served the 224 x 224 crops
+        assert torch.equal(b.logits, a.logits) and torch.equal(b.entropy, a.entropy)  # the same values: bit-exact
+        other = torch.rand(1, 3, 112, 112)
+        torch.testing.assert_close(rope(other), plain.backbone.rope_embeddings(other), rtol=0, atol=0)
+        assert len(calls) == 1  # another size: computed by the original module
+    rope.train()
+    rope(torch.rand(1, 3, 224, 224))
+    assert len(calls) == 2  # training (coordinate jitter) never uses the buffers
+    cfg2 = MirrorConfig(backbone=BackboneConfig(dict(DINOV2)), memory=DEMO_MEMORY)
+    _, weights2 = random_mirror(cfg2, seed=0)
+    assert not precompute_rope_(assemble_model(cfg2, weights2).backbone, 224)  # no RoPE in DINOv2
