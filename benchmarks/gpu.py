@@ -269,44 +269,44 @@ def kernel_time_shares(fn) -> dict:
 
 def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
                          compile_modes: tuple[str, ...] = ("default",), with_backbone: bool = True,
-                         unfused_baseline: bool = False) -> dict:
-    """One backbone size, bf16 weights, projections fused as scoring replicas run them:
-    eager and compiled images/s of the model (and of the backbone alone), FLOPs per image,
-    MFU, the attention kernels. Compile modes: 'default', 'reduce-overhead' (CUDA graphs),
-    'max-autotune-no-cudagraphs'. `unfused_baseline`: also the default compile unfused."""
-    from mirror_core.fused import fuse_projections_
+                         unfused_baseline: bool = False, rope_baseline: bool = False, fp8: bool = False) -> dict:
+    """One backbone size, bf16 weights, projections fused and RoPE precomputed as scoring
+    replicas run them: eager and compiled images/s of the model (and of the backbone
+    alone), FLOPs per image, MFU, the attention kernels. Compile modes: 'default',
+    'reduce-overhead' (CUDA graphs), 'max-autotune-no-cudagraphs'. Baselines (default
+    compile): `unfused_baseline` without the fused projections, `rope_baseline` with
+    RoPE's cos/sin computed in every layer. `fp8`: also the "fp8" precision (FP8 backbone
+    GEMMs), compiled, and its score deviation from fp32 and from bf16 weights."""
+    from mirror_core.fp8 import fp8_linears_
+    from mirror_core.fused import fuse_projections_, precompute_rope_
     from mirror_core.model import assemble_model
     from mirror_core.smoke import official_sized, random_mirror
 
     cfg = official_sized(backbone)
     _, weights = random_mirror(cfg, seed=0, lora_scale=0.02)
+    check = torch.from_numpy(natural_like(32, 0)).cuda()
+    if fp8:
+        with torch.inference_mode():
+            fp32_prob = assemble_model(cfg, weights).cuda().eval()(check).prob_fake
+        torch.cuda.empty_cache()
     model = assemble_model(cfg, weights).cuda().to(torch.bfloat16).eval().requires_grad_(False)
     del weights
     pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
     res: dict = {f"{prefix}_batch": batch, f"{prefix}_params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
-    def compiled_img_s(name: str, mode: str) -> float:
-        t0 = time.perf_counter()
-        full = torch.compile(model, dynamic=False, mode=None if mode == "default" else mode)
-        full(pixels)
-        torch.cuda.synchronize()
-        res[f"{prefix}_{name}_first_call_s"] = time.perf_counter() - t0
-        img_s = res[f"{prefix}_{name}_img_s"] = batch / cuda_median_s(lambda: full(pixels), reps)
-        res[f"{prefix}_{name}_mfu_vs_datasheet"] = img_s * res[f"{prefix}_flops_per_image_g"] / 1e3 / H100_BF16_DENSE_TFLOPS
-        try:  # a profiler failure must not cost the section's figures
-            res[f"{prefix}_{name}_kernel_time"] = kernel_time_shares(lambda: full(pixels))
-        except Exception as err:
-            res[f"{prefix}_{name}_kernel_time"] = f"profiler failed: {type(err).__name__}: {err}"
-        torch._dynamo.reset()
-        return img_s
-
     with torch.no_grad():  # the FLOP counter's module tracker does not run under inference_mode
         res[f"{prefix}_flops_per_image_g"] = flops_per_image(model, pixels) / 1e9
     with torch.inference_mode():
+        precompute_rope_(model.backbone, 224)
         if unfused_baseline:
             res[f"{prefix}_unfused_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
             compiled_img_s("unfused_compiled_default", "default")
         fuse_projections_(model.backbone)
+        if rope_baseline:
+            precomputed = model.backbone.rope_embeddings
+            model.backbone.rope_embeddings = precomputed.rope
+            compiled_img_s("rope_per_layer_compiled_default", "default")
+            model.backbone.rope_embeddings = precomputed
         x = model.normalize(pixels.permute(0, 3, 1, 2).float() / 255).to(torch.bfloat16)
         res[f"{prefix}_attention_kernels"] = attention_kernels(model, pixels[:8])
         res[f"{prefix}_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
@@ -321,6 +321,16 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
             res[f"{prefix}_compiled_backbone_img_s"] = batch / cuda_median_s(lambda: bb(pixel_values=x), reps)
             res[f"{prefix}_compiled_model_over_backbone"] = (res[f"{prefix}_compiled_backbone_img_s"]
                                                               / res[f"{prefix}_compiled_{compile_modes[0]}_img_s"])
+            torch._dynamo.reset()
+        if fp8:
+            bf16_prob = model(check).prob_fake.float()
+            res[f"{prefix}_fp8_linears"] = fp8_linears_(model.backbone)
+            fp8_prob = model(check).prob_fake.float()
+            res[f"{prefix}_fp8_max_abs_dprob_vs_fp32"] = float((fp8_prob - fp32_prob).abs().max())
+            res[f"{prefix}_fp8_max_abs_dprob_vs_bf16_weights"] = float((fp8_prob - bf16_prob).abs().max())
+            res[f"{prefix}_bf16_weights_max_abs_dprob_vs_fp32"] = float((bf16_prob - fp32_prob).abs().max())
+            res[f"{prefix}_fp8_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
+            compiled_img_s("fp8_compiled_default", "default")
     del model
     torch.cuda.empty_cache()
     return res

@@ -255,6 +255,8 @@ def main(argv=None) -> int:
     g.add_argument("--gpus-per-actor", type=float, default=1.0)
     g.add_argument("--compile-modes", default="default", help="for hplus / graphs: default,reduce-overhead,...")
     g.add_argument("--graphs-unfused", action="store_true", help="graphs: also the unfused projections")
+    g.add_argument("--graphs-rope-baseline", action="store_true", help="graphs: also RoPE computed in every layer")
+    g.add_argument("--fp8", action="store_true", help="graphs / hplus: also the fp8 precision (FP8 backbone GEMMs)")
     r = p.add_argument_group("raw_jpeg")
     r.add_argument("--raw-images", type=int, default=8192)
     r.add_argument("--raw-modes", default="exact,fast,gpu", help="exact,fast,gpu,gpu_serial")
@@ -286,8 +288,8 @@ def main(argv=None) -> int:
                 VIT_L, args.pipeline_images, args.pipeline_batch, args.actors, args.gpus_per_actor, args.pipeline_compile), args.json_out)
         modes = tuple(args.compile_modes.split(","))
         if "hplus" in only:
-            section(result, "hplus", lambda: gpu.architecture_figures("vith_plus", VIT_HPLUS, args.pipeline_batch, reps, modes),
-                    args.json_out)
+            section(result, "hplus", lambda: gpu.architecture_figures("vith_plus", VIT_HPLUS, args.pipeline_batch, reps, modes,
+                                                                      fp8=args.fp8), args.json_out)
         if "gpu_decode_speed" in only:
             from benchmarks.gpu_jpeg import gpu_decode_speed
 
@@ -295,7 +297,9 @@ def main(argv=None) -> int:
         if "graphs" in only:
             section(result, "graphs", lambda: gpu.architecture_figures("vitl", VIT_L, args.pipeline_batch, reps, modes,
                                                                        with_backbone=False,
-                                                                       unfused_baseline=args.graphs_unfused),
+                                                                       unfused_baseline=args.graphs_unfused,
+                                                                       rope_baseline=args.graphs_rope_baseline,
+                                                                       fp8=args.fp8),
                     args.json_out)
     else:
         from mirror_core.readout import inference_readout

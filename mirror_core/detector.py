@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -12,17 +12,28 @@ from PIL import Image
 
 from .bundle import Bundle, load_bundle
 from .config import MirrorConfig
+from .fp8 import fp8_linears_, fp8_supported
 from .fused import fuse_projections_, precompute_rope_
 from .model import MirrorModel, assemble_model
 from .preprocess import Preprocessed, official_preprocess, preprocess_rgb, read_bytes
 from .readout import inference_readout
 from .signals import SIGNALS  # the output row's score columns are these plus the decision `pred`
 
-# name -> (autocast dtype, weight dtype). "bf16-weights" casts the whole model: faster than
-# autocast (no fp32 LayerNorms / residual stream) and a little further from fp32 scores;
-# the memory-bank softmaxes, max and entropy stay fp32 in every mode.
-PRECISIONS = {"fp32": (None, None), "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None),
-              "bf16-weights": (None, torch.bfloat16)}
+
+
+class Precision(NamedTuple):
+    autocast: torch.dtype | None  # autocast dtype (None: off)
+    weights: torch.dtype | None  # the model cast to this dtype (None: as loaded)
+    fp8_gemms: bool = False  # the backbone's Linear layers in FP8 (mirror_core/fp8.py)
+
+
+# "bf16-weights" casts the whole model: faster than autocast (no fp32 LayerNorms / residual
+# stream) and a little further from fp32 scores; "fp8" is bf16-weights with FP8 backbone
+# GEMMs, further still (opt-in, GPUs with FP8 tensor cores). The memory-bank softmaxes,
+# max and entropy stay fp32 in every mode.
+PRECISIONS = {"fp32": Precision(None, None), "bf16": Precision(torch.bfloat16, None),
+              "fp16": Precision(torch.float16, None), "bf16-weights": Precision(None, torch.bfloat16),
+              "fp8": Precision(None, torch.bfloat16, fp8_gemms=True)}
 
 
 class Detector:
@@ -37,9 +48,14 @@ class Detector:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
-        self.model = model.to(self.device, dtype=PRECISIONS[precision][1]).eval()  # dtype None: as loaded
+        mode = PRECISIONS[precision]
+        if mode.fp8_gemms and not fp8_supported(self.device):
+            raise ValueError(f"precision fp8 needs FP8 tensor cores (compute capability 8.9+); {self.device} has none")
+        self.model = model.to(self.device, dtype=mode.weights).eval()  # dtype None: as loaded
         if self.device.type == "cuda":  # one GEMM per fused group; CPU keeps the exact official layout
             fuse_projections_(self.model.backbone)
+        if mode.fp8_gemms:
+            fp8_linears_(self.model.backbone)
         precompute_rope_(self.model.backbone, config.preprocess.crop_size)  # the same values, computed once
         self.config = config
         self.model_id = model_id
@@ -67,11 +83,11 @@ class Detector:
     @property
     def readout(self) -> str:
         """The memory bank's read-out this replica runs (C++ extension, its fallback, Triton...)."""
-        autocast, weights = PRECISIONS[self.precision]
-        return inference_readout(self.device, autocast is not None or weights is not None)
+        mode = PRECISIONS[self.precision]
+        return inference_readout(self.device, mode.autocast is not None or mode.weights is not None)
 
     def _autocast(self):
-        dtype = PRECISIONS[self.precision][0]
+        dtype = PRECISIONS[self.precision].autocast
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)  # on CPU too: asked for, so done

@@ -109,7 +109,11 @@ def fuse_projections_(backbone: nn.Module) -> int:
     kinds = {DINOv3ViTAttention: FusedQKVAttention, DINOv3ViTGatedMLP: FusedGatedMLP}
     targets = [(name, m) for name, m in backbone.named_modules() if type(m) in kinds]
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = backbone.get_submodule(parent_name) if parent_name else backbone
-        setattr(parent, child, kinds[type(module)](module))
+        replace_submodule(backbone, name, kinds[type(module)](module))
     return len(targets)
+
+
+def replace_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where root.get_submodule(name) was."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

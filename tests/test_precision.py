@@ -43,3 +43,47 @@ def test_unknown_precision_is_refused_by_detector_and_scan_settings():
     with pytest.raises(ConfigError, match="precision"):
         ScanConfig(precision="half")
     assert ScanConfig(precision="bf16-weights").precision == "bf16-weights"
+
+
+def test_fp8_linear_is_close_to_the_bf16_product_and_keeps_zero_rows():
+    from mirror_core.fp8 import FP8, Fp8Linear
+
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(128, 48).to(torch.bfloat16)
+    torch.nn.init.normal_(linear.weight, generator=gen)
+    fp8 = Fp8Linear(linear)
+    assert fp8.weight.dtype == FP8 and fp8.weight_scale.shape == (1, 48)
+    x = torch.randn(3, 20, 128, generator=gen).to(torch.bfloat16)
+    x[0, 0] = 0  # an all-zero row: a finite scale, the bias alone comes out
+    with torch.inference_mode():
+        want, got = linear(x).float(), fp8(x).float()
+    assert got.shape == (3, 20, 48) and torch.isfinite(got).all()
+    torch.testing.assert_close(got[0, 0], linear.bias.float(), rtol=0, atol=0)
+    rel = (got - want).norm() / want.norm()
+    assert 1e-4 < rel < 0.05, rel  # e4m3 keeps 3 mantissa bits: close, and not the bf16 product
+
+
+def test_fp8_mode_quantizes_the_backbone_gemms_and_scores_near_fp32():
+    from mirror_core.fp8 import Fp8Linear
+
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
+    _, weights = random_mirror(cfg, seed=7)
+    fp32 = Detector(assemble_model(cfg, weights), cfg, "m")
+    half = Detector(assemble_model(cfg, weights), cfg, "m", precision="bf16-weights")
+    fp8 = Detector(assemble_model(cfg, weights), cfg, "m", precision="fp8")
+    layers = DEMO_BACKBONE["num_hidden_layers"]
+    assert sum(isinstance(m, Fp8Linear) for m in fp8.model.backbone.modules()) == 6 * layers  # q k v o, fc1 fc2
+    assert not any(isinstance(m, Fp8Linear) for m in fp8.model.modules() if m not in set(fp8.model.backbone.modules()))
+    pixels = np.random.default_rng(3).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    a, b, c = fp32.score_pixels(pixels), half.score_pixels(pixels), fp8.score_pixels(pixels)
+    np.testing.assert_allclose(c["prob_fake"], a["prob_fake"], atol=0.02)
+    assert not np.array_equal(c["prob_fake"], b["prob_fake"])  # the GEMMs really ran in FP8
+    assert ScanConfig(precision="fp8").precision == "fp8"
+
+
+def test_fp8_is_refused_on_gpus_without_fp8_tensor_cores(monkeypatch):
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
+    _, weights = random_mirror(cfg, seed=7)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    with pytest.raises(ValueError, match="fp8 needs FP8 tensor cores"):
+        Detector(assemble_model(cfg, weights), cfg, "m", device="cuda", precision="fp8")
