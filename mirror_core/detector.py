@@ -20,7 +20,6 @@ from .readout import inference_readout
 from .signals import SIGNALS  # the output row's score columns are these plus the decision `pred`
 
 
-
 class Precision(NamedTuple):
     autocast: torch.dtype | None  # autocast dtype (None: off)
     weights: torch.dtype | None  # the model cast to this dtype (None: as loaded)
