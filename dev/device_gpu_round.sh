@@ -5,12 +5,7 @@
 # Writes $OUT/<tag>.json and $OUT/<tag>.log per call; never appends to the performance log there.
 set -uo pipefail
 sections=$1; budget=$2; shift 2
-if [ ! -d /tmp/site/ray ]; then
-    mkdir -p /tmp/site && tar -xJf .whl/ray-site.tar.xz -C /tmp/site &&
-        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MIRROR_PARITY_FIXTURE=$PWD/.devfix/official_parity
-export RAY_DEDUP_LOGS=0
+source "$(dirname "$0")/device_env.sh"
 tag=$(echo "$sections" | tr ',' '-')
 timeout "$budget" python3 benchmarks/run.py --only "$sections" --no-record --json-out "$OUT/$tag.json" "$@" \
     > "$OUT/$tag.log" 2>&1

@@ -1,0 +1,8 @@
+# Sourced by the device round scripts: Ray, transformers and peft from .whl (see
+# dev/pack_device_wheels.sh) into /tmp/site once per machine, and the paths they need.
+if [ ! -d /tmp/site/ray ]; then
+    mkdir -p /tmp/site && tar -xJf .whl/ray-site.tar.xz -C /tmp/site &&
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MIRROR_PARITY_FIXTURE=$PWD/.devfix/official_parity
+export RAY_DEDUP_LOGS=0
