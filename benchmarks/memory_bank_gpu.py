@@ -24,6 +24,17 @@ from mirror_core.kernels import threshold_softmax_  # noqa: E402
 from mirror_core.memory import MemoryBank  # noqa: E402
 
 
+def bounded_rounds(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Counting rounds the "bounded" kernel method runs per row of 16-bit logits [R, K]
+    (the bits in which its lower bound and the row max differ; "bitwise" always runs 16)."""
+    bits = logits.view(torch.int16).int()
+    key = (bits ^ ((bits >> 15) & 0x7FFF)) + 32768
+    blocks = min(1 << (top_k - 1).bit_length(), key.shape[1])
+    block_max = key.view(key.shape[0], -1, blocks).amax(1)
+    diff = block_max.amin(1).clamp(min=0) ^ block_max.amax(1)
+    return sum(((diff >> b) != 0).int() for b in range(16))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=256)
@@ -51,6 +62,7 @@ def main() -> None:
             res["logits_bmm_ms"] = ms(lambda: torch.bmm(q, kb))
             res["topk_ms"] = ms(lambda: logits.topk(128, dim=-1, sorted=False))
             flat = logits.view(-1, 4096)
+            res["bounded_mean_rounds"] = float(bounded_rounds(flat, 128).float().mean())
             copy_ms = ms(lambda: flat.clone())  # each kernel call below works on a fresh copy
             res["kernel_ms"] = ms(lambda: threshold_softmax_(flat.clone(), 128)) - copy_ms
             res["kernel_gb_s"] = 2 * flat.numel() * 2 / (res["kernel_ms"] / 1e3) / 1e9
