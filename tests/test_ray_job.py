@@ -57,7 +57,7 @@ def ray_cluster(tmp_path):
     yield address, env, temp_dir
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=5)  # a head that ignores SIGTERM this long is killed
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
     shutil.rmtree(temp_dir, ignore_errors=True)

@@ -64,7 +64,7 @@ def test_yaml_config_errors_name_the_key_and_file(tmp_path):
     bad.write_text("columns: {bytes: img, colour: x}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\) under columns: \['colour'\]"):
         load_scan_config(bad, {})
-    bad.write_text("precision: fp8\n")
+    bad.write_text("precision: int4\n")
     with pytest.raises(ConfigError, match="precision must be one of"):
         load_scan_config(bad, {})
     good = tmp_path / "good.yaml"
