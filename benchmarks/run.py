@@ -87,22 +87,48 @@ def decode_figures(n: int) -> dict:
             "fast_decode_speedup_1080p": out["1920x1080_fast"] / out["1920x1080_exact"]}
 
 
-def fast_mode_dprob() -> float | None:
+def parity_bundle_and_paths():
+    """The parity fixture's official files imported as a bundle, and its images; None
+    where the fixture is absent."""
     fixture = PARITY_FIXTURE
     if not (fixture / "checkpoint.pth").exists():
         return None
+    from mirror_core.bundle import Bundle
     from mirror_core.official import import_official
 
     report = import_official(fixture / "checkpoint.pth", fixture / "backbone", fixture / "mirror_phase1.pth")
-    paths = sorted((fixture / "data").rglob("*.*"))
-    from mirror_core.bundle import Bundle
+    return Bundle(report.config, report.weights, "parity"), sorted((fixture / "data").rglob("*.*"))
 
-    bundle = Bundle(report.config, report.weights, "parity")
+
+def max_abs_dprob(a: list[dict], b: list[dict]) -> float:
+    return max(abs(x["prob_fake"] - y["prob_fake"]) for x, y in zip(a, b))
+
+
+def fast_mode_dprob() -> float | None:
+    loaded = parity_bundle_and_paths()
+    if loaded is None:
+        return None
+    bundle, paths = loaded
     exact = Detector.from_bundle(bundle).score(paths)
     fast = Detector.from_bundle(bundle)
     fast.config.preprocess.fast_decode = True
-    fast_rows = fast.score(paths)
-    return max(abs(a["prob_fake"] - b["prob_fake"]) for a, b in zip(exact, fast_rows))
+    return max_abs_dprob(exact, fast.score(paths))
+
+
+def precision_dprob(device: str) -> dict:
+    """Max |d prob_fake| of each precision mode against fp32 on the parity fixture's images."""
+    from mirror_core.detector import PRECISIONS
+    from mirror_core.fp8 import fp8_supported
+
+    loaded = parity_bundle_and_paths()
+    if loaded is None:
+        return {}
+    bundle, paths = loaded
+    exact = Detector.from_bundle(bundle, device=device).score(paths)
+    return {f"precision_{name}_max_abs_dprob": max_abs_dprob(exact, Detector.from_bundle(bundle, device=device,
+                                                                                         precision=name).score(paths))
+            for name, mode in PRECISIONS.items()
+            if name != "fp32" and (not mode.fp8_gemms or fp8_supported(torch.device(device)))}
 
 
 def pipeline_figures(backbone: dict, n_images: int, batch: int) -> dict:
@@ -242,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
     p.add_argument("--json-out", type=Path, help="also write the JSON here after every section")
     p.add_argument("--only", help="comma-separated sections: model,decode,fast,pipeline,rss (cpu), compile (cuda); "
-                                  "opt-in: gpu_decode,raw_jpeg,train (both), hplus,graphs,gpu_decode_speed (cuda)")
+                                  "opt-in: gpu_decode,raw_jpeg,train,precision (both), hplus,graphs,gpu_decode_speed (cuda)")
     g = p.add_argument_group("cuda")
     g.add_argument("--gpu-batches", default="128,256,512")
     g.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
@@ -331,6 +357,8 @@ def main(argv=None) -> int:
         section(result, "decode", lambda: decode_figures(8 if args.quick else 24), args.json_out)
     if "fast" in only:
         section(result, "fast", lambda: {"fast_mode_max_abs_dprob": fast_mode_dprob()}, args.json_out)
+    if "precision" in only:
+        section(result, "precision", lambda: precision_dprob(args.device), args.json_out)
     print(json.dumps(result, indent=2, default=str))
     if not args.no_record:
         record(result, PERF_LOG)
