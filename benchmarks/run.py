@@ -362,7 +362,7 @@ def main(argv=None) -> int:
     print(json.dumps(result, indent=2, default=str))
     if not args.no_record:
         record(result, PERF_LOG)
-        extra = {k: v for k, v in result.items() if k.startswith(("train_", "raw_", "gpu_decode", "vit"))}
+        extra = {k: v for k, v in result.items() if k.startswith(("train_", "raw_", "gpu_decode", "vit", "precision_"))}
         if extra:  # figures the table has no column for: kept as JSON under the row
             with open(PERF_LOG, "a") as log:
                 log.write("\n```json\n" + json.dumps(extra, indent=2, default=str) + "\n```\n")
