@@ -294,6 +294,21 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
     pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
     res: dict = {f"{prefix}_batch": batch, f"{prefix}_params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
+    def compiled_img_s(name: str, mode: str) -> float:
+        t0 = time.perf_counter()
+        full = torch.compile(model, dynamic=False, mode=None if mode == "default" else mode)
+        full(pixels)
+        torch.cuda.synchronize()
+        res[f"{prefix}_{name}_first_call_s"] = time.perf_counter() - t0
+        img_s = res[f"{prefix}_{name}_img_s"] = batch / cuda_median_s(lambda: full(pixels), reps)
+        res[f"{prefix}_{name}_mfu_vs_datasheet"] = img_s * res[f"{prefix}_flops_per_image_g"] / 1e3 / H100_BF16_DENSE_TFLOPS
+        try:  # a profiler failure must not cost the section's figures
+            res[f"{prefix}_{name}_kernel_time"] = kernel_time_shares(lambda: full(pixels))
+        except Exception as err:
+            res[f"{prefix}_{name}_kernel_time"] = f"profiler failed: {type(err).__name__}: {err}"
+        torch._dynamo.reset()
+        return img_s
+
     with torch.no_grad():  # the FLOP counter's module tracker does not run under inference_mode
         res[f"{prefix}_flops_per_image_g"] = flops_per_image(model, pixels) / 1e9
     with torch.inference_mode():
