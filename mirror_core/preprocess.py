@@ -10,6 +10,7 @@ exactly what the official ToTensor step computes.
 from __future__ import annotations
 
 import io
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from PIL import Image, ImageFile
 
 from .config import PreprocessConfig
 from .jpeg import jpeg_round_trip
+
+# PreprocessConfig.max_pixels, checked from the header, decides what is too large; Pillow's
+# own warning above its default 89M pixels would only repeat it on the console, per image.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # The official script aligns by file name: these suffixes (case-insensitive).
 ALIGN_EXTENSIONS = (".png", ".bmp", ".tiff")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_image
+from conftest import REPO, write_image
 from hostile import animated_gif, exif_rotated_jpeg, hostile_files, png_with_header, write_hostile_corpus
 from PIL import Image
 from s3_faults import FaultProxy
@@ -32,6 +32,17 @@ def test_bomb_header_is_refused_before_decoding():
         official_preprocess(png_with_header(12_000, 9_000, b"x"), PreprocessConfig())
     assert tracemalloc.get_traced_memory()[1] < 20 * 2**20  # never allocated the 108M-pixel image
     tracemalloc.stop()
+
+
+def test_large_images_leave_the_console_quiet():
+    """Our max_pixels decides; Pillow's bomb warning (above 89M pixels) is not printed per image."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from hostile import png_with_header\n"
+            "from mirror_core.config import PreprocessConfig\n"
+            "from mirror_core.preprocess import official_preprocess\n"
+            "try:\n    official_preprocess(png_with_header(12_000, 9_000, b'x'), PreprocessConfig())\n"
+            "except ValueError as err:\n    print(type(err).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.stdout.strip() == "ImageTooLargeError" and out.stderr == "", out.stderr
 
 
 def test_animated_gif_gives_its_first_frame():
