@@ -284,8 +284,8 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
 
     cfg = official_sized(backbone)
     _, weights = random_mirror(cfg, seed=0, lora_scale=0.02)
-    check = torch.from_numpy(natural_like(32, 0)).cuda()
-    if fp8:
+    if fp8:  # scores to compare the fp8 model's with
+        check = torch.from_numpy(natural_like(32, 0)).cuda()
         with torch.inference_mode():
             fp32_prob = assemble_model(cfg, weights).cuda().eval()(check).prob_fake
         torch.cuda.empty_cache()

@@ -24,11 +24,16 @@ from mirror_core.kernels import threshold_softmax_  # noqa: E402
 from mirror_core.memory import MemoryBank  # noqa: E402
 
 
+def order_keys(logits: torch.Tensor) -> torch.Tensor:
+    """16-bit logits -> the kernel's int keys 0..65535 in the same order (as its first lines map them)."""
+    bits = logits.view(torch.int16).int()
+    return (bits ^ ((bits >> 15) & 0x7FFF)) + 32768
+
+
 def bounded_rounds(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Counting rounds the "bounded" kernel method runs per row of 16-bit logits [R, K]
     (the bits in which its lower bound and the row max differ; "bitwise" always runs 16)."""
-    bits = logits.view(torch.int16).int()
-    key = (bits ^ ((bits >> 15) & 0x7FFF)) + 32768
+    key = order_keys(logits)
     blocks = min(1 << (top_k - 1).bit_length(), key.shape[1])
     block_max = key.view(key.shape[0], -1, blocks).amax(1)
     diff = block_max.amin(1).clamp(min=0) ^ block_max.amax(1)

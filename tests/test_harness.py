@@ -9,7 +9,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO))
 
 from benchmarks import gpu  # noqa: E402
-from benchmarks.memory_bank_gpu import bounded_rounds  # noqa: E402
+from benchmarks.memory_bank_gpu import bounded_rounds, order_keys  # noqa: E402
 
 TINY = {"model_type": "dinov3_vit", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 128, "patch_size": 16, "num_register_tokens": 4, "image_size": 224}
@@ -61,8 +61,7 @@ def test_the_bounded_methods_bound_brackets_the_kth_key(dtype):
     x = (torch.randn(64, 4096, generator=gen) * torch.logspace(-3, 1, 64)[:, None]).to(dtype)
     x[0] = -x[0].abs()  # all negative
     x[1] = 0.5  # all tied
-    bits = x.view(torch.int16).int()
-    key = (bits ^ ((bits >> 15) & 0x7FFF)) + 32768
+    key = order_keys(x)
     kth = key.topk(128, dim=1).values[:, -1]
     rounds = bounded_rounds(x, 128)
     assert rounds.max() <= 16 and rounds[1] == 0
