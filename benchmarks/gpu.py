@@ -8,8 +8,10 @@ loop on pre-decoded crops, same batch size.
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,12 @@ def set_kernel_shape(spec: str | None) -> None:
             if method[0] not in kernels.METHODS:
                 raise ValueError(f"unknown read-out kernel method {method[0]!r} (one of {kernels.METHODS})")
             kernels.METHOD = method[0]
+
+
+def figure(name: str, value) -> None:
+    """A figure on stderr as soon as it is measured: a round cut short by its time limit
+    still leaves its figures in the log (the JSON is written per section)."""
+    print(f"[figure] {name} {value}", file=sys.stderr, flush=True)
 
 
 def cuda_median_s(fn, reps: int, warmup: int = 2) -> float:
@@ -269,14 +277,17 @@ def kernel_time_shares(fn) -> dict:
 
 def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
                          compile_modes: tuple[str, ...] = ("default",), with_backbone: bool = True,
-                         unfused_baseline: bool = False, rope_baseline: bool = False, fp8: bool = False) -> dict:
+                         unfused_baseline: bool = False, rope_baseline: bool = False, fp8: bool = False,
+                         gelu_epilogue: bool = False) -> dict:
     """One backbone size, bf16 weights, projections fused and RoPE precomputed as scoring
     replicas run them: eager and compiled images/s of the model (and of the backbone
     alone), FLOPs per image, MFU, the attention kernels. Compile modes: 'default',
     'reduce-overhead' (CUDA graphs), 'max-autotune-no-cudagraphs'. Baselines (default
     compile): `unfused_baseline` without the fused projections, `rope_baseline` with
-    RoPE's cos/sin computed in every layer. `fp8`: also the "fp8" precision (FP8 backbone
-    GEMMs), compiled, and its score deviation from fp32 and from bf16 weights."""
+    RoPE's cos/sin computed in every layer. `gelu_epilogue`: also the GELU MLPs' first
+    GEMM with the GELU in its epilogue (compiled; the bare GEMMs too, `gelu_gemm_figures`)
+    and its score deviation from the model without. `fp8`: also the "fp8" precision (FP8
+    backbone GEMMs), compiled, and its score deviation from fp32 and from bf16 weights."""
     from mirror_core.fp8 import fp8_linears_
     from mirror_core.fused import fuse_projections_, precompute_rope_
     from mirror_core.model import assemble_model
@@ -301,6 +312,7 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
         torch.cuda.synchronize()
         res[f"{prefix}_{name}_first_call_s"] = time.perf_counter() - t0
         img_s = res[f"{prefix}_{name}_img_s"] = batch / cuda_median_s(lambda: full(pixels), reps)
+        figure(f"{prefix}_{name}_img_s", round(img_s, 1))
         res[f"{prefix}_{name}_mfu_vs_datasheet"] = img_s * res[f"{prefix}_flops_per_image_g"] / 1e3 / H100_BF16_DENSE_TFLOPS
         try:  # a profiler failure must not cost the section's figures
             res[f"{prefix}_{name}_kernel_time"] = kernel_time_shares(lambda: full(pixels))
@@ -324,6 +336,7 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
             model.backbone.rope_embeddings = precomputed
         x = model.normalize(pixels.permute(0, 3, 1, 2).float() / 255).to(torch.bfloat16)
         res[f"{prefix}_attention_kernels"] = attention_kernels(model, pixels[:8])
+        plain_prob = model(pixels[:32]).prob_fake.float()
         res[f"{prefix}_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
         if with_backbone:
             res[f"{prefix}_eager_backbone_img_s"] = batch / cuda_median_s(lambda: model.backbone(pixel_values=x), reps)
@@ -337,6 +350,16 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
             res[f"{prefix}_compiled_model_over_backbone"] = (res[f"{prefix}_compiled_backbone_img_s"]
                                                               / res[f"{prefix}_compiled_{compile_modes[0]}_img_s"])
             torch._dynamo.reset()
+        if gelu_epilogue:
+            res[f"{prefix}_gelu_gemm"] = gelu_gemm_figures(model.backbone, batch * tokens_per_image(model, pixels), reps)
+            figure(f"{prefix}_gelu_gemm", res[f"{prefix}_gelu_gemm"])
+            with swapped_gelu_epilogue(model.backbone) as replaced:
+                res[f"{prefix}_gelu_epilogue_mlps"] = replaced
+                if replaced:
+                    res[f"{prefix}_gelu_epilogue_max_abs_dprob_vs_bf16_weights"] = float(
+                        (model(pixels[:32]).prob_fake.float() - plain_prob).abs().max())
+                    figure("gelu_epilogue_max_abs_dprob", res[f"{prefix}_gelu_epilogue_max_abs_dprob_vs_bf16_weights"])
+                    compiled_img_s("gelu_epilogue_compiled_default", "default")
         if fp8:
             bf16_prob = model(check).prob_fake.float()
             res[f"{prefix}_fp8_linears"] = fp8_linears_(model.backbone)
@@ -344,8 +367,61 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
             res[f"{prefix}_fp8_max_abs_dprob_vs_fp32"] = float((fp8_prob - fp32_prob).abs().max())
             res[f"{prefix}_fp8_max_abs_dprob_vs_bf16_weights"] = float((fp8_prob - bf16_prob).abs().max())
             res[f"{prefix}_bf16_weights_max_abs_dprob_vs_fp32"] = float((bf16_prob - fp32_prob).abs().max())
+            figure("fp8_max_abs_dprob_vs_fp32", res[f"{prefix}_fp8_max_abs_dprob_vs_fp32"])
             res[f"{prefix}_fp8_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
             compiled_img_s("fp8_compiled_default", "default")
     del model
     torch.cuda.empty_cache()
+    return res
+
+
+def tokens_per_image(model, pixels) -> int:
+    """Tokens per image in the backbone (patches + class + registers)."""
+    x = model.normalize(pixels[:1].permute(0, 3, 1, 2).float() / 255).to(torch.bfloat16)
+    return model.backbone(pixel_values=x).last_hidden_state.shape[1]
+
+
+@contextmanager
+def swapped_gelu_epilogue(backbone):
+    """The backbone with GeluEpilogueMLP in place of its GELU MLPs, put back afterwards;
+    yields how many were replaced."""
+    from mirror_core.fused import replace_submodule
+    from mirror_core.gelu_gemm import gelu_epilogue_
+
+    originals = [(name, m) for name, m in backbone.named_modules() if type(m).__name__ == "DINOv3ViTMLP"]
+    try:
+        yield gelu_epilogue_(backbone)
+    finally:
+        for name, module in originals:
+            replace_submodule(backbone, name, module)
+
+
+def gelu_gemm_figures(backbone, tokens: int, reps: int) -> dict:
+    """The first MLP GEMM of one block and its GELU at the benchmark's token count, each way:
+    cuBLAS alone, cuBLAS + GELU compiled (what inductor runs), the Triton GEMM with the
+    GELU epilogue autotuned and per launch shape: milliseconds (no GELU MLP: {})."""
+    import torch.nn.functional as F
+
+    from mirror_core.gelu_gemm import GPU_TILES, linear_gelu
+
+    mlp = next((m for m in backbone.modules() if type(m).__name__ == "DINOv3ViTMLP"), None)
+    if mlp is None:
+        return {}
+    w, b = mlp.up_proj.weight, mlp.up_proj.bias
+    x = torch.randn(tokens, w.shape[1], device=w.device, dtype=w.dtype)
+    two_pass = torch.compile(lambda x: F.gelu(F.linear(x, w, b)), dynamic=False)
+    res = {"shape_mnk": [tokens, w.shape[0], w.shape[1]],
+           "cublas_ms": cuda_median_s(lambda: F.linear(x, w, b), reps) * 1e3,
+           "cublas_plus_gelu_compiled_ms": cuda_median_s(lambda: two_pass(x), reps) * 1e3,
+           "epilogue_autotuned_ms": cuda_median_s(lambda: linear_gelu(x, w, b), reps) * 1e3}
+    for tile in GPU_TILES:
+        name = "epilogue_" + "_".join(f"{k[0]}{v}" for k, v in zip(("m", "n", "k", "g", "w", "s"), tile)) + "_ms"
+        try:  # a tile the GPU cannot hold (shared memory) fails alone
+            res[name] = cuda_median_s(lambda: linear_gelu(x, w, b, tile), reps) * 1e3
+        except Exception as err:
+            res[name] = f"failed: {type(err).__name__}: {str(err)[:120]}"
+    ref = F.gelu(F.linear(x.float(), w.float(), b.float()))
+    res["epilogue_max_abs_diff_vs_fp32"] = float((linear_gelu(x, w, b).float() - ref).abs().max())
+    res["two_pass_max_abs_diff_vs_fp32"] = float((two_pass(x).float() - ref).abs().max())
+    torch._dynamo.reset()
     return res

@@ -283,6 +283,8 @@ def main(argv=None) -> int:
     g.add_argument("--graphs-unfused", action="store_true", help="graphs: also the unfused projections")
     g.add_argument("--graphs-rope-baseline", action="store_true", help="graphs: also RoPE computed in every layer")
     g.add_argument("--fp8", action="store_true", help="graphs / hplus: also the fp8 precision (FP8 backbone GEMMs)")
+    g.add_argument("--gelu-epilogue", action="store_true",
+                   help="graphs: also the GELU MLPs' first GEMM with the GELU in its epilogue (Triton)")
     r = p.add_argument_group("raw_jpeg")
     r.add_argument("--raw-images", type=int, default=8192)
     r.add_argument("--raw-modes", default="exact,fast,gpu", help="exact,fast,gpu,gpu_serial")
@@ -325,7 +327,7 @@ def main(argv=None) -> int:
                                                                        with_backbone=False,
                                                                        unfused_baseline=args.graphs_unfused,
                                                                        rope_baseline=args.graphs_rope_baseline,
-                                                                       fp8=args.fp8),
+                                                                       fp8=args.fp8, gelu_epilogue=args.gelu_epilogue),
                     args.json_out)
     else:
         from mirror_core.readout import inference_readout

@@ -10,4 +10,4 @@ tag=$(echo "$sections" | tr ',' '-')
 timeout "$budget" python3 benchmarks/run.py --only "$sections" --no-record --json-out "$OUT/$tag.json" "$@" \
     > "$OUT/$tag.log" 2>&1
 echo "[$tag] rc=$?"
-grep -E "Error|error|Traceback|\[[a-z_]+\] [0-9.]+ s" "$OUT/$tag.log" | grep -v "issue_detector\|WARNING" | tail -15
+grep -E "Error|error|Traceback|\[[a-z_]+\] [0-9.]+ s|\[figure\]" "$OUT/$tag.log" | grep -v "issue_detector\|WARNING" | tail -25

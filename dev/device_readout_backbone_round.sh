@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# One device call (~8 min on an H100) that decides the read-out kernel's selection method
+# One device call (~8-9 min on an H100) that decides the read-out kernel's selection method
 # and measures the DINOv3-L-sized model as replicas now run it (RoPE precomputed), against
-# per-layer RoPE, and in fp8:
+# per-layer RoPE, with the GELU in its first MLP GEMM's epilogue, and in fp8:
 #   run: bash dev/device_readout_backbone_round.sh   (carry [".whl", ".devfix"], timeout_s 600)
-# 1. the kernel's exactness on CUDA (both methods), 2. memory_bank_gpu.py's sweep of
-# method x launch shape (its fastest goes to $OUT/kernel_best), 3. the graphs section with
-# that kernel, --graphs-rope-baseline and --fp8. JSON and logs under $OUT.
+# 1. the Triton kernels' exactness on CUDA (read-out, both methods; GEMM + GELU), 2.
+# memory_bank_gpu.py's sweep of method x launch shape (its fastest goes to $OUT/kernel_best),
+# 3. the graphs section with that kernel, --graphs-rope-baseline, --gelu-epilogue and --fp8
+# (each figure is logged as it is measured). JSON and logs under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source dev/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout 120 python3 tests/kernel_check.py cuda 2>&1 | tail -3
+timeout 90 python3 tests/kernel_check.py cuda 2>&1 | tail -3
 timeout 150 python3 benchmarks/memory_bank_gpu.py --best-to "$OUT/kernel_best" > "$OUT/memory-bank.json" 2> "$OUT/memory-bank.log"
 echo "[memory-bank] rc=$? best=$(cat "$OUT/kernel_best" 2>/dev/null)"
 grep -E '"(kernel_ms|kernel_best|bank_triton_ms|readout_triton_ms)"' "$OUT/memory-bank.json"
 best=$(cat "$OUT/kernel_best" 2>/dev/null || echo "")
-bash dev/device_gpu_round.sh graphs 330 ${best:+--kernel-shape "$best"} --graphs-rope-baseline --fp8
+bash dev/device_gpu_round.sh graphs 345 ${best:+--kernel-shape "$best"} --graphs-rope-baseline --gelu-epilogue --fp8
 grep -o '"vitl_[a-z0-9_]*img_s": [0-9.]*\|"vitl_[a-z0-9_]*dprob[a-z0-9_]*": [0-9.e-]*' "$OUT/graphs.json"

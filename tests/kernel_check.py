@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mirror_core.gelu_gemm import GemmTile, gelu_epilogue_, linear_gelu  # noqa: E402
 from mirror_core.kernels import threshold_softmax_  # noqa: E402
 from mirror_core.readout import readout_dense, readout_gpu  # noqa: E402
 
@@ -78,8 +79,57 @@ def check_readout(device: str) -> None:
     torch.testing.assert_close(ent.cpu(), ent_ref, atol=0.02, rtol=0.02)
 
 
+SMALL_TILE = GemmTile(32, 32, 32, 2, 4, 1)  # the interpreter's cost grows with the tile
+
+
+def check_linear_gelu(device: str) -> None:
+    """The GEMM + exact-GELU kernel against fp32 torch, ragged and even shapes, with and
+    without bias; then a DINOv3 backbone with it against the same backbone without."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(2)
+    tiles = (SMALL_TILE,) if device == "cpu" else (None, SMALL_TILE)  # None: autotuned
+    for dtype in (torch.bfloat16, torch.float16):
+        for m, k, n, bias in ((70, 96, 80, True), (64, 64, 128, False), (33, 40, 36, True)):
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+            b = torch.randn(n, generator=gen).to(dtype) if bias else None
+            ref = F.gelu(x.float() @ w.float().T + (b.float() if bias else 0))
+            for tile in tiles:
+                y = linear_gelu(x.to(device), w.to(device), b.to(device) if bias else None, tile)
+                assert y.dtype == dtype and y.shape == (m, n), (y.dtype, y.shape)
+                # one 16-bit rounding of the output (the interpreter may truncate to bf16: a whole ulp)
+                rtol = 2**-7 if dtype == torch.bfloat16 else 2**-10
+                torch.testing.assert_close(y.float().cpu(), ref, atol=1e-4, rtol=rtol)
+    for bad in (lambda: linear_gelu(torch.zeros(4, 8, device=device), torch.zeros(4, 8, device=device)),
+                lambda: linear_gelu(torch.zeros(4, 8, device=device, dtype=torch.bfloat16),
+                                    torch.zeros(4, 6, device=device, dtype=torch.bfloat16))):
+        try:
+            bad()
+        except ValueError:
+            continue
+        raise AssertionError("linear_gelu accepted a wrong input")
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)
+    cfg = DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          patch_size=16, image_size=64, num_register_tokens=2, hidden_act="gelu")
+    backbone = DINOv3ViTModel(cfg).to(device, torch.bfloat16).eval()
+    pixels = torch.randn(3, 3, 64, 64, generator=gen).to(device, torch.bfloat16)
+    with torch.inference_mode():
+        ref = backbone(pixel_values=pixels).last_hidden_state.float()
+        assert gelu_epilogue_(backbone, SMALL_TILE if device == "cpu" else None) == 2
+        out = backbone(pixel_values=pixels).last_hidden_state.float()
+        torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)
+        if device == "cuda":  # the op inside a compiled graph
+            compiled = torch.compile(backbone, dynamic=False)
+            torch.testing.assert_close(compiled(pixel_values=pixels).last_hidden_state.float(), ref,
+                                       atol=0.05, rtol=0.05)
+
+
 if __name__ == "__main__":
     dev = sys.argv[1]
     check_kernel(dev)
     check_readout(dev)
+    check_linear_gelu(dev)
     print("kernel checks passed on", dev)

@@ -38,6 +38,33 @@ def test_architecture_figures_with_rope_baseline_and_fp8(cuda_on_cpu):
     assert 0 < res["t_fp8_max_abs_dprob_vs_fp32"] < 0.05
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_architecture_figures_with_gelu_epilogue(cuda_on_cpu, monkeypatch):
+    """The GELU-epilogue variant's control flow (the Triton kernel itself is checked in
+    tests/kernel_check.py): MLPs swapped in, measured, and put back for what follows."""
+    import torch.nn.functional as F
+
+    from mirror_core import gelu_gemm
+
+    calls = []
+
+    def torch_linear_gelu(x, w, b=None, tile=None):
+        calls.append(tile)
+        return F.gelu(F.linear(x.float(), w.float(), None if b is None else b.float())).to(x.dtype)
+
+    monkeypatch.setattr(gelu_gemm, "linear_gelu", torch_linear_gelu)
+    res = gpu.architecture_figures("t", TINY, 2, 1, ("default",), with_backbone=False, gelu_epilogue=True, fp8=True)
+    assert res["t_gelu_epilogue_mlps"] == TINY["num_hidden_layers"]
+    assert res["t_gelu_epilogue_compiled_default_img_s"] > 0
+    assert res["t_gelu_epilogue_max_abs_dprob_vs_bf16_weights"] < 0.05
+    fig = res["t_gelu_gemm"]
+    assert fig["shape_mnk"] == [2 * (196 + 1 + TINY["num_register_tokens"]), 128, 64]
+    assert all(isinstance(fig[f"epilogue_{n}"], float) for n in ("autotuned_ms", "m128_n256_k64_g8_w8_s3_ms"))
+    assert fig["epilogue_max_abs_diff_vs_fp32"] < 0.05 and set(calls) >= {None, *gelu_gemm.GPU_TILES}
+    assert res["t_fp8_linears"] == 4 * TINY["num_hidden_layers"]  # the plain MLPs were put back
+
+
 def test_kernel_method_names_parse():
     from mirror_core import kernels
 

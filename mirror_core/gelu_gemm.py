@@ -1,0 +1,158 @@
+"""A GELU MLP's first projection as one Triton GEMM with the exact GELU in its epilogue.
+
+DINOv3 ViT-S/B/L blocks compute down(gelu(up(x))) with the exact (erf) GELU. Run as a
+cuBLAS GEMM and a separate elementwise kernel, the [tokens, 4 x hidden] activation goes
+to memory twice and is read once more in between; cuBLAS's own GELU epilogue is the tanh
+approximation, not the model's function. Here the GEMM's fp32 accumulator gets the bias
+and the exact GELU before it is stored, once, in 16 bits: the same function, products
+summed in another order than cuBLAS's and the pre-activation not rounded to 16 bits
+first (equal within 16-bit rounding). For 16-bit weights on CUDA; opt-in
+(`gelu_epilogue_`) until a device measurement says it beats cuBLAS + the separate pass.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .fused import replace_submodule
+
+SQRT1_2 = 0.7071067811865476
+
+
+class GemmTile(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int  # output tiles that walk down the rows together, so their weight tiles stay in L2
+    num_warps: int
+    num_stages: int
+
+
+# Launch shapes tried once per GEMM shape on a GPU (Triton's autotuner keeps the fastest):
+# the usual Hopper/Ampere bf16 tiles. Tests on CPU pass a small tile explicitly.
+GPU_TILES = (GemmTile(128, 256, 64, 8, 8, 3), GemmTile(128, 128, 64, 8, 8, 4),
+             GemmTile(256, 128, 64, 8, 8, 3), GemmTile(128, 128, 64, 8, 4, 4))
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def linear_gelu_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr,
+                           DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # y[M, N] = gelu(x[M, K] @ w[N, K]^T + b[N]), all row-major
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * tiles_n
+        first_m = (pid // per_group) * GROUP_M
+        rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % rows_in_group
+        pid_n = (pid % per_group) // rows_in_group
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        # rows past the end read row r % M (in bounds) and are never stored: no load masks on M, N
+        x_ptrs = x_ptr + (rm % M)[:, None].to(tl.int64) * K + rk[None, :]  # [BLOCK_M, BLOCK_K]
+        w_ptrs = w_ptr + (rn % N)[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N] of w^T
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            in_k = (k0 + rk) < K
+            a = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
+            if DOT_IN_FP32:  # the same products: 16-bit values are exact in fp32
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        y = 0.5 * acc * (1.0 + tl.erf(acc * SQRT1_2))
+        out = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    return linear_gelu_kernel
+
+
+@functools.cache
+def _autotuned():
+    import triton
+
+    configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
+                              "GROUP_M": t.group_m}, num_warps=t.num_warps, num_stages=t.num_stages)
+               for t in GPU_TILES]
+    return triton.autotune(configs=configs, key=["M", "N", "K"])(_kernel())
+
+
+@torch.library.custom_op("mirror::linear_gelu", mutates_args=())
+def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 tile: list[int] | None = None) -> torch.Tensor:
+    import triton
+
+    m, k = x.shape
+    n = weight.shape[0]
+    y = x.new_empty((m, n))
+    args = (x, weight, bias if bias is not None else weight, y, m, n, k)
+    # Off CUDA the kernel runs in Triton's interpreter, whose dot misreads 16-bit floats
+    flags = {"HAS_BIAS": bias is not None, "DOT_IN_FP32": x.device.type != "cuda"}
+    if tile is None:  # GPU: the autotuner's choice for this shape
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        _autotuned()[grid](*args, **flags)
+    else:
+        t = GemmTile(*tile)
+        grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n),)
+        _kernel()[grid](*args, **flags, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                        BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.num_warps, num_stages=t.num_stages)
+    return y
+
+
+@_linear_gelu.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: list[int] | None = None):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                tile: GemmTile | None = None) -> torch.Tensor:
+    """gelu(x @ weight^T + bias), exact GELU, for 16-bit x [M, K] and weight [N, K] of the
+    same dtype -> [M, N] in that dtype. `tile`: a fixed launch shape (None: autotuned)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_gelu wants x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        raise ValueError(f"linear_gelu wants 16-bit x and weight of one dtype, got {x.dtype} and {weight.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{weight.shape[0]}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    return _linear_gelu(x.contiguous(), weight.contiguous(), bias, list(tile) if tile is not None else None)
+
+
+class GeluEpilogueMLP(nn.Module):
+    """DINOv3's GELU MLP, down(gelu(up(x))), with up + GELU as one `linear_gelu` call."""
+
+    def __init__(self, mlp: nn.Module, tile: GemmTile | None = None):
+        super().__init__()
+        self.up_proj = mlp.up_proj
+        self.down_proj = mlp.down_proj
+        self.tile = tile
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = linear_gelu(x.reshape(-1, x.shape[-1]), self.up_proj.weight, self.up_proj.bias, self.tile)
+        return self.down_proj(h.view(*x.shape[:-1], h.shape[-1]))  # [..., hidden]
+
+
+def gelu_epilogue_(backbone: nn.Module, tile: GemmTile | None = None) -> int:
+    """Replace every DINOv3 MLP whose activation is the exact GELU by GeluEpilogueMLP, in
+    place (after the model is in its 16-bit dtype); returns how many were replaced. Gated
+    (SwiGLU) MLPs, other activations and other families are left as they are (0)."""
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTMLP
+
+    targets = [(name, m) for name, m in backbone.named_modules()
+               if type(m) is DINOv3ViTMLP and m.config.hidden_act == "gelu"]
+    for name, module in targets:
+        replace_submodule(backbone, name, GeluEpilogueMLP(module, tile))
+    return len(targets)
