@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .fused import replace_submodule
+from .kernels import triton_available
 
 SQRT1_2 = 0.7071067811865476
 
@@ -151,6 +152,8 @@ def gelu_epilogue_(backbone: nn.Module, tile: GemmTile | None = None) -> int:
     (SwiGLU) MLPs, other activations and other families are left as they are (0)."""
     from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTMLP
 
+    if not triton_available():
+        raise RuntimeError("the GELU epilogue is a Triton kernel: install the [gpu] extra (triton)")
     targets = [(name, m) for name, m in backbone.named_modules()
                if type(m) is DINOv3ViTMLP and m.config.hidden_act == "gelu"]
     for name, module in targets:

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import PreprocessConfig
-from .preprocess import crop_window, short_side_size
-from .resample import resized_windows
+from .preprocess import official_crop_plan
+from .resample import AxisTaps, resize_window, to_8bit
 
 Decoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # 1-D uint8 CPU tensors -> [3, H, W] uint8
 
@@ -49,21 +49,47 @@ def device_jpeg_decoder(device: str | torch.device) -> Decoder | None:
     return decode
 
 
+@functools.lru_cache(maxsize=1024)
+def _weights_on(taps: AxisTaps, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(taps.weights.astype("float64")).to(device)  # [length, span]
+
+
+def _pass(x: torch.Tensor, taps: AxisTaps) -> torch.Tensor:
+    """float64 [..., span] -> [..., length]: one resize pass along the last dim (dense: a GPU
+    multiplies the zeros faster than it would skip them)."""
+    return to_8bit(x @ _weights_on(taps, x.device).T)
+
+
+def resized_windows(images: torch.Tensor, new_size: tuple[int, int], top: int, left: int,
+                    height: int, width: int) -> torch.Tensor:
+    """uint8 [n, C, H, W] -> uint8 [n, C, height, width]: output rows top.. and columns
+    left.. of Pillow's BICUBIC resize to new_size (w, h), exactly (`resample`)."""
+    _, _, h, w = images.shape
+    window = resize_window((w, h), new_size, top, left, height, width)
+    (r0, r1), (c0, c1) = window.rows, window.cols
+    x = images[:, :, r0:r1, c0:c1].to(torch.float64)  # [n, C, rows read, cols read]
+    if window.horizontal is not None and not window.vertical_first:
+        x = _pass(x, window.horizontal)
+    if window.vertical is not None:
+        x = _pass(x.transpose(-1, -2), window.vertical).transpose(-1, -2)
+    if window.horizontal is not None and window.vertical_first:
+        x = _pass(x, window.horizontal)
+    return x.to(torch.uint8)
+
+
 def official_crops(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """uint8 [n, 3, H, W] of one size (any device) -> uint8 [n, crop, crop, 3]: the official
     resize (short side to `resize_short_side` when larger, Pillow's bicubic) and centre
     crop, resampling only the pixels the crop keeps."""
     _, _, h, w = images.shape
-    new_size = short_side_size((w, h), cfg.resize_short_side)
-    new_w, new_h = new_size or (w, h)
-    top, height, pad_top = crop_window(new_h, cfg.crop_size)
-    left, width, pad_left = crop_window(new_w, cfg.crop_size)
-    if new_size is not None:
-        out = resized_windows(images, new_size, top, left, height, width)
+    plan = official_crop_plan((w, h), cfg)
+    if plan.new_size is not None:
+        out = resized_windows(images, plan.new_size, plan.top, plan.left, plan.height, plan.width)
     else:
-        out = images[:, :, top : top + height, left : left + width]
-    if height < cfg.crop_size or width < cfg.crop_size:
-        out = F.pad(out, (pad_left, cfg.crop_size - width - pad_left, pad_top, cfg.crop_size - height - pad_top))
+        out = images[:, :, plan.top : plan.top + plan.height, plan.left : plan.left + plan.width]
+    if plan.padded:
+        (top, bottom), (left, right) = plan.pads
+        out = F.pad(out, (left, right, top, bottom))
     return out.permute(0, 2, 3, 1)
 
 

@@ -14,12 +14,14 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile
 
 from .config import PreprocessConfig
 from .jpeg import jpeg_round_trip
+from .resample import resize_window, resized_window
 
 # PreprocessConfig.max_pixels, checked from the header, decides what is too large; Pillow's
 # own warning above its default 89M pixels would only repeat it on the console, per image.
@@ -63,16 +65,19 @@ def decode_rgb(data: bytes, max_pixels: int | None = None, draft_short_side: int
     whose short side is at least twice that is decoded at a reduced DCT scale (libjpeg
     1/2, 1/4 or 1/8) that keeps the short side >= draft_short_side."""
     with _truncated_images_allowed():
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise ImageTooLargeError(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
-            fmt = img.format
-            if draft_short_side and fmt == "JPEG" and min(w, h) >= 2 * draft_short_side:
-                scale = draft_short_side / min(w, h)
-                img.draft("RGB", (int(np.ceil(w * scale)), int(np.ceil(h * scale))))
-            rgb = img.convert("RGB")
-    return rgb, fmt, (w, h)
+        img = Image.open(io.BytesIO(data))  # not closed: closing would discard the pixels we return
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLargeError(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+        fmt = img.format
+        if draft_short_side and fmt == "JPEG" and min(w, h) >= 2 * draft_short_side:
+            scale = draft_short_side / min(w, h)
+            img.draft("RGB", (int(np.ceil(w * scale)), int(np.ceil(h * scale))))
+        if img.mode == "RGB":
+            img.load()  # decoded in place; convert() would copy every pixel once more
+        else:
+            img = img.convert("RGB")
+    return img, fmt, (w, h)
 
 
 def short_side_size(size: tuple[int, int], short_side: int) -> tuple[int, int] | None:
@@ -115,14 +120,56 @@ def crop_window(size: int, crop: int) -> tuple[int, int, int]:
     return 0, size, (crop - size) // 2
 
 
+class CropPlan(NamedTuple):
+    """A centre crop of an image, after an optional resize, as a window of the resized image."""
+
+    new_size: tuple[int, int] | None  # (w, h) after the resize; None: no resize
+    top: int  # the window: rows top..top+height-1, columns left..left+width-1 of the resized image
+    height: int
+    left: int
+    width: int
+    pads: tuple[tuple[int, int], tuple[int, int]]  # zeros (before, after) along rows, columns
+
+    @property
+    def padded(self) -> bool:
+        return any(n for pair in self.pads for n in pair)
+
+
+def crop_plan(size: tuple[int, int], new_size: tuple[int, int] | None, crop: int) -> CropPlan:
+    """torchvision's CenterCrop(crop) of a (w, h) image resized to new_size (None: as is)."""
+    w, h = new_size or size
+    top, height, pad_top = crop_window(h, crop)
+    left, width, pad_left = crop_window(w, crop)
+    return CropPlan(new_size, top, height, left, width,
+                    ((pad_top, crop - height - pad_top), (pad_left, crop - width - pad_left)))
+
+
+def official_crop_plan(size: tuple[int, int], cfg: PreprocessConfig) -> CropPlan:
+    """Where the policy's crop of a (w, h) image comes from (the CPU and GPU paths)."""
+    return crop_plan(size, short_side_size(size, cfg.resize_short_side), cfg.crop_size)
+
+
+def _cut(arr: np.ndarray, plan: CropPlan) -> np.ndarray:
+    arr = arr[plan.top : plan.top + plan.height, plan.left : plan.left + plan.width]
+    return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
+
+
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     """torchvision CenterCrop on HWC: zero-pad short sides, round-half-even offsets."""
-    top, height, pad_top = crop_window(arr.shape[0], size)
-    left, width, pad_left = crop_window(arr.shape[1], size)
-    arr = arr[top : top + height, left : left + width]
-    if height < size or width < size:
-        arr = np.pad(arr, ((pad_top, size - height - pad_top), (pad_left, size - width - pad_left), (0, 0)))
-    return arr
+    return _cut(arr, crop_plan((arr.shape[1], arr.shape[0]), None, size))
+
+
+def official_resized_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """The exact path's resize and centre crop of an RGB image, resampling only the pixels
+    the crop keeps (`resample`): equal to center_crop(resize_short_side(img)) pixel for
+    pixel, several times less work on photos."""
+    plan = official_crop_plan(img.size, cfg)
+    if plan.new_size is None:
+        return _cut(np.asarray(img), plan)
+    window = resize_window(img.size, plan.new_size, plan.top, plan.left, plan.height, plan.width)
+    (r0, r1), (c0, c1) = window.rows, window.cols
+    arr = resized_window(np.asarray(img.crop((c0, r0, c1, r1))), window)
+    return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
 
 
 def wants_alignment(cfg: PreprocessConfig, name: str | None, fmt: str | None) -> bool:
@@ -159,7 +206,7 @@ def preprocess_rgb(
     width, height = size or img.size
     arr = resized_center_crop(img, cfg.resize_short_side, cfg.crop_size) if cfg.fast_decode else None
     if arr is None:
-        arr = center_crop(np.asarray(resize_short_side(img, cfg.resize_short_side)), cfg.crop_size)
+        arr = official_resized_crop(img, cfg)
     aligned = wants_alignment(cfg, name, fmt)
     if aligned:
         arr = jpeg_round_trip(np.ascontiguousarray(arr), cfg.jpeg_quality, optimize=True)

@@ -12,10 +12,11 @@ PRODUCT = ("mirror_core", "pipeline", "jobs")
 FIRST_PARTY = {"mirror_core", "pipeline", "benchmarks"}
 # Core dependencies used without an import statement of their own.
 IMPLICIT = {"s3fs": "fsspec loads it for s3:// URIs"}
-# Optional modules: extra -> (module, the function that checks it, the one file importing it).
-OPTIONAL = {"gpu": ("triton", "mirror_core.kernels.triton_available", "mirror_core/kernels.py"),
+# Optional modules: extra -> (module, the function that checks it, the files importing it).
+OPTIONAL = {"gpu": ("triton", "mirror_core.kernels.triton_available", {"mirror_core/kernels.py",
+                                                                       "mirror_core/gelu_gemm.py"}),
             "gpu-decode": ("torchvision", "mirror_core.gpu_decode.torchvision_decode_available",
-                           "mirror_core/gpu_decode.py")}
+                           {"mirror_core/gpu_decode.py"})}
 
 
 def normalize(name: str) -> str:
@@ -55,7 +56,7 @@ def test_every_imported_module_is_a_core_dependency_or_a_checked_extra():
         if module in optional_modules:
             extra, (_, _, place) = next((e, spec) for e, spec in OPTIONAL.items() if spec[0] == module)
             assert owners & extras[extra], f"{module} should be in the [{extra}] extra"
-            assert files == {place}, f"{module} imported outside its checked place: {files}"
+            assert files == place, f"{module} imported outside its checked places: {files}"
             continue
         assert owners & core, f"{module} (imported by {sorted(files)}) is not a core dependency"
 
@@ -79,6 +80,7 @@ def test_optional_modules_are_checked_where_used(monkeypatch):
     import torch
 
     from mirror_core import readout
+    from mirror_core.gelu_gemm import gelu_epilogue_
 
     checks = []
     for module, checker, _ in OPTIONAL.values():
@@ -91,6 +93,8 @@ def test_optional_modules_are_checked_where_used(monkeypatch):
             assert check() is False
         assert readout.gpu_readout_available(torch.randn(2, 3, 4, dtype=torch.bfloat16)) is False
         assert readout.inference_readout("cuda", autocast_16bit=True) == "dense masked softmax"
+        with pytest.raises(RuntimeError, match=r"\[gpu\] extra"):
+            gelu_epilogue_(torch.nn.Module())
     finally:
         for check in checks:
             getattr(check, "cache_clear", lambda: None)()

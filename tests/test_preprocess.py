@@ -137,3 +137,21 @@ def test_fast_mode_resamples_only_the_crop_box():
         assert fast.shape == exact.shape == (224, 224, 3)
         assert np.abs(fast.astype(int) - exact.astype(int)).max() <= 4  # same box, other rounding grid
     assert resized_center_crop(Image.new("RGB", (500, 375)), 512, 224) is None  # nothing to resize
+
+
+def test_exact_path_resamples_only_the_crop_and_equals_pillow_resize_then_crop():
+    """The exact path computes only the crop's pixels of the short-side resize; they equal
+    Pillow's full resize then the centre crop on every size tried: photo sizes in both
+    orientations, random ones, just above the resize threshold, none due, padded."""
+    from mirror_core.preprocess import official_resized_crop
+
+    rng = np.random.default_rng(7)
+    sizes = [(1920, 1080), (1080, 1920), (4032, 3024), (3024, 4032), (1280, 720), (513, 513), (512, 900),
+             (300, 200), (2000, 517), (517, 2000), (899, 1921), (1001, 2000)]
+    sizes += [tuple(int(v) for v in rng.integers(200, 2600, 2)) for _ in range(24)]
+    for crop, short in ((224, 512), (600, 512)):  # the second: the crop is padded after the resize
+        cfg = PreprocessConfig(alignment="off", crop_size=crop, resize_short_side=short)
+        for w, h in sizes:
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
+            want = center_crop(np.asarray(resize_short_side(img, short)), crop)
+            np.testing.assert_array_equal(official_resized_crop(img, cfg), want, err_msg=str((w, h, crop)))
