@@ -21,7 +21,7 @@ from PIL import Image, ImageFile
 
 from .config import PreprocessConfig
 from .jpeg import jpeg_round_trip
-from .resample import resize_window, resized_window
+from .resample import pillow_pass_order, resize_window, resized_window
 
 # PreprocessConfig.max_pixels, checked from the header, decides what is too large; Pillow's
 # own warning above its default 89M pixels would only repeat it on the console, per image.
@@ -166,6 +166,8 @@ def official_resized_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray
     plan = official_crop_plan(img.size, cfg)
     if plan.new_size is None:
         return _cut(np.asarray(img), plan)
+    if pillow_pass_order() is None:  # a Pillow whose resize is not reproduced: it resizes itself
+        return _cut(np.asarray(img.resize(plan.new_size, Image.BICUBIC)), plan)
     window = resize_window(img.size, plan.new_size, plan.top, plan.left, plan.height, plan.width)
     (r0, r1), (c0, c1) = window.rows, window.cols
     arr = resized_window(np.asarray(img.crop((c0, r0, c1, r1))), window)

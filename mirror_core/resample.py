@@ -153,23 +153,36 @@ def resized_full(arr: np.ndarray, new_size: tuple[int, int]) -> np.ndarray:
     return resized_window(arr[r0:r1, c0:c1], window)
 
 
+PASS_ORDERS = ("by-size", "horizontal-first")  # Pillow 13; earlier releases
+# Probe resizes of a 40x40 image: vertical first by size, both sides of that rule's boundary
+# (2 x 10 = 40 - 20 is horizontal first), a vertical upscale, a horizontal upscale.
+PROBE_SIZES = ((39, 20), (30, 20), (31, 20), (20, 45), (45, 20))
+
+
+def _by_size(size: tuple[int, int], new_size: tuple[int, int]) -> bool:
+    (w, h), (new_w, new_h) = size, new_size
+    return new_h < h and 2 * (w - new_w) < h - new_h
+
+
 @functools.cache
-def _pillow_orders_passes_by_size() -> bool:
-    """Whether the installed Pillow picks the pass order by size (Pillow 13 does; earlier
-    releases always go horizontal first). Decided by a probe resize whose two orders differ."""
+def pillow_pass_order() -> str | None:
+    """How the installed Pillow orders its two passes (one of PASS_ORDERS), found by probe
+    resizes it must reproduce exactly; None when neither rule does (a Pillow resizing in
+    some other way: callers needing exact pixels then let Pillow resize)."""
     from PIL import Image
 
     arr = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
-    want = np.asarray(Image.fromarray(arr).resize((39, 20), Image.BICUBIC))
-    for by_size in (True, False):
-        if np.array_equal(resized_window(arr, _window((40, 40), (39, 20), 0, 0, 20, 39, by_size)), want):
-            return by_size
-    raise RuntimeError("the installed Pillow resizes in a way not reproduced here (neither pass order)")
+    want = {new: np.asarray(Image.fromarray(arr).resize(new, Image.BICUBIC)) for new in PROBE_SIZES}
+    for order in PASS_ORDERS:
+        if all(np.array_equal(resized_window(arr, _window((40, 40), new, 0, 0, new[1], new[0],
+                                                          order == "by-size" and _by_size((40, 40), new))), want[new])
+               for new in PROBE_SIZES):
+            return order
+    return None
 
 
 def vertical_first(size: tuple[int, int], new_size: tuple[int, int]) -> bool:
     """Whether Pillow resizes (w, h) to new_size with the vertical pass first. Pillow 13,
     measured on ~1,900 size pairs that the two orders tell apart: when the height shrinks
     and it loses more than twice the pixels the width loses."""
-    (w, h), (new_w, new_h) = size, new_size
-    return new_h < h and 2 * (w - new_w) < h - new_h and _pillow_orders_passes_by_size()
+    return _by_size(size, new_size) and pillow_pass_order() == "by-size"

@@ -76,3 +76,28 @@ def test_window_taps_read_only_the_inputs_the_window_needs():
     for outputs, inputs, weights in taps.bands:  # bands hold every nonzero weight
         assert np.array_equal(weights.T, taps.weights[outputs, inputs])
         assert not taps.weights[outputs, : inputs.start].any() and not taps.weights[outputs, inputs.stop :].any()
+
+
+def test_the_probe_finds_this_pillows_pass_order_and_refuses_a_wrong_rule(monkeypatch):
+    """The exact CPU path resamples windows only when the probe resizes are reproduced
+    (here they must be: the pinned Pillow), and a rule one pixel off is caught."""
+    from mirror_core import resample
+
+    assert resample.pillow_pass_order() in resample.PASS_ORDERS
+    resample.pillow_pass_order.cache_clear()
+    monkeypatch.setattr(resample, "_by_size", lambda size, new: new[1] < size[1] and 2 * (size[0] - new[0]) <= size[1] - new[1])
+    try:
+        assert resample.pillow_pass_order() is None
+    finally:
+        resample.pillow_pass_order.cache_clear()
+
+
+def test_without_a_reproduced_pillow_the_exact_path_lets_pillow_resize(monkeypatch):
+    from mirror_core import preprocess
+    from mirror_core.config import PreprocessConfig
+
+    monkeypatch.setattr(preprocess, "pillow_pass_order", lambda: None)
+    arr = np.random.default_rng(9).integers(0, 256, (1921, 899, 3), dtype=np.uint8)
+    want = preprocess.center_crop(pillow_resize(arr, (512, 1094)), 224)
+    got = preprocess.official_resized_crop(Image.fromarray(arr), PreprocessConfig(alignment="off"))
+    np.testing.assert_array_equal(got, want)
