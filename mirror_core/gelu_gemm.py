@@ -45,8 +45,8 @@ def _kernel():
 
     @triton.jit
     def linear_gelu_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr,
-                           DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                           DOT_IN_FP32: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # y[M, N] = gelu(x[M, K] @ w[N, K]^T + b[N]), all row-major
         pid = tl.program_id(0)
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -63,9 +63,13 @@ def _kernel():
         w_ptrs = w_ptr + (rn % N)[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N] of w^T
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            in_k = (k0 + rk) < K
-            a = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
+            if EVEN_K:  # no ragged last step: unmasked loads pipeline best
+                a = tl.load(x_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                in_k = (k0 + rk) < K
+                a = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
             if DOT_IN_FP32:  # the same products: 16-bit values are exact in fp32
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc)
@@ -87,7 +91,8 @@ def _autotuned():
     configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
                               "GROUP_M": t.group_m}, num_warps=t.num_warps, num_stages=t.num_stages)
                for t in GPU_TILES]
-    return triton.autotune(configs=configs, key=["M", "N", "K"])(_kernel())
+    even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})  # sees each config's BLOCK_K
+    return triton.autotune(configs=configs, key=["M", "N", "K"])(even_k(_kernel()))
 
 
 @torch.library.custom_op("mirror::linear_gelu", mutates_args=())
@@ -109,7 +114,7 @@ def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     else:
         t = GemmTile(*tile)
         grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n),)
-        _kernel()[grid](*args, **flags, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        _kernel()[grid](*args, **flags, EVEN_K=k % t.block_k == 0, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                         BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
