@@ -24,6 +24,7 @@ PRECISION_BITS = 22  # Pillow's fixed point for 8-bit resampling: 32 - 8 (pixel)
 BICUBIC_SUPPORT = 2.0
 BICUBIC_A = -0.5
 BAND = 16  # outputs per band on CPU: each band multiplies only the inputs it reads
+LINES = 256  # input rows (columns) the CPU's first pass holds in float64 at a time
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -133,16 +134,25 @@ def _pass(x: np.ndarray, taps: AxisTaps) -> np.ndarray:
     return to_8bit(acc)
 
 
+def _as_float(lines: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(lines.transpose(2, 0, 1), dtype=np.float64)  # [C, rows, cols]
+
+
 def resized_window(region: np.ndarray, window: ResizeWindow) -> np.ndarray:
     """uint8 [rows, cols, C], the input rows and columns `window` reads -> uint8 [height,
-    width, C]: those output pixels of Pillow's BICUBIC resize, exactly."""
-    x = np.ascontiguousarray(region.transpose(2, 0, 1), dtype=np.float64)  # [C, rows, cols]
-    if window.horizontal is not None and not window.vertical_first:
-        x = _pass(x, window.horizontal)  # [C, rows, width]
-    if window.vertical is not None:
-        x = _pass(x.swapaxes(-1, -2), window.vertical).swapaxes(-1, -2)  # [C, height, width or cols]
-    if window.horizontal is not None and window.vertical_first:
-        x = _pass(x, window.horizontal)  # [C, height, width]
+    width, C]: those output pixels of Pillow's BICUBIC resize, exactly. The first pass
+    takes LINES input lines at a time, so memory stays small on very large images."""
+    horiz, vert = window.horizontal, window.vertical
+    if vert is not None and (window.vertical_first or horiz is None):
+        x = np.concatenate([_pass(_as_float(region[:, c : c + LINES]).swapaxes(-1, -2), vert).swapaxes(-1, -2)
+                            for c in range(0, region.shape[1], LINES)], axis=-1)  # [C, height, cols]
+        if horiz is not None:
+            x = _pass(x, horiz)  # [C, height, width]
+    else:
+        x = (np.concatenate([_pass(_as_float(region[r : r + LINES]), horiz) for r in range(0, region.shape[0], LINES)],
+                            axis=1) if horiz is not None else _as_float(region))  # [C, rows, width]
+        if vert is not None:
+            x = _pass(x.swapaxes(-1, -2), vert).swapaxes(-1, -2)  # [C, height, width]
     return np.ascontiguousarray(x.transpose(1, 2, 0), dtype=np.uint8)
 
 
