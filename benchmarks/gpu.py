@@ -278,18 +278,19 @@ def kernel_time_shares(fn) -> dict:
 def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
                          compile_modes: tuple[str, ...] = ("default",), with_backbone: bool = True,
                          unfused_baseline: bool = False, rope_baseline: bool = False, fp8: bool = False,
-                         gelu_epilogue: bool = False) -> dict:
+                         gelu_epilogue: bool = False, patch_baseline: bool = False) -> dict:
     """One backbone size, bf16 weights, projections fused and RoPE precomputed as scoring
     replicas run them: eager and compiled images/s of the model (and of the backbone
     alone), FLOPs per image, MFU, the attention kernels. Compile modes: 'default',
     'reduce-overhead' (CUDA graphs), 'max-autotune-no-cudagraphs'. Baselines (default
-    compile): `unfused_baseline` without the fused projections, `rope_baseline` with
-    RoPE's cos/sin computed in every layer. `gelu_epilogue`: also the GELU MLPs' first
+    compile): `unfused_baseline` without the fused projections, `patch_baseline` with the
+    patch embedding as a convolution, `rope_baseline` with RoPE's cos/sin computed in
+    every layer. `gelu_epilogue`: also the GELU MLPs' first
     GEMM with the GELU in its epilogue (compiled; the bare GEMMs too, `gelu_gemm_figures`)
     and its score deviation from the model without. `fp8`: also the "fp8" precision (FP8
     backbone GEMMs), compiled, and its score deviation from fp32 and from bf16 weights."""
     from mirror_core.fp8 import fp8_linears_
-    from mirror_core.fused import fuse_projections_, precompute_rope_
+    from mirror_core.fused import fuse_projections_, patch_embedding_as_linear_, precompute_rope_
     from mirror_core.model import assemble_model
     from mirror_core.smoke import official_sized, random_mirror
 
@@ -329,6 +330,9 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
             res[f"{prefix}_unfused_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
             compiled_img_s("unfused_compiled_default", "default")
         fuse_projections_(model.backbone)
+        if patch_baseline:
+            compiled_img_s("patch_conv_compiled_default", "default")
+        patch_embedding_as_linear_(model.backbone)
         if rope_baseline:
             precomputed = model.backbone.rope_embeddings
             model.backbone.rope_embeddings = precomputed.rope

@@ -297,6 +297,7 @@ def main(argv=None) -> int:
     g.add_argument("--compile-modes", default="default", help="for hplus / graphs: default,reduce-overhead,...")
     g.add_argument("--graphs-unfused", action="store_true", help="graphs: also the unfused projections")
     g.add_argument("--graphs-rope-baseline", action="store_true", help="graphs: also RoPE computed in every layer")
+    g.add_argument("--graphs-patch-baseline", action="store_true", help="graphs: also the patch embedding as a convolution")
     g.add_argument("--fp8", action="store_true", help="graphs / hplus: also the fp8 precision (FP8 backbone GEMMs)")
     g.add_argument("--gelu-epilogue", action="store_true",
                    help="graphs: also the GELU MLPs' first GEMM with the GELU in its epilogue (Triton)")
@@ -342,6 +343,7 @@ def main(argv=None) -> int:
                                                                        with_backbone=False,
                                                                        unfused_baseline=args.graphs_unfused,
                                                                        rope_baseline=args.graphs_rope_baseline,
+                                                                       patch_baseline=args.graphs_patch_baseline,
                                                                        fp8=args.fp8, gelu_epilogue=args.gelu_epilogue),
                     args.json_out)
     else:

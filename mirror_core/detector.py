@@ -13,7 +13,7 @@ from PIL import Image
 from .bundle import Bundle, load_bundle
 from .config import MirrorConfig
 from .fp8 import fp8_linears_, fp8_supported
-from .fused import fuse_projections_, precompute_rope_
+from .fused import fuse_projections_, patch_embedding_as_linear_, precompute_rope_
 from .model import MirrorModel, assemble_model
 from .preprocess import Preprocessed, official_preprocess, preprocess_rgb, read_bytes
 from .readout import inference_readout
@@ -51,8 +51,9 @@ class Detector:
         if mode.fp8_gemms and not fp8_supported(self.device):
             raise ValueError(f"precision fp8 needs FP8 tensor cores (compute capability 8.9+); {self.device} has none")
         self.model = model.to(self.device, dtype=mode.weights).eval()  # dtype None: as loaded
-        if self.device.type == "cuda":  # one GEMM per fused group; CPU keeps the exact official layout
+        if self.device.type == "cuda":  # GEMMs where the GPU runs them best; CPU keeps the exact official layout
             fuse_projections_(self.model.backbone)
+            patch_embedding_as_linear_(self.model.backbone)
         if mode.fp8_gemms:
             fp8_linears_(self.model.backbone)
         precompute_rope_(self.model.backbone, config.preprocess.crop_size)  # the same values, computed once

@@ -11,6 +11,11 @@ the width: one GEMM reads its input once instead of three (two) times. The key p
 has no bias in DINOv3; its third of the fused bias is zero, so the sums are the same
 products (equal within float rounding). Scoring replicas on GPU use it; training and
 weight export never see it (it changes the module names).
+
+`patch_embedding_as_linear_` computes DINOv3's patch embedding, a convolution whose kernel
+equals its stride, as one GEMM over the image cut into patches: the same products, summed
+in another order. A convolution with 3 input channels keeps GPU convolution kernels far
+below GEMM speed. GPU replicas use it too.
 """
 from __future__ import annotations
 
@@ -89,6 +94,38 @@ class PrecomputedRope(nn.Module):
         if self.training or tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size):
             return self.rope(pixel_values)
         return self.cos.to(pixel_values.dtype), self.sin.to(pixel_values.dtype)  # as the module casts
+
+
+class PatchEmbeddingAsLinear(nn.Module):
+    """A Conv2d with kernel = stride (no padding) as a Linear over flattened patches; same
+    input [B, C, H, W] and output [B, hidden, H/p, W/p] (a view of the GEMM's result)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        kh, kw = conv.kernel_size
+        if (kh, kw) != conv.stride or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
+            raise ValueError(f"not a patch embedding: {conv}")
+        self.patch = (kh, kw)
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1), requires_grad=False)  # [hidden, C*kh*kw]
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = pixels.shape
+        (kh, kw), gh, gw = self.patch, h // self.patch[0], w // self.patch[1]
+        x = pixels[:, :, : gh * kh, : gw * kw].reshape(b, c, gh, kh, gw, kw)  # a remainder is dropped, as by the conv
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * kh * kw)  # [B, patches, C*kh*kw], the weight's order
+        return F.linear(x, self.weight, self.bias).transpose(1, 2).unflatten(2, (gh, gw))  # [B, hidden, gh, gw]
+
+
+def patch_embedding_as_linear_(backbone: nn.Module) -> bool:
+    """Put PatchEmbeddingAsLinear in place of a DINOv3 backbone's patch convolution, in
+    place; False for other families (DINOv2) or when already done."""
+    embeddings = getattr(backbone, "embeddings", None)
+    conv = getattr(embeddings, "patch_embeddings", None)
+    if not isinstance(conv, nn.Conv2d):
+        return False
+    embeddings.patch_embeddings = PatchEmbeddingAsLinear(conv)
+    return True
 
 
 def precompute_rope_(backbone: nn.Module, image_size: int) -> bool:

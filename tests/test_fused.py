@@ -6,7 +6,8 @@ import torch
 
 from mirror_core.config import BackboneConfig, MirrorConfig
 from mirror_core.detector import Detector
-from mirror_core.fused import FusedGatedMLP, FusedQKVAttention, PrecomputedRope, fuse_projections_, precompute_rope_
+from mirror_core.fused import (FusedGatedMLP, FusedQKVAttention, PatchEmbeddingAsLinear, PrecomputedRope,
+                               fuse_projections_, patch_embedding_as_linear_, precompute_rope_)
 from mirror_core.model import assemble_model
 from mirror_core.smoke import DEMO_BACKBONE, DEMO_MEMORY, random_mirror
 
@@ -65,3 +66,27 @@ def test_precomputed_rope_gives_the_same_scores_without_recomputing():
     cfg2 = MirrorConfig(backbone=BackboneConfig(dict(DINOV2)), memory=DEMO_MEMORY)
     _, weights2 = random_mirror(cfg2, seed=0)
     assert not precompute_rope_(assemble_model(cfg2, weights2).backbone, 224)  # no RoPE in DINOv2
+
+
+def test_patch_embedding_as_a_gemm_scores_as_the_convolution():
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
+    _, weights = random_mirror(cfg, seed=5)
+    plain = assemble_model(cfg, weights).eval()
+    linear = copy.deepcopy(plain)
+    assert patch_embedding_as_linear_(linear.backbone) and not patch_embedding_as_linear_(linear.backbone)
+    assert isinstance(linear.backbone.embeddings.patch_embeddings, PatchEmbeddingAsLinear)
+    pixels = torch.randint(0, 256, (3, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        a, b = plain(pixels), linear(pixels)
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.entropy, a.entropy, rtol=1e-5, atol=1e-5)
+        odd = torch.rand(2, 3, 70, 51)  # a remainder the convolution drops
+        conv, gemm = plain.backbone.embeddings.patch_embeddings, linear.backbone.embeddings.patch_embeddings
+        torch.testing.assert_close(gemm(odd), conv(odd), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not a patch embedding"):
+        PatchEmbeddingAsLinear(torch.nn.Conv2d(3, 8, 3, stride=1))
+    cfg2 = MirrorConfig(backbone=BackboneConfig(dict(DINOV2)), memory=DEMO_MEMORY)
+    _, weights2 = random_mirror(cfg2, seed=0)
+    assert not patch_embedding_as_linear_(assemble_model(cfg2, weights2).backbone)  # DINOv2: left alone
+    det = Detector(assemble_model(cfg, weights), cfg, "m")
+    assert isinstance(det.model.backbone.embeddings.patch_embeddings, torch.nn.Conv2d)  # CPU: the official layout
