@@ -6,8 +6,15 @@ import torch
 
 from mirror_core.config import BackboneConfig, MirrorConfig
 from mirror_core.detector import Detector
-from mirror_core.fused import (FusedGatedMLP, FusedQKVAttention, PatchEmbeddingAsLinear, PrecomputedRope,
-                               fuse_projections_, patch_embedding_as_linear_, precompute_rope_)
+from mirror_core.fused import (
+    FusedGatedMLP,
+    FusedQKVAttention,
+    PatchEmbeddingAsLinear,
+    PrecomputedRope,
+    fuse_projections_,
+    patch_embedding_as_linear_,
+    precompute_rope_,
+)
 from mirror_core.model import assemble_model
 from mirror_core.smoke import DEMO_BACKBONE, DEMO_MEMORY, random_mirror
 
