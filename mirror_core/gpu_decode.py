@@ -23,6 +23,7 @@ from .preprocess import official_crop_plan
 from .resample import AxisTaps, resize_window, to_8bit
 
 Decoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # 1-D uint8 CPU tensors -> [3, H, W] uint8
+RESIZE_BYTES = 1 << 30  # float64 input windows of the images one batched resize takes at once
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,6 +94,18 @@ def official_crops(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     return out.permute(0, 2, 3, 1)
 
 
+def images_per_resize(shape: tuple[int, int, int], cfg: PreprocessConfig) -> int:
+    """How many [C, H, W] images of one size a batched resize takes at once: their float64
+    input windows within RESIZE_BYTES (a block of 24-megapixel photos would need ~19 GB)."""
+    c, h, w = shape
+    plan = official_crop_plan((w, h), cfg)
+    if plan.new_size is None:
+        return 1 << 20  # a crop only: no float64 copy
+    window = resize_window((w, h), plan.new_size, plan.top, plan.left, plan.height, plan.width)
+    per_image = 8 * c * (window.rows[1] - window.rows[0]) * (window.cols[1] - window.cols[0])
+    return max(1, RESIZE_BYTES // per_image)
+
+
 def official_crop(image: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """uint8 [3, H, W] (any device) -> uint8 [crop, crop, 3]: the official resize and crop."""
     return official_crops(image[None], cfg)[0]
@@ -119,7 +132,8 @@ def decode_crops(payloads: Sequence[bytes], cfg: PreprocessConfig, decoder: Deco
     for i, image in enumerate(images):
         if image is not None:
             by_size.setdefault(tuple(image.shape), []).append(i)
-    for rows in by_size.values():  # one batched resize per distinct image size
-        index = torch.tensor(rows, device=device)
-        crops[index] = official_crops(torch.stack([images[i] for i in rows]), cfg)
+    for size, rows in by_size.items():  # batched resizes per distinct image size, memory bounded
+        step = images_per_resize(size, cfg)
+        for part in (rows[i : i + step] for i in range(0, len(rows), step)):
+            crops[torch.tensor(part, device=device)] = official_crops(torch.stack([images[i] for i in part]), cfg)
     return crops, refused

@@ -50,6 +50,37 @@ def test_images_of_one_size_are_cropped_in_one_batch_as_one_by_one():
         assert torch.equal(batched[i], official_crop(images[i], PreprocessConfig()))
 
 
+def test_a_block_of_large_images_is_resized_in_memory_bounded_batches(monkeypatch):
+    """decode_crops with a stand-in decoder (Pillow, on CPU): images of one size go through
+    as many batched resizes as RESIZE_BYTES allows, with the same crops as one batch."""
+    from mirror_core import gpu_decode
+
+    payloads, pixels = [], []
+    for s in range(5):
+        img = photo_like(1280 if s != 2 else 700, 720 if s != 2 else 600, seed=s)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        payloads.append(buf.getvalue())
+        pixels.append(preprocess_rgb(Image.open(io.BytesIO(buf.getvalue())), PreprocessConfig()).pixels)
+    calls = []
+
+    def pillow_decoder(encoded):
+        return [torch.from_numpy(np.asarray(Image.open(io.BytesIO(e.numpy().tobytes())).convert("RGB")).copy())
+                .permute(2, 0, 1) for e in encoded]
+
+    def counted(images, cfg):
+        calls.append(images.shape[0])
+        return official_crops(images, cfg)
+
+    monkeypatch.setattr(gpu_decode, "official_crops", counted)
+    one_window = gpu_decode.RESIZE_BYTES // gpu_decode.images_per_resize((3, 720, 1280), PreprocessConfig())
+    monkeypatch.setattr(gpu_decode, "RESIZE_BYTES", 2 * one_window)  # two 1280x720 windows per resize
+    crops, refused = gpu_decode.decode_crops(payloads, PreprocessConfig(), pillow_decoder, torch.device("cpu"))
+    assert refused == [None] * 5 and sorted(calls) == [1, 2, 2]  # 4 of one size in pairs, 1 of another
+    for got, want in zip(crops.numpy(), pixels):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_decode_modes_exclude_each_other_and_need_gpu_replicas():
     with pytest.raises(ValueError, match="choose one decode mode"):
         PreprocessConfig(fast_decode=True, gpu_decode=True)
