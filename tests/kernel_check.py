@@ -88,9 +88,10 @@ def check_linear_gelu(device: str) -> None:
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(2)
-    tiles = (SMALL_TILE,) if device == "cpu" else (None, SMALL_TILE)  # None: autotuned
     for dtype in (torch.bfloat16, torch.float16):
         for m, k, n, bias in ((70, 96, 80, True), (64, 64, 128, False), (33, 40, 36, True)):
+            # None: autotuned over GPU_TILES (CUDA only: the autotuner needs a GPU driver), once
+            tiles = (SMALL_TILE, None) if device == "cuda" and (dtype, m) == (torch.bfloat16, 70) else (SMALL_TILE,)
             x = torch.randn(m, k, generator=gen).to(dtype)
             w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
             b = torch.randn(n, generator=gen).to(dtype) if bias else None
@@ -118,13 +119,9 @@ def check_linear_gelu(device: str) -> None:
     pixels = torch.randn(3, 3, 64, 64, generator=gen).to(device, torch.bfloat16)
     with torch.inference_mode():
         ref = backbone(pixel_values=pixels).last_hidden_state.float()
-        assert gelu_epilogue_(backbone, SMALL_TILE if device == "cpu" else None) == 2
+        assert gelu_epilogue_(backbone, SMALL_TILE) == 2
         out = backbone(pixel_values=pixels).last_hidden_state.float()
-        torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)
-        if device == "cuda":  # the op inside a compiled graph
-            compiled = torch.compile(backbone, dynamic=False)
-            torch.testing.assert_close(compiled(pixel_values=pixels).last_hidden_state.float(), ref,
-                                       atol=0.05, rtol=0.05)
+        torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)  # compiled: the harness's --gelu-epilogue
 
 
 if __name__ == "__main__":
