@@ -121,9 +121,14 @@ def _window(size: tuple[int, int], new_size: tuple[int, int], top: int, left: in
 
 def to_8bit(acc):
     """Fixed-point sums -> 8-bit values as Pillow's clip8 does ((sum + half) >> PRECISION_BITS,
-    clamped), for float64 numpy arrays and torch tensors alike (exact: powers of two)."""
-    x = (acc + (1 << (PRECISION_BITS - 1))) / (1 << PRECISION_BITS)
-    return x.floor().clip(0, 255) if hasattr(x, "floor") else np.clip(np.floor(x), 0, 255)
+    clamped; exact in float64: the scale is a power of two). A numpy array is rounded in
+    place; a torch tensor (the GPU path) into a new one."""
+    half, scale = float(1 << (PRECISION_BITS - 1)), 2.0**-PRECISION_BITS
+    if isinstance(acc, np.ndarray):
+        acc += half
+        acc *= scale
+        return np.clip(np.floor(acc, out=acc), 0, 255, out=acc)
+    return ((acc + half) * scale).floor().clamp(0, 255)
 
 
 def _pass(x: np.ndarray, taps: AxisTaps) -> np.ndarray:
