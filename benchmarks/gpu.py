@@ -285,10 +285,10 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
     'reduce-overhead' (CUDA graphs), 'max-autotune-no-cudagraphs'. Baselines (default
     compile): `unfused_baseline` without the fused projections, `patch_baseline` with the
     patch embedding as a convolution, `rope_baseline` with RoPE's cos/sin computed in
-    every layer. `gelu_epilogue`: also the GELU MLPs' first
-    GEMM with the GELU in its epilogue (compiled; the bare GEMMs too, `gelu_gemm_figures`)
-    and its score deviation from the model without. `fp8`: also the "fp8" precision (FP8
-    backbone GEMMs), compiled, and its score deviation from fp32 and from bf16 weights."""
+    every layer. `gelu_epilogue`: also the GELU MLPs' first GEMM with the GELU in its
+    epilogue (compiled; the bare GEMMs too, `gelu_gemm_figures`) and its score deviation
+    from the model without. `fp8`: also the "fp8" precision (FP8 backbone GEMMs),
+    compiled, and its score deviation from fp32 and from bf16 weights."""
     from mirror_core.fp8 import fp8_linears_
     from mirror_core.fused import fuse_projections_, patch_embedding_as_linear_, precompute_rope_
     from mirror_core.model import assemble_model
