@@ -30,7 +30,7 @@ def photo_like(w: int, h: int, seed: int) -> Image.Image:
 
 
 @pytest.mark.parametrize("size", [(1920, 1080), (1080, 1920), (700, 513), (640, 480), (200, 150), (512, 900),
-                                  (3000, 2000), (720, 1280)])
+                                  (3000, 2000), (720, 1280), (899, 1921), (611, 1403)])
 def test_tensor_resize_and_crop_equal_the_exact_path(size):
     """The GPU path's resize and crop are Pillow's arithmetic on the crop's pixels only:
     bit-exact against the CPU path given the same decoded image."""
