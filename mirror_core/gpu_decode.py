@@ -13,16 +13,19 @@ device decoder and every image takes the CPU path, recorded as such per row.
 from __future__ import annotations
 
 import functools
+import io
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .config import PreprocessConfig
 from .preprocess import official_crop_plan
 from .resample import AxisTaps, resize_window, to_8bit
 
 Decoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # 1-D uint8 CPU tensors -> [3, H, W] uint8
+DECODE_BYTES = 2 << 30  # decoded RGB bytes of the images one batched decoder call takes at once
 RESIZE_BYTES = 1 << 30  # float64 input windows of the images one batched resize takes at once
 
 
@@ -111,29 +114,66 @@ def official_crop(image: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     return official_crops(image[None], cfg)[0]
 
 
+def decoded_bytes(data: bytes) -> int:
+    """3 x width x height from an image's header (0 when unreadable: the decoder refuses it)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Exception:
+        return 0
+    return 3 * w * h
+
+
+def decode_groups(payloads: Sequence[bytes]) -> list[list[int]]:
+    """Consecutive indices of `payloads` in groups whose decoded images stay within
+    DECODE_BYTES (a single larger image is a group of its own)."""
+    groups: list[list[int]] = [[]]
+    total = 0
+    for i, data in enumerate(payloads):
+        size = decoded_bytes(data)
+        if groups[-1] and total + size > DECODE_BYTES:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+def _decode(encoded: list[torch.Tensor], decoder: Decoder) -> tuple[list[torch.Tensor | None], list[str | None]]:
+    """One batched decoder call; when it fails (one bad image fails it all), image by image."""
+    try:
+        return list(decoder(encoded)), [None] * len(encoded)
+    except Exception:
+        images: list[torch.Tensor | None] = []
+        refused: list[str | None] = []
+        for one in encoded:
+            try:
+                images.append(decoder([one])[0])
+                refused.append(None)
+            except Exception as err:
+                images.append(None)
+                refused.append(f"{type(err).__name__}: {err}")
+        return images, refused
+
+
 def decode_crops(payloads: Sequence[bytes], cfg: PreprocessConfig, decoder: Decoder, device: torch.device
                  ) -> tuple[torch.Tensor, list[str | None]]:
     """JPEG bytes -> (uint8 [n, crop, crop, 3] on `device`, per image None or why the device
-    decoder refused it). A refused image leaves a zero crop for the caller's CPU path."""
+    decoder refused it). A refused image leaves a zero crop for the caller's CPU path.
+    Decoded in groups within DECODE_BYTES, each group's images resized before the next
+    group is decoded, so a block of very large photos never sits decoded all at once."""
     crops = torch.zeros((len(payloads), cfg.crop_size, cfg.crop_size, 3), dtype=torch.uint8, device=device)
     refused: list[str | None] = [None] * len(payloads)
-    encoded = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads]
-    try:
-        images: list[torch.Tensor | None] = list(decoder(encoded))
-    except Exception:  # one bad image fails the batched call: find it image by image
-        images = []
-        for i, one in enumerate(encoded):
-            try:
-                images.append(decoder([one])[0])
-            except Exception as err:
-                images.append(None)
-                refused[i] = f"{type(err).__name__}: {err}"
-    by_size: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(images):
-        if image is not None:
-            by_size.setdefault(tuple(image.shape), []).append(i)
-    for size, rows in by_size.items():  # batched resizes per distinct image size, memory bounded
-        step = images_per_resize(size, cfg)
-        for part in (rows[i : i + step] for i in range(0, len(rows), step)):
-            crops[torch.tensor(part, device=device)] = official_crops(torch.stack([images[i] for i in part]), cfg)
+    for group in decode_groups(payloads):
+        images, why = _decode([torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in group], decoder)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for j, (image, reason) in enumerate(zip(images, why)):
+            refused[group[j]] = reason
+            if image is not None:
+                by_size.setdefault(tuple(image.shape), []).append(j)
+        for size, members in by_size.items():  # batched resizes per distinct image size, memory bounded
+            step = images_per_resize(size, cfg)
+            for part in (members[k : k + step] for k in range(0, len(members), step)):
+                rows = torch.tensor([group[j] for j in part], device=device)
+                crops[rows] = official_crops(torch.stack([images[j] for j in part]), cfg)
     return crops, refused

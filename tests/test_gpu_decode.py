@@ -50,9 +50,10 @@ def test_images_of_one_size_are_cropped_in_one_batch_as_one_by_one():
         assert torch.equal(batched[i], official_crop(images[i], PreprocessConfig()))
 
 
-def test_a_block_of_large_images_is_resized_in_memory_bounded_batches(monkeypatch):
+def test_a_block_of_large_images_is_decoded_and_resized_in_memory_bounded_batches(monkeypatch):
     """decode_crops with a stand-in decoder (Pillow, on CPU): images of one size go through
-    as many batched resizes as RESIZE_BYTES allows, with the same crops as one batch."""
+    as many batched resizes as RESIZE_BYTES allows, and the block through as many decoder
+    calls as DECODE_BYTES allows, with the same crops as one batch."""
     from mirror_core import gpu_decode
 
     payloads, pixels = [], []
@@ -77,6 +78,16 @@ def test_a_block_of_large_images_is_resized_in_memory_bounded_batches(monkeypatc
     monkeypatch.setattr(gpu_decode, "RESIZE_BYTES", 2 * one_window)  # two 1280x720 windows per resize
     crops, refused = gpu_decode.decode_crops(payloads, PreprocessConfig(), pillow_decoder, torch.device("cpu"))
     assert refused == [None] * 5 and sorted(calls) == [1, 2, 2]  # 4 of one size in pairs, 1 of another
+    for got, want in zip(crops.numpy(), pixels):
+        np.testing.assert_array_equal(got, want)
+    # decoded in groups of at most two 1280x720 images: the 700x600 one shares a group
+    monkeypatch.setattr(gpu_decode, "DECODE_BYTES", 2 * 3 * 1280 * 720)
+    assert gpu_decode.decode_groups(payloads) == [[0, 1], [2, 3], [4]]
+    decoded = []
+    crops, refused = gpu_decode.decode_crops(payloads + [b"not an image"], PreprocessConfig(),
+                                             lambda enc: decoded.append(len(enc)) or pillow_decoder(enc),
+                                             torch.device("cpu"))
+    assert decoded[:2] == [2, 2] and refused[:5] == [None] * 5 and refused[5] is not None
     for got, want in zip(crops.numpy(), pixels):
         np.testing.assert_array_equal(got, want)
 
