@@ -159,18 +159,26 @@ def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     return _cut(arr, crop_plan((arr.shape[1], arr.shape[0]), None, size))
 
 
+def resized_window_of(img: Image.Image, new_size: tuple[int, int], top: int, left: int, height: int,
+                      width: int) -> np.ndarray:
+    """Rows top..top+height-1 and columns left..left+width-1 of img.resize(new_size, BICUBIC)
+    as uint8 [height, width, C], computing those pixels only, exactly as Pillow would
+    (`resample`); a Pillow whose resize is not reproduced resizes the whole image itself."""
+    if pillow_pass_order() is None:
+        return np.asarray(img.resize(new_size, Image.BICUBIC))[top : top + height, left : left + width]
+    window = resize_window(img.size, new_size, top, left, height, width)
+    (r0, r1), (c0, c1) = window.rows, window.cols
+    return resized_window(np.asarray(img.crop((c0, r0, c1, r1))), window)
+
+
 def official_resized_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """The exact path's resize and centre crop of an RGB image, resampling only the pixels
-    the crop keeps (`resample`): equal to center_crop(resize_short_side(img)) pixel for
-    pixel, several times less work on photos."""
+    the crop keeps: equal to center_crop(resize_short_side(img)) pixel for pixel, several
+    times less work on photos."""
     plan = official_crop_plan(img.size, cfg)
     if plan.new_size is None:
         return _cut(np.asarray(img), plan)
-    if pillow_pass_order() is None:  # a Pillow whose resize is not reproduced: it resizes itself
-        return _cut(np.asarray(img.resize(plan.new_size, Image.BICUBIC)), plan)
-    window = resize_window(img.size, plan.new_size, plan.top, plan.left, plan.height, plan.width)
-    (r0, r1), (c0, c1) = window.rows, window.cols
-    arr = resized_window(np.asarray(img.crop((c0, r0, c1, r1))), window)
+    arr = resized_window_of(img, plan.new_size, plan.top, plan.left, plan.height, plan.width)
     return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
 
 

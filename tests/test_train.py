@@ -39,6 +39,34 @@ def test_augmentations_are_seeded_and_cover_every_view():
     assert phase2_augment(img, 1, np.random.default_rng(1)).shape == (224, 224, 3)
 
 
+def test_views_equal_pillows_whole_resize_then_crop():
+    """Every view, drawn with the same seeds, equals the recipe computed with Pillow's whole
+    resize (the rescale-then-crop view resamples only its crop)."""
+    from mirror_core.preprocess import center_crop
+    from mirror_core.train.augment import VIEW_MODES
+
+    def with_pillow(img, rng, size=224):
+        mode = VIEW_MODES[int(rng.integers(len(VIEW_MODES)))]
+        if mode == "resize":
+            return np.asarray(img.resize((size, size), Image.BICUBIC))
+        if mode == "rescale_crop":
+            short = min(img.size)
+            scale = rng.uniform(size / short, max(size / short, 1.0) * 1.5)
+            img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                             Image.BICUBIC)
+        arr = np.asarray(img)
+        if mode == "center_crop" or arr.shape[0] < size or arr.shape[1] < size:
+            return center_crop(arr, size)
+        top, left = int(rng.integers(arr.shape[0] - size + 1)), int(rng.integers(arr.shape[1] - size + 1))
+        return arr[top : top + size, left : left + size]
+
+    noise = np.random.default_rng(3)
+    for s, size in enumerate([(900, 600), (300, 1000), (250, 230), (1600, 900)] * 6):
+        img = Image.fromarray(noise.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        np.testing.assert_array_equal(random_view(img, np.random.default_rng(s)),
+                                      with_pillow(img, np.random.default_rng(s)), err_msg=str((s, size)))
+
+
 def test_phase1_lowers_reconstruction_loss():
     cfg, weights = tiny()
     model = assemble_model(cfg, weights)

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..jpeg import jpeg_round_trip
-from ..preprocess import center_crop
+from ..preprocess import center_crop, resized_window_of
 
 CROP = 224
 VIEW_MODES = ("center_crop", "resize", "random_crop", "rescale_crop")
@@ -23,10 +23,12 @@ def random_view(img: Image.Image, rng: np.random.Generator, size: int = CROP) ->
     mode = VIEW_MODES[int(rng.integers(len(VIEW_MODES)))]
     if mode == "resize":
         return np.asarray(img.resize((size, size), Image.BICUBIC))
-    if mode == "rescale_crop":
+    if mode == "rescale_crop":  # a random crop of the rescaled image, resampling only its pixels
         short = min(img.size)
         scale = rng.uniform(size / short, max(size / short, 1.0) * 1.5) if short else 1.0
-        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
+        new_w, new_h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+        top, left = int(rng.integers(new_h - size + 1)), int(rng.integers(new_w - size + 1))
+        return resized_window_of(img, (new_w, new_h), top, left, size, size)
     arr = np.asarray(img)
     if mode == "center_crop" or arr.shape[0] < size or arr.shape[1] < size:
         return center_crop(arr, size)
