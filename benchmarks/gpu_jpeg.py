@@ -108,12 +108,13 @@ def gpu_decode_parity(fixture: Path, device: str) -> dict:
     cfg = det.config.preprocess
     files = sorted((fixture / "data").rglob("*.*"))
     # what a scan sends to the GPU: plain (YCbCr / grayscale) JPEGs with no alignment due
-    sent = [p for p in files if is_jpeg(p.read_bytes()) and gpu_decodable(p.read_bytes(), p.name, cfg)]
+    sized = [(p, gpu_decodable(p.read_bytes(), p.name, cfg)) for p in files if is_jpeg(p.read_bytes())]
+    sent, sizes = [p for p, size in sized if size], [size for _, size in sized if size]
     jpegs = [p.read_bytes() for p in sent]
     decoder = device_jpeg_decoder(device)
     if decoder is None:
         return {"gpu_decode_available": False, "gpu_decode_parity_jpegs": len(jpegs)}
-    crops, refused = decode_crops(jpegs, cfg, decoder, det.device)
+    crops, refused = decode_crops(jpegs, sizes, cfg, decoder, det.device)
     ok = [i for i, why in enumerate(refused) if why is None]
     exact = np.stack([official_preprocess(jpegs[i], cfg).pixels for i in ok])
     gpu = crops[ok].cpu().numpy()
@@ -138,9 +139,10 @@ def gpu_decode_speed(batch: int = 256, reps: int = 3) -> dict:
     from mirror_core.gpu_decode import decode_crops, device_jpeg_decoder
 
     decoder = device_jpeg_decoder("cuda")
-    payloads = [jpeg(RAW_SIZES[i % len(RAW_SIZES)], seed=i, quality=92) for i in range(batch)]
+    sizes = [RAW_SIZES[i % len(RAW_SIZES)] for i in range(batch)]
+    payloads = [jpeg(size, seed=i, quality=92) for i, size in enumerate(sizes)]
     encoded = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads]
     device = torch.device("cuda")
     return {"gpu_nvjpeg_only_img_s": batch / cuda_median_s(lambda: decoder(encoded), reps, 1),
             "gpu_decode_and_crop_img_s": batch / cuda_median_s(
-                lambda: decode_crops(payloads, PreprocessConfig(gpu_decode=True), decoder, device), reps, 1)}
+                lambda: decode_crops(payloads, sizes, PreprocessConfig(gpu_decode=True), decoder, device), reps, 1)}

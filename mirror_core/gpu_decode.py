@@ -13,12 +13,10 @@ device decoder and every image takes the CPU path, recorded as such per row.
 from __future__ import annotations
 
 import functools
-import io
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .config import PreprocessConfig
 from .preprocess import official_crop_plan
@@ -114,23 +112,13 @@ def official_crop(image: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     return official_crops(image[None], cfg)[0]
 
 
-def decoded_bytes(data: bytes) -> int:
-    """3 x width x height from an image's header (0 when unreadable: the decoder refuses it)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-    except Exception:
-        return 0
-    return 3 * w * h
-
-
-def decode_groups(payloads: Sequence[bytes]) -> list[list[int]]:
-    """Consecutive indices of `payloads` in groups whose decoded images stay within
-    DECODE_BYTES (a single larger image is a group of its own)."""
+def decode_groups(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Consecutive indices of images of these (width, height) in groups whose decoded RGB
+    pixels stay within DECODE_BYTES (a single larger image is a group of its own)."""
     groups: list[list[int]] = [[]]
     total = 0
-    for i, data in enumerate(payloads):
-        size = decoded_bytes(data)
+    for i, (w, h) in enumerate(sizes):
+        size = 3 * w * h
         if groups[-1] and total + size > DECODE_BYTES:
             groups.append([])
             total = 0
@@ -156,15 +144,16 @@ def _decode(encoded: list[torch.Tensor], decoder: Decoder) -> tuple[list[torch.T
         return images, refused
 
 
-def decode_crops(payloads: Sequence[bytes], cfg: PreprocessConfig, decoder: Decoder, device: torch.device
-                 ) -> tuple[torch.Tensor, list[str | None]]:
-    """JPEG bytes -> (uint8 [n, crop, crop, 3] on `device`, per image None or why the device
-    decoder refused it). A refused image leaves a zero crop for the caller's CPU path.
+def decode_crops(payloads: Sequence[bytes], sizes: Sequence[tuple[int, int]], cfg: PreprocessConfig,
+                 decoder: Decoder, device: torch.device) -> tuple[torch.Tensor, list[str | None]]:
+    """JPEG bytes and their (width, height) as their headers say (the decode stage read
+    them) -> (uint8 [n, crop, crop, 3] on `device`, per image None or why the device decoder
+    refused it). A refused image leaves a zero crop for the caller's CPU path.
     Decoded in groups within DECODE_BYTES, each group's images resized before the next
     group is decoded, so a block of very large photos never sits decoded all at once."""
     crops = torch.zeros((len(payloads), cfg.crop_size, cfg.crop_size, 3), dtype=torch.uint8, device=device)
     refused: list[str | None] = [None] * len(payloads)
-    for group in decode_groups(payloads):
+    for group in decode_groups(sizes):
         images, why = _decode([torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in group], decoder)
         by_size: dict[tuple[int, ...], list[int]] = {}
         for j, (image, reason) in enumerate(zip(images, why)):

@@ -56,9 +56,10 @@ def test_a_block_of_large_images_is_decoded_and_resized_in_memory_bounded_batche
     calls as DECODE_BYTES allows, with the same crops as one batch."""
     from mirror_core import gpu_decode
 
-    payloads, pixels = [], []
+    payloads, pixels, sizes = [], [], []
     for s in range(5):
         img = photo_like(1280 if s != 2 else 700, 720 if s != 2 else 600, seed=s)
+        sizes.append(img.size)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
         payloads.append(buf.getvalue())
@@ -76,15 +77,15 @@ def test_a_block_of_large_images_is_decoded_and_resized_in_memory_bounded_batche
     monkeypatch.setattr(gpu_decode, "official_crops", counted)
     one_window = gpu_decode.RESIZE_BYTES // gpu_decode.images_per_resize((3, 720, 1280), PreprocessConfig())
     monkeypatch.setattr(gpu_decode, "RESIZE_BYTES", 2 * one_window)  # two 1280x720 windows per resize
-    crops, refused = gpu_decode.decode_crops(payloads, PreprocessConfig(), pillow_decoder, torch.device("cpu"))
+    crops, refused = gpu_decode.decode_crops(payloads, sizes, PreprocessConfig(), pillow_decoder, torch.device("cpu"))
     assert refused == [None] * 5 and sorted(calls) == [1, 2, 2]  # 4 of one size in pairs, 1 of another
     for got, want in zip(crops.numpy(), pixels):
         np.testing.assert_array_equal(got, want)
     # decoded in groups of at most two 1280x720 images: the 700x600 one shares a group
     monkeypatch.setattr(gpu_decode, "DECODE_BYTES", 2 * 3 * 1280 * 720)
-    assert gpu_decode.decode_groups(payloads) == [[0, 1], [2, 3], [4]]
+    assert gpu_decode.decode_groups(sizes) == [[0, 1], [2, 3], [4]]
     decoded = []
-    crops, refused = gpu_decode.decode_crops(payloads + [b"not an image"], PreprocessConfig(),
+    crops, refused = gpu_decode.decode_crops(payloads + [b"not an image"], sizes + [(64, 64)], PreprocessConfig(),
                                              lambda enc: decoded.append(len(enc)) or pillow_decoder(enc),
                                              torch.device("cpu"))
     assert decoded[:2] == [2, 2] and refused[:5] == [None] * 5 and refused[5] is not None

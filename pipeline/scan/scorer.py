@@ -110,7 +110,8 @@ class Scorer:
         stream = self._decode_stream
         with self._decode_lock, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             block = torch.from_numpy(np.array(pixels)).to(device)
-            refused = self._decode_into(block, payloads, rows)
+            sizes = list(zip(columns["width"].to_pylist(), columns["height"].to_pylist()))  # from the headers
+            refused = self._decode_into(block, payloads, [sizes[r] for r in rows], rows)
             if stream is not None:  # the crops are whole before the model's stream reads them
                 stream.synchronize()
                 block.record_stream(torch.cuda.default_stream(device))
@@ -127,10 +128,11 @@ class Scorer:
             columns = {**columns, "error": pa.array(errors, pa.string()), ROW_PREPROCESS: pa.array(formats, pa.string())}
         return block, columns
 
-    def _decode_into(self, block: torch.Tensor, payloads: list[bytes], rows: list[int]) -> list[str | None]:
+    def _decode_into(self, block: torch.Tensor, payloads: list[bytes], sizes: list[tuple[int, int]],
+                     rows: list[int]) -> list[str | None]:
         """GPU-decoded crops into `block`'s `rows`; per row None or why it was refused."""
         if self.gpu_decoder is None:
             return ["no GPU JPEG decoder in this replica (CUDA and torchvision's decode_jpeg needed)"] * len(rows)
-        crops, refused = decode_crops(payloads, self.preprocess, self.gpu_decoder, block.device)
+        crops, refused = decode_crops(payloads, sizes, self.preprocess, self.gpu_decoder, block.device)
         block[torch.tensor(rows, device=block.device)] = crops
         return refused
