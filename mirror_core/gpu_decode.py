@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .config import PreprocessConfig
 from .preprocess import official_crop_plan
-from .resample import AxisTaps, resize_window, to_8bit
+from .resample import AxisTaps, resize_window, run_passes, to_8bit
 
 Decoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # 1-D uint8 CPU tensors -> [3, H, W] uint8
 DECODE_BYTES = 2 << 30  # decoded RGB bytes of the images one batched decoder call takes at once
@@ -57,9 +57,9 @@ def _weights_on(taps: AxisTaps, device: torch.device) -> torch.Tensor:
 
 
 def _pass(x: torch.Tensor, taps: AxisTaps) -> torch.Tensor:
-    """float64 [..., span] -> [..., length]: one resize pass along the last dim (dense: a GPU
+    """[..., span] -> float64 [..., length]: one resize pass along the last dim (dense: a GPU
     multiplies the zeros faster than it would skip them)."""
-    return to_8bit(x @ _weights_on(taps, x.device).T)
+    return to_8bit(x.to(torch.float64) @ _weights_on(taps, x.device).T)
 
 
 def resized_windows(images: torch.Tensor, new_size: tuple[int, int], top: int, left: int,
@@ -69,14 +69,7 @@ def resized_windows(images: torch.Tensor, new_size: tuple[int, int], top: int, l
     _, _, h, w = images.shape
     window = resize_window((w, h), new_size, top, left, height, width)
     (r0, r1), (c0, c1) = window.rows, window.cols
-    x = images[:, :, r0:r1, c0:c1].to(torch.float64)  # [n, C, rows read, cols read]
-    if window.horizontal is not None and not window.vertical_first:
-        x = _pass(x, window.horizontal)
-    if window.vertical is not None:
-        x = _pass(x.transpose(-1, -2), window.vertical).transpose(-1, -2)
-    if window.horizontal is not None and window.vertical_first:
-        x = _pass(x, window.horizontal)
-    return x.to(torch.uint8)
+    return run_passes(images[:, :, r0:r1, c0:c1], window, _pass).to(torch.uint8)
 
 
 def official_crops(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:

@@ -24,7 +24,7 @@ PRECISION_BITS = 22  # Pillow's fixed point for 8-bit resampling: 32 - 8 (pixel)
 BICUBIC_SUPPORT = 2.0
 BICUBIC_A = -0.5
 BAND = 16  # outputs per band on CPU: each band multiplies only the inputs it reads
-LINES = 256  # input rows (columns) the CPU's first pass holds in float64 at a time
+LINES = 256  # lines a CPU pass holds in float64 at a time
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -131,33 +131,42 @@ def to_8bit(acc):
     return ((acc + half) * scale).floor().clamp(0, 255)
 
 
+def run_passes(x, window: ResizeWindow, one_pass):
+    """x [..., rows read, cols read] -> [..., height, width]: the window's passes in Pillow's
+    order, `one_pass(x, taps)` resampling along the last axis (numpy here, torch for GPU
+    batches in `gpu_decode`)."""
+    def horizontal(x):
+        return one_pass(x, window.horizontal)
+
+    def vertical(x):
+        return one_pass(x.swapaxes(-1, -2), window.vertical).swapaxes(-1, -2)
+
+    passes = [p for p, taps in ((horizontal, window.horizontal), (vertical, window.vertical)) if taps is not None]
+    for resample in reversed(passes) if window.vertical_first else passes:
+        x = resample(x)
+    return x
+
+
 def _pass(x: np.ndarray, taps: AxisTaps) -> np.ndarray:
-    """float64 [..., span] -> [..., length]: one pass along the last axis, band by band."""
-    acc = np.empty(x.shape[:-1] + (taps.weights.shape[0],))
-    for outputs, inputs, weights in taps.bands:
-        acc[..., outputs] = x[..., inputs] @ weights
-    return to_8bit(acc)
-
-
-def _as_float(lines: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(lines.transpose(2, 0, 1), dtype=np.float64)  # [C, rows, cols]
+    """[..., lines, span] (uint8 or float64) -> float64 [..., lines, length]: one pass along
+    the last axis, band by band, LINES lines at a time in float64 (small memory on very
+    large images)."""
+    out = np.empty(x.shape[:-1] + (taps.weights.shape[0],))
+    for start in range(0, x.shape[-2], LINES):
+        lines = x[..., start : start + LINES, :]
+        if lines.dtype != np.float64:  # the first pass: 8-bit pixels
+            lines = np.ascontiguousarray(lines, dtype=np.float64)
+        acc = out[..., start : start + LINES, :]
+        for outputs, inputs, weights in taps.bands:
+            acc[..., outputs] = lines[..., inputs] @ weights
+        to_8bit(acc)
+    return out
 
 
 def resized_window(region: np.ndarray, window: ResizeWindow) -> np.ndarray:
     """uint8 [rows, cols, C], the input rows and columns `window` reads -> uint8 [height,
-    width, C]: those output pixels of Pillow's BICUBIC resize, exactly. The first pass
-    takes LINES input lines at a time, so memory stays small on very large images."""
-    horiz, vert = window.horizontal, window.vertical
-    if vert is not None and (window.vertical_first or horiz is None):
-        x = np.concatenate([_pass(_as_float(region[:, c : c + LINES]).swapaxes(-1, -2), vert).swapaxes(-1, -2)
-                            for c in range(0, region.shape[1], LINES)], axis=-1)  # [C, height, cols]
-        if horiz is not None:
-            x = _pass(x, horiz)  # [C, height, width]
-    else:
-        x = (np.concatenate([_pass(_as_float(region[r : r + LINES]), horiz) for r in range(0, region.shape[0], LINES)],
-                            axis=1) if horiz is not None else _as_float(region))  # [C, rows, width]
-        if vert is not None:
-            x = _pass(x.swapaxes(-1, -2), vert).swapaxes(-1, -2)  # [C, height, width]
+    width, C]: those output pixels of Pillow's BICUBIC resize, exactly."""
+    x = run_passes(region.transpose(2, 0, 1), window, _pass)  # [C, height, width]
     return np.ascontiguousarray(x.transpose(1, 2, 0), dtype=np.uint8)
 
 
