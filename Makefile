@@ -1,7 +1,7 @@
 # Two commands from a fresh clone: `make demo` and `make test`.
 # Both create .venv when missing and install the project with the pinned, known-good
 # versions of constraints.txt (CPU torch); a second run installs nothing. Editing
-# csrc/ (or the packaging files) re-installs, rebuilding the C++ read-out.
+# csrc/ (or the packaging files) re-installs, rebuilding the C++ extensions.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,10 +11,10 @@ STAMP := $(VENV)/.mirror-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints.txt csrc/topk_readout.cpp csrc/readout_row.h
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	rm -f mirror_core/_readout*.so  # an editable re-install may keep a stale in-place build
+	rm -f mirror_core/_readout*.so mirror_core/_jpegregion*.so  # an editable re-install may keep a stale in-place build
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 

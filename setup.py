@@ -1,8 +1,12 @@
-"""Build of the one native piece: the CPU top-k read-out (`csrc/topk_readout.cpp`).
+"""Build of the native pieces: the CPU top-k read-out (`csrc/topk_readout.cpp`) and the
+JPEG region decoder (`csrc/jpeg_region.cpp`, linked against the system's libjpeg).
 
-Everything else is in pyproject.toml. The extension is optional at install time (a
-machine without a C++ compiler still installs, and the read-out then uses torch.topk,
-with a warning); the test suite requires it, so CI cannot pass without it.
+Everything else is in pyproject.toml. Both extensions are optional at install time: a
+machine without a C++ compiler still installs, and the read-out then uses torch.topk
+(with a warning); without libjpeg's headers (`libjpeg-turbo8-dev` / `libjpeg62-turbo-dev`
+/ `libjpeg-turbo-devel`) the exact preprocessing decodes whole JPEGs with Pillow (same
+pixels, slower). The test suite requires the read-out, and the region decoder wherever
+libjpeg's headers are installed.
 """
 from setuptools import Extension, setup
 
@@ -15,6 +19,14 @@ setup(
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno"],
             optional=True,
-        )
+        ),
+        Extension(
+            "mirror_core._jpegregion",
+            sources=["csrc/jpeg_region.cpp"],
+            libraries=["jpeg"],
+            language="c++",
+            extra_compile_args=["-O2", "-std=c++17"],
+            optional=True,
+        ),
     ]
 )

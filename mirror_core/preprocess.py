@@ -4,6 +4,10 @@ Steps (per image): decode -> RGB -> if the short side exceeds 512, bicubic resiz
 so it is 512 -> torchvision-style centre crop 224 (zero padding, ties-to-even
 offsets) -> optional "format alignment" (JPEG q96 round trip) -> uint8 HWC.
 
+The exact path computes only what the crop keeps, with the same pixels: a JPEG is decoded
+only over the rows and columns the crop reads (`jpeg_region`), and the resize is computed
+for the crop window alone (`resample`).
+
 uint8 arrays leave this module; the model divides by 255 itself, which is
 exactly what the official ToTensor step computes.
 """
@@ -14,13 +18,14 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile
 
 from .config import PreprocessConfig
 from .jpeg import jpeg_round_trip
+from .jpeg_region import decode_region, region_decoder
 from .resample import pillow_pass_order, resize_window, resized_window
 
 # PreprocessConfig.max_pixels, checked from the header, decides what is too large; Pillow's
@@ -31,6 +36,9 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 ALIGN_EXTENSIONS = (".png", ".bmp", ".tiff")
 # ... and `by-format` uses the decoded container instead.
 ALIGN_FORMATS = ("PNG", "BMP", "TIFF")
+# Pillow's names for JPEG files (MPO: a camera's multi-picture JPEG; the first picture is
+# the file's start, and the one decoded).
+JPEG_FORMATS = ("JPEG", "MPO")
 
 
 @dataclass
@@ -58,6 +66,13 @@ class ImageTooLargeError(ValueError):
     pass
 
 
+def check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
+    """Refuse an image whose header says it exceeds PreprocessConfig.max_pixels."""
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+
+
 def decode_rgb(data: bytes, max_pixels: int | None = None, draft_short_side: int | None = None
                ) -> tuple[Image.Image, str | None, tuple[int, int]]:
     """Bytes -> (RGB image, detected format, original size). No EXIF rotation, as
@@ -67,8 +82,7 @@ def decode_rgb(data: bytes, max_pixels: int | None = None, draft_short_side: int
     with _truncated_images_allowed():
         img = Image.open(io.BytesIO(data))  # not closed: closing would discard the pixels we return
         w, h = img.size
-        if max_pixels is not None and w * h > max_pixels:
-            raise ImageTooLargeError(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+        check_pixels(img.size, max_pixels)
         fmt = img.format
         if draft_short_side and fmt == "JPEG" and min(w, h) >= 2 * draft_short_side:
             scale = draft_short_side / min(w, h)
@@ -149,14 +163,11 @@ def official_crop_plan(size: tuple[int, int], cfg: PreprocessConfig) -> CropPlan
     return crop_plan(size, short_side_size(size, cfg.resize_short_side), cfg.crop_size)
 
 
-def _cut(arr: np.ndarray, plan: CropPlan) -> np.ndarray:
-    arr = arr[plan.top : plan.top + plan.height, plan.left : plan.left + plan.width]
-    return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
-
-
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     """torchvision CenterCrop on HWC: zero-pad short sides, round-half-even offsets."""
-    return _cut(arr, crop_plan((arr.shape[1], arr.shape[0]), None, size))
+    plan = crop_plan((arr.shape[1], arr.shape[0]), None, size)
+    arr = arr[plan.top : plan.top + plan.height, plan.left : plan.left + plan.width]
+    return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
 
 
 def resized_window_of(img: Image.Image, new_size: tuple[int, int], top: int, left: int, height: int,
@@ -171,15 +182,49 @@ def resized_window_of(img: Image.Image, new_size: tuple[int, int], top: int, lef
     return resized_window(np.asarray(img.crop((c0, r0, c1, r1))), window)
 
 
+def official_crop_from(size: tuple[int, int], cfg: PreprocessConfig, read: Callable) -> np.ndarray | None:
+    """The policy's resize and centre crop of a (w, h) image, computed from just the input
+    rows and columns the crop reads, `read((r0, r1), (c0, c1))` -> uint8 [r1 - r0, c1 - c0, 3]
+    (None: not available, and None is returned). Resamples only the crop's pixels, with
+    Pillow's arithmetic (`resample`); callers check `pillow_pass_order()` first."""
+    plan = official_crop_plan(size, cfg)
+    if plan.new_size is None:
+        arr = read((plan.top, plan.top + plan.height), (plan.left, plan.left + plan.width))
+    else:
+        window = resize_window(size, plan.new_size, plan.top, plan.left, plan.height, plan.width)
+        region = read(window.rows, window.cols)
+        arr = None if region is None else resized_window(region, window)
+    if arr is None:
+        return None
+    return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
+
+
 def official_resized_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """The exact path's resize and centre crop of an RGB image, resampling only the pixels
     the crop keeps: equal to center_crop(resize_short_side(img)) pixel for pixel, several
     times less work on photos."""
-    plan = official_crop_plan(img.size, cfg)
-    if plan.new_size is None:
-        return _cut(np.asarray(img), plan)
-    arr = resized_window_of(img, plan.new_size, plan.top, plan.left, plan.height, plan.width)
-    return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
+    if pillow_pass_order() is None:  # a Pillow whose resize is not reproduced: it resizes the whole image
+        return center_crop(np.asarray(resize_short_side(img, cfg.resize_short_side)), cfg.crop_size)
+    return official_crop_from(img.size, cfg, lambda rows, cols: np.asarray(img.crop((cols[0], rows[0], cols[1],
+                                                                                      rows[1]))))
+
+
+def official_jpeg_crop(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, int], str] | None:
+    """(crop, original size, format) of a JPEG by the exact path, decoding only the rows and
+    columns the crop reads (`jpeg_region`); None where that decoder declines (no extension,
+    CMYK, damaged data...): the caller then decodes the whole image with Pillow."""
+    native = region_decoder() if data[:2] == b"\xff\xd8" and pillow_pass_order() is not None else None
+    if native is None:
+        return None
+    try:
+        img = Image.open(io.BytesIO(data))  # the header only
+    except Exception:  # decode_rgb names the problem
+        return None
+    if img.format not in JPEG_FORMATS or img.mode not in ("RGB", "L"):
+        return None
+    check_pixels(img.size, cfg.max_pixels)
+    arr = official_crop_from(img.size, cfg, lambda rows, cols: decode_region(data, rows, cols, native))
+    return None if arr is None else (arr, img.size, img.format)
 
 
 def wants_alignment(cfg: PreprocessConfig, name: str | None, fmt: str | None) -> bool:
@@ -199,6 +244,11 @@ def official_preprocess(
 
     `perturbation` (robustness sweeps, e.g. 'jpeg:75') is applied to the decoded image
     before the policy; width/height stay those of the original."""
+    if not cfg.fast_decode and not perturbation:
+        jpeg = official_jpeg_crop(data, cfg)
+        if jpeg is not None:
+            arr, size, fmt = jpeg
+            return _finish(arr, cfg, name, fmt, size)
     draft = cfg.resize_short_side if cfg.fast_decode else None
     img, fmt, size = decode_rgb(data, cfg.max_pixels, draft)
     if perturbation:
@@ -213,10 +263,16 @@ def preprocess_rgb(
 ) -> Preprocessed:
     """The policy applied to an already-decoded image."""
     img = img if img.mode == "RGB" else img.convert("RGB")
-    width, height = size or img.size
     arr = resized_center_crop(img, cfg.resize_short_side, cfg.crop_size) if cfg.fast_decode else None
     if arr is None:
         arr = official_resized_crop(img, cfg)
+    return _finish(arr, cfg, name, fmt, size or img.size)
+
+
+def _finish(arr: np.ndarray, cfg: PreprocessConfig, name: str | None, fmt: str | None,
+            size: tuple[int, int]) -> Preprocessed:
+    """The crop -> the model input: format alignment where the policy asks for it."""
+    width, height = size
     aligned = wants_alignment(cfg, name, fmt)
     if aligned:
         arr = jpeg_round_trip(np.ascontiguousarray(arr), cfg.jpeg_quality, optimize=True)
