@@ -98,7 +98,7 @@ bool decode(const unsigned char* data, size_t size, JDIMENSION y0, JDIMENSION y1
   return clean;
 }
 
-// decode_region(data, y0, y1, x0, x1) -> (pixels: bytes, first_row, first_col, rows, cols) | None
+// decode_region(data, y0, y1, x0, x1) -> (pixels: bytearray, first_row, first_col, rows, cols) | None
 PyObject* decode_region(PyObject*, PyObject* args) {
   Py_buffer data;
   unsigned int y0, y1, x0, x1;
@@ -113,8 +113,8 @@ PyObject* decode_region(PyObject*, PyObject* args) {
   Py_END_ALLOW_THREADS
   PyBuffer_Release(&data);
   if (!ok) Py_RETURN_NONE;
-  PyObject* out = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(pixels.data()),
-                                            static_cast<Py_ssize_t>(pixels.size()));
+  PyObject* out = PyByteArray_FromStringAndSize(reinterpret_cast<const char*>(pixels.data()),
+                                                static_cast<Py_ssize_t>(pixels.size()));  // writable for numpy
   if (!out) return nullptr;
   return Py_BuildValue("(NIIII)", out, region.first_row, region.first_col, region.rows, region.cols);
 }
@@ -129,7 +129,7 @@ PyObject* library_version(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"decode_region", decode_region, METH_VARARGS,
-     "decode_region(data, y0, y1, x0, x1) -> (rgb bytes, first_row, first_col, rows, cols) or None"},
+     "decode_region(data, y0, y1, x0, x1) -> (rgb bytearray, first_row, first_col, rows, cols) or None"},
     {"library_version", library_version, METH_NOARGS, "The libjpeg(-turbo) version compiled against."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -76,13 +76,14 @@ def test_exact_path_decodes_jpegs_by_region_with_the_whole_decodes_pixels(monkey
     decode = jpeg_region.decode_region
     monkeypatch.setattr(preprocess, "decode_region", lambda *a: calls.append(a[1:3]) or decode(*a))
     cfg = PreprocessConfig(alignment="off")
-    sizes = [(1920, 1080), (1080, 1920), (899, 1921), (1001, 700), (513, 600), (400, 300), (150, 90)]
+    sizes = [(1920, 1080), (1080, 1920), (899, 1921), (1001, 700), (513, 600), (400, 300), (224, 300), (150, 90)]
     for i, (w, h) in enumerate(sizes):
         for options in (ENCODINGS[0], ENCODINGS[3], ENCODINGS[4]):
             data = jpeg(photo(w, h, seed=i), **dict(options))
             pre = official_preprocess(data, cfg)
             np.testing.assert_array_equal(pre.pixels, pillow_whole(data, cfg), err_msg=str((w, h, options)))
             assert (pre.width, pre.height, pre.format, pre.aligned) == (w, h, "JPEG", False)
+            assert pre.pixels.flags.writeable  # torch.from_numpy warns on read-only arrays
     assert len(calls) == 3 * len(sizes)
     rows, cols = calls[0]  # 1920x1080 -> 910x512, crop 224: about a quarter of the columns, half the rows
     assert (rows[1] - rows[0]) < 0.5 * 1080 and (cols[1] - cols[0]) < 0.3 * 1920
@@ -153,7 +154,7 @@ def test_a_decoder_that_disagrees_with_pillow_is_not_used(monkeypatch, caplog):
                 pixels = bytearray(pixels)
                 (y0, _), (x0, _) = jpeg_region.PROBE_RECT  # the first pixel the caller keeps
                 pixels[3 * ((y0 - first_row) * n_cols + x0 - first_col)] ^= 1
-                got = (bytes(pixels), *got[1:])
+                got = (pixels, *got[1:])
             return got
 
         def library_version(self):
