@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	rm -f mirror_core/_readout*.so mirror_core/_jpegregion*.so  # an editable re-install may keep a stale in-place build
+	rm -f mirror_core/_*.so  # an editable re-install may keep a stale in-place build
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 

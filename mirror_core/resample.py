@@ -8,8 +8,10 @@ which pass runs first depends on the Pillow version and the sizes (`vertical_fir
 same order), restricted to a window of output indices. Applied with float64 matrix
 products they are exact (every product and partial sum is an integer far below 2**53), so
 a resize followed by a centre crop costs only the crop's share of the work and equals
-Pillow's pixels: `resized_window` here (numpy, the CPU decode path), the same passes in
-torch for batches on a GPU (`gpu_decode`). No torch here: CPU decode workers never load it.
+Pillow's pixels: `resized_window` here (the CPU decode path: the `mirror_core._resample`
+extension, csrc/resample_window.cpp, in Pillow's own integer arithmetic; numpy where it is
+not built), the same passes in torch for batches on a GPU (`gpu_decode`). No torch here:
+CPU decode workers never load it.
 """
 from __future__ import annotations
 
@@ -59,6 +61,23 @@ class AxisTaps:
             lo, hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
             out.append((slice(start, start + len(band)), slice(lo, hi), band[:, lo:hi].T.astype(np.float64)))
         return out
+
+    @functools.cached_property
+    def native(self) -> tuple[bytes, bytes, bytes, int]:
+        """The weights for the extension: per output the first input it reads (relative to
+        `first`) and how many, the weights from there (int32 [outputs, ksize], zero-padded),
+        and ksize."""
+        nonzero = self.weights != 0
+        used = nonzero.any(axis=1)
+        starts = np.where(used, nonzero.argmax(axis=1), 0)
+        ends = np.where(used, self.span - nonzero[:, ::-1].argmax(axis=1), 0)
+        counts = ends - starts
+        ksize = max(1, int(counts.max()))
+        taps = np.arange(ksize)
+        cols = np.minimum(starts[:, None] + taps[None, :], self.span - 1)
+        weights = np.where(taps[None, :] < counts[:, None], np.take_along_axis(self.weights, cols, axis=1), 0)
+        return (starts.astype(np.int32).tobytes(), counts.astype(np.int32).tobytes(),
+                weights.astype(np.int32).tobytes(), ksize)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -163,18 +182,36 @@ def _pass(x: np.ndarray, taps: AxisTaps) -> np.ndarray:
     return out
 
 
-def resized_window(region: np.ndarray, window: ResizeWindow) -> np.ndarray:
+def _native():
+    try:
+        from . import _resample
+    except ImportError:
+        return None
+    return _resample
+
+
+def resized_window(region: np.ndarray, window: ResizeWindow, native=True) -> np.ndarray:
     """uint8 [rows, cols, C], the input rows and columns `window` reads -> uint8 [height,
-    width, C]: those output pixels of Pillow's BICUBIC resize, exactly."""
-    x = run_passes(region.transpose(2, 0, 1), window, _pass)  # [C, height, width]
-    return np.ascontiguousarray(x.transpose(1, 2, 0), dtype=np.uint8)
+    width, C]: those output pixels of Pillow's BICUBIC resize, exactly. RGB goes to the
+    extension where it is built (`native=False`: numpy, the same pixels)."""
+    ext = _native() if native and region.ndim == 3 and region.shape[2] == 3 else None
+    if ext is None:
+        x = run_passes(region.transpose(2, 0, 1), window, _pass)  # [C, height, width]
+        return np.ascontiguousarray(x.transpose(1, 2, 0), dtype=np.uint8)
+    rows, cols = region.shape[:2]
+    out = ext.resample_window(np.ascontiguousarray(region, dtype=np.uint8), rows, cols,
+                              window.vertical and window.vertical.native, window.horizontal and window.horizontal.native,
+                              window.vertical_first)
+    height = window.vertical.weights.shape[0] if window.vertical else rows
+    width = window.horizontal.weights.shape[0] if window.horizontal else cols
+    return np.frombuffer(out, dtype=np.uint8).reshape(height, width, 3)
 
 
-def resized_full(arr: np.ndarray, new_size: tuple[int, int]) -> np.ndarray:
+def resized_full(arr: np.ndarray, new_size: tuple[int, int], native=True) -> np.ndarray:
     """uint8 [H, W, C] -> the whole BICUBIC resize to new_size (w, h)."""
     window = resize_window((arr.shape[1], arr.shape[0]), new_size, 0, 0, new_size[1], new_size[0])
     (r0, r1), (c0, c1) = window.rows, window.cols
-    return resized_window(arr[r0:r1, c0:c1], window)
+    return resized_window(arr[r0:r1, c0:c1], window, native)
 
 
 PASS_ORDERS = ("by-size", "horizontal-first")  # Pillow 13; earlier releases

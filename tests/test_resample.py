@@ -1,5 +1,6 @@
 """Pillow's bicubic resize recomputed for a window of the output: bit-exact against Pillow,
-in numpy (the CPU decode path) and in torch (the GPU decode path, run here on CPU)."""
+in the C++ extension and numpy (the CPU decode path) and in torch (the GPU decode path,
+run here on CPU)."""
 import numpy as np
 import pytest
 import torch
@@ -17,10 +18,14 @@ def chw(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)[None]
 
 
-def numpy_window(arr: np.ndarray, new_size, top, left, height, width) -> np.ndarray:
+def cpu_window(arr: np.ndarray, new_size, top, left, height, width, native=True) -> np.ndarray:
     window = resize_window((arr.shape[1], arr.shape[0]), new_size, top, left, height, width)
     (r0, r1), (c0, c1) = window.rows, window.cols
-    return resized_window(arr[r0:r1, c0:c1], window)
+    return resized_window(arr[r0:r1, c0:c1], window, native)
+
+
+def numpy_window(arr: np.ndarray, *window) -> np.ndarray:
+    return cpu_window(arr, *window, native=False)
 
 
 def torch_window(arr: np.ndarray, new_size, top, left, height, width) -> np.ndarray:
@@ -39,6 +44,7 @@ def test_full_output_equals_pillow(size, new_size):
     arr = np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     want = pillow_resize(arr, new_size)
     np.testing.assert_array_equal(resized_full(arr, new_size), want)
+    np.testing.assert_array_equal(resized_full(arr, new_size, native=False), want)
     np.testing.assert_array_equal(torch_window(arr, new_size, 0, 0, new_size[1], new_size[0]), want)
 
 
@@ -55,7 +61,7 @@ def test_every_size_pair_of_a_small_image_equals_pillow():
     assert orders == {True, False} or not vertical_first((40, 40), (39, 20))  # both orders ran (Pillow 13+)
 
 
-@pytest.mark.parametrize("window_of", [numpy_window, torch_window])
+@pytest.mark.parametrize("window_of", [cpu_window, numpy_window, torch_window])
 def test_a_window_equals_the_same_pixels_of_the_full_resize(window_of):
     for size, new_size, windows in [((1920, 1080), (910, 512), [(144, 343, 224, 224), (0, 0, 10, 910),
                                                                  (500, 900, 12, 10)]),
@@ -65,6 +71,28 @@ def test_a_window_equals_the_same_pixels_of_the_full_resize(window_of):
         for top, left, h, w in windows:
             np.testing.assert_array_equal(window_of(arr, new_size, top, left, h, w),
                                           full[top : top + h, left : left + w], err_msg=str((size, top, left)))
+
+
+def test_the_extension_is_built_and_equals_numpy_on_random_windows():
+    """The C++ passes (Pillow's integer arithmetic) against the numpy ones (float64 products
+    of the same integer weights) on random sizes, windows and both pass orders, upscales and
+    one-axis resizes included."""
+    from mirror_core import resample
+
+    assert resample._native() is not None, "mirror_core._resample was not built: pip install -e . needs a C++ compiler"
+    rng = np.random.default_rng(11)
+    for _ in range(150):
+        w, h, new_w, new_h = (int(v) for v in rng.integers(1, 400, 4))
+        new_w, new_h = (w, new_h) if rng.random() < 0.1 else (new_w, new_h)
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        top, left = int(rng.integers(0, new_h)), int(rng.integers(0, new_w))
+        height, width = int(rng.integers(1, new_h - top + 1)), int(rng.integers(1, new_w - left + 1))
+        for vertical_pass_first in (False, True):
+            window = resample._window((w, h), (new_w, new_h), top, left, height, width, vertical_pass_first)
+            (r0, r1), (c0, c1) = window.rows, window.cols
+            region = arr[r0:r1, c0:c1]
+            np.testing.assert_array_equal(resized_window(region, window), resized_window(region, window, native=False),
+                                          err_msg=str((w, h, new_w, new_h, top, left, height, width)))
 
 
 def test_window_taps_read_only_the_inputs_the_window_needs():
