@@ -32,7 +32,19 @@ def jpeg(arr, mode="RGB", **options):
 
 
 ENCODINGS = [dict(subsampling=2), dict(subsampling=1), dict(subsampling=0), dict(progressive=True),
-             dict(mode="L"), dict(subsampling=2, quality=40)]
+             dict(mode="L"), dict(subsampling=2, quality=40), dict(restart_marker_blocks=5)]
+
+
+def with_luma_sampling(data: bytes, factors: int) -> bytes:
+    """The file with its luma sampling factors (h << 4 | v) replaced in the frame header: with
+    the same blocks per MCU and as many MCUs (a square image, sides a multiple of 32) the data
+    still decodes, as 4:4:0 (h1v2, from 4:2:2), 4:1:1 (h4v1, from 4:2:0) or h1v4. Pillow
+    writes none of these; cameras and lossless rotations do."""
+    sof = max(data.find(b"\xff\xc0"), data.find(b"\xff\xc2"))
+    assert sof > 0
+    edited = bytearray(data)
+    edited[sof + 11] = factors  # marker, length, precision, height, width, components, first id
+    return bytes(edited)
 
 
 def pillow_whole(data, cfg):
@@ -66,6 +78,22 @@ def test_rectangles_equal_pillows_whole_decode():
                 got = jpeg_region.decode_region(data, rows, cols)
                 np.testing.assert_array_equal(got, whole[rows[0] : rows[1], cols[0] : cols[1]],
                                               err_msg=str((w, h, options, rows, cols)))
+
+
+@native
+def test_rarer_chroma_samplings_equal_pillows_whole_decode():
+    rng = np.random.default_rng(2)
+    arr = photo(320, 320)
+    for subsampling, factors in ((1, 0x12), (2, 0x41), (2, 0x14)):
+        for progressive in (False, True):
+            data = with_luma_sampling(jpeg(arr, subsampling=subsampling, progressive=progressive), factors)
+            whole = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            for _ in range(10):
+                r0, c0 = (int(v) for v in rng.integers(0, 320, 2))
+                rows, cols = (r0, int(rng.integers(r0 + 1, 321))), (c0, int(rng.integers(c0 + 1, 321)))
+                np.testing.assert_array_equal(jpeg_region.decode_region(data, rows, cols),
+                                              whole[rows[0] : rows[1], cols[0] : cols[1]],
+                                              err_msg=str((hex(factors), progressive, rows, cols)))
 
 
 @native
