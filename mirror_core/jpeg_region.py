@@ -27,6 +27,7 @@ PROBE_RECT = ((35, 61), (37, 70))  # rows, columns
 PROBE_OPTIONS = ({"subsampling": 2}, {"subsampling": 1}, {"subsampling": 0}, {"progressive": True}, {"mode": "L"})
 
 
+@functools.cache  # a missing module would otherwise be searched for again on every call
 def _native():
     try:
         from . import _jpegregion

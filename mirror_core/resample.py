@@ -182,6 +182,7 @@ def _pass(x: np.ndarray, taps: AxisTaps) -> np.ndarray:
     return out
 
 
+@functools.cache  # a missing module would otherwise be searched for again on every call
 def _native():
     try:
         from . import _resample
