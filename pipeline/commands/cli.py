@@ -24,8 +24,8 @@ SCAN_FLAGS = {  # flag -> (ScanConfig field, type, help)
 
 # Boolean scan settings: flag -> (ScanConfig field, help).
 SCAN_SWITCHES = {
-    "--fast-decode": ("fast_decode", "decode large JPEGs at reduced DCT scale: faster, not bit-exact, recorded in "
-                                     "every row"),
+    "--fast-decode": ("fast_decode", "decode large JPEGs at reduced DCT scale: not bit-exact, recorded in every "
+                                     "row; faster only where the exact path's JPEG region decoder is not built"),
     "--gpu-decode": ("gpu_decode", "decode, resize and crop JPEGs on the scoring replicas' GPUs (needs the "
                                    "gpu-decode extra; other formats take the CPU path): not bit-exact, recorded in "
                                    "every row"),

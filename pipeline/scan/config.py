@@ -34,7 +34,7 @@ class ScanConfig:
     precision: str | None = None  # fp32 | bf16 | fp16 | bf16-weights | fp8; default bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile each replica (slower start; see BENCHMARKS.md)
     alignment: str | None = None  # override the bundle's JPEG alignment policy
-    fast_decode: bool = False  # reduced-scale JPEG decoding (faster, not bit-exact; recorded)
+    fast_decode: bool = False  # reduced-scale JPEG decoding (not bit-exact; recorded; faster without the region decoder)
     gpu_decode: bool = False  # JPEGs decoded, resized and cropped on the replicas' GPUs (not bit-exact; recorded)
     decode_overlap: bool = True  # gpu_decode: a replica decodes its next block while its model scores
     threshold: float | None = None  # override the bundle's decision threshold
