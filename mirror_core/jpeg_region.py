@@ -18,6 +18,8 @@ import logging
 
 import numpy as np
 
+from .extensions import extension
+
 log = logging.getLogger(__name__)
 
 # Probe files: every chroma subsampling Pillow writes, a progressive file, greyscale; the
@@ -27,13 +29,8 @@ PROBE_RECT = ((35, 61), (37, 70))  # rows, columns
 PROBE_OPTIONS = ({"subsampling": 2}, {"subsampling": 1}, {"subsampling": 0}, {"progressive": True}, {"mode": "L"})
 
 
-@functools.cache  # a missing module would otherwise be searched for again on every call
 def _native():
-    try:
-        from . import _jpegregion
-    except ImportError:
-        return None
-    return _jpegregion
+    return extension("_jpegregion")
 
 
 def decode_region(data: bytes, rows: tuple[int, int], cols: tuple[int, int], native=None) -> np.ndarray | None:

@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from .config import ENTROPY_EPS
+from .extensions import extension
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,8 @@ def readout_cpu(q, k, v, top_k: int, chunk_bytes: int = CPU_CHUNK_BYTES):
     return mixed, max_w, entropy
 
 
-try:  # the compiled CPU read-out (csrc/), absent where no C++ compiler was at install time
-    from . import _readout as _NATIVE
-except ImportError:
-    _NATIVE = None
-
-
 def native_readout_module():
-    return _NATIVE
+    return extension("_readout")  # the compiled CPU read-out (csrc/)
 
 
 # A torch custom op, so torch.compile keeps it as one opaque call (tracing into the

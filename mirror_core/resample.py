@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .extensions import extension
+
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit resampling: 32 - 8 (pixel) - 2 (headroom)
 BICUBIC_SUPPORT = 2.0
 BICUBIC_A = -0.5
@@ -182,13 +184,8 @@ def _pass(x: np.ndarray, taps: AxisTaps) -> np.ndarray:
     return out
 
 
-@functools.cache  # a missing module would otherwise be searched for again on every call
 def _native():
-    try:
-        from . import _resample
-    except ImportError:
-        return None
-    return _resample
+    return extension("_resample")
 
 
 def resized_window(region: np.ndarray, window: ResizeWindow, native=True) -> np.ndarray:
