@@ -4,7 +4,8 @@ the performance log (benchmarks/results/perf-log.md).
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--no-record]
 
 Figures: model_speedup_vs_reference, model_over_backbone, pipeline_efficiency,
-decode_img_per_s_per_core (exact / fast, 3 sizes), fast_decode_speedup_1080p,
+decode_img_per_s_per_core (exact, exact without the region decode, Pillow alone, fast; 4
+sizes), exact_region_decode_speedup, exact_window_speedup, fast_decode_speedup_1080p,
 fast_mode_max_abs_dprob (parity fixture), peak_actor_rss_mb.
 """
 from __future__ import annotations
