@@ -165,6 +165,23 @@ def test_declined_files_take_the_whole_decode_path():
 
 
 @native
+def test_damage_below_the_crop_gives_the_whole_decodes_pixels():
+    """Bytes overwritten in the last fifth of a file: the region decoder stops above them and
+    never sees them; Pillow decodes the whole file (its rows above the damage are the same),
+    so the crops agree."""
+    cfg = PreprocessConfig(alignment="off")
+    data = jpeg(photo(1200, 1000))
+    rng = np.random.default_rng(4)
+    for trial in range(6):
+        damaged = bytearray(data)
+        at = int(len(data) * 0.85) + 97 * trial
+        damaged[at : at + 40] = rng.integers(0, 256, 40, dtype=np.uint8).tobytes()
+        damaged = bytes(damaged)
+        assert preprocess.official_jpeg_crop(damaged, cfg) is not None  # the region path took it
+        np.testing.assert_array_equal(official_preprocess(damaged, cfg).pixels, pillow_whole(damaged, cfg))
+
+
+@native
 def test_a_decoder_that_disagrees_with_pillow_is_not_used(monkeypatch, caplog):
     """The start-up probe: a libjpeg whose pixels differ from Pillow's by one grey level in one
     probe file is caught, and the exact path then decodes whole JPEGs (still exact)."""
