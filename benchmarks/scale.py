@@ -99,8 +99,8 @@ def driver_ceiling(rows: int = 1_000_000) -> float:
     units = rows // UNIT_ROWS
     batches = [pa.Table.from_pylist([{"store": "s3://b/out", "unit_id": f"u{i:08d}", "rows": UNIT_ROWS, "errors": 0,
                                       "decode_s": 0.1, "score_s": 0.2, "readout": "extension (avx2)",
-                                      "replicas": "r1", "cpu_decoded_in_gpu_mode": 0, "writer_node": "n1",
-                                      "writer_pid": 1}],
+                                      "replicas": "r1", "cpu_decoded_in_gpu_mode": 0, "jpeg_region_decoded": 0,
+                                      "writer_node": "n1", "writer_pid": 1}],
                                     schema=COMPLETION_SCHEMA) for i in range(units)]
     completions = Completions()
     t = time.perf_counter()

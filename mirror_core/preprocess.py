@@ -48,6 +48,7 @@ class Preprocessed:
     height: int
     format: str | None  # container format PIL detected (JPEG, PNG, ...)
     aligned: bool  # whether the JPEG q96 round trip was applied
+    region_decoded: bool = False  # a JPEG decoded only where its crop reads (`jpeg_region`)
 
 
 @contextmanager
@@ -248,7 +249,7 @@ def official_preprocess(
         jpeg = official_jpeg_crop(data, cfg)
         if jpeg is not None:
             arr, size, fmt = jpeg
-            return _finish(arr, cfg, name, fmt, size)
+            return _finish(arr, cfg, name, fmt, size, region_decoded=True)
     draft = cfg.resize_short_side if cfg.fast_decode else None
     img, fmt, size = decode_rgb(data, cfg.max_pixels, draft)
     if perturbation:
@@ -270,13 +271,13 @@ def preprocess_rgb(
 
 
 def _finish(arr: np.ndarray, cfg: PreprocessConfig, name: str | None, fmt: str | None,
-            size: tuple[int, int]) -> Preprocessed:
+            size: tuple[int, int], region_decoded: bool = False) -> Preprocessed:
     """The crop -> the model input: format alignment where the policy asks for it."""
     width, height = size
     aligned = wants_alignment(cfg, name, fmt)
     if aligned:
         arr = jpeg_round_trip(np.ascontiguousarray(arr), cfg.jpeg_quality, optimize=True)
-    return Preprocessed(np.ascontiguousarray(arr), width, height, fmt, aligned)
+    return Preprocessed(np.ascontiguousarray(arr), width, height, fmt, aligned, region_decoded)
 
 
 def read_bytes(path: str | Path) -> bytes:

@@ -142,6 +142,9 @@ def test_gpu_mode_rows_fall_back_to_the_exact_cpu_path_and_say_so(tmp_path, pari
     assert out["aligned"].to_pylist() == [False, True, False, True, False]  # the .png names
     (done,) = commit_units(out).to_pylist()
     assert done["cpu_decoded_in_gpu_mode"] == 5 and done["errors"] == 0
+    # the decode stage's region decodes: named.png (CMYK is declined; plain.jpg and cut.jpg
+    # went to the replica as bytes)
+    assert done["jpeg_region_decoded"] == 1
 
 
 def test_gpu_mode_rows_the_cpu_cannot_decode_either_are_error_rows(tmp_path, parity_bundle):

@@ -40,6 +40,8 @@ def test_parity_fixture_through_ray_matches_official_scores(ray_local, parity_bu
         for metric in ("Acc", "Real_Acc", "Fake_Acc", "Bal_Acc", "AUC", "AP"):
             assert summary["metrics"][subset][metric] == pytest.approx(float(official[subset][metric]), abs=1e-6)
     assert summary["this_run"]["stage_busy_s"]["decode"] > 0 and summary["this_run"]["stage_busy_s"]["score"] > 0
+    # the fixture's 19 RGB JPEGs (of 48 files: PNG, WebP, BMP besides) decoded only where their crops read
+    assert summary["this_run"]["jpeg_region_decoded"] == 19
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["model_id"] == summary["model_id"] and on_disk["config"]["unit_size"] == 7
     assert on_disk["config"]["cpus_per_actor"] == 1.0  # resolved and recorded: 4 CPUs - 2 for decode, 2 actors

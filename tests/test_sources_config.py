@@ -115,7 +115,7 @@ def test_decode_and_scorer_yield_one_row_per_record(tmp_path, parity_bundle):
     assert record | {"decode_s": 0, "score_s": 0, "writer_pid": 0, "writer_node": ""} == {
         "store": str(tmp_path / "scan"), "unit_id": "u1", "rows": 4, "errors": 3, "decode_s": 0, "score_s": 0,
         "readout": scorer.detector.readout, "replicas": scorer.replica, "writer_node": "", "writer_pid": 0,
-        "cpu_decoded_in_gpu_mode": 0}
+        "cpu_decoded_in_gpu_mode": 0, "jpeg_region_decoded": 0}  # a PNG, and three rows without an image
     part = pq.read_table(tmp_path / "scan" / "scores" / "part-u1.parquet")
     assert part["uri"].to_pylist() == uris and part["label"].to_pylist() == [1, 0, 0, None]
     assert part["prob_fake"].to_pylist()[0] == out["prob_fake"].to_pylist()[0]

@@ -24,6 +24,7 @@ from pipeline.scan.schema import (
     INDEX,
     OUTPUT_COLUMNS,
     READOUT,
+    REGION_DECODED,
     REPLICA,
     ROW_PREPROCESS,
     SCORE_SECONDS,
@@ -41,7 +42,7 @@ WRITER_METADATA = b"mirror_writer"  # part files record which node and process w
 COMPLETION_SCHEMA = pa.schema([
     ("store", pa.string()), ("unit_id", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
     ("decode_s", pa.float64()), ("score_s", pa.float64()), ("readout", pa.string()), ("replicas", pa.string()),
-    ("cpu_decoded_in_gpu_mode", pa.int64()),
+    ("cpu_decoded_in_gpu_mode", pa.int64()), ("jpeg_region_decoded", pa.int64()),
     ("writer_node", pa.string()), ("writer_pid", pa.int64()),
 ])
 
@@ -123,6 +124,7 @@ def _commit_unit(batch: pa.Table, key: str, writer: dict, faults) -> dict:
             "readout": ",".join(sorted(set(scored[READOUT].to_pylist()) - {None})),
             "replicas": ",".join(sorted(set(scored[REPLICA].to_pylist()) - {None})),
             "cpu_decoded_in_gpu_mode": scored.num_rows - scored[ROW_PREPROCESS].null_count,
+            "jpeg_region_decoded": int(pc.sum(scored[REGION_DECODED]).as_py() or 0),
             "writer_node": writer["node"], "writer_pid": writer["pid"]}
 
 

@@ -26,6 +26,7 @@ from pipeline.scan.schema import (
     IMAGE_FIELDS,
     INDEX,
     PIXELS,
+    REGION_DECODED,
     ROW_PREPROCESS,
     SHA256,
     UNIT,
@@ -74,6 +75,7 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
     n = len(names)
     pixels = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
     cols = {name: [None] * n for name in [SHA256, ENCODED, ROW_PREPROCESS] + [f.name for f in IMAGE_FIELDS]}
+    cols[REGION_DECODED] = [False] * n
     for i, (name, (data, error)) in enumerate(zip(names, payloads)):
         if data is not None:
             cols[SHA256][i] = hashlib.sha256(data).hexdigest()
@@ -93,6 +95,7 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
                     pixels[i] = pre.pixels
                     cols["width"][i], cols["height"][i], cols["format"][i] = pre.width, pre.height, pre.format
                     cols["aligned"][i] = pre.aligned
+                    cols[REGION_DECODED][i] = pre.region_decoded
                 except Exception as err:  # the record becomes an error row
                     error = f"decode failed: {type(err).__name__}: {err}"
         cols["error"][i] = error

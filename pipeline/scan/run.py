@@ -170,6 +170,7 @@ class Completions:
             "committed": len(recs),
             "rows": sum(r["rows"] for r in recs),
             "cpu_decoded_in_gpu_mode": sum(r["cpu_decoded_in_gpu_mode"] for r in recs),
+            "jpeg_region_decoded": sum(r["jpeg_region_decoded"] for r in recs),
             "busy": {"decode": sum(r["decode_s"] for r in recs), "score": sum(r["score_s"] for r in recs)},
             "readouts": sorted({x for r in recs for x in r["readout"].split(",") if x}),
             "writer_pids": sorted({r["writer_pid"] for r in recs}),
@@ -309,6 +310,9 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 "replica_readout": done_now["readouts"],  # as the scoring replicas reported it
                 # GPU decode mode: rows that took the CPU path (other formats, refused JPEGs)
                 "cpu_decoded_in_gpu_mode": done_now["cpu_decoded_in_gpu_mode"],
+                # JPEGs the exact path decoded only where the crop reads; the rest of the
+                # JPEGs were decoded whole (CMYK, damaged, or no region decoder on the node)
+                "jpeg_region_decoded": done_now["jpeg_region_decoded"],
                 # Parts are written by Ray workers; the driver receives completion records only.
                 "writers": {"nodes": done_now["writer_nodes"], "processes": len(done_now["writer_pids"])},
                 "pipeline": {"scans": len(jobs), "scoring_replicas": done_now["replicas"], "units_per_block": per_block},

@@ -34,8 +34,11 @@ ENCODED = "_encoded"
 # ... and the policy a row was decoded under when it is not the run's (GPU mode's CPU
 # fallback: other formats, JPEGs the GPU decoder refuses). Null: the run's policy.
 ROW_PREPROCESS = "_row_preprocess"
+# Whether the decode stage decoded the row's JPEG only where its crop reads (the exact
+# path's region decoder): counted in summary.json, where nodes without it would show.
+REGION_DECODED = "_region_decoded"
 INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS, READOUT, UNIT_RECORDS, UNIT_TARGET, REPLICA,
-            ENCODED, ROW_PREPROCESS)
+            ENCODED, ROW_PREPROCESS, REGION_DECODED)
 
 RECORD_FIELDS = [
     pa.field("uri", pa.string()),
@@ -64,7 +67,8 @@ OUTPUT_FIELDS = RECORD_FIELDS + SCORE_FIELDS + IMAGE_FIELDS + RUN_FIELDS
 SHA256 = "sha256"
 DECODED_SCHEMA = pa.schema([pa.field(UNIT, pa.string()), pa.field(INDEX, pa.int64()), pa.field(SHA256, pa.string())]
                            + IMAGE_FIELDS + [pa.field(DECODE_SECONDS, pa.float64()), pa.field(UNIT_RECORDS, pa.binary()),
-                                             pa.field(UNIT_TARGET, pa.string()), pa.field(ROW_PREPROCESS, pa.string())])
+                                             pa.field(UNIT_TARGET, pa.string()), pa.field(ROW_PREPROCESS, pa.string()),
+                                             pa.field(REGION_DECODED, pa.bool_())])
 # What a scored batch adds to the input record to make an output row.
 STAGE_RESULT_FIELDS = IMAGE_FIELDS + SCORE_FIELDS
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
