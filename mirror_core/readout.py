@@ -72,8 +72,13 @@ def readout_cpu(q, k, v, top_k: int, chunk_bytes: int = CPU_CHUNK_BYTES):
     return mixed, max_w, entropy
 
 
+# Looked up once at import: the read-out's dispatch runs inside torch.compile'd graphs,
+# where a call to a cached function is traced (and warned about) instead.
+_NATIVE = extension("_readout")  # the compiled CPU read-out (csrc/)
+
+
 def native_readout_module():
-    return extension("_readout")  # the compiled CPU read-out (csrc/)
+    return _NATIVE
 
 
 # A torch custom op, so torch.compile keeps it as one opaque call (tracing into the
