@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from .config import PreprocessConfig
-from .jpeg import jpeg_round_trip
+from .jpeg import is_jpeg, jpeg_round_trip
 from .jpeg_region import decode_region, region_decoder
 from .resample import pillow_pass_order, resize_window, resized_window
 
@@ -171,30 +171,40 @@ def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
 
 
+def pil_region(img: Image.Image) -> Callable:
+    """A reader of an image's rows (r0, r1) and columns (c0, c1) as uint8 [rows, cols, C]."""
+    return lambda rows, cols: np.asarray(img.crop((cols[0], rows[0], cols[1], rows[1])))
+
+
+def resized_window_from(size: tuple[int, int], new_size: tuple[int, int], top: int, left: int, height: int,
+                        width: int, read: Callable) -> np.ndarray | None:
+    """Rows top..top+height-1 and columns left..left+width-1 of the BICUBIC resize of a (w, h)
+    image to new_size, as uint8 [height, width, C], computed from just the input rows and
+    columns they read: `read((r0, r1), (c0, c1))` -> uint8 [r1 - r0, c1 - c0, C], or None (not
+    available: None is returned). Pillow's arithmetic (`resample`); callers check
+    `pillow_pass_order()` first."""
+    window = resize_window(size, new_size, top, left, height, width)
+    region = read(window.rows, window.cols)
+    return None if region is None else resized_window(region, window)
+
+
 def resized_window_of(img: Image.Image, new_size: tuple[int, int], top: int, left: int, height: int,
                       width: int) -> np.ndarray:
-    """Rows top..top+height-1 and columns left..left+width-1 of img.resize(new_size, BICUBIC)
-    as uint8 [height, width, C], computing those pixels only, exactly as Pillow would
-    (`resample`); a Pillow whose resize is not reproduced resizes the whole image itself."""
+    """resized_window_from for a PIL image, exactly as Pillow would resize it; a Pillow whose
+    resize is not reproduced resizes the whole image itself."""
     if pillow_pass_order() is None:
         return np.asarray(img.resize(new_size, Image.BICUBIC))[top : top + height, left : left + width]
-    window = resize_window(img.size, new_size, top, left, height, width)
-    (r0, r1), (c0, c1) = window.rows, window.cols
-    return resized_window(np.asarray(img.crop((c0, r0, c1, r1))), window)
+    return resized_window_from(img.size, new_size, top, left, height, width, pil_region(img))
 
 
 def official_crop_from(size: tuple[int, int], cfg: PreprocessConfig, read: Callable) -> np.ndarray | None:
     """The policy's resize and centre crop of a (w, h) image, computed from just the input
-    rows and columns the crop reads, `read((r0, r1), (c0, c1))` -> uint8 [r1 - r0, c1 - c0, 3]
-    (None: not available, and None is returned). Resamples only the crop's pixels, with
-    Pillow's arithmetic (`resample`); callers check `pillow_pass_order()` first."""
+    rows and columns the crop reads (`read` as in resized_window_from; None -> None)."""
     plan = official_crop_plan(size, cfg)
     if plan.new_size is None:
         arr = read((plan.top, plan.top + plan.height), (plan.left, plan.left + plan.width))
     else:
-        window = resize_window(size, plan.new_size, plan.top, plan.left, plan.height, plan.width)
-        region = read(window.rows, window.cols)
-        arr = None if region is None else resized_window(region, window)
+        arr = resized_window_from(size, plan.new_size, plan.top, plan.left, plan.height, plan.width, read)
     if arr is None:
         return None
     return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
@@ -206,15 +216,14 @@ def official_resized_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray
     times less work on photos."""
     if pillow_pass_order() is None:  # a Pillow whose resize is not reproduced: it resizes the whole image
         return center_crop(np.asarray(resize_short_side(img, cfg.resize_short_side)), cfg.crop_size)
-    return official_crop_from(img.size, cfg, lambda rows, cols: np.asarray(img.crop((cols[0], rows[0], cols[1],
-                                                                                      rows[1]))))
+    return official_crop_from(img.size, cfg, pil_region(img))
 
 
 def official_jpeg_crop(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, int], str] | None:
     """(crop, original size, format) of a JPEG by the exact path, decoding only the rows and
     columns the crop reads (`jpeg_region`); None where that decoder declines (no extension,
     CMYK, damaged data...): the caller then decodes the whole image with Pillow."""
-    native = region_decoder() if data[:2] == b"\xff\xd8" and pillow_pass_order() is not None else None
+    native = region_decoder() if is_jpeg(data) and pillow_pass_order() is not None else None
     if native is None:
         return None
     try:
