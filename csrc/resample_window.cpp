@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -57,16 +59,24 @@ void lines_pass(const uint8_t* in, Py_ssize_t width, const Taps& taps, uint8_t* 
 }
 
 // [rows, cols, 3] -> [cols, rows, 3], in strips of kStrip rows: each output write is a
-// contiguous run of kStrip pixels, the reads advance along kStrip input rows at once.
+// contiguous run of kStrip pixels, the reads advance along kStrip input rows at once. A
+// pixel moves as one 4-byte word (the next write overwrites the extra byte); the strip's
+// last pixel moves as 3 bytes, so nothing is read or written beyond either array.
 constexpr Py_ssize_t kStrip = 16;
+inline void move_word(uint8_t* dst, const uint8_t* src) {
+  uint32_t word;
+  std::memcpy(&word, src, sizeof(word));
+  std::memcpy(dst, &word, sizeof(word));
+}
 void transpose(const uint8_t* in, Py_ssize_t rows, Py_ssize_t cols, uint8_t* out) {
+  const Py_ssize_t stride = cols * kChannels;
   for (Py_ssize_t y0 = 0; y0 < rows; y0 += kStrip) {
-    const Py_ssize_t strip = std::min(kStrip, rows - y0);
+    const Py_ssize_t last = std::min(kStrip, rows - y0) - 1;
     for (Py_ssize_t x = 0; x < cols; x++) {
       uint8_t* dst = out + (x * rows + y0) * kChannels;
-      const uint8_t* src = in + (y0 * cols + x) * kChannels;
-      for (Py_ssize_t dy = 0; dy < strip; dy++)
-        for (int c = 0; c < kChannels; c++) dst[dy * kChannels + c] = src[dy * cols * kChannels + c];
+      const uint8_t* src = in + y0 * stride + x * kChannels;
+      for (Py_ssize_t dy = 0; dy < last; dy++) move_word(dst + dy * kChannels, src + dy * stride);
+      std::memcpy(dst + last * kChannels, src + last * stride, kChannels);
     }
   }
 }
@@ -76,12 +86,15 @@ void vertical(const uint8_t* in, Py_ssize_t cols, const Taps& taps, uint8_t* out
   lines_pass(in, cols * kChannels, taps, out);
 }
 
+// An uninitialised byte buffer (every byte is written before it is read).
+std::unique_ptr<uint8_t[]> scratch(Py_ssize_t size) { return std::unique_ptr<uint8_t[]>(new uint8_t[size]); }
+
 // in [rows, cols, 3] -> out [rows, taps.n, 3]: the vertical pass of the transposed image
 void horizontal(const uint8_t* in, Py_ssize_t rows, Py_ssize_t cols, const Taps& taps, uint8_t* out) {
-  std::vector<uint8_t> flipped(rows * cols * kChannels), resampled(taps.n * rows * kChannels);
-  transpose(in, rows, cols, flipped.data());
-  lines_pass(flipped.data(), rows * kChannels, taps, resampled.data());
-  transpose(resampled.data(), taps.n, rows, out);
+  const auto flipped = scratch(rows * cols * kChannels), resampled = scratch(taps.n * rows * kChannels);
+  transpose(in, rows, cols, flipped.get());
+  lines_pass(flipped.get(), rows * kChannels, taps, resampled.get());
+  transpose(resampled.get(), taps.n, rows, out);
 }
 
 // obj: (starts, counts, weights, ksize). `held` tells the caller to release the views
@@ -128,13 +141,13 @@ PyObject* resample_window(PyObject*, PyObject* args) {
       const auto* in = static_cast<const uint8_t*>(region.buf);
       Py_BEGIN_ALLOW_THREADS
       if (has_v && has_h) {
-        std::vector<uint8_t> mid(vertical_first ? v.n * cols * kChannels : rows * h.n * kChannels);
+        const auto mid = scratch(vertical_first ? v.n * cols * kChannels : rows * h.n * kChannels);
         if (vertical_first) {
-          vertical(in, cols, v, mid.data());
-          horizontal(mid.data(), v.n, cols, h, out);
+          vertical(in, cols, v, mid.get());
+          horizontal(mid.get(), v.n, cols, h, out);
         } else {
-          horizontal(in, rows, cols, h, mid.data());
-          vertical(mid.data(), h.n, v, out);
+          horizontal(in, rows, cols, h, mid.get());
+          vertical(mid.get(), h.n, v, out);
         }
       } else if (has_v) {
         vertical(in, cols, v, out);
