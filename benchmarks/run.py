@@ -4,8 +4,9 @@ the performance log (benchmarks/results/perf-log.md).
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--no-record]
 
 Figures: model_speedup_vs_reference, model_over_backbone, pipeline_efficiency,
-decode_img_per_s_per_core (exact, exact without the region decode, Pillow alone, fast; 4
-sizes), exact_region_decode_speedup, exact_window_speedup, fast_decode_speedup_1080p,
+decode_img_per_s_per_core (exact, exact without the region decode, Pillow alone, fast,
+training's views by region and from whole decodes; 4 sizes), exact_region_decode_speedup,
+train_views_region_decode_speedup, exact_window_speedup, fast_decode_speedup_1080p,
 fast_mode_max_abs_dprob (parity fixture), peak_actor_rss_mb.
 """
 from __future__ import annotations
@@ -96,6 +97,17 @@ def whole_decode_then_window_resize(data: bytes, cfg: PreprocessConfig) -> np.nd
     return preprocess_rgb(img, cfg, fmt=fmt, size=size).pixels
 
 
+def training_views(files: list[bytes], whole_decode: bool) -> None:
+    """Phase 1's augmentation of each file (a view drawn per file, then JPEG), as training
+    prepares it: views decoded by region, or (`whole_decode`) from Pillow's whole decode."""
+    from mirror_core.preprocess import ImageRegions, decode_rgb
+    from mirror_core.train.augment import phase1_augment
+
+    for i, data in enumerate(files):
+        image = ImageRegions.of_image(decode_rgb(data)[0]) if whole_decode else ImageRegions.of_bytes(data)
+        phase1_augment(image, np.random.default_rng(i))
+
+
 def decode_figures(n: int) -> dict:
     out = {}
     exact, fast = PreprocessConfig(alignment="off"), PreprocessConfig(alignment="off", fast_decode=True)
@@ -107,7 +119,11 @@ def decode_figures(n: int) -> dict:
                           ("fast", lambda f: official_preprocess(f, fast))):
             t = timed(lambda: [run(f) for f in files], 2)
             out[f"{label}_{mode}"] = len(files) / t  # one process, single-threaded decode: images/s per core
+        for mode, whole in (("train_views", False), ("train_views_whole_decode", True)):
+            out[f"{label}_{mode}"] = len(files) / timed(lambda: training_views(files, whole), 2)
     return {"decode_img_per_s_per_core": out,
+            "train_views_region_decode_speedup": {label: out[f"{label}_train_views"] /
+                                                  out[f"{label}_train_views_whole_decode"] for label in DECODE_SIZES},
             "fast_decode_speedup_1080p": out["1920x1080_fast"] / out["1920x1080_exact"],
             "exact_window_speedup": {label: out[f"{label}_exact_whole_decode"] / out[f"{label}_exact_whole_resize"]
                                      for label in DECODE_SIZES},

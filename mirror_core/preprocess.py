@@ -167,8 +167,12 @@ def official_crop_plan(size: tuple[int, int], cfg: PreprocessConfig) -> CropPlan
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     """torchvision CenterCrop on HWC: zero-pad short sides, round-half-even offsets."""
     plan = crop_plan((arr.shape[1], arr.shape[0]), None, size)
-    arr = arr[plan.top : plan.top + plan.height, plan.left : plan.left + plan.width]
-    return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
+    return padded(arr[plan.top : plan.top + plan.height, plan.left : plan.left + plan.width], plan)
+
+
+def padded(window: np.ndarray, plan: CropPlan) -> np.ndarray:
+    """A plan's window (HWC) -> the crop: zeros where the image is shorter than the crop."""
+    return np.pad(window, (*plan.pads, (0, 0))) if plan.padded else window
 
 
 def pil_region(img: Image.Image) -> Callable:
@@ -177,64 +181,79 @@ def pil_region(img: Image.Image) -> Callable:
 
 
 def resized_window_from(size: tuple[int, int], new_size: tuple[int, int], top: int, left: int, height: int,
-                        width: int, read: Callable) -> np.ndarray | None:
+                        width: int, read: Callable) -> np.ndarray:
     """Rows top..top+height-1 and columns left..left+width-1 of the BICUBIC resize of a (w, h)
     image to new_size, as uint8 [height, width, C], computed from just the input rows and
-    columns they read: `read((r0, r1), (c0, c1))` -> uint8 [r1 - r0, c1 - c0, C], or None (not
-    available: None is returned). Pillow's arithmetic (`resample`); callers check
-    `pillow_pass_order()` first."""
+    columns they read: `read((r0, r1), (c0, c1))` -> uint8 [r1 - r0, c1 - c0, C]. Pillow's
+    arithmetic (`resample`); callers check `pillow_pass_order()` first."""
     window = resize_window(size, new_size, top, left, height, width)
-    region = read(window.rows, window.cols)
-    return None if region is None else resized_window(region, window)
+    return resized_window(read(window.rows, window.cols), window)
 
 
-def resized_window_of(img: Image.Image, new_size: tuple[int, int], top: int, left: int, height: int,
-                      width: int) -> np.ndarray:
-    """resized_window_from for a PIL image, exactly as Pillow would resize it; a Pillow whose
-    resize is not reproduced resizes the whole image itself."""
-    if pillow_pass_order() is None:
-        return np.asarray(img.resize(new_size, Image.BICUBIC))[top : top + height, left : left + width]
-    return resized_window_from(img.size, new_size, top, left, height, width, pil_region(img))
+class ImageRegions:
+    """Rectangles of an image as uint8 RGB, with the pixels of Pillow's decode (truncated
+    files as far as they go), made from encoded bytes (`of_bytes`) or from an image already
+    decoded (`of_image`). Of bytes, a JPEG that the region decoder takes (`jpeg_region`) is
+    decoded only over each rectangle asked for; anything else (other formats, CMYK, damaged
+    data the region decoder declines) is decoded whole by Pillow, once."""
+
+    def __init__(self, size: tuple[int, int], fmt: str | None, image: Image.Image | None = None,
+                 data: bytes | None = None, jpeg_decoder=None):
+        self.size, self.format = size, fmt
+        self._image, self._data, self._jpeg_decoder = image, data, jpeg_decoder
+
+    @classmethod
+    def of_bytes(cls, data: bytes, max_pixels: int | None = None) -> ImageRegions:
+        """Reads the header only (raising what decode_rgb raises for it, and ImageTooLargeError)."""
+        with _truncated_images_allowed():
+            header = Image.open(io.BytesIO(data))
+        check_pixels(header.size, max_pixels)
+        by_region = is_jpeg(data) and header.format in JPEG_FORMATS and header.mode in ("RGB", "L")
+        return cls(header.size, header.format, data=data, jpeg_decoder=region_decoder() if by_region else None)
+
+    @classmethod
+    def of_image(cls, img: Image.Image) -> ImageRegions:
+        return cls(img.size, img.format, image=img if img.mode == "RGB" else img.convert("RGB"))
+
+    @property
+    def region_decoded(self) -> bool:
+        """Whether every rectangle read so far came from the JPEG region decoder."""
+        return self._jpeg_decoder is not None
+
+    def whole(self) -> Image.Image:
+        """The whole RGB image (decoded on first use; later rectangles are cut from it)."""
+        if self._image is None:
+            self._image, self._jpeg_decoder = decode_rgb(self._data)[0], None
+        return self._image
+
+    def read(self, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+        """uint8 [r1 - r0, c1 - c0, 3]: rows r0..r1-1 and columns c0..c1-1."""
+        if self._jpeg_decoder is not None:
+            arr = decode_region(self._data, rows, cols, self._jpeg_decoder)
+            if arr is not None:
+                return arr
+        return pil_region(self.whole())(rows, cols)  # declined (or not a JPEG): Pillow decodes it whole
+
+    def crop(self, plan: CropPlan) -> np.ndarray:
+        """A crop plan without resize: its window, zero-padded to the crop."""
+        return padded(self.read((plan.top, plan.top + plan.height), (plan.left, plan.left + plan.width)), plan)
+
+    def resized_window(self, new_size: tuple[int, int], top: int, left: int, height: int, width: int) -> np.ndarray:
+        """A window of Pillow's BICUBIC resize to new_size, exactly; resampled from the rows and
+        columns it reads, unless this Pillow's resize is not reproduced (then it resizes all)."""
+        if pillow_pass_order() is None:
+            return np.asarray(self.whole().resize(new_size, Image.BICUBIC))[top : top + height, left : left + width]
+        return resized_window_from(self.size, new_size, top, left, height, width, self.read)
 
 
-def official_crop_from(size: tuple[int, int], cfg: PreprocessConfig, read: Callable) -> np.ndarray | None:
-    """The policy's resize and centre crop of a (w, h) image, computed from just the input
-    rows and columns the crop reads (`read` as in resized_window_from; None -> None)."""
-    plan = official_crop_plan(size, cfg)
+def official_crop(image: ImageRegions, cfg: PreprocessConfig) -> np.ndarray:
+    """The policy's resize and centre crop, computing only the pixels the crop keeps (and, of a
+    JPEG, decoding only the rows and columns they read): equal to
+    center_crop(resize_short_side(img)) pixel for pixel, several times less work on photos."""
+    plan = official_crop_plan(image.size, cfg)
     if plan.new_size is None:
-        arr = read((plan.top, plan.top + plan.height), (plan.left, plan.left + plan.width))
-    else:
-        arr = resized_window_from(size, plan.new_size, plan.top, plan.left, plan.height, plan.width, read)
-    if arr is None:
-        return None
-    return np.pad(arr, (*plan.pads, (0, 0))) if plan.padded else arr
-
-
-def official_resized_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """The exact path's resize and centre crop of an RGB image, resampling only the pixels
-    the crop keeps: equal to center_crop(resize_short_side(img)) pixel for pixel, several
-    times less work on photos."""
-    if pillow_pass_order() is None:  # a Pillow whose resize is not reproduced: it resizes the whole image
-        return center_crop(np.asarray(resize_short_side(img, cfg.resize_short_side)), cfg.crop_size)
-    return official_crop_from(img.size, cfg, pil_region(img))
-
-
-def official_jpeg_crop(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, int], str] | None:
-    """(crop, original size, format) of a JPEG by the exact path, decoding only the rows and
-    columns the crop reads (`jpeg_region`); None where that decoder declines (no extension,
-    CMYK, damaged data...): the caller then decodes the whole image with Pillow."""
-    native = region_decoder() if is_jpeg(data) and pillow_pass_order() is not None else None
-    if native is None:
-        return None
-    try:
-        img = Image.open(io.BytesIO(data))  # the header only
-    except Exception:  # decode_rgb names the problem
-        return None
-    if img.format not in JPEG_FORMATS or img.mode not in ("RGB", "L"):
-        return None
-    check_pixels(img.size, cfg.max_pixels)
-    arr = official_crop_from(img.size, cfg, lambda rows, cols: decode_region(data, rows, cols, native))
-    return None if arr is None else (arr, img.size, img.format)
+        return image.crop(plan)
+    return padded(image.resized_window(plan.new_size, plan.top, plan.left, plan.height, plan.width), plan)
 
 
 def wants_alignment(cfg: PreprocessConfig, name: str | None, fmt: str | None) -> bool:
@@ -255,10 +274,8 @@ def official_preprocess(
     `perturbation` (robustness sweeps, e.g. 'jpeg:75') is applied to the decoded image
     before the policy; width/height stay those of the original."""
     if not cfg.fast_decode and not perturbation:
-        jpeg = official_jpeg_crop(data, cfg)
-        if jpeg is not None:
-            arr, size, fmt = jpeg
-            return _finish(arr, cfg, name, fmt, size, region_decoded=True)
+        image = ImageRegions.of_bytes(data, cfg.max_pixels)
+        return _finish(official_crop(image, cfg), cfg, name, image.format, image.size, image.region_decoded)
     draft = cfg.resize_short_side if cfg.fast_decode else None
     img, fmt, size = decode_rgb(data, cfg.max_pixels, draft)
     if perturbation:
@@ -275,7 +292,7 @@ def preprocess_rgb(
     img = img if img.mode == "RGB" else img.convert("RGB")
     arr = resized_center_crop(img, cfg.resize_short_side, cfg.crop_size) if cfg.fast_decode else None
     if arr is None:
-        arr = official_resized_crop(img, cfg)
+        arr = official_crop(ImageRegions.of_image(img), cfg)
     return _finish(arr, cfg, name, fmt, size or img.size)
 
 

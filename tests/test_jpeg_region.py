@@ -134,9 +134,9 @@ def test_alignment_and_mpo_follow_the_whole_decode_path():
     Image.fromarray(arr).save(buf, "MPO", save_all=True, append_images=[Image.fromarray(255 - arr)])
     mpo = buf.getvalue()
     assert Image.open(io.BytesIO(mpo)).format == "MPO"
-    assert preprocess.official_jpeg_crop(mpo, PreprocessConfig()) is not None
-    np.testing.assert_array_equal(official_preprocess(mpo, PreprocessConfig(alignment="off")).pixels,
-                                  pillow_whole(mpo, PreprocessConfig()))
+    pre = official_preprocess(mpo, PreprocessConfig(alignment="off"))
+    assert pre.region_decoded and pre.format == "MPO"
+    np.testing.assert_array_equal(pre.pixels, pillow_whole(mpo, PreprocessConfig()))
 
 
 @native
@@ -148,12 +148,11 @@ def test_declined_files_take_the_whole_decode_path():
     cmyk = jpeg(arr, mode="CMYK")
     truncated = jpeg(arr)[:30_000]
     for data in (cmyk, truncated):
-        assert preprocess.official_jpeg_crop(data, cfg) is None
+        pre = official_preprocess(data, cfg)
+        assert not pre.region_decoded
         img, fmt, size = preprocess.decode_rgb(data, cfg.max_pixels)
-        np.testing.assert_array_equal(official_preprocess(data, cfg).pixels,
-                                      preprocess.preprocess_rgb(img, cfg, fmt=fmt, size=size).pixels)
+        np.testing.assert_array_equal(pre.pixels, preprocess.preprocess_rgb(img, cfg, fmt=fmt, size=size).pixels)
     garbage = b"\xff\xd8" + b"\x00" * 100
-    assert preprocess.official_jpeg_crop(garbage, cfg) is None
     with pytest.raises(Exception) as region_error:
         official_preprocess(garbage, cfg)
     with pytest.raises(Exception) as whole_error:
@@ -177,8 +176,9 @@ def test_damage_below_the_crop_gives_the_whole_decodes_pixels():
         at = int(len(data) * 0.85) + 97 * trial
         damaged[at : at + 40] = rng.integers(0, 256, 40, dtype=np.uint8).tobytes()
         damaged = bytes(damaged)
-        assert preprocess.official_jpeg_crop(damaged, cfg) is not None  # the region path took it
-        np.testing.assert_array_equal(official_preprocess(damaged, cfg).pixels, pillow_whole(damaged, cfg))
+        pre = official_preprocess(damaged, cfg)
+        assert pre.region_decoded  # the region decoder never reached the damage
+        np.testing.assert_array_equal(pre.pixels, pillow_whole(damaged, cfg))
 
 
 @native
@@ -213,9 +213,9 @@ def test_a_decoder_that_disagrees_with_pillow_is_not_used(monkeypatch, caplog):
             assert jpeg_region.region_decoder() is None
         assert "decodes differently from Pillow" in caplog.text
         data = jpeg(photo(900, 700))
-        assert preprocess.official_jpeg_crop(data, PreprocessConfig()) is None
-        np.testing.assert_array_equal(official_preprocess(data, PreprocessConfig(alignment="off")).pixels,
-                                      pillow_whole(data, PreprocessConfig()))
+        pre = official_preprocess(data, PreprocessConfig(alignment="off"))
+        assert not pre.region_decoded
+        np.testing.assert_array_equal(pre.pixels, pillow_whole(data, PreprocessConfig()))
     finally:
         jpeg_region.region_decoder.cache_clear()
 

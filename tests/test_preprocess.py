@@ -143,7 +143,7 @@ def test_exact_path_resamples_only_the_crop_and_equals_pillow_resize_then_crop()
     """The exact path computes only the crop's pixels of the short-side resize; they equal
     Pillow's full resize then the centre crop on every size tried: photo sizes in both
     orientations, random ones, just above the resize threshold, none due, padded."""
-    from mirror_core.preprocess import official_resized_crop
+    from mirror_core.preprocess import ImageRegions, official_crop
 
     rng = np.random.default_rng(7)
     sizes = [(1920, 1080), (1080, 1920), (4032, 3024), (3024, 4032), (1280, 720), (513, 513), (512, 900),
@@ -154,4 +154,4 @@ def test_exact_path_resamples_only_the_crop_and_equals_pillow_resize_then_crop()
         for w, h in sizes:
             img = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
             want = center_crop(np.asarray(resize_short_side(img, short)), crop)
-            np.testing.assert_array_equal(official_resized_crop(img, cfg), want, err_msg=str((w, h, crop)))
+            np.testing.assert_array_equal(official_crop(ImageRegions.of_image(img), cfg), want, err_msg=str((w, h, crop)))

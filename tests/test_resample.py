@@ -1,6 +1,8 @@
 """Pillow's bicubic resize recomputed for a window of the output: bit-exact against Pillow,
 in the C++ extension and numpy (the CPU decode path) and in torch (the GPU decode path,
 run here on CPU)."""
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -127,5 +129,14 @@ def test_without_a_reproduced_pillow_the_exact_path_lets_pillow_resize(monkeypat
     monkeypatch.setattr(preprocess, "pillow_pass_order", lambda: None)
     arr = np.random.default_rng(9).integers(0, 256, (1921, 899, 3), dtype=np.uint8)
     want = preprocess.center_crop(pillow_resize(arr, (512, 1094)), 224)
-    got = preprocess.official_resized_crop(Image.fromarray(arr), PreprocessConfig(alignment="off"))
+    cfg = PreprocessConfig(alignment="off")
+    got = preprocess.official_crop(preprocess.ImageRegions.of_image(Image.fromarray(arr)), cfg)
     np.testing.assert_array_equal(got, want)
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    Image.fromarray(arr).save(png, "PNG")
+    np.testing.assert_array_equal(preprocess.official_preprocess(png.getvalue(), cfg).pixels, want)
+    Image.fromarray(arr).save(jpeg, "JPEG")  # decoded whole too: its crop needs Pillow's whole resize
+    pre = preprocess.official_preprocess(jpeg.getvalue(), cfg)
+    decoded = np.asarray(Image.open(jpeg).convert("RGB"))
+    np.testing.assert_array_equal(pre.pixels, preprocess.center_crop(pillow_resize(decoded, (512, 1094)), 224))
+    assert not pre.region_decoded

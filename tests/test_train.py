@@ -1,4 +1,6 @@
 """Training core (no Ray): augmentations, Phase 1 reconstruction, Phase 2 on a planted trace."""
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -7,11 +9,17 @@ from PIL import Image
 from mirror_core.bundle import Bundle
 from mirror_core.config import BackboneConfig, MemoryConfig, MirrorConfig
 from mirror_core.detector import Detector
+from mirror_core.jpeg_region import region_decoder
 from mirror_core.metrics import binary_metrics
 from mirror_core.model import assemble_model
+from mirror_core.preprocess import ImageRegions
 from mirror_core.smoke import DEMO_BACKBONE, random_mirror
 from mirror_core.train.augment import phase1_augment, phase2_augment, random_view
 from mirror_core.train.loop import OptimConfig, PhaseTrainer, trainable_state, trained_weights
+
+
+def regions(img: Image.Image) -> ImageRegions:
+    return ImageRegions.of_image(img)
 
 
 def smooth_image(rng, fake: bool, size=(256, 240)) -> Image.Image:
@@ -31,17 +39,18 @@ def tiny(slots=256, top_k=32, seed=0):
 
 def test_augmentations_are_seeded_and_cover_every_view():
     img = smooth_image(np.random.default_rng(0), fake=False, size=(400, 300))
-    a = phase1_augment(img, np.random.default_rng(7))
-    b = phase1_augment(img, np.random.default_rng(7))
+    a = phase1_augment(regions(img), np.random.default_rng(7))
+    b = phase1_augment(regions(img), np.random.default_rng(7))
     assert a.shape == (224, 224, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
-    views = {random_view(img, np.random.default_rng(s)).tobytes() for s in range(12)}
+    views = {random_view(regions(img), np.random.default_rng(s)).tobytes() for s in range(12)}
     assert len(views) >= 3
-    assert phase2_augment(img, 1, np.random.default_rng(1)).shape == (224, 224, 3)
+    assert phase2_augment(regions(img), 1, np.random.default_rng(1)).shape == (224, 224, 3)
 
 
 def test_views_equal_pillows_whole_resize_then_crop():
     """Every view, drawn with the same seeds, equals the recipe computed with Pillow's whole
-    resize (the rescale-then-crop view resamples only its crop)."""
+    resize, from a decoded image and from JPEG bytes (each view resamples, and decodes, only
+    the pixels it keeps)."""
     from mirror_core.preprocess import center_crop
     from mirror_core.train.augment import VIEW_MODES
 
@@ -63,15 +72,23 @@ def test_views_equal_pillows_whole_resize_then_crop():
     noise = np.random.default_rng(3)
     for s, size in enumerate([(900, 600), (300, 1000), (250, 230), (1600, 900)] * 6):
         img = Image.fromarray(noise.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-        np.testing.assert_array_equal(random_view(img, np.random.default_rng(s)),
+        np.testing.assert_array_equal(random_view(regions(img), np.random.default_rng(s)),
                                       with_pillow(img, np.random.default_rng(s)), err_msg=str((s, size)))
+        # from JPEG bytes: each view decodes only what it reads (region decoder), same pixels
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85, **({"progressive": True} if s % 3 == 0 else {}))
+        image = ImageRegions.of_bytes(buf.getvalue())
+        np.testing.assert_array_equal(random_view(image, np.random.default_rng(s)),
+                                      with_pillow(Image.open(buf).convert("RGB"), np.random.default_rng(s)),
+                                      err_msg=str((s, size, "jpeg")))
+        assert image.region_decoded == (region_decoder() is not None)  # built wherever libjpeg's headers are
 
 
 def test_phase1_lowers_reconstruction_loss():
     cfg, weights = tiny()
     model = assemble_model(cfg, weights)
     rng = np.random.default_rng(0)
-    batch = lambda: torch.from_numpy(np.stack([phase1_augment(smooth_image(rng, False), rng) for _ in range(8)]))  # noqa: E731
+    batch = lambda: torch.from_numpy(np.stack([phase1_augment(regions(smooth_image(rng, False)), rng) for _ in range(8)]))  # noqa: E731
     held_out = batch()
     trainer = PhaseTrainer(model, phase=1, optim=OptimConfig(lr=3e-3, total_steps=40))
     before = float(trainer.loss(held_out)["reconstruction"])
@@ -90,7 +107,7 @@ def test_phase2_learns_a_planted_trace_and_the_bundle_scores_the_same():
     def batch(n, augment=True):
         labels = rng.integers(0, 2, n)
         imgs = [smooth_image(rng, bool(y)) for y in labels]
-        arrs = [phase2_augment(im, int(y), rng) if augment else np.asarray(im)[:224, :224] for im, y in zip(imgs, labels)]
+        arrs = [phase2_augment(regions(im), int(y), rng) if augment else np.asarray(im)[:224, :224] for im, y in zip(imgs, labels)]
         return torch.from_numpy(np.stack(arrs)), torch.from_numpy(labels)
 
     trainer = PhaseTrainer(model, phase=2, optim=OptimConfig(lr=1e-3, warmup_steps=5, total_steps=80))

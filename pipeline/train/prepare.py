@@ -7,13 +7,14 @@ is augmented the same way whichever task, batch or worker sees it, and an epoch 
 resume draws what it would have drawn in an uninterrupted run. Ray Data re-runs the stage
 every epoch; the epoch comes from an `EpochClock` actor that rank 0 advances between
 epochs (while every worker waits at the epoch's checkpoint report).
-A record that cannot be read or decoded becomes a row with `ok` false (a zero crop), so
-the worker counts it as skipped: training never dies on one bad file.
+Images decode as at evaluation (truncated files as far as they go, at most
+`PreprocessConfig.max_pixels`), and each view decodes a JPEG only where it reads
+(`ImageRegions`). A record that cannot be read or decoded becomes a row with `ok` false (a
+zero crop), so the worker counts it as skipped: training never dies on one bad file.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 
 import numpy as np
@@ -49,24 +50,24 @@ def record_seed(seed: int, epoch: int, uri: str) -> list[int]:
 def prepare_batch(batch: pa.Table, *, phase: int, seed: int, clock=None, evaluation: bool = False) -> pa.Table:
     """Ray map_batches function (pyarrow): uri, label, bytes -> uri, label, crops, ok, prepared_by_pid."""
     import ray
-    from PIL import Image
 
     from mirror_core.config import PreprocessConfig
-    from mirror_core.preprocess import official_preprocess
+    from mirror_core.preprocess import ImageRegions, official_preprocess
     from mirror_core.train.augment import phase1_augment, phase2_augment
 
     epoch = ray.get(clock.get.remote()) if clock is not None and not evaluation else 0
     uris, labels, datas = (batch[c].to_pylist() for c in ("uri", "label", "bytes"))
+    cfg = PreprocessConfig()
     crops = np.zeros((len(uris), 224, 224, 3), np.uint8)
     ok = np.zeros(len(uris), bool)
     for i, (uri, label, data) in enumerate(zip(uris, labels, datas)):
         try:
             if evaluation:
-                crops[i] = official_preprocess(data, PreprocessConfig(), name=uri).pixels
+                crops[i] = official_preprocess(data, cfg, name=uri).pixels
             else:
                 rng = np.random.default_rng(record_seed(seed, epoch, uri))
-                img = Image.open(io.BytesIO(data)).convert("RGB")
-                crops[i] = phase1_augment(img, rng) if phase == 1 else phase2_augment(img, int(label), rng)
+                image = ImageRegions.of_bytes(data, cfg.max_pixels)
+                crops[i] = phase1_augment(image, rng) if phase == 1 else phase2_augment(image, int(label), rng)
             ok[i] = True
         except Exception:  # unreadable (no bytes) or undecodable: skipped and counted by the worker
             pass
