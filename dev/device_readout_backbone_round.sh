@@ -2,7 +2,7 @@
 # One device call (~8-9 min on an H100) that decides the read-out kernel's selection method
 # and measures the DINOv3-L-sized model as replicas now run it (RoPE precomputed), against
 # per-layer RoPE, with the GELU in its first MLP GEMM's epilogue, and in fp8:
-#   run: bash dev/device_readout_backbone_round.sh   (carry [".whl", ".devfix"], timeout_s 600)
+#   run: bash dev/device_readout_backbone_round.sh   (carry [".whl", ".devfix", ".devext"], timeout_s 600)
 # 1. the Triton kernels' exactness on CUDA (read-out, both methods; GEMM + GELU), 2.
 # memory_bank_gpu.py's sweep of method x launch shape (its fastest goes to $OUT/kernel_best),
 # 3. the graphs section with that kernel, --graphs-rope-baseline, --gelu-epilogue and --fp8
