@@ -73,3 +73,12 @@ def write_hostile_corpus(root: Path, max_file_bytes: int) -> dict[str, Path]:
         (root / name).write_bytes(data)
         paths[name] = root / name
     return paths
+
+
+def sleepy_decode(data, name, cfg, perturbation):
+    """A decode function for IsolatedDecoder tests: the record named "hang" never finishes."""
+    import time
+
+    if name == "hang":
+        time.sleep(600)
+    return (len(data), 1)

@@ -136,6 +136,74 @@ def test_killed_writer_is_retried_and_every_row_lands_once(parity_bundle, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_file_that_crashes_its_decoder_becomes_an_error_row(parity_bundle, tmp_path):
+    """A file that kills the decoding process (a codec segfault, injected by the fault hook
+    on its name): Ray retries the dying decode task, whose second attempt decodes that unit
+    one record per child process; the file becomes an error row saying so, every other row
+    scores, and the scan ends (Ray Data alone would retry the task forever)."""
+    for i in range(12):
+        write_image(tmp_path / "in" / (f"{i:02d}.png" if i != 5 else "05-poison.png"), seed=i)
+    env = {**os.environ, "MIRROR_FAULT_DECODE_CRASH": "poison"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(_scan_cmd(parity_bundle, tmp_path / "in", tmp_path / "out", "--unit-size", "4"),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "out" / "scores").sort_by("uri").to_pylist()
+    assert len(rows) == 12 and len({r["uri"] for r in rows}) == 12
+    (poison,) = [r for r in rows if "poison" in r["uri"]]
+    assert poison["error"] == "decode failed: the decoding process died on this record (killed by SIGSEGV)"
+    assert poison["prob_fake"] is None and all(r["error"] is None for r in rows if r is not poison)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["this_run"]["units_decoded_in_isolation"] == 1 and summary["errors"] == 1
+
+
+def test_isolated_decoder_gives_the_in_process_results_and_survives_crashes(monkeypatch):
+    """The child process decodes exactly as decode_record does (crop, size, format, flags; the
+    same error text), and a record that kills it costs that record only."""
+    from pipeline.scan.decode import decode_record
+    from pipeline.scan.isolation import IsolatedDecoder, RecordFailed
+
+    monkeypatch.setenv("MIRROR_FAULT_DECODE_CRASH", "poison")
+    cfg = PreprocessConfig()
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(jpeg, "JPEG")
+    Image.fromarray(noise[:300, :200]).save(png, "PNG")
+    isolated = IsolatedDecoder(decode_record)
+    try:
+        for data, name in ((jpeg.getvalue(), "a.jpg"), (png.getvalue(), "b.png")):
+            want, got = decode_record(data, name, cfg), isolated(data, name, cfg, None)
+            np.testing.assert_array_equal(got.pixels, want.pixels)
+            assert (got.width, got.height, got.format, got.aligned, got.region_decoded) == (
+                want.width, want.height, want.format, want.aligned, want.region_decoded)
+        with pytest.raises(RecordFailed, match=r"died on this record \(killed by SIGSEGV\)"):
+            isolated(png.getvalue(), "poison.png", cfg, None)
+        assert isolated(png.getvalue(), "b.png", cfg, None).height == 300  # a new child took over
+        with pytest.raises(RecordFailed) as failed:
+            isolated(b"not an image", "c.png", cfg, None)
+        with pytest.raises(Exception) as in_process:
+            decode_record(b"not an image", "c.png", cfg)
+        assert failed.value.text.split(" <")[0] == f"{type(in_process.value).__name__}: {in_process.value}".split(" <")[0]
+    finally:
+        isolated.close()
+
+
+def test_isolated_decoder_gives_up_a_hung_record():
+    from hostile import sleepy_decode
+
+    from pipeline.scan.isolation import IsolatedDecoder, RecordFailed
+
+    isolated = IsolatedDecoder(sleepy_decode, timeout_s=3)
+    try:
+        assert isolated(b"abc", "a", PreprocessConfig(), None) == (3, 1)  # the child is up
+        with pytest.raises(RecordFailed, match="no result in 3 s: hung"):
+            isolated(b"abc", "hang", PreprocessConfig(), None)
+        assert isolated(b"abcd", "b", PreprocessConfig(), None) == (4, 1)
+    finally:
+        isolated.close()
+
+
+@pytest.mark.slow
 def test_flaky_s3_is_retried_and_secrets_never_written(s3_server, s3_corpus, tmp_path):
     import fsspec
 

@@ -17,8 +17,9 @@ from PIL import Image
 
 from mirror_core.config import PreprocessConfig
 from mirror_core.jpeg import GPU_JPEG_MODES, is_jpeg
-from mirror_core.preprocess import ImageTooLargeError, official_preprocess, wants_alignment
-from pipeline.scan import webdataset
+from mirror_core.preprocess import ImageTooLargeError, Preprocessed, official_preprocess, wants_alignment
+from pipeline.scan import faults, webdataset
+from pipeline.scan.isolation import IsolatedDecoder, RecordFailed
 from pipeline.scan.schema import (
     DECODE_SECONDS,
     DECODED_SCHEMA,
@@ -66,11 +67,22 @@ def gpu_decodable(data: bytes, name: str | None, cfg: PreprocessConfig) -> tuple
     return w, h
 
 
+def decode_record(data: bytes, name: str | None, cfg: PreprocessConfig,
+                  perturbation: str | None = None) -> Preprocessed | tuple[int, int]:
+    """One record's decode (the native code that reads untrusted files runs here): its crop,
+    or in GPU decode mode the (width, height) of a JPEG the replica decodes itself."""
+    faults.crash_if_poisoned(name)
+    size = gpu_decodable(data, name, cfg) if cfg.gpu_decode and not perturbation else None
+    return size if size is not None else official_preprocess(data, cfg, name=name, perturbation=perturbation)
+
+
 def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg: PreprocessConfig,
-                perturbation: str | None = None, records: bytes | None = None, target: str | None = None) -> pa.Table:
+                perturbation: str | None = None, records: bytes | None = None, target: str | None = None,
+                decode=decode_record) -> pa.Table:
     """payloads: (bytes, None) or (None, error) per record -> one typed row each.
     `records` (the unit's packed records) and `target` ride on the first row when given.
-    In GPU decode mode a plain JPEG leaves with its bytes (ENCODED) and a zero crop."""
+    In GPU decode mode a plain JPEG leaves with its bytes (ENCODED) and a zero crop.
+    `decode` runs decode_record (an IsolatedDecoder runs it in a child process)."""
     t0 = time.perf_counter()
     n = len(names)
     pixels = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
@@ -83,19 +95,20 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
                 error = "empty file (0 bytes)"
             else:
                 try:
-                    size = gpu_decodable(data, name, cfg) if cfg.gpu_decode and not perturbation else None
-                    if size is not None:
+                    got = decode(data, name, cfg, perturbation)
+                    if isinstance(got, tuple):
                         cols[ENCODED][i] = data
-                        cols["width"][i], cols["height"][i] = size
+                        cols["width"][i], cols["height"][i] = got
                         cols["format"][i], cols["aligned"][i] = "JPEG", False
                         continue
                     if cfg.gpu_decode:
                         cols[ROW_PREPROCESS][i] = cfg.cpu_name
-                    pre = official_preprocess(data, cfg, name=name, perturbation=perturbation)
-                    pixels[i] = pre.pixels
-                    cols["width"][i], cols["height"][i], cols["format"][i] = pre.width, pre.height, pre.format
-                    cols["aligned"][i] = pre.aligned
-                    cols[REGION_DECODED][i] = pre.region_decoded
+                    pixels[i] = got.pixels
+                    cols["width"][i], cols["height"][i], cols["format"][i] = got.width, got.height, got.format
+                    cols["aligned"][i] = got.aligned
+                    cols[REGION_DECODED][i] = got.region_decoded
+                except RecordFailed as err:  # in a child process: its text, or how the child died
+                    error = f"decode failed: {err.text}"
                 except Exception as err:  # the record becomes an error row
                     error = f"decode failed: {type(err).__name__}: {err}"
         cols["error"][i] = error
@@ -142,22 +155,36 @@ def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_
 
 def decode_units(
     batch: dict, *, preprocess: dict, columns: dict, fetch_threads: int = 16, rows_per_batch: int = 64,
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, attempts=None,
 ) -> Iterator[pa.Table]:
     """Ray map_batches function over unit descriptors (one per call): the unit's rows,
     decoded in chunks (with the descriptor's perturbation, if any), its packed records and
-    target on the first row. The descriptor's `key` names the unit within the pipeline."""
+    target on the first row. The descriptor's `key` names the unit within the pipeline.
+    `attempts` (a DecodeAttempts actor): a unit whose earlier attempt died is decoded one
+    record per child process, so that a record crashing its decoder becomes an error row."""
+    import ray
+
     cfg = PreprocessConfig(**preprocess)
     colmap = ColumnMap(**columns)
     for i in range(len(batch["unit"])):
+        key = batch["key"][i]
+        earlier_attempt_died = attempts is not None and ray.get(attempts.begin.remote(key))
+        isolated = IsolatedDecoder(decode_record) if earlier_attempt_died else None
         unit = Unit(**json.loads(batch["unit"][i]))
         # only inline and sample units carry records (shard units read theirs below; their
         # empty slot may reach a numpy batch as NaN)
         records = unpack_records(batch["records"][i]) if unit.kind in RECORD_KINDS else None
         records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes)
         perturbation = batch["perturbation"][i] or None
-        for start in range(0, unit.rows, rows_per_batch):
-            chunk = [next(payloads) for _ in range(min(rows_per_batch, unit.rows - start))]
-            first = start == 0
-            yield decode_rows(batch["key"][i], start, names[start : start + len(chunk)], chunk, cfg, perturbation,
-                              pack_records(records) if first else None, batch["target"][i] if first else None)
+        try:
+            for start in range(0, unit.rows, rows_per_batch):
+                chunk = [next(payloads) for _ in range(min(rows_per_batch, unit.rows - start))]
+                first = start == 0
+                yield decode_rows(key, start, names[start : start + len(chunk)], chunk, cfg, perturbation,
+                                  pack_records(records) if first else None, batch["target"][i] if first else None,
+                                  decode=isolated or decode_record)
+        finally:
+            if isolated is not None:
+                isolated.close()
+        if attempts is not None:
+            attempts.end.remote(key)

@@ -8,10 +8,13 @@ MIRROR_FAULT_ACTOR_EXIT_AFTER  a scoring actor process exits after this many bat
 MIRROR_FAULT_WRITER_EXIT       a commit task's process exits just before writing its
                              part (once per marker file MIRROR_FAULT_MARKER)
 MIRROR_FAULT_WRITE_DELAY_S     sleep this long before each part or shard is written
+MIRROR_FAULT_DECODE_CRASH      decoding a record whose name contains this text kills the
+                             decoding process with SIGSEGV (a file that crashes a codec)
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -52,3 +55,9 @@ class FaultHooks:
         if self.marker and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os._exit(1)
+
+
+def crash_if_poisoned(name: str | None) -> None:
+    poison = os.environ.get("MIRROR_FAULT_DECODE_CRASH")
+    if poison and name and poison in name:
+        os.kill(os.getpid(), signal.SIGSEGV)

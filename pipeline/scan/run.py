@@ -22,6 +22,7 @@ from pipeline.progress import step
 from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
+from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.schema import INDEX, UNIT, pack_records
 from pipeline.scan.scorer import Scorer
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, extend_plan, plan_source
@@ -97,10 +98,10 @@ def units_per_block(n_units: int, decode_slots: float) -> int:
 
 
 def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfig, unit_block_bytes: int,
-                  per_block: int = 1):
+                  per_block: int = 1, attempts=None):
     """decode (CPU tasks) -> score (actor pool) -> commit (writer actors): one completion
     record per unit comes out. One pool of replicas serves every item; `per_block` units
-    (items) share a block, never splitting one."""
+    (items) share a block, never splitting one. `attempts`: a DecodeAttempts actor."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -120,7 +121,7 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
         memory=cfg.decode_task_memory_mb * 2**20,
         fn_kwargs={"preprocess": dataclasses.asdict(model_cfg.preprocess), "columns": cfg.columns,
                    "fetch_threads": cfg.fetch_threads, "rows_per_batch": cfg.decode_rows_per_batch,
-                   "max_file_bytes": cfg.max_file_mb * 2**20},
+                   "max_file_bytes": cfg.max_file_mb * 2**20, "attempts": attempts},
     )
     # GPU decode: two calls per replica at once, so one block decodes while another scores
     overlap = {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True} if (
@@ -261,6 +262,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
         items += unit_descriptors(todo, plan, out.uri, run, job.perturbation, j)
         prepared.append((job, out, plan, policy, done - retried, todo, {"new": len(added), "retried": len(retried)}))
     completions = Completions()
+    isolated: list[str] = []  # keys of units decoded one record per child process (an attempt died)
     t_plan, cpu_plan = time.perf_counter(), time.process_time()
     t_first = t_last = None
     first_rows, per_block = 0, 0
@@ -271,16 +273,19 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
         cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
         all_todo = [u for *_, todo, _ in prepared for u in todo]
         per_block = units_per_block(len(items), ray.cluster_resources().get("CPU", 1) / max(cfg.cpus_per_decode_task, 0.01))
+        attempts = decode_attempts()
         ds = build_dataset(items, bundle, model_cfg, cfg, whole_unit_block_bytes(
-            all_todo, model_cfg.preprocess.crop_size, model_cfg.preprocess.gpu_decode), per_block)
+            all_todo, model_cfg.preprocess.crop_size, model_cfg.preprocess.gpu_decode), per_block, attempts)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if t_first is None:  # start-up ends here: Ray, replica builds, first decodes and writes
                 t_first, first_rows = time.perf_counter(), int(pc.sum(batch["rows"]).as_py() or 0)
             completions.add(batch)
         t_last = time.perf_counter()
+        isolated = ray.get(attempts.isolated_units.remote())
+        ray.kill(attempts)
     cpu_pipeline = time.process_time()
     summaries = []
-    for job, out, plan, policy, done, todo, changes in prepared:
+    for j, (job, out, plan, policy, done, todo, changes) in enumerate(prepared):
         missing = {u.unit_id for u in todo} - {unit for store, unit in completions.units if store == out.uri}
         if missing:
             raise RuntimeError(f"{out.uri}: {len(missing)} units were not committed: {sorted(missing)[:5]}")
@@ -313,6 +318,10 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 # JPEGs the exact path decoded only where the crop reads; the rest of the
                 # JPEGs were decoded whole (CMYK, damaged, or no region decoder on the node)
                 "jpeg_region_decoded": done_now["jpeg_region_decoded"],
+                # units whose decode task died (a file crashing its decoder, or a lost
+                # worker): decoded again one record per child process, so that such a
+                # record became an error row ("the decoding process died on this record")
+                "units_decoded_in_isolation": sum(key.startswith(f"{j}/") for key in isolated),
                 # Parts are written by Ray workers; the driver receives completion records only.
                 "writers": {"nodes": done_now["writer_nodes"], "processes": len(done_now["writer_pids"])},
                 "pipeline": {"scans": len(jobs), "scoring_replicas": done_now["replicas"], "units_per_block": per_block},
