@@ -35,7 +35,7 @@ def decode_attempts():
     """The actor that remembers which units a decode task began and ended."""
     import ray
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)  # decode tasks wait on it: it must come back
     class DecodeAttempts:
         def __init__(self):
             self.open: set[str] = set()
