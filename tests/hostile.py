@@ -76,7 +76,7 @@ def write_hostile_corpus(root: Path, max_file_bytes: int) -> dict[str, Path]:
 
 
 def sleepy_decode(data, name, cfg, perturbation):
-    """A decode function for IsolatedDecoder tests: the record named "hang" never finishes."""
+    """A decode function for IsolatedCalls tests: the record named "hang" never finishes."""
     import time
 
     if name == "hang":

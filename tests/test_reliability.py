@@ -161,7 +161,7 @@ def test_isolated_decoder_gives_the_in_process_results_and_survives_crashes(monk
     """The child process decodes exactly as decode_record does (crop, size, format, flags; the
     same error text), and a record that kills it costs that record only."""
     from pipeline.scan.decode import decode_record
-    from pipeline.scan.isolation import IsolatedDecoder, RecordFailed
+    from pipeline.scan.isolation import IsolatedCalls, RecordFailed
 
     monkeypatch.setenv("MIRROR_FAULT_DECODE_CRASH", "poison")
     cfg = PreprocessConfig()
@@ -169,7 +169,7 @@ def test_isolated_decoder_gives_the_in_process_results_and_survives_crashes(monk
     noise = np.random.default_rng(0).integers(0, 256, (700, 900, 3), dtype=np.uint8)
     Image.fromarray(noise).save(jpeg, "JPEG")
     Image.fromarray(noise[:300, :200]).save(png, "PNG")
-    isolated = IsolatedDecoder(decode_record)
+    isolated = IsolatedCalls(decode_record)
     try:
         for data, name in ((jpeg.getvalue(), "a.jpg"), (png.getvalue(), "b.png")):
             want, got = decode_record(data, name, cfg), isolated(data, name, cfg, None)
@@ -191,9 +191,9 @@ def test_isolated_decoder_gives_the_in_process_results_and_survives_crashes(monk
 def test_isolated_decoder_gives_up_a_hung_record():
     from hostile import sleepy_decode
 
-    from pipeline.scan.isolation import IsolatedDecoder, RecordFailed
+    from pipeline.scan.isolation import IsolatedCalls, RecordFailed
 
-    isolated = IsolatedDecoder(sleepy_decode, timeout_s=3)
+    isolated = IsolatedCalls(sleepy_decode, timeout_s=3)
     try:
         assert isolated(b"abc", "a", PreprocessConfig(), None) == (3, 1)  # the child is up
         with pytest.raises(RecordFailed, match="no result in 3 s: hung"):

@@ -178,3 +178,29 @@ def test_two_ddp_workers_with_batch_b_match_one_worker_with_batch_2b(ray_local, 
         assert torch_diff <= 1e-5, (key, torch_diff)
         moved += int(not np.allclose(one[key].numpy(), weights.to_numpy()["mirror"].get(key, one[key].numpy() + 1)))
     assert moved  # training changed the weights: the comparison is not between two untouched copies
+
+
+def test_a_file_crashing_its_decoder_is_skipped_not_retried_forever(ray_local):
+    """Training's preparation task dies on a file that crashes its decoder (fault hook);
+    Ray retries it, and the retry prepares that batch one record per child process: the
+    file is skipped (ok false, counted by the worker), the others are prepared as usual."""
+    import io
+
+    import pyarrow as pa
+    import ray
+
+    from pipeline.scan.isolation import decode_attempts
+    from pipeline.train.prepare import CROPS, OK, prepare_batch, prepared_crop
+
+    buf = io.BytesIO()
+    smooth_image(np.random.default_rng(0), False).save(buf, "PNG")
+    png = buf.getvalue()
+    batch = pa.table({"uri": ["a.png", "b-poison.png", "c.png"], "label": [0, 1, 0], "bytes": [png] * 3})
+    attempts = decode_attempts()
+    task = ray.remote(prepare_batch).options(max_retries=2, runtime_env={"env_vars": {
+        "MIRROR_FAULT_DECODE_CRASH": "poison"}})
+    out = ray.get(task.remote(batch, phase=2, seed=3, attempts=attempts))
+    assert out[OK].to_pylist() == [True, False, True]
+    assert len(ray.get(attempts.isolated_units.remote())) == 1  # the first attempt died
+    want = prepared_crop(png, "c.png", 0, 2, 3, 0, False)
+    np.testing.assert_array_equal(np.asarray(out[CROPS].to_pylist()[2], np.uint8), want)  # as in-process

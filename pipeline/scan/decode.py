@@ -19,7 +19,7 @@ from mirror_core.config import PreprocessConfig
 from mirror_core.jpeg import GPU_JPEG_MODES, is_jpeg
 from mirror_core.preprocess import ImageTooLargeError, Preprocessed, official_preprocess, wants_alignment
 from pipeline.scan import faults, webdataset
-from pipeline.scan.isolation import IsolatedDecoder, RecordFailed
+from pipeline.scan.isolation import IsolatedCalls, RecordFailed
 from pipeline.scan.schema import (
     DECODE_SECONDS,
     DECODED_SCHEMA,
@@ -82,7 +82,7 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
     """payloads: (bytes, None) or (None, error) per record -> one typed row each.
     `records` (the unit's packed records) and `target` ride on the first row when given.
     In GPU decode mode a plain JPEG leaves with its bytes (ENCODED) and a zero crop.
-    `decode` runs decode_record (an IsolatedDecoder runs it in a child process)."""
+    `decode` runs decode_record (IsolatedCalls runs it in a child process)."""
     t0 = time.perf_counter()
     n = len(names)
     pixels = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
@@ -169,7 +169,7 @@ def decode_units(
     for i in range(len(batch["unit"])):
         key = batch["key"][i]
         earlier_attempt_died = attempts is not None and ray.get(attempts.begin.remote(key))
-        isolated = IsolatedDecoder(decode_record) if earlier_attempt_died else None
+        isolated = IsolatedCalls(decode_record) if earlier_attempt_died else None
         unit = Unit(**json.loads(batch["unit"][i]))
         # only inline and sample units carry records (shard units read theirs below; their
         # empty slot may reach a numpy batch as NaN)

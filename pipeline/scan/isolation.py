@@ -1,20 +1,23 @@
-"""A record that crashes its decoder becomes an error row, not a scan that never ends.
+"""A record that crashes its decoder becomes an error row, not a job that never ends.
 
 Decoding runs native code (Pillow's codecs, libjpeg) over untrusted files; a file that
-makes it crash the process (a segfault, an abort) kills the decode task's worker. Ray
-retries such a task (Ray Data retries them forever by default), and the same file would
-kill every attempt. So the driver keeps a small `DecodeAttempts` actor: a decode task
-says when it begins and ends each unit, and a unit begun by an earlier attempt that never
-ended it is decoded in isolation: each record in a child process (`IsolatedDecoder`), where
-a crash (or a decode that hangs) costs that record only, which becomes an error row.
+makes it crash the process (a segfault, an abort) kills the task's worker. Ray retries
+such a task (Ray Data retries them forever by default), and the same file would kill
+every attempt. So the driver keeps a small `DecodeAttempts` actor: a task says when it
+begins and ends each piece of work (a scan's unit, a training batch), and a piece begun by
+an earlier attempt that never ended it is done again in isolation: each record in a child
+process (`IsolatedCalls`), where a crash (or a decode that hangs) costs that record only.
 
 The child speaks a small length-prefixed protocol over its stdin/stdout (JSON headers and
-raw bytes; no pickle): request = header {name, preprocess, perturbation} + the file's
-bytes; answer = header {kind: crop | gpu | error, ...} + the crop's pixels.
+raw bytes; no pickle): request = header {args} + the record's bytes; answer = header
+{kind: array | dataclass | value | error, ...} + an array's bytes. Arguments are JSON
+values or dataclasses of them; results an array, a dataclass with one array field, or a
+JSON value (tuples come back as tuples).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import select
@@ -25,24 +28,21 @@ import sys
 
 import numpy as np
 
-from mirror_core.config import PreprocessConfig
-from mirror_core.preprocess import Preprocessed
-
-ISOLATED_RECORD_TIMEOUT_S = 300.0  # a record whose decode takes longer is given up as hung
+ISOLATED_RECORD_TIMEOUT_S = 300.0  # a record whose call takes longer is given up as hung
 
 
 def decode_attempts():
-    """The actor that remembers which units a decode task began and ended."""
+    """The actor that remembers which pieces of work a task began and ended."""
     import ray
 
-    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)  # decode tasks wait on it: it must come back
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)  # tasks wait on it: it must come back
     class DecodeAttempts:
         def __init__(self):
             self.open: set[str] = set()
             self.isolated: set[str] = set()
 
         def begin(self, key: str) -> bool:
-            """True when an earlier attempt began this unit and died before ending it."""
+            """True when an earlier attempt began this piece and died before ending it."""
             died = key in self.open
             if died:
                 self.isolated.add(key)
@@ -59,11 +59,53 @@ def decode_attempts():
 
 
 class RecordFailed(Exception):
-    """A record's decode failed in the child (or the child died on it): `text` is the error."""
+    """A call failed in the child (or the child died in it): `text` is the error."""
 
     def __init__(self, text: str):
         super().__init__(text)
         self.text = text
+
+
+def _name_of(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def _named(name: str):
+    module, qualname = name.split(":")
+    return getattr(importlib.import_module(module), qualname)
+
+
+def _encode_arg(value):
+    if dataclasses.is_dataclass(value):
+        return {"dataclass": _name_of(type(value)), "fields": dataclasses.asdict(value)}
+    return value
+
+
+def _decode_arg(value):
+    if isinstance(value, dict) and "dataclass" in value:
+        return _named(value["dataclass"])(**value["fields"])
+    return value
+
+
+def _encode_result(value) -> tuple[dict, bytes]:
+    if isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        return {"kind": "array", "shape": list(array.shape), "dtype": array.dtype.str}, array.tobytes()
+    if dataclasses.is_dataclass(value):
+        (field,) = [f.name for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), np.ndarray)]
+        head, payload = _encode_result(getattr(value, field))
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.name != field}
+        return {**head, "kind": "dataclass", "class": _name_of(type(value)), "field": field, "fields": fields}, payload
+    return {"kind": "value", "value": value, "tuple": isinstance(value, tuple)}, b""
+
+
+def _decode_result(head: dict, payload: bytes):
+    if head["kind"] == "value":
+        return tuple(head["value"]) if head["tuple"] else head["value"]
+    array = np.frombuffer(payload, np.dtype(head["dtype"])).reshape(head["shape"]).copy()
+    if head["kind"] == "array":
+        return array
+    return _named(head["class"])(**head["fields"], **{head["field"]: array})
 
 
 def _send(stream, header: dict, payload: bytes = b"") -> None:
@@ -87,50 +129,46 @@ def _receive(stream) -> tuple[dict, bytes]:
     return json.loads(_read_exactly(stream, head_len)), _read_exactly(stream, payload_len)
 
 
-class IsolatedDecoder:
-    """`decode(data, name, cfg, perturbation)` (a module-level function: crop or GPU size),
-    each call in a child process; the child is reused until it dies."""
+class IsolatedCalls:
+    """`function(data, *args)` (a module-level function over a record's bytes), each call in
+    a child process: its result, or RecordFailed with the exception's type and message, or
+    with how the child died (which costs that call only; a new child takes the next one)."""
 
-    def __init__(self, decode, timeout_s: float = ISOLATED_RECORD_TIMEOUT_S):
-        self.function = f"{decode.__module__}:{decode.__qualname__}"
+    def __init__(self, function, timeout_s: float = ISOLATED_RECORD_TIMEOUT_S):
+        self.function = _name_of(function)
         self.timeout_s = timeout_s
         self.child: subprocess.Popen | None = None
 
     def _start(self) -> subprocess.Popen:
-        """A child with its imports done (it says so first), so that the timeout counts decoding only."""
+        """A child with its imports done (it says so first), so that the timeout counts the call only."""
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         child = subprocess.Popen([sys.executable, "-m", "pipeline.scan.isolation", self.function],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         try:
             _receive(child.stdout)
         except EOFError:
-            raise RuntimeError(f"the isolated decoder ({self.function}) did not start: exit code {child.wait()}")
+            raise RuntimeError(f"the isolated process for {self.function} did not start: exit code {child.wait()}")
         return child
 
-    def __call__(self, data: bytes, name: str | None, cfg: PreprocessConfig, perturbation: str | None):
+    def __call__(self, data: bytes, *args):
         if self.child is None or self.child.poll() is not None:
             self.child = self._start()
         child = self.child
         try:
-            _send(child.stdin, {"name": name, "preprocess": dataclasses.asdict(cfg), "perturbation": perturbation},
-                  data)
+            _send(child.stdin, {"args": [_encode_arg(a) for a in args]}, data)
             ready, _, _ = select.select([child.stdout], [], [], self.timeout_s)
             if not ready:
                 self.close()
                 raise RecordFailed(f"no result in {self.timeout_s:.0f} s: hung (its process was killed)")
-            header, payload = _receive(child.stdout)
+            head, payload = _receive(child.stdout)
         except (EOFError, BrokenPipeError):
             code = child.wait()
             self.child = None
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             raise RecordFailed(f"the decoding process died on this record ({how})") from None
-        if header["kind"] == "error":
-            raise RecordFailed(header["text"])
-        if header["kind"] == "gpu":
-            return tuple(header["size"])
-        pixels = np.frombuffer(payload, np.uint8).reshape(header.pop("shape")).copy()
-        return Preprocessed(pixels, header["width"], header["height"], header["format"], header["aligned"],
-                            header["region_decoded"])
+        if head["kind"] == "error":
+            raise RecordFailed(head["text"])
+        return _decode_result(head, payload)
 
     def close(self) -> None:
         if self.child is not None:
@@ -139,33 +177,24 @@ class IsolatedDecoder:
             self.child = None
 
 
-def serve(decode, stdin, stdout) -> None:
+def serve(function, stdin, stdout) -> None:
     """The child's loop: ready, then one answer per request until stdin closes."""
     _send(stdout, {"kind": "ready"})
     while True:
         try:
-            header, data = _receive(stdin)
+            head, data = _receive(stdin)
         except EOFError:
             return
         try:
-            got = decode(data, header["name"], PreprocessConfig(**header["preprocess"]), header["perturbation"])
+            result = function(data, *[_decode_arg(a) for a in head["args"]])
         except Exception as err:
             _send(stdout, {"kind": "error", "text": f"{type(err).__name__}: {err}"})
             continue
-        if isinstance(got, tuple):
-            _send(stdout, {"kind": "gpu", "size": list(got)})
-        else:
-            pixels = np.ascontiguousarray(got.pixels)
-            _send(stdout, {"kind": "crop", "shape": list(pixels.shape), "width": got.width, "height": got.height,
-                           "format": got.format, "aligned": got.aligned, "region_decoded": got.region_decoded},
-                  pixels.tobytes())
+        _send(stdout, *_encode_result(result))
 
 
 if __name__ == "__main__":
-    import importlib
-
-    module, function = sys.argv[1].split(":")
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything else written to stdout (a library's print) goes to stderr, not into the answers
     sys.stdout = sys.stderr
-    serve(getattr(importlib.import_module(module), function), sys.stdin.buffer, answers)
+    serve(_named(sys.argv[1]), sys.stdin.buffer, answers)

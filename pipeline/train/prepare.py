@@ -10,7 +10,8 @@ epochs (while every worker waits at the epoch's checkpoint report).
 Images decode as at evaluation (truncated files as far as they go, at most
 `PreprocessConfig.max_pixels`), and each view decodes a JPEG only where it reads
 (`ImageRegions`). A record that cannot be read or decoded becomes a row with `ok` false (a
-zero crop), so the worker counts it as skipped: training never dies on one bad file.
+zero crop), so the worker counts it as skipped: training never dies on one bad file, nor
+loops on one that crashes its decoder (`pipeline.scan.isolation`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ import os
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.scan import faults
+from pipeline.scan.isolation import IsolatedCalls
 
 CROPS = "crops"  # uint8 [224, 224, 3] per row
 OK = "ok"  # False: unreadable or undecodable (skipped, counted)
@@ -47,30 +51,51 @@ def record_seed(seed: int, epoch: int, uri: str) -> list[int]:
     return [seed, epoch, int(hashlib.sha256(uri.encode()).hexdigest()[:12], 16)]
 
 
-def prepare_batch(batch: pa.Table, *, phase: int, seed: int, clock=None, evaluation: bool = False) -> pa.Table:
-    """Ray map_batches function (pyarrow): uri, label, bytes -> uri, label, crops, ok, prepared_by_pid."""
-    import ray
-
+def prepared_crop(data: bytes, uri: str, label: int | None, phase: int, seed: int, epoch: int,
+                  evaluation: bool) -> np.ndarray:
+    """One record's crop (the native decoding of untrusted bytes runs here): the held-out
+    split's official crop, or the phase's augmentation seeded per (seed, epoch, uri)."""
     from mirror_core.config import PreprocessConfig
     from mirror_core.preprocess import ImageRegions, official_preprocess
     from mirror_core.train.augment import phase1_augment, phase2_augment
 
+    faults.crash_if_poisoned(uri)
+    cfg = PreprocessConfig()
+    if evaluation:
+        return official_preprocess(data, cfg, name=uri).pixels
+    rng = np.random.default_rng(record_seed(seed, epoch, uri))
+    image = ImageRegions.of_bytes(data, cfg.max_pixels)
+    return phase1_augment(image, rng) if phase == 1 else phase2_augment(image, int(label), rng)
+
+
+def prepare_batch(batch: pa.Table, *, phase: int, seed: int, clock=None, evaluation: bool = False,
+                  attempts=None) -> pa.Table:
+    """Ray map_batches function (pyarrow): uri, label, bytes -> uri, label, crops, ok, prepared_by_pid.
+    `attempts` (a DecodeAttempts actor): a batch whose earlier attempt died is prepared one
+    record per child process, so that a file crashing its decoder is skipped, not retried forever."""
+    import ray
+
     epoch = ray.get(clock.get.remote()) if clock is not None and not evaluation else 0
     uris, labels, datas = (batch[c].to_pylist() for c in ("uri", "label", "bytes"))
-    cfg = PreprocessConfig()
+    key = f"{'val' if evaluation else 'train'}/{epoch}/{uris[0]}/{len(uris)}" if uris else None
+    earlier_attempt_died = attempts is not None and key is not None and ray.get(attempts.begin.remote(key))
+    prepare = IsolatedCalls(prepared_crop) if earlier_attempt_died else prepared_crop
     crops = np.zeros((len(uris), 224, 224, 3), np.uint8)
     ok = np.zeros(len(uris), bool)
-    for i, (uri, label, data) in enumerate(zip(uris, labels, datas)):
-        try:
-            if evaluation:
-                crops[i] = official_preprocess(data, cfg, name=uri).pixels
-            else:
-                rng = np.random.default_rng(record_seed(seed, epoch, uri))
-                image = ImageRegions.of_bytes(data, cfg.max_pixels)
-                crops[i] = phase1_augment(image, rng) if phase == 1 else phase2_augment(image, int(label), rng)
-            ok[i] = True
-        except Exception:  # unreadable (no bytes) or undecodable: skipped and counted by the worker
-            pass
+    try:
+        for i, (uri, label, data) in enumerate(zip(uris, labels, datas)):
+            if data is None:  # unreadable: skipped and counted by the worker
+                continue
+            try:
+                crops[i] = prepare(data, uri, label, phase, seed, epoch, evaluation)
+                ok[i] = True
+            except Exception:  # undecodable (or, isolated, crashing its decoder): skipped and counted
+                pass
+    finally:
+        if earlier_attempt_died:
+            prepare.close()
+    if attempts is not None and key is not None:
+        attempts.end.remote(key)
     from ray.data.extensions import ArrowTensorArray
 
     return pa.table({"uri": batch["uri"], "label": batch["label"], CROPS: ArrowTensorArray.from_numpy(crops),

@@ -31,6 +31,7 @@ from mirror_core.config import MemoryConfig, MirrorConfig
 from mirror_core.train.loop import trained_weights
 from mirror_core.uri import join_uri
 from mirror_core.weights import MirrorWeights
+from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.sources import ColumnMap, SourceOptions, fetch_all, plan_source, read_shard_unit, standard_records
 from pipeline.storage import Location
 from pipeline.train.prepare import CROPS, OK, PREPARED_BY, epoch_clock, prepare_batch
@@ -99,10 +100,11 @@ def _standardize_shard(batch: pa.Table) -> pa.Table:
     return standard_records(batch, ColumnMap()).select(["uri", "label", "bytes"])
 
 
-def training_datasets(input_uri: str, phase: int, val_fraction: float, seed: int = 0, clock=None):
+def training_datasets(input_uri: str, phase: int, val_fraction: float, seed: int = 0, clock=None, attempts=None):
     """Streaming Ray datasets (train, val) of prepared crops from any scan source, plus
     their row counts. The driver only lists records (uris, labels); image bytes are read,
-    decoded and augmented by Ray tasks (`prepare.prepare_batch`)."""
+    decoded and augmented by Ray tasks (`prepare.prepare_batch`; `attempts`: a
+    DecodeAttempts actor, so that a file crashing its decoder is skipped)."""
     import ray
 
     plan = plan_source(input_uri, SourceOptions())
@@ -121,7 +123,8 @@ def training_datasets(input_uri: str, phase: int, val_fraction: float, seed: int
     splits = [source.map_batches(_select, batch_format="pyarrow",
                                  fn_kwargs={"phase": phase, "val_fraction": val_fraction, "held_out": held})
                     .map_batches(prepare_batch, batch_format="pyarrow", batch_size=PREPARE_ROWS,
-                                 fn_kwargs={"phase": phase, "seed": seed, "clock": clock, "evaluation": held})
+                                 fn_kwargs={"phase": phase, "seed": seed, "clock": clock, "evaluation": held,
+                                            "attempts": attempts})
               for held in (False, True)]
     return splits[0], splits[1], counts[0], counts[1]
 
@@ -292,7 +295,8 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     bundle = base_model(base, memory)
     ensure_ray(address)
     clock = epoch_clock()
-    train_ds, val_ds, n_train, n_val = training_datasets(input_uri, tc.phase, tc.val_fraction, tc.seed, clock)
+    train_ds, val_ds, n_train, n_val = training_datasets(input_uri, tc.phase, tc.val_fraction, tc.seed, clock,
+                                                         decode_attempts())
     if n_train == 0 or n_val == 0:
         raise ValueError(f"not enough images: {n_train} to train on, {n_val} held out")
     steps = tc.epochs * math.ceil(n_train / (tc.batch_size * tc.num_workers * tc.grad_accum))
