@@ -19,7 +19,7 @@ from mirror_core.config import PreprocessConfig
 from mirror_core.jpeg import GPU_JPEG_MODES, is_jpeg
 from mirror_core.preprocess import ImageTooLargeError, Preprocessed, official_preprocess, wants_alignment
 from pipeline.scan import faults, webdataset
-from pipeline.scan.isolation import IsolatedCalls, RecordFailed
+from pipeline.scan.isolation import RecordFailed, attempt
 from pipeline.scan.schema import (
     DECODE_SECONDS,
     DECODED_SCHEMA,
@@ -162,29 +162,20 @@ def decode_units(
     target on the first row. The descriptor's `key` names the unit within the pipeline.
     `attempts` (a DecodeAttempts actor): a unit whose earlier attempt died is decoded one
     record per child process, so that a record crashing its decoder becomes an error row."""
-    import ray
-
     cfg = PreprocessConfig(**preprocess)
     colmap = ColumnMap(**columns)
     for i in range(len(batch["unit"])):
         key = batch["key"][i]
-        earlier_attempt_died = attempts is not None and ray.get(attempts.begin.remote(key))
-        isolated = IsolatedCalls(decode_record) if earlier_attempt_died else None
         unit = Unit(**json.loads(batch["unit"][i]))
         # only inline and sample units carry records (shard units read theirs below; their
         # empty slot may reach a numpy batch as NaN)
         records = unpack_records(batch["records"][i]) if unit.kind in RECORD_KINDS else None
-        records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes)
-        perturbation = batch["perturbation"][i] or None
-        try:
+        with attempt(attempts, key, decode_record) as decode:
+            records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes)
+            perturbation = batch["perturbation"][i] or None
             for start in range(0, unit.rows, rows_per_batch):
                 chunk = [next(payloads) for _ in range(min(rows_per_batch, unit.rows - start))]
                 first = start == 0
                 yield decode_rows(key, start, names[start : start + len(chunk)], chunk, cfg, perturbation,
                                   pack_records(records) if first else None, batch["target"][i] if first else None,
-                                  decode=isolated or decode_record)
-        finally:
-            if isolated is not None:
-                isolated.close()
-        if attempts is not None:
-            attempts.end.remote(key)
+                                  decode=decode)

@@ -16,6 +16,7 @@ JSON value (tuples come back as tuples).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -56,6 +57,24 @@ def decode_attempts():
             return sorted(self.isolated)
 
     return DecodeAttempts.remote()
+
+
+@contextlib.contextmanager
+def attempt(attempts, key: str | None, function):
+    """One attempt at a piece of work (`key`) that calls `function` per record: yields it, or
+    IsolatedCalls of it where an earlier attempt began this piece and died; the piece is
+    marked ended when the block exits normally. `attempts` None: `function`, untracked."""
+    import ray
+
+    tracked = attempts is not None and key is not None
+    isolated = IsolatedCalls(function) if tracked and ray.get(attempts.begin.remote(key)) else None
+    try:
+        yield isolated or function
+    finally:
+        if isolated is not None:
+            isolated.close()
+    if tracked:
+        attempts.end.remote(key)
 
 
 class RecordFailed(Exception):

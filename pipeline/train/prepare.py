@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.scan import faults
-from pipeline.scan.isolation import IsolatedCalls
+from pipeline.scan.isolation import attempt
 
 CROPS = "crops"  # uint8 [224, 224, 3] per row
 OK = "ok"  # False: unreadable or undecodable (skipped, counted)
@@ -78,11 +78,9 @@ def prepare_batch(batch: pa.Table, *, phase: int, seed: int, clock=None, evaluat
     epoch = ray.get(clock.get.remote()) if clock is not None and not evaluation else 0
     uris, labels, datas = (batch[c].to_pylist() for c in ("uri", "label", "bytes"))
     key = f"{'val' if evaluation else 'train'}/{epoch}/{uris[0]}/{len(uris)}" if uris else None
-    earlier_attempt_died = attempts is not None and key is not None and ray.get(attempts.begin.remote(key))
-    prepare = IsolatedCalls(prepared_crop) if earlier_attempt_died else prepared_crop
     crops = np.zeros((len(uris), 224, 224, 3), np.uint8)
     ok = np.zeros(len(uris), bool)
-    try:
+    with attempt(attempts, key, prepared_crop) as prepare:
         for i, (uri, label, data) in enumerate(zip(uris, labels, datas)):
             if data is None:  # unreadable: skipped and counted by the worker
                 continue
@@ -91,11 +89,6 @@ def prepare_batch(batch: pa.Table, *, phase: int, seed: int, clock=None, evaluat
                 ok[i] = True
             except Exception:  # undecodable (or, isolated, crashing its decoder): skipped and counted
                 pass
-    finally:
-        if earlier_attempt_died:
-            prepare.close()
-    if attempts is not None and key is not None:
-        attempts.end.remote(key)
     from ray.data.extensions import ArrowTensorArray
 
     return pa.table({"uri": batch["uri"], "label": batch["label"], CROPS: ArrowTensorArray.from_numpy(crops),
