@@ -309,3 +309,24 @@ def test_killed_ingest_reruns_to_the_same_shards(tmp_path):
     changed = subprocess.run([*other, "--output", str(tmp_path / "resumed")], env=env, capture_output=True,
                              text=True, timeout=300)
     assert changed.returncode == 2 and "holds shards of another ingest (rows_per_shard differ)" in changed.stderr
+
+
+@pytest.mark.slow
+def test_a_file_whose_decode_hangs_becomes_an_error_row(parity_bundle, tmp_path):
+    """A decode that never ends (fault hook): after decode_timeout_s its process is killed
+    (SIGALRM), the task's retry decodes that unit in isolation, where the record is given up
+    after the same time: an error row, every other row scored, the scan ends."""
+    for i in range(8):
+        write_image(tmp_path / "in" / (f"{i:02d}.png" if i != 2 else "02-stuck.png"), seed=i)
+    (tmp_path / "scan.yaml").write_text("decode_timeout_s: 3\nunit_size: 4\n")
+    env = {**os.environ, "MIRROR_FAULT_DECODE_HANG": "02-stuck"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(_scan_cmd(parity_bundle, tmp_path / "in", tmp_path / "out", "--config",
+                                    str(tmp_path / "scan.yaml")), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "out" / "scores").to_pylist()
+    (hung,) = [r for r in rows if "02-stuck" in r["uri"]]
+    assert hung["error"] == "decode failed: no result in 3 s: hung (its process was killed)"
+    assert len(rows) == 8 and sum(r["error"] is None for r in rows) == 7
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["this_run"]["units_decoded_in_isolation"] == 1

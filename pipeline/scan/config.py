@@ -28,6 +28,7 @@ class ScanConfig:
     fetch_threads: int = 16  # concurrent reads per decode task (S3 latency hiding)
     max_file_mb: int = 256  # larger files become error rows without being read whole
     decode_rows_per_batch: int = 64
+    decode_timeout_s: int = 300  # a record's decode taking longer ends as an error row (hung)
     decode_task_memory_mb: int = 1024  # reserved per decode task (a unit of full-size JPEGs peaks near 1 GB)
     commit_writers: int | None = None  # writer actors of the commit stage; default one per node with CPUs
     unit_size: int = 256  # records per committed unit (folders, manifests)
@@ -50,7 +51,8 @@ class ScanConfig:
         self.validate()
 
     def validate(self, source: str = "settings") -> None:
-        positive = ("batch_size", "actors", "fetch_threads", "max_file_mb", "decode_rows_per_batch", "decode_task_memory_mb", "unit_size")
+        positive = ("batch_size", "actors", "fetch_threads", "max_file_mb", "decode_rows_per_batch", "decode_task_memory_mb",
+                    "unit_size", "decode_timeout_s")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} must be >= 1, got {getattr(self, name)}")

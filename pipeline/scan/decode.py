@@ -19,7 +19,7 @@ from mirror_core.config import PreprocessConfig
 from mirror_core.jpeg import GPU_JPEG_MODES, is_jpeg
 from mirror_core.preprocess import ImageTooLargeError, Preprocessed, official_preprocess, wants_alignment
 from pipeline.scan import faults, webdataset
-from pipeline.scan.isolation import RecordFailed, attempt
+from pipeline.scan.isolation import RECORD_TIMEOUT_S, RecordFailed, attempt
 from pipeline.scan.schema import (
     DECODE_SECONDS,
     DECODED_SCHEMA,
@@ -71,7 +71,7 @@ def decode_record(data: bytes, name: str | None, cfg: PreprocessConfig,
                   perturbation: str | None = None) -> Preprocessed | tuple[int, int]:
     """One record's decode (the native code that reads untrusted files runs here): its crop,
     or in GPU decode mode the (width, height) of a JPEG the replica decodes itself."""
-    faults.crash_if_poisoned(name)
+    faults.before_decode(name)
     size = gpu_decodable(data, name, cfg) if cfg.gpu_decode and not perturbation else None
     return size if size is not None else official_preprocess(data, cfg, name=name, perturbation=perturbation)
 
@@ -155,13 +155,14 @@ def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_
 
 def decode_units(
     batch: dict, *, preprocess: dict, columns: dict, fetch_threads: int = 16, rows_per_batch: int = 64,
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, attempts=None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, attempts=None, timeout_s: float = RECORD_TIMEOUT_S,
 ) -> Iterator[pa.Table]:
     """Ray map_batches function over unit descriptors (one per call): the unit's rows,
     decoded in chunks (with the descriptor's perturbation, if any), its packed records and
     target on the first row. The descriptor's `key` names the unit within the pipeline.
     `attempts` (a DecodeAttempts actor): a unit whose earlier attempt died is decoded one
-    record per child process, so that a record crashing its decoder becomes an error row."""
+    record per child process, so that a record crashing its decoder becomes an error row;
+    a record's decode that takes over `timeout_s` ends its process (then the same)."""
     cfg = PreprocessConfig(**preprocess)
     colmap = ColumnMap(**columns)
     for i in range(len(batch["unit"])):
@@ -170,7 +171,7 @@ def decode_units(
         # only inline and sample units carry records (shard units read theirs below; their
         # empty slot may reach a numpy batch as NaN)
         records = unpack_records(batch["records"][i]) if unit.kind in RECORD_KINDS else None
-        with attempt(attempts, key, decode_record) as decode:
+        with attempt(attempts, key, decode_record, timeout_s) as decode:
             records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes)
             perturbation = batch["perturbation"][i] or None
             for start in range(0, unit.rows, rows_per_batch):

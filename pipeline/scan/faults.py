@@ -10,6 +10,7 @@ MIRROR_FAULT_WRITER_EXIT       a commit task's process exits just before writing
 MIRROR_FAULT_WRITE_DELAY_S     sleep this long before each part or shard is written
 MIRROR_FAULT_DECODE_CRASH      decoding a record whose name contains this text kills the
                              decoding process with SIGSEGV (a file that crashes a codec)
+MIRROR_FAULT_DECODE_HANG       decoding a record whose name contains this text never ends
 """
 from __future__ import annotations
 
@@ -57,7 +58,10 @@ class FaultHooks:
             os._exit(1)
 
 
-def crash_if_poisoned(name: str | None) -> None:
-    poison = os.environ.get("MIRROR_FAULT_DECODE_CRASH")
-    if poison and name and poison in name:
+def before_decode(name: str | None) -> None:
+    """The decode hooks: a record named for it crashes or hangs its decoding process."""
+    crash, hang = os.environ.get("MIRROR_FAULT_DECODE_CRASH"), os.environ.get("MIRROR_FAULT_DECODE_HANG")
+    if crash and name and crash in name:
         os.kill(os.getpid(), signal.SIGSEGV)
+    if hang and name and hang in name:
+        time.sleep(3600)

@@ -7,6 +7,8 @@ every attempt. So the driver keeps a small `DecodeAttempts` actor: a task says w
 begins and ends each piece of work (a scan's unit, a training batch), and a piece begun by
 an earlier attempt that never ended it is done again in isolation: each record in a child
 process (`IsolatedCalls`), where a crash (or a decode that hangs) costs that record only.
+A tracked attempt's in-process calls run under a deadline (`Deadlined`): a decode that
+hangs in native code is killed by SIGALRM after `timeout_s` and so ends like a crash.
 
 The child speaks a small length-prefixed protocol over its stdin/stdout (JSON headers and
 raw bytes; no pickle): request = header {args} + the record's bytes; answer = header
@@ -26,10 +28,11 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 
 import numpy as np
 
-ISOLATED_RECORD_TIMEOUT_S = 300.0  # a record whose call takes longer is given up as hung
+RECORD_TIMEOUT_S = 300.0  # a record whose call takes longer is given up as hung
 
 
 def decode_attempts():
@@ -60,21 +63,44 @@ def decode_attempts():
 
 
 @contextlib.contextmanager
-def attempt(attempts, key: str | None, function):
-    """One attempt at a piece of work (`key`) that calls `function` per record: yields it, or
-    IsolatedCalls of it where an earlier attempt began this piece and died; the piece is
-    marked ended when the block exits normally. `attempts` None: `function`, untracked."""
+def attempt(attempts, key: str | None, function, timeout_s: float = RECORD_TIMEOUT_S):
+    """One attempt at a piece of work (`key`) that calls `function` per record: yields it
+    under a deadline, or IsolatedCalls of it where an earlier attempt began this piece and
+    died; the piece is marked ended when the block exits normally. `attempts` None:
+    `function` itself, untracked (a killed process would only be retried)."""
     import ray
 
-    tracked = attempts is not None and key is not None
-    isolated = IsolatedCalls(function) if tracked and ray.get(attempts.begin.remote(key)) else None
+    if attempts is None or key is None:
+        yield function
+        return
+    isolated = IsolatedCalls(function, timeout_s) if ray.get(attempts.begin.remote(key)) else None
     try:
-        yield isolated or function
+        yield isolated or Deadlined(function, timeout_s)
     finally:
         if isolated is not None:
             isolated.close()
-    if tracked:
-        attempts.end.remote(key)
+    attempts.end.remote(key)
+
+
+class Deadlined:
+    """`function`, killing this process (SIGALRM's default action) when a call runs longer
+    than `timeout_s`: native code that hangs cannot be interrupted otherwise, and a killed
+    process is what `attempt` isolates. Unarmed off the main thread, or where SIGALRM has a
+    handler."""
+
+    def __init__(self, function, timeout_s: float):
+        self.function, self.timeout_s = function, timeout_s
+
+    def __call__(self, *args):
+        armed = (threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL)
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, self.timeout_s)
+        try:
+            return self.function(*args)
+        finally:
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 class RecordFailed(Exception):
@@ -153,7 +179,7 @@ class IsolatedCalls:
     a child process: its result, or RecordFailed with the exception's type and message, or
     with how the child died (which costs that call only; a new child takes the next one)."""
 
-    def __init__(self, function, timeout_s: float = ISOLATED_RECORD_TIMEOUT_S):
+    def __init__(self, function, timeout_s: float = RECORD_TIMEOUT_S):
         self.function = _name_of(function)
         self.timeout_s = timeout_s
         self.child: subprocess.Popen | None = None

@@ -121,7 +121,8 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
         memory=cfg.decode_task_memory_mb * 2**20,
         fn_kwargs={"preprocess": dataclasses.asdict(model_cfg.preprocess), "columns": cfg.columns,
                    "fetch_threads": cfg.fetch_threads, "rows_per_batch": cfg.decode_rows_per_batch,
-                   "max_file_bytes": cfg.max_file_mb * 2**20, "attempts": attempts},
+                   "max_file_bytes": cfg.max_file_mb * 2**20, "attempts": attempts,
+                   "timeout_s": cfg.decode_timeout_s},
     )
     # GPU decode: two calls per replica at once, so one block decodes while another scores
     overlap = {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True} if (

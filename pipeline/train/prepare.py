@@ -59,7 +59,7 @@ def prepared_crop(data: bytes, uri: str, label: int | None, phase: int, seed: in
     from mirror_core.preprocess import ImageRegions, official_preprocess
     from mirror_core.train.augment import phase1_augment, phase2_augment
 
-    faults.crash_if_poisoned(uri)
+    faults.before_decode(uri)
     cfg = PreprocessConfig()
     if evaluation:
         return official_preprocess(data, cfg, name=uri).pixels
