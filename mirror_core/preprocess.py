@@ -18,13 +18,13 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile
 
 from .config import PreprocessConfig
-from .jpeg import is_jpeg, jpeg_round_trip
+from .jpeg import jpeg_round_trip
 from .jpeg_region import decode_region, region_decoder
 from .resample import pillow_pass_order, resize_window, resized_window
 
@@ -175,21 +175,6 @@ def padded(window: np.ndarray, plan: CropPlan) -> np.ndarray:
     return np.pad(window, (*plan.pads, (0, 0))) if plan.padded else window
 
 
-def pil_region(img: Image.Image) -> Callable:
-    """A reader of an image's rows (r0, r1) and columns (c0, c1) as uint8 [rows, cols, C]."""
-    return lambda rows, cols: np.asarray(img.crop((cols[0], rows[0], cols[1], rows[1])))
-
-
-def resized_window_from(size: tuple[int, int], new_size: tuple[int, int], top: int, left: int, height: int,
-                        width: int, read: Callable) -> np.ndarray:
-    """Rows top..top+height-1 and columns left..left+width-1 of the BICUBIC resize of a (w, h)
-    image to new_size, as uint8 [height, width, C], computed from just the input rows and
-    columns they read: `read((r0, r1), (c0, c1))` -> uint8 [r1 - r0, c1 - c0, C]. Pillow's
-    arithmetic (`resample`); callers check `pillow_pass_order()` first."""
-    window = resize_window(size, new_size, top, left, height, width)
-    return resized_window(read(window.rows, window.cols), window)
-
-
 class ImageRegions:
     """Rectangles of an image as uint8 RGB, with the pixels of Pillow's decode (truncated
     files as far as they go), made from encoded bytes (`of_bytes`) or from an image already
@@ -208,7 +193,7 @@ class ImageRegions:
         with _truncated_images_allowed():
             header = Image.open(io.BytesIO(data))
         check_pixels(header.size, max_pixels)
-        by_region = is_jpeg(data) and header.format in JPEG_FORMATS and header.mode in ("RGB", "L")
+        by_region = header.format in JPEG_FORMATS and header.mode in ("RGB", "L")
         return cls(header.size, header.format, data=data, jpeg_decoder=region_decoder() if by_region else None)
 
     @classmethod
@@ -232,28 +217,32 @@ class ImageRegions:
             arr = decode_region(self._data, rows, cols, self._jpeg_decoder)
             if arr is not None:
                 return arr
-        return pil_region(self.whole())(rows, cols)  # declined (or not a JPEG): Pillow decodes it whole
+        # declined (or not a JPEG): Pillow decodes it whole
+        return np.asarray(self.whole().crop((cols[0], rows[0], cols[1], rows[1])))
 
     def crop(self, plan: CropPlan) -> np.ndarray:
-        """A crop plan without resize: its window, zero-padded to the crop."""
-        return padded(self.read((plan.top, plan.top + plan.height), (plan.left, plan.left + plan.width)), plan)
+        """A crop plan's window (of the image resized, where the plan resizes), zero-padded."""
+        if plan.new_size is None:
+            window = self.read((plan.top, plan.top + plan.height), (plan.left, plan.left + plan.width))
+        else:
+            window = self.resized_window(plan.new_size, plan.top, plan.left, plan.height, plan.width)
+        return padded(window, plan)
 
     def resized_window(self, new_size: tuple[int, int], top: int, left: int, height: int, width: int) -> np.ndarray:
-        """A window of Pillow's BICUBIC resize to new_size, exactly; resampled from the rows and
-        columns it reads, unless this Pillow's resize is not reproduced (then it resizes all)."""
+        """Rows top..top+height-1 and columns left..left+width-1 of Pillow's BICUBIC resize to
+        new_size, exactly: resampled (`resample`) from just the rows and columns they read,
+        unless this Pillow's resize is not reproduced (then Pillow resizes the whole image)."""
         if pillow_pass_order() is None:
             return np.asarray(self.whole().resize(new_size, Image.BICUBIC))[top : top + height, left : left + width]
-        return resized_window_from(self.size, new_size, top, left, height, width, self.read)
+        window = resize_window(self.size, new_size, top, left, height, width)
+        return resized_window(self.read(window.rows, window.cols), window)
 
 
 def official_crop(image: ImageRegions, cfg: PreprocessConfig) -> np.ndarray:
     """The policy's resize and centre crop, computing only the pixels the crop keeps (and, of a
     JPEG, decoding only the rows and columns they read): equal to
     center_crop(resize_short_side(img)) pixel for pixel, several times less work on photos."""
-    plan = official_crop_plan(image.size, cfg)
-    if plan.new_size is None:
-        return image.crop(plan)
-    return padded(image.resized_window(plan.new_size, plan.top, plan.left, plan.height, plan.width), plan)
+    return image.crop(official_crop_plan(image.size, cfg))
 
 
 def wants_alignment(cfg: PreprocessConfig, name: str | None, fmt: str | None) -> bool:
