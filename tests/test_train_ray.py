@@ -40,12 +40,9 @@ def test_phase2_on_a_planted_trace_gives_a_bundle_that_scans(ray_local, tmp_path
     save_bundle(str(tmp_path / "base"), cfg, weights)
     labeled_folder(tmp_path / "train", 80, seed=0)
     # one bad file must not stop training; named so it lands in the training split (the
-    # split hashes the whole path), so its skip is counted in every epoch
-    broken = next(p for p in (tmp_path / "train" / "1_fake" / f"broken_{i}.png" for i in range(100))
-                  if not is_held_out([str(p)], 0.25)[0])
-    broken.write_bytes(b"")
-    # 8 epochs: the held-out split hashes the (temporary) paths, so its ~20 images change
-    # from run to run; after 4 epochs Bal_Acc on them ranged 0.78-0.94, after 8 0.96-1.0.
+    # split hashes the path below the input), so its skip is counted in every epoch
+    broken = next(name for name in (f"1_fake/broken_{i}.png" for i in range(100)) if not is_held_out([name], 0.25)[0])
+    (tmp_path / "train" / broken).write_bytes(b"")
     assert main(detector_args(tmp_path / "base", tmp_path / "train", tmp_path / "out", tmp_path / "store", epochs=8)) == 0
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
     assert card["final"]["val_bal_acc"] >= 0.9 and len(card["history"]) == 8
@@ -204,3 +201,17 @@ def test_a_file_crashing_its_decoder_is_skipped_not_retried_forever(ray_local):
     assert len(ray.get(attempts.isolated_units.remote())) == 1  # the first attempt died
     want = prepared_crop(png, "c.png", 0, 2, 3, 0, False)
     np.testing.assert_array_equal(np.asarray(out[CROPS].to_pylist()[2], np.uint8), want)  # as in-process
+
+
+def test_a_corpus_copied_to_s3_keeps_its_held_out_split(ray_local, s3_corpus, tmp_path):
+    from pipeline.train.run import training_datasets
+
+    def held_out_names(input_uri):
+        _, val, n_train, n_val = training_datasets(input_uri, phase=2, val_fraction=0.5)
+        names = sorted("/".join(u.split("/")[-2:]) for u in val.select_columns(["uri"]).to_pandas()["uri"])
+        assert len(names) == n_val and n_train + n_val == 12
+        return names
+
+    local = held_out_names(str(tmp_path / "src"))  # the folder the fixture uploaded
+    assert 0 < len(local) < 12
+    assert held_out_names(f"s3://{s3_corpus}/images/") == local

@@ -225,10 +225,11 @@ def add_train_parser(sub, name: str, help_text: str, phase: int) -> None:
     p.add_argument("--memory-slots", type=int, default=4096, help="phase 1 from a backbone directory")
     p.add_argument("--memory-heads", type=int, default=8, help="phase 1: memory-bank attention heads")
     p.add_argument("--top-k", type=int, default=128, help="phase 1: memory slots kept per query")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the input (by record)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the input (by record: the hash of its "
+                   "path below the input picks it, the same in every run)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    p.add_argument("--seed", type=int, default=0, help="seeds the split, initialisation and shuffling")
+    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, augmentation and shuffling")
     p.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train recovers from")
     p.add_argument("--ema", type=float, help="EMA decay (e.g. 0.999): validate and export averaged weights")
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else local)")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,7 +33,8 @@ from mirror_core.train.loop import trained_weights
 from mirror_core.uri import join_uri
 from mirror_core.weights import MirrorWeights
 from pipeline.scan.isolation import decode_attempts
-from pipeline.scan.sources import ColumnMap, SourceOptions, fetch_all, plan_source, read_shard_unit, standard_records
+from pipeline.scan.sources import (ColumnMap, SourceOptions, fetch_all, full_uri, plan_source, read_shard_unit,
+                                   standard_records)
 from pipeline.storage import Location
 from pipeline.train.prepare import CROPS, OK, PREPARED_BY, epoch_clock, prepare_batch
 
@@ -77,15 +79,24 @@ def base_model(base: str, memory: MemoryConfig | None = None) -> Bundle:
     return Bundle(cfg, weights, "untrained")
 
 
-def is_held_out(uris, val_fraction: float) -> np.ndarray:
-    """Deterministic held-out split by uri hash (stable across runs and resumes)."""
-    return np.array([int(hashlib.sha256(str(u).encode()).hexdigest()[:8], 16) % 1000 < val_fraction * 1000
-                     for u in uris], dtype=bool)
+def is_held_out(keys, val_fraction: float) -> np.ndarray:
+    """Deterministic held-out split by the hash of each record's split key (`split_key`):
+    the same records are held out in every run, resume and copy of the corpus."""
+    return np.array([int(hashlib.sha256(str(k).encode()).hexdigest()[:8], 16) % 1000 < val_fraction * 1000
+                     for k in keys], dtype=bool)
 
 
-def _select(batch: pa.Table, phase: int, val_fraction: float, held_out: bool) -> pa.Table:
+def split_key(uri: str, root: str) -> str:
+    """A record's name below the input root ('0_real/a.png'), or its uri when it is not below
+    it, so a corpus copied to another folder or bucket keeps its split."""
+    prefix = root.rstrip("/") + "/"
+    return uri[len(prefix):] if uri.startswith(prefix) else uri
+
+
+def _select(batch: pa.Table, phase: int, val_fraction: float, held_out: bool, root: str) -> pa.Table:
     """Rows of one split (phase 1: real or unlabeled images only)."""
-    keep = is_held_out(batch["uri"].to_pylist(), val_fraction) == held_out
+    keys = [split_key(u, root) for u in batch["uri"].to_pylist()]
+    keep = is_held_out(keys, val_fraction) == held_out
     if phase == 1:
         keep &= ~np.asarray(pc.fill_null(pc.equal(batch["label"], 1), False).to_numpy(zero_copy_only=False), bool)
     return batch.filter(pa.array(keep))
@@ -119,9 +130,12 @@ def training_datasets(input_uri: str, phase: int, val_fraction: float, seed: int
         source = ray.data.from_arrow(index).map_batches(_fetch_bytes, batch_format="pyarrow")
     if phase == 2 and index["label"].null_count:
         raise ValueError(f"phase 2 needs a label for every image; {index['label'].null_count} have none")
-    counts = [_select(index, phase, val_fraction, held).num_rows for held in (False, True)]
+    fs, base = fsspec.core.url_to_fs(input_uri)
+    root = full_uri(fs, base)  # spelled as the listing spells records' uris
+    counts = [_select(index, phase, val_fraction, held, root).num_rows for held in (False, True)]
     splits = [source.map_batches(_select, batch_format="pyarrow",
-                                 fn_kwargs={"phase": phase, "val_fraction": val_fraction, "held_out": held})
+                                 fn_kwargs={"phase": phase, "val_fraction": val_fraction, "held_out": held,
+                                            "root": root})
                     .map_batches(prepare_batch, batch_format="pyarrow", batch_size=PREPARE_ROWS,
                                  fn_kwargs={"phase": phase, "seed": seed, "clock": clock, "evaluation": held,
                                             "attempts": attempts})
