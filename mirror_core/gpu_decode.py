@@ -46,6 +46,10 @@ def device_jpeg_decoder(device: str | torch.device) -> Decoder | None:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     def decode(payloads: list[torch.Tensor]) -> list[torch.Tensor]:
+        # nvJPEG writes its outputs from a stream of its own that does not wait for this
+        # one, into blocks the caching allocator may just have recycled from tensors that
+        # kernels queued here still read (the previous group's resize): let them finish.
+        torch.cuda.current_stream(device).synchronize()
         return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
 
     return decode

@@ -207,3 +207,46 @@ def test_two_calls_at_once_score_as_one_after_the_other(tmp_path, parity_bundle)
     with ThreadPoolExecutor(2) as pool:
         at_once = [t["prob_fake"].to_pylist() for t in pool.map(scorer, blocks * 3)]
     assert at_once == one_by_one * 3 and None not in at_once[0]
+
+
+def test_a_jpeg_crashing_the_device_decoder_is_scored_again_on_the_cpu_in_isolation(ray_local, tmp_path,
+                                                                                     parity_bundle):
+    """A JPEG that kills its replica in the device decode (as a file crashing nvJPEG would):
+    Ray restarts the replica and retries the block forever (Ray Data's actor pools default
+    to it), so the retry decodes the block's JPEGs on the exact CPU path, one per child
+    process, and every row is scored as the exact path scores it."""
+    import ray
+
+    from pipeline.scan.isolation import decode_attempts
+
+    names = ["a.jpg", "crash.jpg", "c.png", "d.jpg"]
+    for i, name in enumerate(names):
+        buf = io.BytesIO()
+        photo_like(320 + 32 * i, 300, seed=i).save(buf, format="PNG" if name.endswith(".png") else "JPEG",
+                                                   **({"comment": b"crash-the-device-decoder"} if i == 1 else {}))
+        (tmp_path / name).write_bytes(buf.getvalue())
+    uris = [str(tmp_path / n) for n in names]
+    unit = {"unit_id": "u1", "kind": "inline", "rows": len(uris), "file": None, "row_group": None}
+    target = json.dumps({"store": str(tmp_path / "scan"), "unit_id": "u1",
+                         "run": {"model_id": "m", "preprocess": "p", "threshold": 0.5}})
+    (decoded,) = decode_units({"key": ["0/u1"], "unit": [json.dumps(unit)], "target": [target],
+                               "records": [pack_records(pa.table({"uri": uris}))], "perturbation": [""]},
+                              preprocess={"gpu_decode": True}, columns={})
+    assert [v is not None for v in decoded[ENCODED].to_pylist()] == [True, True, False, True]
+    (batch,) = ray.data.from_arrow(decoded).iter_batches(batch_size=None, batch_format="numpy")  # as Ray Data sends it
+
+    bundle = load_bundle(str(parity_bundle))
+    attempts, weights = decode_attempts(), ray.put(bundle.weights.to_numpy())  # held: a restart reads them again
+    replica = ray.remote(Scorer).options(
+        max_restarts=-1, max_task_retries=-1,
+        runtime_env={"env_vars": {"MIRROR_FAULT_DEVICE_DECODE_CRASH": "crash-the-device-decoder"}},
+    ).remote(weights, bundle.config.with_overrides(gpu_decode=True).to_dict(),
+             bundle.model_id, attempts=attempts)
+    out = ray.get(replica.__call__.remote(batch), timeout=120)
+    assert ray.get(attempts.isolated_units.remote()) == ["0/u1#device-decode"]
+    assert out["error"].null_count == 4 and out[ROW_PREPROCESS].to_pylist() == ["official/align=by-extension"] * 4
+    exact = Scorer(bundle.weights.to_numpy(), bundle.config.to_dict(), bundle.model_id).detector.score(
+        [(tmp_path / n).read_bytes() for n in names], names=names)
+    np.testing.assert_allclose(out["prob_fake"].to_numpy(zero_copy_only=False), [r["prob_fake"] for r in exact],
+                               atol=1e-6)
+    ray.kill(attempts)

@@ -11,6 +11,9 @@ MIRROR_FAULT_WRITE_DELAY_S     sleep this long before each part or shard is writ
 MIRROR_FAULT_DECODE_CRASH      decoding a record whose name contains this text kills the
                              decoding process with SIGSEGV (a file that crashes a codec)
 MIRROR_FAULT_DECODE_HANG       decoding a record whose name contains this text never ends
+MIRROR_FAULT_DEVICE_DECODE_CRASH  a replica's device decode of a block holding a JPEG whose
+                             bytes contain this text (a JPEG comment) kills the replica
+                             with SIGSEGV (a file that crashes nvJPEG)
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class FaultHooks:
     marker: str | None = None
     writer_exit: bool = False
     write_delay_s: float = 0.0
+    device_decode_crash: bytes | None = None
     batches: int = 0
 
     @classmethod
@@ -37,6 +41,7 @@ class FaultHooks:
             marker=os.environ.get("MIRROR_FAULT_MARKER"),
             writer_exit=bool(os.environ.get("MIRROR_FAULT_WRITER_EXIT")),
             write_delay_s=float(os.environ.get("MIRROR_FAULT_WRITE_DELAY_S", 0) or 0),
+            device_decode_crash=os.environ.get("MIRROR_FAULT_DEVICE_DECODE_CRASH", "").encode() or None,
         )
 
     def before_score_batch(self) -> None:
@@ -51,6 +56,10 @@ class FaultHooks:
             time.sleep(self.write_delay_s)
         if self.writer_exit:
             self._exit_once()
+
+    def before_device_decode(self, payloads: list[bytes]) -> None:
+        if self.device_decode_crash and any(self.device_decode_crash in p for p in payloads):
+            os.kill(os.getpid(), signal.SIGSEGV)
 
     def _exit_once(self) -> None:
         if self.marker and not os.path.exists(self.marker):

@@ -24,7 +24,7 @@ from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.schema import INDEX, UNIT, pack_records
-from pipeline.scan.scorer import Scorer
+from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, extend_plan, plan_source
 from pipeline.scan.store import ScanStore
 
@@ -147,6 +147,8 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
             "precision": cfg.precision or ("bf16" if gpu else "fp32"),
             "compile": cfg.compile,
             "batch_size": cfg.batch_size,
+            "attempts": attempts,
+            "decode_timeout_s": cfg.decode_timeout_s,
         },
     )
     return add_commit_stage(ds, cfg.commit_writers)
@@ -322,7 +324,13 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 # units whose decode task died (a file crashing its decoder, or a lost
                 # worker): decoded again one record per child process, so that such a
                 # record became an error row ("the decoding process died on this record")
-                "units_decoded_in_isolation": sum(key.startswith(f"{j}/") for key in isolated),
+                "units_decoded_in_isolation": sum(key.startswith(f"{j}/") and not key.endswith(DEVICE_DECODE_KEY)
+                                                  for key in isolated),
+                # GPU decode mode: blocks whose device decode killed their replica (a JPEG
+                # crashing nvJPEG): scored again with their JPEGs on the exact CPU path,
+                # one per child process
+                "blocks_device_decode_isolated": sum(key.startswith(f"{j}/") and key.endswith(DEVICE_DECODE_KEY)
+                                                     for key in isolated),
                 # Parts are written by Ray workers; the driver receives completion records only.
                 "writers": {"nodes": done_now["writer_nodes"], "processes": len(done_now["writer_pids"])},
                 "pipeline": {"scans": len(jobs), "scoring_replicas": done_now["replicas"], "units_per_block": per_block},

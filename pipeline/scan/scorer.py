@@ -20,9 +20,10 @@ from mirror_core.config import MirrorConfig
 from mirror_core.detector import Detector
 from mirror_core.gpu_decode import decode_crops, device_jpeg_decoder
 from mirror_core.model import assemble_model
-from mirror_core.preprocess import official_preprocess
 from mirror_core.signals import SIGNALS
 from mirror_core.weights import MirrorWeights
+from pipeline.scan.decode import decode_record
+from pipeline.scan.isolation import RECORD_TIMEOUT_S, IsolatedCalls, RecordFailed, attempt
 from pipeline.scan.schema import (
     DECODED_SCHEMA,
     ENCODED,
@@ -32,14 +33,21 @@ from pipeline.scan.schema import (
     REPLICA,
     ROW_PREPROCESS,
     SCORE_SECONDS,
+    UNIT,
 )
+
+# An attempt at decoding a block on the device is tracked under its first unit's key plus this.
+DEVICE_DECODE_KEY = "#device-decode"
 
 
 class Scorer:
     """Callable class for `map_batches(..., compute=ActorPoolStrategy(...))`."""
 
     def __init__(self, weights, config: dict, model_id: str, device: str = "cpu", precision: str = "fp32",
-                 compile: bool = False, batch_size: int = 32):
+                 compile: bool = False, batch_size: int = 32, attempts=None, decode_timeout_s: float = RECORD_TIMEOUT_S):
+        """`attempts` (a DecodeAttempts actor): in GPU decode mode, a block whose device decode
+        killed an earlier attempt (a JPEG crashing nvJPEG: Ray restarts the replica and
+        retries the block) has its JPEGs decoded by the exact CPU path, one per child process."""
         import ray
 
         from pipeline.scan.faults import FaultHooks
@@ -53,6 +61,7 @@ class Scorer:
         self.gpu_decoder = device_jpeg_decoder(device) if cfg.preprocess.gpu_decode else None
         self.faults = FaultHooks.from_env()
         self.batch_size = batch_size
+        self.attempts, self.decode_timeout_s = attempts, decode_timeout_s
         # GPU decode overlaps the model when Ray runs two calls of this actor at once (one
         # decoding its block on a side stream while the other scores): one of each at a time.
         self._decode_lock, self._model_lock = threading.Lock(), threading.Lock()
@@ -69,7 +78,10 @@ class Scorer:
         pixels = np.asarray(batch[PIXELS])
         encoded = [i for i, e in enumerate(batch.get(ENCODED, ())) if isinstance(e, bytes)]
         if encoded:  # GPU decode mode: crops made here, on the replica's device
-            pixels, columns = self._decode_on_device(pixels, [batch[ENCODED][i] for i in encoded], encoded, columns)
+            key = f"{batch[UNIT][0]}{DEVICE_DECODE_KEY}"  # a retry brings the same block
+            with attempt(self.attempts, key, decode_record, self.decode_timeout_s) as cpu_decode:
+                pixels, columns = self._decode_on_device(pixels, [batch[ENCODED][i] for i in encoded], encoded,
+                                                         columns, cpu_decode)
         ok = np.asarray(columns["error"].is_null().to_numpy(zero_copy_only=False), dtype=bool)
         n = len(ok)
         scores = {k: np.full(n, np.nan) for k in SIGNALS}
@@ -101,17 +113,22 @@ class Scorer:
             for k in SIGNALS:
                 scores[k][start : start + self.batch_size][sel] = got[k]
 
-    def _decode_on_device(self, pixels: np.ndarray, payloads: list[bytes], rows: list[int], columns: dict):
+    def _decode_on_device(self, pixels: np.ndarray, payloads: list[bytes], rows: list[int], columns: dict,
+                          cpu_decode=decode_record):
         """The block's crops as one device tensor, the ENCODED rows decoded into it on the GPU;
-        a JPEG the GPU decoder refuses takes the exact CPU path (recorded in ROW_PREPROCESS),
-        and one the CPU cannot decode either becomes an error row."""
+        a JPEG the GPU decoder refuses takes the exact CPU path (`cpu_decode`, recorded in
+        ROW_PREPROCESS), and one the CPU cannot decode either becomes an error row. When an
+        earlier attempt at this block died (`cpu_decode` runs in child processes), every
+        JPEG takes the CPU path: the device decoder is not trusted with them again."""
         cfg = self.preprocess
         device = self.detector.device
         stream = self._decode_stream
+        isolated = isinstance(cpu_decode, IsolatedCalls)
         with self._decode_lock, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             block = torch.from_numpy(np.array(pixels)).to(device)
             sizes = list(zip(columns["width"].to_pylist(), columns["height"].to_pylist()))  # from the headers
-            refused = self._decode_into(block, payloads, [sizes[r] for r in rows], rows)
+            refused = (["an earlier attempt at this block died"] * len(rows) if isolated
+                       else self._decode_into(block, payloads, [sizes[r] for r in rows], rows))
             if stream is not None:  # the crops are whole before the model's stream reads them
                 stream.synchronize()
                 block.record_stream(torch.cuda.default_stream(device))
@@ -122,7 +139,9 @@ class Scorer:
             for row, data in fallback:
                 formats[row] = cfg.cpu_name
                 try:
-                    block[row] = torch.from_numpy(official_preprocess(data, cpu).pixels).to(device)
+                    block[row] = torch.from_numpy(cpu_decode(data, None, cpu, None).pixels).to(device)
+                except RecordFailed as err:  # in a child process: its text, or how the child died
+                    errors[row] = f"decode failed: {err.text}"
                 except Exception as err:  # the record becomes an error row
                     errors[row] = f"decode failed: {type(err).__name__}: {err}"
             columns = {**columns, "error": pa.array(errors, pa.string()), ROW_PREPROCESS: pa.array(formats, pa.string())}
@@ -131,6 +150,7 @@ class Scorer:
     def _decode_into(self, block: torch.Tensor, payloads: list[bytes], sizes: list[tuple[int, int]],
                      rows: list[int]) -> list[str | None]:
         """GPU-decoded crops into `block`'s `rows`; per row None or why it was refused."""
+        self.faults.before_device_decode(payloads)
         if self.gpu_decoder is None:
             return ["no GPU JPEG decoder in this replica (CUDA and torchvision's decode_jpeg needed)"] * len(rows)
         crops, refused = decode_crops(payloads, sizes, self.preprocess, self.gpu_decoder, block.device)

@@ -33,8 +33,15 @@ from mirror_core.train.loop import trained_weights
 from mirror_core.uri import join_uri
 from mirror_core.weights import MirrorWeights
 from pipeline.scan.isolation import decode_attempts
-from pipeline.scan.sources import (ColumnMap, SourceOptions, fetch_all, full_uri, plan_source, read_shard_unit,
-                                   standard_records)
+from pipeline.scan.sources import (
+    ColumnMap,
+    SourceOptions,
+    fetch_all,
+    full_uri,
+    plan_source,
+    read_shard_unit,
+    standard_records,
+)
 from pipeline.storage import Location
 from pipeline.train.prepare import CROPS, OK, PREPARED_BY, epoch_clock, prepare_batch
 
