@@ -209,9 +209,11 @@ def test_two_calls_at_once_score_as_one_after_the_other(tmp_path, parity_bundle)
     assert at_once == one_by_one * 3 and None not in at_once[0]
 
 
+@pytest.mark.parametrize("fault", ["MIRROR_FAULT_DEVICE_DECODE_CRASH", "MIRROR_FAULT_DEVICE_DECODE_ERROR"])
 def test_a_jpeg_crashing_the_device_decoder_is_scored_again_on_the_cpu_in_isolation(ray_local, tmp_path,
-                                                                                     parity_bundle):
-    """A JPEG that kills its replica in the device decode (as a file crashing nvJPEG would):
+                                                                                     parity_bundle, fault):
+    """A JPEG that kills its replica in the device decode (as a file crashing nvJPEG would),
+    or raises a CUDA error there (the replica then ends itself: its CUDA context is lost):
     Ray restarts the replica and retries the block forever (Ray Data's actor pools default
     to it), so the retry decodes the block's JPEGs on the exact CPU path, one per child
     process, and every row is scored as the exact path scores it."""
@@ -239,7 +241,7 @@ def test_a_jpeg_crashing_the_device_decoder_is_scored_again_on_the_cpu_in_isolat
     attempts, weights = decode_attempts(), ray.put(bundle.weights.to_numpy())  # held: a restart reads them again
     replica = ray.remote(Scorer).options(
         max_restarts=-1, max_task_retries=-1,
-        runtime_env={"env_vars": {"MIRROR_FAULT_DEVICE_DECODE_CRASH": "crash-the-device-decoder"}},
+        runtime_env={"env_vars": {fault: "crash-the-device-decoder"}},
     ).remote(weights, bundle.config.with_overrides(gpu_decode=True).to_dict(),
              bundle.model_id, attempts=attempts)
     out = ray.get(replica.__call__.remote(batch), timeout=120)

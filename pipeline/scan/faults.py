@@ -14,6 +14,8 @@ MIRROR_FAULT_DECODE_HANG       decoding a record whose name contains this text n
 MIRROR_FAULT_DEVICE_DECODE_CRASH  a replica's device decode of a block holding a JPEG whose
                              bytes contain this text (a JPEG comment) kills the replica
                              with SIGSEGV (a file that crashes nvJPEG)
+MIRROR_FAULT_DEVICE_DECODE_ERROR  the same block raises a CUDA error instead (one that
+                             leaves the replica's CUDA context unusable)
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class FaultHooks:
     writer_exit: bool = False
     write_delay_s: float = 0.0
     device_decode_crash: bytes | None = None
+    device_decode_error: bytes | None = None
     batches: int = 0
 
     @classmethod
@@ -42,6 +45,7 @@ class FaultHooks:
             writer_exit=bool(os.environ.get("MIRROR_FAULT_WRITER_EXIT")),
             write_delay_s=float(os.environ.get("MIRROR_FAULT_WRITE_DELAY_S", 0) or 0),
             device_decode_crash=os.environ.get("MIRROR_FAULT_DEVICE_DECODE_CRASH", "").encode() or None,
+            device_decode_error=os.environ.get("MIRROR_FAULT_DEVICE_DECODE_ERROR", "").encode() or None,
         )
 
     def before_score_batch(self) -> None:
@@ -60,6 +64,10 @@ class FaultHooks:
     def before_device_decode(self, payloads: list[bytes]) -> None:
         if self.device_decode_crash and any(self.device_decode_crash in p for p in payloads):
             os.kill(os.getpid(), signal.SIGSEGV)
+        if self.device_decode_error and any(self.device_decode_error in p for p in payloads):
+            import torch
+
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered (fault hook)")
 
     def _exit_once(self) -> None:
         if self.marker and not os.path.exists(self.marker):

@@ -7,6 +7,7 @@ never reads weights from storage itself.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import uuid
@@ -46,8 +47,9 @@ class Scorer:
     def __init__(self, weights, config: dict, model_id: str, device: str = "cpu", precision: str = "fp32",
                  compile: bool = False, batch_size: int = 32, attempts=None, decode_timeout_s: float = RECORD_TIMEOUT_S):
         """`attempts` (a DecodeAttempts actor): in GPU decode mode, a block whose device decode
-        killed an earlier attempt (a JPEG crashing nvJPEG: Ray restarts the replica and
-        retries the block) has its JPEGs decoded by the exact CPU path, one per child process."""
+        killed an earlier attempt (a JPEG crashing nvJPEG, or a CUDA error there: Ray restarts
+        the replica and retries the block) has its JPEGs decoded by the exact CPU path, one
+        per child process."""
         import ray
 
         from pipeline.scan.faults import FaultHooks
@@ -80,8 +82,15 @@ class Scorer:
         if encoded:  # GPU decode mode: crops made here, on the replica's device
             key = f"{batch[UNIT][0]}{DEVICE_DECODE_KEY}"  # a retry brings the same block
             with attempt(self.attempts, key, decode_record, self.decode_timeout_s) as cpu_decode:
-                pixels, columns = self._decode_on_device(pixels, [batch[ENCODED][i] for i in encoded], encoded,
-                                                         columns, cpu_decode)
+                try:
+                    pixels, columns = self._decode_on_device(pixels, [batch[ENCODED][i] for i in encoded], encoded,
+                                                             columns, cpu_decode)
+                except torch.AcceleratorError:
+                    if isinstance(cpu_decode, IsolatedCalls):
+                        raise  # the device fails without nvJPEG too: not this block's JPEGs
+                    # A CUDA error is sticky: this process's device context is lost. Ending the
+                    # process makes Ray start a fresh replica and retry the block, isolated.
+                    os._exit(70)
         ok = np.asarray(columns["error"].is_null().to_numpy(zero_copy_only=False), dtype=bool)
         n = len(ok)
         scores = {k: np.full(n, np.nan) for k in SIGNALS}
