@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 source dev/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 90 python3 tests/kernel_check.py cuda 2>&1 | tail -3
-timeout 60 python3 tests/gpu_decode_check.py 2>&1 | tail -2
+timeout 45 python3 tests/gpu_decode_check.py 2>&1 | tail -2
 timeout 150 python3 benchmarks/memory_bank_gpu.py --best-to "$OUT/kernel_best" > "$OUT/memory-bank.json" 2> "$OUT/memory-bank.log"
 echo "[memory-bank] rc=$? best=$(cat "$OUT/kernel_best" 2>/dev/null)"
 grep -E '"(kernel_ms|kernel_best|bank_triton_ms|readout_triton_ms)"' "$OUT/memory-bank.json"
