@@ -327,8 +327,8 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 "units_decoded_in_isolation": sum(key.startswith(f"{j}/") and not key.endswith(DEVICE_DECODE_KEY)
                                                   for key in isolated),
                 # GPU decode mode: blocks whose device decode killed their replica (a JPEG
-                # crashing nvJPEG): scored again with their JPEGs on the exact CPU path,
-                # one per child process
+                # crashing nvJPEG, or a CUDA error there): scored again with their JPEGs on
+                # the exact CPU path, one per child process
                 "blocks_device_decode_isolated": sum(key.startswith(f"{j}/") and key.endswith(DEVICE_DECODE_KEY)
                                                      for key in isolated),
                 # Parts are written by Ray workers; the driver receives completion records only.
