@@ -101,3 +101,35 @@ def test_brace_patterns_and_a_truncated_index(tmp_path):
     errors = {r["uri"].rsplit("#", 1)[-1]: r["_wds_error"] for r in records}
     assert no_image == 0 and sum(e is None for e in errors.values()) == 1
     assert [k for k, e in expected.items() if e == "tar member cut short"][0] in errors
+
+
+def test_update_indexes_only_new_shards_and_those_that_were_damaged(ray_local, parity_bundle, tmp_path, monkeypatch):
+    """A nightly --update of a growing WebDataset corpus must not read every shard again: it
+    indexes the shards the plan lacks, and again those it found damaged (a shard still being
+    written), and keeps the count of samples without an image exact."""
+    from pipeline.scan import webdataset
+
+    write_shards(tmp_path / "wds", tmp_path / "folder")
+    first = run_scan(str(parity_bundle), str(tmp_path / "wds"), str(tmp_path / "out"), ScanConfig(unit_size=2))
+    assert first["skipped_by_extension"] == 1
+    for shard in (2, 3):  # shard 2 was cut (being written) and is whole now; shard 3 is new
+        with tarfile.open(tmp_path / "wds" / f"shard-{shard:05d}.tar", "w") as tar:
+            for i in range(3):
+                add(tar, f"{shard:05d}{i:04d}.jpg", write_image(tmp_path / "new" / f"{shard}{i}.jpg", seed=50 + i))
+            add(tar, f"{shard:05d}0099.txt", b"a sample without an image")
+    indexed = []
+    original = webdataset.index_shard
+    monkeypatch.setattr(webdataset, "index_shard", lambda uri: indexed.append(uri.rsplit("/", 1)[-1]) or original(uri))
+    updated = run_scan(str(parity_bundle), str(tmp_path / "wds"), str(tmp_path / "out"),
+                       ScanConfig(unit_size=2, update=True))
+    assert sorted(indexed) == ["shard-00002.tar", "shard-00003.tar"]
+    assert updated["skipped_by_extension"] == 3  # shard 0's, and one in each of shards 2 and 3
+    keys = {r["uri"].rsplit("#", 1)[-1]: r["error"] for r in pq.read_table(tmp_path / "out" / "scores").to_pylist()}
+    # shard 2's third sample and all of shard 3 are new; its cut sample stays the error row it was
+    assert {"000020002", "000030000", "000030001", "000030002"} <= set(keys)
+    assert all(keys[k] is None for k in ("000020002", "000030000", "000030001", "000030002"))
+    assert updated["rows_in"] == updated["rows_out"] == first["rows_out"] + 4
+    indexed.clear()
+    again = run_scan(str(parity_bundle), str(tmp_path / "wds"), str(tmp_path / "out"),
+                     ScanConfig(unit_size=2, update=True))
+    assert indexed == [] and again["units"]["new"] == 0 and again["skipped_by_extension"] == 3

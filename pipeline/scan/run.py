@@ -251,9 +251,11 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 info.update(items=plan.total_rows, unit=f"records in {len(plan.units)} units")
         elif cfg.update:
             with step(f"re-listing {job.input_uri}") as info:
-                plan, added = extend_plan(plan, plan_source(job.input_uri, cfg.source_options()), cfg.unit_size)
-                if added:
-                    out.save_plan(plan)
+                before = plan
+                plan, added = extend_plan(plan, plan_source(job.input_uri, cfg.source_options(), known=plan),
+                                          cfg.unit_size)
+                if added or (plan.shards is not None and (before.shards is None or not plan.shards.equals(before.shards))):
+                    out.save_plan(plan)  # new units, or tar shards indexed anew
                 info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units")
         done = out.done_units()
         retried = set()

@@ -69,6 +69,7 @@ class Plan:
     units: list[Unit]
     records: pa.Table  # inline units' records (+ _unit, _index); empty for shards
     skipped_by_extension: int = 0  # files of a folder input left out for their extension
+    shards: pa.Table | None = None  # WebDataset: the tar shards indexed (webdataset.SHARDS_SCHEMA)
 
     @property
     def total_rows(self) -> int:
@@ -268,8 +269,10 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar shards and no Parquet files")
 
 
-def plan_source(uri: str, options: SourceOptions) -> Plan:
-    """The input's units, from one listing of it."""
+def plan_source(uri: str, options: SourceOptions, known: Plan | None = None) -> Plan:
+    """The input's units, from one listing of it. `known` (the plan an earlier scan made, for
+    `--update`): a WebDataset plan then holds only the shards `known` lacks or found
+    damaged, indexed now, and the list of every shard indexed."""
     fs, base = fsspec.core.url_to_fs(uri)
     listing = list_files(uri) if not uri.lower().endswith((".csv", ".parquet")) and fs.isdir(base) else None
     fmt = detect_format(uri, options, listing)
@@ -288,8 +291,14 @@ def plan_source(uri: str, options: SourceOptions) -> Plan:
         shards = tar_files(uri, listing)
         if not shards:
             raise ValueError(f"input {uri} holds no .tar shards")
-        samples, per_shard, skipped = webdataset.index_shards(shards)
-        units, records = inline_units(samples, options.unit_size, uri, "samples", per_shard)
+        kept = known.shards if known is not None and known.shards is not None else webdataset.SHARDS_SCHEMA.empty_table()
+        kept = kept.filter(pc.invert(kept["damaged"]))  # whole when indexed: tar shards are written once
+        done = set(kept["uri"].to_pylist())
+        samples, indexed = webdataset.index_shards([s for s in shards if s not in done])
+        units, records = inline_units(samples, options.unit_size, uri, "samples", indexed["records"].to_pylist())
+        all_indexed = pa.concat_tables([kept, indexed])
+        skipped = pc.sum(all_indexed["no_image"]).as_py() or 0
+        return Plan(uri, fmt, units, records, skipped, all_indexed)
     else:
         raise ValueError(f"unknown input format {fmt!r}; expected one of {INPUT_FORMATS}")
     return Plan(uri, fmt, units, records, skipped)
@@ -314,7 +323,8 @@ def extend_plan(plan: Plan, fresh: Plan, unit_size: int) -> tuple[Plan, list[Uni
     # the salt keeps new units' ids apart from every earlier generation's
     added, new = inline_units(new, unit_size, f"{plan.input}@{len(plan.units)}", kind, groups)
     records = pa.concat_tables([plan.records, new], promote_options="permissive") if plan.records.num_rows else new
-    return Plan(plan.input, plan.input_format, plan.units + added, records, fresh.skipped_by_extension), added
+    return Plan(plan.input, plan.input_format, plan.units + added, records, fresh.skipped_by_extension,
+                fresh.shards), added
 
 
 NAME_COLUMN_KEY = b"mirror_name_column"  # records' metadata: the column naming each image (HF path)

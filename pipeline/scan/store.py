@@ -94,6 +94,8 @@ class ScanStore(Location):
                                                "skipped_by_extension": str(plan.skipped_by_extension)})
         if plan.records.num_columns:
             self.write_parquet("_plan/records.parquet", plan.records)
+        if plan.shards is not None:
+            self.write_parquet("_plan/shards.parquet", plan.shards)
         self.write_parquet("_plan/units.parquet", units)  # written last: its presence means "plan complete"
 
     def load_plan(self) -> Plan | None:
@@ -104,4 +106,4 @@ class ScanStore(Location):
         records = self.read_parquet("_plan/records.parquet")
         plan_units = [Unit(**row) for row in units.to_pylist()]
         return Plan(meta["input"], meta["input_format"], plan_units, records if records is not None else pa.table({}),
-                    int(meta.get("skipped_by_extension", 0)))
+                    int(meta.get("skipped_by_extension", 0)), self.read_parquet("_plan/shards.parquet"))

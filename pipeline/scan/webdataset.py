@@ -1,7 +1,8 @@
 """WebDataset input: tar shards of samples (`key.jpg` + `key.json` + `key.txt` ...), as
 img2dataset writes them (LAION / DataComp-style corpora).
 
-Planning indexes every shard once (member headers; shards concurrently): a sample is the
+Planning indexes every shard once (member headers; shards concurrently; `--update` indexes
+only shards the plan lacks, and again those that were damaged): a sample is the
 members sharing a key (the member name up to the first dot of its base name), and it is
 a record when one member is an image. A record keeps its members' offsets and sizes, so
 decode tasks read exactly their samples' bytes with range reads; units are fixed runs of
@@ -113,20 +114,25 @@ def index_shard(uri: str) -> tuple[list[dict], int]:
     return records, no_image
 
 
-def index_shards(uris: list[str]) -> tuple[pa.Table, list[int], int]:
-    """Every shard's records in shard order, the record count per shard, samples skipped."""
+SHARDS_SCHEMA = pa.schema([("uri", pa.string()), ("records", pa.int64()), ("no_image", pa.int64()),
+                           ("damaged", pa.bool_())])  # one row per indexed shard (kept with the plan)
+
+
+def index_shards(uris: list[str]) -> tuple[pa.Table, pa.Table]:
+    """Every shard's records in shard order, and per shard (SHARDS_SCHEMA) its record count,
+    its samples without an image and whether it could not be read whole."""
     from pipeline.progress import progress
 
-    tables, counts, skipped = [], [], 0
+    tables, shards = [], []
     schema = pa.schema([("uri", pa.string()), (MEMBERS, pa.string()), (IMAGE_MEMBER, pa.string()),
                         (PLAN_ERROR, pa.string())])
     with ThreadPoolExecutor(max_workers=INDEX_THREADS) as pool:
-        for records, no_image in progress(pool.map(index_shard, uris), "indexing tar shards", total=len(uris),
-                                          unit="shard"):
+        for uri, (records, no_image) in zip(uris, progress(pool.map(index_shard, uris), "indexing tar shards",
+                                                           total=len(uris), unit="shard")):
             tables.append(pa.Table.from_pylist(records, schema=schema))
-            counts.append(len(records))
-            skipped += no_image
-    return (pa.concat_tables(tables) if tables else schema.empty_table()), counts, skipped
+            shards.append({"uri": uri, "records": len(records), "no_image": no_image,
+                           "damaged": any(r[PLAN_ERROR] is not None for r in records)})
+    return (pa.concat_tables(tables) if tables else schema.empty_table()), pa.Table.from_pylist(shards, SHARDS_SCHEMA)
 
 
 def read_samples(records: pa.Table, threads: int, max_bytes: int):
