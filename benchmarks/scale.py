@@ -24,7 +24,10 @@ to it, scans it with a demo-size model and prints one JSON object:
   request by 50 ms, sustained once its writers run (and with their start-up:
   sink_wall_rows_per_s_at_50ms), against one unit per 50 ms (and without the delay);
 - benchmarks_3x16_over_1x48: one evaluation run over 3 benchmarks of 16 images against
-  one over a benchmark of 48 (one scoring pool per run keeps it near 1).
+  one over a benchmark of 48 (one scoring pool per run keeps it near 1);
+- wds_plan_s, wds_update_plan_s, wds_reindex_all_s: planning WebDataset tar shards on S3
+  (small JPEG + JSON samples), then `--update`'s planning after one more shard arrives,
+  against indexing every shard again; wds_update_shards_indexed.
 """
 from __future__ import annotations
 
@@ -72,6 +75,51 @@ def write_corpus(fs, bucket: str, n: int, rows_per_shard: int = 2048) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=UNIT_ROWS)
         fs.pipe(f"{bucket}/corpus/shard-{s:05d}.parquet", buf.getvalue())
+
+
+def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512) -> dict:
+    """--update of a WebDataset corpus: one new shard indexed, against all of them again."""
+    import tarfile
+
+    from pipeline.scan import webdataset
+    from pipeline.scan.sources import SourceOptions, plan_source
+
+    images = small_jpegs(64, seed=1)
+
+    def write_shard(s: int) -> None:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(samples):
+                for name, data in ((f"{s:05d}{i:05d}.jpg", images[i % len(images)]),
+                                   (f"{s:05d}{i:05d}.json", json.dumps({"i": i}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        fs.pipe(f"{bucket}/wds/shard-{s:05d}.tar", buf.getvalue())
+
+    for s in range(shards):
+        write_shard(s)
+    uri = f"s3://{bucket}/wds"
+    t = time.perf_counter()
+    plan = plan_source(uri, SourceOptions())
+    plan_s = time.perf_counter() - t
+    write_shard(shards)
+    fs.invalidate_cache()
+    indexed, original = [], webdataset.index_shard
+    webdataset.index_shard = lambda u: indexed.append(u) or original(u)
+    try:
+        t = time.perf_counter()
+        update = plan_source(uri, SourceOptions(), known=plan)
+        update_s = time.perf_counter() - t
+    finally:
+        webdataset.index_shard = original
+    t = time.perf_counter()
+    plan_source(uri, SourceOptions())
+    reindex_s = time.perf_counter() - t
+    assert update.total_rows == samples
+    return {"wds_shards": shards + 1, "wds_samples_per_shard": samples, "wds_plan_s": round(plan_s, 2),
+            "wds_update_plan_s": round(update_s, 3), "wds_reindex_all_s": round(reindex_s, 2),
+            "wds_update_shards_indexed": len(indexed)}
 
 
 class CountingCompletions:
@@ -323,6 +371,7 @@ def main(argv=None) -> int:
                            "driver_cpu_over_bare": round(scan_rate / (bare_cpu / bare_wall), 2),
                            "driver_cpu_total_over_bare_total": round(result["driver_cpu_s"] / bare_cpu, 2)})
             result.update(plan_figures(tmp))
+            result.update(webdataset_update_figures(fs, bucket, shards=16 if args.quick else 64))
             result.update(evaluation_figures(tmp, str(tmp / "bundle")))
         result["driver_ceiling_rows_per_s"] = round(driver_ceiling())
         result.update(sink_figures(proxy, bucket, units=128 if args.quick else 512))
