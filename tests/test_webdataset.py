@@ -2,6 +2,7 @@
 json / txt carried, scores equal to a folder scan of the same image files."""
 import io
 import json
+import os
 import tarfile
 
 import pyarrow.parquet as pq
@@ -133,3 +134,32 @@ def test_update_indexes_only_new_shards_and_those_that_were_damaged(ray_local, p
     again = run_scan(str(parity_bundle), str(tmp_path / "wds"), str(tmp_path / "out"),
                      ScanConfig(unit_size=2, update=True))
     assert indexed == [] and again["units"]["new"] == 0 and again["skipped_by_extension"] == 3
+
+
+def test_many_shards_are_indexed_by_ray_tasks_as_by_the_drivers_threads(ray_local, tmp_path, monkeypatch):
+    """A scan indexes more shards than the driver's threads take in Ray tasks over the
+    cluster: the same plan (records, units, shards, skipped samples) as the driver's threads."""
+    from pipeline.scan import webdataset
+    from pipeline.scan.sources import SourceOptions, plan_source
+
+    image = write_image(tmp_path / "one.jpg", seed=3)
+    for shard in range(webdataset.INDEX_THREADS + 4):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(3):
+                add(tar, f"{shard:05d}{i:04d}.jpg", image)
+            if shard == 5:
+                add(tar, f"{shard:05d}0099.json", b"{}")  # a sample without an image
+        data = buf.getvalue()
+        (tmp_path / "wds").mkdir(exist_ok=True)
+        (tmp_path / "wds" / f"shard-{shard:05d}.tar").write_bytes(data[: len(data) // 2] if shard == 7 else data)
+    threads = plan_source(str(tmp_path / "wds"), SourceOptions(unit_size=2))
+    pids, original = tmp_path / "pids", webdataset.index_shard
+    pids.mkdir()
+    monkeypatch.setattr(webdataset, "index_shard", lambda uri: (pids / str(os.getpid())).touch() or original(uri))
+    cluster = plan_source(str(tmp_path / "wds"), SourceOptions(unit_size=2, index_on_cluster=True))
+    indexed_by = {int(p.name) for p in pids.iterdir()}
+    assert indexed_by and os.getpid() not in indexed_by  # Ray workers indexed, not the driver
+    assert cluster.records.equals(threads.records) and cluster.units == threads.units
+    assert cluster.shards.equals(threads.shards) and cluster.skipped_by_extension == threads.skipped_by_extension == 1
+    assert cluster.shards["damaged"].to_pylist() == [i == 7 for i in range(webdataset.INDEX_THREADS + 4)]

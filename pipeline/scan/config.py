@@ -87,7 +87,8 @@ class ScanConfig:
             raise ConfigError(f"{source}: unknown key(s) under columns: {sorted(unknown)}")
 
     def source_options(self) -> SourceOptions:
-        return SourceOptions(self.input_format, tuple(self.extensions), ColumnMap(**self.columns), self.unit_size)
+        return SourceOptions(self.input_format, tuple(self.extensions), ColumnMap(**self.columns), self.unit_size,
+                             index_on_cluster=True, address=self.address)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -48,6 +48,8 @@ class SourceOptions:
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     columns: ColumnMap = field(default_factory=ColumnMap)
     unit_size: int = 256  # records per unit for folders and manifests
+    index_on_cluster: bool = False  # WebDataset: many tar shards indexed by Ray tasks over the cluster
+    address: str | None = None  # that cluster (else RAY_ADDRESS, else a local Ray)
 
 
 @dataclass
@@ -294,7 +296,8 @@ def plan_source(uri: str, options: SourceOptions, known: Plan | None = None) -> 
         kept = known.shards if known is not None and known.shards is not None else webdataset.SHARDS_SCHEMA.empty_table()
         kept = kept.filter(pc.invert(kept["damaged"]))  # whole when indexed: tar shards are written once
         done = set(kept["uri"].to_pylist())
-        samples, indexed = webdataset.index_shards([s for s in shards if s not in done])
+        samples, indexed = webdataset.index_shards([s for s in shards if s not in done], options.index_on_cluster,
+                                                   options.address)
         units, records = inline_units(samples, options.unit_size, uri, "samples", indexed["records"].to_pylist())
         all_indexed = pa.concat_tables([kept, indexed])
         skipped = pc.sum(all_indexed["no_image"]).as_py() or 0

@@ -1,8 +1,9 @@
 """WebDataset input: tar shards of samples (`key.jpg` + `key.json` + `key.txt` ...), as
 img2dataset writes them (LAION / DataComp-style corpora).
 
-Planning indexes every shard once (member headers; shards concurrently; `--update` indexes
-only shards the plan lacks, and again those that were damaged): a sample is the
+Planning indexes every shard once (member headers; shards concurrently, by Ray tasks over
+the cluster for a scan; `--update` indexes only shards the plan lacks, and again those that
+were damaged): a sample is the
 members sharing a key (the member name up to the first dot of its base name), and it is
 a record when one member is an image. A record keeps its members' offsets and sizes, so
 decode tasks read exactly their samples' bytes with range reads; units are fixed runs of
@@ -19,8 +20,10 @@ import itertools
 import json
 import re
 import tarfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
+from typing import Iterator
 
 import fsspec
 import pyarrow as pa
@@ -118,17 +121,44 @@ SHARDS_SCHEMA = pa.schema([("uri", pa.string()), ("records", pa.int64()), ("no_i
                            ("damaged", pa.bool_())])  # one row per indexed shard (kept with the plan)
 
 
-def index_shards(uris: list[str]) -> tuple[pa.Table, pa.Table]:
+CLUSTER_INDEX_CPUS = 0.25  # per indexing task: it waits on storage far more than it computes
+
+
+def _indexed_on_cluster(uris: list[str], address: str | None) -> Iterator[tuple[list[dict], int]]:
+    """index_shard over `uris` as Ray tasks across the cluster, results in shard order, a
+    bounded number in flight (so the driver never holds every shard's index twice)."""
+    import ray
+
+    from pipeline.cluster import ensure_ray
+
+    ensure_ray(address)
+    task = ray.remote(num_cpus=CLUSTER_INDEX_CPUS)(index_shard)
+    window = max(INDEX_THREADS, int(ray.cluster_resources().get("CPU", 1) / CLUSTER_INDEX_CPUS))
+    pending: deque = deque()
+    for uri in uris:
+        pending.append(task.remote(uri))
+        if len(pending) >= window:
+            yield ray.get(pending.popleft())
+    while pending:
+        yield ray.get(pending.popleft())
+
+
+def index_shards(uris: list[str], on_cluster: bool = False, address: str | None = None) -> tuple[pa.Table, pa.Table]:
     """Every shard's records in shard order, and per shard (SHARDS_SCHEMA) its record count,
-    its samples without an image and whether it could not be read whole."""
+    its samples without an image and whether it could not be read whole. `on_cluster`: more
+    shards than the driver's threads take are indexed by Ray tasks over the cluster
+    (`address`, else RAY_ADDRESS, else a local Ray), so reading every shard's headers
+    scales with its nodes rather than one driver's network."""
     from pipeline.progress import progress
 
     tables, shards = [], []
     schema = pa.schema([("uri", pa.string()), (MEMBERS, pa.string()), (IMAGE_MEMBER, pa.string()),
                         (PLAN_ERROR, pa.string())])
     with ThreadPoolExecutor(max_workers=INDEX_THREADS) as pool:
-        for uri, (records, no_image) in zip(uris, progress(pool.map(index_shard, uris), "indexing tar shards",
-                                                           total=len(uris), unit="shard")):
+        indexed = (_indexed_on_cluster(uris, address) if on_cluster and len(uris) > INDEX_THREADS
+                   else pool.map(index_shard, uris))
+        for uri, (records, no_image) in zip(uris, progress(indexed, "indexing tar shards", total=len(uris),
+                                                           unit="shard")):
             tables.append(pa.Table.from_pylist(records, schema=schema))
             shards.append({"uri": uri, "records": len(records), "no_image": no_image,
                            "damaged": any(r[PLAN_ERROR] is not None for r in records)})
