@@ -137,10 +137,12 @@ def test_update_indexes_only_new_shards_and_those_that_were_damaged(ray_local, p
 
 
 def test_many_shards_are_indexed_by_ray_tasks_as_by_the_drivers_threads(ray_local, tmp_path, monkeypatch):
-    """A scan indexes more shards than the driver's threads take in Ray tasks over the
-    cluster: the same plan (records, units, shards, skipped samples) as the driver's threads."""
+    """A scan indexes many shards (here over 16) in Ray tasks over the cluster: the same plan
+    (records, units, shards, skipped samples) as the driver's threads."""
     from pipeline.scan import webdataset
     from pipeline.scan.sources import SourceOptions, plan_source
+
+    monkeypatch.setattr(webdataset, "CLUSTER_INDEX_MIN_SHARDS", 16)
 
     image = write_image(tmp_path / "one.jpg", seed=3)
     for shard in range(webdataset.INDEX_THREADS + 4):

@@ -121,7 +121,9 @@ SHARDS_SCHEMA = pa.schema([("uri", pa.string()), ("records", pa.int64()), ("no_i
                            ("damaged", pa.bool_())])  # one row per indexed shard (kept with the plan)
 
 
-CLUSTER_INDEX_CPUS = 0.25  # per indexing task: it waits on storage far more than it computes
+# Ray tasks pay a worker start-up each (seconds, importing pyarrow and fsspec) that small
+# shards never earn back: the cluster indexes only a corpus of more shards than this.
+CLUSTER_INDEX_MIN_SHARDS = 64
 
 
 def _indexed_on_cluster(uris: list[str], address: str | None) -> Iterator[tuple[list[dict], int]]:
@@ -132,8 +134,8 @@ def _indexed_on_cluster(uris: list[str], address: str | None) -> Iterator[tuple[
     from pipeline.cluster import ensure_ray
 
     ensure_ray(address)
-    task = ray.remote(num_cpus=CLUSTER_INDEX_CPUS)(index_shard)
-    window = max(INDEX_THREADS, int(ray.cluster_resources().get("CPU", 1) / CLUSTER_INDEX_CPUS))
+    task = ray.remote(num_cpus=1)(index_shard)
+    window = max(INDEX_THREADS, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
     for uri in uris:
         pending.append(task.remote(uri))
@@ -146,7 +148,7 @@ def _indexed_on_cluster(uris: list[str], address: str | None) -> Iterator[tuple[
 def index_shards(uris: list[str], on_cluster: bool = False, address: str | None = None) -> tuple[pa.Table, pa.Table]:
     """Every shard's records in shard order, and per shard (SHARDS_SCHEMA) its record count,
     its samples without an image and whether it could not be read whole. `on_cluster`: more
-    shards than the driver's threads take are indexed by Ray tasks over the cluster
+    than CLUSTER_INDEX_MIN_SHARDS shards are indexed by Ray tasks over the cluster
     (`address`, else RAY_ADDRESS, else a local Ray), so reading every shard's headers
     scales with its nodes rather than one driver's network."""
     from pipeline.progress import progress
@@ -155,7 +157,7 @@ def index_shards(uris: list[str], on_cluster: bool = False, address: str | None 
     schema = pa.schema([("uri", pa.string()), (MEMBERS, pa.string()), (IMAGE_MEMBER, pa.string()),
                         (PLAN_ERROR, pa.string())])
     with ThreadPoolExecutor(max_workers=INDEX_THREADS) as pool:
-        indexed = (_indexed_on_cluster(uris, address) if on_cluster and len(uris) > INDEX_THREADS
+        indexed = (_indexed_on_cluster(uris, address) if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
                    else pool.map(index_shard, uris))
         for uri, (records, no_image) in zip(uris, progress(indexed, "indexing tar shards", total=len(uris),
                                                            unit="shard")):
