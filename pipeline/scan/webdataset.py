@@ -2,7 +2,7 @@
 img2dataset writes them (LAION / DataComp-style corpora).
 
 Planning indexes every shard once (member headers; shards concurrently, by Ray tasks over
-the cluster for a scan; `--update` indexes only shards the plan lacks, and again those that
+the cluster when a scan has many; `--update` indexes only shards the plan lacks, and again those that
 were damaged): a sample is the
 members sharing a key (the member name up to the first dot of its base name), and it is
 a record when one member is an image. A record keeps its members' offsets and sizes, so
@@ -128,7 +128,7 @@ CLUSTER_INDEX_MIN_SHARDS = 64
 
 def _indexed_on_cluster(uris: list[str], address: str | None) -> Iterator[tuple[list[dict], int]]:
     """index_shard over `uris` as Ray tasks across the cluster, results in shard order, a
-    bounded number in flight (so the driver never holds every shard's index twice)."""
+    bounded number in flight (finished indexes wait in the object store, not by the thousand)."""
     import ray
 
     from pipeline.cluster import ensure_ray
