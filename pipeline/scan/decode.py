@@ -76,6 +76,12 @@ def decode_record(data: bytes, name: str | None, cfg: PreprocessConfig,
     return size if size is not None else official_preprocess(data, cfg, name=name, perturbation=perturbation)
 
 
+def decode_error(err: Exception) -> str:
+    """A failed decode's error-row text: in a child process (`RecordFailed`) the child's own
+    text, or how the child died; in this one the exception's type and message."""
+    return "decode failed: " + (err.text if isinstance(err, RecordFailed) else f"{type(err).__name__}: {err}")
+
+
 def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg: PreprocessConfig,
                 perturbation: str | None = None, records: bytes | None = None, target: str | None = None,
                 decode=decode_record) -> pa.Table:
@@ -107,10 +113,8 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
                     cols["width"][i], cols["height"][i], cols["format"][i] = got.width, got.height, got.format
                     cols["aligned"][i] = got.aligned
                     cols[REGION_DECODED][i] = got.region_decoded
-                except RecordFailed as err:  # in a child process: its text, or how the child died
-                    error = f"decode failed: {err.text}"
                 except Exception as err:  # the record becomes an error row
-                    error = f"decode failed: {type(err).__name__}: {err}"
+                    error = decode_error(err)
         cols["error"][i] = error
     seconds = (time.perf_counter() - t0) / max(n, 1)
     values = {UNIT: [unit_id] * n, INDEX: range(start, start + n), DECODE_SECONDS: [seconds] * n,

@@ -23,8 +23,8 @@ from mirror_core.gpu_decode import decode_crops, device_jpeg_decoder
 from mirror_core.model import assemble_model
 from mirror_core.signals import SIGNALS
 from mirror_core.weights import MirrorWeights
-from pipeline.scan.decode import decode_record
-from pipeline.scan.isolation import RECORD_TIMEOUT_S, IsolatedCalls, RecordFailed, attempt
+from pipeline.scan.decode import decode_error, decode_record
+from pipeline.scan.isolation import RECORD_TIMEOUT_S, IsolatedCalls, attempt
 from pipeline.scan.schema import (
     DECODED_SCHEMA,
     ENCODED,
@@ -149,10 +149,8 @@ class Scorer:
                 formats[row] = cfg.cpu_name
                 try:
                     block[row] = torch.from_numpy(cpu_decode(data, None, cpu, None).pixels).to(device)
-                except RecordFailed as err:  # in a child process: its text, or how the child died
-                    errors[row] = f"decode failed: {err.text}"
                 except Exception as err:  # the record becomes an error row
-                    errors[row] = f"decode failed: {type(err).__name__}: {err}"
+                    errors[row] = decode_error(err)
             columns = {**columns, "error": pa.array(errors, pa.string()), ROW_PREPROCESS: pa.array(formats, pa.string())}
         return block, columns
 
