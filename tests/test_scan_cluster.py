@@ -1,9 +1,12 @@
-"""A scan on a real multi-node Ray cluster (a head and two worker nodes on this machine)
-into a real S3 protocol server: every row exactly once, parts written by workers."""
+"""Scans on a real multi-node Ray cluster (a head and two worker nodes on this machine):
+into a real S3 protocol server, every row exactly once, parts written by workers; and a
+worker node lost mid-scan, every row still exactly once."""
+import glob
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,14 +16,20 @@ from conftest import write_image
 pytestmark = pytest.mark.slow
 
 
+def start_cluster(**system_config):
+    """A head that schedules no work and two worker nodes of 2 CPUs: (cluster, workers)."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": system_config})
+    workers = [c.add_node(num_cpus=2) for _ in range(2)]
+    c.wait_for_nodes()
+    return c, workers
+
+
 @pytest.fixture
 def cluster(s3_server):
     """Started after the S3 server, so every node's workers inherit AWS_ENDPOINT_URL."""
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head schedules no work
-    workers = [c.add_node(num_cpus=2) for _ in range(2)]
-    c.wait_for_nodes()
+    c, workers = start_cluster()
     yield c, {n.node_id for n in workers}
     c.shutdown()
 
@@ -59,3 +68,50 @@ def test_multi_node_scan_to_s3_commits_on_workers(cluster, s3_bucket, parity_bun
     assert sum(summary["this_run"]["writers"]["nodes"].values()) == 6
     ids = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in parts])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 24
+
+
+def test_a_worker_node_lost_mid_scan_loses_no_row(parity_bundle, tmp_path):
+    """A worker node dies mid-scan, as a preempted spot instance does: the node that wrote
+    the first part is killed (its raylet and every process on it: a writer, decode tasks,
+    perhaps a scoring replica, and the blocks in its object store). Ray restarts the actors
+    on the surviving node and resubmits the tasks whose outputs were lost; the scan ends
+    with every row exactly once, and every part written after the loss by the survivor."""
+    import pyarrow.parquet as pq
+
+    for i in range(24):
+        write_image(tmp_path / "src" / ("0_real" if i % 2 else "1_fake") / f"{i:02d}.png", seed=i)
+    out = tmp_path / "out"
+    # a dead node is noticed after 3 missed health checks 1 s apart (Ray's default: 5, 3 s apart)
+    c, workers = start_cluster(health_check_period_ms=1000, health_check_failure_threshold=3)
+    proc = None
+    try:
+        # slowed (0.5 s per model call of 2 images) so that most units are still to score
+        env = {**os.environ, "RAY_ADDRESS": c.address, "MIRROR_FAULT_SCORE_DELAY_S": "0.5"}
+        # the console goes to files: a pipe nobody reads fills and stalls the driver
+        with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline.commands.cli", "scan", "--model",
+                                     str(parity_bundle), "--input", str(tmp_path / "src"), "--output", str(out),
+                                     "--unit-size", "4", "--actors", "2", "--batch-size", "2"],
+                                    env=env, stdout=stdout, stderr=stderr)
+        deadline = time.monotonic() + 300
+        while not glob.glob(str(out / "scores" / "*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first = glob.glob(str(out / "scores" / "*.parquet"))
+        assert proc.poll() is None and first, "the scan ended, or never started, before the loss"
+        lost = json.loads(pq.read_schema(first[0]).metadata[b"mirror_writer"])["node"]
+        c.remove_node(next(w for w in workers if w.node_id == lost), allow_graceful=False)
+        before = set(glob.glob(str(out / "scores" / "*.parquet")))  # the lost node wrote none after this
+        assert len(before) < 6, "the scan was over before the loss"
+        proc.wait(timeout=300)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        c.shutdown()
+    assert proc.returncode == 0, (tmp_path / "stderr").read_text()[-3000:]
+    assert "24/24 rows: 24 scored, 0 errors" in (tmp_path / "stdout").read_text()
+    parts = sorted(glob.glob(str(out / "scores" / "*.parquet")))
+    assert len(parts) == 6  # one per unit
+    rows = pa.concat_tables([pq.read_table(p) for p in parts])
+    assert sorted(rows["uri"].to_pylist()) == sorted(str(p) for p in (tmp_path / "src").rglob("*.png"))
+    after = [json.loads(pq.read_schema(p).metadata[b"mirror_writer"])["node"] for p in parts if p not in before]
+    assert after and lost not in after

@@ -36,8 +36,12 @@ RECORD_TIMEOUT_S = 300.0  # a record whose call takes longer is given up as hung
 
 
 def decode_attempts():
-    """The actor that remembers which pieces of work a task began and ended."""
+    """The actor that remembers which pieces of work a task began and ended. It lives on
+    the driver's node, whose loss ends the run anyway: on a worker node, that node's loss
+    would take its record of open attempts with it and stall every task calling it until
+    Ray had noticed the loss and restarted it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)  # tasks wait on it: it must come back
     class DecodeAttempts:
@@ -59,7 +63,8 @@ def decode_attempts():
         def isolated_units(self) -> list[str]:
             return sorted(self.isolated)
 
-    return DecodeAttempts.remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return DecodeAttempts.options(scheduling_strategy=here).remote()
 
 
 @contextlib.contextmanager
