@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,9 @@ def write_shards(folder: Path, n_images: int, distinct: int = 2048, rows_per_gro
 
 
 def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpus_per_actor: float,
-                     compile: bool = False) -> dict:
+                     compile: bool = False, serial_baseline: bool = False) -> dict:
+    """A scan of pre-resized shards against the pure model loop. `serial_baseline`: also the
+    scan with one call per replica at a time (each block's upload not overlapping the model)."""
     from mirror_core.bundle import load_bundle, save_bundle
     from mirror_core.detector import Detector
     from mirror_core.smoke import official_sized, random_mirror
@@ -191,10 +194,15 @@ def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpu
         scan_cfg = ScanConfig(batch_size=batch, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=1,
                               decode_rows_per_batch=256, precision="bf16", compile=compile)
         summary = run_scan(bundle, str(tmp / "shards"), str(tmp / "out"), scan_cfg)
+        serial = {}
+        if serial_baseline:
+            base = run_scan(bundle, str(tmp / "shards"), str(tmp / "out-serial"), replace(scan_cfg, replica_overlap=False))
+            serial = {"gpu_pipeline_serial_steady_efficiency": base["this_run"]["steady_images_per_s"] / pure,
+                      "gpu_pipeline_serial_img_s": base["this_run"]["images_per_s"]}
     run = summary["this_run"]
     steady = run["steady_images_per_s"]
     assert summary["rows_out"] == n_images and summary["errors"] == 0, summary
-    return {"gpu_pure_model_img_s": pure, "gpu_pipeline_img_s": run["images_per_s"],
+    return {**serial, "gpu_pure_model_img_s": pure, "gpu_pipeline_img_s": run["images_per_s"],
             "gpu_pipeline_steady_img_s": steady, "gpu_pipeline_efficiency": run["images_per_s"] / pure,
             "gpu_pipeline_steady_efficiency": steady / pure, "gpu_pipeline_first_batch_s": run["first_batch_s"],
             "gpu_pipeline_images": n_images, "gpu_pipeline_batch": batch, "gpu_pipeline_actors": actors,

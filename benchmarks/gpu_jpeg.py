@@ -80,7 +80,8 @@ def raw_jpeg_figures(backbone: dict, n_images: int, batch: int, device: str, pre
             scan_cfg = ScanConfig(batch_size=batch, actors=actors, gpus_per_actor=1.0 / actors if cuda else 0.0,
                                   cpus_per_actor=1 if cuda else None, cpus_per_decode_task=decode_cpus,
                                   decode_rows_per_batch=64, precision=precision, compile=compile,
-                                  fast_decode=mode == "fast", gpu_decode=gpu_decode, decode_overlap=mode == "gpu")
+                                  fast_decode=mode == "fast", gpu_decode=gpu_decode,
+                                  replica_overlap=mode != "gpu_serial")
             summary = run_scan(bundle, str(tmp / "shards"), str(tmp / f"out-{mode}"), scan_cfg)
             run = summary["this_run"]
             assert summary["rows_out"] == n_images and summary["errors"] == 0, summary

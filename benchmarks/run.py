@@ -317,6 +317,8 @@ def main(argv=None) -> int:
     g.add_argument("--gpu-batches", default="128,256,512")
     g.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
     g.add_argument("--pipeline-compile", action="store_true", help="compile the replicas of the pipeline figures")
+    g.add_argument("--pipeline-serial-baseline", action="store_true",
+                   help="pipeline: also scan with one call per replica at a time (uploads not overlapping the model)")
     g.add_argument("--kernel-shape", help="read-out kernel launch shape and method, e.g. r4_w8 or bounded_r1_w8 (default: the library's)")
     g.add_argument("--compile-variants", default="full_eager,backbone_eager,full_compiled,backbone_compiled")
     g.add_argument("--pipeline-images", type=int, default=65536)
@@ -358,7 +360,8 @@ def main(argv=None) -> int:
             section(result, "compile", lambda: gpu.compile_figures(VIT_L, args.pipeline_batch, reps, names), args.json_out)
         if "pipeline" in only:
             section(result, "pipeline", lambda: gpu.pipeline_figures(
-                VIT_L, args.pipeline_images, args.pipeline_batch, args.actors, args.gpus_per_actor, args.pipeline_compile), args.json_out)
+                VIT_L, args.pipeline_images, args.pipeline_batch, args.actors, args.gpus_per_actor, args.pipeline_compile,
+                args.pipeline_serial_baseline), args.json_out)
         modes = tuple(args.compile_modes.split(","))
         if "hplus" in only:
             section(result, "hplus", lambda: gpu.architecture_figures("vith_plus", VIT_HPLUS, args.pipeline_batch, reps, modes,

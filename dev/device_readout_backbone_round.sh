@@ -4,7 +4,8 @@
 # per-layer RoPE, with the GELU in its first MLP GEMM's epilogue, and in fp8:
 #   run: bash dev/device_readout_backbone_round.sh   (carry [".whl", ".devfix", ".devext"], timeout_s 600)
 # 1. the Triton kernels' exactness on CUDA (read-out, both methods; GEMM + GELU) and GPU
-# decode's stream order (tests/gpu_decode_check.py), 2.
+# decode's stream order (tests/gpu_decode_check.py), a replica's uploads overlapping its model
+# (tests/scorer_overlap_check.py), 2.
 # memory_bank_gpu.py's sweep of method x launch shape (its fastest goes to $OUT/kernel_best),
 # 3. the graphs section with that kernel, --graphs-rope-baseline, --gelu-epilogue and --fp8
 # (each figure is logged as it is measured). JSON and logs under $OUT.
@@ -14,6 +15,7 @@ source dev/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 90 python3 tests/kernel_check.py cuda 2>&1 | tail -3
 timeout 45 python3 tests/gpu_decode_check.py 2>&1 | tail -2
+timeout 60 python3 tests/scorer_overlap_check.py 2>&1 | tail -2
 timeout 150 python3 benchmarks/memory_bank_gpu.py --best-to "$OUT/kernel_best" > "$OUT/memory-bank.json" 2> "$OUT/memory-bank.log"
 echo "[memory-bank] rc=$? best=$(cat "$OUT/kernel_best" 2>/dev/null)"
 grep -E '"(kernel_ms|kernel_best|bank_triton_ms|readout_triton_ms)"' "$OUT/memory-bank.json"

@@ -183,7 +183,7 @@ def test_a_gpu_scan_pipeline_can_be_built(ray_local, parity_bundle):
 
 
 def test_two_calls_at_once_score_as_one_after_the_other(tmp_path, parity_bundle):
-    """GPU decode runs two calls per replica at once (decode overlapping the model): each
+    """GPU replicas run two calls at once (an upload or decode overlapping the model): each
     call's rows are its own, equal to the calls made one after the other."""
     from concurrent.futures import ThreadPoolExecutor
 

@@ -37,7 +37,7 @@ class ScanConfig:
     alignment: str | None = None  # override the bundle's JPEG alignment policy
     fast_decode: bool = False  # reduced-scale JPEG decoding (not bit-exact; recorded; faster without the region decoder)
     gpu_decode: bool = False  # JPEGs decoded, resized and cropped on the replicas' GPUs (not bit-exact; recorded)
-    decode_overlap: bool = True  # gpu_decode: a replica decodes its next block while its model scores
+    replica_overlap: bool = True  # GPU replicas: one block uploads (or GPU-decodes) while another scores
     threshold: float | None = None  # override the bundle's decision threshold
     input_format: str = "auto"
     perturbation: str | None = None  # robustness sweeps: e.g. 'jpeg:75', applied before preprocessing

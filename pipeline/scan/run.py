@@ -124,9 +124,10 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
                    "max_file_bytes": cfg.max_file_mb * 2**20, "attempts": attempts,
                    "timeout_s": cfg.decode_timeout_s},
     )
-    # GPU decode: two calls per replica at once, so one block decodes while another scores
+    # GPU replicas (and GPU decode): two calls at once, so that one block is uploaded or
+    # decoded while another scores
     overlap = {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True} if (
-        cfg.gpu_decode and cfg.decode_overlap) else {}
+        (gpu or cfg.gpu_decode) and cfg.replica_overlap) else {}
     pool = (ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors, **overlap) if cfg.max_actors
             else ray.data.ActorPoolStrategy(size=cfg.actors, **overlap))
     # Ray's public map_batches refuses whole blocks (batch_size=None) to a GPU stage; Ray's own

@@ -64,10 +64,11 @@ class Scorer:
         self.faults = FaultHooks.from_env()
         self.batch_size = batch_size
         self.attempts, self.decode_timeout_s = attempts, decode_timeout_s
-        # GPU decode overlaps the model when Ray runs two calls of this actor at once (one
-        # decoding its block on a side stream while the other scores): one of each at a time.
-        self._decode_lock, self._model_lock = threading.Lock(), threading.Lock()
-        self._decode_stream = torch.cuda.Stream(self.detector.device) if self.gpu_decoder is not None else None
+        # Ray runs two calls of a GPU replica at once: one moves its block to the device (or
+        # decodes its JPEGs there) on a side stream while the other's model scores, so the
+        # device never waits for a block's upload. One of each at a time.
+        self._upload_lock, self._model_lock = threading.Lock(), threading.Lock()
+        self._side_stream = torch.cuda.Stream(self.detector.device) if self.detector.device.type == "cuda" else None
         self.replica = uuid.uuid4().hex  # this replica's identity: a run counts the replicas it built
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -91,6 +92,8 @@ class Scorer:
                     # A CUDA error is sticky: this process's device context is lost. Ending the
                     # process makes Ray start a fresh replica and retry the block, isolated.
                     os._exit(70)
+        elif self._side_stream is not None:
+            pixels = self._upload(pixels)
         ok = np.asarray(columns["error"].is_null().to_numpy(zero_copy_only=False), dtype=bool)
         n = len(ok)
         scores = {k: np.full(n, np.nan) for k in SIGNALS}
@@ -122,6 +125,27 @@ class Scorer:
             for k in SIGNALS:
                 scores[k][start : start + self.batch_size][sel] = got[k]
 
+    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
+        """A writable copy of the block's crops on the replica's device (through pinned
+        memory on CUDA: the copy runs asynchronously on the current stream)."""
+        if self.detector.device.type != "cuda":
+            return torch.from_numpy(np.array(pixels))
+        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host.numpy()[...] = pixels
+        return host.to(self.detector.device, non_blocking=True)
+
+    def _hand_over(self, block: torch.Tensor) -> None:
+        """Work queued on the side stream for `block` is done before the model's stream reads it."""
+        self._side_stream.synchronize()
+        block.record_stream(torch.cuda.default_stream(self.detector.device))
+
+    def _upload(self, pixels: np.ndarray) -> torch.Tensor:
+        """The block's crops on the GPU, copied on the side stream."""
+        with self._upload_lock, torch.cuda.stream(self._side_stream):
+            block = self._to_device(pixels)
+            self._hand_over(block)
+        return block
+
     def _decode_on_device(self, pixels: np.ndarray, payloads: list[bytes], rows: list[int], columns: dict,
                           cpu_decode=decode_record):
         """The block's crops as one device tensor, the ENCODED rows decoded into it on the GPU;
@@ -131,16 +155,15 @@ class Scorer:
         JPEG takes the CPU path: the device decoder is not trusted with them again."""
         cfg = self.preprocess
         device = self.detector.device
-        stream = self._decode_stream
+        stream = self._side_stream
         isolated = isinstance(cpu_decode, IsolatedCalls)
-        with self._decode_lock, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            block = torch.from_numpy(np.array(pixels)).to(device)
+        with self._upload_lock, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            block = self._to_device(pixels)
             sizes = list(zip(columns["width"].to_pylist(), columns["height"].to_pylist()))  # from the headers
             refused = (["an earlier attempt at this block died"] * len(rows) if isolated
                        else self._decode_into(block, payloads, [sizes[r] for r in rows], rows))
             if stream is not None:  # the crops are whole before the model's stream reads them
-                stream.synchronize()
-                block.record_stream(torch.cuda.default_stream(device))
+                self._hand_over(block)
         fallback = [(row, data) for row, data, why in zip(rows, payloads, refused) if why is not None]
         if fallback:
             errors, formats = columns["error"].to_pylist(), columns[ROW_PREPROCESS].to_pylist()
