@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU measurement round on the lent device machine (see /work/.library/device): carries
 # .whl (dev/pack_device_wheels.sh), .devfix/official_parity (a copy of the parity fixture)
-# and .devext (dev/pack_device_libjpeg.sh).
+# and .devext (dev/pack_device_libjpeg.sh): `bash dev/prepare_device.sh` makes all three.
 #   bash dev/device_gpu_round.sh "SECTIONS" SECONDS [extra run.py flags...]
 # Writes $OUT/<tag>.json and $OUT/<tag>.log per call; never appends to the performance log there.
 set -uo pipefail

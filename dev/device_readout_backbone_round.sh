@@ -2,6 +2,7 @@
 # One device call (~8-9 min on an H100) that decides the read-out kernel's selection method
 # and measures the DINOv3-L-sized model as replicas now run it (RoPE precomputed), against
 # per-layer RoPE, with the GELU in its first MLP GEMM's epilogue, and in fp8:
+#   here first: bash dev/prepare_device.sh (what the round carries, ~2.5 min, on this side)
 #   run: bash dev/device_readout_backbone_round.sh   (carry [".whl", ".devfix", ".devext"], timeout_s 600)
 # 1. the Triton kernels' exactness on CUDA (read-out, both methods; GEMM + GELU) and GPU
 # decode's stream order (tests/gpu_decode_check.py), a replica's uploads overlapping its model
