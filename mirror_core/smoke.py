@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from .backbone import lora_shapes
 from .config import BackboneConfig, MemoryConfig, MirrorConfig
@@ -45,7 +46,13 @@ def write_smoke_test_weights(folder: Path, seed: int = 0) -> tuple[Path, Path, P
     model, weights = random_mirror(cfg, seed)
     official = export_official_state(cfg, weights)
     folder.mkdir(parents=True, exist_ok=True)
-    model.backbone.save_pretrained(folder / "backbone")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar over one tiny shard is noise on the demo's console
+    try:
+        model.backbone.save_pretrained(folder / "backbone")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     detector = {k: v for k, v in official.items() if not k.startswith("memory_bank.")}
     note = argparse.Namespace(note="MIRROR smoke-test weights: random, NOT a detector")
     torch.save({"model": detector, "epoch": 0, "args": note}, folder / "checkpoint-smoke-test.pth")

@@ -1,7 +1,18 @@
 """Joining a Ray cluster, for every command that runs on one (scans, training)."""
 from __future__ import annotations
 
+import logging
 import os
+
+
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_default_auth(record: logging.LogRecord) -> bool:
+    """Drops Ray's warning that a new local cluster got token authentication, its secure
+    default (the warning tells how to opt out); its other warnings, such as
+    authentication being disabled, pass."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -15,4 +26,5 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        logging.getLogger(AUTH_LOGGER).addFilter(_quiet_default_auth)
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
