@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 
-
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
