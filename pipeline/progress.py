@@ -1,8 +1,10 @@
-"""Progress for corpus-sized steps that run outside Ray Data (which shows its own).
+"""Progress for corpus-sized steps, on the `mirror` logger (the CLI sends it to stderr;
+a library user decides).
 
-`step` logs when a step starts and how long it took, on the `mirror` logger (the CLI
-sends it to stderr; a library user decides). `progress` wraps a loop in a tqdm bar on
-an interactive stderr and stays silent elsewhere (job logs get the step lines).
+`step` logs when a step starts and how long it took. `progress` wraps a loop in a tqdm
+bar on an interactive stderr and stays silent elsewhere (job logs get the step lines).
+`RowProgress` logs a pipeline's rows done of its total, its rate and the time left, every
+so often: Ray Data's own progress counts blocks per stage and knows no total of rows.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import contextlib
 import logging
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
 
@@ -43,3 +45,40 @@ def log_to_console() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1h 2m', 125 -> '2m 5s', 7.2 -> '7s'."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s"
+
+
+class RowProgress:
+    """`add(rows)` as rows are done; a line every `every_s` seconds (0: never):
+    'scoring: 120,000 / 1,000,000 rows (12.0%), 2,850 rows/s, about 5m 9s left'. The rate is
+    that since the first rows came, so start-up does not lower it."""
+
+    def __init__(self, what: str, total: int, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.what, self.total, self.every_s, self.clock = what, total, every_s, clock
+        self.done = 0
+        self.first: tuple[float, int] | None = None  # (time, rows) of the first rows
+        self.last_line = clock()
+
+    def add(self, rows: int) -> None:
+        now = self.clock()
+        self.done += rows
+        if self.first is None:
+            self.first = (now, self.done)
+        if self.every_s and now - self.last_line >= self.every_s and self.done < self.total:
+            self.last_line = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        text = f"{self.what}: {self.done:,} / {self.total:,} rows ({100 * self.done / max(self.total, 1):.1f}%)"
+        t0, rows0 = self.first or (now, self.done)
+        if now > t0 and self.done > rows0:
+            rate = (self.done - rows0) / (now - t0)
+            text += f", {rate:,.0f} rows/s, about {duration((self.total - self.done) / rate)} left"
+        return text

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 import sys
@@ -119,3 +120,22 @@ def tampered_copy(bundle: Path, dest: Path) -> Path:
     data[-1] ^= 1
     (dest / "mirror.safetensors").write_bytes(bytes(data))
     return dest
+
+
+@contextlib.contextmanager
+def mirror_log_lines():
+    """The messages logged on the `mirror` logger (at INFO) while inside, as a list."""
+    import logging
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("mirror")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

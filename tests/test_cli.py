@@ -8,7 +8,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import tampered_copy
+from conftest import mirror_log_lines, tampered_copy
 
 from pipeline.commands import cli
 
@@ -125,3 +125,25 @@ def test_the_console_filter_drops_only_the_known_line_and_passes_partial_lines_a
     text = f"before\n{alarm}\n{other}\nprogress 10%\rprogress 20%\r[no newline at the end"
     proc = subprocess.run([sys.executable, "-c", _FILTER, FALSE_ALARM], input=text.encode(), capture_output=True)
     assert proc.stdout.decode() == f"before\n{other}\nprogress 10%\rprogress 20%\r[no newline at the end"
+
+
+def test_row_progress_lines_say_rows_rate_and_time_left():
+    from pipeline.progress import RowProgress, duration
+
+    now = [0.0]
+    meter = RowProgress("scoring", 1000, every_s=10, clock=lambda: now[0])
+    with mirror_log_lines() as said:
+        now[0] = 30.0  # start-up: the first rows come after 30 s, a line (no rate yet)
+        meter.add(100)
+        now[0] = 35.0
+        meter.add(100)  # 5 s after that line: none
+        now[0] = 40.0
+        meter.add(100)  # the rate counts from the first rows, not from the start
+        now[0] = 80.0
+        meter.add(700)  # done: no line, the summary says it
+        quiet = RowProgress("scoring", 10, every_s=0, clock=lambda: now[0])
+        now[0] = 1e6
+        quiet.add(1)
+    assert said == ["scoring: 100 / 1,000 rows (10.0%)",
+                    "scoring: 300 / 1,000 rows (30.0%), 20 rows/s, about 35s left"]
+    assert (duration(7.2), duration(125), duration(3725)) == ("7s", "2m 5s", "1h 2m")

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_image
+from conftest import mirror_log_lines, write_image
 
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
@@ -54,8 +55,12 @@ def test_units_share_blocks_and_still_commit_one_part_each(ray_local, parity_bun
 
     assert units_per_block(48, 4) == 3 and units_per_block(10, 4) == 1
     assert units_per_block(10**6, 4) == MAX_UNITS_PER_BLOCK
-    summary = run_scan(str(parity_bundle), str(parity_dir / "data" / "WildRF" / "test"), str(tmp_path / "out"),
-                       ScanConfig(unit_size=1, batch_size=8))
+    with mirror_log_lines() as said:  # a progress line at every completion but the last
+        summary = run_scan(str(parity_bundle), str(parity_dir / "data" / "WildRF" / "test"), str(tmp_path / "out"),
+                           ScanConfig(unit_size=1, batch_size=8, progress_every_s=1e-9))
+    done = [int(m.group(1)) for m in map(re.compile(r"^scoring: (\d+) / 48 rows \(\d+\.\d%\)").match, said) if m]
+    assert done and done == sorted(done) and done[-1] < 48, said
+    assert "rows/s, about" in said[-1]
     assert summary["this_run"]["pipeline"]["units_per_block"] == 3
     assert len(list((tmp_path / "out" / "scores").glob("*.parquet"))) == 48 == summary["units"]["committed_now"]
     expected = {r["path"]: float(r["logit_fake"]) for r in csv.DictReader(open(parity_dir / "expected_scores.csv"))}

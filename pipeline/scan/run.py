@@ -18,7 +18,7 @@ from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.config import MirrorConfig
 from mirror_core.metrics import binary_metrics
 from pipeline.cluster import ensure_ray
-from pipeline.progress import step
+from pipeline.progress import RowProgress, step
 from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
@@ -161,9 +161,15 @@ class Completions:
     def __init__(self):
         self.units: dict[tuple[str, str], dict] = {}
 
-    def add(self, batch: pa.Table) -> None:
+    def add(self, batch: pa.Table) -> int:
+        """The batch's completion records; returns the rows of the units new among them."""
+        new = 0
         for rec in batch.to_pylist():
-            self.units.setdefault((rec["store"], rec["unit_id"]), rec)  # a re-executed task reports again
+            key = (rec["store"], rec["unit_id"])
+            if key not in self.units:  # a re-executed task reports again
+                self.units[key] = rec
+                new += rec["rows"]
+        return new
 
     def figures(self, store: str) -> dict[str, Any]:
         """One scan's figures; `replicas` counts the scoring replicas of the whole pipeline."""
@@ -282,10 +288,11 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
         attempts = decode_attempts()
         ds = build_dataset(items, bundle, model_cfg, cfg, whole_unit_block_bytes(
             all_todo, model_cfg.preprocess.crop_size, model_cfg.preprocess.gpu_decode), per_block, attempts)
+        meter = RowProgress("scoring", sum(u.rows for u in all_todo), cfg.progress_every_s)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if t_first is None:  # start-up ends here: Ray, replica builds, first decodes and writes
                 t_first, first_rows = time.perf_counter(), int(pc.sum(batch["rows"]).as_py() or 0)
-            completions.add(batch)
+            meter.add(completions.add(batch))
         t_last = time.perf_counter()
         isolated = ray.get(attempts.isolated_units.remote())
         ray.kill(attempts)
