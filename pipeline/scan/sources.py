@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 from typing import Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -173,19 +174,22 @@ def _unit_id(*parts: str) -> str:
 def inline_units(records: pa.Table, unit_size: int, source: str, kind: str = "inline",
                  group_sizes: list[int] | None = None) -> tuple[list[Unit], pa.Table]:
     """Records -> units of `unit_size` consecutive records (never across groups: a tar
-    shard's samples), and the records with their unit and index."""
-    units, unit_col, index_col = [], [], []
-    uris = records["uri"].to_pylist()
-    group_start = 0
+    shard's samples), and the records with their unit and index. A unit's id hashes its
+    URIs: only one unit's are Python strings at a time (planning memory stays near the
+    records' own Arrow size, however many there are)."""
+    sizes: list[int] = []  # records per unit, in order
     for size in group_sizes if group_sizes is not None else [records.num_rows]:
-        for start in range(group_start, group_start + size, unit_size):
-            chunk = uris[start : min(start + unit_size, group_start + size)]
-            unit = Unit(_unit_id(kind, source, str(start), *chunk), kind, len(chunk))
-            units.append(unit)
-            unit_col += [unit.unit_id] * len(chunk)
-            index_col += list(range(len(chunk)))
-        group_start += size
-    records = records.append_column(UNIT, pa.array(unit_col, pa.string())).append_column(INDEX, pa.array(index_col, pa.int64()))
+        full, rest = divmod(size, unit_size)
+        sizes += [unit_size] * full + ([rest] if rest else [])
+    uris, units, start = records["uri"], [], 0
+    for n in sizes:
+        units.append(Unit(_unit_id(kind, source, str(start), *uris.slice(start, n).to_pylist()), kind, n))
+        start += n
+    lengths = np.asarray(sizes, dtype=np.int64)
+    owner = np.repeat(np.arange(len(sizes)), lengths)  # each record's unit
+    unit_col = pa.array([u.unit_id for u in units], pa.string()).take(pa.array(owner, pa.int64()))
+    index_col = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    records = records.append_column(UNIT, unit_col).append_column(INDEX, pa.array(index_col, pa.int64()))
     return units, records
 
 
