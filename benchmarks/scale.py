@@ -136,10 +136,10 @@ class CountingCompletions:
     def __init__(self, inner):
         self.inner, self.scored_rows = inner, 0
 
-    def add(self, batch):
+    def add(self, batch) -> int:
         if "prob_fake" in batch.column_names:
             self.scored_rows += batch.num_rows
-        self.inner.add(batch)
+        return self.inner.add(batch)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
