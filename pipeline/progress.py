@@ -5,12 +5,14 @@ a library user decides).
 bar on an interactive stderr and stays silent elsewhere (job logs get the step lines).
 `RowProgress` logs a pipeline's rows done of its total, its rate and the time left, every
 so often: Ray Data's own progress counts blocks per stage and knows no total of rows.
+`stall_reports` warns while no rows come, with a picture of why.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import sys
+import threading
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -41,7 +43,7 @@ def log_to_console() -> None:
     if log.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s\tINFO mirror -- %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s mirror -- %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -64,11 +66,12 @@ class RowProgress:
         self.what, self.total, self.every_s, self.clock = what, total, every_s, clock
         self.done = 0
         self.first: tuple[float, int] | None = None  # (time, rows) of the first rows
-        self.last_line = clock()
+        self.last_line = self.last_rows_at = clock()
 
     def add(self, rows: int) -> None:
         now = self.clock()
         self.done += rows
+        self.last_rows_at = now
         if self.first is None:
             self.first = (now, self.done)
         if self.every_s and now - self.last_line >= self.every_s and self.done < self.total:
@@ -82,3 +85,35 @@ class RowProgress:
             rate = (self.done - rows0) / (now - t0)
             text += f", {rate:,.0f} rows/s, about {duration((self.total - self.done) / rate)} left"
         return text
+
+
+@contextlib.contextmanager
+def stall_reports(meter: RowProgress, after_s: float, explain: Callable[[], str]) -> Iterator[None]:
+    """While inside, a warning each `after_s` seconds in which no rows reach `meter` (0:
+    none), with `explain()` (what the cluster has free, say): a pipeline waiting for
+    resources it will never get would otherwise be silent."""
+    if not after_s:
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        warned = meter.last_rows_at
+        while not stop.wait(after_s / 4):
+            now = meter.clock()
+            if now - meter.last_rows_at >= after_s and now - warned >= after_s:
+                warned = now
+                try:
+                    why = explain()
+                except Exception as err:  # a report must never end the run
+                    why = f"no picture of the cluster ({type(err).__name__}: {err})"
+                log.warning("no rows done for %s (%s of %s so far): %s", duration(now - meter.last_rows_at),
+                            f"{meter.done:,}", f"{meter.total:,}", why)
+
+    watcher = threading.Thread(target=watch, name="stall-reports", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()

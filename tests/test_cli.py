@@ -147,3 +147,25 @@ def test_row_progress_lines_say_rows_rate_and_time_left():
     assert said == ["scoring: 100 / 1,000 rows (10.0%)",
                     "scoring: 300 / 1,000 rows (30.0%), 20 rows/s, about 35s left"]
     assert (duration(7.2), duration(125), duration(3725)) == ("7s", "2m 5s", "1h 2m")
+
+
+
+def test_stall_reports_warn_while_no_rows_come_and_stop_when_they_do():
+    import time
+
+    from pipeline.progress import RowProgress, stall_reports
+
+    meter = RowProgress("scoring", 1000, every_s=0)
+    with mirror_log_lines() as said:
+        with stall_reports(meter, 1.0, lambda: "CPU 0 of 4 free"):
+            time.sleep(2.6)  # stalled: a warning a second
+            stalled = len(said)
+            for _ in range(75):  # rows again, every 20 ms for 1.5 s: no warning
+                meter.add(1)
+                time.sleep(0.02)
+            flowing = len(said)
+        with stall_reports(meter, 0.1, lambda: 1 / 0):
+            time.sleep(0.4)  # a failing picture is reported, never raised
+    assert stalled >= 2 and flowing == stalled, said
+    assert re.fullmatch(r"no rows done for \d+s \(0 of 1,000 so far\): CPU 0 of 4 free", said[0]), said
+    assert "no picture of the cluster (ZeroDivisionError" in said[-1]

@@ -70,7 +70,10 @@ def test_units_share_blocks_and_still_commit_one_part_each(ray_local, parity_bun
 
 
 def test_cpu_scorers_get_the_node_less_decode_cpus_unless_set(ray_local, monkeypatch):
+    from pipeline.cluster import resources_line
     from pipeline.scan.run import scoring_cpus
+
+    assert re.fullmatch(r"1 nodes alive, CPU [\d.]+ of 4 free", resources_line())  # what a stall report says
 
     # The ray_local node has 4 logical CPUs; 2 stay for decoding.
     monkeypatch.setattr(os, "cpu_count", lambda: 16)

@@ -30,6 +30,7 @@ class ScanConfig:
     decode_rows_per_batch: int = 64
     decode_timeout_s: int = 300  # a record's decode taking longer ends as an error row (hung)
     progress_every_s: float = 60.0  # a line of rows done, rate and time left this often (0: none)
+    stall_report_s: float = 600.0  # no unit committed this long: a warning with the free resources (0: none)
     decode_task_memory_mb: int = 1024  # reserved per decode task (a unit of full-size JPEGs peaks near 1 GB)
     commit_writers: int | None = None  # writer actors of the commit stage; default one per node with CPUs
     unit_size: int = 256  # records per committed unit (folders, manifests)

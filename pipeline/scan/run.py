@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.config import MirrorConfig
 from mirror_core.metrics import binary_metrics
-from pipeline.cluster import ensure_ray
-from pipeline.progress import RowProgress, step
+from pipeline.cluster import ensure_ray, resources_line
+from pipeline.progress import RowProgress, stall_reports, step
 from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
@@ -289,10 +289,11 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
         ds = build_dataset(items, bundle, model_cfg, cfg, whole_unit_block_bytes(
             all_todo, model_cfg.preprocess.crop_size, model_cfg.preprocess.gpu_decode), per_block, attempts)
         meter = RowProgress("scoring", sum(u.rows for u in all_todo), cfg.progress_every_s)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if t_first is None:  # start-up ends here: Ray, replica builds, first decodes and writes
-                t_first, first_rows = time.perf_counter(), int(pc.sum(batch["rows"]).as_py() or 0)
-            meter.add(completions.add(batch))
+        with stall_reports(meter, cfg.stall_report_s, resources_line):
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if t_first is None:  # start-up ends here: Ray, replica builds, first decodes and writes
+                    t_first, first_rows = time.perf_counter(), int(pc.sum(batch["rows"]).as_py() or 0)
+                meter.add(completions.add(batch))
         t_last = time.perf_counter()
         isolated = ray.get(attempts.isolated_units.remote())
         ray.kill(attempts)
