@@ -31,12 +31,12 @@ def ensure_ray(address: str | None = None) -> None:
 
 def resources_line() -> str:
     """The cluster's nodes and free resources in one line, for a report on a stalled run:
-    '2 nodes alive (1 lost), CPU 0 of 4 free, GPU 1 of 2 free'."""
+    'nodes: 2 alive, 1 lost; CPU 0 of 4 free; GPU 1 of 2 free'."""
     import ray
 
     nodes = ray.nodes()
     alive = sum(1 for n in nodes if n.get("Alive"))
     total, free = ray.cluster_resources(), ray.available_resources()
-    parts = [f"{alive} nodes alive" + (f" ({len(nodes) - alive} lost)" if alive < len(nodes) else "")]
+    parts = [f"nodes: {alive} alive" + (f", {len(nodes) - alive} lost" if alive < len(nodes) else "")]
     parts += [f"{name} {free.get(name, 0):g} of {total[name]:g} free" for name in ("CPU", "GPU") if total.get(name)]
-    return ", ".join(parts)
+    return "; ".join(parts)

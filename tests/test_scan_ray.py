@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow as pa
@@ -73,7 +74,7 @@ def test_cpu_scorers_get_the_node_less_decode_cpus_unless_set(ray_local, monkeyp
     from pipeline.cluster import resources_line
     from pipeline.scan.run import scoring_cpus
 
-    assert re.fullmatch(r"1 nodes alive, CPU [\d.]+ of 4 free", resources_line())  # what a stall report says
+    assert re.fullmatch(r"nodes: 1 alive; CPU [\d.]+ of 4 free", resources_line())  # what a stall report says
 
     # The ray_local node has 4 logical CPUs; 2 stay for decoding.
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
@@ -176,13 +177,21 @@ def test_killed_scan_resumes_without_duplicates(parity_bundle, tmp_path):
     cmd = [sys.executable, "-m", "pipeline.commands.cli", "scan", "--model", str(parity_bundle), "--input",
            str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--unit-size", "3", "--batch-size", "3"]
     env = {**os.environ, "MIRROR_FAULT_SCORE_DELAY_S": "0.7"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    (tmp_path / "stalls.yaml").write_text("stall_report_s: 1\n")  # start-up alone commits nothing for seconds
+    proc = subprocess.Popen(cmd + ["--config", str(tmp_path / "stalls.yaml")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    console: list[str] = []  # read as it comes: a full pipe would stall the scan
+    reader = threading.Thread(target=lambda: console.extend(proc.stdout), daemon=True)
+    reader.start()
     scores = tmp_path / "out" / "scores"
     deadline = time.time() + 180
     while time.time() < deadline and len(list(scores.glob("part-*.parquet")) if scores.exists() else []) < 2:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    reader.join(timeout=30)
+    stalls = [line for line in console if "WARNING mirror -- no rows done for" in line]
+    assert stalls and re.search(r"\(0 of 24 so far\): nodes: 1 alive; CPU [\d.]+ of [\d.]+ free$", stalls[0]), console[-40:]
     done_before = {p.name: p.stat().st_mtime_ns for p in scores.glob("part-*.parquet")}
     assert 2 <= len(done_before) < 8, "the scan was not interrupted mid-way"
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

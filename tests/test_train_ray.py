@@ -172,7 +172,10 @@ def test_two_ddp_workers_with_batch_b_match_one_worker_with_batch_2b(ray_local, 
     moved = 0
     for key in one:
         torch_diff = (one[key] - two[key]).abs().max().item()
-        assert torch_diff <= 1e-5, (key, torch_diff)
+        # Float sums in another order (two half batches, then an all-reduce), which Adam's
+        # normalised steps can magnify near zero gradients: 1.2e-5 seen on an AVX2 machine.
+        # Workers that did not synchronise would differ by about the step size (1e-2).
+        assert torch_diff <= 1e-4, (key, torch_diff)
         moved += int(not np.allclose(one[key].numpy(), weights.to_numpy()["mirror"].get(key, one[key].numpy() + 1)))
     assert moved  # training changed the weights: the comparison is not between two untouched copies
 
