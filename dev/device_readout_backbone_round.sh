@@ -17,9 +17,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 90 python3 tests/kernel_check.py cuda 2>&1 | tail -3
 timeout 45 python3 tests/gpu_decode_check.py 2>&1 | tail -2
 timeout 60 python3 tests/scorer_overlap_check.py 2>&1 | tail -2
-timeout 150 python3 benchmarks/memory_bank_gpu.py --best-to "$OUT/kernel_best" > "$OUT/memory-bank.json" 2> "$OUT/memory-bank.log"
+timeout 120 python3 benchmarks/memory_bank_gpu.py --best-to "$OUT/kernel_best" > "$OUT/memory-bank.json" 2> "$OUT/memory-bank.log"
 echo "[memory-bank] rc=$? best=$(cat "$OUT/kernel_best" 2>/dev/null)"
 grep -E '"(kernel_ms|kernel_best|bank_triton_ms|readout_triton_ms)"' "$OUT/memory-bank.json"
 best=$(cat "$OUT/kernel_best" 2>/dev/null || echo "")
-bash dev/device_gpu_round.sh graphs 345 ${best:+--kernel-shape "$best"} --graphs-rope-baseline --gelu-epilogue --fp8
+bash dev/device_gpu_round.sh graphs 380 ${best:+--kernel-shape "$best"} --gelu-epilogue --fp8
 grep -o '"vitl_[a-z0-9_]*img_s": [0-9.]*\|"vitl_[a-z0-9_]*dprob[a-z0-9_]*": [0-9.e-]*' "$OUT/graphs.json"

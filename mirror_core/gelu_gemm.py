@@ -20,7 +20,6 @@ from torch import nn
 from .fused import replace_submodule
 from .kernels import triton_available
 
-SQRT1_2 = 0.7071067811865476
 
 
 class GemmTile(NamedTuple):
@@ -77,7 +76,7 @@ def _kernel():
             w_ptrs += BLOCK_K
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        y = 0.5 * acc * (1.0 + tl.erf(acc * SQRT1_2))
+        y = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
         out = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
         tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
