@@ -7,7 +7,7 @@ approximation, not the model's function. Here the GEMM's fp32 accumulator gets t
 and the exact GELU before it is stored, once, in 16 bits: the same function, products
 summed in another order than cuBLAS's and the pre-activation not rounded to 16 bits
 first (equal within 16-bit rounding). For 16-bit weights on CUDA; opt-in
-(`gelu_epilogue_`) until a device measurement says it beats cuBLAS + the separate pass.
+(`gelu_epilogue_`): on Hopper it loses to cuBLAS + the separate pass (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from torch import nn
 
 from .fused import replace_submodule
 from .kernels import triton_available
-
 
 
 class GemmTile(NamedTuple):
