@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu import cuda_median_s  # noqa: E402
+from benchmarks.gpu import cuda_median_s, figure  # noqa: E402
 from mirror_core import kernels, readout  # noqa: E402
 from mirror_core.config import MemoryConfig  # noqa: E402
 from mirror_core.kernels import threshold_softmax_  # noqa: E402
@@ -44,6 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--rows", default="1,2", help="rows per program to sweep (4 and 8 spill registers: slow to compile and run)")
     p.add_argument("--best-to", help="write the fastest kernel method and launch shape (e.g. bounded_r1_w8) to this file")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -53,33 +54,40 @@ def main() -> None:
     tokens = torch.randn(b, n, dim, device="cuda")
     ms = lambda fn: 1e3 * cuda_median_s(fn, args.reps)  # noqa: E731
     res = {"batch": b}
+
+    def put(name: str, value):  # a figure in the JSON and, as soon as measured, on stderr
+        res[name] = value
+        figure(name, value)
+
     with torch.inference_mode():
         exact = bank(tokens)  # fp32: the plain top-k path
+        figure("fp32_reference_done", True)
         k, v = bank.keys_values()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             fast = bank(tokens)
             q = (bank.q_proj(tokens) * bank.scale).view(b * n, 8, 128).transpose(0, 1).contiguous()
-            res["bank_triton_ms"] = ms(lambda: bank(tokens))
-            res["readout_triton_ms"] = ms(lambda: readout.readout_gpu(q, k, v, 128))
-            res["readout_dense_ms"] = ms(lambda: readout.readout_dense(q, k, v, 128))
+            put("bank_triton_ms", ms(lambda: bank(tokens)))
+            put("readout_triton_ms", ms(lambda: readout.readout_gpu(q, k, v, 128)))
+            put("readout_dense_ms", ms(lambda: readout.readout_dense(q, k, v, 128)))
             kb = k.transpose(1, 2).to(q.dtype)
             logits = torch.bmm(q, kb)
-            res["logits_bmm_ms"] = ms(lambda: torch.bmm(q, kb))
-            res["topk_ms"] = ms(lambda: logits.topk(128, dim=-1, sorted=False))
+            put("logits_bmm_ms", ms(lambda: torch.bmm(q, kb)))
+            put("topk_ms", ms(lambda: logits.topk(128, dim=-1, sorted=False)))
             flat = logits.view(-1, 4096)
-            res["bounded_mean_rounds"] = float(bounded_rounds(flat, 128).float().mean())
+            put("bounded_mean_rounds", float(bounded_rounds(flat, 128).float().mean()))
             copy_ms = ms(lambda: flat.clone())  # each kernel call below works on a fresh copy
-            res["kernel_ms"] = ms(lambda: threshold_softmax_(flat.clone(), 128)) - copy_ms
+            put("kernel_ms", ms(lambda: threshold_softmax_(flat.clone(), 128)) - copy_ms)
             res["kernel_gb_s"] = 2 * flat.numel() * 2 / (res["kernel_ms"] / 1e3) / 1e9
             sweep = {}
             for method in kernels.METHODS:
-                for rows in (1, 2, 4, 8):
+                for rows in map(int, args.rows.split(",")):
                     for warps in (4, 8, 16):
                         name = f"{method}_r{rows}_w{warps}"
                         try:
                             sweep[name] = ms(lambda: threshold_softmax_(flat.clone(), 128, rows, warps, method)) - copy_ms
                         except Exception as err:  # noqa: BLE001 - e.g. out of registers
                             sweep[name] = f"{type(err).__name__}"
+                        figure(f"kernel_{name}_ms", sweep[name])
             res["kernel_sweep_ms"] = sweep
             timed = {k: t for k, t in sweep.items() if isinstance(t, float)}
             res["kernel_best"] = min(timed, key=timed.get)
