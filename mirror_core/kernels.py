@@ -8,12 +8,15 @@ One program takes BLOCK_R rows of 16-bit logits (fp16 / bf16) and, in registers:
 Entries tied with the k-th value are all kept, as the official masked softmax
 (`logits < kth -> -inf`) keeps them.
 
-Step 2 has two methods (`METHODS`): "bitwise" runs all 16 rounds; "bounded" first
+Step 2 has three methods (`METHODS`): "bitwise" runs all 16 rounds; "bounded" first
 brackets the k-th key between a lower bound and the row's largest key and runs only
 the rounds for the bits in which the two differ (their common high bits are the k-th
 key's too). The bound: split the row into NB >= k strided blocks; their maxima are NB
 distinct entries, so the smallest of them has at least k entries at or above it.
 Each round is a reduction over the whole row, which is what the kernel's time goes to.
+"radix" (one row per program) replaces the 16 rounds by two histograms of 256 bins: the
+keys' high bytes give the k-th key's high byte (the largest b with count(high >= b) >= k),
+the low bytes of the keys sharing it give the rest, the same key as the rounds find.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from .config import ENTROPY_EPS
 
 BLOCK_ROWS = 1  # launch shape defaults (0 in the arguments below), the fastest of a sweep on an H100
 NUM_WARPS = 8  # warps per program for rows of 2048+ slots (4 below)
-METHODS = ("bitwise", "bounded")
+METHODS = ("bitwise", "bounded", "radix")
 METHOD = "bitwise"  # the default selection method ("" in the arguments below)
 
 
@@ -46,7 +49,7 @@ def _kernel():
     @triton.jit
     def threshold_softmax_kernel(x_ptr, max_ptr, ent_ptr, n_rows, n_cols, TOP_K: tl.constexpr,
                                  BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, EPS: tl.constexpr,
-                                 BOUND_BLOCKS: tl.constexpr):
+                                 BOUND_BLOCKS: tl.constexpr, RADIX: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         valid = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -55,7 +58,20 @@ def _kernel():
         bits = x.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
         key = (bits ^ ((bits >> 15) & 0x7FFF)) + 32768  # float order -> 0..65535
         key = tl.where(valid, key, -1)  # padding never counts, never kept
-        if BOUND_BLOCKS > 0:  # "bounded": only the bits in which a lower bound and the max differ
+        if RADIX:  # one row: its k-th key byte by byte, from two histograms
+            row = tl.reshape(key, [BLOCK_C])
+            byte = tl.arange(0, 256)
+            high = row >> 8  # padding (-1) stays -1: masked out below
+            counts = tl.histogram(high, 256, mask=row >= 0)
+            at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # count(high >= b)
+            kth_high = tl.max(tl.where(at_or_above >= TOP_K, byte, 0), axis=0)
+            above = tl.sum(tl.where(byte > kth_high, counts, 0), axis=0)  # keys of a higher byte, all kept
+            counts = tl.histogram(row & 255, 256, mask=high == kth_high)
+            at_or_above = above + tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+            kth_low = tl.max(tl.where(at_or_above >= TOP_K, byte, 0), axis=0)
+            kth = tl.zeros([BLOCK_R], dtype=tl.int32) + (kth_high * 256 + kth_low)
+            row_max = tl.max(tl.where(valid, x.to(tl.float32), float("-inf")), axis=1)
+        elif BOUND_BLOCKS > 0:  # "bounded": only the bits in which a lower bound and the max differ
             block_max = tl.max(tl.reshape(key, [BLOCK_R, BLOCK_C // BOUND_BLOCKS, BOUND_BLOCKS]), axis=1)
             lo = tl.maximum(tl.min(block_max, axis=1), 0)  # [BLOCK_R], <= the k-th key
             hi = tl.max(block_max, axis=1)  # the row's largest key
@@ -101,10 +117,11 @@ def _threshold_softmax(logits: torch.Tensor, top_k: int, block_rows: int = 0, nu
     block_c = triton.next_power_of_2(cols)
     block_rows = block_rows or BLOCK_ROWS
     num_warps = num_warps or (NUM_WARPS if block_c >= 2048 else 4)
-    bound_blocks = min(triton.next_power_of_2(top_k), block_c) if (method or METHOD) == "bounded" else 0
+    method = method or METHOD
+    bound_blocks = min(triton.next_power_of_2(top_k), block_c) if method == "bounded" else 0
     grid = (triton.cdiv(rows, block_rows),)
     _kernel()[grid](logits, max_w, entropy, rows, cols, TOP_K=top_k, BLOCK_C=block_c, BLOCK_R=block_rows,
-                    EPS=ENTROPY_EPS, BOUND_BLOCKS=bound_blocks, num_warps=num_warps)
+                    EPS=ENTROPY_EPS, BOUND_BLOCKS=bound_blocks, RADIX=method == "radix", num_warps=num_warps)
     return max_w, entropy
 
 
@@ -125,5 +142,7 @@ def threshold_softmax_(logits: torch.Tensor, top_k: int, block_rows: int = 0, nu
         raise ValueError(f"top_k={top_k} must be in 1..{logits.shape[1]}")
     if method and method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if (method or METHOD) == "radix" and (block_rows or BLOCK_ROWS) != 1:
+        raise ValueError(f"the radix method takes one row per program, got block_rows={block_rows or BLOCK_ROWS}")
     max_w, entropy = _threshold_softmax(logits, top_k, block_rows, num_warps, method)
     return logits, max_w, entropy

@@ -41,7 +41,8 @@ def check_kernel(device: str) -> None:
     gen = torch.Generator().manual_seed(0)
     for dtype, method, rows_per_program in ((torch.float16, "bitwise", 1), (torch.bfloat16, "bitwise", 1),
                                             (torch.float16, "bounded", 1), (torch.bfloat16, "bounded", 1),
-                                            (torch.bfloat16, "bounded", 4)):
+                                            (torch.bfloat16, "bounded", 4), (torch.float16, "radix", 1),
+                                            (torch.bfloat16, "radix", 1)):
         for rows, cols, k in ((5, 300, 32), (6, 4096, 128), (3, 64, 64), (1, 50, 1), (7, 200, 100)):
             x = hard_rows(rows, cols, dtype, gen)
             w_ref, max_ref, ent_ref = masked_softmax(x, k)
@@ -54,11 +55,17 @@ def check_kernel(device: str) -> None:
             torch.testing.assert_close(max_w.cpu(), max_ref, atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(ent.cpu(), ent_ref, atol=1e-5, rtol=1e-5)
     try:
-        threshold_softmax_(torch.zeros(2, 8, device=device, dtype=torch.bfloat16), 2, method="radix")
+        threshold_softmax_(torch.zeros(2, 8, device=device, dtype=torch.bfloat16), 2, method="quickselect")
     except ValueError as err:
         assert "method" in str(err)
     else:
         raise AssertionError("an unknown method was accepted")
+    try:
+        threshold_softmax_(torch.zeros(2, 8, device=device, dtype=torch.bfloat16), 2, 2, method="radix")
+    except ValueError as err:
+        assert "one row per program" in str(err)
+    else:
+        raise AssertionError("radix with two rows per program was accepted")
     try:
         threshold_softmax_(torch.zeros(2, 8, device=device), 2)
     except ValueError as err:

@@ -76,8 +76,10 @@ def test_kernel_method_names_parse():
         assert (kernels.BLOCK_ROWS, kernels.NUM_WARPS, kernels.METHOD) == (2, 4, "bounded")
         gpu.set_kernel_shape("r1_w8")
         assert (kernels.BLOCK_ROWS, kernels.NUM_WARPS, kernels.METHOD) == (1, 8, "bounded")  # method kept
+        gpu.set_kernel_shape("radix_r1_w16")
+        assert (kernels.BLOCK_ROWS, kernels.NUM_WARPS, kernels.METHOD) == (1, 16, "radix")
         with pytest.raises(ValueError, match="unknown read-out kernel method"):
-            gpu.set_kernel_shape("radix_r1_w8")
+            gpu.set_kernel_shape("quickselect_r1_w8")
     finally:
         kernels.BLOCK_ROWS, kernels.NUM_WARPS, kernels.METHOD = before
 

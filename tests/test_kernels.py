@@ -58,7 +58,7 @@ def test_readout_kernel_compiles_for_gpus():
         for dtype, target in (("bf16", HOPPER), ("fp16", AMPERE)):
             cubin = compile_for_gpu(_kernel(), {"x_ptr": dtype, "max_ptr": "fp32", "ent_ptr": "fp32"},
                                     {"TOP_K": top_k, "BLOCK_C": bank.num_slots, "BLOCK_R": 1, "EPS": ENTROPY_EPS,
-                                     "BOUND_BLOCKS": top_k if method == "bounded" else 0},
+                                     "BOUND_BLOCKS": top_k if method == "bounded" else 0, "RADIX": method == "radix"},
                                     target, num_warps=NUM_WARPS)
             assert len(cubin) > 1000, (method, dtype)
 
