@@ -193,7 +193,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
                      label_smoothing=args.label_smoothing, ortho_weight=args.ortho_weight,
                      val_fraction=args.val_fraction, num_workers=args.workers, use_gpu=args.gpu, seed=args.seed,
-                     name=args.name, max_failures=args.max_failures, ema_decay=args.ema)
+                     name=args.name, ema_decay=args.ema,
+                     **({} if args.max_failures is None else {"max_failures": args.max_failures}))
     memory = MemoryConfig(args.memory_slots, args.memory_heads, args.top_k) if phase == 1 else None
     card = run_training(args.base, args.input, args.output, args.storage, tc, args.address, memory)
     final = card["final"]
@@ -230,7 +231,8 @@ def add_train_parser(sub, name: str, help_text: str, phase: int) -> None:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
     p.add_argument("--seed", type=int, default=0, help="seeds initialisation, augmentation and shuffling")
-    p.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train recovers from")
+    p.add_argument("--max-failures", type=int, help="worker failures (a lost node) the run recovers from, each "
+                   "from its last checkpoint; -1: no limit (default: 3)")
     p.add_argument("--ema", type=float, help="EMA decay (e.g. 0.999): validate and export averaged weights")
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else local)")
     p.set_defaults(func=cmd_train)

@@ -16,6 +16,9 @@ MIRROR_FAULT_DEVICE_DECODE_CRASH  a replica's device decode of a block holding a
                              with SIGSEGV (a file that crashes nvJPEG)
 MIRROR_FAULT_DEVICE_DECODE_ERROR  the same block raises a CUDA error instead (one that
                              leaves the replica's CUDA context unusable)
+MIRROR_FAULT_TRAIN_EXIT_AFTER_EPOCH  a training worker process exits once it has reported
+                             this epoch's checkpoint (once per marker file MIRROR_FAULT_MARKER:
+                             a preempted training node)
 """
 from __future__ import annotations
 
@@ -73,6 +76,13 @@ class FaultHooks:
         if self.marker and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os._exit(1)
+
+
+def after_checkpoint(epoch: int) -> None:
+    """The training hook: the worker dies after this epoch's checkpoint (once per marker)."""
+    after = os.environ.get("MIRROR_FAULT_TRAIN_EXIT_AFTER_EPOCH")
+    if after and int(after) == epoch:
+        FaultHooks.from_env()._exit_once()
 
 
 def before_decode(name: str | None) -> None:

@@ -32,6 +32,7 @@ from mirror_core.config import MemoryConfig, MirrorConfig
 from mirror_core.train.loop import trained_weights
 from mirror_core.uri import join_uri
 from mirror_core.weights import MirrorWeights
+from pipeline.scan import faults
 from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.sources import (
     ColumnMap,
@@ -63,7 +64,7 @@ class TrainConfig:
     use_gpu: bool = False
     seed: int = 0
     name: str = "mirror-train"
-    max_failures: int = 0
+    max_failures: int = 3  # worker losses (a preempted node) the run resumes from its last checkpoint after
 
 
 def base_model(base: str, memory: MemoryConfig | None = None) -> Bundle:
@@ -218,6 +219,7 @@ def train_loop(config: dict) -> None:
                 Path(d, "meta.json").write_text(json.dumps({"epoch": epoch, "history": history,
                                                             "resumed_from_epoch": start_epoch - 1 if start_epoch else None}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        faults.after_checkpoint(epoch)
 
 
 def phase_trainer(model, tc: TrainConfig, total_steps: int, device):
