@@ -330,6 +330,41 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
         torch._dynamo.reset()
         return img_s
 
+    def guarded(name: str, variant) -> None:
+        """An optional variant: its failure is recorded and the figures after it are still
+        measured (a device round is short)."""
+        try:
+            variant()
+        except Exception as err:  # noqa: BLE001 - recorded in the output
+            import traceback
+
+            traceback.print_exc()
+            res[f"{prefix}_{name}_failed"] = f"{type(err).__name__}: {err}"
+            figure(f"{prefix}_{name}_failed", res[f"{prefix}_{name}_failed"][:200])
+            torch._dynamo.reset()
+
+    def gelu_epilogue_figures() -> None:
+        res[f"{prefix}_gelu_gemm"] = gelu_gemm_figures(model.backbone, batch * tokens_per_image(model, pixels), reps)
+        figure(f"{prefix}_gelu_gemm", res[f"{prefix}_gelu_gemm"])
+        with swapped_gelu_epilogue(model.backbone) as replaced:
+            res[f"{prefix}_gelu_epilogue_mlps"] = replaced
+            if replaced:
+                res[f"{prefix}_gelu_epilogue_max_abs_dprob_vs_bf16_weights"] = float(
+                    (model(pixels[:32]).prob_fake.float() - plain_prob).abs().max())
+                figure("gelu_epilogue_max_abs_dprob", res[f"{prefix}_gelu_epilogue_max_abs_dprob_vs_bf16_weights"])
+                compiled_img_s("gelu_epilogue_compiled_default", "default")
+
+    def fp8_figures() -> None:  # last: the model keeps its fp8 layers
+        bf16_prob = model(check).prob_fake.float()
+        res[f"{prefix}_fp8_linears"] = fp8_linears_(model.backbone)
+        fp8_prob = model(check).prob_fake.float()
+        res[f"{prefix}_fp8_max_abs_dprob_vs_fp32"] = float((fp8_prob - fp32_prob).abs().max())
+        res[f"{prefix}_fp8_max_abs_dprob_vs_bf16_weights"] = float((fp8_prob - bf16_prob).abs().max())
+        res[f"{prefix}_bf16_weights_max_abs_dprob_vs_fp32"] = float((bf16_prob - fp32_prob).abs().max())
+        figure("fp8_max_abs_dprob_vs_fp32", res[f"{prefix}_fp8_max_abs_dprob_vs_fp32"])
+        res[f"{prefix}_fp8_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
+        compiled_img_s("fp8_compiled_default", "default")
+
     with torch.no_grad():  # the FLOP counter's module tracker does not run under inference_mode
         res[f"{prefix}_flops_per_image_g"] = flops_per_image(model, pixels) / 1e9
     with torch.inference_mode():
@@ -363,25 +398,9 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
                                                               / res[f"{prefix}_compiled_{compile_modes[0]}_img_s"])
             torch._dynamo.reset()
         if gelu_epilogue:
-            res[f"{prefix}_gelu_gemm"] = gelu_gemm_figures(model.backbone, batch * tokens_per_image(model, pixels), reps)
-            figure(f"{prefix}_gelu_gemm", res[f"{prefix}_gelu_gemm"])
-            with swapped_gelu_epilogue(model.backbone) as replaced:
-                res[f"{prefix}_gelu_epilogue_mlps"] = replaced
-                if replaced:
-                    res[f"{prefix}_gelu_epilogue_max_abs_dprob_vs_bf16_weights"] = float(
-                        (model(pixels[:32]).prob_fake.float() - plain_prob).abs().max())
-                    figure("gelu_epilogue_max_abs_dprob", res[f"{prefix}_gelu_epilogue_max_abs_dprob_vs_bf16_weights"])
-                    compiled_img_s("gelu_epilogue_compiled_default", "default")
+            guarded("gelu_epilogue", gelu_epilogue_figures)
         if fp8:
-            bf16_prob = model(check).prob_fake.float()
-            res[f"{prefix}_fp8_linears"] = fp8_linears_(model.backbone)
-            fp8_prob = model(check).prob_fake.float()
-            res[f"{prefix}_fp8_max_abs_dprob_vs_fp32"] = float((fp8_prob - fp32_prob).abs().max())
-            res[f"{prefix}_fp8_max_abs_dprob_vs_bf16_weights"] = float((fp8_prob - bf16_prob).abs().max())
-            res[f"{prefix}_bf16_weights_max_abs_dprob_vs_fp32"] = float((bf16_prob - fp32_prob).abs().max())
-            figure("fp8_max_abs_dprob_vs_fp32", res[f"{prefix}_fp8_max_abs_dprob_vs_fp32"])
-            res[f"{prefix}_fp8_eager_img_s"] = batch / cuda_median_s(lambda: model(pixels), reps)
-            compiled_img_s("fp8_compiled_default", "default")
+            guarded("fp8", fp8_figures)
     del model
     torch.cuda.empty_cache()
     return res

@@ -98,3 +98,19 @@ def test_the_bounded_methods_bound_brackets_the_kth_key(dtype):
     assert rounds.max() <= 16 and rounds[1] == 0
     assert torch.equal(kth >> rounds, key.amax(1) >> rounds)
     assert rounds.float().mean() < 16  # fewer than the bitwise method's
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_a_failing_variant_is_recorded_and_the_next_one_still_measured(cuda_on_cpu, monkeypatch):
+    """A device round once lost its fp8 figures to a GELU-epilogue kernel that did not
+    compile: each optional variant now fails on its own."""
+    from mirror_core import gelu_gemm
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("kernel refused by the compiler")
+
+    monkeypatch.setattr(gelu_gemm, "linear_gelu", refused)
+    res = gpu.architecture_figures("t", TINY, 2, 1, (), with_backbone=False, gelu_epilogue=True, fp8=True)
+    assert res["t_gelu_epilogue_failed"] == "RuntimeError: kernel refused by the compiler"
+    assert res["t_fp8_compiled_default_img_s"] > 0 and "t_fp8_failed" not in res
