@@ -325,7 +325,8 @@ def main(argv=None) -> int:
     g.add_argument("--pipeline-batch", type=int, default=256)
     g.add_argument("--actors", type=int, default=1)
     g.add_argument("--gpus-per-actor", type=float, default=1.0)
-    g.add_argument("--compile-modes", default="default", help="for hplus / graphs: default,reduce-overhead,...")
+    g.add_argument("--compile-modes", default="default", help="for hplus / graphs: default,reduce-overhead,"
+                   "max-autotune-no-cudagraphs,coordinate-descent,...")
     g.add_argument("--graphs-unfused", action="store_true", help="graphs: also the unfused projections")
     g.add_argument("--graphs-rope-baseline", action="store_true", help="graphs: also RoPE computed in every layer")
     g.add_argument("--graphs-patch-baseline", action="store_true", help="graphs: also the patch embedding as a convolution")

@@ -6,8 +6,9 @@
 # 1. the Triton kernels' exactness on CUDA (read-out, both methods; GEMM + GELU), GPU
 # decode's stream order (tests/gpu_decode_check.py), a replica's uploads overlapping its model
 # (tests/scorer_overlap_check.py); 2. memory_bank_gpu.py's sweep of method x launch shape
-# (its fastest goes to $OUT/kernel_best); 3. the graphs section with that kernel, against
-# RoPE computed in every layer and the patch embedding as a convolution. Every figure is
+# (its fastest goes to $OUT/kernel_best); 3. the graphs section with that kernel, compiled
+# as replicas compile and with inductor's coordinate-descent tuning of its generated kernels,
+# against RoPE computed in every layer and the patch embedding as a convolution. Every figure is
 # logged as it is measured (a round cut short keeps them). JSON and logs under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,5 +22,6 @@ echo "[memory-bank] rc=$? best=$(cat "$OUT/kernel_best" 2>/dev/null)"
 grep -E '"(kernel_ms|kernel_best|bank_triton_ms|readout_triton_ms)"' "$OUT/memory-bank.json"
 best=$(cat "$OUT/kernel_best" 2>/dev/null || echo "")
 grep "\[figure\]" "$OUT/memory-bank.log" | tail -16
-bash dev/device_gpu_round.sh graphs 300 ${best:+--kernel-shape "$best"} --graphs-rope-baseline --graphs-patch-baseline
+bash dev/device_gpu_round.sh graphs 300 ${best:+--kernel-shape "$best"} --compile-modes default,coordinate-descent \
+    --graphs-rope-baseline --graphs-patch-baseline
 grep -o '"vitl_[a-z0-9_]*img_s": [0-9.]*\|"vitl_[a-z0-9_]*dprob[a-z0-9_]*": [0-9.e-]*' "$OUT/graphs.json"

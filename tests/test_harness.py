@@ -31,10 +31,10 @@ def cuda_on_cpu(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # the CPU stand-in's autocast / profiler
 def test_architecture_figures_with_rope_baseline_and_fp8(cuda_on_cpu):
-    res = gpu.architecture_figures("t", TINY, 2, 1, ("default",), with_backbone=False, rope_baseline=True, fp8=True,
-                                   patch_baseline=True)
+    res = gpu.architecture_figures("t", TINY, 2, 1, ("default", "coordinate-descent"), with_backbone=False,
+                                   rope_baseline=True, fp8=True, patch_baseline=True)
     for name in ("patch_conv_compiled_default", "rope_per_layer_compiled_default", "compiled_default",
-                 "fp8_compiled_default"):
+                 "compiled_coordinate-descent", "fp8_compiled_default"):
         assert res[f"t_{name}_img_s"] > 0 and res[f"t_{name}_first_call_s"] > 0
     assert res["t_fp8_linears"] == 4 * TINY["num_hidden_layers"]  # qkv (fused), o, fc1, fc2
     assert 0 < res["t_fp8_max_abs_dprob_vs_fp32"] < 0.05
