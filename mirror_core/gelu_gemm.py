@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .fused import replace_submodule
-from .kernels import triton_available
+from .kernels import FP_FUSION, triton_available
 
 
 class GemmTile(NamedTuple):
@@ -103,7 +103,7 @@ def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     y = x.new_empty((m, n))
     args = (x, weight, bias if bias is not None else weight, y, m, n, k)
     # Off CUDA the kernel runs in Triton's interpreter, whose dot misreads 16-bit floats
-    flags = {"HAS_BIAS": bias is not None, "DOT_IN_FP32": x.device.type != "cuda"}
+    flags = {"HAS_BIAS": bias is not None, "DOT_IN_FP32": x.device.type != "cuda", "enable_fp_fusion": FP_FUSION}
     if tile is None:  # GPU: the autotuner's choice for this shape
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

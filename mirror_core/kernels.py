@@ -26,6 +26,9 @@ import torch
 
 from .config import ENTROPY_EPS
 
+# Triton's default (FMA contraction on), named at every launch: Triton 3.9 warns on the
+# console of every process that leaves it to the default.
+FP_FUSION = True
 BLOCK_ROWS = 1  # launch shape defaults (0 in the arguments below), the fastest of a sweep on an H100
 NUM_WARPS = 8  # warps per program for rows of 2048+ slots (4 below)
 METHODS = ("bitwise", "bounded", "radix")
@@ -121,7 +124,8 @@ def _threshold_softmax(logits: torch.Tensor, top_k: int, block_rows: int = 0, nu
     bound_blocks = min(triton.next_power_of_2(top_k), block_c) if method == "bounded" else 0
     grid = (triton.cdiv(rows, block_rows),)
     _kernel()[grid](logits, max_w, entropy, rows, cols, TOP_K=top_k, BLOCK_C=block_c, BLOCK_R=block_rows,
-                    EPS=ENTROPY_EPS, BOUND_BLOCKS=bound_blocks, RADIX=method == "radix", num_warps=num_warps)
+                    EPS=ENTROPY_EPS, BOUND_BLOCKS=bound_blocks, RADIX=method == "radix", num_warps=num_warps,
+                    enable_fp_fusion=FP_FUSION)
     return max_w, entropy
 
 

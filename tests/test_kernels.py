@@ -35,6 +35,8 @@ def compile_for_gpu(kernel, pointers: dict, constexprs: dict, target=HOPPER, **o
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from mirror_core.kernels import FP_FUSION
+
     signature = {}
     for param in kernel.params:
         if param.is_constexpr:
@@ -45,6 +47,7 @@ def compile_for_gpu(kernel, pointers: dict, constexprs: dict, target=HOPPER, **o
             signature[param.name] = "i32"
     assert set(constexprs) == {p.name for p in kernel.params if p.is_constexpr}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    options = {"enable_fp_fusion": FP_FUSION, **options}
     return triton.compile(source, target=GPUTarget(*target), options=options).asm["cubin"]
 
 
