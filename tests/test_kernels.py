@@ -20,7 +20,6 @@ def test_kernel_in_triton_interpreter():
     run_check("cpu", interpret=True)
 
 
-
 # The interpreter runs a kernel as Python, so it accepts what Triton's compiler refuses (a
 # float global inside @triton.jit once passed here and failed on the first GPU). Triton
 # compiles for a named GPU without one (its ptxas is in the wheel): every kernel goes

@@ -35,6 +35,17 @@ def detector_args(base, data, out, storage, epochs=4):
             "--val-fraction", "0.25"]
 
 
+def assert_same_trained_weights(resumed_bundle, straight_bundle):
+    """A resumed run's bundle against an uninterrupted run's: LoRA, head and memory bank."""
+    from safetensors.torch import load_file
+
+    for name in ("lora.safetensors", "mirror.safetensors"):
+        resumed, straight = (load_file(str(d / name)) for d in (resumed_bundle, straight_bundle))
+        assert resumed.keys() == straight.keys()
+        for key in resumed:
+            assert (resumed[key] - straight[key]).abs().max() <= 1e-6, (name, key)
+
+
 def test_phase2_on_a_planted_trace_gives_a_bundle_that_scans(ray_local, tmp_path):
     cfg, weights = tiny(seed=1)
     save_bundle(str(tmp_path / "base"), cfg, weights)
@@ -72,8 +83,6 @@ def test_phase1_from_a_backbone_directory_lowers_reconstruction(ray_local, tmp_p
 
 
 def test_killed_training_resumes_to_the_bundle_of_an_uninterrupted_run(tmp_path):
-    from safetensors.torch import load_file
-
     cfg, weights = tiny(seed=2)
     save_bundle(str(tmp_path / "base"), cfg, weights)
     labeled_folder(tmp_path / "train", 48, seed=1)
@@ -107,19 +116,14 @@ def test_killed_training_resumes_to_the_bundle_of_an_uninterrupted_run(tmp_path)
     whole = subprocess.run(command(tmp_path / "whole", tmp_path / "store-whole"), env=env, capture_output=True,
                            text=True, timeout=400)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    for name in ("lora.safetensors", "mirror.safetensors"):  # LoRA, and head + memory bank
-        resumed, straight = (load_file(str(tmp_path / d / name)) for d in ("out", "whole"))
-        assert resumed.keys() == straight.keys()
-        for key in resumed:  # live weights, EMA, optimizer and schedule all continued exactly
-            assert (resumed[key] - straight[key]).abs().max() <= 1e-6, (name, key)
+    # live weights, EMA, optimizer and schedule all continued exactly
+    assert_same_trained_weights(tmp_path / "out", tmp_path / "whole")
 
 
 def test_a_training_worker_lost_mid_run_resumes_in_the_same_run_to_the_uninterrupted_bundle(tmp_path):
     """A worker process dies after its epoch-1 checkpoint (fault hook: a preempted node).
     Ray Train restarts the worker group from that checkpoint within the same command (the
     default max_failures), which finishes with the weights of a run never interrupted."""
-    from safetensors.torch import load_file
-
     from pipeline.train.run import TrainConfig
 
     assert TrainConfig.max_failures > 0  # the default recovers
@@ -143,11 +147,7 @@ def test_a_training_worker_lost_mid_run_resumes_in_the_same_run_to_the_uninterru
     assert card["resumed_from_epoch"] in (0, 1) and [h["epoch"] for h in card["history"]] == [0, 1, 2]
     whole = train("whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    for name in ("lora.safetensors", "mirror.safetensors"):
-        resumed, straight = (load_file(str(tmp_path / d / name)) for d in ("lost", "whole"))
-        assert resumed.keys() == straight.keys()
-        for key in resumed:
-            assert (resumed[key] - straight[key]).abs().max() <= 1e-6, (name, key)
+    assert_same_trained_weights(tmp_path / "lost", tmp_path / "whole")
 
 
 def test_two_workers_data_parallel_with_ema(ray_local, tmp_path):
