@@ -359,13 +359,14 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
     def gelu_epilogue_figures() -> None:
         res[f"{prefix}_gelu_gemm"] = gelu_gemm_figures(model.backbone, batch * tokens_per_image(model, pixels), reps)
         figure(f"{prefix}_gelu_gemm", res[f"{prefix}_gelu_gemm"])
-        with swapped_gelu_epilogue(model.backbone) as replaced:
-            res[f"{prefix}_gelu_epilogue_mlps"] = replaced
-            if replaced:
-                res[f"{prefix}_gelu_epilogue_max_abs_dprob_vs_bf16_weights"] = float(
-                    (model(pixels[:32]).prob_fake.float() - plain_prob).abs().max())
-                figure("gelu_epilogue_max_abs_dprob", res[f"{prefix}_gelu_epilogue_max_abs_dprob_vs_bf16_weights"])
-                compiled_img_s("gelu_epilogue_compiled_default", "default")
+        for approximate, name in (("none", "gelu_epilogue"), ("tanh", "gelu_tanh_epilogue")):
+            with swapped_gelu_epilogue(model.backbone, approximate) as replaced:
+                res[f"{prefix}_{name}_mlps"] = replaced
+                if replaced:
+                    res[f"{prefix}_{name}_max_abs_dprob_vs_bf16_weights"] = float(
+                        (model(pixels[:32]).prob_fake.float() - plain_prob).abs().max())
+                    figure(f"{name}_max_abs_dprob", res[f"{prefix}_{name}_max_abs_dprob_vs_bf16_weights"])
+                    compiled_img_s(f"{name}_compiled_default", "default")
 
     def fp8_figures() -> None:  # last: the model keeps its fp8 layers
         bf16_prob = model(check).prob_fake.float()
@@ -426,15 +427,15 @@ def tokens_per_image(model, pixels) -> int:
 
 
 @contextmanager
-def swapped_gelu_epilogue(backbone):
-    """The backbone with GeluEpilogueMLP in place of its GELU MLPs, put back afterwards;
-    yields how many were replaced."""
+def swapped_gelu_epilogue(backbone, approximate: str = "none"):
+    """The backbone with its GELU MLPs' first GEMM + GELU as one (`gelu_epilogue_`), put
+    back afterwards; yields how many were replaced."""
     from mirror_core.fused import replace_submodule
     from mirror_core.gelu_gemm import gelu_epilogue_
 
     originals = [(name, m) for name, m in backbone.named_modules() if type(m).__name__ == "DINOv3ViTMLP"]
     try:
-        yield gelu_epilogue_(backbone)
+        yield gelu_epilogue_(backbone, approximate=approximate)
     finally:
         for name, module in originals:
             replace_submodule(backbone, name, module)
@@ -442,8 +443,9 @@ def swapped_gelu_epilogue(backbone):
 
 def gelu_gemm_figures(backbone, tokens: int, reps: int) -> dict:
     """The first MLP GEMM of one block and its GELU at the benchmark's token count, each way:
-    cuBLAS alone, cuBLAS + GELU compiled (what inductor runs), the Triton GEMM with the
-    GELU epilogue autotuned and per launch shape: milliseconds (no GELU MLP: {})."""
+    cuBLAS alone, cuBLAS + GELU compiled (what inductor runs), cuBLASLt with its (tanh) GELU
+    epilogue, the Triton GEMM with the exact GELU epilogue autotuned and per launch shape:
+    milliseconds (no GELU MLP: {})."""
     import torch.nn.functional as F
 
     from mirror_core.gelu_gemm import GPU_TILES, linear_gelu
@@ -454,9 +456,14 @@ def gelu_gemm_figures(backbone, tokens: int, reps: int) -> dict:
     w, b = mlp.up_proj.weight, mlp.up_proj.bias
     x = torch.randn(tokens, w.shape[1], device=w.device, dtype=w.dtype)
     two_pass = torch.compile(lambda x: F.gelu(F.linear(x, w, b)), dynamic=False)
+
+    def lt_tanh(x):
+        return torch._addmm_activation(b, x, w.t(), use_gelu=True)
+
     res = {"shape_mnk": [tokens, w.shape[0], w.shape[1]],
            "cublas_ms": cuda_median_s(lambda: F.linear(x, w, b), reps) * 1e3,
            "cublas_plus_gelu_compiled_ms": cuda_median_s(lambda: two_pass(x), reps) * 1e3,
+           "cublaslt_tanh_epilogue_ms": cuda_median_s(lambda: lt_tanh(x), reps) * 1e3,
            "epilogue_autotuned_ms": cuda_median_s(lambda: linear_gelu(x, w, b), reps) * 1e3}
     for tile in GPU_TILES:
         name = "epilogue_" + "_".join(f"{k[0]}{v}" for k, v in zip(("m", "n", "k", "g", "w", "s"), tile)) + "_ms"
@@ -467,5 +474,6 @@ def gelu_gemm_figures(backbone, tokens: int, reps: int) -> dict:
     ref = F.gelu(F.linear(x.float(), w.float(), b.float()))
     res["epilogue_max_abs_diff_vs_fp32"] = float((linear_gelu(x, w, b).float() - ref).abs().max())
     res["two_pass_max_abs_diff_vs_fp32"] = float((two_pass(x).float() - ref).abs().max())
+    res["cublaslt_tanh_max_abs_diff_vs_fp32"] = float((lt_tanh(x).float() - ref).abs().max())  # vs the exact GELU
     torch._dynamo.reset()
     return res

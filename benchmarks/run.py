@@ -332,7 +332,8 @@ def main(argv=None) -> int:
     g.add_argument("--graphs-patch-baseline", action="store_true", help="graphs: also the patch embedding as a convolution")
     g.add_argument("--fp8", action="store_true", help="graphs / hplus: also the fp8 precision (FP8 backbone GEMMs)")
     g.add_argument("--gelu-epilogue", action="store_true",
-                   help="graphs: also the GELU MLPs' first GEMM with the GELU in its epilogue (Triton)")
+                   help="graphs: also the GELU MLPs' first GEMM with the GELU in its epilogue (Triton, exact; "
+                        "cuBLASLt, tanh approximation)")
     r = p.add_argument_group("raw_jpeg")
     r.add_argument("--raw-images", type=int, default=8192)
     r.add_argument("--raw-modes", default="exact,fast,gpu", help="exact,fast,gpu,gpu_serial")

@@ -8,6 +8,11 @@ and the exact GELU before it is stored, once, in 16 bits: the same function, pro
 summed in another order than cuBLAS's and the pre-activation not rounded to 16 bits
 first (equal within 16-bit rounding). For 16-bit weights on CUDA; opt-in
 (`gelu_epilogue_`): on Hopper it loses to cuBLAS + the separate pass (BENCHMARKS.md).
+
+`gelu_epilogue_(..., approximate="tanh")` instead runs the GEMM in cuBLASLt with its own
+GELU epilogue (`torch._addmm_activation`, kept whole by inductor): the tanh approximation
+of GELU on CUDA, so a lossy variant, measured with its score deviation like fp8 (torch's
+CPU kernel computes the exact GELU there).
 """
 from __future__ import annotations
 
@@ -149,16 +154,39 @@ class GeluEpilogueMLP(nn.Module):
         return self.down_proj(h.view(*x.shape[:-1], h.shape[-1]))  # [..., hidden]
 
 
-def gelu_epilogue_(backbone: nn.Module, tile: GemmTile | None = None) -> int:
-    """Replace every DINOv3 MLP whose activation is the exact GELU by GeluEpilogueMLP, in
-    place (after the model is in its 16-bit dtype); returns how many were replaced. Gated
-    (SwiGLU) MLPs, other activations and other families are left as they are (0)."""
+class CublasGeluMLP(nn.Module):
+    """DINOv3's GELU MLP with up + GELU as one cuBLASLt GEMM and its GELU epilogue (on
+    CUDA the tanh approximation: see the module's docstring)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.up_proj = mlp.up_proj
+        self.down_proj = mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.up_proj
+        h = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)  # [tokens, 4h]
+        return self.down_proj(h.view(*x.shape[:-1], h.shape[-1]))  # [..., hidden]
+
+
+GELU_EPILOGUES = ("none", "tanh")  # as F.gelu's `approximate`: our exact Triton epilogue, cuBLASLt's tanh one
+
+
+def gelu_epilogue_(backbone: nn.Module, tile: GemmTile | None = None, approximate: str = "none") -> int:
+    """Replace every DINOv3 MLP whose activation is the exact GELU (and whose first
+    projection has a bias) by GeluEpilogueMLP (`approximate="none"`) or CublasGeluMLP
+    ("tanh"), in place (after the model is in its 16-bit dtype); returns how many were
+    replaced. Gated (SwiGLU) MLPs, other activations and other families are left as they
+    are (0)."""
     from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTMLP
 
-    if not triton_available():
+    if approximate not in GELU_EPILOGUES:
+        raise ValueError(f"approximate must be one of {GELU_EPILOGUES}, got {approximate!r}")
+    if approximate == "none" and not triton_available():
         raise RuntimeError("the GELU epilogue is a Triton kernel: install the [gpu] extra (triton)")
     targets = [(name, m) for name, m in backbone.named_modules()
-               if type(m) is DINOv3ViTMLP and m.config.hidden_act == "gelu"]
+               if type(m) is DINOv3ViTMLP and m.config.hidden_act == "gelu" and m.up_proj.bias is not None]
     for name, module in targets:
-        replace_submodule(backbone, name, GeluEpilogueMLP(module, tile))
+        fused = GeluEpilogueMLP(module, tile) if approximate == "none" else CublasGeluMLP(module)
+        replace_submodule(backbone, name, fused)
     return len(targets)

@@ -131,9 +131,37 @@ def check_linear_gelu(device: str) -> None:
         torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)  # compiled: the harness's --gelu-epilogue
 
 
+def check_cublas_gelu(device: str) -> None:
+    """gelu_epilogue_(approximate="tanh"): cuBLASLt's GELU epilogue is the tanh
+    approximation on CUDA (torch's CPU kernel: the exact GELU), in a DINOv3 backbone."""
+    import torch.nn.functional as F
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from mirror_core.gelu_gemm import CublasGeluMLP
+
+    gen = torch.Generator().manual_seed(3)
+    cfg = DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          patch_size=16, image_size=64, num_register_tokens=2, hidden_act="gelu")
+    backbone = DINOv3ViTModel(cfg).to(device, torch.bfloat16).eval()
+    mlp = backbone.model.layer[0].mlp
+    x = torch.randn(2, 20, 64, generator=gen).to(device, torch.bfloat16)
+    approximate = "tanh" if device == "cuda" else "none"
+    with torch.inference_mode():
+        up = F.linear(x.float(), mlp.up_proj.weight.float(), mlp.up_proj.bias.float())
+        ref = F.linear(F.gelu(up, approximate=approximate), mlp.down_proj.weight.float(), mlp.down_proj.bias.float())
+        out = CublasGeluMLP(mlp)(x).float()
+        torch.testing.assert_close(out, ref, atol=0.03, rtol=0.02)
+        pixels = torch.randn(3, 3, 64, 64, generator=gen).to(device, torch.bfloat16)
+        plain = backbone(pixel_values=pixels).last_hidden_state.float()
+        assert gelu_epilogue_(backbone, approximate="tanh") == 2
+        assert all(type(layer.mlp) is CublasGeluMLP for layer in backbone.model.layer)
+        torch.testing.assert_close(backbone(pixel_values=pixels).last_hidden_state.float(), plain, atol=0.05, rtol=0.05)
+
+
 if __name__ == "__main__":
     dev = sys.argv[1]
     check_kernel(dev)
     check_readout(dev)
     check_linear_gelu(dev)
+    check_cublas_gelu(dev)
     print("kernel checks passed on", dev)

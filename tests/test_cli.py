@@ -127,6 +127,28 @@ def test_the_console_filter_drops_only_the_known_line_and_passes_partial_lines_a
     assert proc.stdout.decode() == f"before\n{other}\nprogress 10%\rprogress 20%\r[no newline at the end"
 
 
+def test_the_console_filter_drops_ray_trains_false_alarms_even_when_a_line_comes_in_two_writes():
+    import time
+
+    from pipeline.commands.console import _FILTER, FALSE_ALARM
+
+    cleaner = ("\x1b[36m(PlacementGroupCleaner pid=19597)\x1b[0m Failed to query Ray Train Controller actor state. "
+               "State API may be temporarily unavailable. Continuing to monitor.\n")
+    watcher = ("\x1b[36m(TrainController pid=18543)\x1b[0m [2026-11-27 20:26:21,833 E 18543 18575] "
+               "core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: '12783a5a718105e9' "
+               "has constructor arguments in the object store and max_restarts > 0. If the arguments ...\n")
+    kept = "\x1b[36m(RayTrainWorker pid=18647)\x1b[0m INFO mirror -- epoch 1/3: train_loss=0.78\n"
+    child = subprocess.Popen([sys.executable, "-c", _FILTER, FALSE_ALARM], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    for line in (cleaner, watcher, kept, cleaner):
+        for piece in (line[:60], line[60:]):  # the driver writes some forwarded lines in two pieces
+            child.stdin.write(piece.encode())
+            child.stdin.flush()
+            time.sleep(0.05)
+    out, _ = child.communicate(timeout=30)
+    assert out.decode() == kept
+
+
 def test_row_progress_lines_say_rows_rate_and_time_left():
     from pipeline.progress import RowProgress, duration
 

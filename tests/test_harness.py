@@ -60,10 +60,14 @@ def test_architecture_figures_with_gelu_epilogue(cuda_on_cpu, monkeypatch):
     assert res["t_gelu_epilogue_mlps"] == TINY["num_hidden_layers"]
     assert res["t_gelu_epilogue_compiled_default_img_s"] > 0
     assert res["t_gelu_epilogue_max_abs_dprob_vs_bf16_weights"] < 0.05
+    assert res["t_gelu_tanh_epilogue_mlps"] == TINY["num_hidden_layers"]  # cuBLASLt's epilogue (exact GELU on CPU)
+    assert res["t_gelu_tanh_epilogue_compiled_default_img_s"] > 0
+    assert res["t_gelu_tanh_epilogue_max_abs_dprob_vs_bf16_weights"] < 0.05
     fig = res["t_gelu_gemm"]
     assert fig["shape_mnk"] == [2 * (196 + 1 + TINY["num_register_tokens"]), 128, 64]
     assert all(isinstance(fig[f"epilogue_{n}"], float) for n in ("autotuned_ms", "m128_n256_k64_g8_w8_s3_ms"))
     assert fig["epilogue_max_abs_diff_vs_fp32"] < 0.05 and set(calls) >= {None, *gelu_gemm.GPU_TILES}
+    assert fig["cublaslt_tanh_max_abs_diff_vs_fp32"] < 0.05 and isinstance(fig["cublaslt_tanh_epilogue_ms"], float)
     assert res["t_fp8_linears"] == 4 * TINY["num_hidden_layers"]  # the plain MLPs were put back
 
 

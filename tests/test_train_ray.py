@@ -1,6 +1,7 @@
 """Training on Ray Train (CPU, tiny models): Phase 1 and Phase 2, bundles that scan, resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,18 +83,37 @@ def test_phase1_from_a_backbone_directory_lowers_reconstruction(ray_local, tmp_p
     assert card["train_images"] + card["val_images"] == 20
 
 
-def test_killed_training_resumes_to_the_bundle_of_an_uninterrupted_run(tmp_path):
+RESUME_EPOCHS = 4
+
+
+def train_command(run: dict, out, store) -> list[str]:
+    """The CLI training run of the resume tests (`run`: the straight_run fixture)."""
+    return [sys.executable, "-m", "pipeline.commands.cli",
+            *detector_args(run["base"], run["data"], out, store, epochs=RESUME_EPOCHS), "--ema", "0.9"]
+
+
+def own_ray_env(**extra) -> dict:
+    """The environment of a CLI run that starts its own local Ray."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **extra}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """One uninterrupted training run: what every resumed run must end with."""
+    root = tmp_path_factory.mktemp("straight")
     cfg, weights = tiny(seed=2)
-    save_bundle(str(tmp_path / "base"), cfg, weights)
-    labeled_folder(tmp_path / "train", 48, seed=1)
+    save_bundle(str(root / "base"), cfg, weights)
+    run = {"base": root / "base", "data": labeled_folder(root / "train", 32, seed=1), "bundle": root / "whole"}
+    whole = subprocess.run(train_command(run, run["bundle"], root / "store"), env=own_ray_env(), capture_output=True,
+                           text=True, timeout=400)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    return run
 
-    def command(out, store):
-        return [sys.executable, "-m", "pipeline.commands.cli", *detector_args(tmp_path / "base", tmp_path / "train",
-                                                                      out, store, epochs=5), "--ema", "0.9"]
 
-    cmd = command(tmp_path / "out", tmp_path / "store")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def test_killed_training_resumes_to_the_bundle_of_an_uninterrupted_run(straight_run, tmp_path):
+    cmd = train_command(straight_run, tmp_path / "out", tmp_path / "store")
+    proc = subprocess.Popen(cmd, env=own_ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     # A checkpoint counts once Ray Train has registered it (its manager snapshot names it);
     # the files alone can be uploaded a moment earlier.
     snapshot = tmp_path / "store" / "mirror-phase2" / "checkpoint_manager_snapshot.json"
@@ -107,47 +127,47 @@ def test_killed_training_resumes_to_the_bundle_of_an_uninterrupted_run(tmp_path)
     # A kill can land while Ray Train rewrites its checkpoint list in place (seen in CI): the
     # list is left empty. Make that the case here: the rerun must recover from our own files.
     snapshot.write_bytes(b"")
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    rerun = subprocess.run(cmd, env=own_ray_env(), capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
     assert card["resumed_from_epoch"] is not None and card["resumed_from_epoch"] >= 0
-    assert [h["epoch"] for h in card["history"]] == [0, 1, 2, 3, 4]
+    assert [h["epoch"] for h in card["history"]] == list(range(RESUME_EPOCHS))
     assert "resumed after epoch" in rerun.stdout
-    whole = subprocess.run(command(tmp_path / "whole", tmp_path / "store-whole"), env=env, capture_output=True,
-                           text=True, timeout=400)
-    assert whole.returncode == 0, whole.stderr[-3000:]
     # live weights, EMA, optimizer and schedule all continued exactly
-    assert_same_trained_weights(tmp_path / "out", tmp_path / "whole")
+    assert_same_trained_weights(tmp_path / "out", straight_run["bundle"])
+    assert_clean_training_console(rerun.stdout + rerun.stderr)
 
 
-def test_a_training_worker_lost_mid_run_resumes_in_the_same_run_to_the_uninterrupted_bundle(tmp_path):
+def assert_clean_training_console(console: str) -> None:
+    """A training run's console: its own line per epoch; no error-level line, no line of
+    Ray's known false alarms, no progress bar drawn by a remote process (cursor moves)."""
+    from test_cli import ERROR_LINE
+
+    assert f"INFO mirror -- epoch {RESUME_EPOCHS}/{RESUME_EPOCHS}: " in console
+    for noise in ("Failed to query Ray Train Controller", "PreemptionWatcher", "\x1b[A", "Traceback"):
+        assert noise not in console, noise
+    native_errors = re.findall(r"\[[^\]]* [EF] \d+ \d+\] .*", console)  # Ray's C++ lines, prefixed or not
+    assert not ERROR_LINE.search(console) and not native_errors, native_errors or ERROR_LINE.search(console).group(0)
+
+
+def test_a_training_worker_lost_mid_run_resumes_in_the_same_run_to_the_uninterrupted_bundle(straight_run, tmp_path):
     """A worker process dies after its epoch-1 checkpoint (fault hook: a preempted node).
     Ray Train restarts the worker group from that checkpoint within the same command (the
     default max_failures), which finishes with the weights of a run never interrupted."""
     from pipeline.train.run import TrainConfig
 
     assert TrainConfig.max_failures > 0  # the default recovers
-    cfg, weights = tiny(seed=5)
-    save_bundle(str(tmp_path / "base"), cfg, weights)
-    labeled_folder(tmp_path / "train", 32, seed=3)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-    def train(out, **faults):
-        args = detector_args(tmp_path / "base", tmp_path / "train", tmp_path / out, tmp_path / f"store-{out}", epochs=3)
-        return subprocess.run([sys.executable, "-m", "pipeline.commands.cli", *args], env={**env, **faults},
-                              capture_output=True, text=True, timeout=400)
-
     marker = tmp_path / "worker-exited"
-    lost = train("lost", MIRROR_FAULT_TRAIN_EXIT_AFTER_EPOCH="1", MIRROR_FAULT_MARKER=str(marker))
+    lost = subprocess.run(train_command(straight_run, tmp_path / "lost", tmp_path / "store"), capture_output=True,
+                          env=own_ray_env(MIRROR_FAULT_TRAIN_EXIT_AFTER_EPOCH="1", MIRROR_FAULT_MARKER=str(marker)),
+                          text=True, timeout=400)
     assert lost.returncode == 0, lost.stderr[-3000:]
     assert marker.exists()  # the worker did die
     card = json.loads((tmp_path / "lost" / "model_card.json").read_text())
     # Epoch 1's checkpoint is written before the worker dies; whether Ray Train had
     # registered it by then is a race (it registers reports asynchronously): either resume is right
-    assert card["resumed_from_epoch"] in (0, 1) and [h["epoch"] for h in card["history"]] == [0, 1, 2]
-    whole = train("whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    assert_same_trained_weights(tmp_path / "lost", tmp_path / "whole")
+    assert card["resumed_from_epoch"] in (0, 1) and [h["epoch"] for h in card["history"]] == list(range(RESUME_EPOCHS))
+    assert_same_trained_weights(tmp_path / "lost", straight_run["bundle"])
 
 
 def test_two_workers_data_parallel_with_ema(ray_local, tmp_path):

@@ -186,7 +186,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mirror_core.config import MemoryConfig
-    from pipeline.train.run import TrainConfig, run_training
+    from pipeline.train.run import TrainConfig, metrics_line, run_training
 
     phase = 1 if args.command == "train-memory" else 2
     tc = TrainConfig(phase=phase, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -197,11 +197,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                      **({} if args.max_failures is None else {"max_failures": args.max_failures}))
     memory = MemoryConfig(args.memory_slots, args.memory_heads, args.top_k) if phase == 1 else None
     card = run_training(args.base, args.input, args.output, args.storage, tc, args.address, memory)
-    final = card["final"]
     print(f"phase {phase}: {card['train_images']} training / {card['val_images']} held-out images, "
           f"{len(card['history'])} epochs" + (f" (resumed after epoch {card['resumed_from_epoch']})"
                                               if card["resumed_from_epoch"] is not None else ""))
-    print("final: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+    print("final: " + metrics_line(card["final"]))
     print(f"bundle: {args.output} (model_id {card['model_id']}), model card: {args.output}/model_card.json")
     return 0
 

@@ -148,6 +148,11 @@ def training_datasets(input_uri: str, phase: int, val_fraction: float, seed: int
                                  fn_kwargs={"phase": phase, "seed": seed, "clock": clock, "evaluation": held,
                                             "attempts": attempts})
               for held in (False, True)]
+    for split in splits:
+        # Their progress bars would be drawn in remote processes (the split coordinator, the
+        # workers), whose forwarded lines cannot redraw: the training worker logs its own lines
+        split.context.enable_progress_bars = False
+        split.context.print_on_execution_start = False
     return splits[0], splits[1], counts[0], counts[1]
 
 
@@ -161,8 +166,14 @@ def _ready(batch: dict) -> tuple[np.ndarray, np.ndarray, int, int]:
     return np.asarray(batch[CROPS])[ok], np.asarray(batch["label"])[ok], int((~ok).sum()), here
 
 
+def metrics_line(metrics: dict) -> str:
+    """{'epoch': 2, 'train_loss': 0.55} -> 'epoch=2, train_loss=0.5500'."""
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker; the first one logs progress (Ray forwards its lines
+    to the driver's console): a line per epoch, and one a minute within a long epoch."""
     import ray
     import ray.train
     import torch
@@ -172,10 +183,13 @@ def train_loop(config: dict) -> None:
     from mirror_core.metrics import binary_metrics
     from mirror_core.model import assemble_model
     from mirror_core.train.loop import trainable_state
+    from pipeline.progress import RowProgress, log, log_to_console
 
     tc = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    if rank == 0:
+        log_to_console()
     device = ray.train.torch.get_device()
     cfg = MirrorConfig.from_dict(config["model_config"])
     model = assemble_model(cfg, MirrorWeights.from_numpy(ray.get(config["weights"])), merge_lora=tc.phase == 1).to(device)
@@ -199,7 +213,10 @@ def train_loop(config: dict) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no worker starts the epoch's data before the clock says which epoch
         losses, skipped, prepared_here = [], 0, 0
+        meter = RowProgress(f"epoch {epoch + 1}/{tc.epochs}", -(-config["train_images"] // ctx.get_world_size()),
+                            every_s=60.0 if rank == 0 else 0)
         for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
+            meter.add(len(batch[OK]))
             crops, labels, bad, here = _ready(batch)
             skipped, prepared_here = skipped + bad, prepared_here + here
             if not len(crops):
@@ -212,6 +229,9 @@ def train_loop(config: dict) -> None:
             metrics.update(_validate(model, tc.phase, device, binary_metrics))
             exported = trainable_state(model, tc.phase)
         history.append(metrics)
+        if rank == 0:
+            said = {k: v for k, v in metrics.items() if k != "epoch"}
+            log.info("epoch %d/%d: %s", epoch + 1, tc.epochs, metrics_line(said))
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 save_file(exported, os.path.join(d, EXPORT))  # what the bundle gets (the EMA with --ema)
@@ -329,6 +349,7 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
         train_loop,
         train_loop_config={"train": dataclasses.asdict(tc), "model_config": bundle.config.to_dict(),
                            "weights": ray.put(bundle.weights.to_numpy()), "total_steps": steps, "clock": clock,
+                           "train_images": n_train,
                            "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
         run_config=RunConfig(name=tc.name, storage_path=storage,
