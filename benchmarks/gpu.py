@@ -138,14 +138,14 @@ def model_figures(backbone: dict, batches: list[int], reps: int, compile_batch: 
         achieved = res["model_img_s_bf16"] * res["flops_per_image_g"] / 1e3  # TFLOP/s
         res["mfu_vs_datasheet"] = achieved / H100_BF16_DENSE_TFLOPS
         res["mfu_vs_measured_matmul"] = achieved / res["matmul_bf16_tflops_measured"]
-        del reference
+        reference = None  # freed (closures above hold its name)
         torch.cuda.empty_cache()
         # bf16 weights (no autocast): LayerNorms and residual adds in bf16 too.
         pixels = torch.randint(0, 256, (best, 224, 224, 3), dtype=torch.uint8, device="cuda")
         half = assemble_model(cfg, weights).cuda().to(torch.bfloat16)
         res["bf16_weights_img_s"] = best / cuda_median_s(lambda: half(pixels), reps)
         res["bf16_weights_max_abs_dprob"] = float((half(check).prob_fake.float() - fp32.prob_fake).abs().max())
-        del half
+        half = None
         torch.cuda.empty_cache()
     if compile_batch:
         t0 = time.perf_counter()
@@ -251,7 +251,7 @@ def compile_figures(backbone: dict, batch: int, reps: int,
                 first = time.perf_counter() - t0
                 res[f"{weights_dtype}_{name}_img_s"] = batch / cuda_median_s(fn, reps)
                 res[f"{weights_dtype}_{name}_first_call_s"] = first
-        del model, full, bb
+        model = full = bb = None  # freed before the next dtype
         torch.cuda.empty_cache()
     return res
 
@@ -415,7 +415,7 @@ def architecture_figures(prefix: str, backbone: dict, batch: int, reps: int,
             guarded("gelu_epilogue", gelu_epilogue_figures)
         if fp8:
             guarded("fp8", fp8_figures)
-    del model
+    model = None  # freed (the figure closures hold its name)
     torch.cuda.empty_cache()
     return res
 

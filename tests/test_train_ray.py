@@ -110,6 +110,7 @@ def straight_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.xdist_group("straight_run")  # one worker: one straight run for both
 def test_killed_training_resumes_to_the_bundle_of_an_uninterrupted_run(straight_run, tmp_path):
     cmd = train_command(straight_run, tmp_path / "out", tmp_path / "store")
     proc = subprocess.Popen(cmd, env=own_ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -150,6 +151,7 @@ def assert_clean_training_console(console: str) -> None:
     assert not ERROR_LINE.search(console) and not native_errors, native_errors or ERROR_LINE.search(console).group(0)
 
 
+@pytest.mark.xdist_group("straight_run")  # one worker: one straight run for both
 def test_a_training_worker_lost_mid_run_resumes_in_the_same_run_to_the_uninterrupted_bundle(straight_run, tmp_path):
     """A worker process dies after its epoch-1 checkpoint (fault hook: a preempted node).
     Ray Train restarts the worker group from that checkpoint within the same command (the
