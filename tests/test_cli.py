@@ -114,6 +114,30 @@ def test_demo_console_has_no_error_level_lines_and_one_row_per_image(tmp_path):
     assert "INFO mirror -- planning" in proc.stderr  # work outside Ray Data shows progress too
 
 
+def test_training_input_errors_are_one_line_before_ray_starts(tmp_path):
+    """A wrong training input fails while the driver lists it: no Ray start (seconds of
+    waiting, and Ray's shutdown lines after the error), one line naming the problem."""
+    from PIL import Image
+    from test_train import tiny
+
+    from mirror_core.bundle import save_bundle
+
+    save_bundle(str(tmp_path / "base"), *tiny(seed=0))
+    for path in ("flat/a.png", "flat/b.png", "one/0_real/a.png"):  # flat: no labels (fine for phase 1 only)
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / path)
+    cases = [("train-detector", "missing", "FileNotFoundError: input"),
+             ("train-detector", "flat", "ValueError: phase 2 needs a label for every image; 2 have none"),
+             ("train-memory", "one", "ValueError: not enough images in")]
+    for command, data, error in cases:
+        proc = run_mirror(command, "--base", tmp_path / "base", "--input", tmp_path / data, "--output",
+                          tmp_path / "out", "--storage", tmp_path / "store", check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"mirror {command}: error: {error}" in proc.stderr, proc.stderr[-2000:]
+        assert "Ray" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
+
+
 def test_the_console_filter_drops_only_the_known_line_and_passes_partial_lines_at_once():
     from pipeline.commands.console import _FILTER, FALSE_ALARM
 

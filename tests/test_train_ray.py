@@ -83,7 +83,7 @@ def test_phase1_from_a_backbone_directory_lowers_reconstruction(ray_local, tmp_p
     assert card["train_images"] + card["val_images"] == 20
 
 
-RESUME_EPOCHS = 4
+RESUME_EPOCHS = 5  # the kill must land between the first registered checkpoint and the end
 
 
 def train_command(run: dict, out, store) -> list[str]:
@@ -265,12 +265,13 @@ def test_a_file_crashing_its_decoder_is_skipped_not_retried_forever(ray_local):
 
 
 def test_a_corpus_copied_to_s3_keeps_its_held_out_split(ray_local, s3_corpus, tmp_path):
-    from pipeline.train.run import training_datasets
+    from pipeline.train.run import plan_training_data, training_datasets
 
     def held_out_names(input_uri):
-        _, val, n_train, n_val = training_datasets(input_uri, phase=2, val_fraction=0.5)
+        data = plan_training_data(input_uri, phase=2, val_fraction=0.5)
+        _, val = training_datasets(data)
         names = sorted("/".join(u.split("/")[-2:]) for u in val.select_columns(["uri"]).to_pandas()["uri"])
-        assert len(names) == n_val and n_train + n_val == 12
+        assert len(names) == data.n_val and data.n_train + data.n_val == 12
         return names
 
     local = held_out_names(str(tmp_path / "src"))  # the folder the fixture uploaded

@@ -32,6 +32,7 @@ from mirror_core.config import MemoryConfig, MirrorConfig
 from mirror_core.train.loop import trained_weights
 from mirror_core.uri import join_uri
 from mirror_core.weights import MirrorWeights
+from pipeline.progress import RowProgress, log, log_to_console
 from pipeline.scan import faults
 from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.sources import (
@@ -119,31 +120,57 @@ def _standardize_shard(batch: pa.Table) -> pa.Table:
     return standard_records(batch, ColumnMap()).select(["uri", "label", "bytes"])
 
 
-def training_datasets(input_uri: str, phase: int, val_fraction: float, seed: int = 0, clock=None, attempts=None):
-    """Streaming Ray datasets (train, val) of prepared crops from any scan source, plus
-    their row counts. The driver only lists records (uris, labels); image bytes are read,
-    decoded and augmented by Ray tasks (`prepare.prepare_batch`; `attempts`: a
-    DecodeAttempts actor, so that a file crashing its decoder is skipped)."""
-    import ray
+@dataclass
+class TrainingData:
+    """A training input's records as the driver lists them (uri and label; no image bytes),
+    their split, and where the bytes are: made before Ray starts, so a wrong input fails at once."""
+    input_uri: str
+    phase: int
+    val_fraction: float
+    root: str  # the input as the listing spells records' uris (the split hashes the path below it)
+    index: pa.Table  # uri, label
+    shard_files: list[str]  # Parquet input: its files (the bytes are in them); else [] (bytes fetched by uri)
+    n_train: int
+    n_val: int
 
+
+def plan_training_data(input_uri: str, phase: int, val_fraction: float) -> TrainingData:
+    """List a training input (any scan source) and check it can train: phase 2 needs a
+    label on every record, and both splits need images (phase 1 counts reals only)."""
     plan = plan_source(input_uri, SourceOptions())
     if plan.input_format == "parquet":
         files = sorted({u.file for u in plan.units})
         index = pa.concat_tables([read_shard_unit(u, ColumnMap(), with_bytes=False).select(["uri", "label"])
                                   for u in plan.units])
-        source = ray.data.read_parquet(files).map_batches(_standardize_shard, batch_format="pyarrow")
     else:
+        files = []
         index = plan.records.select(["uri", "label"]) if "label" in plan.records.column_names else \
             plan.records.select(["uri"]).append_column("label", pa.nulls(plan.records.num_rows, pa.int64()))
-        source = ray.data.from_arrow(index).map_batches(_fetch_bytes, batch_format="pyarrow")
     if phase == 2 and index["label"].null_count:
         raise ValueError(f"phase 2 needs a label for every image; {index['label'].null_count} have none")
     fs, base = fsspec.core.url_to_fs(input_uri)
-    root = full_uri(fs, base)  # spelled as the listing spells records' uris
-    counts = [_select(index, phase, val_fraction, held, root).num_rows for held in (False, True)]
+    root = full_uri(fs, base)
+    n_train, n_val = (_select(index, phase, val_fraction, held, root).num_rows for held in (False, True))
+    if n_train == 0 or n_val == 0:
+        raise ValueError(f"not enough images in {input_uri}: {n_train} to train on, {n_val} held out"
+                         + (" (phase 1 trains on real images only)" if phase == 1 else ""))
+    return TrainingData(input_uri, phase, val_fraction, root, index, files, n_train, n_val)
+
+
+def training_datasets(data: TrainingData, seed: int = 0, clock=None, attempts=None):
+    """Streaming Ray datasets (train, val) of prepared crops. Image bytes are read, decoded
+    and augmented by Ray tasks (`prepare.prepare_batch`; `attempts`: a DecodeAttempts
+    actor, so that a file crashing its decoder is skipped)."""
+    import ray
+
+    if data.shard_files:
+        source = ray.data.read_parquet(data.shard_files).map_batches(_standardize_shard, batch_format="pyarrow")
+    else:
+        source = ray.data.from_arrow(data.index).map_batches(_fetch_bytes, batch_format="pyarrow")
+    phase = data.phase
     splits = [source.map_batches(_select, batch_format="pyarrow",
-                                 fn_kwargs={"phase": phase, "val_fraction": val_fraction, "held_out": held,
-                                            "root": root})
+                                 fn_kwargs={"phase": phase, "val_fraction": data.val_fraction, "held_out": held,
+                                            "root": data.root})
                     .map_batches(prepare_batch, batch_format="pyarrow", batch_size=PREPARE_ROWS,
                                  fn_kwargs={"phase": phase, "seed": seed, "clock": clock, "evaluation": held,
                                             "attempts": attempts})
@@ -153,7 +180,7 @@ def training_datasets(input_uri: str, phase: int, val_fraction: float, seed: int
         # workers), whose forwarded lines cannot redraw: the training worker logs its own lines
         split.context.enable_progress_bars = False
         split.context.print_on_execution_start = False
-    return splits[0], splits[1], counts[0], counts[1]
+    return splits[0], splits[1]
 
 
 PREPARE_ROWS = 32  # records per preparation task call
@@ -183,7 +210,6 @@ def train_loop(config: dict) -> None:
     from mirror_core.metrics import binary_metrics
     from mirror_core.model import assemble_model
     from mirror_core.train.loop import trainable_state
-    from pipeline.progress import RowProgress, log, log_to_console
 
     tc = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -336,12 +362,12 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     from pipeline.cluster import ensure_ray
     
     bundle = base_model(base, memory)
+    data = plan_training_data(input_uri, tc.phase, tc.val_fraction)
+    n_train, n_val = data.n_train, data.n_val
+    log.info("phase %d: %s training / %s held-out images in %s", tc.phase, f"{n_train:,}", f"{n_val:,}", input_uri)
     ensure_ray(address)
     clock = epoch_clock()
-    train_ds, val_ds, n_train, n_val = training_datasets(input_uri, tc.phase, tc.val_fraction, tc.seed, clock,
-                                                         decode_attempts())
-    if n_train == 0 or n_val == 0:
-        raise ValueError(f"not enough images: {n_train} to train on, {n_val} held out")
+    train_ds, val_ds = training_datasets(data, tc.seed, clock, decode_attempts())
     steps = tc.epochs * math.ceil(n_train / (tc.batch_size * tc.num_workers * tc.grad_accum))
     storage = os.path.abspath(storage) if "://" not in storage else storage
     resume_from = recover_interrupted_run(storage, tc.name)
