@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .bundle import Bundle, load_bundle
-from .config import MirrorConfig
+from .config import PRECISION_NAMES, MirrorConfig
 from .fp8 import fp8_linears_, fp8_supported
 from .fused import fuse_projections_, patch_embedding_as_linear_, precompute_rope_
 from .model import MirrorModel, assemble_model
@@ -33,6 +33,7 @@ class Precision(NamedTuple):
 PRECISIONS = {"fp32": Precision(None, None), "bf16": Precision(torch.bfloat16, None),
               "fp16": Precision(torch.float16, None), "bf16-weights": Precision(None, torch.bfloat16),
               "fp8": Precision(None, torch.bfloat16, fp8_gemms=True)}
+assert tuple(PRECISIONS) == PRECISION_NAMES
 
 
 class Detector:

@@ -80,7 +80,9 @@ def test_cpu_stage_modules_do_not_import_torch():
     import subprocess
     import sys
 
-    modules = ("pipeline.scan.decode", "pipeline.scan.commit", "pipeline.commands.ingest", "pipeline.audit.filtered")
+    # and the command line itself: `mirror --help`, a flag or config error, must not wait for them
+    modules = ("pipeline.scan.decode", "pipeline.scan.commit", "pipeline.commands.ingest", "pipeline.audit.filtered",
+               "pipeline.commands.cli")
     code = (f"import sys; import {', '.join(modules)}; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)

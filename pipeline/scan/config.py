@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mirror_core.config import ALIGNMENT_MODES
-from mirror_core.detector import PRECISIONS
+from mirror_core.config import ALIGNMENT_MODES, PRECISION_NAMES
 from pipeline.scan.sources import DEFAULT_EXTENSIONS, INPUT_FORMATS, ColumnMap, SourceOptions
 
 
@@ -65,8 +64,8 @@ class ScanConfig:
                 raise ConfigError(f"{source}: {name} must be >= 0, got {getattr(self, name)}")
         if self.max_actors is not None and self.max_actors < self.actors:
             raise ConfigError(f"{source}: max_actors ({self.max_actors}) must be >= actors ({self.actors})")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ConfigError(f"{source}: precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.precision is not None and self.precision not in PRECISION_NAMES:
+            raise ConfigError(f"{source}: precision must be one of {sorted(PRECISION_NAMES)}, got {self.precision!r}")
         if self.alignment is not None and self.alignment not in ALIGNMENT_MODES:
             raise ConfigError(f"{source}: alignment must be one of {list(ALIGNMENT_MODES)}, got {self.alignment!r}")
         if self.gpu_decode and self.fast_decode:
