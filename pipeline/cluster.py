@@ -14,6 +14,16 @@ def _quiet_default_auth(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
+# A local Ray started here runs no dashboard, so no state API. Ray Train's placement-group
+# cleaner asks that API every second whether the training controller lives; left to find
+# the API on its own, it guesses among all Ray instances on the machine and, when there
+# are several (two local runs at once), its thread dies with a traceback on the console.
+# Port 0 takes no connection: the API is plainly unavailable, the cleaner says so (a line
+# the console filter drops), and a local cluster, which ends with the command, needs no
+# cleaning.
+LOCAL_RUNTIME_ENV = {"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:0"}}
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Join `address` / RAY_ADDRESS, else start a local Ray (at least 4 logical CPUs so
     decode tasks and scoring actors both get slots on small machines)."""
@@ -26,7 +36,8 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         logging.getLogger(AUTH_LOGGER).addFilter(_quiet_default_auth)
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
+                 runtime_env=LOCAL_RUNTIME_ENV)
 
 
 def resources_line() -> str:

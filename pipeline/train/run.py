@@ -387,13 +387,20 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ordered()),
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
+    # A rerun that recovered a checkpoint of ours (above) with no epoch left to train
+    # reports none to Ray Train: that checkpoint is the run's last.
+    final = result.checkpoint or (ray.train.Checkpoint(resume_from) if resume_from else None)
+    if final is None:
+        raise RuntimeError(f"training run {tc.name} under {storage} ended without a checkpoint")
+    with final.as_directory() as d:
         trained = load_file(os.path.join(d, EXPORT))
         meta = json.loads(Path(d, "meta.json").read_text())
     new = trained_weights(bundle.weights, trained)
     card = {"phase": tc.phase, "base": base, "base_model_id": bundle.model_id, "data": input_uri,
             "train_images": n_train, "val_images": n_val, "recipe": dataclasses.asdict(tc),
-            "history": meta["history"], "final": meta["history"][-1], "resumed_from_epoch": meta["resumed_from_epoch"]}
+            "history": meta["history"], "final": meta["history"][-1],
+            # trained nothing more: this run resumed after the recovered checkpoint's epoch
+            "resumed_from_epoch": meta["resumed_from_epoch"] if result.checkpoint else meta["epoch"]}
     model_id = save_bundle(output, bundle.config, new, {"trained": card})
     card["model_id"] = model_id
     Location(output).write_json("model_card.json", card)
