@@ -40,7 +40,7 @@ FALSE_ALARM = "|".join(f"(?:{pattern})" for pattern in FALSE_ALARMS)
 
 # The child: reads the pipe, holds back a partial line until its end comes (the driver
 # may write a forwarded line in two pieces), forwards everything else at once: a partial
-# line holding a carriage return is a progress bar redrawing, and passes unchanged.
+# line holding a carriage return or a cursor-up is a progress bar redrawing, and passes.
 _FILTER = r"""
 import os, re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # outlive the driver's Ctrl-C to print its traceback
@@ -54,7 +54,7 @@ while True:
     lines = data.split(b"\n")
     tail = lines.pop()
     out = b"".join(line + b"\n" for line in lines if not alarm.search(line))
-    if b"\r" not in tail and len(tail) < 65536:
+    if b"\r" not in tail and b"\x1b[A" not in tail and len(tail) < 65536:
         held = tail
     else:
         held, out = b"", out + tail
