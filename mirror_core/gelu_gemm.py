@@ -149,24 +149,20 @@ class GeluEpilogueMLP(nn.Module):
         self.down_proj = mlp.down_proj
         self.tile = tile
 
+    def up_gelu(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden] -> [tokens, 4 x hidden]
+        return linear_gelu(x, self.up_proj.weight, self.up_proj.bias, self.tile)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = linear_gelu(x.reshape(-1, x.shape[-1]), self.up_proj.weight, self.up_proj.bias, self.tile)
+        h = self.up_gelu(x.reshape(-1, x.shape[-1]))
         return self.down_proj(h.view(*x.shape[:-1], h.shape[-1]))  # [..., hidden]
 
 
-class CublasGeluMLP(nn.Module):
+class CublasGeluMLP(GeluEpilogueMLP):
     """DINOv3's GELU MLP with up + GELU as one cuBLASLt GEMM and its GELU epilogue (on
     CUDA the tanh approximation: see the module's docstring)."""
 
-    def __init__(self, mlp: nn.Module):
-        super().__init__()
-        self.up_proj = mlp.up_proj
-        self.down_proj = mlp.down_proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up = self.up_proj
-        h = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)  # [tokens, 4h]
-        return self.down_proj(h.view(*x.shape[:-1], h.shape[-1]))  # [..., hidden]
+    def up_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._addmm_activation(self.up_proj.bias, x, self.up_proj.weight.t(), use_gelu=True)
 
 
 GELU_EPILOGUES = ("none", "tanh")  # as F.gelu's `approximate`: our exact Triton epilogue, cuBLASLt's tanh one

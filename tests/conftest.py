@@ -139,3 +139,21 @@ def mirror_log_lines():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def own_ray_env(**extra) -> dict:
+    """The environment for a CLI run that starts its own local Ray (no RAY_ADDRESS)."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **extra}
+
+
+def kill_group_when(proc, ready, timeout_s: float) -> None:
+    """SIGKILL `proc`'s process group (started with start_new_session) once `ready()`, once
+    it has ended by itself, or after `timeout_s`; the caller asserts which it was."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

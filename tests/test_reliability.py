@@ -3,15 +3,13 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, write_image
+from conftest import REPO, kill_group_when, own_ray_env, write_image
 from hostile import animated_gif, exif_rotated_jpeg, hostile_files, png_with_header, write_hostile_corpus
 from PIL import Image
 from s3_faults import FaultProxy
@@ -279,7 +277,7 @@ def test_killed_ingest_reruns_to_the_same_shards(tmp_path):
     (tmp_path / "in" / "top.png").write_bytes(b"not an image")  # a root-level file, kept as a row
     ingest = [sys.executable, "-m", "pipeline.commands.cli", "ingest", "--input", str(tmp_path / "in"),
               "--rows-per-shard", "5", "--rows-per-row-group", "2"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = own_ray_env()
     subprocess.run([*ingest, "--output", str(tmp_path / "whole")], env=env, check=True, capture_output=True,
                    timeout=300)
     # slowed so that the kill lands mid-way: some shards written, others not
@@ -289,12 +287,7 @@ def test_killed_ingest_reruns_to_the_same_shards(tmp_path):
                                 env={**env, "MIRROR_FAULT_WRITE_DELAY_S": "1.5"}, stdout=log, stderr=log)
     # generous: on a 2-core machine shared with other tests' Ray clusters, start-up alone
     # has taken minutes
-    deadline = time.time() + 480
-    while (time.time() < deadline and proc.poll() is None
-           and len(list((tmp_path / "resumed").glob("shard-*.parquet"))) < 1):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_group_when(proc, lambda: len(list((tmp_path / "resumed").glob("shard-*.parquet"))) >= 1, 480)
     before = sorted(p.name for p in (tmp_path / "resumed").glob("shard-*.parquet"))
     assert 1 <= len(before) < 5, (before, (tmp_path / "slowed.log").read_text()[-3000:])
     rerun = subprocess.run([*ingest, "--output", str(tmp_path / "resumed")], env=env, capture_output=True,

@@ -2,13 +2,12 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from conftest import kill_group_when, own_ray_env
 from test_train import smooth_image, tiny
 
 from mirror_core.bundle import save_bundle
@@ -92,11 +91,6 @@ def train_command(run: dict, out, store) -> list[str]:
             *detector_args(run["base"], run["data"], out, store, epochs=RESUME_EPOCHS), "--ema", "0.9"]
 
 
-def own_ray_env(**extra) -> dict:
-    """The environment of a CLI run that starts its own local Ray."""
-    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **extra}
-
-
 @pytest.fixture(scope="session")
 def straight_run(tmp_path_factory, worker_id):
     """One uninterrupted training run: what every resumed run must end with. Made once per
@@ -125,12 +119,8 @@ def test_killed_training_resumes_to_the_bundle_of_an_uninterrupted_run(straight_
     # A checkpoint counts once Ray Train has registered it (its manager snapshot names it);
     # the files alone can be uploaded a moment earlier.
     snapshot = tmp_path / "store" / "mirror-phase2" / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + 400  # a loaded CI machine: the run's start alone can take minutes
-    while time.time() < deadline and proc.poll() is None and not (snapshot.exists()
-                                                                   and "checkpoint_" in snapshot.read_text()):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # a loaded CI machine: the run's start alone can take minutes
+    kill_group_when(proc, lambda: snapshot.exists() and "checkpoint_" in snapshot.read_text(), 400)
     assert snapshot.exists(), "no registered checkpoint before the kill"
     assert not (tmp_path / "out" / "model_card.json").exists()
     # A kill can land while Ray Train rewrites its checkpoint list in place (seen in CI): the

@@ -363,19 +363,19 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     
     bundle = base_model(base, memory)
     data = plan_training_data(input_uri, tc.phase, tc.val_fraction)
-    n_train, n_val = data.n_train, data.n_val
-    log.info("phase %d: %s training / %s held-out images in %s", tc.phase, f"{n_train:,}", f"{n_val:,}", input_uri)
+    log.info("phase %d: %s training / %s held-out images in %s", tc.phase, f"{data.n_train:,}", f"{data.n_val:,}",
+             input_uri)
     ensure_ray(address)
     clock = epoch_clock()
     train_ds, val_ds = training_datasets(data, tc.seed, clock, decode_attempts())
-    steps = tc.epochs * math.ceil(n_train / (tc.batch_size * tc.num_workers * tc.grad_accum))
+    steps = tc.epochs * math.ceil(data.n_train / (tc.batch_size * tc.num_workers * tc.grad_accum))
     storage = os.path.abspath(storage) if "://" not in storage else storage
     resume_from = recover_interrupted_run(storage, tc.name)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": dataclasses.asdict(tc), "model_config": bundle.config.to_dict(),
                            "weights": ray.put(bundle.weights.to_numpy()), "total_steps": steps, "clock": clock,
-                           "train_images": n_train,
+                           "train_images": data.n_train,
                            "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
         run_config=RunConfig(name=tc.name, storage_path=storage,
@@ -397,7 +397,7 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
         meta = json.loads(Path(d, "meta.json").read_text())
     new = trained_weights(bundle.weights, trained)
     card = {"phase": tc.phase, "base": base, "base_model_id": bundle.model_id, "data": input_uri,
-            "train_images": n_train, "val_images": n_val, "recipe": dataclasses.asdict(tc),
+            "train_images": data.n_train, "val_images": data.n_val, "recipe": dataclasses.asdict(tc),
             "history": meta["history"], "final": meta["history"][-1],
             # trained nothing more: this run resumed after the recovered checkpoint's epoch
             "resumed_from_epoch": meta["resumed_from_epoch"] if result.checkpoint else meta["epoch"]}
