@@ -17,8 +17,11 @@ to it, scans it with a demo-size model and prints one JSON object:
   driver CPU per second of pipeline wall time, scan over bare (Ray Data's executor costs
   the driver CPU per second it runs, and the scan's pipeline runs longer: replica builds,
   contention); driver_cpu_total_over_bare_total: the plain ratio;
-- plan_s, plan_peak_rss_mb: planning a generated 1M-record manifest (not scanned), in a
-  fresh process;
+- plan_s, plan_peak_rss_mb, plan_imports_rss_mb: planning a generated 1M-record manifest
+  (not scanned) in a fresh process as a scan does (records into the scan's store, unit
+  descriptors made), peak RSS and the imports' share of it; plan_in_memory_*: the same
+  plan held in memory (training's index, --update's fresh listing); `--plan-only N`
+  measures only these, for N records;
 - sink_rows_per_s_at_50ms, serial_bound_rows_per_s: the commit stage alone (the scan's
   code, fed pre-scored blocks through Ray) writing to S3 behind a proxy that delays every
   request by 50 ms, sustained once its writers run (and with their start-up:
@@ -201,20 +204,47 @@ def bare_pipeline_cpu(blocks: int, decode_s: float, score_s: float, out_uri: str
     return time.process_time() - t, time.perf_counter() - wall
 
 
+PLAN_CHILD = """
+import json, sys, time
+from pipeline.scan.run import peak_rss_mb, unit_descriptors
+from pipeline.scan.sources import SourceOptions, plan_source
+from pipeline.scan.store import PlanRecordsWriter, ScanStore
+manifest, out, into_store = sys.argv[1], sys.argv[2], sys.argv[3] == "store"
+imports_mb, t = peak_rss_mb(), time.perf_counter()
+if into_store:  # as a scan plans: records to the store unit by unit, the driver keeps the units
+    store = ScanStore(out)
+    with PlanRecordsWriter(store) as sink:
+        plan = plan_source(manifest, SourceOptions(), sink=sink)
+    store.save_plan(plan)
+    items = unit_descriptors(plan.units, store, {}, None)
+else:  # in memory (training's index, --update's fresh listing)
+    plan = plan_source(manifest, SourceOptions())
+    items = plan.units
+print(json.dumps({"s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "imports_mb": imports_mb,
+                  "units": len(plan.units), "items": len(items)}))
+"""
+
+
 def plan_figures(tmp: Path, records: int = 1_000_000) -> dict:
-    """plan_s and peak RSS of planning a 1M-record manifest, in a fresh process."""
+    """Planning a generated manifest of `records` URIs in a fresh process, as a scan does
+    (records into the store, unit descriptors made: plan_s, plan_peak_rss_mb over
+    plan_imports_rss_mb) and in memory (plan_in_memory_s, plan_in_memory_peak_rss_mb)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    manifest = tmp / "manifest.parquet"
-    pq.write_table(pa.table({"uri": [f"s3://corpus/images/{i:08d}.jpg" for i in range(records)]}), manifest)
-    code = ("import json, time; from pipeline.scan.sources import plan_source, SourceOptions; "
-            "from pipeline.scan.run import peak_rss_mb; t = time.perf_counter(); "
-            f"p = plan_source({str(manifest)!r}, SourceOptions()); "
-            "print(json.dumps({'plan_s': time.perf_counter() - t, 'plan_peak_rss_mb': peak_rss_mb(), "
-            "'plan_units': len(p.units)}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    manifest = tmp / f"manifest-{records}.parquet"
+    with pq.ParquetWriter(manifest, pa.schema([("uri", pa.string())])) as writer:  # in pieces: bounded here too
+        for start in range(0, records, 1_000_000):
+            writer.write_table(pa.table({"uri": [f"s3://corpus/images/{i // 10_000:05d}/{i:09d}.jpg"
+                                                 for i in range(start, min(records, start + 1_000_000))]}))
+    figures = {"plan_records": records}
+    for mode, prefix in (("store", "plan"), ("memory", "plan_in_memory")):
+        out = subprocess.run([sys.executable, "-c", PLAN_CHILD, str(manifest), str(tmp / f"plan-{records}"), mode],
+                             capture_output=True, text=True, check=True, cwd=REPO)
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        figures.update({f"{prefix}_s": round(got["s"], 2), f"{prefix}_peak_rss_mb": round(got["peak_rss_mb"]),
+                        "plan_imports_rss_mb": round(got["imports_mb"]), "plan_units": got["units"]})
+    return figures
 
 
 def prescored_block(u: int, store: str):
@@ -305,7 +335,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="10,000 images (a few minutes on 2 cores)")
     p.add_argument("--images", type=int, help="corpus size (default 10,000 quick, 50,000 otherwise)")
     p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
+    p.add_argument("--plan-only", type=int, metavar="RECORDS",
+                   help="only the planning figures, for a manifest of RECORDS URIs (no cluster)")
     args = p.parse_args(argv)
+    if args.plan_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), **plan_figures(Path(tmp), args.plan_only)}
+        print(json.dumps(result, indent=2))
+        if not args.no_record:
+            with open(PERF_LOG, "a") as log:
+                log.write(f"\n### {result['date']}: planning a manifest of {args.plan_only:,} records\n\n"
+                          "```json\n" + json.dumps(result, indent=2) + "\n```\n")
+        return 0
     n = args.images or (10_000 if args.quick else 50_000)
 
     import fsspec

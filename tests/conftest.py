@@ -95,6 +95,21 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+def inline_unit_batch(store: Path, unit_id: str, records, run: dict | None = None) -> dict:
+    """The decode stage's batch of one inline unit of `records` (a table with `uri`), its
+    records stored as a scan's plan stores them, its part bound for `store`."""
+    from pipeline.scan.run import unit_descriptors
+    from pipeline.scan.sources import Unit
+    from pipeline.scan.store import PlanRecordsWriter, ScanStore
+
+    out = ScanStore(str(store))
+    unit = Unit(unit_id, "inline", records.num_rows)
+    with PlanRecordsWriter(out) as sink:
+        sink.add(unit, records)
+    (item,) = unit_descriptors([unit], out, run or {"model_id": "m", "preprocess": "p", "threshold": 0.5}, None)
+    return {k: [v] for k, v in item.items()}
+
+
 def write_image(path: Path, size=(64, 48), seed=0, fmt=None) -> bytes:
     """A small random image file; returns its bytes."""
     import io

@@ -1,14 +1,13 @@
 """GPU decode mode, on CPU: the tensor resize/crop against the exact path, which rows go to the
 GPU, the CPU fallback when a replica has no GPU decoder, and the per-row recording."""
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import write_image
+from conftest import inline_unit_batch, write_image
 from PIL import Image
 
 from mirror_core.bundle import load_bundle
@@ -18,7 +17,7 @@ from mirror_core.preprocess import official_preprocess, preprocess_rgb
 from pipeline.scan.commit import commit_units
 from pipeline.scan.config import ConfigError, ScanConfig
 from pipeline.scan.decode import decode_units
-from pipeline.scan.schema import ENCODED, ROW_PREPROCESS, pack_records
+from pipeline.scan.schema import ENCODED, ROW_PREPROCESS
 from pipeline.scan.scorer import Scorer
 
 
@@ -118,11 +117,8 @@ def test_gpu_mode_rows_fall_back_to_the_exact_cpu_path_and_say_so(tmp_path, pari
     (tmp_path / "cut.jpg").write_bytes(plain[: len(plain) // 2])  # truncated: the GPU would refuse it
     names = ["plain.jpg", "b.png", "cmyk.jpg", "named.png", "cut.jpg"]
     uris = [str(tmp_path / n) for n in names]
-    unit = {"unit_id": "u1", "kind": "inline", "rows": len(uris), "file": None, "row_group": None}
     run = {"model_id": "m", "preprocess": PreprocessConfig(gpu_decode=True).name, "threshold": 0.5}
-    target = json.dumps({"store": str(tmp_path / "scan"), "unit_id": "u1", "run": run})
-    (decoded,) = decode_units({"key": ["0/u1"], "unit": [json.dumps(unit)], "records": [pack_records(pa.table({"uri": uris}))],
-                               "target": [target], "perturbation": [""]},
+    (decoded,) = decode_units(inline_unit_batch(tmp_path / "scan", "u1", pa.table({"uri": uris}), run),
                               preprocess={"gpu_decode": True}, columns={})
     sent = [v is not None for v in decoded[ENCODED].to_pylist()]
     assert sent == [True, False, False, False, True]
@@ -151,11 +147,7 @@ def test_gpu_mode_rows_the_cpu_cannot_decode_either_are_error_rows(tmp_path, par
     (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 64)  # JPEG magic, no image
     good = write_image(tmp_path / "ok.jpg", size=(300, 300), seed=5)
     uris = [str(tmp_path / "junk.jpg"), str(tmp_path / "ok.jpg")]
-    unit = {"unit_id": "u2", "kind": "inline", "rows": 2, "file": None, "row_group": None}
-    run = {"model_id": "m", "preprocess": "p", "threshold": 0.5}
-    target = json.dumps({"store": str(tmp_path / "scan"), "unit_id": "u2", "run": run})
-    (decoded,) = decode_units({"key": ["0/u2"], "unit": [json.dumps(unit)], "records": [pack_records(pa.table({"uri": uris}))],
-                               "target": [target], "perturbation": [""]},
+    (decoded,) = decode_units(inline_unit_batch(tmp_path / "scan", "u2", pa.table({"uri": uris})),
                               preprocess={"gpu_decode": True}, columns={})
     bundle = load_bundle(str(parity_bundle))
     scorer = Scorer(bundle.weights.to_numpy(), bundle.config.with_overrides(gpu_decode=True).to_dict(), bundle.model_id)
@@ -177,7 +169,7 @@ def test_a_gpu_scan_pipeline_can_be_built(ray_local, parity_bundle):
     bundle = load_bundle(str(parity_bundle))
     cfg = ScanConfig(gpus_per_actor=1.0, gpu_decode=True, cpus_per_actor=1)
     model_cfg = bundle.config.with_overrides(gpu_decode=True)
-    ds = build_dataset([{"key": "0/u", "unit": "{}", "records": b"", "target": "{}", "perturbation": ""}],
+    ds = build_dataset([{"key": "0/u", "unit": "{}", "records": None, "target": "{}", "perturbation": ""}],
                        bundle, model_cfg, cfg, 1 << 20)
     assert "Scorer" in str(ds)
 
@@ -192,11 +184,7 @@ def test_two_calls_at_once_score_as_one_after_the_other(tmp_path, parity_bundle)
         uris = [str(tmp_path / f"b{b}_{i}.jpg") for i in range(3)]
         for i, uri in enumerate(uris):
             write_image(Path(uri), size=(300 + 40 * i, 260), seed=10 * b + i)
-        unit = {"unit_id": f"u{b}", "kind": "inline", "rows": 3, "file": None, "row_group": None}
-        target = json.dumps({"store": str(tmp_path / "scan"), "unit_id": f"u{b}",
-                             "run": {"model_id": "m", "preprocess": "p", "threshold": 0.5}})
-        (decoded,) = decode_units({"key": [f"0/u{b}"], "unit": [json.dumps(unit)], "target": [target],
-                                   "records": [pack_records(pa.table({"uri": uris}))], "perturbation": [""]},
+        (decoded,) = decode_units(inline_unit_batch(tmp_path / "scan", f"u{b}", pa.table({"uri": uris})),
                                   preprocess={"gpu_decode": True}, columns={})
         batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
         batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
@@ -228,11 +216,7 @@ def test_a_jpeg_crashing_the_device_decoder_is_scored_again_on_the_cpu_in_isolat
                                                    **({"comment": b"crash-the-device-decoder"} if i == 1 else {}))
         (tmp_path / name).write_bytes(buf.getvalue())
     uris = [str(tmp_path / n) for n in names]
-    unit = {"unit_id": "u1", "kind": "inline", "rows": len(uris), "file": None, "row_group": None}
-    target = json.dumps({"store": str(tmp_path / "scan"), "unit_id": "u1",
-                         "run": {"model_id": "m", "preprocess": "p", "threshold": 0.5}})
-    (decoded,) = decode_units({"key": ["0/u1"], "unit": [json.dumps(unit)], "target": [target],
-                               "records": [pack_records(pa.table({"uri": uris}))], "perturbation": [""]},
+    (decoded,) = decode_units(inline_unit_batch(tmp_path / "scan", "u1", pa.table({"uri": uris})),
                               preprocess={"gpu_decode": True}, columns={})
     assert [v is not None for v in decoded[ENCODED].to_pylist()] == [True, True, False, True]
     (batch,) = ray.data.from_arrow(decoded).iter_batches(batch_size=None, batch_format="numpy")  # as Ray Data sends it

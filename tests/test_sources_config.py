@@ -5,7 +5,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_image
+from conftest import inline_unit_batch, write_image
 
 from mirror_core.bundle import load_bundle
 from pipeline.scan.commit import commit_units
@@ -85,12 +85,8 @@ def test_decode_and_scorer_yield_one_row_per_record(tmp_path, parity_bundle):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "page.jpg").write_bytes(b"<html>nope</html>")
     uris = [str(tmp_path / n) for n in ("a.png", "empty.jpg", "page.jpg", "missing.jpg")]
-    unit = {"unit_id": "u1", "kind": "inline", "rows": 4, "file": None, "row_group": None}
     records = pa.table({"uri": uris, "label": [1, 0, 0, None]})
-    run = {"model_id": "m", "preprocess": "p", "threshold": 0.5}
-    target = json.dumps({"store": str(tmp_path / "scan"), "unit_id": "u1", "run": run})
-    batches = list(decode_units({"key": ["0/u1"], "unit": [json.dumps(unit)], "records": [pack_records(records)],
-                                 "target": [target], "perturbation": [""]}, rows_per_batch=3,
+    batches = list(decode_units(inline_unit_batch(tmp_path / "scan", "u1", records), rows_per_batch=3,
                                 preprocess={"alignment": "by-extension"}, columns={}))
     assert [b.num_rows for b in batches] == [3, 1]
     decoded = pa.concat_tables(batches)

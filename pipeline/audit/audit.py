@@ -139,12 +139,12 @@ def group_summary(rows: pa.Table, keys: list[str], threshold: float) -> pa.Table
     })
 
 
-def record_bytes(plan, unit_id: str, index: int, columns) -> tuple[bytes | None, str | None]:
+def record_bytes(scan: ScanStore, plan, unit_id: str, index: int, columns) -> tuple[bytes | None, str | None]:
     unit = next(u for u in plan.units if u.unit_id == unit_id)
     if unit.kind == "shard":
         t = read_shard_unit(unit, columns, with_bytes=True)
         return t["bytes"][index].as_py(), record_names(t)[index]
-    rec = plan.records.filter(pc.and_(pc.equal(plan.records["_unit"], unit_id), pc.equal(plan.records["_index"], index)))
+    rec = scan.unit_records(unit).slice(index, 1)
     if unit.kind == "samples":  # a tar sample: its image member, named as in the tar
         _, names, payloads = webdataset.read_samples(rec, 1, DEFAULT_MAX_FILE_BYTES)
         return payloads[0][0], names[0]
@@ -160,7 +160,7 @@ def explain_top(out: Location, scan: ScanStore, bundle: Bundle, flagged: pa.Tabl
     plan = scan.load_plan()
     rows = []
     for rank, r in enumerate(progress(top.to_pylist(), "explaining", unit="image"), start=1):
-        data, name = record_bytes(plan, r["_unit"], r["_index"], columns)
+        data, name = record_bytes(scan, plan, r["_unit"], r["_index"], columns)
         pre = detector.preprocess(data, name=name)
         grid = detector.score_pixels(pre.pixels[None], token_residuals=True)["token_residual"][0]
         stem = f"heatmaps/{rank:03d}_{(r['id'] or 'noid')[:12]}"

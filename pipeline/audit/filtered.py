@@ -81,7 +81,7 @@ def write_filtered(out: Location, scan: ScanStore, rows: pa.Table, keep: np.ndar
         for ref in progress(pending, "filtered shards", unit="shard"):
             written += ray.get(ref)
     else:
-        records = plan.records
+        records = scan.plan_records(plan)
         flags = np.zeros(records.num_rows, bool)
         for unit_id, positions in record_positions(records).items():
             flags[positions] = flags_of[unit_id]

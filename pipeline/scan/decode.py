@@ -34,7 +34,6 @@ from pipeline.scan.schema import (
     UNIT_RECORDS,
     UNIT_TARGET,
     pack_records,
-    unpack_records,
 )
 from pipeline.scan.sources import (
     DEFAULT_MAX_FILE_BYTES,
@@ -45,6 +44,7 @@ from pipeline.scan.sources import (
     read_shard_unit,
     record_names,
 )
+from pipeline.scan.store import read_unit_records
 
 
 def tensor_column(pixels: np.ndarray) -> pa.Array:
@@ -129,6 +129,10 @@ def placeholder_records(unit: Unit) -> pa.Table:
     return pa.table({"uri": pa.array([f"{unit.file}#{unit.row_group}:{i}" for i in range(unit.rows)], pa.string())})
 
 
+def without_bookkeeping(records: pa.Table) -> pa.Table:
+    return records.drop_columns([c for c in (UNIT, INDEX) if c in records.column_names])
+
+
 def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_threads: int,
                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
     """(records without bytes, names, payload iterator) for a unit; a shard that cannot be
@@ -172,9 +176,10 @@ def decode_units(
     for i in range(len(batch["unit"])):
         key = batch["key"][i]
         unit = Unit(**json.loads(batch["unit"][i]))
-        # only inline and sample units carry records (shard units read theirs below; their
-        # empty slot may reach a numpy batch as NaN)
-        records = unpack_records(batch["records"][i]) if unit.kind in RECORD_KINDS else None
+        # inline and sample units read their records from the plan (shard units read their
+        # row group below; their empty slot may reach a numpy batch as NaN)
+        records = without_bookkeeping(read_unit_records(batch["records"][i], unit.row_group)) \
+            if unit.kind in RECORD_KINDS else None
         with attempt(attempts, key, decode_record, timeout_s) as decode:
             records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes)
             perturbation = batch["perturbation"][i] or None

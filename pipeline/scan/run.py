@@ -23,10 +23,9 @@ from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.isolation import decode_attempts
-from pipeline.scan.schema import INDEX, UNIT, pack_records
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, extend_plan, plan_source
-from pipeline.scan.store import ScanStore
+from pipeline.scan.store import PlanRecordsWriter, ScanStore
 
 DECODE_CPUS_KEPT = 2  # CPUs a one-node cluster keeps for decode tasks when sizing CPU scorers
 
@@ -58,22 +57,16 @@ def effective_config(bundle: Bundle, cfg: ScanConfig) -> MirrorConfig:
                                         gpu_decode=cfg.gpu_decode)
 
 
-def unit_descriptors(units: list[Unit], plan: Plan, store: str, run: dict[str, Any], perturbation: str | None,
+def unit_descriptors(units: list[Unit], out: ScanStore, run: dict[str, Any], perturbation: str | None,
                      job: int = 0) -> list[dict]:
-    """One item per unit for the pipeline: the unit, an inline unit's records packed (shard
-    units read theirs on the workers), where its part goes, and its perturbation. `key`
-    names the unit within a pipeline that may serve several scans."""
-    wanted = {u.unit_id for u in units if u.kind in RECORD_KINDS}
-    packed: dict[str, bytes] = {}
-    start = 0
-    for u in plan.units:  # inline units' rows are contiguous in the plan, in unit order
-        if u.kind not in RECORD_KINDS:
-            continue
-        if u.unit_id in wanted:
-            packed[u.unit_id] = pack_records(plan.records.slice(start, u.rows).drop_columns([UNIT, INDEX]))
-        start += u.rows
-    return [{"key": f"{job}/{u.unit_id}", "unit": json.dumps(dataclasses.asdict(u)), "records": packed.get(u.unit_id),
-             "target": json.dumps({"store": store, "unit_id": u.unit_id, "run": run}),
+    """One item per unit for the pipeline: the unit, where a folder/manifest/tar-sample
+    unit's records are (`records`: a records file of the plan, read by the decode task; a
+    shard unit reads its row group), where its part goes, and its perturbation. `key` names
+    the unit within a pipeline that may serve several scans. Items stay small: the driver
+    never holds a unit's records."""
+    return [{"key": f"{job}/{u.unit_id}", "unit": json.dumps(vars(u)),
+             "records": out.uri_of(u.file) if u.kind in RECORD_KINDS else None,
+             "target": json.dumps({"store": out.uri, "unit_id": u.unit_id, "run": run}),
              "perturbation": perturbation or ""} for u in units]
 
 
@@ -155,50 +148,84 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
     return add_commit_stage(ds, cfg.commit_writers)
 
 
+@dataclass
+class ScanFigures:
+    """One scan's completion records, summed as they arrive."""
+
+    committed: int = 0
+    rows: int = 0
+    cpu_decoded_in_gpu_mode: int = 0
+    jpeg_region_decoded: int = 0
+    decode_s: float = 0.0
+    score_s: float = 0.0
+    readouts: set = dataclasses.field(default_factory=set)
+    writer_pids: set = dataclasses.field(default_factory=set)
+    writer_nodes: dict = dataclasses.field(default_factory=dict)
+    units: set = dataclasses.field(default_factory=set)  # committed unit ids
+
+    def add(self, rec: dict) -> None:
+        self.units.add(rec["unit_id"])
+        self.committed += 1
+        self.rows += rec["rows"]
+        self.cpu_decoded_in_gpu_mode += rec["cpu_decoded_in_gpu_mode"]
+        self.jpeg_region_decoded += rec["jpeg_region_decoded"]
+        self.decode_s += rec["decode_s"]
+        self.score_s += rec["score_s"]
+        self.readouts.update(x for x in rec["readout"].split(",") if x)
+        self.writer_pids.add(rec["writer_pid"])
+        self.writer_nodes[rec["writer_node"]] = self.writer_nodes.get(rec["writer_node"], 0) + 1
+
+
 class Completions:
-    """What the driver learns of a pipeline: one record per committed unit (never rows)."""
+    """What the driver learns of a pipeline: one record per committed unit (never rows),
+    summed per scan as it arrives (a unit id is all that is kept of a record)."""
 
     def __init__(self):
-        self.units: dict[tuple[str, str], dict] = {}
+        self.scans: dict[str, ScanFigures] = {}
+        self.replicas: set[str] = set()
+        self.rows = 0
 
     def add(self, batch: pa.Table) -> int:
         """The batch's completion records; returns the rows of the units new among them."""
         new = 0
         for rec in batch.to_pylist():
-            key = (rec["store"], rec["unit_id"])
-            if key not in self.units:  # a re-executed task reports again
-                self.units[key] = rec
-                new += rec["rows"]
+            scan = self.scans.setdefault(rec["store"], ScanFigures())
+            if rec["unit_id"] in scan.units:  # a re-executed task reports again
+                continue
+            scan.add(rec)
+            self.replicas.update(x for x in rec["replicas"].split(",") if x)
+            new += rec["rows"]
+        self.rows += new
         return new
 
     def figures(self, store: str) -> dict[str, Any]:
         """One scan's figures; `replicas` counts the scoring replicas of the whole pipeline."""
-        recs = [r for (s, _), r in self.units.items() if s == store]
-        writers: dict[str, int] = {}
-        for r in recs:
-            writers[r["writer_node"]] = writers.get(r["writer_node"], 0) + 1
+        scan = self.scans.get(store, ScanFigures())
         return {
-            "committed": len(recs),
-            "rows": sum(r["rows"] for r in recs),
-            "cpu_decoded_in_gpu_mode": sum(r["cpu_decoded_in_gpu_mode"] for r in recs),
-            "jpeg_region_decoded": sum(r["jpeg_region_decoded"] for r in recs),
-            "busy": {"decode": sum(r["decode_s"] for r in recs), "score": sum(r["score_s"] for r in recs)},
-            "readouts": sorted({x for r in recs for x in r["readout"].split(",") if x}),
-            "writer_pids": sorted({r["writer_pid"] for r in recs}),
-            "writer_nodes": writers,
-            "replicas": len({x for r in self.units.values() for x in r["replicas"].split(",") if x}),
+            "committed": scan.committed,
+            "rows": scan.rows,
+            "units": scan.units,
+            "cpu_decoded_in_gpu_mode": scan.cpu_decoded_in_gpu_mode,
+            "jpeg_region_decoded": scan.jpeg_region_decoded,
+            "busy": {"decode": scan.decode_s, "score": scan.score_s},
+            "readouts": sorted(scan.readouts),
+            "writer_pids": sorted(scan.writer_pids),
+            "writer_nodes": scan.writer_nodes,
+            "replicas": len(self.replicas),
         }
 
 
 def summarize(out: ScanStore, plan: Plan, extra: dict[str, Any]) -> dict[str, Any]:
-    rows = out.read_scores(columns=["label", "subset", "prob_fake", "pred", "error"])
-    n = rows.num_rows
-    errors = int(pc.sum(pc.is_valid(rows["error"])).as_py() or 0) if n else 0
+    """Counts over every part (streamed: an unlabeled corpus of any size holds nothing in
+    memory) and metrics over the scored rows with a label."""
+    scores = out.scores()
+    n = scores.count_rows() if scores is not None else 0
+    errors = scores.count_rows(filter=pc.field("error").is_valid()) if n else 0
     summary = {"rows_in": plan.total_rows, "rows_out": n, "scored": n - errors, "errors": errors,
                "skipped_by_extension": plan.skipped_by_extension, **extra}
     if n:
-        scored = rows.filter(pc.is_null(rows["error"]))
-        labeled = scored.filter(pc.is_valid(scored["label"]))
+        labeled = scores.to_table(columns=["label", "subset", "prob_fake", "pred"],
+                                  filter=pc.field("error").is_null() & pc.field("label").is_valid())
         if labeled.num_rows:
             summary["metrics"] = {"ALL": _metrics(labeled)}
             subsets = sorted(s for s in set(labeled["subset"].to_pylist()) if s is not None)
@@ -253,14 +280,16 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
         plan, added = out.load_plan(), []
         if plan is None:
             with step(f"planning {job.input_uri}") as info:
-                plan = plan_source(job.input_uri, cfg.source_options())
+                with PlanRecordsWriter(out) as records:  # records go to the store unit by unit
+                    plan = plan_source(job.input_uri, cfg.source_options(), sink=records)
                 out.save_plan(plan)
                 info.update(items=plan.total_rows, unit=f"records in {len(plan.units)} units")
         elif cfg.update:
             with step(f"re-listing {job.input_uri}") as info:
                 before = plan
+                known = out.plan_uris(plan)
                 plan, added = extend_plan(plan, plan_source(job.input_uri, cfg.source_options(), known=plan),
-                                          cfg.unit_size)
+                                          cfg.unit_size, known)
                 if added or (plan.shards is not None and (before.shards is None or not plan.shards.equals(before.shards))):
                     out.save_plan(plan)  # new units, or tar shards indexed anew
                 info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units")
@@ -271,7 +300,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 retried = out.units_with_transient_errors(done)
                 info.update(items=len(retried), unit="units to score again")
         todo = [u for u in plan.units if u.unit_id not in done or u.unit_id in retried]
-        items += unit_descriptors(todo, plan, out.uri, run, job.perturbation, j)
+        items += unit_descriptors(todo, out, run, job.perturbation, j)
         prepared.append((job, out, plan, policy, done - retried, todo, {"new": len(added), "retried": len(retried)}))
     completions = Completions()
     isolated: list[str] = []  # keys of units decoded one record per child process (an attempt died)
@@ -300,10 +329,10 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
     cpu_pipeline = time.process_time()
     summaries = []
     for j, (job, out, plan, policy, done, todo, changes) in enumerate(prepared):
-        missing = {u.unit_id for u in todo} - {unit for store, unit in completions.units if store == out.uri}
+        done_now = completions.figures(out.uri)
+        missing = {u.unit_id for u in todo} - done_now["units"]
         if missing:
             raise RuntimeError(f"{out.uri}: {len(missing)} units were not committed: {sorted(missing)[:5]}")
-        done_now = completions.figures(out.uri)
         wall = time.perf_counter() - t_start
         summary = summarize(out, plan, {
             "model_id": bundle.model_id,
@@ -323,7 +352,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 "images_per_s": round(done_now["rows"] / wall, 2) if wall > 0 else None,
                 "first_batch_s": round(t_first - t_start, 3) if t_first else None,
                 # Throughput once running (the whole pipeline): rows after the first commit over their time.
-                "steady_images_per_s": round((sum(r["rows"] for r in completions.units.values()) - first_rows)
+                "steady_images_per_s": round((completions.rows - first_rows)
                                              / (t_last - t_first), 2) if t_first and t_last > t_first else None,
                 "stage_busy_s": {k: round(v, 3) for k, v in done_now["busy"].items()},
                 "replica_readout": done_now["readouts"],  # as the scoring replicas reported it

@@ -7,12 +7,11 @@ a unit's rows are written together, once, so a rerun skips finished units.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Iterator
+from typing import Iterable, Iterator, Protocol
 
 import fsspec
 import numpy as np
@@ -65,12 +64,21 @@ class Unit:
     row_group: int | None = None
 
 
+class RecordsSink(Protocol):
+    """Where planning puts each folder/manifest/tar-sample unit's records, unit by unit, in
+    order (a scan's store: `store.PlanRecordsWriter`); it tells the unit where they went."""
+
+    def add(self, unit: Unit, records: pa.Table) -> None: ...
+
+
 @dataclass
 class Plan:
     input: str
     input_format: str
     units: list[Unit]
-    records: pa.Table  # inline units' records (+ _unit, _index); empty for shards
+    # records (+ _unit, _index) of the inline/sample units that no sink has taken, in unit
+    # order: the whole listing for a plan made in memory, empty once they are stored
+    records: pa.Table
     skipped_by_extension: int = 0  # files of a folder input left out for their extension
     shards: pa.Table | None = None  # WebDataset: the tar shards indexed (webdataset.SHARDS_SCHEMA)
 
@@ -157,14 +165,17 @@ def standard_records(table: pa.Table, columns: ColumnMap) -> pa.Table:
     return table
 
 
-def read_manifest(uri: str, columns: ColumnMap) -> pa.Table:
+def manifest_batches(uri: str, columns: ColumnMap) -> Iterator[pa.Table]:
+    """A manifest's records in standard names, a batch at a time (any length in bounded
+    memory); its columns are checked before the first batch."""
     with fsspec.open(uri, "rb") as f:
-        data = f.read()
-    table = pacsv.read_csv(io.BytesIO(data)) if uri.lower().endswith(".csv") else pq.read_table(io.BytesIO(data))
-    table = standard_records(table, columns)
-    if "uri" not in table.column_names:
-        raise ValueError(f"manifest {uri} has no {columns.uri!r} column (set columns.uri)")
-    return table
+        reader = pacsv.open_csv(f) if uri.lower().endswith(".csv") else None
+        parquet = None if reader is not None else pq.ParquetFile(f)
+        schema = reader.schema if reader is not None else parquet.schema_arrow
+        if "uri" not in standard_records(schema.empty_table(), columns).column_names:
+            raise ValueError(f"manifest {uri} has no {columns.uri!r} column (set columns.uri)")
+        for batch in reader if reader is not None else parquet.iter_batches(batch_size=MANIFEST_BATCH_ROWS):
+            yield standard_records(pa.Table.from_batches([batch]), columns)
 
 
 def _unit_id(*parts: str) -> str:
@@ -172,18 +183,18 @@ def _unit_id(*parts: str) -> str:
 
 
 def inline_units(records: pa.Table, unit_size: int, source: str, kind: str = "inline",
-                 group_sizes: list[int] | None = None) -> tuple[list[Unit], pa.Table]:
+                 group_sizes: list[int] | None = None, first: int = 0) -> tuple[list[Unit], pa.Table]:
     """Records -> units of `unit_size` consecutive records (never across groups: a tar
     shard's samples), and the records with their unit and index. A unit's id hashes its
-    URIs: only one unit's are Python strings at a time (planning memory stays near the
-    records' own Arrow size, however many there are)."""
+    URIs and its start (`first`: the position of these records in the whole input): only
+    one unit's URIs are Python strings at a time."""
     sizes: list[int] = []  # records per unit, in order
     for size in group_sizes if group_sizes is not None else [records.num_rows]:
         full, rest = divmod(size, unit_size)
         sizes += [unit_size] * full + ([rest] if rest else [])
     uris, units, start = records["uri"], [], 0
     for n in sizes:
-        units.append(Unit(_unit_id(kind, source, str(start), *uris.slice(start, n).to_pylist()), kind, n))
+        units.append(Unit(_unit_id(kind, source, str(first + start), *uris.slice(start, n).to_pylist()), kind, n))
         start += n
     lengths = np.asarray(sizes, dtype=np.int64)
     owner = np.repeat(np.arange(len(sizes)), lengths)  # each record's unit
@@ -214,6 +225,51 @@ def tar_files(root: str, files: list[str] | None = None) -> list[str]:
         return [root]
     files = list_files(root) if files is None else files
     return [full_uri(fs, p) for p in files if p.lower().endswith(".tar")]
+
+
+MANIFEST_BATCH_ROWS = 65_536
+MANIFEST_CHUNK_UNITS = 256  # units planned at once from streamed manifests
+
+
+def _chunks(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Tables -> tables of exactly `rows` rows (the last one shorter), across their edges."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        pending.append(table)
+        held += table.num_rows
+        while held >= rows:
+            whole = pa.concat_tables(pending, promote_options="permissive")
+            yield whole.slice(0, rows)
+            pending, held = [whole.slice(rows)], held - rows
+    if held:
+        yield pa.concat_tables(pending, promote_options="permissive")
+
+
+def deliver(units: list[Unit], records: pa.Table, sink: RecordsSink | None) -> pa.Table:
+    """Hand each unit's records to `sink`; without one they stay with the plan (returned)."""
+    if sink is None:
+        return records
+    start = 0
+    for u in units:
+        sink.add(u, records.slice(start, u.rows))
+        start += u.rows
+    return records.schema.empty_table()
+
+
+def manifest_units(files: list[str], options: SourceOptions, source: str,
+                   sink: RecordsSink | None) -> tuple[list[Unit], pa.Table]:
+    """Units of manifests read in chunks of whole units: the same units as one table of
+    all their records would give, planned in bounded memory when a sink takes them."""
+    units, kept, first = [], [], 0
+    batches = (b for f in files for b in manifest_batches(f, options.columns))
+    for chunk in _chunks(batches, options.unit_size * MANIFEST_CHUNK_UNITS):
+        new, records = inline_units(chunk, options.unit_size, source, first=first)
+        units += new
+        kept.append(deliver(new, records, sink))
+        first += chunk.num_rows
+    records = pa.concat_tables(kept, promote_options="permissive") if kept else pa.table({})
+    return units, records
 
 
 FOOTER_THREADS = 32  # Parquet footers read at once (object-store latency, not bandwidth)
@@ -275,10 +331,11 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar shards and no Parquet files")
 
 
-def plan_source(uri: str, options: SourceOptions, known: Plan | None = None) -> Plan:
+def plan_source(uri: str, options: SourceOptions, known: Plan | None = None, sink: RecordsSink | None = None) -> Plan:
     """The input's units, from one listing of it. `known` (the plan an earlier scan made, for
     `--update`): a WebDataset plan then holds only the shards `known` lacks or found
-    damaged, indexed now, and the list of every shard indexed."""
+    damaged, indexed now, and the list of every shard indexed. `sink`: takes the records
+    unit by unit (manifests are then read in bounded memory); else the plan holds them."""
     fs, base = fsspec.core.url_to_fs(uri)
     listing = list_files(uri) if not uri.lower().endswith((".csv", ".parquet")) and fs.isdir(base) else None
     fmt = detect_format(uri, options, listing)
@@ -287,10 +344,10 @@ def plan_source(uri: str, options: SourceOptions, known: Plan | None = None) -> 
         images = list_images(uri, options.extensions, listing)
         skipped = len(listing) - images.num_rows if listing is not None else 0
         units, records = inline_units(images, options.unit_size, uri)
+        records = deliver(units, records, sink)
     elif fmt == "manifest":
         files = [uri] if uri.lower().endswith((".csv", ".parquet")) else shard_files(uri, listing)
-        table = pa.concat_tables([read_manifest(f, options.columns) for f in files], promote_options="permissive")
-        units, records = inline_units(table, options.unit_size, uri)
+        units, records = manifest_units(files, options, uri, sink)
     elif fmt == "parquet":
         units, records = shard_units(shard_files(uri, listing), options.columns), pa.table({})
     elif fmt == "webdataset":
@@ -303,6 +360,7 @@ def plan_source(uri: str, options: SourceOptions, known: Plan | None = None) -> 
         samples, indexed = webdataset.index_shards([s for s in shards if s not in done], options.index_on_cluster,
                                                    options.address)
         units, records = inline_units(samples, options.unit_size, uri, "samples", indexed["records"].to_pylist())
+        records = deliver(units, records, sink)
         all_indexed = pa.concat_tables([kept, indexed])
         skipped = pc.sum(all_indexed["no_image"]).as_py() or 0
         return Plan(uri, fmt, units, records, skipped, all_indexed)
@@ -311,10 +369,12 @@ def plan_source(uri: str, options: SourceOptions, known: Plan | None = None) -> 
     return Plan(uri, fmt, units, records, skipped)
 
 
-def extend_plan(plan: Plan, fresh: Plan, unit_size: int) -> tuple[Plan, list[Unit]]:
-    """`plan` plus what a new listing (`fresh`) holds beyond it, as new units: records whose
-    uri the plan lacks (folders, manifests), row groups of shards it lacks. Existing units
-    are kept as they are (never re-chunked, so finished parts stay finished)."""
+def extend_plan(plan: Plan, fresh: Plan, unit_size: int, known_uris: pa.Array | None = None) -> tuple[Plan, list[Unit]]:
+    """`plan` plus what a new listing (`fresh`, made in memory) holds beyond it, as new
+    units: records whose uri the plan lacks (folders, manifests), row groups of shards it
+    lacks. Existing units are kept as they are (never re-chunked, so finished parts stay
+    finished). `known_uris`: the URIs of the plan's stored records (`plan.records` holds
+    those not stored); the new units' records are left in the plan's `records`."""
     if fresh.input_format != plan.input_format:
         raise ValueError(f"{plan.input} was planned as {plan.input_format}, now looks like {fresh.input_format}: "
                          "scan it into a new --output")
@@ -322,9 +382,15 @@ def extend_plan(plan: Plan, fresh: Plan, unit_size: int) -> tuple[Plan, list[Uni
         known = {u.unit_id for u in plan.units}
         added = [u for u in fresh.units if u.unit_id not in known]
         return Plan(plan.input, plan.input_format, plan.units + added, plan.records, fresh.skipped_by_extension), added
+    if known_uris is None:
+        if any(u.kind in RECORD_KINDS and u.file is not None for u in plan.units):
+            raise ValueError("the plan's records are stored: pass their URIs (known_uris)")
+        known_uris = plan.records["uri"] if plan.records.num_rows else pa.array([], pa.string())
+    if isinstance(known_uris, pa.ChunkedArray):
+        known_uris = known_uris.combine_chunks()
     new = fresh.records.drop_columns([UNIT, INDEX])
-    if plan.records.num_rows:
-        new = new.filter(pc.invert(pc.is_in(new["uri"], value_set=plan.records["uri"].combine_chunks())))
+    if len(known_uris):
+        new = new.filter(pc.invert(pc.is_in(new["uri"], value_set=known_uris)))
     kind = "samples" if plan.input_format == "webdataset" else "inline"
     groups = _shard_runs(new["uri"].to_pylist()) if kind == "samples" else None
     # the salt keeps new units' ids apart from every earlier generation's

@@ -4,7 +4,9 @@
     OUTPUT/summary.json                    counts, throughput, metrics, effective config
     OUTPUT/_scan.json                      what this output belongs to (model, input, policy)
     OUTPUT/_plan/units.parquet             the units of the input (extended by --update)
-    OUTPUT/_plan/records.parquet           records of folder/manifest units
+    OUTPUT/_plan/records/<unit_id>.parquet records of folder/manifest/tar-sample units: one
+                                           row group per unit, UNITS_PER_RECORDS_FILE units a
+                                           file, named by its first unit
 
 A unit's file appears only once all of its rows are scored, written to a
 temporary name and renamed (a single PUT on object stores), so its presence
@@ -13,16 +15,92 @@ replaces its part the same way.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+import io
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.scan.sources import Plan, Unit
+from pipeline.scan.sources import RECORD_KINDS, Plan, Unit
 from pipeline.storage import Location
 
 SCORES_DIR = "scores"
 PART_PREFIX = "part-"
+RECORDS_DIR = "_plan/records"
+LEGACY_RECORDS = "_plan/records.parquet"  # one file of every record, as plans were first stored
+UNITS_PER_RECORDS_FILE = 256  # 65,536 records a file at the default unit size: a small footer to read per unit
+RECORDS_WRITES_IN_FLIGHT = 4  # records files being written while planning goes on (object-store latency)
+RECORDS_READ_TRIES = 3
+UNIT_FIELDS = (("unit_id", pa.string()), ("kind", pa.string()), ("rows", pa.int64()), ("file", pa.string()),
+               ("row_group", pa.int64()))
+
+
+class PlanRecordsWriter:
+    """The records sink of a scan's planning: each unit's records become one row group of a
+    records file below RECORDS_DIR, and the unit learns where (`file`, relative to the
+    store, and `row_group`). Planning holds at most a file's worth of records, so a
+    manifest of any length plans in bounded memory; files are written in the background."""
+
+    def __init__(self, store: Location):
+        self.store = store
+        self.buffered: list[pa.Table] = []
+        self.name: str | None = None
+        self.pool = ThreadPoolExecutor(RECORDS_WRITES_IN_FLIGHT)
+        self.writes: list[Future] = []
+
+    def add(self, unit: Unit, records: pa.Table) -> None:
+        if self.buffered and (len(self.buffered) == UNITS_PER_RECORDS_FILE
+                              or not records.schema.equals(self.buffered[0].schema)):
+            self.flush()  # a file holds one schema (manifests may differ in their columns)
+        if not self.buffered:
+            self.name = f"{RECORDS_DIR}/{unit.unit_id}.parquet"
+        unit.file, unit.row_group = self.name, len(self.buffered)
+        self.buffered.append(records)
+
+    def flush(self) -> None:
+        if not self.buffered:
+            return
+        while self.writes and (self.writes[0].done() or len(self.writes) >= RECORDS_WRITES_IN_FLIGHT):
+            self.writes.pop(0).result()  # a failed write fails the planning here
+        self.writes.append(self.pool.submit(self._write, self.name, self.buffered))
+        self.buffered = []
+
+    def _write(self, name: str, tables: list[pa.Table]) -> None:
+        buf = io.BytesIO()
+        # no dictionaries or statistics: a unit's row group is read whole, by position
+        with pq.ParquetWriter(buf, tables[0].schema, use_dictionary=False, write_statistics=False) as writer:
+            for table in tables:  # one row group each
+                writer.write_table(table, row_group_size=max(1, table.num_rows))
+        self.store.write_bytes(name, buf.getvalue())
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            for write in self.writes:
+                write.result()
+        finally:
+            self.pool.shutdown()
+
+    def __enter__(self) -> "PlanRecordsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_unit_records(uri: str, row_group: int) -> pa.Table:
+    """One unit's records (a row group of a records file), bookkeeping columns included.
+    Runs in decode tasks: a failed read is tried again before it fails the task."""
+    for attempt in range(RECORDS_READ_TRIES):
+        try:
+            with fsspec.open(uri, "rb") as f:
+                return pq.ParquetFile(f).read_row_group(row_group)
+        except (OSError, TimeoutError):
+            if attempt == RECORDS_READ_TRIES - 1:
+                raise
+            time.sleep(2**attempt)
 
 
 class OutputMismatchError(ValueError):
@@ -67,12 +145,18 @@ class ScanStore(Location):
             tables.append(t.append_column("_index", pa.array(range(t.num_rows), pa.int64())))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
-    def read_scores(self, columns=None) -> pa.Table:
-        """Every committed row (all parts read concurrently by pyarrow's dataset reader)."""
+    def scores(self):
+        """The committed parts as a pyarrow dataset (read concurrently, in batches), or None."""
+        import pyarrow.dataset as pads
+
         paths = [self.path(self.part_name(u)) for u in sorted(self.done_units())]
-        if not paths:
-            return pa.table({})
-        return pq.read_table(paths, filesystem=self.fs, columns=columns)
+        return pads.dataset(paths, filesystem=self.fs, format="parquet") if paths else None
+
+    def read_scores(self, columns=None, where=None) -> pa.Table:
+        """Every committed row, or those `where` (a pyarrow expression) holds: only what is
+        kept is held in memory."""
+        scores = self.scores()
+        return scores.to_table(columns=columns, filter=where) if scores is not None else pa.table({})
 
     # --- scan identity and plan --------------------------------------------
     def claim(self, identity: dict) -> None:
@@ -87,23 +171,61 @@ class ScanStore(Location):
             raise OutputMismatchError(f"{self.uri} holds another scan ({details}); choose a new --output")
 
     def save_plan(self, plan: Plan) -> None:
-        units = pa.Table.from_pylist([asdict(u) for u in plan.units], schema=pa.schema([
-            ("unit_id", pa.string()), ("kind", pa.string()), ("rows", pa.int64()),
-            ("file", pa.string()), ("row_group", pa.int64())]))
+        """Units, and the records of units that have none stored yet (`plan.records`, which
+        then moves to the store: the plan keeps the units only)."""
+        unstored = [u for u in plan.units if u.kind in RECORD_KINDS and u.file is None]
+        if unstored:
+            if plan.records.num_rows != sum(u.rows for u in unstored):
+                raise RuntimeError(f"plan of {plan.input} holds {plan.records.num_rows} records for "
+                                   f"{sum(u.rows for u in unstored)} rows of units without stored records")
+            with PlanRecordsWriter(self) as sink:
+                start = 0
+                for u in unstored:
+                    sink.add(u, plan.records.slice(start, u.rows))
+                    start += u.rows
+            plan.records = pa.table({})
+        units = pa.table({name: pa.array([getattr(u, name) for u in plan.units], kind)
+                          for name, kind in UNIT_FIELDS})
         units = units.replace_schema_metadata({"input": plan.input, "input_format": plan.input_format,
                                                "skipped_by_extension": str(plan.skipped_by_extension)})
-        if plan.records.num_columns:
-            self.write_parquet("_plan/records.parquet", plan.records)
         if plan.shards is not None:
             self.write_parquet("_plan/shards.parquet", plan.shards)
         self.write_parquet("_plan/units.parquet", units)  # written last: its presence means "plan complete"
 
     def load_plan(self) -> Plan | None:
+        """The stored plan: its units (records stay in the store: `unit_records`,
+        `plan_records`). A plan stored in the first layout (every record in one file) is
+        moved to the current one on the way."""
         units = self.read_parquet("_plan/units.parquet")
         if units is None:
             return None
         meta = {k.decode(): v.decode() for k, v in (units.schema.metadata or {}).items()}
-        records = self.read_parquet("_plan/records.parquet")
-        plan_units = [Unit(**row) for row in units.to_pylist()]
-        return Plan(meta["input"], meta["input_format"], plan_units, records if records is not None else pa.table({}),
+        plan = Plan(meta["input"], meta["input_format"], [Unit(**row) for row in units.to_pylist()], pa.table({}),
                     int(meta.get("skipped_by_extension", 0)), self.read_parquet("_plan/shards.parquet"))
+        if any(u.kind in RECORD_KINDS and u.file is None for u in plan.units):
+            plan.records = self.read_parquet(LEGACY_RECORDS)
+            self.save_plan(plan)
+        stored = {f"{RECORDS_DIR}/{name}" for name in self.names(RECORDS_DIR)}
+        missing = sorted({u.file for u in plan.units if u.kind in RECORD_KINDS} - stored)
+        if missing:  # found now, not by every decode task of the run
+            raise OutputMismatchError(f"{self.uri}: the plan's records files are missing ({len(missing)}, such as "
+                                      f"{missing[0]}); scan into a new --output")
+        return plan
+
+    def unit_records(self, unit: Unit) -> pa.Table:
+        """A folder/manifest/tar-sample unit's records, as planned."""
+        return read_unit_records(self.uri_of(unit.file), unit.row_group)
+
+    def plan_records(self, plan: Plan, columns: list[str] | None = None) -> pa.Table:
+        """Every stored record of the plan, in unit order (`columns`: only those): as
+        large as the input's listing, for the commands that need it whole (--update's
+        known URIs, an audit's filtered manifest)."""
+        files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
+        with ThreadPoolExecutor(max_workers=32) as pool:  # object-store latency, not bandwidth
+            tables = list(pool.map(lambda f: self.read_parquet(f, columns), files))
+        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+    def plan_uris(self, plan: Plan) -> pa.Array:
+        """The URIs of the plan's stored records (what --update checks a new listing against)."""
+        stored = self.plan_records(plan, ["uri"])
+        return stored["uri"].combine_chunks() if stored.num_columns else pa.array([], pa.string())
