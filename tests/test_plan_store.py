@@ -135,3 +135,19 @@ def test_a_records_file_that_cannot_be_written_fails_the_planning(tmp_path):
     with pytest.raises(OSError):
         with PlanRecordsWriter(ScanStore(str(tmp_path / "scan"))) as sink:
             sink.add(Unit("u", "inline", 1), pa.table({"uri": ["x"]}))
+
+
+def test_a_csv_manifest_whose_values_change_kind_after_its_first_block_plans_as_text(tmp_path):
+    """A CSV is read in blocks: a type guessed from the first block would fail on 'real'
+    below 60,000 '0'/'1' labels, or on 'n/a' below numbers. Columns come as text."""
+    n = 60_000
+    lines = ["uri,label,width"] + [f"s3://b/{i}.jpg,{i % 2},{i}" for i in range(n)] + [f"s3://b/{n}.jpg,real,n/a",
+                                                                                    f"s3://b/{n + 1}.jpg,,7"]
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    assert (tmp_path / "list.csv").stat().st_size > 1 << 20  # past the reader's first block
+    with PlanRecordsWriter(ScanStore(str(tmp_path / "scan"))) as sink:
+        plan = plan_source(str(tmp_path / "list.csv"), SourceOptions(), sink=sink)
+    assert plan.total_rows == n + 2
+    records = ScanStore(str(tmp_path / "scan")).unit_records(plan.units[-1])
+    last = records.slice(records.num_rows - 3).to_pylist()
+    assert [(r["label"], r["width"]) for r in last] == [(1, str(n - 1)), (0, "n/a"), (None, "7")]

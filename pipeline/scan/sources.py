@@ -165,11 +165,21 @@ def standard_records(table: pa.Table, columns: ColumnMap) -> pa.Table:
     return table
 
 
+def open_csv_as_text(f) -> pacsv.CSVStreamingReader:
+    """A CSV read in blocks with every column as text (an empty cell: null). Read in blocks,
+    a column's type could only be guessed from the first block, and a later value that
+    does not fit it ('real' below a thousand '0's) would fail the planning midway."""
+    names = pacsv.open_csv(f).schema.names
+    f.seek(0)
+    return pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
+        column_types={n: pa.string() for n in names}, strings_can_be_null=True, null_values=[""]))
+
+
 def manifest_batches(uri: str, columns: ColumnMap) -> Iterator[pa.Table]:
     """A manifest's records in standard names, a batch at a time (any length in bounded
-    memory); its columns are checked before the first batch."""
+    memory); its columns are checked before the first batch. CSV columns come as text."""
     with fsspec.open(uri, "rb") as f:
-        reader = pacsv.open_csv(f) if uri.lower().endswith(".csv") else None
+        reader = open_csv_as_text(f) if uri.lower().endswith(".csv") else None
         parquet = None if reader is not None else pq.ParquetFile(f)
         schema = reader.schema if reader is not None else parquet.schema_arrow
         if "uri" not in standard_records(schema.empty_table(), columns).column_names:
