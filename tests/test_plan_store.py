@@ -1,6 +1,8 @@
 """A scan's plan in its store: records planned unit by unit into records files (one row
 group per unit), manifests read in bounded memory, decode tasks reading their unit's
 records from the store, and plans stored in the first layout still resumed."""
+import shutil
+
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -10,7 +12,6 @@ from conftest import write_image
 from pipeline.scan import sources, store
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
-from pipeline.scan.schema import INDEX, UNIT
 from pipeline.scan.sources import SourceOptions, Unit, plan_source
 from pipeline.scan.store import OutputMismatchError, PlanRecordsWriter, ScanStore
 
@@ -111,22 +112,28 @@ def test_a_plan_stored_in_the_first_layout_resumes(ray_local, parity_bundle, tmp
     layout and only the unfinished units are scored."""
     for i in range(6):
         write_image(tmp_path / "in" / f"{i}.png", seed=i)
-    plan = plan_source(str(tmp_path / "in"), SourceOptions(unit_size=2))
+    cfg = ScanConfig(unit_size=2)
+    run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"), cfg)
     out = ScanStore(str(tmp_path / "out"))
-    out.write_parquet(store.LEGACY_RECORDS, plan.records)
-    units = pa.Table.from_pylist([{"unit_id": u.unit_id, "kind": u.kind, "rows": u.rows, "file": None,
-                                   "row_group": None} for u in plan.units],
-                                 schema=pa.schema([("unit_id", pa.string()), ("kind", pa.string()), ("rows", pa.int64()),
-                                                   ("file", pa.string()), ("row_group", pa.int64())]))
+    plan = out.load_plan()
+    records = out.plan_records(plan)
+    # the first layout: one records file, units without a file
+    out.write_parquet(store.LEGACY_RECORDS, records)
+    shutil.rmtree(tmp_path / "out" / store.RECORDS_DIR)
+    units = pa.table({name: pa.array([None if name in ("file", "row_group") else getattr(u, name) for u in plan.units],
+                                     kind) for name, kind in store.UNIT_FIELDS})
     out.write_parquet("_plan/units.parquet", units.replace_schema_metadata(
         {"input": str(tmp_path / "in"), "input_format": "folder", "skipped_by_extension": "0"}))
+    (tmp_path / "out" / out.part_name(plan.units[1].unit_id)).unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/scores").iterdir()}
+    summary = run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"), cfg)
+    assert summary["units"]["total"] == 3 and summary["units"]["skipped_done"] == 2
+    assert summary["this_run"]["rows"] == 2 and summary["rows_out"] == summary["scored"] == 6
+    assert {name: (tmp_path / "out/scores" / name).stat().st_mtime_ns for name in kept} == kept
     moved = out.load_plan()
     assert [u.unit_id for u in moved.units] == [u.unit_id for u in plan.units]
-    assert all(u.file and u.row_group is not None for u in moved.units)
-    assert out.unit_records(moved.units[1]).drop_columns([UNIT, INDEX]).to_pylist() == \
-        plan.records.slice(2, 2).drop_columns([UNIT, INDEX]).to_pylist()
-    summary = run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"), ScanConfig(unit_size=2))
-    assert summary["units"]["total"] == 3 and summary["rows_out"] == summary["scored"] == 6
+    assert all(u.file.startswith(store.RECORDS_DIR) and u.row_group is not None for u in moved.units)
+    assert out.plan_records(moved).to_pylist() == records.to_pylist()
 
 
 def test_a_records_file_that_cannot_be_written_fails_the_planning(tmp_path):
