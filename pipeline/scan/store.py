@@ -86,8 +86,11 @@ class PlanRecordsWriter:
     def __enter__(self) -> "PlanRecordsWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the planning failed: what is buffered is not written
+            self.pool.shutdown(cancel_futures=True)
 
 
 def read_unit_records(uri: str, row_group: int) -> pa.Table:
