@@ -90,7 +90,7 @@ def group_keys(rows: pa.Table, cfg: AuditConfig, root: str) -> list[str]:
     input root (of the whole uri when it lies elsewhere, e.g. shards' original uris)."""
     if cfg.group_by:
         if cfg.group_by not in rows.column_names:
-            raise ValueError(f"--group-by {cfg.group_by!r}: no such column (have {rows.column_names})")
+            raise ValueError(f"--group-by {cfg.group_by!r}: no such column in the scan's rows")
         return [None if v is None else str(v) for v in rows[cfg.group_by].to_pylist()]
     depth = cfg.prefix_depth or 1
     root = root.rstrip("/") + "/"
@@ -102,6 +102,8 @@ def group_keys(rows: pa.Table, cfg: AuditConfig, root: str) -> list[str]:
 
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+# What the audit reads of each scored row (and the --group-by column): not the whole row
+AUDIT_COLUMNS = ("uri", "id", "prob_fake", "error")
 
 
 def group_summary(rows: pa.Table, keys: list[str], threshold: float) -> pa.Table:
@@ -187,7 +189,7 @@ def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: Sc
     scan_cfg = dataclasses.replace(scan_cfg, threshold=threshold)
     summary = run_scan(bundle, input_uri, out.uri_of("scan"), scan_cfg)
     scan = ScanStore(out.uri_of("scan"))
-    rows = scan.read_scores_with_position()
+    rows = scan.read_scores_with_position(list(AUDIT_COLUMNS) + ([cfg.group_by] if cfg.group_by else []))
     scored = pc.is_null(rows["error"])
     is_flagged = pc.and_(scored, pc.greater(pc.fill_null(rows["prob_fake"], 0.0), threshold))
     keys = group_keys(rows, cfg, input_uri)

@@ -140,10 +140,12 @@ class ScanStore(Location):
 
     def read_scores_with_position(self, columns=None) -> pa.Table:
         """All scored rows plus `_unit` and `_index` (position in its unit; parts are
-        written whole and in order), so a row can be traced back to its input."""
+        written whole and in order), so a row can be traced back to its input. `columns`:
+        only those, where a part has them (carried input columns may differ by part)."""
         tables = []
         for unit in sorted(self.done_units()):
-            t = self.read_parquet(self.part_name(unit), columns)
+            t = self.read_parquet(self.part_name(unit))
+            t = t if columns is None else t.select([c for c in columns if c in t.column_names])
             t = t.append_column("_unit", pa.array([unit] * t.num_rows, pa.string()))
             tables.append(t.append_column("_index", pa.array(range(t.num_rows), pa.int64())))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
