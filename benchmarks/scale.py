@@ -21,7 +21,9 @@ to it, scans it with a demo-size model and prints one JSON object:
   (not scanned) in a fresh process as a scan does (records into the scan's store, unit
   descriptors made), peak RSS and the imports' share of it; plan_in_memory_*: the same
   plan held in memory (training's index, --update's fresh listing); `--plan-only N`
-  measures only these, for N records;
+  measures only these, for N records, and the next;
+- completion_records_mb_per_100k_units: what the driver holds of the completion records
+  of 100,000 units (25.6M rows at 256 a unit);
 - sink_rows_per_s_at_50ms, serial_bound_rows_per_s: the commit stage alone (the scan's
   code, fed pre-scored blocks through Ray) writing to S3 behind a proxy that delays every
   request by 50 ms, sustained once its writers run (and with their start-up:
@@ -148,19 +150,41 @@ class CountingCompletions:
         return getattr(self.inner, name)
 
 
-def driver_ceiling(rows: int = 1_000_000) -> float:
-    """Rows/s of the driver's per-unit work on a 1M-row scan: its completion records."""
+def completion_batches(units: int) -> list:
+    """The completion records of `units` units, one batch each, as the scan loop gets them."""
     import pyarrow as pa
 
     from pipeline.scan.commit import COMPLETION_SCHEMA
+
+    return [pa.Table.from_pylist([{"store": "s3://b/out", "unit_id": f"{i:020x}", "rows": UNIT_ROWS, "errors": 0,
+                                   "decode_s": 0.1, "score_s": 0.2, "readout": "extension (avx2)",
+                                   "replicas": "r1", "cpu_decoded_in_gpu_mode": 0, "jpeg_region_decoded": 0,
+                                   "writer_node": "n1", "writer_pid": 1}],
+                                 schema=COMPLETION_SCHEMA) for i in range(units)]
+
+
+def completion_records_mb(units: int = 100_000) -> float:
+    """Python memory the driver holds for the completion records of `units` units."""
+    import tracemalloc
+
+    from pipeline.scan.run import Completions
+
+    batches = completion_batches(units)
+    tracemalloc.start()
+    completions = Completions()
+    for b in batches:
+        completions.add(b)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return held / 2**20
+
+
+def driver_ceiling(rows: int = 1_000_000) -> float:
+    """Rows/s of the driver's per-unit work on a 1M-row scan: its completion records."""
     from pipeline.scan.run import Completions
 
     units = rows // UNIT_ROWS
-    batches = [pa.Table.from_pylist([{"store": "s3://b/out", "unit_id": f"u{i:08d}", "rows": UNIT_ROWS, "errors": 0,
-                                      "decode_s": 0.1, "score_s": 0.2, "readout": "extension (avx2)",
-                                      "replicas": "r1", "cpu_decoded_in_gpu_mode": 0, "jpeg_region_decoded": 0,
-                                      "writer_node": "n1", "writer_pid": 1}],
-                                    schema=COMPLETION_SCHEMA) for i in range(units)]
+    batches = completion_batches(units)
     completions = Completions()
     t = time.perf_counter()
     for b in batches:
@@ -340,7 +364,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.plan_only:
         with tempfile.TemporaryDirectory() as tmp:
-            result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), **plan_figures(Path(tmp), args.plan_only)}
+            result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), **plan_figures(Path(tmp), args.plan_only),
+                      "completion_records_mb_per_100k_units": round(completion_records_mb(), 1)}
         print(json.dumps(result, indent=2))
         if not args.no_record:
             with open(PERF_LOG, "a") as log:
@@ -423,6 +448,7 @@ def main(argv=None) -> int:
             result.update(webdataset_update_figures(fs, bucket, shards=16 if args.quick else 64))
             result.update(evaluation_figures(tmp, str(tmp / "bundle")))
         result["driver_ceiling_rows_per_s"] = round(driver_ceiling())
+        result["completion_records_mb_per_100k_units"] = round(completion_records_mb(), 1)
         result.update(sink_figures(proxy, bucket, units=128 if args.quick else 512))
     finally:
         ray.shutdown()
