@@ -100,6 +100,8 @@ def read_unit_records(uri: str, row_group: int) -> pa.Table:
         try:
             with fsspec.open(uri, "rb") as f:
                 return pq.ParquetFile(f).read_row_group(row_group)
+        except FileNotFoundError:  # gone: another try will not find it
+            raise
         except (OSError, TimeoutError):
             if attempt == RECORDS_READ_TRIES - 1:
                 raise
@@ -144,8 +146,8 @@ class ScanStore(Location):
         only those, where a part has them (carried input columns may differ by part)."""
         tables = []
         for unit in sorted(self.done_units()):
-            t = self.read_parquet(self.part_name(unit))
-            t = t if columns is None else t.select([c for c in columns if c in t.column_names])
+            part = pq.ParquetFile(io.BytesIO(self.read_bytes(self.part_name(unit))))
+            t = part.read(None if columns is None else [c for c in columns if c in part.schema_arrow.names])
             t = t.append_column("_unit", pa.array([unit] * t.num_rows, pa.string()))
             tables.append(t.append_column("_index", pa.array(range(t.num_rows), pa.int64())))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
