@@ -2,6 +2,7 @@
 
 Rules, checked per request:
 - deny_prefixes: paths starting with one of these answer 403 AccessDenied;
+- deny_listings: listings of a key prefix starting with one of these answer 403;
 - fail_every: every Nth GET of an object answers 503 SlowDown (a transient error
   every S3 client retries), counted in `injected`;
 - delay_s: every request waits this long first (a distant object store).
@@ -12,18 +13,20 @@ import http.client
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{msg}</Message>'
              '<RequestId>fault-proxy</RequestId></Error>')
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, fail_every: int = 0, deny_prefixes: tuple[str, ...] = (), delay_s: float = 0.0):
+    def __init__(self, upstream: str, fail_every: int = 0, deny_prefixes: tuple[str, ...] = (), delay_s: float = 0.0,
+                 deny_listings: tuple[str, ...] = ()):
         self.upstream = urlsplit(upstream)
         self.delay_s = delay_s
         self.fail_every = fail_every
         self.deny_prefixes = deny_prefixes
+        self.deny_listings = deny_listings
         self.injected = 0
         self.denied = 0
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
@@ -53,7 +56,9 @@ class FaultProxy:
                 path = urlsplit(self.path).path
                 with proxy._lock:
                     proxy.requests.append((self.command, path))
-                if any(path.startswith(p) for p in proxy.deny_prefixes):
+                listed = parse_qs(urlsplit(self.path).query).get("prefix", [None])[0]
+                if any(path.startswith(p) for p in proxy.deny_prefixes) or (
+                        listed is not None and any(listed.startswith(p) for p in proxy.deny_listings)):
                     with proxy._lock:
                         proxy.denied += 1
                     return self._error(403, "AccessDenied", "Access Denied")

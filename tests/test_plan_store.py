@@ -17,8 +17,8 @@ from pipeline.scan.store import OutputMismatchError, PlanRecordsWriter, ScanStor
 
 
 def test_a_streamed_manifest_plans_the_units_and_records_of_one_read_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "MANIFEST_CHUNK_UNITS", 3)  # chunks cross the files' edges
-    monkeypatch.setattr(sources, "MANIFEST_BATCH_ROWS", 7)
+    monkeypatch.setattr(sources, "STREAM_CHUNK_UNITS", 3)  # chunks cross the files' edges
+    monkeypatch.setattr(sources, "STREAM_BATCH_ROWS", 7)
     monkeypatch.setattr(store, "UNITS_PER_RECORDS_FILE", 4)
     root = tmp_path / "manifests"
     root.mkdir()
@@ -59,8 +59,8 @@ def test_planning_a_manifest_into_the_store_holds_what_a_chunk_needs_at_any_leng
     """Arrow memory held while records reach the store, for a manifest and one over three
     times as long: about the same (a row group, a chunk, a few files' worth of units), a
     small part of the longer one (planned in memory, it would hold all of it)."""
-    monkeypatch.setattr(sources, "MANIFEST_CHUNK_UNITS", 8)
-    monkeypatch.setattr(sources, "MANIFEST_BATCH_ROWS", 4096)
+    monkeypatch.setattr(sources, "STREAM_CHUNK_UNITS", 8)
+    monkeypatch.setattr(sources, "STREAM_BATCH_ROWS", 4096)
     monkeypatch.setattr(store, "UNITS_PER_RECORDS_FILE", 8)
 
     def held_while_planning(n: int) -> tuple[int, int]:

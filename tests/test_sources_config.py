@@ -148,8 +148,9 @@ def test_a_plan_lists_its_input_once(tmp_path, monkeypatch, kind):
             pq.write_table(pa.table({"bytes": [b"x"] * 5, "uri": [f"s{i}-{j}" for j in range(5)]}),
                            tmp_path / "in" / f"s{i}.parquet", row_group_size=2)
     calls = []
-    real = sources.list_files
-    monkeypatch.setattr(sources, "list_files", lambda root: calls.append(root) or real(root))
+    real = sources.iter_files
+    monkeypatch.setattr(sources, "iter_files", lambda root: calls.append(root) or real(root))
+    monkeypatch.setattr(sources, "list_files", lambda root: pytest.fail("listed twice"))
     plan = plan_source(str(tmp_path / "in"), SourceOptions())
     assert calls == [str(tmp_path / "in")]
     if kind == "folder":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -21,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.scan import webdataset
+from pipeline.scan.listing import iter_files
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
 from pipeline.scan.schema import INDEX, UNIT
 
@@ -112,6 +114,24 @@ def list_files(root: str) -> list[str]:
     return sorted(fs.find(base))
 
 
+def image_records(paths: Iterable[str], fs, base: str, extensions=DEFAULT_EXTENSIONS) -> pa.Table:
+    """Files of a folder (filesystem paths below `base`) -> uri, label, subset of its images,
+    in the given order; files of other extensions are left out."""
+    wanted = {"." + e.lower().lstrip(".") for e in extensions}
+    rows = {"uri": [], "label": [], "subset": []}
+    skip = len(base.rstrip("/")) + 1
+    for path in paths:  # string operations: pathlib would intern every name it parses
+        *folders, name = path[skip:].split("/")
+        if posixpath.splitext(name)[1].lower() not in wanted:
+            continue
+        label, subset = label_and_subset(tuple(folders))
+        rows["uri"].append(full_uri(fs, path))
+        rows["label"].append(label)
+        rows["subset"].append(subset)
+    return pa.table({"uri": pa.array(rows["uri"], pa.string()), "label": pa.array(rows["label"], pa.int64()),
+                     "subset": pa.array(rows["subset"], pa.string())})
+
+
 def list_images(root: str, extensions=DEFAULT_EXTENSIONS, files: list[str] | None = None) -> pa.Table:
     """Recursive listing, sorted: uri, label, subset (`files`: the folder's listing, if made)."""
     fs, base = fsspec.core.url_to_fs(root)
@@ -119,18 +139,7 @@ def list_images(root: str, extensions=DEFAULT_EXTENSIONS, files: list[str] | Non
         if not fs.isdir(base):
             raise FileNotFoundError(f"input folder {root} does not exist")
         files = list_files(root)
-    wanted = {"." + e.lower().lstrip(".") for e in extensions}
-    rows = {"uri": [], "label": [], "subset": []}
-    for path in files:
-        rel = PurePosixPath(path).relative_to(PurePosixPath(base))
-        if rel.suffix.lower() not in wanted:
-            continue
-        label, subset = label_and_subset(rel.parts[:-1])
-        rows["uri"].append(full_uri(fs, path))
-        rows["label"].append(label)
-        rows["subset"].append(subset)
-    return pa.table({"uri": pa.array(rows["uri"], pa.string()), "label": pa.array(rows["label"], pa.int64()),
-                     "subset": pa.array(rows["subset"], pa.string())})
+    return image_records(files, fs, base, extensions)
 
 
 def normalize_labels(col: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -184,7 +193,7 @@ def manifest_batches(uri: str, columns: ColumnMap) -> Iterator[pa.Table]:
         schema = reader.schema if reader is not None else parquet.schema_arrow
         if "uri" not in standard_records(schema.empty_table(), columns).column_names:
             raise ValueError(f"manifest {uri} has no {columns.uri!r} column (set columns.uri)")
-        for batch in reader if reader is not None else parquet.iter_batches(batch_size=MANIFEST_BATCH_ROWS):
+        for batch in reader if reader is not None else parquet.iter_batches(batch_size=STREAM_BATCH_ROWS):
             yield standard_records(pa.Table.from_batches([batch]), columns)
 
 
@@ -237,8 +246,8 @@ def tar_files(root: str, files: list[str] | None = None) -> list[str]:
     return [full_uri(fs, p) for p in files if p.lower().endswith(".tar")]
 
 
-MANIFEST_BATCH_ROWS = 65_536
-MANIFEST_CHUNK_UNITS = 256  # units planned at once from streamed manifests
+STREAM_BATCH_ROWS = 65_536  # records read at once from a manifest or a folder's listing
+STREAM_CHUNK_UNITS = 256  # units planned at once from them
 
 
 def _chunks(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
@@ -267,19 +276,47 @@ def deliver(units: list[Unit], records: pa.Table, sink: RecordsSink | None) -> p
     return records.schema.empty_table()
 
 
-def manifest_units(files: list[str], options: SourceOptions, source: str,
-                   sink: RecordsSink | None) -> tuple[list[Unit], pa.Table]:
-    """Units of manifests read in chunks of whole units: the same units as one table of
-    all their records would give, planned in bounded memory when a sink takes them."""
+def chunked_units(tables: Iterable[pa.Table], unit_size: int, source: str,
+                  sink: RecordsSink | None) -> tuple[list[Unit], pa.Table]:
+    """Units of records read in chunks of whole units: the same units as one table of all
+    the records would give, planned in bounded memory when a sink takes them."""
     units, kept, first = [], [], 0
-    batches = (b for f in files for b in manifest_batches(f, options.columns))
-    for chunk in _chunks(batches, options.unit_size * MANIFEST_CHUNK_UNITS):
-        new, records = inline_units(chunk, options.unit_size, source, first=first)
+    for chunk in _chunks(tables, unit_size * STREAM_CHUNK_UNITS):
+        new, records = inline_units(chunk, unit_size, source, first=first)
         units += new
         kept.append(deliver(new, records, sink))
         first += chunk.num_rows
     records = pa.concat_tables(kept, promote_options="permissive") if kept else pa.table({})
     return units, records
+
+
+@dataclass
+class FolderImages:
+    """A folder's images from its streamed listing, a batch of records at a time; counts the
+    files it leaves out for their extension as it goes."""
+
+    root: str
+    files: Iterator[str]  # filesystem paths, sorted
+    extensions: tuple[str, ...]
+    skipped: int = 0
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        fs, base = fsspec.core.url_to_fs(self.root)
+        while paths := list(itertools.islice(self.files, STREAM_BATCH_ROWS)):
+            batch = image_records(paths, fs, base, self.extensions)
+            self.skipped += len(paths) - batch.num_rows
+            yield batch
+
+
+def _up_to_first_image(files: Iterator[str], extensions: tuple[str, ...]) -> list[str]:
+    """The files of a listing up to its first image (all of them when it holds none)."""
+    wanted = {"." + e.lower().lstrip(".") for e in extensions}
+    head = []
+    for path in files:
+        head.append(path)
+        if PurePosixPath(path).suffix.lower() in wanted:
+            break
+    return head
 
 
 FOOTER_THREADS = 32  # Parquet footers read at once (object-store latency, not bandwidth)
@@ -315,7 +352,8 @@ def _has_bytes_column(uri: str, columns: ColumnMap) -> bool:
 
 
 def detect_format(uri: str, options: SourceOptions, files: list[str] | None = None) -> str:
-    """`files`: the input folder's listing when it has been made (None for single files)."""
+    """`files`: an input folder's files up to its first image, or all of them when it holds
+    none (None: list the folder here, or a single file)."""
     if options.input_format != "auto":
         return options.input_format
     if webdataset.is_webdataset_uri(uri):
@@ -347,17 +385,20 @@ def plan_source(uri: str, options: SourceOptions, known: Plan | None = None, sin
     damaged, indexed now, and the list of every shard indexed. `sink`: takes the records
     unit by unit (manifests are then read in bounded memory); else the plan holds them."""
     fs, base = fsspec.core.url_to_fs(uri)
-    listing = list_files(uri) if not uri.lower().endswith((".csv", ".parquet")) and fs.isdir(base) else None
-    fmt = detect_format(uri, options, listing)
+    folder = not uri.lower().endswith((".csv", ".parquet")) and fs.isdir(base)
+    stream = iter_files(uri) if folder else None  # one listing, read as the plan needs it
+    head = _up_to_first_image(stream, options.extensions) if folder else None
+    fmt = detect_format(uri, options, head)  # an image in `head`, else `head` is every file
+    listing = head + list(stream) if folder and fmt != "folder" else None
     skipped = 0
     if fmt == "folder":
-        images = list_images(uri, options.extensions, listing)
-        skipped = len(listing) - images.num_rows if listing is not None else 0
-        units, records = inline_units(images, options.unit_size, uri)
-        records = deliver(units, records, sink)
+        images = FolderImages(uri, itertools.chain(head, stream), options.extensions)
+        units, records = chunked_units(images, options.unit_size, uri, sink)
+        skipped = images.skipped
     elif fmt == "manifest":
         files = [uri] if uri.lower().endswith((".csv", ".parquet")) else shard_files(uri, listing)
-        units, records = manifest_units(files, options, uri, sink)
+        batches = (b for f in files for b in manifest_batches(f, options.columns))
+        units, records = chunked_units(batches, options.unit_size, uri, sink)
     elif fmt == "parquet":
         units, records = shard_units(shard_files(uri, listing), options.columns), pa.table({})
     elif fmt == "webdataset":

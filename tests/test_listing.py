@@ -1,0 +1,142 @@
+"""A folder's listing streamed in sorted order (local and a real S3 protocol server), and a
+folder input planned from it in bounded memory with the units a whole listing gives."""
+import os
+import threading
+import tracemalloc
+
+import boto3
+import fsspec
+import pytest
+from conftest import write_image
+
+from pipeline.scan import listing, sources, store
+from pipeline.scan.listing import iter_files
+from pipeline.scan.sources import SourceOptions, inline_units, list_images, plan_source
+from pipeline.scan.store import PlanRecordsWriter, ScanStore
+
+# names whose sorted order is not a directory walk's naive one: '-' and '.' sort before '/'
+TRICKY = ["A", "a-b", "a.b", "a/b-c", "a/b.c.d", "a/b.c/d", "a/b/c", "a/b/c0", "a0", "b-c.jpg",
+          "b/c/d/e.jpg", "é/x", "z z/1", "z z/10", "z z/2"]
+
+
+def test_a_local_folder_streams_in_the_order_of_a_sorted_find(tmp_path):
+    for name in TRICKY:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "empty" / "deeper").mkdir(parents=True)
+    fs, base = fsspec.core.url_to_fs(str(tmp_path))
+    assert list(iter_files(str(tmp_path))) == sorted(fs.find(base)) == [f"{base}/{n}" for n in sorted(TRICKY)]
+
+
+@pytest.fixture
+def s3_tree(s3_server, s3_bucket, monkeypatch):
+    """TRICKY plus prefixes of many keys, under 'root/', in pages of 3 keys, 2 prefixes at a
+    time: every page and look-ahead edge is crossed."""
+    client = boto3.client("s3", endpoint_url=s3_server)
+    keys = [f"root/{n}" for n in TRICKY] + [f"root/p{i:02d}/k{j:02d}.jpg" for i in range(6) for j in range(i * 3)]
+    keys += ["root/nested/x/", "root/marker-only/"]  # directory markers (consoles make them): not files
+    for key in keys:
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"")
+    client.put_object(Bucket=s3_bucket, Key="rootless.jpg", Body=b"")  # beside the root, not below it
+    monkeypatch.setattr(listing, "S3_PAGE_KEYS", 3)
+    monkeypatch.setattr(listing, "PREFIXES_AHEAD", 2)
+    monkeypatch.setattr(listing, "ENTRIES_AHEAD", 4)
+    return sorted(f"{s3_bucket}/{k}" for k in keys if not k.endswith("/"))
+
+
+def test_an_s3_prefix_streams_in_key_order_by_pages_and_prefixes_listed_ahead(s3_bucket, s3_tree):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs, base = fsspec.core.url_to_fs(f"s3://{s3_bucket}/root")
+    assert [p for p in sorted(fs.find(base)) if not p.endswith("/")] == s3_tree  # find lists markers as files
+    fs.invalidate_cache()
+    before = threading.active_count()
+    assert list(iter_files(f"s3://{s3_bucket}/root/")) == list(iter_files(f"s3://{s3_bucket}/root")) == s3_tree
+    assert not fs.dircache  # nothing of the listing stays cached
+    files = iter_files(f"s3://{s3_bucket}/root")
+    assert [next(files) for _ in range(3)] == s3_tree[:3]
+    files.close()  # abandoned after a few: its listing threads end
+    for _ in range(50):
+        if threading.active_count() <= before:
+            break
+        threading.Event().wait(0.1)
+    assert threading.active_count() <= before
+
+
+def test_a_listing_refused_below_the_root_fails_the_listing_naming_it(s3_server, s3_bucket, s3_tree):
+    import s3fs
+    from s3_faults import FaultProxy
+
+    with FaultProxy(s3_server, deny_listings=("root/p03/",)) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.url
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            seen = []
+            with pytest.raises(PermissionError):
+                for path in iter_files(f"s3://{s3_bucket}/root"):
+                    seen.append(path)
+            assert seen == [p for p in s3_tree if p < f"{s3_bucket}/root/p03/"]  # nothing skipped silently
+            assert proxy.denied >= 1
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = s3_server
+            s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _folder(root, subsets: int, per_folder: int) -> None:
+    for s in range(subsets):
+        for label in ("0_real", "1_fake"):
+            folder = root / f"set{s}" / label
+            folder.mkdir(parents=True)
+            for i in range(per_folder):
+                (folder / f"{i:05d}.jpg").write_bytes(b"")
+            (folder / "notes.txt").write_bytes(b"")
+
+
+def test_a_streamed_folder_plans_the_units_and_records_of_a_whole_listing(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "STREAM_BATCH_ROWS", 7)  # batches and chunks cross the folders' edges
+    monkeypatch.setattr(sources, "STREAM_CHUNK_UNITS", 3)
+    monkeypatch.setattr(store, "UNITS_PER_RECORDS_FILE", 4)
+    root = tmp_path / "in"
+    _folder(root, 3, 11)
+    write_image(root / "top.png")  # an image beside the subsets
+    whole = list_images(str(root))
+    units, records = inline_units(whole, 5, str(root))
+    in_memory = plan_source(str(root), SourceOptions(unit_size=5))
+    out = ScanStore(str(tmp_path / "scan"))
+    with PlanRecordsWriter(out) as sink:
+        streamed = plan_source(str(root), SourceOptions(unit_size=5), sink=sink)
+    assert [(u.unit_id, u.rows) for u in streamed.units] == [(u.unit_id, u.rows) for u in units]
+    assert in_memory.records.to_pylist() == records.to_pylist()
+    assert out.plan_records(streamed).to_pylist() == records.to_pylist()
+    assert streamed.skipped_by_extension == in_memory.skipped_by_extension == 6
+    assert streamed.total_rows == 67 and set(records["subset"].to_pylist()) == {"set0", "set1", "set2", None}
+
+
+def test_planning_a_folder_into_the_store_holds_what_a_chunk_needs_at_any_size(tmp_path, monkeypatch):
+    """Python memory at its peak while a folder plans into the store, for a folder and one
+    four times as large: about the same (a directory's names, a chunk of records), where a
+    whole listing (what planning held before it streamed) grows with the folder."""
+    monkeypatch.setattr(sources, "STREAM_BATCH_ROWS", 512)
+    monkeypatch.setattr(sources, "STREAM_CHUNK_UNITS", 4)
+    monkeypatch.setattr(store, "UNITS_PER_RECORDS_FILE", 4)
+
+    def peak(subsets: int, streamed: bool) -> int:
+        root = tmp_path / f"in-{subsets}"
+        if not root.exists():
+            _folder(root, subsets, 400)
+        tracemalloc.start()
+        try:
+            if streamed:
+                with PlanRecordsWriter(ScanStore(str(tmp_path / f"scan-{subsets}"))) as sink:
+                    assert plan_source(str(root), SourceOptions(unit_size=64), sink=sink).total_rows == subsets * 800
+            else:
+                assert list_images(str(root)).num_rows == subsets * 800
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(4, False)  # imports and first-use caches, not counted below
+    small, large = peak(4, True), peak(16, True)
+    whole = peak(16, False)
+    assert large < 1.5 * small and large < whole / 2, (small, large, whole)
