@@ -22,6 +22,9 @@ to it, scans it with a demo-size model and prints one JSON object:
   descriptors made), peak RSS and the imports' share of it; plan_in_memory_*: the same
   plan held in memory (training's index, --update's fresh listing); `--plan-only N`
   measures only these, for N records, and the next;
+- folder_plan_s, folder_plan_peak_rss_mb: planning a local folder of 100,000 empty images
+  (with --plan-only N: N, at most 1M) as a scan does (its listing streamed); against
+  folder_whole_listing_*: the folder listed whole, then planned;
 - completion_records_mb_per_100k_units: what the driver holds of the completion records
   of 100,000 units (25.6M rows at 256 a unit);
 - sink_rows_per_s_at_50ms, serial_bound_rows_per_s: the commit stage alone (the scan's
@@ -231,22 +234,31 @@ def bare_pipeline_cpu(blocks: int, decode_s: float, score_s: float, out_uri: str
 PLAN_CHILD = """
 import json, sys, time
 from pipeline.scan.run import peak_rss_mb, unit_descriptors
-from pipeline.scan.sources import SourceOptions, plan_source
+from pipeline.scan.sources import SourceOptions, inline_units, list_images, plan_source
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
-manifest, out, into_store = sys.argv[1], sys.argv[2], sys.argv[3] == "store"
+source, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 imports_mb, t = peak_rss_mb(), time.perf_counter()
-if into_store:  # as a scan plans: records to the store unit by unit, the driver keeps the units
+if mode == "store":  # as a scan plans: records to the store unit by unit, the driver keeps the units
     store = ScanStore(out)
     with PlanRecordsWriter(store) as sink:
-        plan = plan_source(manifest, SourceOptions(), sink=sink)
+        plan = plan_source(source, SourceOptions(), sink=sink)
     store.save_plan(plan)
-    items = unit_descriptors(plan.units, store, {}, None)
-else:  # in memory (training's index, --update's fresh listing)
-    plan = plan_source(manifest, SourceOptions())
-    items = plan.units
+    units = plan.units
+    items = unit_descriptors(units, store, {}, None)
+elif mode == "memory":  # in memory (training's index, --update's fresh listing)
+    units = items = plan_source(source, SourceOptions()).units
+else:  # a folder listed whole, then planned (as folders were planned before listings streamed)
+    units, records = inline_units(list_images(source), SourceOptions().unit_size, source)
+    items = units
 print(json.dumps({"s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "imports_mb": imports_mb,
-                  "units": len(plan.units), "items": len(items)}))
+                  "units": len(units), "items": len(items)}))
 """
+
+
+def _plan_child(source: Path, out: Path, mode: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PLAN_CHILD, str(source), str(out), mode],
+                          capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def plan_figures(tmp: Path, records: int = 1_000_000) -> dict:
@@ -263,11 +275,31 @@ def plan_figures(tmp: Path, records: int = 1_000_000) -> dict:
                                                  for i in range(start, min(records, start + 1_000_000))]}))
     figures = {"plan_records": records}
     for mode, prefix in (("store", "plan"), ("memory", "plan_in_memory")):
-        out = subprocess.run([sys.executable, "-c", PLAN_CHILD, str(manifest), str(tmp / f"plan-{records}"), mode],
-                             capture_output=True, text=True, check=True, cwd=REPO)
-        got = json.loads(out.stdout.strip().splitlines()[-1])
+        got = _plan_child(manifest, tmp / f"plan-{records}", mode)
         figures.update({f"{prefix}_s": round(got["s"], 2), f"{prefix}_peak_rss_mb": round(got["peak_rss_mb"]),
                         "plan_imports_rss_mb": round(got["imports_mb"]), "plan_units": got["units"]})
+    return figures
+
+
+FOLDER_PLAN_MAX_FILES = 1_000_000  # files made on this disk for --plan-only's folder figures
+
+
+def folder_plan_figures(tmp: Path, files: int) -> dict:
+    """Planning a local folder of `files` (empty) images, 1,000 a directory, in a fresh
+    process as a scan does (its listing streamed, records into the store:
+    folder_plan_s, folder_plan_peak_rss_mb) and from a whole listing
+    (folder_whole_listing_s, folder_whole_listing_peak_rss_mb)."""
+    root = tmp / f"folder-{files}"
+    for d in range(0, files, 1000):
+        folder = root / f"part-{d // 1000:05d}" / ("0_real" if d % 2000 else "1_fake")
+        folder.mkdir(parents=True)
+        for i in range(d, min(files, d + 1000)):
+            (folder / f"{i:09d}.jpg").touch()
+    figures = {"folder_files": files}
+    for mode, prefix in (("store", "folder_plan"), ("listing", "folder_whole_listing")):
+        got = _plan_child(root, tmp / f"folder-plan-{files}", mode)
+        assert got["units"] == -(-files // 256), got
+        figures.update({f"{prefix}_s": round(got["s"], 2), f"{prefix}_peak_rss_mb": round(got["peak_rss_mb"])})
     return figures
 
 
@@ -365,11 +397,13 @@ def main(argv=None) -> int:
     if args.plan_only:
         with tempfile.TemporaryDirectory() as tmp:
             result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), **plan_figures(Path(tmp), args.plan_only),
+                      **folder_plan_figures(Path(tmp), min(args.plan_only, FOLDER_PLAN_MAX_FILES)),
                       "completion_records_mb_per_100k_units": round(completion_records_mb(), 1)}
         print(json.dumps(result, indent=2))
         if not args.no_record:
             with open(PERF_LOG, "a") as log:
-                log.write(f"\n### {result['date']}: planning a manifest of {args.plan_only:,} records\n\n"
+                log.write(f"\n### {result['date']}: planning a manifest of {args.plan_only:,} records, a folder of "
+                          f"{result['folder_files']:,} files\n\n"
                           "```json\n" + json.dumps(result, indent=2) + "\n```\n")
         return 0
     n = args.images or (10_000 if args.quick else 50_000)
@@ -445,6 +479,7 @@ def main(argv=None) -> int:
                            "driver_cpu_over_bare": round(scan_rate / (bare_cpu / bare_wall), 2),
                            "driver_cpu_total_over_bare_total": round(result["driver_cpu_s"] / bare_cpu, 2)})
             result.update(plan_figures(tmp))
+            result.update(folder_plan_figures(tmp, 100_000))
             result.update(webdataset_update_figures(fs, bucket, shards=16 if args.quick else 64))
             result.update(evaluation_figures(tmp, str(tmp / "bundle")))
         result["driver_ceiling_rows_per_s"] = round(driver_ceiling())

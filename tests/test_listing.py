@@ -28,6 +28,17 @@ def test_a_local_folder_streams_in_the_order_of_a_sorted_find(tmp_path):
     assert list(iter_files(str(tmp_path))) == sorted(fs.find(base)) == [f"{base}/{n}" for n in sorted(TRICKY)]
 
 
+def test_any_other_filesystem_streams_in_the_order_of_a_sorted_find():
+    fs = fsspec.filesystem("memory")  # fsspec's own in-memory filesystem: the walk by fs.ls
+    for name in TRICKY:
+        fs.pipe_file(f"/listing-test/{name}", b"")
+    try:
+        assert list(iter_files("memory://listing-test")) == sorted(fs.find("/listing-test"))
+        assert len(sorted(fs.find("/listing-test"))) == len(TRICKY)
+    finally:
+        fs.rm("/listing-test", recursive=True)
+
+
 @pytest.fixture
 def s3_tree(s3_server, s3_bucket, monkeypatch):
     """TRICKY plus prefixes of many keys, under 'root/', in pages of 3 keys, 2 prefixes at a

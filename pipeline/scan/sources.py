@@ -22,8 +22,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.scan import webdataset
-from pipeline.scan.listing import iter_files
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
+from pipeline.scan.listing import iter_files
 from pipeline.scan.schema import INDEX, UNIT
 
 LABEL_FOLDERS = {"0_real": 0, "nature": 0, "1_fake": 1, "ai": 1}
