@@ -20,7 +20,7 @@ to it, scans it with a demo-size model and prints one JSON object:
 - plan_s, plan_peak_rss_mb, plan_imports_rss_mb: planning a generated 1M-record manifest
   (not scanned) in a fresh process as a scan does (records into the scan's store, unit
   descriptors made), peak RSS and the imports' share of it; plan_in_memory_*: the same
-  plan held in memory (training's index, --update's fresh listing); `--plan-only N`
+  plan held in memory (training's index); `--plan-only N`
   measures only these, for N records, and the next;
 - folder_plan_s, folder_plan_peak_rss_mb: planning a local folder of 100,000 empty images
   (with --plan-only N: N, at most 1M) as a scan does (its listing streamed); against
@@ -91,7 +91,8 @@ def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512) 
     import tarfile
 
     from pipeline.scan import webdataset
-    from pipeline.scan.sources import SourceOptions, plan_source
+    from pipeline.scan.sources import SourceOptions, plan_source, update_plan
+    from pipeline.scan.uri_set import UriSet
 
     images = small_jpegs(64, seed=1)
 
@@ -118,7 +119,7 @@ def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512) 
     webdataset.index_shard = lambda u: indexed.append(u) or original(u)
     try:
         t = time.perf_counter()
-        update = plan_source(uri, SourceOptions(), known=plan)
+        update, added = update_plan(plan, SourceOptions(), UriSet([plan.records["uri"]]))
         update_s = time.perf_counter() - t
     finally:
         webdataset.index_shard = original
@@ -132,7 +133,7 @@ def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512) 
         cluster_s = time.perf_counter() - t
     finally:
         webdataset.CLUSTER_INDEX_MIN_SHARDS = least
-    assert update.total_rows == samples and on_cluster.total_rows == (shards + 1) * samples
+    assert sum(u.rows for u in added) == samples and on_cluster.total_rows == (shards + 1) * samples
     return {"wds_shards": shards + 1, "wds_samples_per_shard": samples, "wds_plan_s": round(plan_s, 2),
             "wds_update_plan_s": round(update_s, 3), "wds_reindex_all_s": round(reindex_s, 2),
             "wds_update_shards_indexed": len(indexed), "wds_plan_ray_tasks_s": round(cluster_s, 2)}
@@ -245,7 +246,7 @@ if mode == "store":  # as a scan plans: records to the store unit by unit, the d
     store.save_plan(plan)
     units = plan.units
     items = unit_descriptors(units, store, {}, None)
-elif mode == "memory":  # in memory (training's index, --update's fresh listing)
+elif mode == "memory":  # in memory (training's index)
     units = items = plan_source(source, SourceOptions()).units
 else:  # a folder listed whole, then planned (as folders were planned before listings streamed)
     units, records = inline_units(list_images(source), SourceOptions().unit_size, source)

@@ -11,7 +11,8 @@ from s3_faults import FaultProxy
 
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
-from pipeline.scan.sources import SourceOptions, extend_plan, plan_source
+from pipeline.scan.sources import SourceOptions, plan_source, update_plan
+from pipeline.scan.uri_set import UriSet
 
 
 def parts(out):
@@ -39,7 +40,7 @@ def test_update_scores_exactly_the_new_files(ray_local, parity_bundle, tmp_path)
     assert again["units"]["new"] == 0 and again["this_run"]["rows"] == 0 and again["rows_out"] == 9
 
 
-def test_extend_plan_keeps_units_and_adds_new_shard_row_groups(tmp_path):
+def test_an_update_keeps_units_and_adds_new_shard_row_groups(tmp_path):
     import pyarrow as pa
 
     data = write_image(tmp_path / "x.png")
@@ -47,12 +48,77 @@ def test_extend_plan_keeps_units_and_adds_new_shard_row_groups(tmp_path):
     pq.write_table(pa.table({"bytes": [data] * 4}), tmp_path / "shards" / "a.parquet", row_group_size=2)
     plan = plan_source(str(tmp_path / "shards"), SourceOptions())
     pq.write_table(pa.table({"bytes": [data] * 3}), tmp_path / "shards" / "b.parquet", row_group_size=2)
-    extended, added = extend_plan(plan, plan_source(str(tmp_path / "shards"), SourceOptions()), 256)
+    extended, added = update_plan(plan, SourceOptions(), UriSet())
     assert extended.units[:2] == plan.units and [u.rows for u in added] == [2, 1]
     assert all(u.file.endswith("b.parquet") for u in added)
     write_image(tmp_path / "shards" / "now-a-folder.png")
     with pytest.raises(ValueError, match="planned as parquet, now looks like folder"):
-        extend_plan(plan, plan_source(str(tmp_path / "shards"), SourceOptions()), 256)
+        update_plan(plan, SourceOptions(), UriSet())
+
+
+def test_a_uri_set_holds_digests_and_answers_membership():
+    import pyarrow as pa
+
+    known = UriSet([pa.array(["s3://b/a.jpg", "s3://b/b.jpg"]), pa.chunked_array([["s3://b/c.jpg", None]])])
+    assert len(known) == 4 and known.digests.nbytes == 4 * 16
+    asked = pa.array(["s3://b/c.jpg", "s3://b/d.jpg", "s3://b/a.jpg", "s3://b/a.jpg ", None, "s3://b/b.jpg"])
+    assert known.contains(asked).tolist() == [True, False, True, False, True, True]
+    assert UriSet().contains(asked).tolist() == [False] * 6
+
+
+@pytest.mark.parametrize("kind", ["folder", "manifest"])
+def test_an_update_streams_the_new_listing_and_plans_what_a_whole_one_would(tmp_path, monkeypatch, kind):
+    """New files between and after the planned ones (a folder), or rows added to a manifest:
+    streamed in batches and chunks smaller than a unit, the new units and their records are
+    those of the new records planned whole; the stored ones are known by their digests."""
+    import pyarrow as pa
+
+    from pipeline.scan import sources, store
+    from pipeline.scan.sources import inline_units, list_images
+    from pipeline.scan.store import PlanRecordsWriter, ScanStore
+
+    monkeypatch.setattr(sources, "STREAM_BATCH_ROWS", 5)
+    monkeypatch.setattr(sources, "STREAM_CHUNK_UNITS", 2)
+    monkeypatch.setattr(store, "UNITS_PER_RECORDS_FILE", 3)
+    root = tmp_path / "in"
+    names = [f"{d}/{i:03d}.jpg" for d in ("a", "c") for i in range(0, 40, 2)]
+    later = [f"{d}/{i:03d}.jpg" for d in ("a", "b", "c", "d") for i in range(1, 12, 2)]
+
+    def write(files):
+        if kind == "folder":
+            for n in files:
+                (root / n).parent.mkdir(parents=True, exist_ok=True)
+                (root / n).write_bytes(b"")
+        else:  # a manifest, its rows in the order given
+            pq.write_table(pa.table({"uri": [f"s3://b/{n}" for n in files], "label": [n[0] == "c" for n in files]}),
+                           tmp_path / "list.parquet")
+
+    write(names)
+    uri = str(root if kind == "folder" else tmp_path / "list.parquet")
+    out = ScanStore(str(tmp_path / "out"))
+    options = SourceOptions(unit_size=4)
+    with PlanRecordsWriter(out) as sink:
+        plan = plan_source(uri, options, sink=sink)
+    out.save_plan(plan)
+    write(names + later)
+    known = out.known_uris(plan)
+    assert len(known) == len(names)
+    with PlanRecordsWriter(out) as sink:
+        updated, added = update_plan(out.load_plan(), options, known, sink)
+    everything = list_images(uri) if kind == "folder" else pq.read_table(uri).set_column(
+        1, "label", pa.array([int(v) for v in pq.read_table(uri)["label"].to_pylist()]))
+    new = everything.filter(pa.array([u not in set(out.plan_records(plan, ["uri"])["uri"].to_pylist())
+                                      for u in everything["uri"].to_pylist()]))
+    assert new.num_rows == len(later)
+    units, records = inline_units(new, 4, f"{uri}@{len(plan.units)}")
+    assert [(u.unit_id, u.rows) for u in added] == [(u.unit_id, u.rows) for u in units]
+    assert updated.units[:len(plan.units)] == plan.units and updated.records.num_rows == 0
+    out.save_plan(updated)
+    stored = pa.concat_tables([out.unit_records(u) for u in out.load_plan().units[len(plan.units):]])
+    assert stored.to_pylist() == records.to_pylist()
+    with PlanRecordsWriter(out) as sink:
+        _, none = update_plan(out.load_plan(), options, out.known_uris(out.load_plan()), sink)
+    assert none == []
 
 
 def _scan(bucket, endpoint, *extra):

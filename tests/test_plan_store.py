@@ -46,7 +46,7 @@ def test_a_streamed_manifest_plans_the_units_and_records_of_one_read_whole(tmp_p
     assert stored.select(whole.records.column_names).to_pylist() == whole.records.to_pylist()
     out.save_plan(streamed)
     again = out.load_plan()
-    assert again.units == streamed.units and out.plan_uris(again).to_pylist() == whole.records["uri"].to_pylist()
+    assert again.units == streamed.units and out.plan_records(again, ["uri"])["uri"].to_pylist() == whole.records["uri"].to_pylist()
     pacsv.write_csv(pa.table({"uri": [f"s3://b/c/{i}.jpg" for i in range(23)], "label": ["fake"] * 23}),
                     str(tmp_path / "manifest.csv"))
     with PlanRecordsWriter(ScanStore(str(tmp_path / "csv-scan"))) as sink:

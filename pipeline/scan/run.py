@@ -24,7 +24,7 @@ from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
-from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, extend_plan, plan_source
+from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, plan_source, update_plan
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
 
 DECODE_CPUS_KEPT = 2  # CPUs a one-node cluster keeps for decode tasks when sizing CPU scorers
@@ -287,9 +287,8 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
         elif cfg.update:
             with step(f"re-listing {job.input_uri}") as info:
                 before = plan
-                known = out.plan_uris(plan)
-                plan, added = extend_plan(plan, plan_source(job.input_uri, cfg.source_options(), known=plan),
-                                          cfg.unit_size, known)
+                with PlanRecordsWriter(out) as records:  # new units' records, as a first plan's go
+                    plan, added = update_plan(plan, cfg.source_options(), out.known_uris(plan), records)
                 if added or (plan.shards is not None and (before.shards is None or not plan.shards.equals(before.shards))):
                     out.save_plan(plan)  # new units, or tar shards indexed anew
                 info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units")

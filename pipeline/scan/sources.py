@@ -25,6 +25,7 @@ from pipeline.scan import webdataset
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
 from pipeline.scan.listing import iter_files
 from pipeline.scan.schema import INDEX, UNIT
+from pipeline.scan.uri_set import UriSet
 
 LABEL_FOLDERS = {"0_real": 0, "nature": 0, "1_fake": 1, "ai": 1}
 LABEL_NAMES = {**LABEL_FOLDERS, "0": 0, "1": 1, "real": 0, "fake": 1}
@@ -379,76 +380,93 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar shards and no Parquet files")
 
 
-def plan_source(uri: str, options: SourceOptions, known: Plan | None = None, sink: RecordsSink | None = None) -> Plan:
-    """The input's units, from one listing of it. `known` (the plan an earlier scan made, for
-    `--update`): a WebDataset plan then holds only the shards `known` lacks or found
-    damaged, indexed now, and the list of every shard indexed. `sink`: takes the records
-    unit by unit (manifests are then read in bounded memory); else the plan holds them."""
+def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | None, list[str] | None]:
+    """The input's format, from one listing of it, and that listing: a folder's images
+    (streamed, read as the plan goes), or the whole listing of a folder of other files
+    (None for a single file)."""
     fs, base = fsspec.core.url_to_fs(uri)
     folder = not uri.lower().endswith((".csv", ".parquet")) and fs.isdir(base)
-    stream = iter_files(uri) if folder else None  # one listing, read as the plan needs it
+    stream = iter_files(uri) if folder else None
     head = _up_to_first_image(stream, options.extensions) if folder else None
     fmt = detect_format(uri, options, head)  # an image in `head`, else `head` is every file
-    listing = head + list(stream) if folder and fmt != "folder" else None
-    skipped = 0
     if fmt == "folder":
-        images = FolderImages(uri, itertools.chain(head, stream), options.extensions)
-        units, records = chunked_units(images, options.unit_size, uri, sink)
-        skipped = images.skipped
-    elif fmt == "manifest":
-        files = [uri] if uri.lower().endswith((".csv", ".parquet")) else shard_files(uri, listing)
-        batches = (b for f in files for b in manifest_batches(f, options.columns))
-        units, records = chunked_units(batches, options.unit_size, uri, sink)
-    elif fmt == "parquet":
-        units, records = shard_units(shard_files(uri, listing), options.columns), pa.table({})
-    elif fmt == "webdataset":
-        shards = tar_files(uri, listing)
-        if not shards:
-            raise ValueError(f"input {uri} holds no .tar shards")
-        kept = known.shards if known is not None and known.shards is not None else webdataset.SHARDS_SCHEMA.empty_table()
-        kept = kept.filter(pc.invert(kept["damaged"]))  # whole when indexed: tar shards are written once
-        done = set(kept["uri"].to_pylist())
-        samples, indexed = webdataset.index_shards([s for s in shards if s not in done], options.index_on_cluster,
-                                                   options.address)
-        units, records = inline_units(samples, options.unit_size, uri, "samples", indexed["records"].to_pylist())
-        records = deliver(units, records, sink)
-        all_indexed = pa.concat_tables([kept, indexed])
-        skipped = pc.sum(all_indexed["no_image"]).as_py() or 0
-        return Plan(uri, fmt, units, records, skipped, all_indexed)
-    else:
-        raise ValueError(f"unknown input format {fmt!r}; expected one of {INPUT_FORMATS}")
-    return Plan(uri, fmt, units, records, skipped)
+        return fmt, FolderImages(uri, itertools.chain(head, stream), options.extensions), None
+    return fmt, None, head + list(stream) if folder else None
 
 
-def extend_plan(plan: Plan, fresh: Plan, unit_size: int, known_uris: pa.Array | None = None) -> tuple[Plan, list[Unit]]:
-    """`plan` plus what a new listing (`fresh`, made in memory) holds beyond it, as new
-    units: records whose uri the plan lacks (folders, manifests), row groups of shards it
-    lacks. Existing units are kept as they are (never re-chunked, so finished parts stay
-    finished). `known_uris`: the URIs of the plan's stored records (`plan.records` holds
-    those not stored); the new units' records are left in the plan's `records`."""
-    if fresh.input_format != plan.input_format:
-        raise ValueError(f"{plan.input} was planned as {plan.input_format}, now looks like {fresh.input_format}: "
+def record_batches(uri: str, options: SourceOptions, images: FolderImages | None,
+                   listing: list[str] | None) -> Iterable[pa.Table]:
+    """A folder's or manifest input's records, a batch at a time."""
+    if images is not None:
+        return images
+    files = [uri] if uri.lower().endswith((".csv", ".parquet")) else shard_files(uri, listing)
+    return (b for f in files for b in manifest_batches(f, options.columns))
+
+
+def _webdataset_plan(uri: str, options: SourceOptions, listing: list[str] | None, known: Plan | None,
+                     source: str) -> Plan:
+    """Tar shards indexed (only those `known` lacks or found damaged), their samples planned
+    in memory (units never span two shards), and the list of every shard indexed."""
+    shards = tar_files(uri, listing)
+    if not shards:
+        raise ValueError(f"input {uri} holds no .tar shards")
+    kept = known.shards if known is not None and known.shards is not None else webdataset.SHARDS_SCHEMA.empty_table()
+    kept = kept.filter(pc.invert(kept["damaged"]))  # whole when indexed: tar shards are written once
+    done = set(kept["uri"].to_pylist())
+    samples, indexed = webdataset.index_shards([s for s in shards if s not in done], options.index_on_cluster,
+                                               options.address)
+    units, records = inline_units(samples, options.unit_size, source, "samples", indexed["records"].to_pylist())
+    all_indexed = pa.concat_tables([kept, indexed])
+    return Plan(uri, "webdataset", units, records, pc.sum(all_indexed["no_image"]).as_py() or 0, all_indexed)
+
+
+def plan_source(uri: str, options: SourceOptions, sink: RecordsSink | None = None) -> Plan:
+    """The input's units, from one listing of it. `sink`: takes the records unit by unit
+    (folders and manifests are then planned in bounded memory); else the plan holds them."""
+    fmt, images, listing = open_input(uri, options)
+    if fmt in ("folder", "manifest"):
+        units, records = chunked_units(record_batches(uri, options, images, listing), options.unit_size, uri, sink)
+        return Plan(uri, fmt, units, records, images.skipped if images is not None else 0)
+    if fmt == "parquet":
+        return Plan(uri, fmt, shard_units(shard_files(uri, listing), options.columns), pa.table({}))
+    if fmt == "webdataset":
+        plan = _webdataset_plan(uri, options, listing, None, uri)
+        plan.records = deliver(plan.units, plan.records, sink)
+        return plan
+    raise ValueError(f"unknown input format {fmt!r}; expected one of {INPUT_FORMATS}")
+
+
+def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
+                sink: RecordsSink | None = None) -> tuple[Plan, list[Unit]]:
+    """`--update`: `plan` plus what the input holds now beyond it, as new units: records
+    whose uri `known` (the URIs of the plan's records) lacks, streamed from a folder's
+    listing or a manifest as a first plan is; tar shards not indexed yet; row groups of
+    Parquet shards the plan lacks. Existing units are kept as they are (never re-chunked,
+    so finished parts stay finished). `sink` takes the new units' records, else they are
+    the returned plan's `records` (after any the plan held unstored)."""
+    fmt, images, listing = open_input(plan.input, options)
+    if fmt != plan.input_format:
+        raise ValueError(f"{plan.input} was planned as {plan.input_format}, now looks like {fmt}: "
                          "scan it into a new --output")
-    if plan.input_format == "parquet":
-        known = {u.unit_id for u in plan.units}
-        added = [u for u in fresh.units if u.unit_id not in known]
-        return Plan(plan.input, plan.input_format, plan.units + added, plan.records, fresh.skipped_by_extension), added
-    if known_uris is None:
-        if any(u.kind in RECORD_KINDS and u.file is not None for u in plan.units):
-            raise ValueError("the plan's records are stored: pass their URIs (known_uris)")
-        known_uris = plan.records["uri"] if plan.records.num_rows else pa.array([], pa.string())
-    if isinstance(known_uris, pa.ChunkedArray):
-        known_uris = known_uris.combine_chunks()
-    new = fresh.records.drop_columns([UNIT, INDEX])
-    if len(known_uris):
-        new = new.filter(pc.invert(pc.is_in(new["uri"], value_set=known_uris)))
-    kind = "samples" if plan.input_format == "webdataset" else "inline"
-    groups = _shard_runs(new["uri"].to_pylist()) if kind == "samples" else None
-    # the salt keeps new units' ids apart from every earlier generation's
-    added, new = inline_units(new, unit_size, f"{plan.input}@{len(plan.units)}", kind, groups)
-    records = pa.concat_tables([plan.records, new], promote_options="permissive") if plan.records.num_rows else new
-    return Plan(plan.input, plan.input_format, plan.units + added, records, fresh.skipped_by_extension,
-                fresh.shards), added
+    source = f"{plan.input}@{len(plan.units)}"  # keeps new units' ids apart from every earlier generation's
+    shards, skipped = plan.shards, images.skipped if images is not None else 0
+    if fmt == "parquet":
+        had = {u.unit_id for u in plan.units}
+        added = [u for u in shard_units(shard_files(plan.input, listing), options.columns) if u.unit_id not in had]
+        records = pa.table({})
+    elif fmt == "webdataset":
+        fresh = _webdataset_plan(plan.input, options, listing, plan, plan.input)
+        new = fresh.records.drop_columns([UNIT, INDEX]).filter(pa.array(~known.contains(fresh.records["uri"])))
+        added, records = inline_units(new, options.unit_size, source, "samples", _shard_runs(new["uri"].to_pylist()))
+        records = deliver(added, records, sink)
+        shards, skipped = fresh.shards, fresh.skipped_by_extension
+    else:
+        new = (b.filter(pa.array(~known.contains(b["uri"]))) for b in record_batches(plan.input, options, images, listing))
+        added, records = chunked_units(new, options.unit_size, source, sink)
+        skipped = images.skipped if images is not None else 0
+    if plan.records.num_rows:
+        records = pa.concat_tables([plan.records, records], promote_options="permissive") if records.num_rows else plan.records
+    return Plan(plan.input, fmt, plan.units + added, records, skipped, shards), added
 
 
 NAME_COLUMN_KEY = b"mirror_name_column"  # records' metadata: the column naming each image (HF path)

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit
+from pipeline.scan.uri_set import UriSet
 from pipeline.storage import Location
 
 SCORES_DIR = "scores"
@@ -33,6 +34,7 @@ LEGACY_RECORDS = "_plan/records.parquet"  # one file of every record, as plans w
 UNITS_PER_RECORDS_FILE = 256  # 65,536 records a file at the default unit size: a small footer to read per unit
 RECORDS_WRITES_IN_FLIGHT = 4  # records files being written while planning goes on (object-store latency)
 RECORDS_READ_TRIES = 3
+KNOWN_URIS_READS = 16  # records files read at once for --update's known URIs
 UNIT_FIELDS = (("unit_id", pa.string()), ("kind", pa.string()), ("rows", pa.int64()), ("file", pa.string()),
                ("row_group", pa.int64()))
 
@@ -225,14 +227,23 @@ class ScanStore(Location):
 
     def plan_records(self, plan: Plan, columns: list[str] | None = None) -> pa.Table:
         """Every stored record of the plan, in unit order (`columns`: only those): as
-        large as the input's listing, for the commands that need it whole (--update's
-        known URIs, an audit's filtered manifest)."""
+        large as the input's listing, for the commands that need it whole (an audit's
+        filtered manifest)."""
         files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
         with ThreadPoolExecutor(max_workers=32) as pool:  # object-store latency, not bandwidth
             tables = list(pool.map(lambda f: self.read_parquet(f, columns), files))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
-    def plan_uris(self, plan: Plan) -> pa.Array:
-        """The URIs of the plan's stored records (what --update checks a new listing against)."""
-        stored = self.plan_records(plan, ["uri"])
-        return stored["uri"].combine_chunks() if stored.num_columns else pa.array([], pa.string())
+    def known_uris(self, plan: Plan) -> UriSet:
+        """The URIs of the plan's stored records, as a set of digests (what --update checks a
+        new listing against), read a few records files at a time: bounded memory besides
+        the set's 16 bytes a URI."""
+        files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
+
+        def uris():
+            with ThreadPoolExecutor(max_workers=KNOWN_URIS_READS) as pool:  # object-store latency
+                for at in range(0, len(files), KNOWN_URIS_READS):
+                    yield from (t["uri"] for t in pool.map(lambda f: self.read_parquet(f, ["uri"]),
+                                                           files[at:at + KNOWN_URIS_READS]))
+
+        return UriSet(uris())
