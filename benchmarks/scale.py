@@ -23,8 +23,9 @@ to it, scans it with a demo-size model and prints one JSON object:
   plan held in memory (training's index); `--plan-only N`
   measures only these, for N records, and the next;
 - folder_plan_s, folder_plan_peak_rss_mb: planning a local folder of 100,000 empty images
-  (with --plan-only N: N, at most 1M) as a scan does (its listing streamed); against
-  folder_whole_listing_*: the folder listed whole, then planned;
+  (with --plan-only N: N, at most 1M) as a scan does (its listing streamed);
+  folder_update_*: `--update` over it with nothing new (listed again, checked against the
+  stored URIs); folder_whole_listing_*: the folder listed whole, then planned;
 - completion_records_mb_per_100k_units: what the driver holds of the completion records
   of 100,000 units (25.6M rows at 256 a unit);
 - sink_rows_per_s_at_50ms, serial_bound_rows_per_s: the commit stage alone (the scan's
@@ -248,6 +249,12 @@ if mode == "store":  # as a scan plans: records to the store unit by unit, the d
     items = unit_descriptors(units, store, {}, None)
 elif mode == "memory":  # in memory (training's index)
     units = items = plan_source(source, SourceOptions()).units
+elif mode == "update":  # --update over the plan "store" made: the input listed again, checked against it
+    from pipeline.scan.sources import update_plan
+    store = ScanStore(out)
+    with PlanRecordsWriter(store) as sink:
+        plan, added = update_plan(store.load_plan(), SourceOptions(), store.known_uris(store.load_plan()), sink)
+    units = items = added
 else:  # a folder listed whole, then planned (as folders were planned before listings streamed)
     units, records = inline_units(list_images(source), SourceOptions().unit_size, source)
     items = units
@@ -288,7 +295,8 @@ FOLDER_PLAN_MAX_FILES = 1_000_000  # files made on this disk for --plan-only's f
 def folder_plan_figures(tmp: Path, files: int) -> dict:
     """Planning a local folder of `files` (empty) images, 1,000 a directory, in a fresh
     process as a scan does (its listing streamed, records into the store:
-    folder_plan_s, folder_plan_peak_rss_mb) and from a whole listing
+    folder_plan_s, folder_plan_peak_rss_mb), `--update` over that plan with nothing new
+    (folder_update_*: the listing again, checked against the stored URIs) and from a whole listing
     (folder_whole_listing_s, folder_whole_listing_peak_rss_mb)."""
     root = tmp / f"folder-{files}"
     for d in range(0, files, 1000):
@@ -297,9 +305,9 @@ def folder_plan_figures(tmp: Path, files: int) -> dict:
         for i in range(d, min(files, d + 1000)):
             (folder / f"{i:09d}.jpg").touch()
     figures = {"folder_files": files}
-    for mode, prefix in (("store", "folder_plan"), ("listing", "folder_whole_listing")):
+    for mode, prefix in (("store", "folder_plan"), ("update", "folder_update"), ("listing", "folder_whole_listing")):
         got = _plan_child(root, tmp / f"folder-plan-{files}", mode)
-        assert got["units"] == -(-files // 256), got
+        assert got["units"] == (0 if mode == "update" else -(-files // 256)), got
         figures.update({f"{prefix}_s": round(got["s"], 2), f"{prefix}_peak_rss_mb": round(got["peak_rss_mb"])})
     return figures
 
