@@ -84,7 +84,7 @@ def test_a_listing_refused_below_the_root_fails_the_listing_naming_it(s3_server,
         s3fs.S3FileSystem.clear_instance_cache()
         try:
             seen = []
-            with pytest.raises(PermissionError):
+            with pytest.raises(PermissionError, match=f"access denied listing s3://{s3_bucket}/root/p03/"):
                 for path in iter_files(f"s3://{s3_bucket}/root"):
                     seen.append(path)
             assert seen == [p for p in s3_tree if p < f"{s3_bucket}/root/p03/"]  # nothing skipped silently

@@ -75,7 +75,10 @@ def _s3_pages(fs, bucket: str, prefix: str, delimiter: bool, stop: threading.Eve
     if delimiter:
         kwargs["Delimiter"] = "/"
     while stop is None or not stop.is_set():
-        out = fsspec.asyn.sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+        try:
+            out = fsspec.asyn.sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+        except PermissionError as err:
+            raise PermissionError(f"access denied listing s3://{bucket}/{prefix} ({err})") from None
         page = [(c["Key"], False) for c in out.get("Contents", []) if not c["Key"].endswith("/")]
         page += [(p["Prefix"], True) for p in out.get("CommonPrefixes", [])]
         page.sort()
