@@ -165,3 +165,34 @@ def test_many_shards_are_indexed_by_ray_tasks_as_by_the_drivers_threads(ray_loca
     assert cluster.records.equals(threads.records) and cluster.units == threads.units
     assert cluster.shards.equals(threads.shards) and cluster.skipped_by_extension == threads.skipped_by_extension == 1
     assert cluster.shards["damaged"].to_pylist() == [i == 7 for i in range(webdataset.INDEX_THREADS + 4)]
+
+
+def test_shards_plan_a_group_at_a_time_as_all_at_once(tmp_path, monkeypatch):
+    """Samples planned a group of whole shards at a time into the store: the units and
+    records of every shard planned at once; shards of a few samples each, so groups, units
+    and records files all end at different shards."""
+    import pyarrow as pa
+
+    from pipeline.scan import sources, store, webdataset
+    from pipeline.scan.sources import SourceOptions, plan_source
+    from pipeline.scan.store import PlanRecordsWriter, ScanStore
+
+    monkeypatch.setattr(webdataset, "INDEX_THREADS", 2)  # indexing runs 8 shards ahead
+    monkeypatch.setattr(store, "UNITS_PER_RECORDS_FILE", 3)
+    image = write_image(tmp_path / "one.jpg", seed=3)
+    (tmp_path / "wds").mkdir()
+    for shard in range(12):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(shard % 5):  # 0 to 4 samples: an empty shard too
+                add(tar, f"{shard:05d}{i:04d}.jpg", image)
+        (tmp_path / "wds" / f"shard-{shard:05d}.tar").write_bytes(buf.getvalue())
+    whole = plan_source(str(tmp_path / "wds"), SourceOptions(unit_size=3))
+    monkeypatch.setattr(sources, "STREAM_CHUNK_UNITS", 2)  # groups of at least 6 samples
+    out = ScanStore(str(tmp_path / "out"))
+    with PlanRecordsWriter(out) as sink:
+        grouped = plan_source(str(tmp_path / "wds"), SourceOptions(unit_size=3), sink=sink)
+    assert [(u.unit_id, u.rows) for u in grouped.units] == [(u.unit_id, u.rows) for u in whole.units]
+    assert [u.rows for u in whole.units] == [1, 2, 3, 3, 1, 1, 2, 3, 3, 1, 1]  # never across shards
+    assert pa.concat_tables(out.unit_records(u) for u in grouped.units).equals(whole.records)
+    assert grouped.shards.equals(whole.shards) and grouped.records.num_rows == 0

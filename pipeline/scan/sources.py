@@ -403,20 +403,43 @@ def record_batches(uri: str, options: SourceOptions, images: FolderImages | None
     return (b for f in files for b in manifest_batches(f, options.columns))
 
 
-def _webdataset_plan(uri: str, options: SourceOptions, listing: list[str] | None, known: Plan | None,
-                     source: str) -> Plan:
-    """Tar shards indexed (only those `known` lacks or found damaged), their samples planned
-    in memory (units never span two shards), and the list of every shard indexed."""
+def _webdataset_plan(uri: str, options: SourceOptions, listing: list[str] | None, source: str,
+                     sink: RecordsSink | None, known: Plan | None = None, known_uris: UriSet | None = None) -> Plan:
+    """Tar shards indexed and their samples planned (units never span two shards) a group of
+    whole shards at a time, and the list of every shard indexed. With `known` (--update):
+    only the shards it lacks or found damaged are indexed, samples whose uri `known_uris`
+    holds are left out, and the plan's units are the new ones."""
     shards = tar_files(uri, listing)
     if not shards:
         raise ValueError(f"input {uri} holds no .tar shards")
     kept = known.shards if known is not None and known.shards is not None else webdataset.SHARDS_SCHEMA.empty_table()
     kept = kept.filter(pc.invert(kept["damaged"]))  # whole when indexed: tar shards are written once
     done = set(kept["uri"].to_pylist())
-    samples, indexed = webdataset.index_shards([s for s in shards if s not in done], options.index_on_cluster,
-                                               options.address)
-    units, records = inline_units(samples, options.unit_size, source, "samples", indexed["records"].to_pylist())
-    all_indexed = pa.concat_tables([kept, indexed])
+    indexed, units, held, first = [], [], [], 0
+    group: list[pa.Table] = []
+
+    def plan_group() -> None:
+        nonlocal first
+        samples = pa.concat_tables(group)
+        new, records = inline_units(samples, options.unit_size, source, "samples", [t.num_rows for t in group],
+                                    first=first)
+        units.extend(new)
+        held.append(deliver(new, records, sink))
+        first += samples.num_rows
+        group.clear()
+
+    for samples, row in webdataset.indexed_shards([s for s in shards if s not in done], options.index_on_cluster,
+                                                  options.address):
+        if known_uris is not None:
+            samples = samples.filter(pa.array(~known_uris.contains(samples["uri"])))
+        group.append(samples)
+        indexed.append(row)
+        if sum(t.num_rows for t in group) >= options.unit_size * STREAM_CHUNK_UNITS:
+            plan_group()
+    if group:
+        plan_group()
+    records = pa.concat_tables(held) if held else pa.table({})
+    all_indexed = pa.concat_tables([kept, pa.Table.from_pylist(indexed, webdataset.SHARDS_SCHEMA)])
     return Plan(uri, "webdataset", units, records, pc.sum(all_indexed["no_image"]).as_py() or 0, all_indexed)
 
 
@@ -430,9 +453,7 @@ def plan_source(uri: str, options: SourceOptions, sink: RecordsSink | None = Non
     if fmt == "parquet":
         return Plan(uri, fmt, shard_units(shard_files(uri, listing), options.columns), pa.table({}))
     if fmt == "webdataset":
-        plan = _webdataset_plan(uri, options, listing, None, uri)
-        plan.records = deliver(plan.units, plan.records, sink)
-        return plan
+        return _webdataset_plan(uri, options, listing, uri, sink)
     raise ValueError(f"unknown input format {fmt!r}; expected one of {INPUT_FORMATS}")
 
 
@@ -455,11 +476,8 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
         added = [u for u in shard_units(shard_files(plan.input, listing), options.columns) if u.unit_id not in had]
         records = pa.table({})
     elif fmt == "webdataset":
-        fresh = _webdataset_plan(plan.input, options, listing, plan, plan.input)
-        new = fresh.records.drop_columns([UNIT, INDEX]).filter(pa.array(~known.contains(fresh.records["uri"])))
-        added, records = inline_units(new, options.unit_size, source, "samples", _shard_runs(new["uri"].to_pylist()))
-        records = deliver(added, records, sink)
-        shards, skipped = fresh.shards, fresh.skipped_by_extension
+        fresh = _webdataset_plan(plan.input, options, listing, source, sink, plan, known)
+        added, records, shards, skipped = fresh.units, fresh.records, fresh.shards, fresh.skipped_by_extension
     else:
         new = (b.filter(pa.array(~known.contains(b["uri"]))) for b in record_batches(plan.input, options, images, listing))
         added, records = chunked_units(new, options.unit_size, source, sink)
@@ -470,12 +488,6 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
 
 
 NAME_COLUMN_KEY = b"mirror_name_column"  # records' metadata: the column naming each image (HF path)
-
-
-def _shard_runs(sample_uris: list[str]) -> list[int]:
-    """Lengths of the runs of consecutive samples from one tar shard ('<shard>#<key>')."""
-    shards = [u.rsplit("#", 1)[0] for u in sample_uris]
-    return [len(list(run)) for _, run in itertools.groupby(shards)]
 
 
 def read_shard_unit(unit: Unit, columns: ColumnMap, with_bytes: bool) -> pa.Table:

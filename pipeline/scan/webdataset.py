@@ -145,26 +145,39 @@ def _indexed_on_cluster(uris: list[str], address: str | None) -> Iterator[tuple[
         yield ray.get(pending.popleft())
 
 
-def index_shards(uris: list[str], on_cluster: bool = False, address: str | None = None) -> tuple[pa.Table, pa.Table]:
-    """Every shard's records in shard order, and per shard (SHARDS_SCHEMA) its record count,
-    its samples without an image and whether it could not be read whole. `on_cluster`: more
-    than CLUSTER_INDEX_MIN_SHARDS shards are indexed by Ray tasks over the cluster
-    (`address`, else RAY_ADDRESS, else a local Ray), so reading every shard's headers
-    scales with its nodes rather than one driver's network."""
+SAMPLES_SCHEMA = pa.schema([("uri", pa.string()), (MEMBERS, pa.string()), (IMAGE_MEMBER, pa.string()),
+                            (PLAN_ERROR, pa.string())])  # a shard's sample records, as planned
+
+
+def _indexed_by_threads(pool: ThreadPoolExecutor, uris: list[str]) -> Iterator[tuple[list[dict], int]]:
+    """index_shard over `uris` in the driver's threads, in shard order, a bounded number ahead."""
+    pending: deque = deque()
+    for uri in uris:
+        pending.append(pool.submit(index_shard, uri))
+        if len(pending) >= 4 * INDEX_THREADS:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def indexed_shards(uris: list[str], on_cluster: bool = False, address: str | None = None
+                   ) -> Iterator[tuple[pa.Table, dict]]:
+    """Each shard's records (SAMPLES_SCHEMA) and its row of SHARDS_SCHEMA (record count,
+    samples without an image, whether it could not be read whole), in shard order, a
+    bounded number indexed ahead. `on_cluster`: more than CLUSTER_INDEX_MIN_SHARDS shards
+    are indexed by Ray tasks over the cluster (`address`, else RAY_ADDRESS, else a local
+    Ray), so reading every shard's headers scales with its nodes rather than one driver's
+    network."""
     from pipeline.progress import progress
 
-    tables, shards = [], []
-    schema = pa.schema([("uri", pa.string()), (MEMBERS, pa.string()), (IMAGE_MEMBER, pa.string()),
-                        (PLAN_ERROR, pa.string())])
     with ThreadPoolExecutor(max_workers=INDEX_THREADS) as pool:
         indexed = (_indexed_on_cluster(uris, address) if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
-                   else pool.map(index_shard, uris))
+                   else _indexed_by_threads(pool, uris))
         for uri, (records, no_image) in zip(uris, progress(indexed, "indexing tar shards", total=len(uris),
                                                            unit="shard")):
-            tables.append(pa.Table.from_pylist(records, schema=schema))
-            shards.append({"uri": uri, "records": len(records), "no_image": no_image,
-                           "damaged": any(r[PLAN_ERROR] is not None for r in records)})
-    return (pa.concat_tables(tables) if tables else schema.empty_table()), pa.Table.from_pylist(shards, SHARDS_SCHEMA)
+            yield pa.Table.from_pylist(records, schema=SAMPLES_SCHEMA), {
+                "uri": uri, "records": len(records), "no_image": no_image,
+                "damaged": any(r[PLAN_ERROR] is not None for r in records)}
 
 
 def read_samples(records: pa.Table, threads: int, max_bytes: int):
