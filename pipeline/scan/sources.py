@@ -11,7 +11,6 @@ import itertools
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Iterable, Iterator, Protocol
 
 import fsspec
@@ -115,15 +114,25 @@ def list_files(root: str) -> list[str]:
     return sorted(fs.find(base))
 
 
+def image_suffixes(extensions) -> frozenset[str]:
+    """('jpg', '.PNG') -> {'.jpg', '.png'}: what an image file's name ends with."""
+    return frozenset("." + e.lower().lstrip(".") for e in extensions)
+
+
+def suffix(path: str) -> str:
+    """A file's extension, lower-case ('' for none): pathlib's, without pathlib's cost."""
+    return posixpath.splitext(path)[1].lower()
+
+
 def image_records(paths: Iterable[str], fs, base: str, extensions=DEFAULT_EXTENSIONS) -> pa.Table:
     """Files of a folder (filesystem paths below `base`) -> uri, label, subset of its images,
     in the given order; files of other extensions are left out."""
-    wanted = {"." + e.lower().lstrip(".") for e in extensions}
+    wanted = image_suffixes(extensions)
     rows = {"uri": [], "label": [], "subset": []}
     skip = len(base.rstrip("/")) + 1
     for path in paths:  # string operations: pathlib would intern every name it parses
         *folders, name = path[skip:].split("/")
-        if posixpath.splitext(name)[1].lower() not in wanted:
+        if suffix(name) not in wanted:
             continue
         label, subset = label_and_subset(tuple(folders))
         rows["uri"].append(full_uri(fs, path))
@@ -311,11 +320,11 @@ class FolderImages:
 
 def _up_to_first_image(files: Iterator[str], extensions: tuple[str, ...]) -> list[str]:
     """The files of a listing up to its first image (all of them when it holds none)."""
-    wanted = {"." + e.lower().lstrip(".") for e in extensions}
+    wanted = image_suffixes(extensions)
     head = []
     for path in files:
         head.append(path)
-        if PurePosixPath(path).suffix.lower() in wanted:
+        if suffix(path) in wanted:
             break
     return head
 
@@ -369,8 +378,8 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
         if not fs.isdir(base):
             raise FileNotFoundError(f"input {uri} does not exist")
         files = list_files(uri)
-    wanted = {"." + e.lower() for e in options.extensions}
-    if any(PurePosixPath(p).suffix.lower() in wanted for p in files):
+    wanted = image_suffixes(options.extensions)
+    if any(suffix(p) in wanted for p in files):
         return "folder"
     if any(p.lower().endswith(".tar") for p in files):
         return "webdataset"
@@ -416,7 +425,7 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: list[str] | None
     kept = kept.filter(pc.invert(kept["damaged"]))  # whole when indexed: tar shards are written once
     done = set(kept["uri"].to_pylist())
     indexed, units, held, first = [], [], [], 0
-    group: list[pa.Table] = []
+    group: list[pa.Table] = []  # whole shards' samples, planned together once they fill a chunk
 
     def plan_group() -> None:
         nonlocal first
@@ -434,7 +443,7 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: list[str] | None
             samples = samples.filter(pa.array(~known_uris.contains(samples["uri"])))
         group.append(samples)
         indexed.append(row)
-        if sum(t.num_rows for t in group) >= options.unit_size * STREAM_CHUNK_UNITS:
+        if sum(t.num_rows for t in group) >= options.unit_size * STREAM_CHUNK_UNITS:  # a few shards a group
             plan_group()
     if group:
         plan_group()
@@ -470,7 +479,7 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
         raise ValueError(f"{plan.input} was planned as {plan.input_format}, now looks like {fmt}: "
                          "scan it into a new --output")
     source = f"{plan.input}@{len(plan.units)}"  # keeps new units' ids apart from every earlier generation's
-    shards, skipped = plan.shards, images.skipped if images is not None else 0
+    shards, skipped = plan.shards, 0
     if fmt == "parquet":
         had = {u.unit_id for u in plan.units}
         added = [u for u in shard_units(shard_files(plan.input, listing), options.columns) if u.unit_id not in had]
