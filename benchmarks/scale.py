@@ -247,8 +247,11 @@ if mode == "store":  # as a scan plans: records to the store unit by unit, the d
     store.save_plan(plan)
     units = plan.units
     items = unit_descriptors(units, store, {}, None)
-elif mode == "memory":  # in memory (training's index)
+elif mode == "memory":  # in memory (every record held by the driver)
     units = items = plan_source(source, SourceOptions()).units
+elif mode == "train":  # as training plans (into its run's folder) and counts its splits, phase 1
+    from pipeline.train.data import plan_training_data
+    units = items = plan_training_data(source, 1, 0.2, out).units
 elif mode == "update":  # --update over the plan "store" made: the input listed again, checked against it
     from pipeline.scan.sources import update_plan
     store = ScanStore(out)
@@ -272,7 +275,8 @@ def _plan_child(source: Path, out: Path, mode: str) -> dict:
 def plan_figures(tmp: Path, records: int = 1_000_000) -> dict:
     """Planning a generated manifest of `records` URIs in a fresh process, as a scan does
     (records into the store, unit descriptors made: plan_s, plan_peak_rss_mb over
-    plan_imports_rss_mb) and in memory (plan_in_memory_s, plan_in_memory_peak_rss_mb)."""
+    plan_imports_rss_mb), in memory (plan_in_memory_s, plan_in_memory_peak_rss_mb) and as
+    training plans and counts its splits (training_plan_s, training_plan_peak_rss_mb)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -282,8 +286,8 @@ def plan_figures(tmp: Path, records: int = 1_000_000) -> dict:
             writer.write_table(pa.table({"uri": [f"s3://corpus/images/{i // 10_000:05d}/{i:09d}.jpg"
                                                  for i in range(start, min(records, start + 1_000_000))]}))
     figures = {"plan_records": records}
-    for mode, prefix in (("store", "plan"), ("memory", "plan_in_memory")):
-        got = _plan_child(manifest, tmp / f"plan-{records}", mode)
+    for mode, prefix in (("store", "plan"), ("memory", "plan_in_memory"), ("train", "training_plan")):
+        got = _plan_child(manifest, tmp / f"plan-{records}-{mode}", mode)
         figures.update({f"{prefix}_s": round(got["s"], 2), f"{prefix}_peak_rss_mb": round(got["peak_rss_mb"]),
                         "plan_imports_rss_mb": round(got["imports_mb"]), "plan_units": got["units"]})
     return figures

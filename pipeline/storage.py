@@ -8,12 +8,36 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mirror_core.uri import join_uri
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def read_ahead(read: Callable[[T], R], items: Iterable[T], threads: int, ahead: int | None = None) -> Iterator[R]:
+    """read(item) for each item by `threads` threads, results in the items' order, at most
+    `ahead` (4 per thread by default) read and not yet taken: an object store's latency
+    is hidden while memory stays bounded, however many items there are."""
+    ahead = ahead or 4 * threads
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(read, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # also when the consumer stops early: reads not yet started are dropped
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Location:
@@ -36,6 +60,16 @@ class Location:
         if not self.fs.exists(path):
             return []
         return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
+    def exists(self) -> bool:
+        """Whether anything is here (on object stores: any object below this prefix)."""
+        self.fs.invalidate_cache(self.root)
+        return self.fs.exists(self.root)
+
+    def remove(self) -> None:
+        """Everything here, gone (what a failed command made and must not leave behind)."""
+        if self.exists():
+            self.fs.rm(self.root, recursive=True)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         try:

@@ -14,7 +14,7 @@ from mirror_core.bundle import save_bundle
 from pipeline.commands.cli import main
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
-from pipeline.train.run import is_held_out
+from pipeline.train.data import is_held_out
 
 pytestmark = pytest.mark.slow
 
@@ -291,10 +291,10 @@ def test_a_file_crashing_its_decoder_is_skipped_not_retried_forever(ray_local):
 
 
 def test_a_corpus_copied_to_s3_keeps_its_held_out_split(ray_local, s3_corpus, tmp_path):
-    from pipeline.train.run import plan_training_data, training_datasets
+    from pipeline.train.data import plan_training_data, training_datasets
 
     def held_out_names(input_uri):
-        data = plan_training_data(input_uri, phase=2, val_fraction=0.5)
+        data = plan_training_data(input_uri, phase=2, val_fraction=0.5, store_uri=str(tmp_path / "run"))
         _, val = training_datasets(data)
         names = sorted("/".join(u.split("/")[-2:]) for u in val.select_columns(["uri"]).to_pandas()["uri"])
         assert len(names) == data.n_val and data.n_train + data.n_val == 12
@@ -303,3 +303,56 @@ def test_a_corpus_copied_to_s3_keeps_its_held_out_split(ray_local, s3_corpus, tm
     local = held_out_names(str(tmp_path / "src"))  # the folder the fixture uploaded
     assert 0 < len(local) < 12
     assert held_out_names(f"s3://{s3_corpus}/images/") == local
+
+
+def training_corpora(root) -> dict[str, str]:
+    """The same six labelled images as a folder, a CSV manifest, an HF Image Parquet shard
+    and a WebDataset tar shard (no labels): input URIs by format."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+    from test_corpus_formats import corpus, hf_table
+    from test_webdataset import add
+
+    records = corpus(root)
+    files = sorted((root / "folder").rglob("*.*"))
+    (root / "manifest.csv").write_text("uri,label\n" + "".join(f"{f},{f.parent.name}\n" for f in files))
+    (root / "hf").mkdir()
+    pq.write_table(hf_table(records), root / "hf" / "train-00000.parquet")
+    (root / "wds").mkdir()
+    with tarfile.open(root / "wds" / "shard-000.tar", "w") as tar:
+        for r in records:
+            key, ext = r["image"]["path"].split(".")
+            add(tar, f"{key}.{ext}", r["image"]["bytes"])
+            add(tar, f"{key}.json", b"{}")
+    return {"folder": str(root / "folder"), "manifest": str(root / "manifest.csv"), "parquet": str(root / "hf"),
+            "webdataset": str(root / "wds" / "shard-{000..000}.tar")}
+
+
+@pytest.mark.parametrize("fmt", ["folder", "manifest", "parquet", "webdataset"])
+def test_every_corpus_format_trains_each_record_once_in_its_split(ray_local, tmp_path, fmt):
+    """Each record reaches exactly one split, with its own image bytes (its held-out crop is
+    the official crop of those bytes), and the driver keeps units only."""
+    from pipeline.train.data import plan_training_data, split_key, training_datasets
+    from pipeline.train.prepare import CROPS, OK, prepared_crop
+
+    uri = training_corpora(tmp_path)[fmt]
+    phase = 1 if fmt == "webdataset" else 2  # tar samples carry no label
+    if fmt == "webdataset":
+        with pytest.raises(ValueError, match="phase 2 needs a label for every image; 6 in .* have none"):
+            plan_training_data(uri, 2, 0.5, str(tmp_path / "run"))
+    data = plan_training_data(uri, phase, 0.5, str(tmp_path / "run"))
+    assert data.n_train + data.n_val == 6 and not hasattr(data, "index")
+    train, val = training_datasets(data, seed=1)
+    rows = {name: split.take_all() for name, split in (("train", train), ("val", val))}
+    assert [len(rows["train"]), len(rows["val"])] == [data.n_train, data.n_val]
+    assert all(r[OK] for split in rows.values() for r in split)
+    uris = [r["uri"] for split in rows.values() for r in split]
+    assert len(set(uris)) == 6
+    if fmt == "webdataset":  # the folder of the shard pattern: a copied corpus keeps its split
+        assert data.root == str(tmp_path / "wds") and split_key(uris[0], data.root).startswith("shard-000.tar#")
+    images = {p.name.split(".")[0]: p.read_bytes() for p in (tmp_path / "folder").rglob("*.*")}
+    for r in rows["val"]:
+        key = r["uri"].rsplit("/", 1)[-1].rsplit("#", 1)[-1].split(".")[0]
+        np.testing.assert_array_equal(np.asarray(r[CROPS], np.uint8),
+                                      prepared_crop(images[key], r["uri"], r["label"], phase, 1, 0, True))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
 
 import fsspec
 import pyarrow as pa
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit
 from pipeline.scan.uri_set import UriSet
-from pipeline.storage import Location
+from pipeline.storage import Location, read_ahead
 
 SCORES_DIR = "scores"
 PART_PREFIX = "part-"
@@ -34,7 +35,7 @@ LEGACY_RECORDS = "_plan/records.parquet"  # one file of every record, as plans w
 UNITS_PER_RECORDS_FILE = 256  # 65,536 records a file at the default unit size: a small footer to read per unit
 RECORDS_WRITES_IN_FLIGHT = 4  # records files being written while planning goes on (object-store latency)
 RECORDS_READ_TRIES = 3
-KNOWN_URIS_READS = 16  # records files read at once for --update's known URIs
+RECORDS_FILES_READ_AT_ONCE = 16  # a plan's records files read concurrently (object-store latency)
 UNIT_FIELDS = (("unit_id", pa.string()), ("kind", pa.string()), ("rows", pa.int64()), ("file", pa.string()),
                ("row_group", pa.int64()))
 
@@ -110,6 +111,14 @@ def read_unit_records(uri: str, row_group: int) -> pa.Table:
             time.sleep(2**attempt)
 
 
+def stored_records(store: Location, plan: Plan, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The records files of the plan's folder/manifest/tar-sample units in `store`, in unit
+    order (`columns`: only those), a few read at once and a few ahead: the plan's records
+    streamed in bounded memory."""
+    files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
+    return read_ahead(lambda f: store.read_parquet(f, columns), files, RECORDS_FILES_READ_AT_ONCE)
+
+
 class OutputMismatchError(ValueError):
     pass
 
@@ -127,8 +136,6 @@ class ScanStore(Location):
 
     def units_with_transient_errors(self, units: set[str]) -> set[str]:
         """Finished units holding a row whose error another try may heal (read failures)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         import pyarrow.compute as pc
 
         from pipeline.scan.sources import TRANSIENT_ERROR_PREFIXES
@@ -229,21 +236,11 @@ class ScanStore(Location):
         """Every stored record of the plan, in unit order (`columns`: only those): as
         large as the input's listing, for the commands that need it whole (an audit's
         filtered manifest)."""
-        files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
-        with ThreadPoolExecutor(max_workers=32) as pool:  # object-store latency, not bandwidth
-            tables = list(pool.map(lambda f: self.read_parquet(f, columns), files))
+        tables = list(stored_records(self, plan, columns))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
     def known_uris(self, plan: Plan) -> UriSet:
         """The URIs of the plan's stored records, as a set of digests (what --update checks a
         new listing against), read a few records files at a time: bounded memory besides
         the set's 16 bytes a URI."""
-        files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
-
-        def uris():
-            with ThreadPoolExecutor(max_workers=KNOWN_URIS_READS) as pool:  # object-store latency
-                for at in range(0, len(files), KNOWN_URIS_READS):
-                    yield from (t["uri"] for t in pool.map(lambda f: self.read_parquet(f, ["uri"]),
-                                                           files[at:at + KNOWN_URIS_READS]))
-
-        return UriSet(uris())
+        return UriSet(t["uri"] for t in stored_records(self, plan, ["uri"]))

@@ -28,6 +28,8 @@ from typing import Iterator
 import fsspec
 import pyarrow as pa
 
+from pipeline.storage import read_ahead
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
 TEXT_EXTENSIONS = ("json", "txt")  # carried as strings in every row; other members as binary
 MEMBERS = "_wds_members"  # plan records: JSON {extension: [offset, size]} of the sample
@@ -149,17 +151,6 @@ SAMPLES_SCHEMA = pa.schema([("uri", pa.string()), (MEMBERS, pa.string()), (IMAGE
                             (PLAN_ERROR, pa.string())])  # a shard's sample records, as planned
 
 
-def _indexed_by_threads(pool: ThreadPoolExecutor, uris: list[str]) -> Iterator[tuple[list[dict], int]]:
-    """index_shard over `uris` in the driver's threads, in shard order, a bounded number ahead."""
-    pending: deque = deque()
-    for uri in uris:
-        pending.append(pool.submit(index_shard, uri))
-        if len(pending) >= 4 * INDEX_THREADS:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 def indexed_shards(uris: list[str], on_cluster: bool = False, address: str | None = None
                    ) -> Iterator[tuple[pa.Table, dict]]:
     """Each shard's records (SAMPLES_SCHEMA) and its row of SHARDS_SCHEMA (record count,
@@ -170,14 +161,12 @@ def indexed_shards(uris: list[str], on_cluster: bool = False, address: str | Non
     network."""
     from pipeline.progress import progress
 
-    with ThreadPoolExecutor(max_workers=INDEX_THREADS) as pool:
-        indexed = (_indexed_on_cluster(uris, address) if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
-                   else _indexed_by_threads(pool, uris))
-        for uri, (records, no_image) in zip(uris, progress(indexed, "indexing tar shards", total=len(uris),
-                                                           unit="shard")):
-            yield pa.Table.from_pylist(records, schema=SAMPLES_SCHEMA), {
-                "uri": uri, "records": len(records), "no_image": no_image,
-                "damaged": any(r[PLAN_ERROR] is not None for r in records)}
+    indexed = (_indexed_on_cluster(uris, address) if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
+               else read_ahead(index_shard, uris, INDEX_THREADS))
+    for uri, (records, no_image) in zip(uris, progress(indexed, "indexing tar shards", total=len(uris), unit="shard")):
+        yield pa.Table.from_pylist(records, schema=SAMPLES_SCHEMA), {
+            "uri": uri, "records": len(records), "no_image": no_image,
+            "damaged": any(r[PLAN_ERROR] is not None for r in records)}
 
 
 def read_samples(records: pa.Table, threads: int, max_bytes: int):

@@ -1,7 +1,8 @@
 """Ray Train wiring for Phase 1 (memory bank, real images) and Phase 2 (LoRA + head).
 
-Data come from the same sources as scan (folders, manifests, Parquet shards; local or
-s3://) through Ray Data; CPU tasks decode and augment them (`prepare.py`, seeded per
+Data come from the same sources as scan (folders, manifests, Parquet shards, WebDataset;
+local or s3://), planned into the run's storage (`data.py`: the driver holds units, not
+records) and read by Ray Data; CPU tasks decode and augment them (`prepare.py`, seeded per
 epoch and record) and training workers receive ready crops. Data parallel: gradients are averaged across workers
 (torch.distributed all-reduce) before every optimizer step. Each epoch ends with a
 validation on a held-out split (phase 1: reconstruction loss; phase 2: Bal_Acc, AUC)
@@ -13,7 +14,6 @@ arrive in a fixed order, and every epoch seeds its own generators). The result i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -22,10 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from mirror_core.bundle import Bundle, load_bundle, save_bundle
 from mirror_core.config import MemoryConfig, MirrorConfig
@@ -35,17 +32,9 @@ from mirror_core.weights import MirrorWeights
 from pipeline.progress import RowProgress, log, log_to_console
 from pipeline.scan import faults
 from pipeline.scan.isolation import decode_attempts
-from pipeline.scan.sources import (
-    ColumnMap,
-    SourceOptions,
-    fetch_all,
-    full_uri,
-    plan_source,
-    read_shard_unit,
-    standard_records,
-)
 from pipeline.storage import Location
-from pipeline.train.prepare import CROPS, OK, PREPARED_BY, epoch_clock, prepare_batch
+from pipeline.train.data import TrainingData, plan_training_data, training_datasets
+from pipeline.train.prepare import CROPS, OK, PREPARED_BY, epoch_clock
 
 
 @dataclass
@@ -86,104 +75,6 @@ def base_model(base: str, memory: MemoryConfig | None = None) -> Bundle:
     weights = MirrorWeights(backbone=read_backbone_weights(base), lora=lora,
                             mirror={k: v for k, v in state.items() if not k.startswith("backbone.")})
     return Bundle(cfg, weights, "untrained")
-
-
-def is_held_out(keys, val_fraction: float) -> np.ndarray:
-    """Deterministic held-out split by the hash of each record's split key (`split_key`):
-    the same records are held out in every run, resume and copy of the corpus."""
-    return np.array([int(hashlib.sha256(str(k).encode()).hexdigest()[:8], 16) % 1000 < val_fraction * 1000
-                     for k in keys], dtype=bool)
-
-
-def split_key(uri: str, root: str) -> str:
-    """A record's name below the input root ('0_real/a.png'), or its uri when it is not below
-    it, so a corpus copied to another folder or bucket keeps its split."""
-    prefix = root.rstrip("/") + "/"
-    return uri[len(prefix):] if uri.startswith(prefix) else uri
-
-
-def _select(batch: pa.Table, phase: int, val_fraction: float, held_out: bool, root: str) -> pa.Table:
-    """Rows of one split (phase 1: real or unlabeled images only)."""
-    keys = [split_key(u, root) for u in batch["uri"].to_pylist()]
-    keep = is_held_out(keys, val_fraction) == held_out
-    if phase == 1:
-        keep &= ~np.asarray(pc.fill_null(pc.equal(batch["label"], 1), False).to_numpy(zero_copy_only=False), bool)
-    return batch.filter(pa.array(keep))
-
-
-def _fetch_bytes(batch: pa.Table) -> pa.Table:
-    data = [d for d, _ in fetch_all(batch["uri"].to_pylist(), 16)]
-    return batch.append_column("bytes", pa.array(data, pa.binary()))
-
-
-def _standardize_shard(batch: pa.Table) -> pa.Table:
-    return standard_records(batch, ColumnMap()).select(["uri", "label", "bytes"])
-
-
-@dataclass
-class TrainingData:
-    """A training input's records as the driver lists them (uri and label; no image bytes),
-    their split, and where the bytes are: made before Ray starts, so a wrong input fails at once."""
-    input_uri: str
-    phase: int
-    val_fraction: float
-    root: str  # the input as the listing spells records' uris (the split hashes the path below it)
-    index: pa.Table  # uri, label
-    shard_files: list[str]  # Parquet input: its files (the bytes are in them); else [] (bytes fetched by uri)
-    n_train: int
-    n_val: int
-
-
-def plan_training_data(input_uri: str, phase: int, val_fraction: float) -> TrainingData:
-    """List a training input (any scan source) and check it can train: phase 2 needs a
-    label on every record, and both splits need images (phase 1 counts reals only)."""
-    plan = plan_source(input_uri, SourceOptions())
-    if plan.input_format == "parquet":
-        files = sorted({u.file for u in plan.units})
-        index = pa.concat_tables([read_shard_unit(u, ColumnMap(), with_bytes=False).select(["uri", "label"])
-                                  for u in plan.units])
-    else:
-        files = []
-        index = plan.records.select(["uri", "label"]) if "label" in plan.records.column_names else \
-            plan.records.select(["uri"]).append_column("label", pa.nulls(plan.records.num_rows, pa.int64()))
-    if phase == 2 and index["label"].null_count:
-        raise ValueError(f"phase 2 needs a label for every image; {index['label'].null_count} have none")
-    fs, base = fsspec.core.url_to_fs(input_uri)
-    root = full_uri(fs, base)
-    n_train, n_val = (_select(index, phase, val_fraction, held, root).num_rows for held in (False, True))
-    if n_train == 0 or n_val == 0:
-        raise ValueError(f"not enough images in {input_uri}: {n_train} to train on, {n_val} held out"
-                         + (" (phase 1 trains on real images only)" if phase == 1 else ""))
-    return TrainingData(input_uri, phase, val_fraction, root, index, files, n_train, n_val)
-
-
-def training_datasets(data: TrainingData, seed: int = 0, clock=None, attempts=None):
-    """Streaming Ray datasets (train, val) of prepared crops. Image bytes are read, decoded
-    and augmented by Ray tasks (`prepare.prepare_batch`; `attempts`: a DecodeAttempts
-    actor, so that a file crashing its decoder is skipped)."""
-    import ray
-
-    if data.shard_files:
-        source = ray.data.read_parquet(data.shard_files).map_batches(_standardize_shard, batch_format="pyarrow")
-    else:
-        source = ray.data.from_arrow(data.index).map_batches(_fetch_bytes, batch_format="pyarrow")
-    phase = data.phase
-    splits = [source.map_batches(_select, batch_format="pyarrow",
-                                 fn_kwargs={"phase": phase, "val_fraction": data.val_fraction, "held_out": held,
-                                            "root": data.root})
-                    .map_batches(prepare_batch, batch_format="pyarrow", batch_size=PREPARE_ROWS,
-                                 fn_kwargs={"phase": phase, "seed": seed, "clock": clock, "evaluation": held,
-                                            "attempts": attempts})
-              for held in (False, True)]
-    for split in splits:
-        # Their progress bars would be drawn in remote processes (the split coordinator, the
-        # workers), whose forwarded lines cannot redraw: the training worker logs its own lines
-        split.context.enable_progress_bars = False
-        split.context.print_on_execution_start = False
-    return splits[0], splits[1]
-
-
-PREPARE_ROWS = 32  # records per preparation task call
 
 
 def _ready(batch: dict) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -344,6 +235,21 @@ def recover_interrupted_run(storage: str, name: str) -> str | None:
     return None
 
 
+def plan_into_run(input_uri: str, tc: TrainConfig, storage: str) -> TrainingData:
+    """The training input planned into the run's folder, where every node (and a rerun)
+    reads its records. An input that cannot train leaves no folder behind that it made."""
+    run, top = Location(join_uri(storage, tc.name)), Location(storage)
+    made_run, made_top = not run.exists(), not top.exists()
+    try:
+        return plan_training_data(input_uri, tc.phase, tc.val_fraction, run.uri)
+    except BaseException:
+        if made_run:
+            run.remove()
+        if made_top and not top.names():  # other runs may have started there meanwhile: only when empty
+            top.remove()
+        raise
+
+
 def _ordered():
     from ray.data import ExecutionOptions
 
@@ -362,14 +268,14 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     from pipeline.cluster import ensure_ray
     
     bundle = base_model(base, memory)
-    data = plan_training_data(input_uri, tc.phase, tc.val_fraction)
+    storage = os.path.abspath(storage) if "://" not in storage else storage
+    data = plan_into_run(input_uri, tc, storage)
     log.info("phase %d: %s training / %s held-out images in %s", tc.phase, f"{data.n_train:,}", f"{data.n_val:,}",
              input_uri)
     ensure_ray(address)
     clock = epoch_clock()
     train_ds, val_ds = training_datasets(data, tc.seed, clock, decode_attempts())
     steps = tc.epochs * math.ceil(data.n_train / (tc.batch_size * tc.num_workers * tc.grad_accum))
-    storage = os.path.abspath(storage) if "://" not in storage else storage
     resume_from = recover_interrupted_run(storage, tc.name)
     trainer = TorchTrainer(
         train_loop,

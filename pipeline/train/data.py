@@ -1,0 +1,180 @@
+"""A training input as two Ray datasets (train, held out), in bounded driver memory.
+
+The input is planned as a scan plans it, from any scan source (folders, manifests,
+Parquet shards, WebDataset tar shards; local or s3://): the driver holds the units only,
+and the records of folder/manifest/tar-sample units are stored below the run's storage
+(`_plan/records/`, the scan store's layout) where every node reads them. A split is a
+dataset of unit descriptors: a CPU task reads a unit's records, keeps those of its split
+and only then reads their image bytes (a record is read by one split, never both).
+
+The split is deterministic: a hash of each record's path below the input (`split_key`),
+so the same records are held out in every run, resume and copy of the corpus.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.scan.decode import unit_inputs, without_bookkeeping
+from pipeline.scan.sources import (
+    RECORD_KINDS,
+    ColumnMap,
+    Plan,
+    SourceOptions,
+    Unit,
+    full_uri,
+    plan_source,
+    read_shard_unit,
+)
+from pipeline.scan.store import PlanRecordsWriter, read_unit_records, stored_records
+from pipeline.scan.webdataset import has_braces
+from pipeline.storage import Location, read_ahead
+from pipeline.train.prepare import prepare_batch
+
+SHARD_UNITS_READ_AT_ONCE = 16  # Parquet row groups whose labels are read concurrently when counting
+FETCH_THREADS = 16  # image reads in flight per unit (object-store latency)
+
+
+def is_held_out(keys, val_fraction: float) -> np.ndarray:
+    """Whether each record (by its `split_key`) is held out: the same in every run."""
+    return np.array([int(hashlib.sha256(str(k).encode()).hexdigest()[:8], 16) % 1000 < val_fraction * 1000
+                     for k in keys], dtype=bool)
+
+
+def split_key(uri: str, root: str) -> str:
+    """A record's name below the input root ('0_real/a.png'), or its uri when it is not below
+    it, so a corpus copied to another folder or bucket keeps its split."""
+    prefix = root.rstrip("/") + "/"
+    return uri[len(prefix):] if uri.startswith(prefix) else uri
+
+
+def input_root(input_uri: str) -> str:
+    """The folder a training input's record URIs are named below: the input itself, or the
+    folder of a tar shard or shard pattern ('s3://b/wds/{000..009}.tar' -> 's3://b/wds')."""
+    fs, base = fsspec.core.url_to_fs(input_uri)
+    root = full_uri(fs, base)
+    if has_braces(root) or root.lower().endswith(".tar"):
+        return root[: root.split("{", 1)[0].rfind("/")]
+    return root
+
+
+def labels_of(records: pa.Table) -> pa.Array:
+    """The records' labels (int64; null where a record has none, or the input no label column)."""
+    if "label" in records.column_names:
+        return records["label"].combine_chunks()
+    return pa.nulls(records.num_rows, pa.int64())
+
+
+def split_of(records: pa.Table, phase: int, val_fraction: float, root: str) -> tuple[np.ndarray, np.ndarray]:
+    """(usable, held out) per record: phase 1 trains on real or unlabeled images only."""
+    held = is_held_out([split_key(u, root) for u in records["uri"].to_pylist()], val_fraction)
+    if phase != 1:
+        return np.ones(records.num_rows, bool), held
+    fake = pc.fill_null(pc.equal(labels_of(records), 1), False)
+    return ~np.asarray(fake.to_numpy(zero_copy_only=False), bool), held
+
+
+def in_split(records: pa.Table, phase: int, val_fraction: float, held_out: bool, root: str) -> np.ndarray:
+    """Which records belong to a split."""
+    usable, held = split_of(records, phase, val_fraction, root)
+    return usable & (held == held_out)
+
+
+@dataclass
+class TrainingData:
+    """A planned training input: its units (records stay in `store`), its split and its sizes.
+    Made before Ray starts, so a wrong input fails at once."""
+    input_uri: str
+    phase: int
+    val_fraction: float
+    root: str  # the folder the split hashes record paths below (`input_root`)
+    store: str  # where the plan's records are (the run's storage)
+    units: list[Unit]
+    n_train: int
+    n_val: int
+
+
+def record_tables(plan: Plan, store: Location) -> Iterator[pa.Table]:
+    """Every record of the plan (bookkeeping and image bytes aside), a table at a time."""
+    if any(u.kind in RECORD_KINDS for u in plan.units):
+        return stored_records(store, plan)
+    return read_ahead(lambda u: read_shard_unit(u, ColumnMap(), with_bytes=False), plan.units,
+                      SHARD_UNITS_READ_AT_ONCE)
+
+
+def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_uri: str) -> TrainingData:
+    """Plan a training input into `store_uri` and check it can train, streaming its records
+    once: phase 2 needs a label on every record, and both splits need images (phase 1
+    counts reals only)."""
+    store = Location(store_uri)
+    with PlanRecordsWriter(store) as sink:
+        plan = plan_source(input_uri, SourceOptions(), sink)
+    root = input_root(input_uri)
+    n_train = n_val = unlabeled = 0
+    for records in record_tables(plan, store):
+        unlabeled += labels_of(records).null_count
+        usable, held = split_of(records, phase, val_fraction, root)
+        n_train, n_val = n_train + int((usable & ~held).sum()), n_val + int((usable & held).sum())
+    if phase == 2 and unlabeled:
+        raise ValueError(f"phase 2 needs a label for every image; {unlabeled} in {input_uri} have none")
+    if n_train == 0 or n_val == 0:
+        raise ValueError(f"not enough images in {input_uri}: {n_train} to train on, {n_val} held out"
+                         + (" (phase 1 trains on real images only)" if phase == 1 else ""))
+    return TrainingData(input_uri, phase, val_fraction, root, store.uri, plan.units, n_train, n_val)
+
+
+def split_rows(batch: pa.Table, *, phase: int, val_fraction: float, held_out: bool, root: str) -> Iterator[pa.Table]:
+    """Ray map_batches function over unit descriptors: each unit's records of one split, with
+    their image bytes (uri, label, bytes; bytes null where a record cannot be read, so the
+    preparation counts it as skipped). Only the split's records are read."""
+    for unit_json, records_uri in zip(batch["unit"].to_pylist(), batch["records"].to_pylist()):
+        unit = Unit(**json.loads(unit_json))
+        if unit.kind in RECORD_KINDS:  # select first: the other split's images are never read
+            records = without_bookkeeping(read_unit_records(records_uri, unit.row_group))
+            records = records.filter(pa.array(in_split(records, phase, val_fraction, held_out, root)))
+            records, _, payloads = unit_inputs(dataclasses.replace(unit, rows=records.num_rows), records, ColumnMap(),
+                                               FETCH_THREADS)
+            data = [d for d, _ in payloads]
+        else:  # a Parquet row group holds its bytes: read whole, then selected
+            records, _, payloads = unit_inputs(unit, None, ColumnMap(), FETCH_THREADS)
+            keep = in_split(records, phase, val_fraction, held_out, root)
+            data = [d for (d, _), k in zip(payloads, keep) if k]
+            records = records.filter(pa.array(keep))
+        yield pa.table({"uri": records["uri"], "label": labels_of(records), "bytes": pa.array(data, pa.binary())})
+
+
+def training_datasets(data: TrainingData, seed: int = 0, clock=None, attempts=None):
+    """Streaming Ray datasets (train, val) of prepared crops, over the plan's units in order.
+    Image bytes are read by Ray tasks (`split_rows`), decoded and augmented by others
+    (`prepare.prepare_batch`; `attempts`: a DecodeAttempts actor, so that a file crashing
+    its decoder is skipped). The driver holds one small item per unit."""
+    import ray
+
+    store = Location(data.store)
+    units = ray.data.from_items([{"unit": json.dumps(vars(u)),
+                                  "records": store.uri_of(u.file) if u.kind in RECORD_KINDS else None}
+                                 for u in data.units])
+    splits = [units.map_batches(split_rows, batch_size=1, batch_format="pyarrow",
+                                fn_kwargs={"phase": data.phase, "val_fraction": data.val_fraction, "held_out": held,
+                                           "root": data.root})
+                   .map_batches(prepare_batch, batch_format="pyarrow", batch_size=PREPARE_ROWS,
+                                fn_kwargs={"phase": data.phase, "seed": seed, "clock": clock, "evaluation": held,
+                                           "attempts": attempts})
+              for held in (False, True)]
+    for split in splits:
+        # Their progress bars would be drawn in remote processes (the split coordinator, the
+        # workers), whose forwarded lines cannot redraw: the training worker logs its own lines
+        split.context.enable_progress_bars = False
+        split.context.print_on_execution_start = False
+    return splits[0], splits[1]
+
+
+PREPARE_ROWS = 32  # records per preparation task call
