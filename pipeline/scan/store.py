@@ -113,10 +113,11 @@ def read_unit_records(uri: str, row_group: int) -> pa.Table:
 
 def stored_records(store: Location, plan: Plan, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The records files of the plan's folder/manifest/tar-sample units in `store`, in unit
-    order (`columns`: only those), a few read at once and a few ahead: the plan's records
-    streamed in bounded memory."""
+    order (`columns`: only those), a few read at once and no more ahead: the plan's records
+    streamed in bounded memory (a file is 65,536 records at the default unit size)."""
     files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
-    return read_ahead(lambda f: store.read_parquet(f, columns), files, RECORDS_FILES_READ_AT_ONCE)
+    return read_ahead(lambda f: store.read_parquet(f, columns), files, RECORDS_FILES_READ_AT_ONCE,
+                      ahead=RECORDS_FILES_READ_AT_ONCE)
 
 
 class OutputMismatchError(ValueError):

@@ -107,7 +107,7 @@ def record_tables(plan: Plan, store: Location) -> Iterator[pa.Table]:
     if any(u.kind in RECORD_KINDS for u in plan.units):
         return stored_records(store, plan)
     return read_ahead(lambda u: read_shard_unit(u, ColumnMap(), with_bytes=False), plan.units,
-                      SHARD_UNITS_READ_AT_ONCE)
+                      SHARD_UNITS_READ_AT_ONCE, ahead=SHARD_UNITS_READ_AT_ONCE)
 
 
 def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_uri: str) -> TrainingData:
