@@ -58,10 +58,11 @@ def split_key(uri: str, root: str) -> str:
 
 def input_root(input_uri: str) -> str:
     """The folder a training input's record URIs are named below: the input itself, or the
-    folder of a tar shard or shard pattern ('s3://b/wds/{000..009}.tar' -> 's3://b/wds')."""
+    folder of a file or shard pattern given as the input ('s3://b/wds/{000..009}.tar' ->
+    's3://b/wds'; 's3://b/list.csv' -> 's3://b')."""
     fs, base = fsspec.core.url_to_fs(input_uri)
     root = full_uri(fs, base)
-    if has_braces(root) or root.lower().endswith(".tar"):
+    if has_braces(root) or root.lower().endswith((".tar", ".csv", ".parquet")):
         return root[: root.split("{", 1)[0].rfind("/")]
     return root
 
