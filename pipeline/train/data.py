@@ -12,7 +12,6 @@ so the same records are held out in every run, resume and copy of the corpus.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -141,8 +140,7 @@ def split_rows(batch: pa.Table, *, phase: int, val_fraction: float, held_out: bo
         if unit.kind in RECORD_KINDS:  # select first: the other split's images are never read
             records = without_bookkeeping(read_unit_records(records_uri, unit.row_group))
             records = records.filter(pa.array(in_split(records, phase, val_fraction, held_out, root)))
-            records, _, payloads = unit_inputs(dataclasses.replace(unit, rows=records.num_rows), records, ColumnMap(),
-                                               FETCH_THREADS)
+            records, _, payloads = unit_inputs(unit, records, ColumnMap(), FETCH_THREADS)  # reads what is given
             data = [d for d, _ in payloads]
         else:  # a Parquet row group holds its bytes: read whole, then selected
             records, _, payloads = unit_inputs(unit, None, ColumnMap(), FETCH_THREADS)
