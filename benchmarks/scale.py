@@ -117,7 +117,7 @@ def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512) 
     write_shard(shards)
     fs.invalidate_cache()
     indexed, original = [], webdataset.index_shard
-    webdataset.index_shard = lambda u: indexed.append(u) or original(u)
+    webdataset.index_shard = lambda u, *a, **kw: indexed.append(u) or original(u, *a, **kw)
     try:
         t = time.perf_counter()
         update, added = update_plan(plan, SourceOptions(), UriSet([plan.records["uri"]]))

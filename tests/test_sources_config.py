@@ -11,9 +11,10 @@ from mirror_core.bundle import load_bundle
 from pipeline.scan.commit import commit_units
 from pipeline.scan.config import ConfigError, load_scan_config
 from pipeline.scan.decode import decode_units
+from pipeline.scan.labels import label_and_subset, normalize_labels
 from pipeline.scan.schema import INDEX, OUTPUT_COLUMNS, UNIT, UNIT_RECORDS, UNIT_TARGET, pack_records
 from pipeline.scan.scorer import Scorer
-from pipeline.scan.sources import SourceOptions, label_and_subset, list_images, normalize_labels, plan_source
+from pipeline.scan.sources import SourceOptions, list_images, plan_source
 
 
 def test_labels_are_inherited_and_subset_is_first_level(tmp_path):

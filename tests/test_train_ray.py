@@ -307,7 +307,8 @@ def test_a_corpus_copied_to_s3_keeps_its_held_out_split(ray_local, s3_corpus, tm
 
 def training_corpora(root) -> dict[str, str]:
     """The same six labelled images as a folder, a CSV manifest, an HF Image Parquet shard
-    and a WebDataset tar shard (no labels): input URIs by format."""
+    and a WebDataset tar shard (labels in `.cls` members, .json metadata without one):
+    input URIs by format."""
     import tarfile
 
     import pyarrow.parquet as pq
@@ -324,7 +325,8 @@ def training_corpora(root) -> dict[str, str]:
         for r in records:
             key, ext = r["image"]["path"].split(".")
             add(tar, f"{key}.{ext}", r["image"]["bytes"])
-            add(tar, f"{key}.json", b"{}")
+            add(tar, f"{key}.json", b'{"caption": "x"}')
+            add(tar, f"{key}.cls", b"0\n" if r["label"] == 1 else b"1\n")  # the HF label names are [fake, real]
     return {"folder": str(root / "folder"), "manifest": str(root / "manifest.csv"), "parquet": str(root / "hf"),
             "webdataset": str(root / "wds" / "shard-{000..000}.tar")}
 
@@ -337,11 +339,11 @@ def test_every_corpus_format_trains_each_record_once_in_its_split(ray_local, tmp
     from pipeline.train.prepare import CROPS, OK, prepared_crop
 
     uri = training_corpora(tmp_path)[fmt]
-    phase = 1 if fmt == "webdataset" else 2  # tar samples carry no label
-    if fmt == "webdataset":
+    phase, label = 2, "cls" if fmt == "webdataset" else "label"
+    if fmt == "webdataset":  # its .json members hold no "label": not labeled unless told where
         with pytest.raises(ValueError, match="phase 2 needs a label for every image; 6 in .* have none"):
             plan_training_data(uri, 2, 0.5, str(tmp_path / "run"))
-    data = plan_training_data(uri, phase, 0.5, str(tmp_path / "run"))
+    data = plan_training_data(uri, phase, 0.5, str(tmp_path / "run"), label)
     assert data.n_train + data.n_val == 6 and not hasattr(data, "index")
     train, val = training_datasets(data, seed=1)
     rows = {name: split.take_all() for name, split in (("train", train), ("val", val))}
@@ -352,6 +354,9 @@ def test_every_corpus_format_trains_each_record_once_in_its_split(ray_local, tmp
     if fmt == "webdataset":  # the folder of the shard pattern: a copied corpus keeps its split
         assert data.root == str(tmp_path / "wds") and split_key(uris[0], data.root).startswith("shard-000.tar#")
     images = {p.name.split(".")[0]: p.read_bytes() for p in (tmp_path / "folder").rglob("*.*")}
+    truth = {p.name.split(".")[0]: int(p.parent.name == "1_fake") for p in (tmp_path / "folder").rglob("*.*")}
+    keys = {r["uri"]: r["uri"].rsplit("/", 1)[-1].rsplit("#", 1)[-1].split(".")[0] for split in rows.values() for r in split}
+    assert all(r["label"] == truth[keys[r["uri"]]] for split in rows.values() for r in split)
     for r in rows["val"]:
         key = r["uri"].rsplit("/", 1)[-1].rsplit("#", 1)[-1].split(".")[0]
         np.testing.assert_array_equal(np.asarray(r[CROPS], np.uint8),

@@ -32,7 +32,7 @@ def write_shards(root, folder):
             data = write_image(folder / f"{key}.{ext}", size=(72 + 8 * i, 64), seed=shard * 10 + i)
             expected[key] = None
         add(tar, f"{key}.{ext}", data)
-        add(tar, f"{key}.json", json.dumps({"key": key, "shard": shard}).encode())
+        add(tar, f"{key}.json", json.dumps({"key": key, "shard": shard, "label": ["real", "fake"][i % 2]}).encode())
         add(tar, f"{key}.txt", f"caption {key}".encode())
         return key
 
@@ -66,6 +66,7 @@ def check(out, folder_out, expected):
             assert row["error"] is None and row["prob_fake"] == pytest.approx(ref[key]["prob_fake"], abs=1e-6)
             assert row["aligned"] == ref[key]["aligned"]  # .png members are aligned, as .png files are
             assert json.loads(row["json"])["key"] == key and row["txt"] == f"caption {key}"
+            assert row["label"] == int(key[-4:]) % 2  # the .json member's "label" field
         else:
             assert row["error"].startswith(error) and row["prob_fake"] is None
     return rows
@@ -78,6 +79,42 @@ def test_local_webdataset_shards(ray_local, parity_bundle, tmp_path):
     assert summary["input_format"] == "webdataset" and summary["skipped_by_extension"] == 1
     rows = check(tmp_path / "out", tmp_path / "folder-out", expected)
     assert summary["rows_out"] == len(rows) and summary["rows_in"] == len(rows)
+    assert summary["metrics"]["ALL"]["n"] == sum(e is None for e in expected.values())  # labeled rows scored
+
+
+def test_sample_labels_from_a_member_the_json_or_the_shard_folder(tmp_path):
+    """Own label first (the `label` member, else the .json field), else the shard's label
+    folder below the input; subset from the folder; a value that is no label fails the plan."""
+    from pipeline.scan.sources import ColumnMap, SourceOptions, plan_source
+
+    image = write_image(tmp_path / "x.jpg")
+
+    def shard(path, *samples):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w") as tar:
+            for key, members in samples:
+                add(tar, f"{key}.jpg", image)
+                for ext, data in members.items():
+                    add(tar, f"{key}.{ext}", data)
+
+    root = tmp_path / "wds"
+    shard(root / "genA" / "0_real" / "000.tar", ("a", {"json": b'{"label": "fake"}'}), ("b", {}))
+    shard(root / "genA" / "1_fake" / "000.tar", ("c", {"cls": b"0\n", "json": b'{"caption": "c"}'}))
+    shard(root / "misc.tar", ("d", {"json": b'{"label": 0}'}), ("e", {"json": b"not json"}), ("f", {"cls": b"1"}))
+
+    def labels(uri, label="label"):
+        plan = plan_source(uri, SourceOptions(columns=ColumnMap(label=label)))
+        return {r["uri"].rsplit("#", 1)[-1]: (r["label"], r["subset"]) for r in plan.records.to_pylist()}
+
+    assert labels(str(root)) == {"a": (1, "genA"), "b": (0, "genA"), "c": (1, "genA"),
+                                 "d": (0, None), "e": (None, None), "f": (None, None)}
+    assert labels(str(root), "cls") == {"a": (0, "genA"), "b": (0, "genA"), "c": (0, "genA"),
+                                        "d": (None, None), "e": (None, None), "f": (1, None)}
+    assert labels(str(root / "genA" / "{0_real,1_fake}" / "000.tar")) == {"a": (1, None), "b": (0, None),
+                                                                          "c": (1, None)}
+    shard(tmp_path / "bad" / "000.tar", ("ok", {"cls": b"1"}), ("k9", {"cls": b"7"}))
+    with pytest.raises(ValueError, match=r"000\.tar#k9: label value '7' is not one of 0/1/real/fake"):
+        plan_source(str(tmp_path / "bad"), SourceOptions(columns=ColumnMap(label="cls")))
 
 
 def test_webdataset_on_s3_by_brace_pattern(ray_local, s3_bucket, parity_bundle, tmp_path):
@@ -120,7 +157,7 @@ def test_update_indexes_only_new_shards_and_those_that_were_damaged(ray_local, p
             add(tar, f"{shard:05d}0099.txt", b"a sample without an image")
     indexed = []
     original = webdataset.index_shard
-    monkeypatch.setattr(webdataset, "index_shard", lambda uri: indexed.append(uri.rsplit("/", 1)[-1]) or original(uri))
+    monkeypatch.setattr(webdataset, "index_shard", lambda uri, *a, **kw: indexed.append(uri.rsplit("/", 1)[-1]) or original(uri, *a, **kw))
     updated = run_scan(str(parity_bundle), str(tmp_path / "wds"), str(tmp_path / "out"),
                        ScanConfig(unit_size=2, update=True))
     assert sorted(indexed) == ["shard-00002.tar", "shard-00003.tar"]
@@ -158,7 +195,7 @@ def test_many_shards_are_indexed_by_ray_tasks_as_by_the_drivers_threads(ray_loca
     threads = plan_source(str(tmp_path / "wds"), SourceOptions(unit_size=2))
     pids, original = tmp_path / "pids", webdataset.index_shard
     pids.mkdir()
-    monkeypatch.setattr(webdataset, "index_shard", lambda uri: (pids / str(os.getpid())).touch() or original(uri))
+    monkeypatch.setattr(webdataset, "index_shard", lambda uri, *a, **kw: (pids / str(os.getpid())).touch() or original(uri, *a, **kw))
     cluster = plan_source(str(tmp_path / "wds"), SourceOptions(unit_size=2, index_on_cluster=True))
     indexed_by = {int(p.name) for p in pids.iterdir()}
     assert indexed_by and os.getpid() not in indexed_by  # Ray workers indexed, not the driver

@@ -192,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     tc = TrainConfig(phase=phase, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
                      label_smoothing=args.label_smoothing, ortho_weight=args.ortho_weight,
-                     val_fraction=args.val_fraction, num_workers=args.workers, use_gpu=args.gpu, seed=args.seed,
+                     val_fraction=args.val_fraction, label=args.label, num_workers=args.workers, use_gpu=args.gpu, seed=args.seed,
                      name=args.name, ema_decay=args.ema,
                      **({} if args.max_failures is None else {"max_failures": args.max_failures}))
     memory = MemoryConfig(args.memory_slots, args.memory_heads, args.top_k) if phase == 1 else None
@@ -210,7 +210,9 @@ def add_train_parser(sub, name: str, help_text: str, phase: int) -> None:
     p.add_argument("--base", required=True, help="bundle" + (" or DINOv3/DINOv2 directory" if phase == 1 else
                                                                 " (the Phase 1 result)"))
     p.add_argument("--input", required=True, help=("real images" if phase == 1 else "labeled images (0_real/1_fake)")
-                   + ": folder, manifest or Parquet shards; local or s3://")
+                   + ": folder, manifest, Parquet or WebDataset shards; local or s3://")
+    p.add_argument("--label", default="label", help="the label column of a manifest or Parquet input; WebDataset: "
+                   "the member (e.g. cls) or .json field holding each sample's label (default: label)")
     p.add_argument("--output", required=True, help="bundle to write")
     p.add_argument("--storage", required=True, help="Ray Train storage for checkpoints; rerun to resume")
     p.add_argument("--name", default=f"mirror-phase{phase}", help="run name under --storage")

@@ -22,12 +22,11 @@ import pyarrow.parquet as pq
 
 from pipeline.scan import webdataset
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
+from pipeline.scan.labels import LABEL_NAMES, label_and_subset, normalize_labels
 from pipeline.scan.listing import iter_files
 from pipeline.scan.schema import INDEX, UNIT
 from pipeline.scan.uri_set import UriSet
 
-LABEL_FOLDERS = {"0_real": 0, "nature": 0, "1_fake": 1, "ai": 1}
-LABEL_NAMES = {**LABEL_FOLDERS, "0": 0, "1": 1, "real": 0, "fake": 1}
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff", "avif")
 INPUT_FORMATS = ("auto", "folder", "parquet", "manifest", "webdataset")
 RECORD_KINDS = ("inline", "samples")  # units whose records the plan holds (folders, manifests, tar samples)
@@ -98,14 +97,15 @@ def full_uri(fs, path: str) -> str:
     return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
-def label_and_subset(parts: tuple[str, ...]) -> tuple[int | None, str | None]:
-    """Folders of a file below the root -> (label of the deepest label folder, subset)."""
-    label, depth = None, None
-    for i, name in enumerate(parts):
-        if name in LABEL_FOLDERS:
-            label, depth = LABEL_FOLDERS[name], i
-    subset = parts[0] if depth is not None and parts[0] not in LABEL_FOLDERS else None
-    return label, subset
+def input_root(input_uri: str) -> str:
+    """The folder an input's records are named below: the input itself, or the folder of
+    a file or shard pattern given as the input ('s3://b/wds/{000..009}.tar' -> 's3://b/wds';
+    's3://b/list.csv' -> 's3://b')."""
+    fs, base = fsspec.core.url_to_fs(input_uri)
+    root = full_uri(fs, base)
+    if webdataset.has_braces(root) or root.lower().endswith((".tar", ".csv", ".parquet")):
+        return root[: root.split("{", 1)[0].rfind("/")]
+    return root
 
 
 def list_files(root: str) -> list[str]:
@@ -150,24 +150,6 @@ def list_images(root: str, extensions=DEFAULT_EXTENSIONS, files: list[str] | Non
             raise FileNotFoundError(f"input folder {root} does not exist")
         files = list_files(root)
     return image_records(files, fs, base, extensions)
-
-
-def normalize_labels(col: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """0/1 integers, booleans, or names (real/fake, 0_real/1_fake, nature/ai) -> int64."""
-    if pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
-        out = pc.cast(col, pa.int64())
-    else:
-        values = []
-        for v in col.to_pylist():
-            key = None if v is None else str(v).strip().lower()
-            if key is not None and key not in LABEL_NAMES:
-                raise ValueError(f"label value {v!r} is not one of 0/1/real/fake/0_real/1_fake/nature/ai")
-            values.append(None if key is None else LABEL_NAMES[key])
-        out = pa.array(values, pa.int64())
-    bad = pc.sum(pc.and_(pc.is_valid(out), pc.invert(pc.is_in(out, pa.array([0, 1]))))).as_py()
-    if bad:
-        raise ValueError(f"{bad} label values are not 0 or 1")
-    return out.combine_chunks() if isinstance(out, pa.ChunkedArray) else out
 
 
 def standard_records(table: pa.Table, columns: ColumnMap) -> pa.Table:
@@ -438,7 +420,7 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: list[str] | None
         group.clear()
 
     for samples, row in webdataset.indexed_shards([s for s in shards if s not in done], options.index_on_cluster,
-                                                  options.address):
+                                                  options.address, options.columns.label, input_root(uri)):
         if known_uris is not None:
             samples = samples.filter(pa.array(~known_uris.contains(samples["uri"])))
         group.append(samples)

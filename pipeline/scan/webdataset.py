@@ -16,6 +16,7 @@ units by, and a damaged tar fails the whole read instead of becoming error rows.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -28,6 +29,7 @@ from typing import Iterator
 import fsspec
 import pyarrow as pa
 
+from pipeline.scan.labels import label_and_subset, label_value
 from pipeline.storage import read_ahead
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
@@ -85,10 +87,33 @@ def _zero_padding(f, start: int, size: int) -> bool:
     return not f.read(size - start).strip(b"\0")
 
 
-def index_shard(uri: str) -> tuple[list[dict], int]:
+def _json_field(data: bytes, name: str):
+    """The `name` field of a .json member; None when absent or the member is no JSON object
+    (metadata that holds no label: the row still carries its text)."""
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return None
+    return meta.get(name) if isinstance(meta, dict) else None
+
+
+def sample_label(found: dict, label: str, where: str) -> int | None:
+    """A sample's label from what indexing read of it: the text of its `label` member
+    (key.cls holding '1' for label 'cls'), else its .json member's `label` field; None when
+    it has neither. A value that is not a label is a ValueError naming the sample (the
+    plan fails, as for a bad label in a manifest)."""
+    try:
+        return label_value(found[label] if label in found else found.get("json"))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def index_shard(uri: str, label: str = "label") -> tuple[list[dict], int]:
     """One shard -> (records, samples without an image). Records: uri, the members' offsets,
-    the image member's name, and an error for what the damage makes unreadable."""
+    the image member's name, the sample's label (`sample_label`), and an error for what the
+    damage makes unreadable."""
     samples: dict[str, dict[str, list[int]]] = {}
+    found: dict[str, dict] = {}  # per sample: its label member's text, its .json's label field
     stopped: str | None = None
     with fsspec.open(uri, "rb") as f:
         size = f.size if hasattr(f, "size") else None
@@ -98,6 +123,10 @@ def index_shard(uri: str) -> tuple[list[dict], int]:
                     if info.isfile():
                         key, ext = split_key(info.name)
                         samples.setdefault(key, {})[ext] = [info.offset_data, info.size]
+                        whole = size is None or info.offset_data + info.size <= size  # else the sample is cut
+                        if whole and (ext == label or ext == "json"):  # small members, read as the index passes
+                            data = tar.extractfile(info).read()
+                            found.setdefault(key, {})[ext] = data if ext == label else _json_field(data, label)
                 end = tar.offset
         except (tarfile.TarError, OSError, EOFError) as err:
             stopped = f"{type(err).__name__}: {err}"
@@ -112,10 +141,11 @@ def index_shard(uri: str) -> tuple[list[dict], int]:
             continue
         cut = size is not None and any(off + n > size for off, n in members.values())
         records.append({"uri": f"{uri}#{key}", MEMBERS: json.dumps(members), IMAGE_MEMBER: f"{key}.{image}",
-                        PLAN_ERROR: f"tar member cut short: {uri} ends inside sample {key}" if cut else None})
+                        PLAN_ERROR: f"tar member cut short: {uri} ends inside sample {key}" if cut else None,
+                        "label": sample_label(found.get(key, {}), label, f"{uri}#{key}")})
     if stopped is not None:
         records.append({"uri": f"{uri}#<unreadable>", MEMBERS: "{}", IMAGE_MEMBER: None,
-                        PLAN_ERROR: f"tar shard unreadable past this point: {stopped}"})
+                        PLAN_ERROR: f"tar shard unreadable past this point: {stopped}", "label": None})
     return records, no_image
 
 
@@ -128,7 +158,7 @@ SHARDS_SCHEMA = pa.schema([("uri", pa.string()), ("records", pa.int64()), ("no_i
 CLUSTER_INDEX_MIN_SHARDS = 64
 
 
-def _indexed_on_cluster(uris: list[str], address: str | None) -> Iterator[tuple[list[dict], int]]:
+def _indexed_on_cluster(uris: list[str], address: str | None, label: str) -> Iterator[tuple[list[dict], int]]:
     """index_shard over `uris` as Ray tasks across the cluster, results in shard order, a
     bounded number in flight (finished indexes wait in the object store, not by the thousand)."""
     import ray
@@ -140,7 +170,7 @@ def _indexed_on_cluster(uris: list[str], address: str | None) -> Iterator[tuple[
     window = max(INDEX_THREADS, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
     for uri in uris:
-        pending.append(task.remote(uri))
+        pending.append(task.remote(uri, label))
         if len(pending) >= window:
             yield ray.get(pending.popleft())
     while pending:
@@ -148,22 +178,34 @@ def _indexed_on_cluster(uris: list[str], address: str | None) -> Iterator[tuple[
 
 
 SAMPLES_SCHEMA = pa.schema([("uri", pa.string()), (MEMBERS, pa.string()), (IMAGE_MEMBER, pa.string()),
-                            (PLAN_ERROR, pa.string())])  # a shard's sample records, as planned
+                            (PLAN_ERROR, pa.string()), ("label", pa.int64()),
+                            ("subset", pa.string())])  # a shard's sample records, as planned
 
 
-def indexed_shards(uris: list[str], on_cluster: bool = False, address: str | None = None
-                   ) -> Iterator[tuple[pa.Table, dict]]:
+def shard_folders(shard: str, root: str) -> tuple[str, ...]:
+    """The folders between the input's root and a shard ('<root>/gen/1_fake/000.tar' -> ('gen', '1_fake'))."""
+    prefix = root.rstrip("/") + "/"
+    return tuple(shard[len(prefix):].split("/")[:-1]) if shard.startswith(prefix) else ()
+
+
+def indexed_shards(uris: list[str], on_cluster: bool = False, address: str | None = None, label: str = "label",
+                   root: str = "") -> Iterator[tuple[pa.Table, dict]]:
     """Each shard's records (SAMPLES_SCHEMA) and its row of SHARDS_SCHEMA (record count,
     samples without an image, whether it could not be read whole), in shard order, a
     bounded number indexed ahead. `on_cluster`: more than CLUSTER_INDEX_MIN_SHARDS shards
     are indexed by Ray tasks over the cluster (`address`, else RAY_ADDRESS, else a local
     Ray), so reading every shard's headers scales with its nodes rather than one driver's
-    network."""
+    network. A sample's label is its own (`sample_label`), else that of the shard's label
+    folder below `root` (the input's folder), as for images of a folder; so is its subset."""
     from pipeline.progress import progress
 
-    indexed = (_indexed_on_cluster(uris, address) if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
-               else read_ahead(index_shard, uris, INDEX_THREADS))
+    indexed = (_indexed_on_cluster(uris, address, label) if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
+               else read_ahead(functools.partial(index_shard, label=label), uris, INDEX_THREADS))
     for uri, (records, no_image) in zip(uris, progress(indexed, "indexing tar shards", total=len(uris), unit="shard")):
+        folder_label, subset = label_and_subset(shard_folders(uri, root))
+        for r in records:
+            r["label"] = folder_label if r["label"] is None else r["label"]
+            r["subset"] = subset
         yield pa.Table.from_pylist(records, schema=SAMPLES_SCHEMA), {
             "uri": uri, "records": len(records), "no_image": no_image,
             "damaged": any(r[PLAN_ERROR] is not None for r in records)}

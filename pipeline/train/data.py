@@ -17,7 +17,6 @@ import json
 from dataclasses import dataclass
 from typing import Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,12 +28,11 @@ from pipeline.scan.sources import (
     Plan,
     SourceOptions,
     Unit,
-    full_uri,
+    input_root,
     plan_source,
     read_shard_unit,
 )
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records, stored_records
-from pipeline.scan.webdataset import has_braces
 from pipeline.storage import Location, read_ahead
 from pipeline.train.prepare import prepare_batch
 
@@ -53,17 +51,6 @@ def split_key(uri: str, root: str) -> str:
     it, so a corpus copied to another folder or bucket keeps its split."""
     prefix = root.rstrip("/") + "/"
     return uri[len(prefix):] if uri.startswith(prefix) else uri
-
-
-def input_root(input_uri: str) -> str:
-    """The folder a training input's record URIs are named below: the input itself, or the
-    folder of a file or shard pattern given as the input ('s3://b/wds/{000..009}.tar' ->
-    's3://b/wds'; 's3://b/list.csv' -> 's3://b')."""
-    fs, base = fsspec.core.url_to_fs(input_uri)
-    root = full_uri(fs, base)
-    if has_braces(root) or root.lower().endswith((".tar", ".csv", ".parquet")):
-        return root[: root.split("{", 1)[0].rfind("/")]
-    return root
 
 
 def labels_of(records: pa.Table) -> pa.Array:
@@ -97,29 +84,31 @@ class TrainingData:
     val_fraction: float
     root: str  # the folder the split hashes record paths below (`input_root`)
     store: str  # where the plan's records are (the run's storage)
+    label: str  # the input's label column (read again from Parquet row groups)
     units: list[Unit]
     n_train: int
     n_val: int
 
 
-def record_tables(plan: Plan, store: Location) -> Iterator[pa.Table]:
+def record_tables(plan: Plan, store: Location, columns: ColumnMap) -> Iterator[pa.Table]:
     """Every record of the plan (bookkeeping and image bytes aside), a table at a time."""
     if any(u.kind in RECORD_KINDS for u in plan.units):
         return stored_records(store, plan)
-    return read_ahead(lambda u: read_shard_unit(u, ColumnMap(), with_bytes=False), plan.units,
+    return read_ahead(lambda u: read_shard_unit(u, columns, with_bytes=False), plan.units,
                       SHARD_UNITS_READ_AT_ONCE, ahead=SHARD_UNITS_READ_AT_ONCE)
 
 
-def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_uri: str) -> TrainingData:
+def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_uri: str,
+                       label: str = "label") -> TrainingData:
     """Plan a training input into `store_uri` and check it can train, streaming its records
     once: phase 2 needs a label on every record, and both splits need images (phase 1
-    counts reals only)."""
-    store = Location(store_uri)
+    counts reals only). `label`: the input's label column (WebDataset: member or .json field)."""
+    store, columns = Location(store_uri), ColumnMap(label=label)
     with PlanRecordsWriter(store) as sink:
-        plan = plan_source(input_uri, SourceOptions(), sink)
+        plan = plan_source(input_uri, SourceOptions(columns=columns), sink)
     root = input_root(input_uri)
     n_train = n_val = unlabeled = 0
-    for records in record_tables(plan, store):
+    for records in record_tables(plan, store, columns):
         unlabeled += labels_of(records).null_count
         usable, held = split_of(records, phase, val_fraction, root)
         n_train, n_val = n_train + int((usable & ~held).sum()), n_val + int((usable & held).sum())
@@ -128,22 +117,24 @@ def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_ur
     if n_train == 0 or n_val == 0:
         raise ValueError(f"not enough images in {input_uri}: {n_train} to train on, {n_val} held out"
                          + (" (phase 1 trains on real images only)" if phase == 1 else ""))
-    return TrainingData(input_uri, phase, val_fraction, root, store.uri, plan.units, n_train, n_val)
+    return TrainingData(input_uri, phase, val_fraction, root, store.uri, label, plan.units, n_train, n_val)
 
 
-def split_rows(batch: pa.Table, *, phase: int, val_fraction: float, held_out: bool, root: str) -> Iterator[pa.Table]:
+def split_rows(batch: pa.Table, *, phase: int, val_fraction: float, held_out: bool, root: str,
+               label: str = "label") -> Iterator[pa.Table]:
     """Ray map_batches function over unit descriptors: each unit's records of one split, with
     their image bytes (uri, label, bytes; bytes null where a record cannot be read, so the
     preparation counts it as skipped). Only the split's records are read."""
+    columns = ColumnMap(label=label)
     for unit_json, records_uri in zip(batch["unit"].to_pylist(), batch["records"].to_pylist()):
         unit = Unit(**json.loads(unit_json))
         if unit.kind in RECORD_KINDS:  # select first: the other split's images are never read
             records = without_bookkeeping(read_unit_records(records_uri, unit.row_group))
             records = records.filter(pa.array(in_split(records, phase, val_fraction, held_out, root)))
-            records, _, payloads = unit_inputs(unit, records, ColumnMap(), FETCH_THREADS)  # reads what is given
+            records, _, payloads = unit_inputs(unit, records, columns, FETCH_THREADS)  # reads what is given
             data = [d for d, _ in payloads]
         else:  # a Parquet row group holds its bytes: read whole, then selected
-            records, _, payloads = unit_inputs(unit, None, ColumnMap(), FETCH_THREADS)
+            records, _, payloads = unit_inputs(unit, None, columns, FETCH_THREADS)
             keep = in_split(records, phase, val_fraction, held_out, root)
             data = [d for (d, _), k in zip(payloads, keep) if k]
             records = records.filter(pa.array(keep))
@@ -163,7 +154,7 @@ def training_datasets(data: TrainingData, seed: int = 0, clock=None, attempts=No
                                  for u in data.units])
     splits = [units.map_batches(split_rows, batch_size=1, batch_format="pyarrow",
                                 fn_kwargs={"phase": data.phase, "val_fraction": data.val_fraction, "held_out": held,
-                                           "root": data.root})
+                                           "root": data.root, "label": data.label})
                    .map_batches(prepare_batch, batch_format="pyarrow", batch_size=PREPARE_ROWS,
                                 fn_kwargs={"phase": data.phase, "seed": seed, "clock": clock, "evaluation": held,
                                            "attempts": attempts})

@@ -49,6 +49,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ortho_weight: float = 0.01
     val_fraction: float = 0.2
+    label: str = "label"  # the input's label column; WebDataset: the member (cls) or .json field
     ema_decay: float | None = None  # validate and export an EMA of the weights
     num_workers: int = 1
     use_gpu: bool = False
@@ -241,7 +242,7 @@ def plan_into_run(input_uri: str, tc: TrainConfig, storage: str) -> TrainingData
     run, top = Location(join_uri(storage, tc.name)), Location(storage)
     made_run, made_top = not run.exists(), not top.exists()
     try:
-        return plan_training_data(input_uri, tc.phase, tc.val_fraction, run.uri)
+        return plan_training_data(input_uri, tc.phase, tc.val_fraction, run.uri, tc.label)
     except BaseException:
         if made_run:
             run.remove()
