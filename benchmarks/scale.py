@@ -258,6 +258,25 @@ elif mode == "update":  # --update over the plan "store" made: the input listed 
     with PlanRecordsWriter(store) as sink:
         plan, added = update_plan(store.load_plan(), SourceOptions(), store.known_uris(store.load_plan()), sink)
     units = items = added
+elif mode in ("audit", "audit_whole"):  # an audit's pass over the scored "store" plan (parts made by audit_figures)
+    from pipeline.audit.audit import AuditConfig, AuditTally, flagged_schema, group_keys, part_batches
+    from pipeline.audit.filtered import write_filtered
+    from pipeline.storage import Location
+    scan, cfg, out_loc = ScanStore(out), AuditConfig(prefix_depth=1), Location(out + "-audit")
+    units = items = scan.load_plan().units
+    if mode == "audit":  # streamed, as `mirror audit` does
+        with out_loc.parquet_writer("flagged.parquet", flagged_schema("g", 0.5, "x")) as writer:
+            tally = AuditTally(0.5, 16, writer, "g", "x")
+            for parts in part_batches(scan.scores_by_unit(["uri", "id", "prob_fake", "error"])):
+                tally.add(parts, lambda rows: group_keys(rows, cfg, source))
+            tally.flush()
+            tally.groups()
+        write_filtered(out_loc, scan, tally.keep, "drop", 0.5, "x")
+    else:  # every row held at once with its group key (a whole-table audit)
+        import pyarrow as pa
+        rows = pa.concat_tables([t for _, t in scan.scores_by_unit(["uri", "id", "prob_fake", "error"])])
+        keys = group_keys(rows, cfg, source)
+        records = scan.plan_records(scan.load_plan())
 else:  # a folder listed whole, then planned (as folders were planned before listings streamed)
     units, records = inline_units(list_images(source), SourceOptions().unit_size, source)
     items = units
@@ -290,6 +309,36 @@ def plan_figures(tmp: Path, records: int = 1_000_000) -> dict:
         got = _plan_child(manifest, tmp / f"plan-{records}-{mode}", mode)
         figures.update({f"{prefix}_s": round(got["s"], 2), f"{prefix}_peak_rss_mb": round(got["peak_rss_mb"]),
                         "plan_imports_rss_mb": round(got["imports_mb"]), "plan_units": got["units"]})
+    return figures
+
+
+def audit_figures(tmp: Path, records: int) -> dict:
+    """An audit's pass over a scan of the `records`-URI manifest plan_figures planned (its
+    parts written here: uri, id, prob_fake, 1% errors), in a fresh process: streamed as
+    `mirror audit` does (audit_s, audit_peak_rss_mb: the tally, flagged manifest, group
+    figures and filtered manifest) and with every row held at once (audit_whole_*)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.scan.store import ScanStore, stored_records
+
+    store = ScanStore(str(tmp / f"plan-{records}-store"))
+    plan = store.load_plan()
+    rng, units = np.random.default_rng(0), iter(plan.units)
+    for table in stored_records(store, plan, ["uri"]):  # records files hold whole units, in order
+        at = 0
+        while at < table.num_rows:
+            unit = next(units)
+            n, err = unit.rows, rng.random(unit.rows) < 0.01
+            store.write_parquet(store.part_name(unit.unit_id), pa.table({
+                "uri": table["uri"].slice(at, n), "id": pa.array([f"{x:064x}" for x in rng.integers(1 << 62, size=n)]),
+                "prob_fake": pa.array(np.where(err, np.nan, rng.random(n)), from_pandas=True),
+                "error": pa.array(np.where(err, "decode failed", None), pa.string())}))
+            at += n
+    figures = {}
+    for mode in ("audit", "audit_whole"):
+        got = _plan_child(tmp / f"manifest-{records}.parquet", tmp / f"plan-{records}-store", mode)
+        figures.update({f"{mode}_s": round(got["s"], 2), f"{mode}_peak_rss_mb": round(got["peak_rss_mb"])})
     return figures
 
 
@@ -410,6 +459,7 @@ def main(argv=None) -> int:
     if args.plan_only:
         with tempfile.TemporaryDirectory() as tmp:
             result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), **plan_figures(Path(tmp), args.plan_only),
+                      **audit_figures(Path(tmp), args.plan_only),
                       **folder_plan_figures(Path(tmp), min(args.plan_only, FOLDER_PLAN_MAX_FILES)),
                       "completion_records_mb_per_100k_units": round(completion_records_mb(), 1)}
         print(json.dumps(result, indent=2))

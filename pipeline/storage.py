@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import fsspec
@@ -115,6 +118,26 @@ class Location:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         self.write_bytes(rel, buf.getvalue())
+
+    @contextmanager
+    def parquet_writer(self, rel: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        """A Parquet file written a table at a time (one larger than memory, spooled to
+        local disk), published whole when the block ends: a rename beside it, or one upload
+        to an object store. An error inside the block publishes nothing."""
+        path = self.path(rel)
+        if self.local:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        spool = f"{path}.tmp-{uuid.uuid4().hex}" if self.local else tempfile.mkstemp(suffix=".parquet")[1]
+        try:
+            with pq.ParquetWriter(spool, schema) as writer:
+                yield writer
+            if self.local:
+                self.fs.mv(spool, path)
+            else:
+                self.fs.put_file(spool, path)
+        finally:
+            if os.path.exists(spool):
+                os.remove(spool)
 
     def read_parquet(self, rel: str, columns=None) -> pa.Table | None:
         data = self.read_bytes(rel)

@@ -131,11 +131,11 @@ def test_group_summary_is_exact_with_errors_and_a_null_group():
     keys.append("only-errors")
     prob = np.append(prob, 0.0)
     err.append("e")
-    rows = pa.table({"prob_fake": pa.array([None if e else p for p, e in zip(prob, err)], pa.float64()),
-                     "error": pa.array(err, pa.string())})
-    got = group_summary(rows, keys, 0.5).to_pylist()
-    assert [g["group"] for g in got] == ["g0", "g1", "g2", "g3", "only-errors", None]
+    names = list(dict.fromkeys(keys))
+    codes = np.array([names.index(k) for k in keys])
     is_err = np.array([e is not None for e in err])
+    got = group_summary(names, codes, np.where(is_err, 123.0, prob), is_err, 0.5).to_pylist()  # errors' values unread
+    assert [g["group"] for g in got] == ["g0", "g1", "g2", "g3", "only-errors", None]
     for g in got:
         sel = np.array([k == g["group"] for k in keys])
         scored = prob[sel & ~is_err]
@@ -147,3 +147,118 @@ def test_group_summary_is_exact_with_errors_and_a_null_group():
             assert g["max"] == scored.max() and g["flagged_fraction"] == pytest.approx((scored > 0.5).mean())
         else:
             assert np.isnan(g["p50"]) and np.isnan(g["max"]) and np.isnan(g["flagged_fraction"])
+
+
+@pytest.mark.parametrize("mode", ["drop", "mark"])
+def test_the_filtered_manifest_streams_every_records_file_with_its_flags(tmp_path, monkeypatch, mode):
+    """Records files of two plan generations (the second with a column the first lacks),
+    written a file at a time into one manifest: each record with its own unit's flag."""
+    from pipeline.audit.filtered import KEEP_COLUMN, write_filtered
+    from pipeline.scan import store as store_module
+    from pipeline.scan.sources import SourceOptions, plan_source, update_plan
+    from pipeline.scan.store import PlanRecordsWriter, ScanStore
+
+    monkeypatch.setattr(store_module, "UNITS_PER_RECORDS_FILE", 2)
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("uri,label\n" + "".join(f"s3://b/{i:02d}.jpg,{i % 2}\n" for i in range(10)))
+    out, options = ScanStore(str(tmp_path / "scan")), SourceOptions(unit_size=3)
+    with PlanRecordsWriter(out) as sink:
+        out.save_plan(plan_source(str(manifest), options, sink=sink))
+    manifest.write_text("uri,label,caption\n" + "".join(f"s3://b/{i:02d}.jpg,{i % 2},c{i}\n" for i in range(14)))
+    with PlanRecordsWriter(out) as sink:
+        plan, added = update_plan(out.load_plan(), options, out.known_uris(out.load_plan()), sink)
+    out.save_plan(plan)
+    assert len(plan.units) == 6 and len(added) == 2 and len({u.file for u in plan.units}) == 3
+
+    def number(uri):
+        return int(uri.rsplit("/", 1)[-1][:2])
+
+    keep = {u.unit_id: np.array([number(r["uri"]) % 3 != 0 for r in out.unit_records(u).to_pylist()])
+            for u in plan.units}
+    written = write_filtered(out, out, keep, mode, 0.5, "explicit --threshold")  # the copy goes beside the scan
+    got = pq.read_table(tmp_path / "scan" / "filtered" / "manifest.parquet")
+    assert got.schema.metadata[b"mirror_threshold_method"] == b"explicit --threshold"
+    assert written == got.num_rows and "_unit" not in got.column_names
+    rows = got.to_pylist()
+    if mode == "drop":
+        assert [number(r["uri"]) for r in rows] == [i for i in range(14) if i % 3]
+    else:
+        assert [number(r["uri"]) for r in rows] == list(range(14))
+        assert [r[KEEP_COLUMN] for r in rows] == [i % 3 != 0 for i in range(14)]
+    assert [r["caption"] for r in rows] == [None if number(r["uri"]) < 10 else f"c{number(r['uri'])}" for r in rows]
+
+
+def test_a_parquet_writer_publishes_whole_or_nothing(tmp_path):
+    from pipeline.storage import Location
+
+    out = Location(str(tmp_path / "out"))
+    schema = pa.schema([("n", pa.int64())])
+    with out.parquet_writer("a/t.parquet", schema) as writer:
+        for k in range(3):
+            writer.write_table(pa.table({"n": [k, k]}, schema=schema))
+        assert not (tmp_path / "out" / "a" / "t.parquet").exists()  # not before the block ends
+    assert pq.read_table(tmp_path / "out" / "a" / "t.parquet")["n"].to_pylist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(RuntimeError, match="stop"):
+        with out.parquet_writer("a/u.parquet", schema) as writer:
+            writer.write_table(pa.table({"n": [1]}, schema=schema))
+            raise RuntimeError("stop")
+    assert sorted(p.name for p in (tmp_path / "out" / "a").iterdir()) == ["t.parquet"]  # no file, no spool
+
+
+def test_the_summary_lists_the_most_flagged_groups_of_many():
+    from pipeline.audit.audit import SUMMARY_GROUPS, group_summary, summary_groups
+
+    names = [f"g{i:04d}" for i in range(3 * SUMMARY_GROUPS)]
+    codes = np.repeat(np.arange(len(names)), 4)
+    prob = np.tile([0.1, 0.2, 0.9, 0.3], len(names))
+    prob[codes % 7 == 0] = 0.95  # every 7th group: all four flagged
+    groups = group_summary(names, codes, prob, np.zeros(codes.size, bool), 0.5)
+    listed = summary_groups(groups)
+    assert len(listed) == SUMMARY_GROUPS and [g["group"] for g in listed] == sorted(g["group"] for g in listed)
+    most = [f"g{i:04d}" for i in range(0, len(names), 7)]
+    assert {g["group"] for g in listed} >= set(most) and all(g["flagged"] >= 1 for g in listed)
+
+
+def test_the_tally_gives_the_same_outputs_in_batches_of_any_size(tmp_path):
+    """Parts streamed in batches of a few rows or all at once: the same flagged rows (in
+    part order), keep flags per unit, top rows (ties: the earlier first) and group figures."""
+    from pipeline.audit.audit import AuditConfig, AuditTally, flagged_schema, group_keys, part_batches
+    from pipeline.storage import Location
+
+    rng = np.random.default_rng(3)
+    parts = []
+    for u in range(12):
+        n = int(rng.integers(1, 9))
+        err = rng.random(n) < 0.2
+        prob = np.round(rng.random(n), 1)  # ties across parts
+        parts.append((f"unit{u:02d}", pa.table({
+            "uri": [f"s3://b/{SOURCES[u % 3]}/{u}-{i}.jpg" for i in range(n)], "id": [f"{u}-{i}" for i in range(n)],
+            "prob_fake": pa.array([None if e else p for p, e in zip(prob, err)], pa.float64()),
+            "error": pa.array(["decode failed" if e else None for e in err], pa.string())})))
+    cfg, out = AuditConfig(prefix_depth=1), Location(str(tmp_path))
+
+    def tally(batch_rows):
+        with out.parquet_writer(f"flagged-{batch_rows}.parquet", flagged_schema("g", 0.5, "m")) as writer:
+            t = AuditTally(0.5, 5, writer, "g", "m")
+            for batch in part_batches(parts, batch_rows):
+                t.add(batch, lambda rows: group_keys(rows, cfg, "s3://b"))
+            t.flush()
+        return t, pq.read_table(tmp_path / f"flagged-{batch_rows}.parquet")
+
+    small, flagged_small = tally(5)
+    whole, flagged_whole = tally(10**6)
+    rows = pa.concat_tables([t for _, t in parts]).to_pylist()
+    want = [r for r in rows if r["error"] is None and r["prob_fake"] > 0.5]
+    for t, flagged in ((small, flagged_small), (whole, flagged_whole)):
+        assert flagged["id"].to_pylist() == [r["id"] for r in want] and t.n_flagged == len(want)
+        assert flagged["g"].to_pylist() == [r["uri"].split("/")[3] for r in want]
+        assert set(flagged["threshold_method"].to_pylist()) == {"m"} and t.rows == len(rows)
+        assert {u: k.tolist() for u, k in t.keep.items()} == {
+            u: [not (e is None and (p or 0) > 0.5) for p, e in zip(p_["prob_fake"].to_pylist(), p_["error"].to_pylist())]
+            for u, p_ in parts}
+        top = sorted(want, key=lambda r: -r["prob_fake"])[:5]  # Python's sort is stable too
+        assert t.top["id"].to_pylist() == [r["id"] for r in top]
+        assert [parts[int(u[4:])][1]["id"][i].as_py() for u, i in zip(t.top["_unit"].to_pylist(),
+                                                                     t.top["_index"].to_pylist())] == [r["id"] for r in top]
+    assert small.groups().to_pylist() == whole.groups().to_pylist()
+    assert [g["group"] for g in whole.groups().to_pylist()] == list(SOURCES)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from mirror_core.bundle import Bundle, load_bundle
@@ -104,41 +105,144 @@ def group_keys(rows: pa.Table, cfg: AuditConfig, root: str) -> list[str]:
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 # What the audit reads of each scored row (and the --group-by column): not the whole row
 AUDIT_COLUMNS = ("uri", "id", "prob_fake", "error")
+SUMMARY_GROUPS = 100  # groups in audit_summary.json and the report (most flagged); all in groups.parquet
+FLAGGED_ROWS_PER_WRITE = 65_536  # flagged rows per row group of flagged.parquet (each adds footer metadata)
+AUDIT_BATCH_ROWS = 65_536  # scored rows the tally takes at once
 
 
-def group_summary(rows: pa.Table, keys: list[str], threshold: float) -> pa.Table:
-    """Per group: counts, flagged fraction, exact score quantiles (numpy's linear rule) and
-    maximum, from Arrow's group_by and one sort; no loop over groups."""
-    prob = pc.if_else(pc.is_null(rows["error"]), rows["prob_fake"], pa.scalar(None, pa.float64()))
-    table = pa.table({"group": pa.array(keys, pa.string()), "prob": prob,
-                      "error": pc.cast(pc.is_valid(rows["error"]), pa.int64()),
-                      "flagged": pc.cast(pc.fill_null(pc.greater(prob, threshold), False), pa.int64())})
-    out = table.group_by("group").aggregate([
-        ("group", "count", pc.CountOptions(mode="all")), ("prob", "count"), ("error", "sum"), ("flagged", "sum"),
-        ("prob", "max")]).sort_by([("group", "ascending")])  # a null group (no key) sorts last
-    counts = out["prob_count"].to_numpy()
+def group_summary(names: list[str | None], codes: np.ndarray, prob: np.ndarray, error: np.ndarray,
+                  threshold: float) -> pa.Table:
+    """Per group (`codes` index `names`; `prob` read only where not `error`): counts,
+    flagged fraction, exact score quantiles (numpy's linear rule) and maximum, from
+    bincounts and one sort, groups in name order (a null group last); no loop over rows."""
+    n = len(names)
+    sc, sp = codes[~error], prob[~error]
+    count = np.bincount(codes, minlength=n)
+    scored = np.bincount(sc, minlength=n)
+    flagged = np.bincount(sc, weights=sp > threshold, minlength=n).astype(np.int64)
     # Exact quantiles: scored values sorted within their group, then linear interpolation
     # at q * (n - 1) from each group's start, for all groups at once.
-    scored = table.filter(pc.is_valid(table["prob"])).sort_by([("group", "ascending"), ("prob", "ascending")])
-    values = scored["prob"].to_numpy()
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    values = sp[np.lexsort((sp, sc))]
+    starts = np.concatenate([[0], np.cumsum(scored)[:-1]]).astype(np.int64)
+    safe = scored > 0
     quantiles = {}
-    for name, q in QUANTILES.items():
-        pos = starts + q * np.maximum(counts - 1, 0)
-        lo, hi = np.floor(pos).astype(np.int64), np.ceil(pos).astype(np.int64)
-        safe = counts > 0
-        lo, hi = np.where(safe, lo, 0), np.where(safe, hi, 0)
-        v = values[lo] + (values[hi] - values[lo]) * (pos - np.floor(pos)) if values.size else np.zeros(len(counts))
+    for name, q in {**QUANTILES, "max": 1.0}.items():
+        pos = starts + q * np.maximum(scored - 1, 0)
+        lo, hi = np.where(safe, np.floor(pos), 0).astype(np.int64), np.where(safe, np.ceil(pos), 0).astype(np.int64)
+        v = values[lo] + (values[hi] - values[lo]) * (pos - np.floor(pos)) if values.size else np.zeros(n)
         quantiles[name] = np.where(safe, v, np.nan)
-    flagged = out["flagged_sum"].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
-        fraction = np.where(counts > 0, flagged / np.maximum(counts, 1), np.nan)
+        fraction = np.where(safe, flagged / np.maximum(scored, 1), np.nan)
+    order = sorted(range(n), key=lambda i: (names[i] is None, names[i] or ""))
     return pa.table({
-        "group": out["group"], "count": out["group_count"], "scored": out["prob_count"], "errors": out["error_sum"],
-        "flagged": out["flagged_sum"], "flagged_fraction": pa.array(fraction, pa.float64()),
-        **{name: pa.array(v, pa.float64()) for name, v in quantiles.items()},
-        "max": pc.fill_null(out["prob_max"], float("nan")),
+        "group": pa.array([names[i] for i in order], pa.string()), "count": count[order].astype(np.int64),
+        "scored": scored[order].astype(np.int64), "errors": (count - scored)[order].astype(np.int64),
+        "flagged": flagged[order], "flagged_fraction": fraction[order],
+        **{name: v[order] for name, v in quantiles.items()},
     })
+
+
+TOP_SCHEMA = [("uri", pa.string()), ("id", pa.string()), ("prob_fake", pa.float64()), ("_unit", pa.string()),
+              ("_index", pa.int64())]
+
+
+def flagged_schema(group_col: str, threshold: float, method: str) -> pa.Schema:
+    schema = pa.schema([("uri", pa.string()), ("id", pa.string()), ("prob_fake", pa.float64()), (group_col, pa.string()),
+                        ("threshold", pa.float64()), ("threshold_method", pa.string())])
+    return with_threshold_info(schema.empty_table(), threshold, method).schema
+
+
+class AuditTally:
+    """What an audit keeps of the scan's rows as they stream past, a batch of parts at a
+    time: per row a group code, its score and whether it failed (13 bytes, no strings),
+    each unit's keep flags, the `top_n` highest flagged rows; the flagged rows go to
+    `flagged` a row group at a time."""
+
+    def __init__(self, threshold: float, top_n: int, flagged: pq.ParquetWriter, group_col: str, method: str):
+        self.threshold, self.top_n, self.flagged, self.group_col, self.method = threshold, top_n, flagged, group_col, method
+        self.names: dict[str | None, int] = {}
+        self.codes: list[np.ndarray] = []
+        self.probs: list[np.ndarray] = []
+        self.errors: list[np.ndarray] = []
+        self.keep: dict[str, np.ndarray] = {}  # unit id -> keep flag per row, in record order
+        self.top = pa.table({c: pa.array([], t) for c, t in TOP_SCHEMA})
+        self.n_flagged = 0
+        self.pending: list[pa.Table] = []  # flagged rows not written yet (uri, id, prob_fake, group)
+        self.pending_rows = 0
+
+    def add(self, parts: list[tuple[str, pa.Table]], keys_of) -> None:
+        """A batch of committed parts (unit id, rows); `keys_of(rows)`: each row's group."""
+        units = [u for u, _ in parts]
+        sizes = np.array([t.num_rows for _, t in parts])
+        rows = pa.concat_tables([t for _, t in parts], promote_options="permissive")  # a --group-by column may be absent
+        keys = keys_of(rows)
+        error = np.asarray(rows["error"].is_valid().to_numpy(zero_copy_only=False), bool)
+        prob = np.asarray(rows["prob_fake"].fill_null(np.nan).to_numpy(), np.float64)
+        is_flagged = ~error & (np.nan_to_num(prob, nan=0.0) > self.threshold)
+        self.codes.append(np.array([self.names.setdefault(k, len(self.names)) for k in keys], np.int32))
+        self.probs.append(prob)
+        self.errors.append(error)
+        self.keep.update(zip(units, np.split(~is_flagged, np.cumsum(sizes)[:-1])))
+        hit = np.flatnonzero(is_flagged)
+        if not hit.size:
+            return
+        part_of = np.repeat(np.arange(len(units)), sizes)[hit]
+        hits = rows.select(["uri", "id", "prob_fake"]).take(pa.array(hit))
+        self.pending.append(hits.append_column(self.group_col, pa.array([keys[i] for i in hit], pa.string())))
+        self.pending_rows += hit.size
+        self.n_flagged += hit.size
+        if self.pending_rows >= FLAGGED_ROWS_PER_WRITE:
+            self.flush()
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        hits = hits.append_column("_unit", pa.array(units).take(pa.array(part_of)))
+        hits = hits.append_column("_index", pa.array(hit - starts[part_of], pa.int64()))
+        top = pa.concat_tables([self.top, hits.cast(self.top.schema)])  # a stable sort: earlier rows first on ties
+        self.top = top.sort_by([("prob_fake", "descending")]).slice(0, self.top_n)
+
+    def flush(self) -> None:
+        """Write the flagged rows held back (call once more after the last batch)."""
+        if self.pending:
+            hits = pa.concat_tables(self.pending)
+            n = hits.num_rows
+            self.flagged.write_table(hits.append_column("threshold", pa.array(np.full(n, self.threshold)))
+                                     .append_column("threshold_method", pa.repeat(self.method, n).cast(pa.string()))
+                                     .cast(self.flagged.schema))
+            self.pending, self.pending_rows = [], 0
+
+    @property
+    def rows(self) -> int:
+        return sum(len(c) for c in self.codes)
+
+    def scored_probs(self) -> np.ndarray:
+        return np.concatenate(self.probs)[~np.concatenate(self.errors)] if self.probs else np.zeros(0)
+
+    def groups(self) -> pa.Table:
+        cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype))
+        return group_summary(list(self.names), cat(self.codes, np.int32), cat(self.probs, np.float64),
+                             cat(self.errors, bool), self.threshold)
+
+
+def part_batches(parts: Iterable[tuple[str, pa.Table]], rows: int = AUDIT_BATCH_ROWS) -> Iterator[list]:
+    """Committed parts gathered into batches of about `rows` rows (Arrow's per-call cost is
+    paid per batch, not per part)."""
+    batch, n = [], 0
+    for unit, table in parts:
+        batch.append((unit, table))
+        n += table.num_rows
+        if n >= rows:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def summary_groups(groups: pa.Table) -> list[dict]:
+    """The groups audit_summary.json and the report list: all of them up to SUMMARY_GROUPS,
+    else the most flagged (then the largest), in name order."""
+    if groups.num_rows <= SUMMARY_GROUPS:
+        return groups.to_pylist()
+    rank = np.lexsort((-groups["count"].to_numpy(), -groups["flagged"].to_numpy()))[:SUMMARY_GROUPS]
+    return groups.take(pa.array(np.sort(rank))).to_pylist()
 
 
 def record_bytes(scan: ScanStore, plan, unit_id: str, index: int, columns) -> tuple[bytes | None, str | None]:
@@ -155,10 +259,10 @@ def record_bytes(scan: ScanStore, plan, unit_id: str, index: int, columns) -> tu
     return data, uri
 
 
-def explain_top(out: Location, scan: ScanStore, bundle: Bundle, flagged: pa.Table, top_n: int, threshold: float,
+def explain_top(out: Location, scan: ScanStore, bundle: Bundle, top: pa.Table, threshold: float,
                 method: str, columns, alignment: str | None) -> pa.Table:
+    """Heatmaps and residual grids of the `top` flagged rows (uri, id, prob_fake, _unit, _index), in order."""
     detector = Detector.from_bundle(bundle, alignment=alignment)
-    top = flagged.sort_by([("prob_fake", "descending")]).slice(0, top_n)
     plan = scan.load_plan()
     rows = []
     for rank, r in enumerate(progress(top.to_pylist(), "explaining", unit="image"), start=1):
@@ -181,6 +285,8 @@ def explain_top(out: Location, scan: ScanStore, bundle: Bundle, flagged: pa.Tabl
 
 def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: ScanConfig,
               cfg: AuditConfig) -> dict[str, Any]:
+    """Scan the corpus, then stream its scores once (part by part, in bounded memory): the
+    flagged manifest, per-group figures, the filtered copy, the top flagged explained."""
     from pipeline.audit.report import write_audit_report
 
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
@@ -189,38 +295,34 @@ def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: Sc
     scan_cfg = dataclasses.replace(scan_cfg, threshold=threshold)
     summary = run_scan(bundle, input_uri, out.uri_of("scan"), scan_cfg)
     scan = ScanStore(out.uri_of("scan"))
-    rows = scan.read_scores_with_position(list(AUDIT_COLUMNS) + ([cfg.group_by] if cfg.group_by else []))
-    scored = pc.is_null(rows["error"])
-    is_flagged = pc.and_(scored, pc.greater(pc.fill_null(rows["prob_fake"], 0.0), threshold))
-    keys = group_keys(rows, cfg, input_uri)
     group_col = cfg.group_by or f"uri_prefix_{cfg.prefix_depth or 1}"
-    rows = rows.append_column("_group", pa.array(keys, pa.string()))
-    flagged = rows.filter(is_flagged)
-    manifest = pa.table({"uri": flagged["uri"], "id": flagged["id"], "prob_fake": flagged["prob_fake"],
-                         group_col: flagged["_group"], "threshold": pa.array([threshold] * flagged.num_rows),
-                         "threshold_method": pa.array([method] * flagged.num_rows, pa.string())})
-    with step("flagged manifest and group summary") as info:
-        out.write_parquet("flagged.parquet", with_threshold_info(manifest, threshold, method))
-        groups = group_summary(rows, keys, threshold)
+    with step("flagged manifest and group summary") as info, \
+            out.parquet_writer("flagged.parquet", flagged_schema(group_col, threshold, method)) as writer:
+        tally = AuditTally(threshold, cfg.top_n, writer, group_col, method)
+        columns = list(AUDIT_COLUMNS) + ([cfg.group_by] if cfg.group_by else [])
+        for parts in progress(part_batches(scan.scores_by_unit(columns)), "auditing scores", unit="batch"):
+            tally.add(parts, lambda rows: group_keys(rows, cfg, input_uri))
+        tally.flush()
+        groups = tally.groups()
         groups = groups.rename_columns([group_col if c == "group" else c for c in groups.column_names])
         out.write_parquet("groups.parquet", with_threshold_info(groups, threshold, method))
         info.update(items=groups.num_rows, unit="groups")
     with step(f"filtered copy ({cfg.filter_mode})") as info:
-        keep = (~np.asarray(is_flagged.to_numpy(zero_copy_only=False), bool)).tolist()
-        kept = write_filtered(out, scan, rows, keep, cfg.filter_mode, threshold, method, scan_cfg.address)
+        kept = write_filtered(out, scan, tally.keep, cfg.filter_mode, threshold, method, scan_cfg.address)
         info.update(items=kept, unit="rows written")
     with step(f"heatmaps of the top {cfg.top_n} flagged"):
-        explanations = explain_top(out, scan, bundle, flagged, cfg.top_n, threshold, method,
+        explanations = explain_top(out, scan, bundle, tally.top, threshold, method,
                                    scan_cfg.source_options().columns, scan_cfg.alignment)
+    n_scored = int(groups["scored"].to_numpy().sum()) if groups.num_rows else 0
     result = {
         "model_id": bundle.model_id, "input": input_uri, "output": out.uri,
         "threshold": threshold, "threshold_method": method,
-        "rows": rows.num_rows, "scored": int(pc.sum(scored).as_py() or 0), "errors": summary["errors"],
-        "flagged": flagged.num_rows, "flagged_fraction": flagged.num_rows / max(1, int(pc.sum(scored).as_py() or 0)),
-        "group_column": group_col, "groups": groups.to_pylist(), "filter_mode": cfg.filter_mode,
-        "filtered_rows": kept, "explained": explanations.num_rows,
+        "rows": tally.rows, "scored": n_scored, "errors": summary["errors"],
+        "flagged": tally.n_flagged, "flagged_fraction": tally.n_flagged / max(1, n_scored),
+        "group_column": group_col, "groups": summary_groups(groups), "groups_total": groups.num_rows,
+        "filter_mode": cfg.filter_mode, "filtered_rows": kept, "explained": explanations.num_rows,
     }
     with step("audit report"):
-        result["report"] = write_audit_report(out, result, rows, explanations)
+        result["report"] = write_audit_report(out, result, tally.scored_probs(), explanations)
     out.write_json("audit_summary.json", result)
     return result

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 
 from pipeline.cluster import ensure_ray
 from pipeline.progress import progress
-from pipeline.scan.store import ScanStore
-from pipeline.storage import Location
+from pipeline.scan.schema import INDEX, UNIT
+from pipeline.scan.sources import RECORD_KINDS
+from pipeline.scan.store import RECORDS_FILES_READ_AT_ONCE, ScanStore, stored_records
+from pipeline.storage import Location, read_ahead
 
 KEEP_COLUMN = "mirror_keep"
 FILTER_TASK_CPUS = 0.5  # a shard task mostly waits on storage
@@ -24,22 +26,6 @@ def with_threshold_info(table: pa.Table, threshold: float, method: str) -> pa.Ta
     meta = dict(table.schema.metadata or {})
     meta.update({b"mirror_threshold": repr(threshold).encode(), b"mirror_threshold_method": method.encode()})
     return table.replace_schema_metadata(meta)
-
-
-def keep_by_unit(rows: pa.Table, keep: np.ndarray) -> dict[str, np.ndarray]:
-    """Scan rows (`_unit`, `_index`) and their keep flags -> unit id -> flags in record order."""
-    table = pa.table({"u": rows["_unit"], "i": rows["_index"], "k": pa.array(keep, pa.bool_())})
-    table = table.sort_by([("u", "ascending"), ("i", "ascending")])
-    flags = table["k"].to_numpy(zero_copy_only=False)
-    return {u: flags[s:e] for u, (s, e) in _runs(table["u"]).items()}
-
-
-def record_positions(records: pa.Table) -> dict[str, np.ndarray]:
-    """Plan records (`_unit`, `_index`) -> unit id -> row positions in index order."""
-    order = pa.table({"u": records["_unit"], "i": records["_index"],
-                      "pos": pa.array(np.arange(records.num_rows))}).sort_by([("u", "ascending"), ("i", "ascending")])
-    positions = order["pos"].to_numpy()
-    return {u: positions[s:e] for u, (s, e) in _runs(order["u"]).items()}
 
 
 def _runs(sorted_units: pa.ChunkedArray) -> dict[str, tuple[int, int]]:
@@ -60,40 +46,63 @@ def filter_shard(out_uri: str, file: str, keep: np.ndarray, mode: str, threshold
     return _write_part(Location(out_uri), f"filtered/{file.rsplit('/', 1)[-1]}", table, keep, mode, threshold, method)
 
 
-def write_filtered(out: Location, scan: ScanStore, rows: pa.Table, keep: np.ndarray, mode: str, threshold: float,
+def write_filtered(out: Location, scan: ScanStore, keep: dict[str, np.ndarray], mode: str, threshold: float,
                    method: str, address: str | None = None) -> int:
-    """The corpus minus flagged rows (mode 'drop') or with a keep column ('mark').
-    Parquet shards come out as shards with every original column, one Ray task per shard;
-    folders and manifests come out as a manifest of their records."""
+    """The corpus minus flagged rows (mode 'drop') or with a keep column ('mark'); `keep`:
+    unit id -> flag per row. Parquet shards come out as shards with every original column,
+    one Ray task per shard; the records of folders, manifests and tar samples come out as
+    one manifest, streamed from the plan's records files (bounded memory)."""
     plan = scan.load_plan()
-    flags_of = keep_by_unit(rows, keep)
-    written = 0
-    if plan.input_format == "parquet":
-        import ray
+    if plan.input_format != "parquet":
+        return _write_manifest(out, scan, plan, keep, mode, threshold, method)
+    import ray
 
-        ensure_ray(address)
-        by_file: dict[str, list] = {}
-        for u in plan.units:
-            by_file.setdefault(u.file, []).append(u)
-        task = ray.remote(num_cpus=FILTER_TASK_CPUS)(filter_shard)
-        pending = [task.remote(out.uri, file, np.concatenate([flags_of[u.unit_id] for u in units]), mode, threshold,
-                               method) for file, units in by_file.items()]
-        for ref in progress(pending, "filtered shards", unit="shard"):
-            written += ray.get(ref)
-    else:
-        records = scan.plan_records(plan)
-        flags = np.zeros(records.num_rows, bool)
-        for unit_id, positions in record_positions(records).items():
-            flags[positions] = flags_of[unit_id]
-        written += _write_part(out, "filtered/manifest.parquet", records.drop_columns(["_unit", "_index"]), flags,
-                               mode, threshold, method)
+    ensure_ray(address)
+    by_file: dict[str, list] = {}
+    for u in plan.units:
+        by_file.setdefault(u.file, []).append(u)
+    task = ray.remote(num_cpus=FILTER_TASK_CPUS)(filter_shard)
+    pending = [task.remote(out.uri, file, np.concatenate([keep[u.unit_id] for u in units]), mode, threshold, method)
+               for file, units in by_file.items()]
+    return sum(ray.get(ref) for ref in progress(pending, "filtered shards", unit="shard"))
+
+
+def _write_manifest(out: Location, scan: ScanStore, plan, keep: dict[str, np.ndarray], mode: str, threshold: float,
+                    method: str) -> int:
+    """filtered/manifest.parquet: the plan's records, a records file at a time, each with
+    its keep flag (records of a unit are stored together, in index order)."""
+    def file_schema(rel: str) -> pa.Schema:
+        with scan.fs.open(scan.path(rel), "rb") as f:
+            return pq.read_schema(f)
+
+    # one schema for all: files of different --update generations may differ in columns
+    files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
+    schemas = list(read_ahead(file_schema, files, RECORDS_FILES_READ_AT_ONCE))
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    schema = pa.schema([f for f in schema if f.name not in (UNIT, INDEX)])
+    if mode == "mark":
+        schema = schema.append(pa.field(KEEP_COLUMN, pa.bool_()))
+    schema = with_threshold_info(schema.empty_table(), threshold, method).schema
+    written = 0
+    with out.parquet_writer("filtered/manifest.parquet", schema) as writer:
+        for records in stored_records(scan, plan):
+            flags = np.empty(records.num_rows, bool)
+            index = records[INDEX].to_numpy()
+            for unit, (start, end) in _runs(records[UNIT]).items():
+                flags[start:end] = keep[unit][index[start:end]]
+            part = _kept(records.drop_columns([UNIT, INDEX]), flags, mode)
+            writer.write_table(pa.table([part[f.name].cast(f.type) if f.name in part.column_names
+                                         else pa.nulls(part.num_rows, f.type) for f in schema], schema=schema))
+            written += part.num_rows
     return written
 
 
-def _write_part(out: Location, rel: str, table: pa.Table, flags, mode: str, threshold: float, method: str) -> int:
+def _kept(table: pa.Table, flags, mode: str) -> pa.Table:
     flags = pa.array(flags, pa.bool_())
-    table = table.filter(flags) if mode == "drop" else table.append_column(KEEP_COLUMN, flags)
+    return table.filter(flags) if mode == "drop" else table.append_column(KEEP_COLUMN, flags)
+
+
+def _write_part(out: Location, rel: str, table: pa.Table, flags, mode: str, threshold: float, method: str) -> int:
+    table = _kept(table, flags, mode)
     out.write_parquet(rel, with_threshold_info(table, threshold, method))
     return table.num_rows
-
-

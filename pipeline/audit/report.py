@@ -5,7 +5,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.reporting import figure_png, markdown_table, pyplot
 from pipeline.storage import Location
@@ -13,9 +12,8 @@ from pipeline.storage import Location
 GROUP_COLUMNS = ("count", "scored", "errors", "flagged", "flagged_fraction", "p50", "p90", "p99")
 
 
-def score_histogram(rows: pa.Table, threshold: float) -> bytes:
+def score_histogram(probs: np.ndarray, threshold: float) -> bytes:
     plt = pyplot()
-    probs = rows.filter(pc.is_null(rows["error"]))["prob_fake"].to_numpy()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.hist(probs, bins=np.linspace(0, 1, 41), color="#4477aa")
     ax.axvline(threshold, color="#cc3311", ls="--", label=f"threshold {threshold:.4g}")
@@ -24,8 +22,8 @@ def score_histogram(rows: pa.Table, threshold: float) -> bytes:
     return figure_png(fig)
 
 
-def write_audit_report(out: Location, result: dict[str, Any], rows: pa.Table, explanations: pa.Table) -> str:
-    out.write_bytes("audit_histogram.png", score_histogram(rows, result["threshold"]))
+def write_audit_report(out: Location, result: dict[str, Any], scored_probs: np.ndarray, explanations: pa.Table) -> str:
+    out.write_bytes("audit_histogram.png", score_histogram(scored_probs, result["threshold"]))
     g = result["group_column"]
     lines = [
         "# MIRROR corpus audit", "",
@@ -35,6 +33,8 @@ def write_audit_report(out: Location, result: dict[str, Any], rows: pa.Table, ex
         f"- flagged: {result['flagged']} ({100 * result['flagged_fraction']:.2f}% of scored)",
         f"- filtered output: `filtered/` ({result['filter_mode']}, {result['filtered_rows']} rows)", "",
         f"## By {g}", "",
+        *([f"The {len(result['groups'])} most flagged of {result['groups_total']} groups; all are in "
+           "`groups.parquet`.", ""] if result["groups_total"] > len(result["groups"]) else []),
         *markdown_table([g, *GROUP_COLUMNS], [[grp[g], *(grp[c] for c in GROUP_COLUMNS)] for grp in result["groups"]]),
         "", "## Scores", "", "![histogram](audit_histogram.png)", "",
         f"## Top {explanations.num_rows} flagged images", "",

@@ -111,6 +111,9 @@ def read_unit_records(uri: str, row_group: int) -> pa.Table:
             time.sleep(2**attempt)
 
 
+PARTS_READ_AT_ONCE = 16  # committed parts read concurrently when scores are streamed
+
+
 def stored_records(store: Location, plan: Plan, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The records files of the plan's folder/manifest/tar-sample units in `store`, in unit
     order (`columns`: only those), a few read at once and no more ahead: the plan's records
@@ -150,17 +153,15 @@ class ScanStore(Location):
         with ThreadPoolExecutor(max_workers=32) as pool:  # object-store latency, not bandwidth
             return {u for u, bad in zip(ordered, pool.map(transient, ordered)) if bad}
 
-    def read_scores_with_position(self, columns=None) -> pa.Table:
-        """All scored rows plus `_unit` and `_index` (position in its unit; parts are
-        written whole and in order), so a row can be traced back to its input. `columns`:
-        only those, where a part has them (carried input columns may differ by part)."""
-        tables = []
-        for unit in sorted(self.done_units()):
+    def scores_by_unit(self, columns=None) -> Iterator[tuple[str, pa.Table]]:
+        """(unit id, its rows) for every committed part, in unit order, a few read at once and
+        no more ahead (a corpus's scores in bounded memory). `columns`: only those, where a
+        part has them (carried input columns may differ by part)."""
+        def read(unit: str) -> tuple[str, pa.Table]:
             part = pq.ParquetFile(io.BytesIO(self.read_bytes(self.part_name(unit))))
-            t = part.read(None if columns is None else [c for c in columns if c in part.schema_arrow.names])
-            t = t.append_column("_unit", pa.array([unit] * t.num_rows, pa.string()))
-            tables.append(t.append_column("_index", pa.array(range(t.num_rows), pa.int64())))
-        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+            return unit, part.read(None if columns is None else [c for c in columns if c in part.schema_arrow.names])
+
+        return read_ahead(read, sorted(self.done_units()), PARTS_READ_AT_ONCE)
 
     def scores(self):
         """The committed parts as a pyarrow dataset (read concurrently, in batches), or None."""
@@ -234,9 +235,8 @@ class ScanStore(Location):
         return read_unit_records(self.uri_of(unit.file), unit.row_group)
 
     def plan_records(self, plan: Plan, columns: list[str] | None = None) -> pa.Table:
-        """Every stored record of the plan, in unit order (`columns`: only those): as
-        large as the input's listing, for the commands that need it whole (an audit's
-        filtered manifest)."""
+        """Every stored record of the plan, in unit order (`columns`: only those), held
+        whole: as large as the input's listing (commands stream `stored_records` instead)."""
         tables = list(stored_records(self, plan, columns))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
