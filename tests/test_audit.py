@@ -134,7 +134,7 @@ def test_group_summary_is_exact_with_errors_and_a_null_group():
     names = list(dict.fromkeys(keys))
     codes = np.array([names.index(k) for k in keys])
     is_err = np.array([e is not None for e in err])
-    got = group_summary(names, codes, np.where(is_err, 123.0, prob), is_err, 0.5).to_pylist()  # errors' values unread
+    got = group_summary(names, np.bincount(codes), codes[~is_err], prob[~is_err], 0.5).to_pylist()
     assert [g["group"] for g in got] == ["g0", "g1", "g2", "g3", "only-errors", None]
     for g in got:
         sel = np.array([k == g["group"] for k in keys])
@@ -212,7 +212,7 @@ def test_the_summary_lists_the_most_flagged_groups_of_many():
     codes = np.repeat(np.arange(len(names)), 4)
     prob = np.tile([0.1, 0.2, 0.9, 0.3], len(names))
     prob[codes % 7 == 0] = 0.95  # every 7th group: all four flagged
-    groups = group_summary(names, codes, prob, np.zeros(codes.size, bool), 0.5)
+    groups = group_summary(names, np.bincount(codes), codes, prob, 0.5)
     listed = summary_groups(groups)
     assert len(listed) == SUMMARY_GROUPS and [g["group"] for g in listed] == sorted(g["group"] for g in listed)
     most = [f"g{i:04d}" for i in range(0, len(names), 7)]

@@ -110,19 +110,18 @@ FLAGGED_ROWS_PER_WRITE = 65_536  # flagged rows per row group of flagged.parquet
 AUDIT_BATCH_ROWS = 65_536  # scored rows the tally takes at once
 
 
-def group_summary(names: list[str | None], codes: np.ndarray, prob: np.ndarray, error: np.ndarray,
+def group_summary(names: list[str | None], count: np.ndarray, codes: np.ndarray, prob: np.ndarray,
                   threshold: float) -> pa.Table:
-    """Per group (`codes` index `names`; `prob` read only where not `error`): counts,
-    flagged fraction, exact score quantiles (numpy's linear rule) and maximum, from
-    bincounts and one sort, groups in name order (a null group last); no loop over rows."""
+    """Per group (`codes` index `names`): rows (`count`, errors included), scored rows
+    (`codes`, `prob`: one per scored row), errors, flagged fraction, exact score quantiles
+    (numpy's linear rule) and maximum, from bincounts and one sort, groups in name order (a
+    null group last); no loop over rows."""
     n = len(names)
-    sc, sp = codes[~error], prob[~error]
-    count = np.bincount(codes, minlength=n)
-    scored = np.bincount(sc, minlength=n)
-    flagged = np.bincount(sc, weights=sp > threshold, minlength=n).astype(np.int64)
+    scored = np.bincount(codes, minlength=n)
+    flagged = np.bincount(codes, weights=prob > threshold, minlength=n).astype(np.int64)
     # Exact quantiles: scored values sorted within their group, then linear interpolation
     # at q * (n - 1) from each group's start, for all groups at once.
-    values = sp[np.lexsort((sp, sc))]
+    values = prob[np.lexsort((prob, codes))]
     starts = np.concatenate([[0], np.cumsum(scored)[:-1]]).astype(np.int64)
     safe = scored > 0
     quantiles = {}
@@ -154,16 +153,16 @@ def flagged_schema(group_col: str, threshold: float, method: str) -> pa.Schema:
 
 class AuditTally:
     """What an audit keeps of the scan's rows as they stream past, a batch of parts at a
-    time: per row a group code, its score and whether it failed (13 bytes, no strings),
+    time: per scored row its group code and score (12 bytes, no strings), rows per group,
     each unit's keep flags, the `top_n` highest flagged rows; the flagged rows go to
     `flagged` a row group at a time."""
 
     def __init__(self, threshold: float, top_n: int, flagged: pq.ParquetWriter, group_col: str, method: str):
         self.threshold, self.top_n, self.flagged, self.group_col, self.method = threshold, top_n, flagged, group_col, method
         self.names: dict[str | None, int] = {}
-        self.codes: list[np.ndarray] = []
+        self.count = np.zeros(0, np.int64)  # rows per group code, errors included
+        self.codes: list[np.ndarray] = []  # group code and score of each scored row
         self.probs: list[np.ndarray] = []
-        self.errors: list[np.ndarray] = []
         self.keep: dict[str, np.ndarray] = {}  # unit id -> keep flag per row, in record order
         self.top = pa.table({c: pa.array([], t) for c, t in TOP_SCHEMA})
         self.n_flagged = 0
@@ -179,9 +178,10 @@ class AuditTally:
         error = np.asarray(rows["error"].is_valid().to_numpy(zero_copy_only=False), bool)
         prob = np.asarray(rows["prob_fake"].fill_null(np.nan).to_numpy(), np.float64)
         is_flagged = ~error & (np.nan_to_num(prob, nan=0.0) > self.threshold)
-        self.codes.append(np.array([self.names.setdefault(k, len(self.names)) for k in keys], np.int32))
-        self.probs.append(prob)
-        self.errors.append(error)
+        codes = np.array([self.names.setdefault(k, len(self.names)) for k in keys], np.int32)
+        self.count = np.bincount(codes, minlength=len(self.names)) + np.pad(self.count, (0, len(self.names) - len(self.count)))
+        self.codes.append(codes[~error])
+        self.probs.append(prob[~error])
         self.keep.update(zip(units, np.split(~is_flagged, np.cumsum(sizes)[:-1])))
         hit = np.flatnonzero(is_flagged)
         if not hit.size:
@@ -211,15 +211,19 @@ class AuditTally:
 
     @property
     def rows(self) -> int:
-        return sum(len(c) for c in self.codes)
+        return int(self.count.sum())
 
-    def scored_probs(self) -> np.ndarray:
-        return np.concatenate(self.probs)[~np.concatenate(self.errors)] if self.probs else np.zeros(0)
+    def scored(self) -> tuple[np.ndarray, np.ndarray]:
+        """(group codes, scores) of the scored rows, joined into one array each (once)."""
+        for name, dtype in (("codes", np.int32), ("probs", np.float64)):
+            parts = getattr(self, name)
+            if len(parts) != 1:
+                setattr(self, name, [np.concatenate(parts) if parts else np.zeros(0, dtype)])
+        return self.codes[0], self.probs[0]
 
     def groups(self) -> pa.Table:
-        cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype))
-        return group_summary(list(self.names), cat(self.codes, np.int32), cat(self.probs, np.float64),
-                             cat(self.errors, bool), self.threshold)
+        codes, probs = self.scored()
+        return group_summary(list(self.names), self.count, codes, probs, self.threshold)
 
 
 def part_batches(parts: Iterable[tuple[str, pa.Table]], rows: int = AUDIT_BATCH_ROWS) -> Iterator[list]:
@@ -323,6 +327,6 @@ def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: Sc
         "filter_mode": cfg.filter_mode, "filtered_rows": kept, "explained": explanations.num_rows,
     }
     with step("audit report"):
-        result["report"] = write_audit_report(out, result, tally.scored_probs(), explanations)
+        result["report"] = write_audit_report(out, result, tally.scored()[1], explanations)
     out.write_json("audit_summary.json", result)
     return result
