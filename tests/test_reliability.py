@@ -1,4 +1,5 @@
 """Hostile inputs, killed actors, flaky and failing storage, secrets, and writes outside --output."""
+import hashlib
 import io
 import json
 import os
@@ -280,6 +281,12 @@ def test_killed_ingest_reruns_to_the_same_shards(tmp_path):
     env = own_ray_env()
     subprocess.run([*ingest, "--output", str(tmp_path / "whole")], env=env, check=True, capture_output=True,
                    timeout=300)
+    # the listing, streamed, digested as the sorted whole listing (earlier ingests' identity)
+    listing = sorted(str(p) for p in (tmp_path / "in").rglob("*.png"))
+    identity = json.loads((tmp_path / "whole" / "_ingest.json").read_text())
+    assert identity["files"] == 25 and identity["listing_sha256"] == hashlib.sha256(
+        "".join(f"{u}\n" for u in listing).encode()).hexdigest()
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir())[0] == "_ingest.json"  # its _ingest_plan/ removed
     # slowed so that the kill lands mid-way: some shards written, others not
     # (the console to a file: read if the run never gets that far)
     with open(tmp_path / "slowed.log", "w") as log:

@@ -1,8 +1,9 @@
 """`mirror ingest`: a folder tree of images -> Parquet shards with the bytes inside.
 
 Scanning a few big files beats opening millions of small ones (on S3 above all). The
-work runs on Ray: the folder's top-level directories are listed by tasks, and each shard
-(a fixed slice of the sorted listing) is read and written by one task, whole, under a
+folder is listed as a scan lists it (streamed in sorted order, in bounded memory), each
+fixed slice of the listing (a shard) stored as records below the output's `_ingest_plan/`
+while the ingest runs; each shard is then read and written by one Ray task, whole, under a
 name given by its position. `_ingest.json` ties the output to its input listing: a rerun
 of the same ingest skips the shards already there and writes the rest, byte for byte
 what an uninterrupted run writes; a rerun over a changed input is refused.
@@ -21,7 +22,8 @@ from PIL import Image
 from pipeline.cluster import ensure_ray
 from pipeline.progress import progress, step
 from pipeline.scan.faults import FaultHooks
-from pipeline.scan.sources import DEFAULT_EXTENSIONS, fetch_all, list_images
+from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, fetch_all, plan_source
+from pipeline.scan.store import PlanRecordsWriter, read_unit_records
 from pipeline.storage import Location
 
 SHARD_SCHEMA = pa.schema([
@@ -30,7 +32,7 @@ SHARD_SCHEMA = pa.schema([
 ])
 IDENTITY_FILE = "_ingest.json"
 SHARD_TASK_CPUS = 1.0
-LIST_TASK_CPUS = 0.25  # listing waits on storage
+PLAN_DIR = "_ingest_plan"  # the listing's records while an ingest runs (its shard tasks read them)
 
 
 @dataclass
@@ -55,31 +57,24 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.parquet"
 
 
-def files_below(uri: str) -> list[str]:
-    """Every file below a directory, as its filesystem names them (a Ray task)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.find(path)
+class ListingDigest:
+    """A planning sink that digests the listing (every uri, in order) on its way to `sink`."""
+
+    def __init__(self, sink):
+        self.sink, self.digest, self.files = sink, hashlib.sha256(), 0
+
+    def add(self, unit, records: pa.Table) -> None:
+        for uri in records["uri"].to_pylist():
+            self.digest.update(uri.encode() + b"\n")
+        self.files += records.num_rows
+        self.sink.add(unit, records)
 
 
-def list_folder(root: str) -> list[str]:
-    """Every file below `root`, sorted; each top-level directory is listed by a Ray task."""
-    import ray
-
-    fs, base = fsspec.core.url_to_fs(root)
-    if not fs.isdir(base):
-        raise FileNotFoundError(f"input folder {root} does not exist")
-    entries = fs.ls(base, detail=True)
-    files = [e["name"] for e in entries if e["type"] != "directory"]
-    task = ray.remote(num_cpus=LIST_TASK_CPUS)(files_below)
-    found = [task.remote(fs.unstrip_protocol(e["name"])) for e in entries if e["type"] == "directory"]
-    for names in ray.get(found):
-        files += names
-    return sorted(files)
-
-
-def write_shard(listing: pa.Table, output_uri: str, name: str, rows_per_row_group: int, fetch_threads: int) -> int:
-    """Read one slice of the listing and write it as one shard (a Ray task); returns the
-    number of unreadable files (kept as rows with read_error)."""
+def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, rows_per_row_group: int,
+                fetch_threads: int) -> int:
+    """Read one slice of the listing (its stored records) and write it as one shard (a Ray
+    task); returns the number of unreadable files (kept as rows with read_error)."""
+    listing = read_unit_records(records_uri, row_group)
     cols = {"bytes": [], "sha256": [], "original_format": [], "read_error": []}
     for data, error in fetch_all(listing["uri"].to_pylist(), fetch_threads):
         cols["bytes"].append(data)
@@ -96,39 +91,36 @@ def write_shard(listing: pa.Table, output_uri: str, name: str, rows_per_row_grou
     return sum(e is not None for e in cols["read_error"])
 
 
-def listing_identity(input_uri: str, listing: pa.Table, rows_per_shard: int, rows_per_row_group: int) -> dict:
-    digest = hashlib.sha256()
-    for uri in listing["uri"].to_pylist():
-        digest.update(uri.encode() + b"\n")
-    return {"input": input_uri, "files": listing.num_rows, "listing_sha256": digest.hexdigest(),
-            "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group}
-
-
 def ingest_folder(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per_row_group: int = 256,
                   extensions=DEFAULT_EXTENSIONS, fetch_threads: int = 16, address: str | None = None) -> IngestResult:
     import ray
 
     ensure_ray(address)
-    with step(f"listing {input_uri}") as info:
-        listing = list_images(input_uri, extensions, list_folder(input_uri))
-        info.update(items=listing.num_rows, unit="images")
+    fs, base = fsspec.core.url_to_fs(input_uri)
+    if not fs.isdir(base):
+        raise FileNotFoundError(f"input folder {input_uri} does not exist")
     out = Location(output_uri)
-    identity = listing_identity(input_uri, listing, rows_per_shard, rows_per_row_group)
-    previous = out.read_json(IDENTITY_FILE)
-    if previous is not None and previous != identity:
-        changed = [k for k in identity if previous.get(k) != identity[k]]
-        raise ValueError(f"{output_uri} holds shards of another ingest ({', '.join(changed)} differ); "
-                         "choose a new --output")
-    out.write_json(IDENTITY_FILE, identity)
-    existing = set(out.names())
-    task = ray.remote(num_cpus=SHARD_TASK_CPUS)(write_shard)
-    pending, skipped = [], 0
-    for index, start in enumerate(range(0, listing.num_rows, rows_per_shard)):
-        if shard_name(index) in existing:
-            skipped += 1
-            continue
-        pending.append(task.remote(listing.slice(start, rows_per_shard), out.uri, shard_name(index),
-                                   rows_per_row_group, fetch_threads))
-    errors = sum(ray.get(ref) for ref in progress(pending, "writing shards", unit="shard"))
-    shards = -(-listing.num_rows // rows_per_shard)
-    return IngestResult(listing.num_rows, shards, skipped, errors, out.uri)
+    work = Location(out.uri_of(PLAN_DIR))
+    work.remove()  # an interrupted run's listing: listed again
+    with step(f"listing {input_uri}") as info, PlanRecordsWriter(work) as writer:
+        listing = ListingDigest(writer)
+        options = SourceOptions(input_format="folder", extensions=tuple(extensions), unit_size=rows_per_shard)
+        units = plan_source(input_uri, options, listing).units  # one unit a shard, in listing order
+        info.update(items=listing.files, unit="images")
+    try:
+        identity = {"input": input_uri, "files": listing.files, "listing_sha256": listing.digest.hexdigest(),
+                    "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group}
+        previous = out.read_json(IDENTITY_FILE)
+        if previous is not None and previous != identity:
+            changed = [k for k in identity if previous.get(k) != identity[k]]
+            raise ValueError(f"{output_uri} holds shards of another ingest ({', '.join(changed)} differ); "
+                             "choose a new --output")
+        out.write_json(IDENTITY_FILE, identity)
+        existing = set(out.names())
+        task = ray.remote(num_cpus=SHARD_TASK_CPUS)(write_shard)
+        pending = [task.remote(work.uri_of(u.file), u.row_group, out.uri, shard_name(i), rows_per_row_group,
+                               fetch_threads) for i, u in enumerate(units) if shard_name(i) not in existing]
+        errors = sum(ray.get(ref) for ref in progress(pending, "writing shards", unit="shard"))
+    finally:
+        work.remove()
+    return IngestResult(listing.files, len(units), len(units) - len(pending), errors, out.uri)
