@@ -22,4 +22,4 @@ demo: $(STAMP)
 	$(BIN)/mirror demo --workdir demo-out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=20
+	$(BIN)/python -m pytest -q -n 2 --durations=40
