@@ -102,12 +102,12 @@ def ingest_folder(input_uri: str, output_uri: str, rows_per_shard: int = 4096, r
     out = Location(output_uri)
     work = Location(out.uri_of(PLAN_DIR))
     work.remove()  # an interrupted run's listing: listed again
-    with step(f"listing {input_uri}") as info, PlanRecordsWriter(work) as writer:
-        listing = ListingDigest(writer)
-        options = SourceOptions(input_format="folder", extensions=tuple(extensions), unit_size=rows_per_shard)
-        units = plan_source(input_uri, options, listing).units  # one unit a shard, in listing order
-        info.update(items=listing.files, unit="images")
     try:
+        with step(f"listing {input_uri}") as info, PlanRecordsWriter(work) as writer:
+            listing = ListingDigest(writer)
+            options = SourceOptions(input_format="folder", extensions=tuple(extensions), unit_size=rows_per_shard)
+            units = plan_source(input_uri, options, listing).units  # one unit a shard, in listing order
+            info.update(items=listing.files, unit="images")
         identity = {"input": input_uri, "files": listing.files, "listing_sha256": listing.digest.hexdigest(),
                     "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group}
         previous = out.read_json(IDENTITY_FILE)
