@@ -110,10 +110,11 @@ def sample_label(found: dict, label: str, where: str) -> int | None:
         raise ValueError(f"{where}: {err}") from None
 
 
-def index_shard(uri: str, label: str = "label") -> tuple[list[dict], int]:
+def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[dict], int]:
     """One shard -> (records, samples without an image). Records: uri, the members' offsets,
-    the image member's name, the sample's label (`sample_label`), and an error for what the
-    damage makes unreadable."""
+    the image member's name, the sample's label (`sample_label`, else that of the shard's
+    label folder below `root`, the input's folder, as for images of a folder; so is its
+    subset), and an error for what the damage makes unreadable."""
     samples: dict[str, dict[str, list[int]]] = {}
     found: dict[str, dict] = {}  # per sample: its label member's text, its .json's label field
     stopped: str | None = None
@@ -136,6 +137,7 @@ def index_shard(uri: str, label: str = "label") -> tuple[list[dict], int]:
         if stopped is None and size is not None and end is not None and end < size and not _zero_padding(f, end, size):
             stopped = f"unreadable tar header at offset {end}"  # tarfile ends quietly at a corrupt header
     records, no_image = [], 0
+    folder_label, subset = label_and_subset(shard_folders(uri, root))
     for key, members in samples.items():
         image = next((e for e in members if e in IMAGE_EXTENSIONS), None)
         if image is None:
@@ -144,10 +146,13 @@ def index_shard(uri: str, label: str = "label") -> tuple[list[dict], int]:
         cut = size is not None and any(off + n > size for off, n in members.values())
         records.append({"uri": f"{uri}#{key}", MEMBERS: json.dumps(members), IMAGE_MEMBER: f"{key}.{image}",
                         PLAN_ERROR: f"tar member cut short: {uri} ends inside sample {key}" if cut else None,
-                        "label": sample_label(found.get(key, {}), label, f"{uri}#{key}")})
+                        "label": sample_label(found.get(key, {}), label, f"{uri}#{key}"), "subset": subset})
+        if records[-1]["label"] is None:
+            records[-1]["label"] = folder_label
     if stopped is not None:
         records.append({"uri": f"{uri}#<unreadable>", MEMBERS: "{}", IMAGE_MEMBER: None,
-                        PLAN_ERROR: f"tar shard unreadable past this point: {stopped}", "label": None})
+                        PLAN_ERROR: f"tar shard unreadable past this point: {stopped}", "label": folder_label,
+                        "subset": subset})
     return records, no_image
 
 
@@ -160,7 +165,8 @@ SHARDS_SCHEMA = pa.schema([("uri", pa.string()), ("records", pa.int64()), ("no_i
 CLUSTER_INDEX_MIN_SHARDS = 64
 
 
-def _indexed_on_cluster(uris: list[str], address: str | None, label: str) -> Iterator[tuple[list[dict], int]]:
+def _indexed_on_cluster(uris: list[str], address: str | None, label: str, root: str
+                        ) -> Iterator[tuple[list[dict], int]]:
     """index_shard over `uris` as Ray tasks across the cluster, results in shard order, a
     bounded number in flight (finished indexes wait in the object store, not by the thousand)."""
     import ray
@@ -172,7 +178,7 @@ def _indexed_on_cluster(uris: list[str], address: str | None, label: str) -> Ite
     window = max(INDEX_THREADS, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
     for uri in uris:
-        pending.append(task.remote(uri, label))
+        pending.append(task.remote(uri, label, root))
         if len(pending) >= window:
             yield ray.get(pending.popleft())
     while pending:
@@ -197,17 +203,12 @@ def indexed_shards(uris: list[str], on_cluster: bool = False, address: str | Non
     bounded number indexed ahead. `on_cluster`: more than CLUSTER_INDEX_MIN_SHARDS shards
     are indexed by Ray tasks over the cluster (`address`, else RAY_ADDRESS, else a local
     Ray), so reading every shard's headers scales with its nodes rather than one driver's
-    network. A sample's label is its own (`sample_label`), else that of the shard's label
-    folder below `root` (the input's folder), as for images of a folder; so is its subset."""
+    network. `label`, `root`: where samples' labels come from (`index_shard`)."""
     from pipeline.progress import progress
 
-    indexed = (_indexed_on_cluster(uris, address, label) if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
-               else read_ahead(functools.partial(index_shard, label=label), uris, INDEX_THREADS))
+    indexed = (_indexed_on_cluster(uris, address, label, root) if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
+               else read_ahead(functools.partial(index_shard, label=label, root=root), uris, INDEX_THREADS))
     for uri, (records, no_image) in zip(uris, progress(indexed, "indexing tar shards", total=len(uris), unit="shard")):
-        folder_label, subset = label_and_subset(shard_folders(uri, root))
-        for r in records:
-            r["label"] = folder_label if r["label"] is None else r["label"]
-            r["subset"] = subset
         yield pa.Table.from_pylist(records, schema=SAMPLES_SCHEMA), {
             "uri": uri, "records": len(records), "no_image": no_image,
             "damaged": any(r[PLAN_ERROR] is not None for r in records)}
