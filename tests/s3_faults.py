@@ -6,6 +6,9 @@ Rules, checked per request:
 - fail_every: every Nth GET of an object answers 503 SlowDown (a transient error
   every S3 client retries), counted in `injected`;
 - delay_s: every request waits this long first (a distant object store).
+
+It records every request's method and path, the query of every listing request
+(`listings`), and the most requests it has held at once (`max_in_flight`).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ class FaultProxy:
         self.injected = 0
         self.denied = 0
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
+        self.listings: list[dict[str, str]] = []  # the query of every listing request
+        self.in_flight = self.max_in_flight = 0
         self._gets = 0
         self._lock = threading.Lock()
         proxy = self
@@ -49,6 +54,16 @@ class FaultProxy:
                 self.wfile.write(body)
 
             def _forward(self):
+                with proxy._lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    self._answer()
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
+
+            def _answer(self):
                 if proxy.delay_s:
                     time.sleep(proxy.delay_s)
                 length = int(self.headers.get("Content-Length") or 0)
@@ -56,7 +71,11 @@ class FaultProxy:
                 path = urlsplit(self.path).path
                 with proxy._lock:
                     proxy.requests.append((self.command, path))
-                listed = parse_qs(urlsplit(self.path).query).get("prefix", [None])[0]
+                query = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+                listed = query.get("prefix")
+                if "list-type" in query:
+                    with proxy._lock:
+                        proxy.listings.append(query)
                 if any(path.startswith(p) for p in proxy.deny_prefixes) or (
                         listed is not None and any(listed.startswith(p) for p in proxy.deny_listings)):
                     with proxy._lock:

@@ -1,8 +1,11 @@
 """A folder's listing streamed in sorted order (local and a real S3 protocol server), and a
 folder input planned from it in bounded memory with the units a whole listing gives."""
+import hashlib
 import os
+import random
 import threading
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import fsspec
@@ -10,7 +13,7 @@ import pytest
 from conftest import write_image
 
 from pipeline.scan import listing, sources, store
-from pipeline.scan.listing import iter_files
+from pipeline.scan.listing import iter_files, key_between
 from pipeline.scan.sources import SourceOptions, inline_units, list_images, plan_source
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
 
@@ -92,6 +95,62 @@ def test_a_listing_refused_below_the_root_fails_the_listing_naming_it(s3_server,
         finally:
             os.environ["AWS_ENDPOINT_URL"] = s3_server
             s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_split_key_lies_between_its_bounds_and_keeps_the_prefix():
+    rng = random.Random(0)
+    alphabet = "aZ09-_./ ~!\x7fé中"
+    found = 0
+    for _ in range(20_000):
+        low, high = ("p/" + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 5))) for _ in range(2))
+        if rng.random() < 0.3:
+            high = None
+        elif low == high:
+            continue
+        elif low > high:
+            low, high = high, low
+        split = key_between(low, high, keep=2)
+        if split is None:  # only when no printable character fits: 'p/a' and 'p/a!'
+            assert high is not None
+            continue
+        found += 1
+        assert low < split and (high is None or split < high) and split.startswith("p/"), (low, high, split)
+        assert all(0x21 <= ord(c) <= 0x7E for c in split[len(os.path.commonprefix([low, split])):])
+    assert found > 15_000
+    assert key_between("p/a", "p/a!", keep=2) is None
+    assert key_between("img/000999.jpg", None, keep=4) == "img/W"  # bisects where the keys differ
+    assert key_between("img/000999.jpg", "img/4", keep=4) == "img/2"
+
+
+def test_a_flat_prefix_of_many_keys_lists_many_ranges_at_once_in_key_order(s3_server, s3_bucket, monkeypatch):
+    """Files directly below the root (numbered, hashed, odd names) and in a subdirectory, in
+    pages of 7 keys behind a store answering in 20 ms: the listing splits into key ranges
+    listed at once (StartAfter requests, several in flight), within its page buffers, and
+    yields exactly the sorted keys."""
+    import s3fs
+    from s3_faults import FaultProxy
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    names = ([f"{i:06d}.jpg" for i in range(150)] + [hashlib.sha1(str(i).encode()).hexdigest() for i in range(100)]
+             + [f"z z/{i}" for i in range(20)] + ["~tilde", "é.jpg", "中.png", "a b.jpg", "sub/", "sub/x/"]
+             + [f"sub/{i:03d}.webp" for i in range(60)])
+    keys = [f"flat/{n}" for n in names]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=s3_bucket, Key=k, Body=b""), keys))
+    expected = sorted(f"{s3_bucket}/{k}" for k in keys if not k.endswith("/"))
+    monkeypatch.setattr(listing, "S3_PAGE_KEYS", 7)
+    monkeypatch.setattr(listing, "PAGES_AHEAD", 12)
+    with FaultProxy(s3_server, delay_s=0.02) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            assert list(iter_files(f"s3://{s3_bucket}/flat")) == expected
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+    assert proxy.max_in_flight > 4
+    assert sum("start-after" in q for q in proxy.listings) > 10
+    serial_pages = -(-len(keys) // 7)
+    assert len(proxy.listings) < 2 * serial_pages, (len(proxy.listings), serial_pages)  # splits cost little
 
 
 def _folder(root, subsets: int, per_folder: int) -> None:

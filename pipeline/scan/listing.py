@@ -6,10 +6,11 @@ The order follows from one rule: a directory's entries sorted with a directory
 named by its path plus '/', each directory expanded in place (every path below
 `d/` sorts against any other path as `d/` does).
 
-- Object stores (S3): a directory is listed page by page; its subdirectories are
-  listed flat (no delimiter: keys come in key order, pages of S3_PAGE_KEYS) in
-  background threads, PREFIXES_AHEAD of them at once, PAGES_AHEAD pages each, so a
-  bucket of many prefixes lists in parallel and memory holds a few pages.
+- Object stores (S3): the folder is listed with a delimiter (its files and
+  subdirectories), each subdirectory flat (no delimiter: keys come in key order),
+  PREFIXES_AHEAD subdirectories ahead of the consumer. Every listing is split into key
+  ranges as it goes (`S3Lister`), so one prefix of millions of keys, as much as many
+  prefixes, lists REQUESTS_IN_FLIGHT pages at a time; memory holds about 2 x PAGES_AHEAD pages.
 - Local disks: a depth-first walk by `os.scandir` (no stat per file); other
   filesystems: the same walk by `fs.ls`. One directory is listed at a time (memory: the
   largest directory's names).
@@ -18,15 +19,17 @@ from __future__ import annotations
 
 import collections
 import os
-import queue
 import threading
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
 
 S3_PAGE_KEYS = 1000  # the most S3 returns per request
-PREFIXES_AHEAD = 16  # subdirectories listed at once (request latency, not bandwidth)
-PAGES_AHEAD = 4  # pages each one reads ahead of the consumer
+REQUESTS_IN_FLIGHT = 10  # list requests at once: s3fs clients hold 10 connections (botocore's default)
+RANGES_PER_LISTING = 256  # key ranges one prefix's listing is split into at most
+PAGES_AHEAD = 32  # pages listed ahead of the consumer: in the folder's listing, and in its subdirectories'
+PREFIXES_AHEAD = 16  # subdirectories whose listing starts ahead of the consumer
 ENTRIES_AHEAD = 10_000  # root entries held while waiting for PREFIXES_AHEAD subdirectories
 
 
@@ -67,67 +70,223 @@ def _walk(fs, path: str) -> Iterator[str]:
 
 
 # --- S3 --------------------------------------------------------------------------
-def _s3_pages(fs, bucket: str, prefix: str, delimiter: bool, stop: threading.Event | None = None
-              ) -> Iterator[list[tuple[str, bool]]]:
-    """Pages of (key, is_prefix) below `prefix`, sorted within and across pages (S3 lists
-    in key order). Each page is one request through s3fs (its retries and credentials)."""
-    kwargs = dict(Bucket=bucket, Prefix=prefix, MaxKeys=S3_PAGE_KEYS, **fs.req_kw)
-    if delimiter:
-        kwargs["Delimiter"] = "/"
-    while stop is None or not stop.is_set():
+SPLIT_FIRST, SPLIT_LAST = 0x21, 0x7E  # a split key's own characters are printable ASCII
+
+
+def key_between(low: str, high: str | None, keep: int = 0) -> str | None:
+    """A key m with low < m < high (high None: no bound) that starts with low's first
+    `keep` characters; None when none does whose new character is printable ASCII.
+    Bisects the first character where low and high differ, so repeated splits of a
+    range converge on where its keys are."""
+    out, i = low[:keep], keep
+    if high is not None and high[:keep] != low[:keep]:
+        high = None  # high is above every key that starts so
+    while True:
+        a = ord(low[i]) if i < len(low) else -1  # -1: low has ended; any character is above it
+        b = SPLIT_LAST + 1 if high is None else ord(high[i])  # high is longer than what they share
+        if a == b:
+            out, i = out + low[i], i + 1
+            continue
+        lo, hi = max(a, SPLIT_FIRST - 1), min(b, SPLIT_LAST + 1)
+        mid = (lo + hi) // 2
+        if lo < mid < hi:
+            return out + chr(mid)
+        if a < 0:
+            return None
+        out, high, i = out + low[i], None, i + 1  # below high from here on: only above low matters
+
+
+@dataclass(eq=False)
+class _KeyRange:
+    """Keys in (after, upto] of a prefix (None: from its first, to its last), listed page by
+    page with S3's continuation token; pages wait in `pages` for the consumer."""
+
+    after: str | None
+    upto: str | None
+    token: str | None = None
+    pages: collections.deque = field(default_factory=collections.deque)  # entry lists, or an error
+    busy: bool = False  # a request is in flight
+    done: bool = False  # nothing more to request
+    wanted: bool = False  # the consumer waits on it: listed whatever is buffered ahead of it
+
+
+class _PrefixListing:
+    """One prefix's entries, (name, is_prefix), in key order, from ranges the lister fills."""
+
+    def __init__(self, lister: "S3Lister", prefix: str, delimiter: bool):
+        self.lister, self.prefix, self.delimiter = lister, prefix, delimiter
+        self.ranges = [_KeyRange(None, None)]
+
+    def __iter__(self) -> Iterator[tuple[str, bool]]:
+        lister = self.lister
         try:
-            out = fsspec.asyn.sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+            while True:
+                with lister.lock:
+                    page = None
+                    while page is None and self.ranges:
+                        first = self.ranges[0]
+                        if first.pages:
+                            page = first.pages.popleft()
+                            lister.work.notify()  # room for another page
+                        elif first.done:
+                            self.ranges.pop(0)
+                        else:
+                            if not first.wanted:
+                                first.wanted = True
+                                lister.work.notify()
+                            lister.arrived.wait()
+                    if page is None:
+                        return
+                if isinstance(page, BaseException):
+                    raise page
+                yield from page
+        finally:
+            lister.forget(self)
+
+
+class S3Lister:
+    """Lists S3 prefixes for one consumer with REQUESTS_IN_FLIGHT worker threads.
+
+    A listing starts as one key range. A page that comes back truncated while a worker is
+    idle splits the rest of its range at `key_between`: the range keeps the lower part, a
+    new range lists the upper part from a StartAfter key. So a prefix of many keys is soon
+    listed in as many places at once as there are workers, wherever its keys are.
+
+    Workers take the first range in reading order (listings in the order made, ranges in
+    key order) that is not in flight, not done, and has fewer than PAGES_AHEAD pages
+    listed before it and in it (the folder's own listing, and its subdirectories' listings
+    together, each within that bound), or that the consumer waits on. Memory stays
+    bounded, and the pages listed are those the consumer reads next. An error is raised to
+    the consumer where it happened in the order."""
+
+    def __init__(self, fs, bucket: str):
+        self.fs, self.bucket = fs, bucket
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)  # workers wait here for a range to list
+        self.arrived = threading.Condition(self.lock)  # the consumer waits here for a page
+        self.listings: list[_PrefixListing] = []
+        self.in_flight = 0
+        self.requests = 0  # list requests made (what the splits cost shows here)
+        self.stopped = False
+        for _ in range(REQUESTS_IN_FLIGHT):
+            threading.Thread(target=self._work, daemon=True).start()
+
+    def listing(self, prefix: str, delimiter: bool) -> _PrefixListing:
+        with self.lock:
+            listing = _PrefixListing(self, prefix, delimiter)
+            self.listings.append(listing)
+            self.work.notify()
+        return listing
+
+    def forget(self, listing: _PrefixListing) -> None:
+        with self.lock:
+            if listing in self.listings:
+                self.listings.remove(listing)  # a request in flight for it is dropped on return
+                listing.ranges = []
+                self.work.notify()
+
+    def close(self) -> None:
+        """Ends the workers (one in a request ends when it returns)."""
+        with self.lock:
+            self.stopped = True
+            self.work.notify_all()
+            self.arrived.notify_all()
+
+    def _reading_order(self) -> Iterator[tuple[_PrefixListing, _KeyRange, int]]:
+        """Every range in reading order, with the pages buffered or in flight up to and
+        including it: in the folder's own listing, or in its subdirectories' together."""
+        listed = {True: 0, False: 0}
+        for listing in self.listings:
+            for r in listing.ranges:
+                listed[listing.delimiter] += len(r.pages) + r.busy
+                yield listing, r, listed[listing.delimiter]
+
+    def _next(self) -> tuple[_PrefixListing, _KeyRange] | None:
+        for listing, r, through in self._reading_order():
+            if not (r.busy or r.done) and (r.wanted or through < PAGES_AHEAD):
+                return listing, r
+        return None
+
+    def _pages_through(self, listing: _PrefixListing, r: _KeyRange) -> int:
+        return next(through for lst, rng, through in self._reading_order() if rng is r)
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                job = None
+                while not self.stopped and (job := self._next()) is None:
+                    self.work.wait()
+                if self.stopped:
+                    return
+                listing, r = job
+                r.busy = True
+                self.in_flight += 1
+                self.requests += 1
+                if self._next() is not None:
+                    self.work.notify()  # more to list: another worker takes it
+            try:
+                entries, token = self._request(listing, r)
+            except BaseException as err:  # handed to the consumer, raised there
+                entries, token = err, None
+            with self.lock:
+                r.busy = False
+                if listing in self.listings:
+                    self._take(listing, r, entries, token)
+                self.in_flight -= 1
+                self.arrived.notify_all()
+                self.work.notify()
+
+    def _request(self, listing: _PrefixListing, r: _KeyRange) -> tuple[list[tuple[str, bool]], str | None]:
+        """One page of `r`: its entries in key order, and the token of the next (None: last)."""
+        kwargs = dict(Bucket=self.bucket, Prefix=listing.prefix, MaxKeys=S3_PAGE_KEYS, **self.fs.req_kw)
+        if listing.delimiter:
+            kwargs["Delimiter"] = "/"
+        if r.token is not None:
+            kwargs["ContinuationToken"] = r.token
+        elif r.after is not None:
+            kwargs["StartAfter"] = r.after
+        try:
+            out = fsspec.asyn.sync(self.fs.loop, self.fs._call_s3, "list_objects_v2", **kwargs)
         except PermissionError as err:
-            raise PermissionError(f"access denied listing s3://{bucket}/{prefix} ({err})") from None
+            raise PermissionError(f"access denied listing s3://{self.bucket}/{listing.prefix} ({err})") from None
         page = [(c["Key"], False) for c in out.get("Contents", []) if not c["Key"].endswith("/")]
         page += [(p["Prefix"], True) for p in out.get("CommonPrefixes", [])]
         page.sort()
-        yield page
-        if not out.get("IsTruncated"):
+        return page, out.get("NextContinuationToken") if out.get("IsTruncated") else None
+
+    def _take(self, listing: _PrefixListing, r: _KeyRange, entries, token: str | None) -> None:
+        """A page of `r` (or its error) arrives: kept within the range, which may split."""
+        if isinstance(entries, BaseException):
+            r.pages.append(entries)
+            r.done = True
             return
-        kwargs["ContinuationToken"] = out["NextContinuationToken"]
-
-
-class _FlatListing:
-    """One prefix listed flat by a background thread, at most PAGES_AHEAD pages ahead."""
-
-    _END = object()
-
-    def __init__(self, fs, bucket: str, prefix: str, stop: threading.Event):
-        self.pages: queue.Queue = queue.Queue(maxsize=PAGES_AHEAD)
-        self.stop = stop
-        threading.Thread(target=self._run, args=(fs, bucket, prefix), daemon=True).start()
-
-    def _put(self, item) -> None:
-        while not self.stop.is_set():
-            try:
-                return self.pages.put(item, timeout=0.2)
-            except queue.Full:
-                continue
-
-    def _run(self, fs, bucket: str, prefix: str) -> None:
-        try:
-            for page in _s3_pages(fs, bucket, prefix, delimiter=False, stop=self.stop):
-                self._put(page)
-            self._put(self._END)
-        except BaseException as err:  # handed to the consumer, raised there
-            self._put(err)
-
-    def __iter__(self) -> Iterator[str]:
-        while True:
-            item = self.pages.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield from (key for key, _ in item)
+        # With a delimiter, a range starting inside a subdirectory is given that
+        # subdirectory again: the range holding its name has it.
+        kept = [e for e in entries if (r.after is None or e[0] > r.after) and (r.upto is None or e[0] <= r.upto)]
+        if kept:
+            r.pages.append(kept)
+        if token is None or (r.upto is not None and entries[-1][0] > r.upto):  # the next range lists the rest
+            r.done = True
+            return
+        r.token = token
+        if (entries and self.in_flight < REQUESTS_IN_FLIGHT and len(listing.ranges) < RANGES_PER_LISTING
+                and self._pages_through(listing, r) < PAGES_AHEAD):  # ranges further on wait their turn
+            # Split one character above where this page's keys vary: the lower part holds
+            # about as many pages as one character's worth of such pages, wherever the
+            # range's keys are (a first bisection of the whole key space mostly misses them).
+            first, last = entries[0][0], entries[-1][0]
+            keep = max(len(listing.prefix), len(os.path.commonprefix([first, last])) - 1)
+            split = key_between(last, r.upto, keep)
+            if split is not None:
+                listing.ranges.insert(listing.ranges.index(r) + 1, _KeyRange(split, r.upto))
+                r.upto = split
 
 
 def _s3_files(fs, base: str) -> Iterator[str]:
     bucket, key, _ = fs.split_path(base)
     prefix = key.strip("/") + "/" if key.strip("/") else ""
-    stop = threading.Event()
-    ahead: collections.deque = collections.deque()  # (key, None) for a file, (prefix, _FlatListing)
+    lister = S3Lister(fs, bucket)
+    ahead: collections.deque = collections.deque()  # (key, None) for a file, (prefix, its listing's iterator)
     listing = 0  # subdirectories in `ahead`
 
     def release():
@@ -137,16 +296,15 @@ def _s3_files(fs, base: str) -> Iterator[str]:
             yield f"{bucket}/{name}"
             return
         listing -= 1
-        yield from (f"{bucket}/{k}" for k in flat)
+        yield from (f"{bucket}/{k}" for k, _ in flat)
 
     try:
-        for page in _s3_pages(fs, bucket, prefix, delimiter=True):
-            for name, is_prefix in page:
-                ahead.append((name, _FlatListing(fs, bucket, name, stop) if is_prefix else None))
-                listing += is_prefix
-                while listing >= PREFIXES_AHEAD or len(ahead) > ENTRIES_AHEAD:
-                    yield from release()
+        for name, is_prefix in lister.listing(prefix, delimiter=True):
+            ahead.append((name, iter(lister.listing(name, delimiter=False)) if is_prefix else None))
+            listing += is_prefix
+            while listing >= PREFIXES_AHEAD or len(ahead) > ENTRIES_AHEAD:
+                yield from release()
         while ahead:
             yield from release()
     finally:
-        stop.set()  # an abandoned listing ends its threads
+        lister.close()  # an abandoned listing ends its threads
