@@ -166,7 +166,6 @@ class S3Lister:
         self.arrived = threading.Condition(self.lock)  # the consumer waits here for a page
         self.listings: list[_PrefixListing] = []
         self.in_flight = 0
-        self.requests = 0  # list requests made (what the splits cost shows here)
         self.stopped = False
         for _ in range(REQUESTS_IN_FLIGHT):
             threading.Thread(target=self._work, daemon=True).start()
@@ -221,7 +220,6 @@ class S3Lister:
                 listing, r = job
                 r.busy = True
                 self.in_flight += 1
-                self.requests += 1
                 if self._next() is not None:
                     self.work.notify()  # more to list: another worker takes it
             try:
@@ -265,7 +263,7 @@ class S3Lister:
         kept = [e for e in entries if (r.after is None or e[0] > r.after) and (r.upto is None or e[0] <= r.upto)]
         if kept:
             r.pages.append(kept)
-        if token is None or (r.upto is not None and entries[-1][0] > r.upto):  # the next range lists the rest
+        if token is None or (r.upto is not None and entries[-1][0] >= r.upto):  # the next range lists the rest
             r.done = True
             return
         r.token = token
