@@ -17,12 +17,22 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mirror_core.uri import join_uri
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def relative_paths(uris: pa.Array | pa.ChunkedArray, root: str) -> pa.Array:
+    """Each URI's path below the folder `root` ('s3://b/in' and 's3://b/in/a/x.jpg' ->
+    'a/x.jpg'); null where a URI is not below it."""
+    prefix = root.rstrip("/") + "/"
+    uris = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
+    below = pc.starts_with(uris, prefix)
+    return pc.if_else(below, pc.utf8_slice_codeunits(uris, len(prefix)), pa.scalar(None, pa.string()))
 
 
 def read_ahead(read: Callable[[T], R], items: Iterable[T], threads: int, ahead: int | None = None) -> Iterator[R]:

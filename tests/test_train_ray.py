@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from conftest import kill_group_when, own_ray_env
 from test_train import smooth_image, tiny
@@ -270,7 +271,6 @@ def test_a_file_crashing_its_decoder_is_skipped_not_retried_forever(ray_local):
     file is skipped (ok false, counted by the worker), the others are prepared as usual."""
     import io
 
-    import pyarrow as pa
     import ray
 
     from pipeline.scan.isolation import decode_attempts
@@ -335,7 +335,7 @@ def training_corpora(root) -> dict[str, str]:
 def test_every_corpus_format_trains_each_record_once_in_its_split(ray_local, tmp_path, fmt):
     """Each record reaches exactly one split, with its own image bytes (its held-out crop is
     the official crop of those bytes), and the driver keeps units only."""
-    from pipeline.train.data import plan_training_data, split_key, training_datasets
+    from pipeline.train.data import plan_training_data, split_keys, training_datasets
     from pipeline.train.prepare import CROPS, OK, prepared_crop
 
     uri = training_corpora(tmp_path)[fmt]
@@ -352,7 +352,7 @@ def test_every_corpus_format_trains_each_record_once_in_its_split(ray_local, tmp
     uris = [r["uri"] for split in rows.values() for r in split]
     assert len(set(uris)) == 6
     if fmt == "webdataset":  # the folder of the shard pattern: a copied corpus keeps its split
-        assert data.root == str(tmp_path / "wds") and split_key(uris[0], data.root).startswith("shard-000.tar#")
+        assert data.root == str(tmp_path / "wds") and split_keys(pa.array(uris[:1]), data.root)[0].startswith("shard-000.tar#")
     images = {p.name.split(".")[0]: p.read_bytes() for p in (tmp_path / "folder").rglob("*.*")}
     truth = {p.name.split(".")[0]: int(p.parent.name == "1_fake") for p in (tmp_path / "folder").rglob("*.*")}
     keys = {r["uri"]: r["uri"].rsplit("/", 1)[-1].rsplit("#", 1)[-1].split(".")[0] for split in rows.values() for r in split}

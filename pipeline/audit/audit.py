@@ -33,7 +33,7 @@ from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
 from pipeline.scan.sources import DEFAULT_MAX_FILE_BYTES, fetch_all, read_shard_unit, record_names
 from pipeline.scan.store import ScanStore
-from pipeline.storage import Location
+from pipeline.storage import Location, relative_paths
 
 FILTER_MODES = ("drop", "mark")
 
@@ -86,20 +86,23 @@ def choose_threshold(bundle: Bundle, cfg: AuditConfig, scan_cfg: ScanConfig, out
                f"FPR at threshold {fpr:.4f} ({int((scores > t).sum())} above)")
 
 
-def group_keys(rows: pa.Table, cfg: AuditConfig, root: str) -> list[str]:
-    """Group of each row: a column's value, or the first N folders of its uri below the
-    input root (of the whole uri when it lies elsewhere, e.g. shards' original uris)."""
+def group_keys(rows: pa.Table, cfg: AuditConfig, root: str) -> pa.Array:
+    """Group of each row (strings): a column's value (null where it has none), or the first N
+    folders of its uri below the input root (of the whole uri, less its scheme, when it lies
+    elsewhere, e.g. shards' original uris); '.' for a file directly below it."""
     if cfg.group_by:
         if cfg.group_by not in rows.column_names:
             raise ValueError(f"--group-by {cfg.group_by!r}: no such column in the scan's rows")
-        return [None if v is None else str(v) for v in rows[cfg.group_by].to_pylist()]
-    depth = cfg.prefix_depth or 1
-    root = root.rstrip("/") + "/"
-    keys = []
-    for uri in rows["uri"].to_pylist():
-        rel = uri[len(root):] if uri.startswith(root) else uri.split("://", 1)[-1]
-        keys.append("/".join(rel.strip("/").split("/")[:-1][:depth]) or ".")
-    return keys
+        values = rows[cfg.group_by].combine_chunks()
+        if pa.types.is_string(values.type):
+            return values
+        return pa.array([None if v is None else str(v) for v in values.to_pylist()], pa.string())  # as Python spells them
+    uris = rows["uri"].combine_chunks()
+    rel = pc.coalesce(relative_paths(uris, root), pc.replace_substring_regex(uris, "^.*?://", "", max_replacements=1))
+    # up to N folders, each with the '/' after it (the file's name has none), then less the last '/'
+    folders = pc.struct_field(pc.extract_regex(pc.utf8_trim(rel, "/"), f"^(?P<f>(?:[^/]*/){{1,{cfg.prefix_depth or 1}}})"), [0])
+    keys = pc.utf8_slice_codeunits(folders, 0, -1)
+    return pc.if_else(pc.fill_null(pc.equal(keys, ""), True), ".", keys)
 
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
@@ -178,7 +181,9 @@ class AuditTally:
         error = np.asarray(rows["error"].is_valid().to_numpy(zero_copy_only=False), bool)
         prob = np.asarray(rows["prob_fake"].fill_null(np.nan).to_numpy(), np.float64)
         is_flagged = ~error & (np.nan_to_num(prob, nan=0.0) > self.threshold)
-        codes = np.array([self.names.setdefault(k, len(self.names)) for k in keys], np.int32)
+        encoded = pc.dictionary_encode(keys, null_encoding="encode")  # a code per distinct group of the batch
+        ours = np.array([self.names.setdefault(k, len(self.names)) for k in encoded.dictionary.to_pylist()], np.int32)
+        codes = ours[np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.int64)]
         self.count = np.bincount(codes, minlength=len(self.names)) + np.pad(self.count, (0, len(self.names) - len(self.count)))
         self.codes.append(codes[~error])
         self.probs.append(prob[~error])
@@ -188,7 +193,7 @@ class AuditTally:
             return
         part_of = np.repeat(np.arange(len(units)), sizes)[hit]
         hits = rows.select(["uri", "id", "prob_fake"]).take(pa.array(hit))
-        self.pending.append(hits.append_column(self.group_col, pa.array([keys[i] for i in hit], pa.string())))
+        self.pending.append(hits.append_column(self.group_col, keys.take(pa.array(hit))))
         self.pending_rows += hit.size
         self.n_flagged += hit.size
         if self.pending_rows >= FLAGGED_ROWS_PER_WRITE:

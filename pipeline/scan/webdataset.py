@@ -32,7 +32,7 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.scan.labels import label_and_subset, label_value
-from pipeline.storage import read_ahead
+from pipeline.storage import read_ahead, relative_paths
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
 TEXT_EXTENSIONS = ("json", "txt")  # carried as strings in every row; other members as binary
@@ -192,8 +192,8 @@ SAMPLES_SCHEMA = pa.schema([("uri", pa.string()), (MEMBERS, pa.string()), (IMAGE
 
 def shard_folders(shard: str, root: str) -> tuple[str, ...]:
     """The folders between the input's root and a shard ('<root>/gen/1_fake/000.tar' -> ('gen', '1_fake'))."""
-    prefix = root.rstrip("/") + "/"
-    return tuple(shard[len(prefix):].split("/")[:-1]) if shard.startswith(prefix) else ()
+    rel = relative_paths(pa.array([shard], pa.string()), root)[0].as_py()
+    return tuple(rel.split("/")[:-1]) if rel is not None else ()
 
 
 def indexed_shards(uris: list[str], on_cluster: bool = False, address: str | None = None, label: str = "label",

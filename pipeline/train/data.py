@@ -7,7 +7,7 @@ and the records of folder/manifest/tar-sample units are stored below the run's s
 dataset of unit descriptors: a CPU task reads a unit's records, keeps those of its split
 and only then reads their image bytes (a record is read by one split, never both).
 
-The split is deterministic: a hash of each record's path below the input (`split_key`),
+The split is deterministic: a hash of each record's path below the input (`split_keys`),
 so the same records are held out in every run, resume and copy of the corpus.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pipeline.scan.sources import (
     read_shard_unit,
 )
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records, stored_records
-from pipeline.storage import Location, read_ahead
+from pipeline.storage import Location, read_ahead, relative_paths
 from pipeline.train.prepare import prepare_batch
 
 SHARD_UNITS_READ_AT_ONCE = 16  # Parquet row groups whose labels are read concurrently when counting
@@ -41,16 +41,16 @@ FETCH_THREADS = 16  # image reads in flight per unit (object-store latency)
 
 
 def is_held_out(keys, val_fraction: float) -> np.ndarray:
-    """Whether each record (by its `split_key`) is held out: the same in every run."""
+    """Whether each record (by its `split_keys` key) is held out: the same in every run."""
     return np.array([int(hashlib.sha256(str(k).encode()).hexdigest()[:8], 16) % 1000 < val_fraction * 1000
                      for k in keys], dtype=bool)
 
 
-def split_key(uri: str, root: str) -> str:
-    """A record's name below the input root ('0_real/a.png'), or its uri when it is not below
-    it, so a corpus copied to another folder or bucket keeps its split."""
-    prefix = root.rstrip("/") + "/"
-    return uri[len(prefix):] if uri.startswith(prefix) else uri
+def split_keys(uris: pa.Array | pa.ChunkedArray, root: str) -> list[str]:
+    """Each record's name below the input root ('0_real/a.png'), or its uri when it is not
+    below it, so a corpus copied to another folder or bucket keeps its split."""
+    uris = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
+    return pc.coalesce(relative_paths(uris, root), uris).to_pylist()
 
 
 def labels_of(records: pa.Table) -> pa.Array:
@@ -62,7 +62,7 @@ def labels_of(records: pa.Table) -> pa.Array:
 
 def split_of(records: pa.Table, phase: int, val_fraction: float, root: str) -> tuple[np.ndarray, np.ndarray]:
     """(usable, held out) per record: phase 1 trains on real or unlabeled images only."""
-    held = is_held_out([split_key(u, root) for u in records["uri"].to_pylist()], val_fraction)
+    held = is_held_out(split_keys(records["uri"], root), val_fraction)
     if phase != 1:
         return np.ones(records.num_rows, bool), held
     fake = pc.fill_null(pc.equal(labels_of(records), 1), False)
