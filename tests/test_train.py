@@ -180,3 +180,21 @@ def test_resuming_from_a_saved_trainer_state_equals_the_uninterrupted_run(phase,
     if ema is None:
         with pytest.raises(ValueError, match="disagree on EMA"):
             PhaseTrainer(model_c, phase, OptimConfig(), ema_decay=0.5).load_state_dict(b.state_dict())
+
+
+def test_the_held_out_split_is_the_sha256_rule_of_each_path_below_the_root():
+    """Every corpus keeps the held-out set it had: a record is held out when the first 32
+    bits of the sha256 of its path below the input root, modulo 1000, fall below the
+    fraction; a uri elsewhere is hashed whole."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipeline.train.data import is_held_out, split_keys
+
+    uris = [f"s3://b/corpus/{'0_real' if i % 2 else '1_fake'}/{i:05d}.jpg" for i in range(2000)] + ["s3://x/y.jpg"]
+    keys = split_keys(pa.chunked_array([uris[:700], uris[700:]]), "s3://b/corpus/")
+    assert keys[:2] == ["1_fake/00000.jpg", "0_real/00001.jpg"] and keys[-1] == "s3://x/y.jpg"
+    rule = [int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) % 1000 < 250 for k in keys]
+    held = is_held_out(keys, 0.25)
+    assert held.tolist() == rule and 400 < held.sum() < 600
