@@ -64,8 +64,7 @@ class ListingDigest:
         self.sink, self.digest, self.files = sink, hashlib.sha256(), 0
 
     def add(self, unit, records: pa.Table) -> None:
-        for uri in records["uri"].to_pylist():
-            self.digest.update(uri.encode() + b"\n")
+        self.digest.update("".join(uri + "\n" for uri in records["uri"].to_pylist()).encode())  # each uri, then '\n'
         self.files += records.num_rows
         self.sink.add(unit, records)
 
