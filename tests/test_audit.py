@@ -262,3 +262,20 @@ def test_the_tally_gives_the_same_outputs_in_batches_of_any_size(tmp_path):
                                                                      t.top["_index"].to_pylist())] == [r["id"] for r in top]
     assert small.groups().to_pylist() == whole.groups().to_pylist()
     assert [g["group"] for g in whole.groups().to_pylist()] == list(SOURCES)
+
+
+def test_a_group_by_column_no_record_has_fails_before_anything_is_scored(parity_bundle, tmp_path, capsys):
+    """Parquet shards and a CSV manifest: the column is looked for in the planned input's
+    columns (footers), so a misspelt one fails in seconds, not after the whole scan; the
+    plan stays for the corrected rerun."""
+    shards, _ = corpus_shards(tmp_path)
+    write_image(tmp_path / "m" / "a.jpg", seed=1)
+    (tmp_path / "list.csv").write_text(f"uri,site\n{tmp_path / 'm' / 'a.jpg'},siteA\n")
+    for source, typo, carried in ((shards, "sorce", "caption, source"), (tmp_path / "list.csv", "region", "site")):
+        out = tmp_path / f"audit-{typo}"
+        assert main(["audit", "--model", str(parity_bundle), "--input", str(source), "--output", str(out),
+                     "--threshold", "0.5", "--group-by", typo]) == 2
+        err = capsys.readouterr().err
+        assert f"--group-by '{typo}': no such column in {source}" in err and f"its own columns: {carried};" in err, err
+        assert (out / "scan" / "_plan").is_dir()  # planned, kept for the rerun
+        assert not list((out / "scan").glob("scores/*.parquet"))  # nothing scored

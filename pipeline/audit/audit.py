@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,9 +32,10 @@ from pipeline.progress import progress, step
 from pipeline.scan import webdataset
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
-from pipeline.scan.sources import DEFAULT_MAX_FILE_BYTES, fetch_all, read_shard_unit, record_names
-from pipeline.scan.store import ScanStore
-from pipeline.storage import Location, relative_paths
+from pipeline.scan.schema import OUTPUT_COLUMNS, RESERVED
+from pipeline.scan.sources import DEFAULT_MAX_FILE_BYTES, Plan, fetch_all, read_shard_unit, record_names
+from pipeline.scan.store import ScanStore, records_schema
+from pipeline.storage import Location, read_ahead, relative_paths
 
 FILTER_MODES = ("drop", "mark")
 
@@ -105,12 +107,43 @@ def group_keys(rows: pa.Table, cfg: AuditConfig, root: str) -> pa.Array:
     return pc.if_else(pc.fill_null(pc.equal(keys, ""), True), ".", keys)
 
 
+def scan_columns(scan: ScanStore, plan: Plan) -> set[str] | None:
+    """Every column the scan's rows can have: the output's own and those its input carries
+    (records files' and Parquet shards' footers); None when that is known only as records
+    are read (tar samples carry their members; an image struct its file's path)."""
+    if any(u.kind == "samples" for u in plan.units):
+        return None
+    names = set(records_schema(scan, plan).names)
+    shards = list(dict.fromkeys(u.file for u in plan.units if u.kind == "shard"))
+
+    def shard_schema(uri: str) -> pa.Schema:
+        with fsspec.open(uri, "rb") as f:
+            return pq.read_schema(f)
+
+    for schema in read_ahead(shard_schema, shards, SHARD_FOOTERS_READ_AT_ONCE):
+        if any(pa.types.is_struct(f.type) for f in schema):
+            return None
+        names |= set(schema.names)
+    return set(OUTPUT_COLUMNS) | (names - RESERVED)  # bytes and bookkeeping are never carried
+
+
+def check_group_by(column: str | None, scan: ScanStore, plan: Plan) -> None:
+    """A --group-by column no record can carry fails the audit once its input is planned,
+    before any image is scored (where the columns are known then)."""
+    names = scan_columns(scan, plan) if column else None
+    if names is not None and column not in names:
+        carried = sorted(names - set(OUTPUT_COLUMNS))
+        raise ValueError(f"--group-by {column!r}: no such column in {plan.input} (its own columns: "
+                         f"{', '.join(carried) or 'none'}; the output's: {', '.join(OUTPUT_COLUMNS)})")
+
+
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 # What the audit reads of each scored row (and the --group-by column): not the whole row
 AUDIT_COLUMNS = ("uri", "id", "prob_fake", "error")
 SUMMARY_GROUPS = 100  # groups in audit_summary.json and the report (most flagged); all in groups.parquet
 FLAGGED_ROWS_PER_WRITE = 65_536  # flagged rows per row group of flagged.parquet (each adds footer metadata)
 AUDIT_BATCH_ROWS = 65_536  # scored rows the tally takes at once
+SHARD_FOOTERS_READ_AT_ONCE = 16  # Parquet footers read concurrently (object-store latency)
 
 
 def group_summary(names: list[str | None], count: np.ndarray, codes: np.ndarray, prob: np.ndarray,
@@ -302,7 +335,8 @@ def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: Sc
     out = Location(output_uri)
     threshold, method = choose_threshold(bundle, cfg, scan_cfg, out)
     scan_cfg = dataclasses.replace(scan_cfg, threshold=threshold)
-    summary = run_scan(bundle, input_uri, out.uri_of("scan"), scan_cfg)
+    summary = run_scan(bundle, input_uri, out.uri_of("scan"), scan_cfg,
+                       check_plan=lambda scan, plan: check_group_by(cfg.group_by, scan, plan))
     scan = ScanStore(out.uri_of("scan"))
     group_col = cfg.group_by or f"uri_prefix_{cfg.prefix_depth or 1}"
     with step("flagged manifest and group summary") as info, \

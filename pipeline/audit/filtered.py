@@ -14,9 +14,8 @@ import pyarrow.parquet as pq
 from pipeline.cluster import ensure_ray
 from pipeline.progress import progress
 from pipeline.scan.schema import INDEX, UNIT
-from pipeline.scan.sources import RECORD_KINDS
-from pipeline.scan.store import RECORDS_FILES_READ_AT_ONCE, ScanStore, stored_records
-from pipeline.storage import Location, read_ahead
+from pipeline.scan.store import ScanStore, records_schema, stored_records
+from pipeline.storage import Location
 
 KEEP_COLUMN = "mirror_keep"
 FILTER_TASK_CPUS = 0.5  # a shard task mostly waits on storage
@@ -71,15 +70,7 @@ def _write_manifest(out: Location, scan: ScanStore, plan, keep: dict[str, np.nda
                     method: str) -> int:
     """filtered/manifest.parquet: the plan's records, a records file at a time, each with
     its keep flag (records of a unit are stored together, in index order)."""
-    def file_schema(rel: str) -> pa.Schema:
-        with scan.fs.open(scan.path(rel), "rb") as f:
-            return pq.read_schema(f)
-
-    # one schema for all: files of different --update generations may differ in columns
-    files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
-    schemas = list(read_ahead(file_schema, files, RECORDS_FILES_READ_AT_ONCE))
-    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-    schema = pa.schema([f for f in schema if f.name not in (UNIT, INDEX)])
+    schema = records_schema(scan, plan)
     if mode == "mark":
         schema = schema.append(pa.field(KEEP_COLUMN, pa.bool_()))
     schema = with_threshold_info(schema.empty_table(), threshold, method).schema

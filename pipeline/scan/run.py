@@ -9,7 +9,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -260,12 +260,16 @@ class ScanJob:
     perturbation: str | None = None
 
 
-def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConfig) -> dict[str, Any]:
-    """Score every record of `input_uri` into `output_uri`; resumes a previous run there."""
-    return run_scans(model, [ScanJob(input_uri, output_uri, cfg.perturbation)], cfg)[0]
+def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConfig,
+             check_plan: Callable[[ScanStore, Plan], None] | None = None) -> dict[str, Any]:
+    """Score every record of `input_uri` into `output_uri`; resumes a previous run there.
+    `check_plan(store, plan)` runs once the input is planned, before anything is scored: a
+    caller's check that raises ends the scan there (its plan is kept for the next run)."""
+    return run_scans(model, [ScanJob(input_uri, output_uri, cfg.perturbation)], cfg, check_plan)[0]
 
 
-def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list[dict[str, Any]]:
+def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
+              check_plan: Callable[[ScanStore, Plan], None] | None = None) -> list[dict[str, Any]]:
     """Several scans through one pipeline: one pool of replicas (built, and compiled, once)
     scores every job's units; each job gets its own output and summary, as `run_scan` does."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -292,6 +296,8 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig) -> list
                 if added or (plan.shards is not None and (before.shards is None or not plan.shards.equals(before.shards))):
                     out.save_plan(plan)  # new units, or tar shards indexed anew
                 info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units")
+        if check_plan is not None:
+            check_plan(out, plan)
         done = out.done_units()
         retried = set()
         if cfg.retry_errors and done:

@@ -24,6 +24,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.scan.schema import INDEX, UNIT
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import Location, read_ahead
@@ -121,6 +122,20 @@ def stored_records(store: Location, plan: Plan, columns: list[str] | None = None
     files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
     return read_ahead(lambda f: store.read_parquet(f, columns), files, RECORDS_FILES_READ_AT_ONCE,
                       ahead=RECORDS_FILES_READ_AT_ONCE)
+
+
+def records_schema(store: Location, plan: Plan) -> pa.Schema:
+    """One schema for the records files of the plan's folder/manifest/tar-sample units (from
+    their footers; files of different --update generations may differ in columns), without
+    the plan's bookkeeping columns."""
+    def file_schema(rel: str) -> pa.Schema:
+        with store.fs.open(store.path(rel), "rb") as f:
+            return pq.read_schema(f)
+
+    files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
+    schemas = list(read_ahead(file_schema, files, RECORDS_FILES_READ_AT_ONCE))
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    return pa.schema([f for f in schema if f.name not in (UNIT, INDEX)])
 
 
 class OutputMismatchError(ValueError):
