@@ -206,8 +206,8 @@ class S3Lister:
                 return listing, r
         return None
 
-    def _pages_through(self, listing: _PrefixListing, r: _KeyRange) -> int:
-        return next(through for lst, rng, through in self._reading_order() if rng is r)
+    def _pages_through(self, r: _KeyRange) -> int:
+        return next(through for _, rng, through in self._reading_order() if rng is r)
 
     def _work(self) -> None:
         while True:
@@ -263,12 +263,13 @@ class S3Lister:
         kept = [e for e in entries if (r.after is None or e[0] > r.after) and (r.upto is None or e[0] <= r.upto)]
         if kept:
             r.pages.append(kept)
-        if token is None or (r.upto is not None and entries[-1][0] >= r.upto):  # the next range lists the rest
+        # past the range's bound (or at it): the next range lists the rest
+        if token is None or (entries and r.upto is not None and entries[-1][0] >= r.upto):
             r.done = True
             return
         r.token = token
         if (entries and self.in_flight < REQUESTS_IN_FLIGHT and len(listing.ranges) < RANGES_PER_LISTING
-                and self._pages_through(listing, r) < PAGES_AHEAD):  # ranges further on wait their turn
+                and self._pages_through(r) < PAGES_AHEAD):  # ranges further on wait their turn
             # Split one character above where this page's keys vary: the lower part holds
             # about as many pages as one character's worth of such pages, wherever the
             # range's keys are (a first bisection of the whole key space mostly misses them).
