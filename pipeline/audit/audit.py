@@ -98,11 +98,13 @@ def group_keys(rows: pa.Table, cfg: AuditConfig, root: str) -> pa.Array:
         values = rows[cfg.group_by].combine_chunks()
         if pa.types.is_string(values.type):
             return values
-        return pa.array([None if v is None else str(v) for v in values.to_pylist()], pa.string())  # as Python spells them
+        # other types as Python spells them ('True', '1.0'), as groups were always named
+        return pa.array([None if v is None else str(v) for v in values.to_pylist()], pa.string())
     uris = rows["uri"].combine_chunks()
     rel = pc.coalesce(relative_paths(uris, root), pc.replace_substring_regex(uris, "^.*?://", "", max_replacements=1))
     # up to N folders, each with the '/' after it (the file's name has none), then less the last '/'
-    folders = pc.struct_field(pc.extract_regex(pc.utf8_trim(rel, "/"), f"^(?P<f>(?:[^/]*/){{1,{cfg.prefix_depth or 1}}})"), [0])
+    pattern = f"^(?P<f>(?:[^/]*/){{1,{cfg.prefix_depth or 1}}})"
+    folders = pc.struct_field(pc.extract_regex(pc.utf8_trim(rel, "/"), pattern), [0])
     keys = pc.utf8_slice_codeunits(folders, 0, -1)
     return pc.if_else(pc.fill_null(pc.equal(keys, ""), True), ".", keys)
 
