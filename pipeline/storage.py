@@ -35,6 +35,12 @@ def relative_paths(uris: pa.Array | pa.ChunkedArray, root: str) -> pa.Array:
     return pc.if_else(below, pc.utf8_slice_codeunits(uris, len(prefix)), pa.scalar(None, pa.string()))
 
 
+def parquet_schema(uri: str) -> pa.Schema:
+    """A Parquet file's schema, from its footer alone."""
+    with fsspec.open(uri, "rb") as f:
+        return pq.read_schema(f)
+
+
 def read_ahead(read: Callable[[T], R], items: Iterable[T], threads: int, ahead: int | None = None) -> Iterator[R]:
     """read(item) for each item by `threads` threads, results in the items' order, at most
     `ahead` (4 per thread by default) read and not yet taken: an object store's latency

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Iterable, Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,8 +34,8 @@ from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
 from pipeline.scan.schema import OUTPUT_COLUMNS, RESERVED
 from pipeline.scan.sources import DEFAULT_MAX_FILE_BYTES, Plan, fetch_all, read_shard_unit, record_names
-from pipeline.scan.store import ScanStore, records_schema
-from pipeline.storage import Location, read_ahead, relative_paths
+from pipeline.scan.store import ScanStore, records_schemas
+from pipeline.storage import Location, parquet_schema, read_ahead, relative_paths
 
 FILTER_MODES = ("drop", "mark")
 
@@ -109,34 +109,22 @@ def group_keys(rows: pa.Table, cfg: AuditConfig, root: str) -> pa.Array:
     return pc.if_else(pc.fill_null(pc.equal(keys, ""), True), ".", keys)
 
 
-def scan_columns(scan: ScanStore, plan: Plan) -> set[str] | None:
-    """Every column the scan's rows can have: the output's own and those its input carries
-    (records files' and Parquet shards' footers); None when that is known only as records
-    are read (tar samples carry their members; an image struct its file's path)."""
-    if any(u.kind == "samples" for u in plan.units):
-        return None
-    names = set(records_schema(scan, plan).names)
-    shards = list(dict.fromkeys(u.file for u in plan.units if u.kind == "shard"))
-
-    def shard_schema(uri: str) -> pa.Schema:
-        with fsspec.open(uri, "rb") as f:
-            return pq.read_schema(f)
-
-    for schema in read_ahead(shard_schema, shards, SHARD_FOOTERS_READ_AT_ONCE):
-        if any(pa.types.is_struct(f.type) for f in schema):
-            return None
-        names |= set(schema.names)
-    return set(OUTPUT_COLUMNS) | (names - RESERVED)  # bytes and bookkeeping are never carried
-
-
 def check_group_by(column: str | None, scan: ScanStore, plan: Plan) -> None:
-    """A --group-by column no record can carry fails the audit once its input is planned,
-    before any image is scored (where the columns are known then)."""
-    names = scan_columns(scan, plan) if column else None
-    if names is not None and column not in names:
-        carried = sorted(names - set(OUTPUT_COLUMNS))
-        raise ValueError(f"--group-by {column!r}: no such column in {plan.input} (its own columns: "
-                         f"{', '.join(carried) or 'none'}; the output's: {', '.join(OUTPUT_COLUMNS)})")
+    """A --group-by column that no record can carry fails the audit once its input is
+    planned, before any image is scored. The input's columns are read from footers (records
+    files', Parquet shards'), stopping at the first that has it; left to the check after the
+    scan where columns are known only as records are read (tar samples carry their members,
+    an image struct its file's path)."""
+    if not column or column in OUTPUT_COLUMNS or any(u.kind == "samples" for u in plan.units):
+        return
+    shards = list(dict.fromkeys(u.file for u in plan.units if u.kind == "shard"))
+    carried: set[str] = set()  # bytes and bookkeeping are never carried
+    for schema in chain(records_schemas(scan, plan), read_ahead(parquet_schema, shards, SHARD_FOOTERS_READ_AT_ONCE)):
+        if any(pa.types.is_struct(f.type) for f in schema) or (column in schema.names and column not in RESERVED):
+            return
+        carried |= set(schema.names) - RESERVED
+    raise ValueError(f"--group-by {column!r}: no such column in {plan.input} (its own columns: "
+                     f"{', '.join(sorted(carried)) or 'none'}; the output's: {', '.join(OUTPUT_COLUMNS)})")
 
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pipeline.scan.schema import INDEX, UNIT
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit
 from pipeline.scan.uri_set import UriSet
-from pipeline.storage import Location, read_ahead
+from pipeline.storage import Location, parquet_schema, read_ahead
 
 SCORES_DIR = "scores"
 PART_PREFIX = "part-"
@@ -124,16 +124,17 @@ def stored_records(store: Location, plan: Plan, columns: list[str] | None = None
                       ahead=RECORDS_FILES_READ_AT_ONCE)
 
 
-def records_schema(store: Location, plan: Plan) -> pa.Schema:
-    """One schema for the records files of the plan's folder/manifest/tar-sample units (from
-    their footers; files of different --update generations may differ in columns), without
-    the plan's bookkeeping columns."""
-    def file_schema(rel: str) -> pa.Schema:
-        with store.fs.open(store.path(rel), "rb") as f:
-            return pq.read_schema(f)
-
+def records_schemas(store: Location, plan: Plan) -> Iterator[pa.Schema]:
+    """The schema of each records file of the plan's folder/manifest/tar-sample units (their
+    footers), in unit order, a few read at once."""
     files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
-    schemas = list(read_ahead(file_schema, files, RECORDS_FILES_READ_AT_ONCE))
+    return read_ahead(lambda f: parquet_schema(store.uri_of(f)), files, RECORDS_FILES_READ_AT_ONCE)
+
+
+def records_schema(store: Location, plan: Plan) -> pa.Schema:
+    """One schema for the plan's records files (files of different --update generations may
+    differ in columns), without the plan's bookkeeping columns."""
+    schemas = list(records_schemas(store, plan))
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     return pa.schema([f for f in schema if f.name not in (UNIT, INDEX)])
 
