@@ -215,22 +215,28 @@ class Completions:
         }
 
 
+SUMMARY_COLUMNS = ["label", "subset", "prob_fake", "pred", "error"]
+
+
 def summarize(out: ScanStore, plan: Plan, extra: dict[str, Any]) -> dict[str, Any]:
-    """Counts over every part (streamed: an unlabeled corpus of any size holds nothing in
-    memory) and metrics over the scored rows with a label."""
-    scores = out.scores()
-    n = scores.count_rows() if scores is not None else 0
-    errors = scores.count_rows(filter=pc.field("error").is_valid()) if n else 0
+    """Counts over every part and metrics over the scored rows with a label, in one pass over
+    the parts (streamed: an unlabeled corpus of any size holds nothing in memory)."""
+    n = errors = 0
+    labeled = []
+    for _, part in out.scores_by_unit(SUMMARY_COLUMNS):
+        n += part.num_rows
+        errors += part.num_rows - part["error"].null_count
+        rows = part.filter(pc.and_(part["error"].is_null(), part["label"].is_valid()))
+        if rows.num_rows:
+            labeled.append(rows.select(["label", "subset", "prob_fake", "pred"]))
     summary = {"rows_in": plan.total_rows, "rows_out": n, "scored": n - errors, "errors": errors,
                "skipped_by_extension": plan.skipped_by_extension, **extra}
-    if n:
-        labeled = scores.to_table(columns=["label", "subset", "prob_fake", "pred"],
-                                  filter=pc.field("error").is_null() & pc.field("label").is_valid())
-        if labeled.num_rows:
-            summary["metrics"] = {"ALL": _metrics(labeled)}
-            subsets = sorted(s for s in set(labeled["subset"].to_pylist()) if s is not None)
-            for s in subsets:
-                summary["metrics"][s] = _metrics(labeled.filter(pc.equal(labeled["subset"], s)))
+    if labeled:
+        labeled = pa.concat_tables(labeled)
+        summary["metrics"] = {"ALL": _metrics(labeled)}
+        subsets = sorted(s for s in set(labeled["subset"].to_pylist()) if s is not None)
+        for s in subsets:
+            summary["metrics"][s] = _metrics(labeled.filter(pc.equal(labeled["subset"], s)))
     return summary
 
 

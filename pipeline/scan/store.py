@@ -22,6 +22,7 @@ from typing import Iterator
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.scan.schema import INDEX, UNIT
@@ -156,41 +157,31 @@ class ScanStore(Location):
 
     def units_with_transient_errors(self, units: set[str]) -> set[str]:
         """Finished units holding a row whose error another try may heal (read failures)."""
-        import pyarrow.compute as pc
-
         from pipeline.scan.sources import TRANSIENT_ERROR_PREFIXES
 
-        def transient(unit: str) -> bool:
-            errors = self.read_parquet(self.part_name(unit), ["error"])["error"]
-            hits = [pc.any(pc.starts_with(errors, p)).as_py() for p in TRANSIENT_ERROR_PREFIXES]
-            return any(bool(h) for h in hits)
+        def transient(errors: pa.ChunkedArray) -> bool:
+            return any(pc.any(pc.starts_with(errors, p)).as_py() for p in TRANSIENT_ERROR_PREFIXES)
 
-        ordered = sorted(units)
-        with ThreadPoolExecutor(max_workers=32) as pool:  # object-store latency, not bandwidth
-            return {u for u, bad in zip(ordered, pool.map(transient, ordered)) if bad}
+        return {unit for unit, part in self.scores_by_unit(["error"], units) if transient(part["error"])}
 
-    def scores_by_unit(self, columns=None) -> Iterator[tuple[str, pa.Table]]:
-        """(unit id, its rows) for every committed part, in unit order, a few read at once and
-        no more ahead (a corpus's scores in bounded memory). `columns`: only those, where a
-        part has them (carried input columns may differ by part)."""
+    def scores_by_unit(self, columns=None, units: set[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+        """(unit id, its rows) for every committed part (`units`: those of them), in unit
+        order, a few read at once and no more ahead (a corpus's scores in bounded memory).
+        `columns`: only those, where a part has them (carried input columns may differ by
+        part). A part is one GET on an object store (the listing gave its size): every
+        reader of a scan's parts (summary, audit, reports, --retry-errors) goes through here."""
         def read(unit: str) -> tuple[str, pa.Table]:
             part = pq.ParquetFile(io.BytesIO(self.read_bytes(self.part_name(unit))))
             return unit, part.read(None if columns is None else [c for c in columns if c in part.schema_arrow.names])
 
-        return read_ahead(read, sorted(self.done_units()), PARTS_READ_AT_ONCE)
+        return read_ahead(read, sorted(self.done_units() if units is None else units), PARTS_READ_AT_ONCE)
 
-    def scores(self):
-        """The committed parts as a pyarrow dataset (read concurrently, in batches), or None."""
-        import pyarrow.dataset as pads
-
-        paths = [self.path(self.part_name(u)) for u in sorted(self.done_units())]
-        return pads.dataset(paths, filesystem=self.fs, format="parquet") if paths else None
-
-    def read_scores(self, columns=None, where=None) -> pa.Table:
-        """Every committed row, or those `where` (a pyarrow expression) holds: only what is
-        kept is held in memory."""
-        scores = self.scores()
-        return scores.to_table(columns=columns, filter=where) if scores is not None else pa.table({})
+    def read_scores(self, columns=None) -> pa.Table:
+        """Every committed row (`columns`: only those), read as `scores_by_unit` streams them;
+        parts of different --update generations may differ in carried columns: a column is
+        null in the rows of a part without it."""
+        tables = [t for _, t in self.scores_by_unit(columns)]
+        return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
     # --- scan identity and plan --------------------------------------------
     def claim(self, identity: dict) -> None:

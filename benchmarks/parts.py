@@ -1,0 +1,133 @@
+"""Committed-parts harness (not a test): what reading a finished scan's parts costs on an
+object store, where a large scan has tens of thousands of them.
+
+    python benchmarks/parts.py [--parts N] [--rows R] [--delay-s S] [--no-record]
+
+Writes N parts of R output rows each (labeled, with a few error rows) to a moto S3
+server, then through a proxy that delays every request by S (a distant store) times the
+three readers of every part: the summary a scan writes at its end (`summarize`), the
+stream the audit reads (`scores_by_unit`, its columns) and `--retry-errors`' search for
+read failures (`units_with_transient_errors`). Each is checked against the rows written
+and reported as seconds, parts/s, requests per part and the most requests held at once.
+moto's CPU answers every request here too: read the figures as round trips overlapped,
+not as what a real object store would sustain.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+PERF_LOG = REPO / "benchmarks" / "results" / "perf-log.md"
+ERRORS_PER_PART = 3  # rows with an error: the last one a read failure, so every part is retried
+
+
+def part_bytes(rows: int, seed: int) -> bytes:
+    """One committed part: output rows of a labeled benchmark, a few of them errors."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.scan.schema import OUTPUT_FIELDS
+
+    rng = np.random.default_rng(seed)
+    prob = rng.random(rows)
+    scored = np.arange(rows) >= ERRORS_PER_PART
+    columns = {f.name: pa.nulls(rows, f.type) for f in OUTPUT_FIELDS}
+    columns.update(
+        uri=pa.array([f"s3://corpus/{seed}/{i:05d}.jpg" for i in range(rows)]),
+        label=pa.array(rng.integers(0, 2, rows)),
+        subset=pa.array(rng.choice(["genA", "genB"], rows)),
+        prob_fake=pa.array(np.where(scored, prob, np.nan), mask=~scored),
+        pred=pa.array((prob > 0.5).astype(np.int64), mask=~scored),
+        error=pa.array(["cannot identify image"] * (ERRORS_PER_PART - 1) + ["read failed: timeout"]
+                       + [None] * (rows - ERRORS_PER_PART)),
+    )
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
+    import boto3
+    import s3fs
+    from conftest import _free_port
+    from moto.server import ThreadedMotoServer
+    from s3_faults import FaultProxy
+
+    from pipeline.scan.run import summarize
+    from pipeline.scan.store import ScanStore
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    upstream = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
+    client = boto3.client("s3", endpoint_url=upstream)
+    client.create_bucket(Bucket="scans")
+    bodies = [part_bytes(rows, seed) for seed in range(4)]  # parts differ; four are enough
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket="scans", Key=f"scan/scores/part-{i:08d}.parquet",
+                                                  Body=bodies[i % 4]), range(parts)))
+    result = {"parts": parts, "rows_per_part": rows, "part_kb": round(len(bodies[0]) / 1024, 1), "delay_s": delay_s}
+    plan = SimpleNamespace(total_rows=parts * rows, skipped_by_extension=0)  # what summarize reads of a plan
+    try:
+        with FaultProxy(upstream, delay_s=delay_s) as proxy:
+            os.environ["AWS_ENDPOINT_URL"] = proxy.url
+            s3fs.S3FileSystem.clear_instance_cache()
+            out = ScanStore("s3://scans/scan")
+
+            def timed(name, read, check):
+                proxy.requests.clear()
+                proxy.max_in_flight = 0
+                t = time.perf_counter()
+                got = read()
+                wall = time.perf_counter() - t
+                if not check(got):
+                    raise AssertionError(f"{name}: wrong result {str(got)[:200]}")
+                result.update({f"{name}_s": round(wall, 2), f"{name}_parts_per_s": round(parts / wall, 1),
+                               f"{name}_requests_per_part": round(len(proxy.requests) / parts, 2),
+                               f"{name}_max_in_flight": proxy.max_in_flight})
+
+            timed("summary", lambda: summarize(out, plan, {}),
+                  lambda s: s["rows_out"] == parts * rows and s["errors"] == parts * ERRORS_PER_PART
+                  and s["metrics"]["ALL"]["n"] == parts * (rows - ERRORS_PER_PART))
+            timed("audit_stream", lambda: sum(t.num_rows for _, t in out.scores_by_unit(["uri", "prob_fake", "error"])),
+                  lambda n: n == parts * rows)
+            timed("retry_search", lambda: out.units_with_transient_errors(out.done_units()), lambda u: len(u) == parts)
+    finally:
+        server.stop()
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", type=int, default=400)
+    p.add_argument("--rows", type=int, default=1024, help="rows per part (configs/s3-cluster.yaml's unit_size)")
+    p.add_argument("--delay-s", type=float, default=0.03, help="added to every request")
+    p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
+    args = p.parse_args(argv)
+    result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores",
+              **parts_figures(args.parts, args.rows, args.delay_s)}
+    print(json.dumps(result, indent=2))
+    if not args.no_record:
+        with open(PERF_LOG, "a") as log:
+            log.write(f"\n### {result['date']}: reading {args.parts:,} committed parts of {args.rows:,} rows on S3 "
+                      f"(moto, {args.delay_s} s a request)\n\n```json\n" + json.dumps(result, indent=2) + "\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
