@@ -72,13 +72,22 @@ class Location:
         return join_uri(self.uri, *parts)
 
     def names(self, rel: str = "") -> list[str]:
-        """File names directly below `rel`, listed afresh: other processes (Ray workers)
-        write here, so a listing cached by this process's filesystem would be stale."""
+        """Names of what lies directly below `rel` (files and folders), listed afresh: other
+        processes (Ray workers) write here, so a listing cached by this process's
+        filesystem would be stale."""
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._listing(rel))
+
+    def file_sizes(self, rel: str = "") -> list[tuple[str, int]]:
+        """(name, bytes) of each file directly below `rel`, sorted by name, listed afresh."""
+        return sorted((e["name"].rstrip("/").rsplit("/", 1)[-1], int(e.get("size") or 0))
+                      for e in self._listing(rel) if e.get("type") != "directory")
+
+    def _listing(self, rel: str) -> list[dict]:
         path = self.path(rel) if rel else self.root
         self.fs.invalidate_cache(path)
         if not self.fs.exists(path):
             return []
-        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        return self.fs.ls(path, detail=True)
 
     def exists(self) -> bool:
         """Whether anything is here (on object stores: any object below this prefix)."""

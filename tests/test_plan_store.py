@@ -1,12 +1,9 @@
 """A scan's plan in its store: records planned unit by unit into records files (one row
 group per unit), manifests read in bounded memory, decode tasks reading their unit's
-records from the store, plans stored in the first layout still resumed, and a finished
-scan's parts read back one request each."""
+records from the store, and plans stored in the first layout still resumed."""
 import shutil
-from types import SimpleNamespace
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -162,63 +159,3 @@ def test_a_csv_manifest_whose_values_change_kind_after_its_first_block_plans_as_
     last = records.slice(records.num_rows - 3).to_pylist()
     assert [(r["label"], r["width"]) for r in last] == [(1, str(n - 1)), (0, "n/a"), (None, "7")]
 
-
-def test_a_finished_scans_parts_are_read_once_each_by_the_summary_and_the_retry_search(s3_server, s3_bucket,
-                                                                                       monkeypatch):
-    """The summary, --retry-errors' search and read_scores read each part with one request
-    (the listing gave its size), several at once; the summary's counts and metrics are those
-    of the rows, and parts of different generations keep their own carried columns."""
-    import numpy as np
-    import s3fs
-    from s3_faults import FaultProxy
-
-    from mirror_core.metrics import binary_metrics
-    from pipeline.scan.run import summarize
-    from pipeline.scan.schema import conform
-
-    rng = np.random.default_rng(0)
-    out = ScanStore(f"s3://{s3_bucket}/scan")
-    written, transient = [], set()
-    for i in range(24):
-        n = 5 + i % 4
-        prob = rng.random(n)
-        error = [None] * n
-        error[0] = "cannot identify image file" if i % 3 == 0 else None
-        if i % 5 == 0:
-            error[-1] = "read failed: timeout"
-            transient.add(f"{i:05d}")
-        bad = np.array([e is not None for e in error])
-        part = {"uri": [f"s3://c/{i}/{j}.jpg" for j in range(n)], "prob_fake": pa.array(prob, mask=bad),
-                "pred": pa.array((prob > 0.5).astype(np.int64), mask=bad), "error": error,
-                "label": pa.array(rng.integers(0, 2, n), mask=np.arange(n) == 1 if i < 12 else None),
-                "subset": ["genA" if i % 2 else "genB"] * n}
-        if i >= 12:  # a later --update generation carries a column the first did not
-            part["source"] = [f"web{i}"] * n
-        table = conform(pa.table(part))
-        out.write_parquet(out.part_name(f"{i:05d}"), table)
-        written.append(table)
-    rows = pa.concat_tables(written, promote_options="default")
-    ok = pc.and_(rows["error"].is_null(), rows["label"].is_valid())
-    with FaultProxy(s3_server, delay_s=0.01) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        s3fs.S3FileSystem.clear_instance_cache()
-        try:
-            summary = summarize(ScanStore(out.uri), SimpleNamespace(total_rows=rows.num_rows, skipped_by_extension=0), {})
-            part_requests = sum("/scores/part-" in path for _, path in proxy.requests)
-            listing_requests = len(proxy.requests) - part_requests
-            retried = ScanStore(out.uri).units_with_transient_errors(set(ScanStore(out.uri).done_units()))
-            read_back = ScanStore(out.uri).read_scores()
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-    assert part_requests == 24 and listing_requests <= 3, (part_requests, listing_requests)  # a GET per part
-    assert proxy.max_in_flight > 1
-    errors = rows.num_rows - rows["error"].null_count
-    assert (summary["rows_out"], summary["errors"], summary["scored"]) == (rows.num_rows, errors, rows.num_rows - errors)
-    labeled = rows.filter(ok)
-    expected = binary_metrics(labeled["label"].to_numpy(), labeled["prob_fake"].to_numpy(), labeled["pred"].to_numpy())
-    assert summary["metrics"]["ALL"] == {**expected, "n": labeled.num_rows}
-    assert sorted(summary["metrics"]) == ["ALL", "genA", "genB"]
-    assert sum(m["n"] for s, m in summary["metrics"].items() if s != "ALL") == labeled.num_rows
-    assert retried == transient
-    assert read_back.num_rows == rows.num_rows and read_back["uri"].to_pylist() == rows["uri"].to_pylist()
-    assert read_back["source"].null_count == sum(t.num_rows for t in written[:12])

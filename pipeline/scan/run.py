@@ -16,7 +16,6 @@ import pyarrow.compute as pc
 
 from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.config import MirrorConfig
-from mirror_core.metrics import binary_metrics
 from pipeline.cluster import ensure_ray, resources_line
 from pipeline.progress import RowProgress, stall_reports, step
 from pipeline.scan.commit import add_commit_stage
@@ -26,6 +25,7 @@ from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, plan_source, update_plan
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
+from pipeline.scan.summary import summarize
 
 DECODE_CPUS_KEPT = 2  # CPUs a one-node cluster keeps for decode tasks when sizing CPU scorers
 
@@ -215,36 +215,6 @@ class Completions:
         }
 
 
-SUMMARY_COLUMNS = ["label", "subset", "prob_fake", "pred", "error"]
-
-
-def summarize(out: ScanStore, plan: Plan, extra: dict[str, Any]) -> dict[str, Any]:
-    """Counts over every part and metrics over the scored rows with a label, in one pass over
-    the parts (streamed: an unlabeled corpus of any size holds nothing in memory)."""
-    n = errors = 0
-    labeled = []
-    for _, part in out.scores_by_unit(SUMMARY_COLUMNS):
-        n += part.num_rows
-        errors += part.num_rows - part["error"].null_count
-        rows = part.filter(pc.and_(part["error"].is_null(), part["label"].is_valid()))
-        if rows.num_rows:
-            labeled.append(rows.select(["label", "subset", "prob_fake", "pred"]))
-    summary = {"rows_in": plan.total_rows, "rows_out": n, "scored": n - errors, "errors": errors,
-               "skipped_by_extension": plan.skipped_by_extension, **extra}
-    if labeled:
-        labeled = pa.concat_tables(labeled)
-        summary["metrics"] = {"ALL": _metrics(labeled)}
-        subsets = sorted(s for s in set(labeled["subset"].to_pylist()) if s is not None)
-        for s in subsets:
-            summary["metrics"][s] = _metrics(labeled.filter(pc.equal(labeled["subset"], s)))
-    return summary
-
-
-def _metrics(t: pa.Table) -> dict[str, float]:
-    m = binary_metrics(t["label"].to_numpy(), t["prob_fake"].to_numpy(), t["pred"].to_numpy())
-    return {**m, "n": t.num_rows}
-
-
 def peak_rss_mb() -> float | None:
     """This process's peak resident memory (VmHWM: ru_maxrss can carry a parent's peak
     over fork + exec)."""
@@ -345,7 +315,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         if missing:
             raise RuntimeError(f"{out.uri}: {len(missing)} units were not committed: {sorted(missing)[:5]}")
         wall = time.perf_counter() - t_start
-        summary = summarize(out, plan, {
+        summary = summarize(out, plan.total_rows, plan.skipped_by_extension, {
             "model_id": bundle.model_id,
             "preprocess": policy,
             "threshold": model_cfg.threshold,
@@ -392,7 +362,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
                 "pipeline_s": round(t_last - t_plan, 3) if t_last else 0.0,
             },
             "config": replace(cfg, perturbation=job.perturbation).to_dict(),
-        })
+        }, rewritten=done_now["units"])
         out.write_json("summary.json", summary)
         summaries.append(summary)
     return summaries

@@ -151,9 +151,15 @@ class ScanStore(Location):
     def part_name(self, unit_id: str) -> str:
         return f"{SCORES_DIR}/{PART_PREFIX}{unit_id}.parquet"
 
+    def committed_parts(self) -> pa.Table:
+        """unit_id and bytes of every committed part, listed afresh, in unit order."""
+        units = [(n[len(PART_PREFIX) : -len(".parquet")], size) for n, size in self.file_sizes(SCORES_DIR)
+                 if n.startswith(PART_PREFIX) and n.endswith(".parquet")]
+        return pa.table({"unit_id": [u for u, _ in units], "bytes": [b for _, b in units]},
+                        schema=pa.schema([("unit_id", pa.string()), ("bytes", pa.int64())]))
+
     def done_units(self) -> set[str]:
-        names = self.names(SCORES_DIR)
-        return {n[len(PART_PREFIX) : -len(".parquet")] for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")}
+        return set(self.committed_parts()["unit_id"].to_pylist())
 
     def units_with_transient_errors(self, units: set[str]) -> set[str]:
         """Finished units holding a row whose error another try may heal (read failures)."""

@@ -1,0 +1,77 @@
+"""A scan's counts and metrics over its committed parts, for `summary.json`.
+
+Every run ends with a summary of the whole output, not of its own units: a nightly
+`--update` that adds a thousand units to a hundred thousand must not read a hundred
+thousand parts again. Each part's counts (rows, errors, labeled rows) are kept in
+`OUTPUT/_summary/part_tallies.parquet` with the part's size; a later summary reads only
+the parts that are new, rewritten by this run (`--retry-errors`) or of another size than
+counted, and those holding labeled rows (the metrics need their scores). An unlabeled
+corpus's summary costs one listing, one small file and its new parts.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mirror_core.metrics import binary_metrics
+from pipeline.scan.store import ScanStore
+
+PART_TALLIES = "_summary/part_tallies.parquet"
+TALLY_SCHEMA = pa.schema([("unit_id", pa.string()), ("bytes", pa.int64()), ("rows", pa.int64()),
+                          ("errors", pa.int64()), ("labeled", pa.int64())])
+SUMMARY_COLUMNS = ["label", "subset", "prob_fake", "pred", "error"]
+METRIC_COLUMNS = ["label", "subset", "prob_fake", "pred"]
+
+
+def part_tallies(out: ScanStore, rewritten: set[str]) -> tuple[pa.Table, pa.Table | None]:
+    """Each committed part's counts (TALLY_SCHEMA), and the scored labeled rows
+    (METRIC_COLUMNS) of every part holding any, or None. Counts kept from an earlier
+    summary serve where the part is unchanged (same size, not `rewritten` by this run);
+    the rest are read, a few parts at once, and the counts are stored again."""
+    parts = out.committed_parts()  # unit_id, bytes: what the listing holds now
+    kept = out.read_parquet(PART_TALLIES)
+    if kept is None or not kept.schema.equals(TALLY_SCHEMA):
+        kept = TALLY_SCHEMA.empty_table()
+    kept = kept.join(parts, ["unit_id", "bytes"], join_type="inner")  # still there, at the size counted
+    kept = kept.filter(pc.invert(pc.is_in(kept["unit_id"], pa.array(sorted(rewritten), pa.string()))))
+    counted = set(kept["unit_id"].to_pylist())
+    to_read = {u for u in parts["unit_id"].to_pylist() if u not in counted}
+    to_read |= set(kept.filter(pc.greater(kept["labeled"], 0))["unit_id"].to_pylist())
+    fresh = {"unit_id": [], "rows": [], "errors": [], "labeled": []}
+    labeled = []
+    for unit, part in out.scores_by_unit(SUMMARY_COLUMNS, to_read):
+        rows = part.filter(pc.and_(part["error"].is_null(), part["label"].is_valid()))
+        for name, value in zip(fresh, (unit, part.num_rows, part.num_rows - part["error"].null_count, rows.num_rows)):
+            fresh[name].append(value)
+        if rows.num_rows:
+            labeled.append(rows.select(METRIC_COLUMNS))
+    fresh = pa.table(fresh, schema=pa.schema([f for f in TALLY_SCHEMA if f.name != "bytes"])).join(parts, "unit_id")
+    tallies = pa.concat_tables([kept.filter(pc.invert(pc.is_in(kept["unit_id"], fresh["unit_id"]))).select(TALLY_SCHEMA.names),
+                                fresh.select(TALLY_SCHEMA.names)]).sort_by("unit_id")
+    if fresh.num_rows:
+        out.write_parquet(PART_TALLIES, tallies)
+    return tallies, pa.concat_tables(labeled) if labeled else None
+
+
+def summarize(out: ScanStore, rows_in: int, skipped_by_extension: int, extra: dict[str, Any],
+              rewritten: set[str]) -> dict[str, Any]:
+    """Counts over every committed part and metrics over the scored rows with a label
+    (`rewritten`: the units this run committed, whose kept counts are stale)."""
+    tallies, labeled = part_tallies(out, rewritten)
+    n = int(pc.sum(tallies["rows"]).as_py() or 0)
+    errors = int(pc.sum(tallies["errors"]).as_py() or 0)
+    summary = {"rows_in": rows_in, "rows_out": n, "scored": n - errors, "errors": errors,
+               "skipped_by_extension": skipped_by_extension, **extra}
+    if labeled is not None:
+        summary["metrics"] = {"ALL": _metrics(labeled)}
+        subsets = sorted(s for s in set(labeled["subset"].to_pylist()) if s is not None)
+        for s in subsets:
+            summary["metrics"][s] = _metrics(labeled.filter(pc.equal(labeled["subset"], s)))
+    return summary
+
+
+def _metrics(t: pa.Table) -> dict[str, float]:
+    m = binary_metrics(t["label"].to_numpy(), t["prob_fake"].to_numpy(), t["pred"].to_numpy())
+    return {**m, "n": t.num_rows}

@@ -1,0 +1,120 @@
+"""A finished scan's parts read back: the summary, --retry-errors' search and read_scores
+read each part with one request, several at once; the summary keeps each part's counts
+so that a later run reads only the parts it has not counted (and those with labels)."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import s3fs
+from s3_faults import FaultProxy
+
+from mirror_core.metrics import binary_metrics
+from pipeline.scan.schema import conform
+from pipeline.scan.store import ScanStore
+from pipeline.scan.summary import PART_TALLIES, summarize
+
+LABELED_PARTS = 18  # parts 0..17 carry labels, 18..23 none (an unlabeled corpus's parts)
+
+
+def make_part(i: int, rng, heal: bool = False) -> pa.Table:
+    """Output rows of unit i: some undecodable, every fifth unit a read failure (healed:
+    scored instead), labels on the first LABELED_PARTS units, a carried column from 12 on."""
+    n = 5 + i % 4
+    prob = rng.random(n)
+    error = [None] * n
+    error[0] = "cannot identify image file" if i % 3 == 0 else None
+    if i % 5 == 0 and not heal:
+        error[-1] = "read failed: timeout"
+    bad = np.array([e is not None for e in error])
+    label = rng.integers(0, 2, n)
+    part = {"uri": [f"s3://c/{i}/{j}.jpg" for j in range(n)], "prob_fake": pa.array(prob, mask=bad),
+            "pred": pa.array((prob > 0.5).astype(np.int64), mask=bad), "error": error,
+            "label": pa.array(label, mask=np.full(n, i >= LABELED_PARTS) | (np.arange(n) == 1)),
+            "subset": ["genA" if i % 2 else "genB"] * n}
+    if i >= 12:  # a later --update generation carries a column the first did not
+        part["source"] = [f"web{i}"] * n
+    return conform(pa.table(part))
+
+
+@pytest.fixture
+def through_proxy(s3_server, monkeypatch):
+    """S3 requests pass a proxy (10 ms each) that records them."""
+    with FaultProxy(s3_server, delay_s=0.01) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield proxy
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def part_reads(proxy) -> list[str]:
+    reads = sorted(path.rsplit("part-", 1)[1][:5] for method, path in proxy.requests if "/scores/part-" in path)
+    proxy.requests.clear()
+    return reads
+
+
+def expected_summary(parts: dict[str, pa.Table]) -> dict:
+    rows = pa.concat_tables(list(parts.values()), promote_options="default")
+    errors = rows.num_rows - rows["error"].null_count
+    labeled = rows.filter(pc.and_(rows["error"].is_null(), rows["label"].is_valid()))
+    metrics = binary_metrics(labeled["label"].to_numpy(), labeled["prob_fake"].to_numpy(), labeled["pred"].to_numpy())
+    return {"rows_out": rows.num_rows, "errors": errors, "scored": rows.num_rows - errors,
+            "ALL": {**metrics, "n": labeled.num_rows}}
+
+
+def figures(summary: dict) -> dict:
+    return {**{k: summary[k] for k in ("rows_out", "errors", "scored")}, "ALL": summary["metrics"]["ALL"]}
+
+
+def test_a_finished_scans_parts_are_read_once_each(s3_bucket, through_proxy):
+    rng = np.random.default_rng(0)
+    out = ScanStore(f"s3://{s3_bucket}/scan")
+    parts = {f"{i:05d}": make_part(i, rng) for i in range(24)}
+    for unit, table in parts.items():
+        out.write_parquet(out.part_name(unit), table)
+    through_proxy.requests.clear()
+    summary = summarize(ScanStore(out.uri), 999, 0, {}, rewritten=set(parts))
+    assert part_reads(through_proxy) == sorted(parts)  # one GET a part
+    assert through_proxy.max_in_flight > 1
+    assert figures(summary) == expected_summary(parts)
+    assert sorted(summary["metrics"]) == ["ALL", "genA", "genB"]
+    assert sum(m["n"] for s, m in summary["metrics"].items() if s != "ALL") == summary["metrics"]["ALL"]["n"]
+
+    store = ScanStore(out.uri)
+    assert store.units_with_transient_errors(store.done_units()) == {u for u in parts if int(u) % 5 == 0}
+    assert part_reads(through_proxy) == sorted(parts)
+    read_back = ScanStore(out.uri).read_scores()
+    rows = pa.concat_tables(list(parts.values()), promote_options="default")
+    assert read_back["uri"].to_pylist() == rows["uri"].to_pylist()
+    assert read_back["source"].null_count == sum(t.num_rows for u, t in parts.items() if int(u) < 12)
+
+
+def test_a_later_summary_reads_only_the_parts_it_has_not_counted_and_those_with_labels(s3_bucket, through_proxy):
+    rng = np.random.default_rng(1)
+    out = ScanStore(f"s3://{s3_bucket}/scan")
+    parts = {f"{i:05d}": make_part(i, rng) for i in range(24)}
+    for unit, table in parts.items():
+        out.write_parquet(out.part_name(unit), table)
+    summarize(ScanStore(out.uri), 999, 0, {}, rewritten=set(parts))
+    labeled = sorted(u for u in parts if int(u) < LABELED_PARTS)
+    part_reads(through_proxy)
+
+    # nothing new: the labeled parts again (the metrics need their scores), no unlabeled one
+    assert figures(summarize(ScanStore(out.uri), 999, 0, {}, rewritten=set())) == expected_summary(parts)
+    assert part_reads(through_proxy) == labeled
+
+    # --update adds units, --retry-errors rewrites one (same unit id, its read failure healed),
+    # one part changes size behind the scan's back, one is removed: the counts follow each
+    parts["00024"] = make_part(24, rng)
+    parts["00020"] = make_part(20, rng, heal=True)
+    parts["00021"] = make_part(21, np.random.default_rng(7)).slice(0, 3)
+    for unit in ("00024", "00020", "00021"):
+        out.write_parquet(out.part_name(unit), parts[unit])
+    del parts["00022"]
+    out.fs.rm(out.path(out.part_name("00022")))
+    part_reads(through_proxy)
+    summary = summarize(ScanStore(out.uri), 999, 0, {}, rewritten={"00024", "00020"})
+    assert figures(summary) == expected_summary(parts)
+    assert part_reads(through_proxy) == sorted(labeled + ["00020", "00021", "00024"])
+    kept = ScanStore(out.uri).read_parquet(PART_TALLIES)
+    assert kept["unit_id"].to_pylist() == sorted(parts)
+    assert kept["rows"].to_pylist() == [parts[u].num_rows for u in sorted(parts)]
