@@ -34,22 +34,22 @@ def part_tallies(out: ScanStore, rewritten: set[str]) -> tuple[pa.Table, pa.Tabl
     kept = out.read_parquet(PART_TALLIES)
     if kept is None or not kept.schema.equals(TALLY_SCHEMA):
         kept = TALLY_SCHEMA.empty_table()
-    kept = kept.join(parts, ["unit_id", "bytes"], join_type="inner")  # still there, at the size counted
-    kept = kept.filter(pc.invert(pc.is_in(kept["unit_id"], pa.array(sorted(rewritten), pa.string()))))
-    counted = set(kept["unit_id"].to_pylist())
-    to_read = {u for u in parts["unit_id"].to_pylist() if u not in counted}
-    to_read |= set(kept.filter(pc.greater(kept["labeled"], 0))["unit_id"].to_pylist())
-    fresh = {"unit_id": [], "rows": [], "errors": [], "labeled": []}
+    # a kept count serves while its part is there at the size counted and this run did not
+    # rewrite it; parts with labeled rows are read again all the same (the metrics need them)
+    kept = kept.join(parts, ["unit_id", "bytes"], join_type="inner").select(TALLY_SCHEMA.names)
+    stale = pc.is_in(kept["unit_id"], pa.array(sorted(rewritten), pa.string()))
+    reused = kept.filter(pc.and_(pc.invert(stale), pc.equal(kept["labeled"], 0)))
+    to_read = set(parts["unit_id"].to_pylist()) - set(reused["unit_id"].to_pylist())
+    counts = {"unit_id": [], "rows": [], "errors": [], "labeled": []}
     labeled = []
     for unit, part in out.scores_by_unit(SUMMARY_COLUMNS, to_read):
         rows = part.filter(pc.and_(part["error"].is_null(), part["label"].is_valid()))
-        for name, value in zip(fresh, (unit, part.num_rows, part.num_rows - part["error"].null_count, rows.num_rows)):
-            fresh[name].append(value)
+        for name, value in zip(counts, (unit, part.num_rows, part.num_rows - part["error"].null_count, rows.num_rows)):
+            counts[name].append(value)
         if rows.num_rows:
             labeled.append(rows.select(METRIC_COLUMNS))
-    fresh = pa.table(fresh, schema=pa.schema([f for f in TALLY_SCHEMA if f.name != "bytes"])).join(parts, "unit_id")
-    tallies = pa.concat_tables([kept.filter(pc.invert(pc.is_in(kept["unit_id"], fresh["unit_id"]))).select(TALLY_SCHEMA.names),
-                                fresh.select(TALLY_SCHEMA.names)]).sort_by("unit_id")
+    fresh = pa.table(counts, schema=pa.schema([f for f in TALLY_SCHEMA if f.name != "bytes"])).join(parts, "unit_id")
+    tallies = pa.concat_tables([reused, fresh.select(TALLY_SCHEMA.names)]).sort_by("unit_id")
     if fresh.num_rows:
         out.write_parquet(PART_TALLIES, tallies)
     return tallies, pa.concat_tables(labeled) if labeled else None
