@@ -77,9 +77,12 @@ class Location:
         filesystem would be stale."""
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._listing(rel))
 
-    def file_sizes(self, rel: str = "") -> list[tuple[str, int]]:
-        """(name, bytes) of each file directly below `rel`, sorted by name, listed afresh."""
-        return sorted((e["name"].rstrip("/").rsplit("/", 1)[-1], int(e.get("size") or 0))
+    def file_entries(self, rel: str = "") -> list[tuple[str, int, str]]:
+        """(name, bytes, version) of each file directly below `rel`, sorted by name, listed
+        afresh. The version changes when a file is written again: an object store's ETag,
+        a disk's modification time ('' where the filesystem gives neither)."""
+        return sorted((e["name"].rstrip("/").rsplit("/", 1)[-1], int(e.get("size") or 0),
+                       str(e.get("ETag") or e.get("etag") or e.get("mtime") or e.get("LastModified") or ""))
                       for e in self._listing(rel) if e.get("type") != "directory")
 
     def _listing(self, rel: str) -> list[dict]:

@@ -103,18 +103,23 @@ def test_a_later_summary_reads_only_the_parts_it_has_not_counted_and_those_with_
     assert part_reads(through_proxy) == labeled
 
     # --update adds units, --retry-errors rewrites one (same unit id, its read failure healed),
-    # one part changes size behind the scan's back, one is removed: the counts follow each
+    # two parts change behind the scan's back (one in size, one not), one is removed: the
+    # counts follow each
     parts["00024"] = make_part(24, rng)
     parts["00020"] = make_part(20, rng, heal=True)
     parts["00021"] = make_part(21, np.random.default_rng(7)).slice(0, 3)
-    for unit in ("00024", "00020", "00021"):
+    size = out.fs.size(out.path(out.part_name("00019")))
+    uris = parts["00019"]["uri"].to_pylist()
+    parts["00019"] = parts["00019"].set_column(0, "uri", pa.array([u.replace(".jpg", ".png") for u in uris]))
+    for unit in ("00024", "00020", "00021", "00019"):
         out.write_parquet(out.part_name(unit), parts[unit])
+    assert out.fs.size(out.path(out.part_name("00019"))) == size  # changed, at the same size: its ETag tells
     del parts["00022"]
     out.fs.rm(out.path(out.part_name("00022")))
     part_reads(through_proxy)
     summary = summarize(ScanStore(out.uri), 999, 0, {}, rewritten={"00024", "00020"})
     assert figures(summary) == expected_summary(parts)
-    assert part_reads(through_proxy) == sorted(labeled + ["00020", "00021", "00024"])
+    assert part_reads(through_proxy) == sorted(labeled + ["00019", "00020", "00021", "00024"])
     kept = ScanStore(out.uri).read_parquet(PART_TALLIES)
     assert kept["unit_id"].to_pylist() == sorted(parts)
     assert kept["rows"].to_pylist() == [parts[u].num_rows for u in sorted(parts)]

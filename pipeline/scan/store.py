@@ -114,6 +114,7 @@ def read_unit_records(uri: str, row_group: int) -> pa.Table:
             time.sleep(2**attempt)
 
 
+PART_FIELDS = ["unit_id", "bytes", "version"]  # what a listing says of a committed part
 PARTS_READ_AT_ONCE = 16  # committed parts read concurrently when scores are streamed
 
 
@@ -153,11 +154,13 @@ class ScanStore(Location):
         return f"{SCORES_DIR}/{PART_PREFIX}{unit_id}.parquet"
 
     def committed_parts(self) -> pa.Table:
-        """unit_id and bytes of every committed part, listed afresh, in unit order."""
-        units = [(n[len(PART_PREFIX) : -len(".parquet")], size) for n, size in self.file_sizes(SCORES_DIR)
-                 if n.startswith(PART_PREFIX) and n.endswith(".parquet")]
-        return pa.table({"unit_id": [u for u, _ in units], "bytes": [b for _, b in units]},
-                        schema=pa.schema([("unit_id", pa.string()), ("bytes", pa.int64())]))
+        """unit_id, bytes and version (`Location.file_entries`) of every committed part,
+        listed afresh, in unit order."""
+        parts = [(name[len(PART_PREFIX) : -len(".parquet")], size, version) for name, size, version
+                 in self.file_entries(SCORES_DIR) if name.startswith(PART_PREFIX) and name.endswith(".parquet")]
+        columns = list(zip(*parts)) if parts else [[], [], []]
+        return pa.table({name: pa.array(column, type) for name, column, type
+                         in zip(PART_FIELDS, columns, (pa.string(), pa.int64(), pa.string()))})
 
     def done_units(self) -> set[str]:
         return set(self.committed_parts()["unit_id"].to_pylist())

@@ -3,9 +3,9 @@
 Every run ends with a summary of the whole output, not of its own units: a nightly
 `--update` that adds a thousand units to a hundred thousand must not read a hundred
 thousand parts again. Each part's counts (rows, errors, labeled rows) are kept in
-`OUTPUT/_summary/part_tallies.parquet` with the part's size; a later summary reads only
-the parts that are new, rewritten by this run (`--retry-errors`) or of another size than
-counted, and those holding labeled rows (the metrics need their scores). An unlabeled
+`OUTPUT/_summary/part_tallies.parquet` with the part's size and version (ETag, mtime); a
+later summary reads only the parts that are new, rewritten (`--retry-errors`) or changed
+since counted, and those holding labeled rows (the metrics need their scores). An unlabeled
 corpus's summary costs one listing, one small file and its new parts.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mirror_core.metrics import binary_metrics
-from pipeline.scan.store import ScanStore
+from pipeline.scan.store import PART_FIELDS, ScanStore
 
 PART_TALLIES = "_summary/part_tallies.parquet"
-TALLY_SCHEMA = pa.schema([("unit_id", pa.string()), ("bytes", pa.int64()), ("rows", pa.int64()),
-                          ("errors", pa.int64()), ("labeled", pa.int64())])
+TALLY_SCHEMA = pa.schema([("unit_id", pa.string()), ("bytes", pa.int64()), ("version", pa.string()),
+                          ("rows", pa.int64()), ("errors", pa.int64()), ("labeled", pa.int64())])
 SUMMARY_COLUMNS = ["label", "subset", "prob_fake", "pred", "error"]
 METRIC_COLUMNS = ["label", "subset", "prob_fake", "pred"]
 
@@ -30,13 +30,14 @@ def part_tallies(out: ScanStore, rewritten: set[str]) -> tuple[pa.Table, pa.Tabl
     (METRIC_COLUMNS) of every part holding any, or None. Counts kept from an earlier
     summary serve where the part is unchanged (same size, not `rewritten` by this run);
     the rest are read, a few parts at once, and the counts are stored again."""
-    parts = out.committed_parts()  # unit_id, bytes: what the listing holds now
+    parts = out.committed_parts()  # unit_id, bytes, version: what the listing holds now
     kept = out.read_parquet(PART_TALLIES)
     if kept is None or not kept.schema.equals(TALLY_SCHEMA):
         kept = TALLY_SCHEMA.empty_table()
-    # a kept count serves while its part is there at the size counted and this run did not
-    # rewrite it; parts with labeled rows are read again all the same (the metrics need them)
-    kept = kept.join(parts, ["unit_id", "bytes"], join_type="inner").select(TALLY_SCHEMA.names)
+    # a kept count serves while its part is there as counted (same size and version) and this
+    # run did not rewrite it; parts with labeled rows are read again all the same (the
+    # metrics need their scores)
+    kept = kept.join(parts, PART_FIELDS, join_type="inner").select(TALLY_SCHEMA.names)
     stale = pc.is_in(kept["unit_id"], pa.array(sorted(rewritten), pa.string()))
     reused = kept.filter(pc.and_(pc.invert(stale), pc.equal(kept["labeled"], 0)))
     to_read = set(parts["unit_id"].to_pylist()) - set(reused["unit_id"].to_pylist())
@@ -48,7 +49,8 @@ def part_tallies(out: ScanStore, rewritten: set[str]) -> tuple[pa.Table, pa.Tabl
             counts[name].append(value)
         if rows.num_rows:
             labeled.append(rows.select(METRIC_COLUMNS))
-    fresh = pa.table(counts, schema=pa.schema([f for f in TALLY_SCHEMA if f.name != "bytes"])).join(parts, "unit_id")
+    fresh = pa.table(counts, schema=pa.schema([f for f in TALLY_SCHEMA if f.name not in PART_FIELDS[1:]]))
+    fresh = fresh.join(parts, "unit_id")
     tallies = pa.concat_tables([reused, fresh.select(TALLY_SCHEMA.names)]).sort_by("unit_id")
     if fresh.num_rows:
         out.write_parquet(PART_TALLIES, tallies)
