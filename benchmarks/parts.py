@@ -65,8 +65,8 @@ def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
     from moto.server import ThreadedMotoServer
     from s3_faults import FaultProxy
 
-    from pipeline.scan.summary import summarize
     from pipeline.scan.store import ScanStore
+    from pipeline.scan.summary import summarize
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
     port = _free_port()
