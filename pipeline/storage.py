@@ -35,6 +35,19 @@ def relative_paths(uris: pa.Array | pa.ChunkedArray, root: str) -> pa.Array:
     return pc.if_else(below, pc.utf8_slice_codeunits(uris, len(prefix)), pa.scalar(None, pa.string()))
 
 
+S3_CONNECTIONS = 10  # botocore's max_pool_connections: what an s3fs client holds unless configured
+
+
+def s3_connections(fs) -> int | None:
+    """Requests an s3fs filesystem serves at once: its client's connection pool (10 unless
+    its config_kwargs raise max_pool_connections, e.g. through fsspec's configuration:
+    FSSPEC_S3='{"config_kwargs": {"max_pool_connections": 64}}'); more only queue. None
+    for other filesystems."""
+    if not hasattr(fs, "_call_s3"):
+        return None
+    return max(1, int((getattr(fs, "config_kwargs", None) or {}).get("max_pool_connections", S3_CONNECTIONS)))
+
+
 def parquet_schema(uri: str) -> pa.Schema:
     """A Parquet file's schema, from its footer alone."""
     with fsspec.open(uri, "rb") as f:

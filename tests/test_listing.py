@@ -153,6 +153,27 @@ def test_a_flat_prefix_of_many_keys_lists_many_ranges_at_once_in_key_order(s3_se
     assert len(proxy.listings) < 2 * serial_pages, (len(proxy.listings), serial_pages)  # splits cost little
 
 
+def test_an_s3_client_configured_with_more_connections_lists_more_pages_at_once(s3_server, s3_bucket, monkeypatch):
+    """A user who raises the s3fs client's pool (fsspec's configuration, as FSSPEC_S3 sets
+    it) gets that many list requests at once, not botocore's default 10."""
+    import s3fs
+    from s3_faults import FaultProxy
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    keys = [f"wide/{hashlib.sha1(str(i).encode()).hexdigest()}" for i in range(400)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=s3_bucket, Key=k, Body=b""), keys))
+    monkeypatch.setattr(listing, "S3_PAGE_KEYS", 4)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {"max_pool_connections": 24}})
+    with FaultProxy(s3_server, delay_s=0.05) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            assert list(iter_files(f"s3://{s3_bucket}/wide")) == sorted(f"{s3_bucket}/{k}" for k in keys)
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+    assert proxy.max_in_flight > 16, proxy.max_in_flight
+
 def _folder(root, subsets: int, per_folder: int) -> None:
     for s in range(subsets):
         for label in ("0_real", "1_fake"):

@@ -123,3 +123,21 @@ def test_a_later_summary_reads_only_the_parts_it_has_not_counted_and_those_with_
     kept = ScanStore(out.uri).read_parquet(PART_TALLIES)
     assert kept["unit_id"].to_pylist() == sorted(parts)
     assert kept["rows"].to_pylist() == [parts[u].num_rows for u in sorted(parts)]
+
+
+def test_parts_are_read_over_as_many_connections_as_the_s3_client_holds(s3_bucket, s3_server, monkeypatch):
+    import fsspec
+
+    rng = np.random.default_rng(2)
+    out = ScanStore(f"s3://{s3_bucket}/scan")
+    for i in range(60):
+        out.write_parquet(out.part_name(f"{i:05d}"), make_part(i, rng))
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {"max_pool_connections": 32}})
+    with FaultProxy(s3_server, delay_s=0.1) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            assert ScanStore(out.uri).read_scores(["uri"]).num_rows == sum(5 + i % 4 for i in range(60))
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+    assert proxy.max_in_flight > 16, proxy.max_in_flight  # more than PARTS_READ_AT_ONCE

@@ -10,7 +10,8 @@ named by its path plus '/', each directory expanded in place (every path below
   subdirectories), each subdirectory flat (no delimiter: keys come in key order),
   PREFIXES_AHEAD subdirectories ahead of the consumer. Every listing is split into key
   ranges as it goes (`S3Lister`), so one prefix of millions of keys, as much as many
-  prefixes, lists REQUESTS_IN_FLIGHT pages at a time; memory holds about 2 x PAGES_AHEAD pages.
+  prefixes, lists as many pages at a time as the s3fs client holds connections (10 by
+  default, `storage.s3_connections`); memory holds about 2 x PAGES_AHEAD pages.
 - Local disks: a depth-first walk by `os.scandir` (no stat per file); other
   filesystems: the same walk by `fs.ls`. One directory is listed at a time (memory: the
   largest directory's names).
@@ -25,8 +26,9 @@ from typing import Iterator
 
 import fsspec
 
+from pipeline.storage import S3_CONNECTIONS, s3_connections
+
 S3_PAGE_KEYS = 1000  # the most S3 returns per request
-REQUESTS_IN_FLIGHT = 10  # list requests at once: s3fs clients hold 10 connections (botocore's default)
 RANGES_PER_LISTING = 256  # key ranges one prefix's listing is split into at most
 PAGES_AHEAD = 32  # pages listed ahead of the consumer: in the folder's listing, and in its subdirectories'
 PREFIXES_AHEAD = 16  # subdirectories whose listing starts ahead of the consumer
@@ -145,7 +147,8 @@ class _PrefixListing:
 
 
 class S3Lister:
-    """Lists S3 prefixes for one consumer with REQUESTS_IN_FLIGHT worker threads.
+    """Lists S3 prefixes for one consumer with a worker thread per connection of the s3fs
+    client (`storage.s3_connections`: more requests at once would only queue).
 
     A listing starts as one key range. A page that comes back truncated while a worker is
     idle splits the rest of its range at `key_between`: the range keeps the lower part, a
@@ -167,7 +170,8 @@ class S3Lister:
         self.listings: list[_PrefixListing] = []
         self.in_flight = 0
         self.stopped = False
-        for _ in range(REQUESTS_IN_FLIGHT):
+        self.workers = s3_connections(fs) or S3_CONNECTIONS
+        for _ in range(self.workers):
             threading.Thread(target=self._work, daemon=True).start()
 
     def listing(self, prefix: str, delimiter: bool) -> _PrefixListing:
@@ -268,7 +272,7 @@ class S3Lister:
             r.done = True
             return
         r.token = token
-        if (entries and self.in_flight < REQUESTS_IN_FLIGHT and len(listing.ranges) < RANGES_PER_LISTING
+        if (entries and self.in_flight < self.workers and len(listing.ranges) < RANGES_PER_LISTING
                 and self._pages_through(r) < PAGES_AHEAD):  # ranges further on wait their turn
             # Split one character above where this page's keys vary: the lower part holds
             # about as many pages as one character's worth of such pages, wherever the

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from pipeline.scan.schema import INDEX, UNIT
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit
 from pipeline.scan.uri_set import UriSet
-from pipeline.storage import Location, parquet_schema, read_ahead
+from pipeline.storage import Location, parquet_schema, read_ahead, s3_connections
 
 SCORES_DIR = "scores"
 PART_PREFIX = "part-"
@@ -115,7 +115,7 @@ def read_unit_records(uri: str, row_group: int) -> pa.Table:
 
 
 PART_FIELDS = ["unit_id", "bytes", "version"]  # what a listing says of a committed part
-PARTS_READ_AT_ONCE = 16  # committed parts read concurrently when scores are streamed
+PARTS_READ_AT_ONCE = 16  # committed parts read concurrently (at least; an s3fs client's connections if more)
 
 
 def stored_records(store: Location, plan: Plan, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -184,7 +184,8 @@ class ScanStore(Location):
             part = pq.ParquetFile(io.BytesIO(self.read_bytes(self.part_name(unit))))
             return unit, part.read(None if columns is None else [c for c in columns if c in part.schema_arrow.names])
 
-        return read_ahead(read, sorted(self.done_units() if units is None else units), PARTS_READ_AT_ONCE)
+        threads = max(PARTS_READ_AT_ONCE, s3_connections(self.fs) or 0)
+        return read_ahead(read, sorted(self.done_units() if units is None else units), threads)
 
     def read_scores(self, columns=None) -> pa.Table:
         """Every committed row (`columns`: only those), read as `scores_by_unit` streams them;
