@@ -51,3 +51,49 @@ def resources_line() -> str:
     parts = [f"nodes: {alive} alive" + (f", {len(nodes) - alive} lost" if alive < len(nodes) else "")]
     parts += [f"{name} {free.get(name, 0):g} of {total[name]:g} free" for name in ("CPU", "GPU") if total.get(name)]
     return "; ".join(parts)
+
+
+NODE_LOOK_TIMEOUT_S = 60.0  # a node that cannot run a zero-CPU task in this time is left unchecked
+
+
+def _visible(paths: list[str]) -> list[bool]:
+    return [os.path.exists(p) for p in paths]
+
+
+def unseen_paths(paths: list[str]) -> dict[str, list[str]]:
+    """The local `paths` that some other alive node of the cluster does not see: {path: its
+    nodes}. Empty on one node, or where every node mounts them (NFS at the same place). One
+    zero-CPU task per other node looks; a node that does not answer in time is left out."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not paths or not nodes:
+        return {}
+    look = ray.remote(num_cpus=0, max_retries=0)(_visible)
+    refs = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": look.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths) for n in nodes}
+    unseen: dict[str, list[str]] = {}
+    for node, ref in refs.items():
+        try:
+            seen = ray.get(ref, timeout=NODE_LOOK_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as err:  # a node leaving, or too busy to say
+            logging.getLogger("mirror").warning("could not check the paths seen by node %s: %s", node, err)
+            ray.cancel(ref, force=True)
+            continue
+        for path, ok in zip(paths, seen):
+            if not ok:
+                unseen.setdefault(path, []).append(node)
+    return unseen
+
+
+def require_shared_paths(paths: dict[str, str]) -> None:
+    """Fails when a local path a command's tasks read or write ({path: what it is, e.g.
+    '--output'}) is not seen by every node of the cluster: tasks on those nodes would read
+    nothing, or write parts where no one finds them."""
+    local = [p for p in paths if os.path.exists(p)]
+    for path, nodes in unseen_paths(local).items():
+        raise ValueError(f"{paths[path]} {path} is a local path that {len(nodes)} node(s) of the cluster do not see "
+                         f"({', '.join(sorted(nodes))}): on several nodes use a filesystem every node mounts at the "
+                         "same path, or an object store (s3://...)")

@@ -77,6 +77,10 @@ class Location:
         self.uri = uri.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        if self.local and "://" not in self.uri:
+            # Ray workers resolve a relative path against their own working directory, which
+            # on other nodes (or under `ray job submit`) is not this process's
+            self.uri = os.path.abspath(self.uri)
 
     def path(self, *parts: str) -> str:
         return join_uri(self.root, *parts)

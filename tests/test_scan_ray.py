@@ -259,3 +259,22 @@ def test_demo_is_deterministic(ray_local, tmp_path):
     scores_b = read_scores(tmp_path / "b" / "scan")["prob_fake"].to_pylist()
     assert scores_a == pytest.approx(scores_b, abs=1e-6)
     assert set(a["metrics"]) == {"ALL", "portraits", "landscapes"}
+
+
+def test_relative_paths_are_the_commands_own_whatever_the_workers_directory(ray_local, parity_bundle, tmp_path,
+                                                                             monkeypatch):
+    """Ray started elsewhere (as a cluster's workers, or a job's, run in their own
+    directory): a relative --input and --output still mean the driver's."""
+    for i in range(6):
+        write_image(tmp_path / "src" / f"{i}.png", seed=i)
+    monkeypatch.chdir(tmp_path)
+    assert os.getcwd() != ray_get_cwd()
+    summary = run_scan(str(parity_bundle), "src", "out/scan", ScanConfig(unit_size=4, actors=1))
+    assert summary["output"] == str(tmp_path / "out" / "scan") and summary["scored"] == 6
+    assert len(os.listdir(tmp_path / "out" / "scan" / "scores")) == 2
+
+
+def ray_get_cwd() -> str:
+    import ray
+
+    return ray.get(ray.remote(lambda: os.getcwd()).remote())

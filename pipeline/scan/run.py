@@ -16,14 +16,14 @@ import pyarrow.compute as pc
 
 from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.config import MirrorConfig
-from pipeline.cluster import ensure_ray, resources_line
+from pipeline.cluster import ensure_ray, require_shared_paths, resources_line
 from pipeline.progress import RowProgress, stall_reports, step
 from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
-from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, plan_source, update_plan
+from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, input_root, plan_source, update_plan
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
 from pipeline.scan.summary import summarize
 
@@ -236,6 +236,18 @@ class ScanJob:
     perturbation: str | None = None
 
 
+def task_paths(prepared) -> dict[str, str]:
+    """The local paths a scan's tasks read and write, named as the user gave them: each
+    output, and each input whose files tasks read (a manifest is read while planning)."""
+    paths = {}
+    for job, out, plan, *_ in prepared:
+        if out.local:
+            paths[out.root] = "--output"
+        if plan.input_format != "manifest" and "://" not in job.input_uri:
+            paths[os.path.abspath(input_root(job.input_uri))] = "--input"
+    return paths
+
+
 def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConfig,
              check_plan: Callable[[ScanStore, Plan], None] | None = None) -> dict[str, Any]:
     """Score every record of `input_uri` into `output_uri`; resumes a previous run there.
@@ -292,6 +304,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         import ray
 
         ensure_ray(cfg.address)
+        require_shared_paths(task_paths(prepared))
         cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
         all_todo = [u for *_, todo, _ in prepared for u in todo]
         per_block = units_per_block(len(items), ray.cluster_resources().get("CPU", 1) / max(cfg.cpus_per_decode_task, 0.01))
