@@ -117,3 +117,38 @@ def test_a_worker_node_lost_mid_scan_loses_no_row(parity_bundle, tmp_path):
     assert sorted(rows["uri"].to_pylist()) == sorted(str(p) for p in (tmp_path / "src").rglob("*.png"))
     after = [json.loads(pq.read_schema(p).metadata[b"mirror_writer"])["node"] for p in parts if p not in before]
     assert any(node != lost for node in after), after
+
+
+SHARED_PATH_CHECK = """
+import json, os, sys
+import ray
+from pipeline.cluster import require_shared_paths, unseen_paths
+ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+os.dup2(os.open(sys.argv[1], os.O_RDONLY), 987)
+private = "/proc/self/fd/987"  # a path this process alone sees: no other holds that descriptor
+found = {"shared": unseen_paths([sys.argv[1]]), "private": unseen_paths([sys.argv[1], private])}
+try:
+    require_shared_paths({sys.argv[1]: "--input", private: "--output"})
+except ValueError as err:
+    found["error"] = str(err)
+print(json.dumps(found))
+"""
+
+
+def test_a_local_path_that_other_nodes_do_not_see_is_refused_naming_them(tmp_path):
+    """Before a scan starts on several nodes, each other node looks for its local --input
+    and --output: a path on the driver's disk alone would make their tasks fail to read,
+    or write parts no one finds."""
+    c, workers = start_cluster()
+    try:
+        proc = subprocess.run([sys.executable, "-c", SHARED_PATH_CHECK, str(tmp_path)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": c.address})
+    finally:
+        c.shutdown()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["shared"] == {}  # one machine: every node sees the test's folder
+    private = "/proc/self/fd/987"
+    assert list(found["private"]) == [private] and len(found["private"][private]) == 2  # both worker nodes
+    assert found["error"].startswith(f"--output {private} is a local path that 2 node(s) of the cluster do not see")
+    assert all(w.node_id[:8] in found["error"] for w in workers)

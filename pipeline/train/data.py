@@ -88,6 +88,7 @@ class TrainingData:
     units: list[Unit]
     n_train: int
     n_val: int
+    input_format: str  # as planning found it (folder, parquet, manifest, webdataset)
 
 
 def record_tables(plan: Plan, store: Location, columns: ColumnMap) -> Iterator[pa.Table]:
@@ -117,7 +118,8 @@ def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_ur
     if n_train == 0 or n_val == 0:
         raise ValueError(f"not enough images in {input_uri}: {n_train} to train on, {n_val} held out"
                          + (" (phase 1 trains on real images only)" if phase == 1 else ""))
-    return TrainingData(input_uri, phase, val_fraction, root, store.uri, label, plan.units, n_train, n_val)
+    return TrainingData(input_uri, phase, val_fraction, root, store.uri, label, plan.units, n_train, n_val,
+                        plan.input_format)
 
 
 def split_rows(batch: pa.Table, *, phase: int, val_fraction: float, held_out: bool, root: str,

@@ -266,7 +266,7 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
-    from pipeline.cluster import ensure_ray
+    from pipeline.cluster import ensure_ray, require_shared_paths
     
     bundle = base_model(base, memory)
     storage = os.path.abspath(storage) if "://" not in storage else storage
@@ -274,6 +274,10 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     log.info("phase %d: %s training / %s held-out images in %s", tc.phase, f"{data.n_train:,}", f"{data.n_val:,}",
              input_uri)
     ensure_ray(address)
+    shared = {storage: "--storage"} if "://" not in storage else {}
+    if "://" not in data.root and data.input_format != "manifest":  # a manifest is read here only
+        shared[os.path.abspath(data.root)] = "--input"
+    require_shared_paths(shared)
     clock = epoch_clock()
     train_ds, val_ds = training_datasets(data, tc.seed, clock, decode_attempts())
     steps = tc.epochs * math.ceil(data.n_train / (tc.batch_size * tc.num_workers * tc.grad_accum))
