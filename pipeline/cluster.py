@@ -53,7 +53,10 @@ def resources_line() -> str:
     return "; ".join(parts)
 
 
-NODE_LOOK_TIMEOUT_S = 60.0  # a node that cannot run a zero-CPU task in this time is left unchecked
+# How long the nodes have, together, to say which paths they see: a node's first task may
+# wait for its runtime environment (the job's pip install), which the scan's tasks would
+# wait for all the same. A node that has not answered by then is left unchecked.
+NODE_LOOK_TIMEOUT_S = 120.0
 
 
 def _visible(paths: list[str]) -> list[bool]:
@@ -62,8 +65,8 @@ def _visible(paths: list[str]) -> list[bool]:
 
 def unseen_paths(paths: list[str]) -> dict[str, list[str]]:
     """The local `paths` that some other alive node of the cluster does not see: {path: its
-    nodes}. Empty on one node, or where every node mounts them (NFS at the same place). One
-    zero-CPU task per other node looks; a node that does not answer in time is left out."""
+    nodes}. Empty on one node, or where every node mounts them (NFS at the same place). A
+    zero-CPU task on each other node looks, all at once."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -74,12 +77,14 @@ def unseen_paths(paths: list[str]) -> dict[str, list[str]]:
     look = ray.remote(num_cpus=0, max_retries=0)(_visible)
     refs = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": look.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths) for n in nodes}
+    ray.wait(list(refs.values()), num_returns=len(refs), timeout=NODE_LOOK_TIMEOUT_S)
     unseen: dict[str, list[str]] = {}
     for node, ref in refs.items():
         try:
-            seen = ray.get(ref, timeout=NODE_LOOK_TIMEOUT_S)
-        except (ray.exceptions.RayError, TimeoutError) as err:  # a node leaving, or too busy to say
-            logging.getLogger("mirror").warning("could not check the paths seen by node %s: %s", node, err)
+            seen = ray.get(ref, timeout=0)
+        except ray.exceptions.RayError as err:  # a node leaving, or too busy to say in time
+            logging.getLogger("mirror").warning("could not check the paths node %s sees: %s", node,
+                                                type(err).__name__)
             ray.cancel(ref, force=True)
             continue
         for path, ok in zip(paths, seen):
