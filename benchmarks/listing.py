@@ -18,18 +18,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-PERF_LOG = REPO / "benchmarks" / "results" / "perf-log.md"
+from benchmarks.s3_store import log_figures, moto_bucket, stamped  # noqa: E402
 
 
 def flat_keys(n: int) -> list[str]:
@@ -38,32 +35,19 @@ def flat_keys(n: int) -> list[str]:
 
 
 def listing_figures(keys: int, page_keys: int, delay_s: float, connections: int) -> dict:
-    import boto3
     import fsspec
     import s3fs
-    from conftest import _free_port
-    from moto.server import ThreadedMotoServer
     from s3_faults import FaultProxy
 
     from pipeline.scan import listing
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    upstream = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
-    client = boto3.client("s3", endpoint_url=upstream)
-    client.create_bucket(Bucket="listing")
     names = flat_keys(keys)
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda k: client.put_object(Bucket="listing", Key=k, Body=b""), names))
     expected = sorted(f"listing/{k}" for k in names)
     result = {"keys": keys, "page_keys": page_keys, "delay_s": delay_s, "serial_pages": -(-keys // page_keys)}
     listing.S3_PAGE_KEYS = page_keys
     configured = fsspec.config.conf.get("s3")
     try:
-        with FaultProxy(upstream, delay_s=delay_s) as proxy:
+        with moto_bucket("listing", names, lambda i: b"") as upstream, FaultProxy(upstream, delay_s=delay_s) as proxy:
             os.environ["AWS_ENDPOINT_URL"] = proxy.url
             for name, in_flight in (("serial", 1), ("split", connections)):
                 fsspec.config.conf["s3"] = {"config_kwargs": {"max_pool_connections": in_flight}}
@@ -81,7 +65,6 @@ def listing_figures(keys: int, page_keys: int, delay_s: float, connections: int)
         fsspec.config.conf.pop("s3", None)
         if configured is not None:
             fsspec.config.conf["s3"] = configured
-        server.stop()
     result["split_over_serial"] = round(result["split_keys_per_s"] / result["serial_keys_per_s"], 2)
     return result
 
@@ -94,13 +77,10 @@ def main(argv=None) -> int:
     p.add_argument("--connections", type=int, default=10, help="the s3fs client's connections (botocore's default 10)")
     p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
     args = p.parse_args(argv)
-    result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores",
-              **listing_figures(args.keys, args.page_keys, args.delay_s, args.connections)}
+    result = stamped(listing_figures(args.keys, args.page_keys, args.delay_s, args.connections))
     print(json.dumps(result, indent=2))
     if not args.no_record:
-        with open(PERF_LOG, "a") as log:
-            log.write(f"\n### {result['date']}: listing a flat S3 prefix of {args.keys:,} keys (moto, "
-                      f"{args.delay_s} s a request)\n\n```json\n" + json.dumps(result, indent=2) + "\n```\n")
+        log_figures(f"listing a flat S3 prefix of {args.keys:,} keys (moto, {args.delay_s} s a request)", result)
     return 0
 
 

@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-PERF_LOG = REPO / "benchmarks" / "results" / "perf-log.md"
+from benchmarks.s3_store import log_figures, moto_bucket, stamped  # noqa: E402
+
 ERRORS_PER_PART = 3  # rows with an error: the last one a read failure, so every part is retried
 
 
@@ -59,58 +57,41 @@ def part_bytes(rows: int, seed: int) -> bytes:
 
 
 def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
-    import boto3
     import s3fs
-    from conftest import _free_port
-    from moto.server import ThreadedMotoServer
     from s3_faults import FaultProxy
 
     from pipeline.scan.store import ScanStore
     from pipeline.scan.summary import summarize
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    upstream = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
-    client = boto3.client("s3", endpoint_url=upstream)
-    client.create_bucket(Bucket="scans")
     bodies = [part_bytes(rows, seed) for seed in range(4)]  # parts differ; four are enough
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda i: client.put_object(Bucket="scans", Key=f"scan/scores/part-{i:08d}.parquet",
-                                                  Body=bodies[i % 4]), range(parts)))
+    keys = [f"scan/scores/part-{i:08d}.parquet" for i in range(parts)]
     result = {"parts": parts, "rows_per_part": rows, "part_kb": round(len(bodies[0]) / 1024, 1), "delay_s": delay_s}
-    try:
-        with FaultProxy(upstream, delay_s=delay_s) as proxy:
-            os.environ["AWS_ENDPOINT_URL"] = proxy.url
-            s3fs.S3FileSystem.clear_instance_cache()
-            out = ScanStore("s3://scans/scan")
+    with moto_bucket("scans", keys, lambda i: bodies[i % 4]) as upstream, FaultProxy(upstream, delay_s=delay_s) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.url
+        s3fs.S3FileSystem.clear_instance_cache()
+        out = ScanStore("s3://scans/scan")
 
-            def timed(name, read, check):
-                proxy.requests.clear()
-                proxy.max_in_flight = 0
-                t = time.perf_counter()
-                got = read()
-                wall = time.perf_counter() - t
-                if not check(got):
-                    raise AssertionError(f"{name}: wrong result {str(got)[:200]}")
-                result.update({f"{name}_s": round(wall, 2), f"{name}_parts_per_s": round(parts / wall, 1),
-                               f"{name}_requests_per_part": round(len(proxy.requests) / parts, 2),
-                               f"{name}_max_in_flight": proxy.max_in_flight})
+        def timed(name, read, check):
+            proxy.requests.clear()
+            proxy.max_in_flight = 0
+            t = time.perf_counter()
+            got = read()
+            wall = time.perf_counter() - t
+            if not check(got):
+                raise AssertionError(f"{name}: wrong result {str(got)[:200]}")
+            result.update({f"{name}_s": round(wall, 2), f"{name}_parts_per_s": round(parts / wall, 1),
+                           f"{name}_requests_per_part": round(len(proxy.requests) / parts, 2),
+                           f"{name}_max_in_flight": proxy.max_in_flight})
 
-            units = set(out.done_units())
+        def right(s):
+            return s["rows_out"] == parts * rows and s["errors"] == parts * ERRORS_PER_PART
 
-            def right(s):
-                return s["rows_out"] == parts * rows and s["errors"] == parts * ERRORS_PER_PART
-
-            timed("summary", lambda: summarize(out, parts * rows, 0, {}, rewritten=units), right)
-            timed("summary_again", lambda: summarize(out, parts * rows, 0, {}, rewritten=set()), right)
-            timed("audit_stream", lambda: sum(t.num_rows for _, t in out.scores_by_unit(["uri", "prob_fake", "error"])),
-                  lambda n: n == parts * rows)
-            timed("retry_search", lambda: out.units_with_transient_errors(out.done_units()), lambda u: len(u) == parts)
-    finally:
-        server.stop()
+        units = set(out.done_units())
+        timed("summary", lambda: summarize(out, parts * rows, 0, {}, rewritten=units), right)
+        timed("summary_again", lambda: summarize(out, parts * rows, 0, {}, rewritten=set()), right)
+        timed("audit_stream", lambda: sum(t.num_rows for _, t in out.scores_by_unit(["uri", "prob_fake", "error"])),
+              lambda n: n == parts * rows)
+        timed("retry_search", lambda: out.units_with_transient_errors(out.done_units()), lambda u: len(u) == parts)
     return result
 
 
@@ -121,13 +102,11 @@ def main(argv=None) -> int:
     p.add_argument("--delay-s", type=float, default=0.03, help="added to every request")
     p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
     args = p.parse_args(argv)
-    result = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores",
-              **parts_figures(args.parts, args.rows, args.delay_s)}
+    result = stamped(parts_figures(args.parts, args.rows, args.delay_s))
     print(json.dumps(result, indent=2))
     if not args.no_record:
-        with open(PERF_LOG, "a") as log:
-            log.write(f"\n### {result['date']}: reading {args.parts:,} committed parts of {args.rows:,} rows on S3 "
-                      f"(moto, {args.delay_s} s a request)\n\n```json\n" + json.dumps(result, indent=2) + "\n```\n")
+        log_figures(f"reading {args.parts:,} committed parts of {args.rows:,} rows on S3 (moto, "
+                    f"{args.delay_s} s a request)", result)
     return 0
 
 

@@ -61,16 +61,22 @@ def expected_summary(parts: dict[str, pa.Table]) -> dict:
             "ALL": {**metrics, "n": labeled.num_rows}}
 
 
+def committed(bucket: str, n: int, seed: int) -> tuple[ScanStore, dict[str, pa.Table]]:
+    """A scan output on S3 holding the parts of n units."""
+    rng = np.random.default_rng(seed)
+    out = ScanStore(f"s3://{bucket}/scan")
+    parts = {f"{i:05d}": make_part(i, rng) for i in range(n)}
+    for unit, table in parts.items():
+        out.write_parquet(out.part_name(unit), table)
+    return out, parts
+
+
 def figures(summary: dict) -> dict:
     return {**{k: summary[k] for k in ("rows_out", "errors", "scored")}, "ALL": summary["metrics"]["ALL"]}
 
 
 def test_a_finished_scans_parts_are_read_once_each(s3_bucket, through_proxy):
-    rng = np.random.default_rng(0)
-    out = ScanStore(f"s3://{s3_bucket}/scan")
-    parts = {f"{i:05d}": make_part(i, rng) for i in range(24)}
-    for unit, table in parts.items():
-        out.write_parquet(out.part_name(unit), table)
+    out, parts = committed(s3_bucket, 24, seed=0)
     through_proxy.requests.clear()
     summary = summarize(ScanStore(out.uri), 999, 0, {}, rewritten=set(parts))
     assert part_reads(through_proxy) == sorted(parts)  # one GET a part
@@ -89,11 +95,8 @@ def test_a_finished_scans_parts_are_read_once_each(s3_bucket, through_proxy):
 
 
 def test_a_later_summary_reads_only_the_parts_it_has_not_counted_and_those_with_labels(s3_bucket, through_proxy):
-    rng = np.random.default_rng(1)
-    out = ScanStore(f"s3://{s3_bucket}/scan")
-    parts = {f"{i:05d}": make_part(i, rng) for i in range(24)}
-    for unit, table in parts.items():
-        out.write_parquet(out.part_name(unit), table)
+    out, parts = committed(s3_bucket, 24, seed=1)
+    rng = np.random.default_rng(11)
     summarize(ScanStore(out.uri), 999, 0, {}, rewritten=set(parts))
     labeled = sorted(u for u in parts if int(u) < LABELED_PARTS)
     part_reads(through_proxy)
@@ -128,10 +131,7 @@ def test_a_later_summary_reads_only_the_parts_it_has_not_counted_and_those_with_
 def test_parts_are_read_over_as_many_connections_as_the_s3_client_holds(s3_bucket, s3_server, monkeypatch):
     import fsspec
 
-    rng = np.random.default_rng(2)
-    out = ScanStore(f"s3://{s3_bucket}/scan")
-    for i in range(60):
-        out.write_parquet(out.part_name(f"{i:05d}"), make_part(i, rng))
+    out, _ = committed(s3_bucket, 60, seed=2)
     monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {"max_pool_connections": 32}})
     with FaultProxy(s3_server, delay_s=0.1) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
