@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
+from contextlib import ExitStack, contextmanager, suppress
+from typing import Iterator
 
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
@@ -63,6 +66,14 @@ def _visible(paths: list[str]) -> list[bool]:
     return [os.path.exists(p) for p in paths]
 
 
+def other_nodes() -> list[dict]:
+    """The alive nodes of the cluster other than this process's."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+
+
 def unseen_paths(paths: list[str]) -> dict[str, list[str]]:
     """The local `paths` that some other alive node of the cluster does not see: {path: its
     nodes}. Empty on one node, or where every node mounts them (NFS at the same place). A
@@ -70,8 +81,7 @@ def unseen_paths(paths: list[str]) -> dict[str, list[str]]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    nodes = other_nodes()
     if not paths or not nodes:
         return {}
     look = ray.remote(num_cpus=0, max_retries=0)(_visible)
@@ -93,12 +103,32 @@ def unseen_paths(paths: list[str]) -> dict[str, list[str]]:
     return unseen
 
 
-def require_shared_paths(paths: dict[str, str]) -> None:
-    """Fails when a local path a command's tasks read or write ({path: what it is, e.g.
-    '--output'}) is not seen by every node of the cluster: tasks on those nodes would read
-    nothing, or write parts where no one finds them."""
-    local = [p for p in paths if os.path.exists(p)]
-    for path, nodes in unseen_paths(local).items():
-        raise ValueError(f"{paths[path]} {path} is a local path that {len(nodes)} node(s) of the cluster do not see "
-                         f"({', '.join(sorted(nodes))}): on several nodes use a filesystem every node mounts at the "
-                         "same path, or an object store (s3://...)")
+@contextmanager
+def probe_file(folder: str) -> Iterator[str]:
+    """A new empty file in a local folder, for other nodes to look for (the folder itself
+    could exist on each node's own disk, left there by an earlier run); removed after."""
+    path = os.path.join(folder, f".mirror-node-check-{uuid.uuid4().hex}")
+    open(path, "wb").close()
+    try:
+        yield path
+    finally:
+        with suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def require_shared_paths(inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    """Fails when a local path that a command's tasks read ({path: its option, e.g.
+    '--input'}) or write in ({folder: its option}) is not seen by every node of the cluster:
+    tasks on those nodes would read nothing, or write parts where no one finds them. Only
+    paths this process sees are checked, and only on a cluster of several nodes."""
+    if not (inputs or outputs) or not other_nodes():
+        return
+    with ExitStack() as stack:
+        named = {path: f"{what} {path}" for path, what in inputs.items() if os.path.exists(path)}
+        for folder, what in outputs.items():
+            if os.path.isdir(folder):
+                named[stack.enter_context(probe_file(folder))] = f"{what} {folder}"
+        for path, nodes in unseen_paths(list(named)).items():
+            raise ValueError(f"{named[path]} is a local path that {len(nodes)} node(s) of the cluster do not see "
+                             f"({', '.join(sorted(nodes))}): on several nodes use a filesystem every node mounts at "
+                             "the same path, or an object store (s3://...)")

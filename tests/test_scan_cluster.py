@@ -127,18 +127,20 @@ ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
 os.dup2(os.open(sys.argv[1], os.O_RDONLY), 987)
 private = "/proc/self/fd/987"  # a path this process alone sees: no other holds that descriptor
 found = {"shared": unseen_paths([sys.argv[1]]), "private": unseen_paths([sys.argv[1], private])}
-try:
-    require_shared_paths({sys.argv[1]: "--input", private: "--output"})
+require_shared_paths({sys.argv[1]: "--input"}, {sys.argv[1]: "--output"})  # shared: a probe file in it is seen
+try:  # the same folder through this process's own descriptor: the probe file made in it is not seen
+    require_shared_paths({}, {private: "--output"})
 except ValueError as err:
     found["error"] = str(err)
+found["probes_left"] = [n for n in os.listdir(sys.argv[1]) if n.startswith(".mirror")]
 print(json.dumps(found))
 """
 
 
 def test_a_local_path_that_other_nodes_do_not_see_is_refused_naming_them(tmp_path):
     """Before a scan starts on several nodes, each other node looks for its local --input
-    and --output: a path on the driver's disk alone would make their tasks fail to read,
-    or write parts no one finds."""
+    and for a new file in its local --output: a path on the driver's disk alone would make
+    their tasks fail to read, or write parts no one finds."""
     c, workers = start_cluster()
     try:
         proc = subprocess.run([sys.executable, "-c", SHARED_PATH_CHECK, str(tmp_path)], capture_output=True,
@@ -150,5 +152,6 @@ def test_a_local_path_that_other_nodes_do_not_see_is_refused_naming_them(tmp_pat
     assert found["shared"] == {}  # one machine: every node sees the test's folder
     private = "/proc/self/fd/987"
     assert list(found["private"]) == [private] and len(found["private"][private]) == 2  # both worker nodes
+    assert found["probes_left"] == []
     assert found["error"].startswith(f"--output {private} is a local path that 2 node(s) of the cluster do not see")
     assert all(w.node_id[:8] in found["error"] for w in workers)

@@ -115,8 +115,8 @@ def ingest_folder(input_uri: str, output_uri: str, rows_per_shard: int = 4096, r
             raise ValueError(f"{output_uri} holds shards of another ingest ({', '.join(changed)} differ); "
                              "choose a new --output")
         out.write_json(IDENTITY_FILE, identity)
-        require_shared_paths({**({base: "--input"} if "://" not in input_uri else {}),
-                              **({out.root: "--output"} if out.local else {})})
+        require_shared_paths({base: "--input"} if "://" not in input_uri else {},
+                             {out.root: "--output"} if out.local else {})
         existing = set(out.names())
         task = ray.remote(num_cpus=SHARD_TASK_CPUS)(write_shard)
         pending = [task.remote(work.uri_of(u.file), u.row_group, out.uri, shard_name(i), rows_per_row_group,

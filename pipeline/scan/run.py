@@ -236,16 +236,16 @@ class ScanJob:
     perturbation: str | None = None
 
 
-def task_paths(prepared) -> dict[str, str]:
-    """The local paths a scan's tasks read and write, named as the user gave them: each
-    output, and each input whose files tasks read (a manifest is read while planning)."""
-    paths = {}
+def task_paths(prepared) -> tuple[dict[str, str], dict[str, str]]:
+    """The local paths a scan's tasks read (each input whose files they read: a manifest is
+    read while planning) and write in (each output), with their options."""
+    inputs, outputs = {}, {}
     for job, out, plan, *_ in prepared:
         if out.local:
-            paths[out.root] = "--output"
+            outputs[out.root] = "--output"
         if plan.input_format != "manifest" and "://" not in job.input_uri:
-            paths[os.path.abspath(input_root(job.input_uri))] = "--input"
-    return paths
+            inputs[os.path.abspath(input_root(job.input_uri))] = "--input"
+    return inputs, outputs
 
 
 def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConfig,
@@ -304,7 +304,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         import ray
 
         ensure_ray(cfg.address)
-        require_shared_paths(task_paths(prepared))
+        require_shared_paths(*task_paths(prepared))
         cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
         all_todo = [u for *_, todo, _ in prepared for u in todo]
         per_block = units_per_block(len(items), ray.cluster_resources().get("CPU", 1) / max(cfg.cpus_per_decode_task, 0.01))

@@ -274,10 +274,9 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     log.info("phase %d: %s training / %s held-out images in %s", tc.phase, f"{data.n_train:,}", f"{data.n_val:,}",
              input_uri)
     ensure_ray(address)
-    shared = {storage: "--storage"} if "://" not in storage else {}
-    if "://" not in data.root and data.input_format != "manifest":  # a manifest is read here only
-        shared[os.path.abspath(data.root)] = "--input"
-    require_shared_paths(shared)
+    read_here = "://" in data.root or data.input_format == "manifest"  # a manifest is read here only
+    require_shared_paths({} if read_here else {os.path.abspath(data.root): "--input"},
+                         {storage: "--storage"} if "://" not in storage else {})
     clock = epoch_clock()
     train_ds, val_ds = training_datasets(data, tc.seed, clock, decode_attempts())
     steps = tc.epochs * math.ceil(data.n_train / (tc.batch_size * tc.num_workers * tc.grad_accum))
