@@ -192,7 +192,7 @@ class ScanStore(Location):
         parts of different --update generations may differ in carried columns: a column is
         null in the rows of a part without it."""
         tables = [t for _, t in self.scores_by_unit(columns)]
-        return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
     # --- scan identity and plan --------------------------------------------
     def claim(self, identity: dict) -> None:
