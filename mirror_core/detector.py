@@ -12,6 +12,7 @@ from PIL import Image
 
 from .bundle import Bundle, load_bundle
 from .config import PRECISION_NAMES, MirrorConfig
+from .errors import error_text
 from .fp8 import fp8_linears_, fp8_supported
 from .fused import fuse_projections_, patch_embedding_as_linear_, precompute_rope_
 from .model import MirrorModel, assemble_model
@@ -149,7 +150,7 @@ class Detector:
             try:
                 ready.append((i, self.preprocess(item, name)))
             except Exception as err:  # one bad image never sinks the batch
-                rows[i] = {"error": f"{type(err).__name__}: {err}"}
+                rows[i] = {"error": error_text(err)}
         for start in range(0, len(ready), batch_size):
             chunk = ready[start : start + batch_size]
             scores = self.score_pixels(np.stack([p.pixels for _, p in chunk]))

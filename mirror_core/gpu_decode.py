@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PreprocessConfig
+from .errors import error_text
 from .preprocess import official_crop_plan
 from .resample import AxisTaps, resize_window, run_passes, to_8bit
 
@@ -137,7 +138,7 @@ def _decode(encoded: list[torch.Tensor], decoder: Decoder) -> tuple[list[torch.T
                 refused.append(None)
             except Exception as err:
                 images.append(None)
-                refused.append(f"{type(err).__name__}: {err}")
+                refused.append(error_text(err))
         return images, refused
 
 

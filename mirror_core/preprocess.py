@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageFile
 
 from .config import PreprocessConfig
@@ -32,6 +33,17 @@ from .resample import pillow_pass_order, resize_window, resized_window
 # own warning above its default 89M pixels would only repeat it on the console, per image.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+# HEIF/HEIC (what phones save) through pillow-heif's Pillow plugin, so every decode path here
+# reads it. libheif applies the container's rotation and mirroring as part of the image
+# (unlike EXIF orientation, which is metadata and ignored, as official); HDR is cut to 8 bits.
+pillow_heif.register_heif_opener()
+
+# File name suffixes of the formats decoded here (AVIF: Pillow's own plugin), the folder and
+# tar-member default.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff", "avif", "heic", "heif")
+# Formats whose cut-short files decode to nothing: pillow-heif gives an all-black image where
+# Pillow's truncation switch is on, so these are decoded with it off (a decode error instead).
+ALL_OR_NOTHING_FORMATS = ("HEIF",)
 # The official script aligns by file name: these suffixes (case-insensitive).
 ALIGN_EXTENSIONS = (".png", ".bmp", ".tiff")
 # ... and `by-format` uses the decoded container instead.
@@ -52,11 +64,11 @@ class Preprocessed:
 
 
 @contextmanager
-def _truncated_images_allowed():
+def _truncated_images_allowed(allowed: bool = True):
     # Official evaluation decodes truncated files as far as they go. Pillow only
     # offers a module-level switch; scope it to our own decode calls.
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    ImageFile.LOAD_TRUNCATED_IMAGES = allowed
     try:
         yield
     finally:
@@ -82,9 +94,10 @@ def decode_rgb(data: bytes, max_pixels: int | None = None, draft_short_side: int
     1/2, 1/4 or 1/8) that keeps the short side >= draft_short_side."""
     with _truncated_images_allowed():
         img = Image.open(io.BytesIO(data))  # not closed: closing would discard the pixels we return
-        w, h = img.size
-        check_pixels(img.size, max_pixels)
-        fmt = img.format
+    w, h = img.size
+    check_pixels(img.size, max_pixels)
+    fmt = img.format
+    with _truncated_images_allowed(fmt not in ALL_OR_NOTHING_FORMATS):
         if draft_short_side and fmt == "JPEG" and min(w, h) >= 2 * draft_short_side:
             scale = draft_short_side / min(w, h)
             img.draft("RGB", (int(np.ceil(w * scale)), int(np.ceil(h * scale))))

@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
 
+from mirror_core.errors import error_text
+
 log = logging.getLogger("mirror")
 T = TypeVar("T")
 
@@ -106,7 +108,7 @@ def stall_reports(meter: RowProgress, after_s: float, explain: Callable[[], str]
                 try:
                     why = explain()
                 except Exception as err:  # a report must never end the run
-                    why = f"no picture of the cluster ({type(err).__name__}: {err})"
+                    why = f"no picture of the cluster ({error_text(err)})"
                 log.warning("no rows done for %s (%s of %s so far): %s", duration(now - meter.last_rows_at),
                             f"{meter.done:,}", f"{meter.total:,}", why)
 

@@ -44,9 +44,17 @@ def exif_rotated_jpeg() -> bytes:
     return _encode(img, "JPEG", quality=90, exif=exif.tobytes())
 
 
+def heic(img: Image.Image, lossless: bool = False) -> bytes:
+    """HEIF/HEIC bytes (pillow-heif's encoder); lossless keeps every RGB value (4:4:4, identity matrix)."""
+    import mirror_core.preprocess  # noqa: F401  (registers the HEIF plugin with Pillow)
+
+    return _encode(img, "HEIF", **({"quality": -1, "chroma": 444, "matrix_coefficients": 0} if lossless else {}))
+
+
 def hostile_files(max_file_bytes: int) -> dict[str, bytes]:
     """name -> bytes; every entry must still give exactly one output row."""
     jpeg = _encode(_noise(400, 300, seed=1), "JPEG", quality=90)
+    phone = heic(_noise(320, 240, seed=5).convert("RGBA"))
     sixteen = Image.fromarray(np.random.default_rng(2).integers(0, 65535, (80, 90), dtype=np.uint16))
     return {
         "zero.jpg": b"",
@@ -62,6 +70,8 @@ def hostile_files(max_file_bytes: int) -> dict[str, bytes]:
         "one_pixel.png": _encode(_noise(1, 1), "PNG"),
         "strip_5000x3.png": _encode(_noise(5000, 3), "PNG"),
         "exif_rotated.jpg": exif_rotated_jpeg(),
+        "phone.heic": phone,
+        "truncated.heic": phone[: len(phone) // 2],  # pillow-heif would give a black image for it
         "oversized.jpg": jpeg + b"\x00" * (max_file_bytes + 1 - len(jpeg)),
     }
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, kill_group_when, own_ray_env, write_image
-from hostile import animated_gif, exif_rotated_jpeg, hostile_files, png_with_header, write_hostile_corpus
+from hostile import animated_gif, exif_rotated_jpeg, heic, hostile_files, png_with_header, write_hostile_corpus
 from PIL import Image
 from s3_faults import FaultProxy
 
@@ -57,6 +57,21 @@ def test_exif_orientation_is_ignored_like_the_official_script():
     np.testing.assert_array_equal(out.pixels, center_crop(raw, 224))
 
 
+def test_heic_decodes_to_its_pixels_and_a_cut_short_one_is_an_error():
+    rgb = np.random.default_rng(6).integers(0, 256, (260, 300, 3), dtype=np.uint8)
+    data = heic(Image.fromarray(rgb), lossless=True)
+    cfg = PreprocessConfig(alignment="by-format")
+    out = official_preprocess(data, cfg, name="photo.heic")
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    as_png = official_preprocess(png.getvalue(), PreprocessConfig(alignment="off"))
+    assert (out.format, out.width, out.height, out.aligned) == ("HEIF", 300, 260, False)
+    np.testing.assert_array_equal(out.pixels, as_png.pixels)
+    for fast in (False, True):  # the exact path and --fast-decode
+        with pytest.raises(ValueError, match="Unexpected end of file"):
+            official_preprocess(data[: len(data) // 2], PreprocessConfig(fast_decode=fast))
+
+
 def test_fetch_reads_at_most_the_limit(tmp_path):
     (tmp_path / "big.bin").write_bytes(b"\x00" * 5000)
     (tmp_path / "ok.bin").write_bytes(b"\x01" * 100)
@@ -79,10 +94,13 @@ def test_hostile_corpus_gives_exactly_one_row_each(ray_local, parity_bundle, tmp
     assert "exceeds" in errors["bomb.png"] and "decompression bomb" in errors["bomb.png"].lower()
     assert "exceeds the limit of 100,000,000" in errors["too_many_pixels.png"]
     assert errors["oversized.jpg"] == f"file too large: over {limit:,} bytes"
+    assert errors["truncated.heic"].startswith("decode failed: ValueError: Invalid input: Unexpected end of file")
+    assert all("\n" not in e for e in errors.values())
     for name in ("truncated.jpg", "animated.gif", "deep16.png", "cmyk.jpg", "one_pixel.png", "strip_5000x3.png",
-                 "exif_rotated.jpg"):
+                 "exif_rotated.jpg", "phone.heic"):
         assert rows[name]["error"] is None and 0 <= rows[name]["prob_fake"] <= 1, name
     assert rows["strip_5000x3.png"]["width"] == 5000 and rows["animated.gif"]["format"] == "GIF"
+    assert (rows["phone.heic"]["format"], rows["phone.heic"]["width"]) == ("HEIF", 320)
     for row in rows.values():
         assert (row["error"] is None) == (row["pred"] is not None)
 

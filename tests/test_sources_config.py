@@ -162,7 +162,7 @@ def test_a_plan_lists_its_input_once(tmp_path, monkeypatch, kind):
             (f"s{i}.parquet", rg, rows) for i in range(3) for rg, rows in enumerate((2, 2, 1))]
 
 
-def test_avif_is_a_default_extension_and_skipped_files_are_counted(tmp_path):
+def test_avif_and_heic_are_default_extensions_and_skipped_files_are_counted(tmp_path):
     from mirror_core.config import PreprocessConfig
     from mirror_core.preprocess import official_preprocess
     from pipeline.commands import cli
@@ -170,9 +170,10 @@ def test_avif_is_a_default_extension_and_skipped_files_are_counted(tmp_path):
 
     avif = write_image(tmp_path / "in" / "0_real" / "a.avif", fmt="AVIF")
     write_image(tmp_path / "in" / "0_real" / "b.png")
+    write_image(tmp_path / "in" / "0_real" / "c.HEIC", fmt="HEIF")
     (tmp_path / "in" / "0_real" / "notes.txt").write_text("not an image")
     plan = plan_source(str(tmp_path / "in"), SourceOptions())
-    assert plan.total_rows == 2 and plan.skipped_by_extension == 1
+    assert plan.total_rows == 3 and plan.skipped_by_extension == 1
     assert official_preprocess(avif, PreprocessConfig(), name="a.avif").format == "AVIF"
     store = ScanStore(str(tmp_path / "out"))
     store.save_plan(plan)
@@ -181,7 +182,7 @@ def test_avif_is_a_default_extension_and_skipped_files_are_counted(tmp_path):
                                           "--extensions", "png, .jpg"])
     only = cli.scan_config_from_args(args)
     assert only.extensions == ["png", "jpg"]
-    assert plan_source(str(tmp_path / "in"), only.source_options()).skipped_by_extension == 2
+    assert plan_source(str(tmp_path / "in"), only.source_options()).skipped_by_extension == 3
 
 
 def test_an_object_store_write_is_one_put_and_makes_a_missing_bucket(s3_server, s3_bucket):

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from mirror_core.config import ALIGNMENT_MODES
+from mirror_core.errors import error_text
 from pipeline.scan.config import ConfigError
 
 SCAN_FLAGS = {  # flag -> (ScanConfig field, type, help)
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     # Errors about the user's input, files or settings: one line. Anything else is a bug
     # and keeps its traceback.
     except (ConfigError, ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"mirror {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"mirror {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 2
 
 

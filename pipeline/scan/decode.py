@@ -16,6 +16,7 @@ import pyarrow as pa
 from PIL import Image
 
 from mirror_core.config import PreprocessConfig
+from mirror_core.errors import error_text
 from mirror_core.jpeg import GPU_JPEG_MODES, is_jpeg
 from mirror_core.preprocess import ImageTooLargeError, Preprocessed, official_preprocess, wants_alignment
 from pipeline.scan import faults, webdataset
@@ -79,7 +80,7 @@ def decode_record(data: bytes, name: str | None, cfg: PreprocessConfig,
 def decode_error(err: Exception) -> str:
     """A failed decode's error-row text: in a child process (`RecordFailed`) the child's own
     text, or how the child died; in this one the exception's type and message."""
-    return "decode failed: " + (err.text if isinstance(err, RecordFailed) else f"{type(err).__name__}: {err}")
+    return "decode failed: " + (err.text if isinstance(err, RecordFailed) else error_text(err))
 
 
 def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg: PreprocessConfig,
@@ -149,7 +150,7 @@ def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_
     try:
         records = read_shard_unit(unit, columns, with_bytes=True)
     except Exception as err:
-        msg = f"shard read failed: {type(err).__name__}: {err}"
+        msg = f"shard read failed: {error_text(err)}"
         return placeholder_records(unit), [None] * unit.rows, iter([(None, msg)] * unit.rows)
     if "bytes" not in records.column_names:
         msg = f"shard {unit.file} has no {columns.bytes!r} column"

@@ -32,6 +32,8 @@ import threading
 
 import numpy as np
 
+from mirror_core.errors import error_text
+
 RECORD_TIMEOUT_S = 300.0  # a record whose call takes longer is given up as hung
 
 
@@ -238,7 +240,7 @@ def serve(function, stdin, stdout) -> None:
         try:
             result = function(data, *[_decode_arg(a) for a in head["args"]])
         except Exception as err:
-            _send(stdout, {"kind": "error", "text": f"{type(err).__name__}: {err}"})
+            _send(stdout, {"kind": "error", "text": error_text(err)})
             continue
         _send(stdout, *_encode_result(result))
 

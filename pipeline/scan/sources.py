@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from mirror_core.errors import error_text
+from mirror_core.preprocess import IMAGE_EXTENSIONS
 from pipeline.scan import webdataset
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
 from pipeline.scan.labels import LABEL_NAMES, label_and_subset, normalize_labels
@@ -27,7 +29,7 @@ from pipeline.scan.listing import iter_files
 from pipeline.scan.schema import INDEX, UNIT
 from pipeline.scan.uri_set import UriSet
 
-DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff", "avif")
+DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS  # what a folder scan lists unless --extensions says otherwise
 INPUT_FORMATS = ("auto", "folder", "parquet", "manifest", "webdataset")
 RECORD_KINDS = ("inline", "samples")  # units whose records the plan holds (folders, manifests, tar samples)
 
@@ -529,7 +531,7 @@ def fetch_all(uris: list[str], threads: int, max_bytes: int = DEFAULT_MAX_FILE_B
             with fsspec.open(uri, "rb") as f:
                 data = f.read(max_bytes + 1)
         except Exception as err:  # recorded on the row, never raised
-            return None, f"read failed: {type(err).__name__}: {err}"
+            return None, f"read failed: {error_text(err)}"
         if len(data) > max_bytes:
             return None, f"file too large: over {max_bytes:,} bytes"
         return data, None

@@ -31,10 +31,11 @@ from typing import Iterator
 import fsspec
 import pyarrow as pa
 
+from mirror_core.errors import error_text
+from mirror_core.preprocess import IMAGE_EXTENSIONS
 from pipeline.scan.labels import label_and_subset, label_value
 from pipeline.storage import read_ahead, relative_paths
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
 TEXT_EXTENSIONS = ("json", "txt")  # carried as strings in every row; other members as binary
 MEMBERS = "_wds_members"  # plan records: JSON {extension: [offset, size]} of the sample
 IMAGE_MEMBER = "_wds_image"  # plan records: the image member's name (drives alignment)
@@ -132,7 +133,7 @@ def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[di
                             found.setdefault(key, {})[ext] = data if ext == label else _json_field(data, label)
                 end = tar.offset
         except (tarfile.TarError, OSError, EOFError) as err:
-            stopped = f"{type(err).__name__}: {err}"
+            stopped = error_text(err)
             end = None
         if stopped is None and size is not None and end is not None and end < size and not _zero_padding(f, end, size):
             stopped = f"unreadable tar header at offset {end}"  # tarfile ends quietly at a corrupt header
@@ -235,7 +236,7 @@ def read_samples(records: pa.Table, threads: int, max_bytes: int):
             fs, path = fsspec.core.url_to_fs(shard_of[i])
             blob = fs.cat_file(path, start=start, end=end)
         except Exception as err:  # recorded on the row, never raised
-            return None, f"read failed: {type(err).__name__}: {err}"
+            return None, f"read failed: {error_text(err)}"
         if len(blob) < end - start:
             return None, f"tar member cut short: {shard_of[i]} ends inside the sample"
         return {e: blob[off - start : off - start + n] for e, (off, n) in spans.items()}, None
