@@ -17,6 +17,15 @@ def jpeg(size, seed=0, quality=90) -> bytes:
     return buf.getvalue()
 
 
+def heic(size, seed=0, quality=80) -> bytes:
+    """The same picture as `jpeg(size, seed)`, encoded as a phone would (HEVC in HEIF)."""
+    import mirror_core.preprocess  # noqa: F401  (registers the HEIF plugin with Pillow)
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(size, seed))).save(buf, format="HEIF", quality=quality)
+    return buf.getvalue()
+
+
 def write_repeated_shards(folder, payloads: list[bytes], n_images: int, rows_per_group: int,
                           groups_per_file: int) -> None:
     """Parquet shards (uri, bytes) of `n_images` rows cycling through `payloads`."""

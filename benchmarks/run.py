@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 PERF_LOG = REPO / "benchmarks" / "results" / "perf-log.md"  # dated figures, appended by every run
 sys.path.insert(0, str(REPO))
 
-from benchmarks.images import jpeg  # noqa: E402
+from benchmarks.images import heic, jpeg  # noqa: E402
 from mirror_core.config import PreprocessConfig  # noqa: E402
 from mirror_core.detector import Detector  # noqa: E402
 from mirror_core.model import assemble_model  # noqa: E402
@@ -121,12 +121,15 @@ def decode_figures(n: int) -> dict:
             out[f"{label}_{mode}"] = len(files) / t  # one process, single-threaded decode: images/s per core
         for mode, whole in (("train_views", False), ("train_views_whole_decode", True)):
             out[f"{label}_{mode}"] = len(files) / timed(lambda: training_views(files, whole), 2)
+        phone = [heic(size, seed=i) for i in range(len(files))]  # the same pictures as HEIC (decoded whole)
+        out[f"{label}_heic_exact"] = len(phone) / timed(lambda: [official_preprocess(f, exact) for f in phone], 2)
     return {"decode_img_per_s_per_core": out,
             "train_views_region_decode_speedup": {label: out[f"{label}_train_views"] /
                                                   out[f"{label}_train_views_whole_decode"] for label in DECODE_SIZES},
             "fast_decode_speedup_1080p": out["1920x1080_fast"] / out["1920x1080_exact"],
             "exact_window_speedup": {label: out[f"{label}_exact_whole_decode"] / out[f"{label}_exact_whole_resize"]
                                      for label in DECODE_SIZES},
+            "heic_vs_jpeg_exact": {label: out[f"{label}_heic_exact"] / out[f"{label}_exact"] for label in DECODE_SIZES},
             "exact_region_decode_speedup": {label: out[f"{label}_exact"] / out[f"{label}_exact_whole_decode"]
                                             for label in DECODE_SIZES}}
 
