@@ -6,8 +6,10 @@ object store, where a large scan has tens of thousands of them.
 Writes N parts of R output rows each (an unlabeled corpus's, with a few error rows) to a
 moto S3 server, then through a proxy that delays every request by S (a distant store)
 times the readers of every part: the summary a scan writes at its end (`summarize`) when
-every part is new (`summary_*`), and again with nothing new, as after a `--update` that
-found nothing (`summary_again_*`: the counts kept by the first); the stream the audit
+every part is new and its counts were not reported (`summary_*`), and again with nothing
+new, as after a `--update` that found nothing (`summary_again_*`: the counts kept by the
+first); the summary of a run that committed every part, its writers reporting each part's
+counts, size and version (`summary_reported_*`, as a scan's first run); the stream the audit
 reads (`scores_by_unit`, its columns) and `--retry-errors`' search for read failures
 (`units_with_transient_errors`). Each is checked against the rows written and reported as
 seconds, parts/s, requests per part and the most requests held at once.
@@ -57,11 +59,12 @@ def part_bytes(rows: int, seed: int) -> bytes:
 
 
 def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
+    import pyarrow as pa
     import s3fs
     from s3_faults import FaultProxy
 
     from pipeline.scan.store import ScanStore
-    from pipeline.scan.summary import summarize
+    from pipeline.scan.summary import PART_TALLIES, TALLY_SCHEMA, summarize
 
     bodies = [part_bytes(rows, seed) for seed in range(4)]  # parts differ; four are enough
     keys = [f"scan/scores/part-{i:08d}.parquet" for i in range(parts)]
@@ -86,9 +89,14 @@ def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
         def right(s):
             return s["rows_out"] == parts * rows and s["errors"] == parts * ERRORS_PER_PART
 
-        units = set(out.done_units())
-        timed("summary", lambda: summarize(out, parts * rows, 0, {}, rewritten=units), right)
-        timed("summary_again", lambda: summarize(out, parts * rows, 0, {}, rewritten=set()), right)
+        timed("summary", lambda: summarize(out, parts * rows, 0, {}, written=None), right)
+        timed("summary_again", lambda: summarize(out, parts * rows, 0, {}, written=None), right)
+        listed = out.committed_parts()  # what the writers would have reported: the parts as written
+        reported = pa.table({**{name: listed[name] for name in listed.column_names},
+                             "rows": [rows] * parts, "errors": [ERRORS_PER_PART] * parts, "labeled": [0] * parts},
+                            schema=TALLY_SCHEMA)
+        out.fs.rm(out.path(PART_TALLIES))
+        timed("summary_reported", lambda: summarize(out, parts * rows, 0, {}, written=reported), right)
         timed("audit_stream", lambda: sum(t.num_rows for _, t in out.scores_by_unit(["uri", "prob_fake", "error"])),
               lambda n: n == parts * rows)
         timed("retry_search", lambda: out.units_with_transient_errors(out.done_units()), lambda u: len(u) == parts)

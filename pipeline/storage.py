@@ -48,6 +48,12 @@ def s3_connections(fs) -> int | None:
     return max(1, int((getattr(fs, "config_kwargs", None) or {}).get("max_pool_connections", S3_CONNECTIONS)))
 
 
+def file_version(entry: dict) -> str:
+    """What changes when a file is written again, from a listing entry or a write's answer:
+    an object store's ETag, a disk's modification time ('' where neither is given)."""
+    return str(entry.get("ETag") or entry.get("etag") or entry.get("mtime") or entry.get("LastModified") or "")
+
+
 def parquet_schema(uri: str) -> pa.Schema:
     """A Parquet file's schema, from its footer alone."""
     with fsspec.open(uri, "rb") as f:
@@ -98,8 +104,7 @@ class Location:
         """(name, bytes, version) of each file directly below `rel`, sorted by name, listed
         afresh. The version changes when a file is written again: an object store's ETag,
         a disk's modification time ('' where the filesystem gives neither)."""
-        return sorted((e["name"].rstrip("/").rsplit("/", 1)[-1], int(e.get("size") or 0),
-                       str(e.get("ETag") or e.get("etag") or e.get("mtime") or e.get("LastModified") or ""))
+        return sorted((e["name"].rstrip("/").rsplit("/", 1)[-1], int(e.get("size") or 0), file_version(e))
                       for e in self._listing(rel) if e.get("type") != "directory")
 
     def _listing(self, rel: str) -> list[dict]:
@@ -119,13 +124,15 @@ class Location:
         if self.exists():
             self.fs.rm(self.root, recursive=True)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data: bytes) -> str | None:
+        """Writes the file whole; returns its version as `file_entries` will list it, where
+        the write tells it (a disk's mtime, an S3 PUT's ETag), else None."""
         try:
-            self._write_bytes(rel, data)
+            return self._write_bytes(rel, data)
         except PermissionError as err:
             raise PermissionError(f"access denied writing {self.uri_of(rel)} ({err})") from None
 
-    def _write_bytes(self, rel: str, data: bytes) -> None:
+    def _write_bytes(self, rel: str, data: bytes) -> str | None:
         path = self.path(rel)
         if self.local:  # atomic on POSIX: readers never see half a file
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -133,14 +140,17 @@ class Location:
             with self.fs.open(tmp, "wb") as f:
                 f.write(data)
             self.fs.mv(tmp, path)
-            return
+            return file_version(self.fs.info(path)) or None
         # Object stores publish a PUT whole or not at all, and have no directories: one
         # request per file (a write is latency-bound), the bucket made only when missing.
         try:
-            self.fs.pipe_file(path, data)
+            response = self.fs.pipe_file(path, data)
         except FileNotFoundError:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(path, data)
+            response = self.fs.pipe_file(path, data)
+        # s3fs answers a single PUT with its response (ETag); other stores and multipart
+        # uploads tell nothing, and their files count as unknown
+        return (file_version(response) or None) if isinstance(response, dict) else None
 
     def read_bytes(self, rel: str) -> bytes | None:
         path = self.path(rel)
@@ -159,10 +169,11 @@ class Location:
         data = self.read_bytes(rel)
         return None if data is None else json.loads(data)
 
-    def write_parquet(self, rel: str, table: pa.Table) -> None:
+    def write_parquet(self, rel: str, table: pa.Table) -> tuple[int, str | None]:
+        """Writes the table as one Parquet file; returns its bytes and version (`write_bytes`)."""
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        self.write_bytes(rel, buf.getvalue())
+        return buf.tell(), self.write_bytes(rel, buf.getvalue())
 
     @contextmanager
     def parquet_writer(self, rel: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:

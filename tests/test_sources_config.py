@@ -109,11 +109,13 @@ def test_decode_and_scorer_yield_one_row_per_record(tmp_path, parity_bundle):
     done = commit_units(out)
     record = done.to_pylist()[0]
     assert record["writer_node"] and record["writer_pid"] == os.getpid()  # a Ray node id, or the host outside Ray
+    part_file = tmp_path / "scan" / "scores" / "part-u1.parquet"
     assert record | {"decode_s": 0, "score_s": 0, "writer_pid": 0, "writer_node": ""} == {
         "store": str(tmp_path / "scan"), "unit_id": "u1", "rows": 4, "errors": 3, "decode_s": 0, "score_s": 0,
+        "labeled": 1, "part_bytes": part_file.stat().st_size, "part_version": str(part_file.stat().st_mtime),
         "readout": scorer.detector.readout, "replicas": scorer.replica, "writer_node": "", "writer_pid": 0,
         "cpu_decoded_in_gpu_mode": 0, "jpeg_region_decoded": 0}  # a PNG, and three rows without an image
-    part = pq.read_table(tmp_path / "scan" / "scores" / "part-u1.parquet")
+    part = pq.read_table(part_file)
     assert part["uri"].to_pylist() == uris and part["label"].to_pylist() == [1, 0, 0, None]
     assert part["prob_fake"].to_pylist()[0] == out["prob_fake"].to_pylist()[0]
     assert part.column_names[: len(OUTPUT_COLUMNS)] == OUTPUT_COLUMNS and part["model_id"].to_pylist() == ["m"] * 4

@@ -11,7 +11,7 @@ from s3_faults import FaultProxy
 from mirror_core.metrics import binary_metrics
 from pipeline.scan.schema import conform
 from pipeline.scan.store import ScanStore
-from pipeline.scan.summary import PART_TALLIES, summarize
+from pipeline.scan.summary import PART_TALLIES, TALLY_SCHEMA, summarize
 
 LABELED_PARTS = 18  # parts 0..17 carry labels, 18..23 none (an unlabeled corpus's parts)
 
@@ -78,7 +78,7 @@ def figures(summary: dict) -> dict:
 def test_a_finished_scans_parts_are_read_once_each(s3_bucket, through_proxy):
     out, parts = committed(s3_bucket, 24, seed=0)
     through_proxy.requests.clear()
-    summary = summarize(ScanStore(out.uri), 999, 0, {}, rewritten=set(parts))
+    summary = summarize(ScanStore(out.uri), 999, 0, {}, written=None)  # no counts kept, none reported
     assert part_reads(through_proxy) == sorted(parts)  # one GET a part
     assert through_proxy.max_in_flight > 1
     assert figures(summary) == expected_summary(parts)
@@ -97,17 +97,17 @@ def test_a_finished_scans_parts_are_read_once_each(s3_bucket, through_proxy):
 def test_a_later_summary_reads_only_the_parts_it_has_not_counted_and_those_with_labels(s3_bucket, through_proxy):
     out, parts = committed(s3_bucket, 24, seed=1)
     rng = np.random.default_rng(11)
-    summarize(ScanStore(out.uri), 999, 0, {}, rewritten=set(parts))
+    summarize(ScanStore(out.uri), 999, 0, {}, written=None)
     labeled = sorted(u for u in parts if int(u) < LABELED_PARTS)
     part_reads(through_proxy)
 
     # nothing new: the labeled parts again (the metrics need their scores), no unlabeled one
-    assert figures(summarize(ScanStore(out.uri), 999, 0, {}, rewritten=set())) == expected_summary(parts)
+    assert figures(summarize(ScanStore(out.uri), 999, 0, {}, written=None)) == expected_summary(parts)
     assert part_reads(through_proxy) == labeled
 
     # --update adds units, --retry-errors rewrites one (same unit id, its read failure healed),
-    # two parts change behind the scan's back (one in size, one not), one is removed: the
-    # counts follow each
+    # both through a store that tells no version; two parts change behind the scan's back
+    # (one in size, one not), one is removed: the counts follow each
     parts["00024"] = make_part(24, rng)
     parts["00020"] = make_part(20, rng, heal=True)
     parts["00021"] = make_part(21, np.random.default_rng(7)).slice(0, 3)
@@ -120,7 +120,9 @@ def test_a_later_summary_reads_only_the_parts_it_has_not_counted_and_those_with_
     del parts["00022"]
     out.fs.rm(out.path(out.part_name("00022")))
     part_reads(through_proxy)
-    summary = summarize(ScanStore(out.uri), 999, 0, {}, rewritten={"00024", "00020"})
+    unknown = pa.table({"unit_id": ["00020", "00024"], "bytes": [1, 1], "version": [None, None], "rows": [0, 0],
+                        "errors": [0, 0], "labeled": [0, 0]}, schema=TALLY_SCHEMA)
+    summary = summarize(ScanStore(out.uri), 999, 0, {}, written=unknown)
     assert figures(summary) == expected_summary(parts)
     assert part_reads(through_proxy) == sorted(labeled + ["00019", "00020", "00021", "00024"])
     kept = ScanStore(out.uri).read_parquet(PART_TALLIES)
@@ -141,3 +143,56 @@ def test_parts_are_read_over_as_many_connections_as_the_s3_client_holds(s3_bucke
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
     assert proxy.max_in_flight > 16, proxy.max_in_flight  # more than PARTS_READ_AT_ONCE
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_run_counts_the_parts_it_commits_without_reading_them(where, tmp_path, parity_bundle, request, monkeypatch):
+    """The commit stage reports each part's counts, size and version; the run's summary
+    reads none of the parts it wrote but those with labels, until a part is changed."""
+    from conftest import inline_unit_batch, write_image
+
+    from mirror_core.bundle import load_bundle
+    from pipeline.scan.commit import commit_units
+    from pipeline.scan.decode import decode_units
+    from pipeline.scan.run import Completions
+    from pipeline.scan.scorer import Scorer
+
+    out = ScanStore(str(tmp_path / "scan") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/scan")
+    bundle = load_bundle(str(parity_bundle))
+    scorer = Scorer(bundle.weights.to_numpy(), bundle.config.to_dict(), bundle.model_id)
+    (tmp_path / "page.jpg").write_bytes(b"<html>not an image</html>")
+    completions = Completions()
+    for u, labels in (("u1", [1, 0, None]), ("u2", [None] * 3), ("u3", [None] * 3)):
+        uris = [str(tmp_path / f"{u}-{i}.png") for i in range(2)] + [str(tmp_path / "page.jpg")]
+        for i, uri in enumerate(uris[:2]):
+            write_image(tmp_path / uri, seed=i)
+        decoded = pa.concat_tables(decode_units(inline_unit_batch(out.uri, u, pa.table({"uri": uris, "label": labels})),
+                                                rows_per_batch=8, preprocess={}, columns={}))
+        batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
+        batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
+        completions.add(commit_units(scorer(batch)))
+    written = completions.figures(out.uri)["tallies"]
+    assert written.schema == TALLY_SCHEMA and written["version"].null_count == 0
+
+    reads = []
+    read_bytes = ScanStore.read_bytes
+    monkeypatch.setattr(ScanStore, "read_bytes", lambda self, rel: reads.append(rel) or read_bytes(self, rel))
+
+    def part_reads() -> list[str]:
+        units = [rel.rsplit("part-", 1)[1].removesuffix(".parquet") for rel in reads if "/part-" in rel]
+        reads.clear()
+        return sorted(units)
+
+    summary = summarize(ScanStore(out.uri), 9, 0, {}, written=written)
+    assert part_reads() == ["u1"]  # the labeled part only: the metrics need its scores
+    assert (summary["rows_out"], summary["errors"], summary["metrics"]["ALL"]["n"]) == (9, 3, 2)
+    kept = ScanStore(out.uri).read_parquet(PART_TALLIES)
+    assert kept.select(["unit_id", "rows", "errors", "labeled"]).to_pylist() == [
+        {"unit_id": u, "rows": 3, "errors": 1, "labeled": 2 if u == "u1" else 0} for u in ("u1", "u2", "u3")]
+
+    # a part written again behind the run's back (other rows, same unit): its reported
+    # version no longer matches the listing, so it is read and counted as it is now
+    out.write_parquet(out.part_name("u3"), make_part(3, np.random.default_rng(0)))
+    summary = summarize(ScanStore(out.uri), 9, 0, {}, written=written)
+    assert part_reads() == ["u1", "u3"]
+    assert summary["rows_out"] == 6 + make_part(3, np.random.default_rng(0)).num_rows

@@ -5,7 +5,7 @@ decode stage emits blocks of whole units and the score stage keeps blocks whole)
 can assemble a unit's output rows from its packed records and scored rows and write its
 part once, whole (atomic rename locally, one PUT on object stores). A re-executed call
 writes the same part again under the same name: never a duplicate row. What reaches the
-driver is one completion record per unit (ids and counts), never rows.
+driver is one completion record per unit (ids, counts, the part's size and version), never rows.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from pipeline.scan.schema import (
     UNIT_RECORDS,
     UNIT_TARGET,
     conform,
+    scored_labeled,
     unpack_records,
 )
 
@@ -41,6 +42,7 @@ WRITER_METADATA = b"mirror_writer"  # part files record which node and process w
 
 COMPLETION_SCHEMA = pa.schema([
     ("store", pa.string()), ("unit_id", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
+    ("labeled", pa.int64()), ("part_bytes", pa.int64()), ("part_version", pa.string()),
     ("decode_s", pa.float64()), ("score_s", pa.float64()), ("readout", pa.string()), ("replicas", pa.string()),
     ("cpu_decoded_in_gpu_mode", pa.int64()), ("jpeg_region_decoded", pa.int64()),
     ("writer_node", pa.string()), ("writer_pid", pa.int64()),
@@ -115,10 +117,13 @@ def _commit_unit(batch: pa.Table, key: str, writer: dict, faults) -> dict:
     out = ScanStore(target["store"])
     faults.before_write()
     metadata = {WRITER_METADATA: f'{{"node": "{writer["node"]}", "pid": {writer["pid"]}}}'.encode()}
-    out.write_parquet(out.part_name(target["unit_id"]),
-                      rows.replace_schema_metadata({**(rows.schema.metadata or {}), **metadata}))
+    size, version = out.write_parquet(out.part_name(target["unit_id"]),
+                                      rows.replace_schema_metadata({**(rows.schema.metadata or {}), **metadata}))
+    # the part's counts, size and version: the summary counts the part from these (no read)
+    # while the listing shows it as written
     return {"store": target["store"], "unit_id": target["unit_id"], "rows": rows.num_rows,
-            "errors": rows.num_rows - rows["error"].null_count,
+            "errors": rows.num_rows - rows["error"].null_count, "labeled": scored_labeled(rows).num_rows,
+            "part_bytes": size, "part_version": version,
             "decode_s": float(pc.sum(scored[DECODE_SECONDS]).as_py() or 0),
             "score_s": float(pc.sum(scored[SCORE_SECONDS]).as_py() or 0),
             "readout": ",".join(sorted(set(scored[READOUT].to_pylist()) - {None})),

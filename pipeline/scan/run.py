@@ -25,7 +25,7 @@ from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, input_root, plan_source, update_plan
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
-from pipeline.scan.summary import summarize
+from pipeline.scan.summary import TALLY_SCHEMA, summarize
 
 DECODE_CPUS_KEPT = 2  # CPUs a one-node cluster keeps for decode tasks when sizing CPU scorers
 
@@ -148,6 +148,11 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
     return add_commit_stage(ds, cfg.commit_writers)
 
 
+# TALLY_SCHEMA's columns from a completion record's fields
+TALLY_FROM_RECORD = {"unit_id": "unit_id", "bytes": "part_bytes", "version": "part_version", "rows": "rows",
+                     "errors": "errors", "labeled": "labeled"}
+
+
 @dataclass
 class ScanFigures:
     """One scan's completion records, summed as they arrive."""
@@ -162,9 +167,13 @@ class ScanFigures:
     writer_pids: set = dataclasses.field(default_factory=set)
     writer_nodes: dict = dataclasses.field(default_factory=dict)
     units: set = dataclasses.field(default_factory=set)  # committed unit ids
+    # each committed part's counts, size and version (TALLY_SCHEMA columns), for the summary
+    tallies: dict = dataclasses.field(default_factory=lambda: {name: [] for name in TALLY_FROM_RECORD})
 
     def add(self, rec: dict) -> None:
         self.units.add(rec["unit_id"])
+        for name, field in TALLY_FROM_RECORD.items():
+            self.tallies[name].append(rec[field])
         self.committed += 1
         self.rows += rec["rows"]
         self.cpu_decoded_in_gpu_mode += rec["cpu_decoded_in_gpu_mode"]
@@ -178,7 +187,7 @@ class ScanFigures:
 
 class Completions:
     """What the driver learns of a pipeline: one record per committed unit (never rows),
-    summed per scan as it arrives (a unit id is all that is kept of a record)."""
+    summed per scan as it arrives (of a record, only its unit's id and part counts are kept)."""
 
     def __init__(self):
         self.scans: dict[str, ScanFigures] = {}
@@ -205,6 +214,7 @@ class Completions:
             "committed": scan.committed,
             "rows": scan.rows,
             "units": scan.units,
+            "tallies": pa.table(scan.tallies, schema=TALLY_SCHEMA),
             "cpu_decoded_in_gpu_mode": scan.cpu_decoded_in_gpu_mode,
             "jpeg_region_decoded": scan.jpeg_region_decoded,
             "busy": {"decode": scan.decode_s, "score": scan.score_s},
@@ -375,7 +385,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
                 "pipeline_s": round(t_last - t_plan, 3) if t_last else 0.0,
             },
             "config": replace(cfg, perturbation=job.perturbation).to_dict(),
-        }, rewritten=done_now["units"])
+        }, written=done_now["tallies"])
         out.write_json("summary.json", summary)
         summaries.append(summary)
     return summaries

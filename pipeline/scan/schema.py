@@ -89,6 +89,13 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
+def scored_labeled(rows: pa.Table) -> pa.Table:
+    """Output rows that benchmark metrics count: scored (no error) and labeled."""
+    import pyarrow.compute as pc
+
+    return rows.filter(pc.and_(rows["error"].is_null(), rows["label"].is_valid()))
+
+
 def pack_records(table: pa.Table) -> bytes:
     """A unit's records as Arrow IPC bytes (what travels with its block between stages)."""
     sink = pa.BufferOutputStream()

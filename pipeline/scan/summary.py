@@ -2,11 +2,13 @@
 
 Every run ends with a summary of the whole output, not of its own units: a nightly
 `--update` that adds a thousand units to a hundred thousand must not read a hundred
-thousand parts again. Each part's counts (rows, errors, labeled rows) are kept in
-`OUTPUT/_summary/part_tallies.parquet` with the part's size and version (ETag, mtime); a
-later summary reads only the parts that are new, rewritten (`--retry-errors`) or changed
-since counted, and those holding labeled rows (the metrics need their scores). An unlabeled
-corpus's summary costs one listing, one small file and its new parts.
+thousand parts again, nor a first run read back the parts it has just written. Each
+part's counts (rows, errors, labeled rows) are kept in `OUTPUT/_summary/part_tallies.parquet`
+with the part's size and version (ETag, mtime). The commit stage reports the counts, size
+and version of each part it writes; a summary reads only the parts it has no counts for
+(written where the store gave no version), those changed since counted, and those holding
+labeled rows (the metrics need their scores). An unlabeled corpus's summary costs one
+listing and one small file.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mirror_core.metrics import binary_metrics
+from pipeline.scan.schema import scored_labeled
 from pipeline.scan.store import PART_FIELDS, ScanStore
 
 PART_TALLIES = "_summary/part_tallies.parquet"
@@ -25,26 +28,27 @@ SUMMARY_COLUMNS = ["label", "subset", "prob_fake", "pred", "error"]
 METRIC_COLUMNS = ["label", "subset", "prob_fake", "pred"]
 
 
-def part_tallies(out: ScanStore, rewritten: set[str]) -> tuple[pa.Table, pa.Table | None]:
+def part_tallies(out: ScanStore, written: pa.Table | None) -> tuple[pa.Table, pa.Table | None]:
     """Each committed part's counts (TALLY_SCHEMA), and the scored labeled rows
-    (METRIC_COLUMNS) of every part holding any, or None. Counts kept from an earlier
-    summary serve where the part is unchanged (same size, not `rewritten` by this run);
-    the rest are read, a few parts at once, and the counts are stored again."""
+    (METRIC_COLUMNS) of every part holding any, or None. `written`: the counts of the parts
+    this run committed, as their writers reported them; they replace what was kept of those
+    units. A count serves while its part is listed with the same size and version; the
+    rest are read, a few parts at once, and the counts are stored again."""
     parts = out.committed_parts()  # unit_id, bytes, version: what the listing holds now
     kept = out.read_parquet(PART_TALLIES)
     if kept is None or not kept.schema.equals(TALLY_SCHEMA):
         kept = TALLY_SCHEMA.empty_table()
-    # a kept count serves while its part is there as counted (same size and version) and this
-    # run did not rewrite it; parts with labeled rows are read again all the same (the
-    # metrics need their scores)
-    kept = kept.join(parts, PART_FIELDS, join_type="inner").select(TALLY_SCHEMA.names)
-    stale = pc.is_in(kept["unit_id"], pa.array(sorted(rewritten), pa.string()))
-    reused = kept.filter(pc.and_(pc.invert(stale), pc.equal(kept["labeled"], 0)))
+    if written is not None and written.num_rows:
+        kept = pa.concat_tables([kept.filter(pc.invert(pc.is_in(kept["unit_id"], written["unit_id"]))),
+                                 written.filter(written["version"].is_valid())])
+    # parts with labeled rows are read all the same (the metrics need their scores)
+    known = kept.join(parts, PART_FIELDS, join_type="inner").select(TALLY_SCHEMA.names)
+    reused = known.filter(pc.equal(known["labeled"], 0))
     to_read = set(parts["unit_id"].to_pylist()) - set(reused["unit_id"].to_pylist())
     counts = {"unit_id": [], "rows": [], "errors": [], "labeled": []}
     labeled = []
     for unit, part in out.scores_by_unit(SUMMARY_COLUMNS, to_read):
-        rows = part.filter(pc.and_(part["error"].is_null(), part["label"].is_valid()))
+        rows = scored_labeled(part)
         for name, value in zip(counts, (unit, part.num_rows, part.num_rows - part["error"].null_count, rows.num_rows)):
             counts[name].append(value)
         if rows.num_rows:
@@ -52,16 +56,16 @@ def part_tallies(out: ScanStore, rewritten: set[str]) -> tuple[pa.Table, pa.Tabl
     fresh = pa.table(counts, schema=pa.schema([f for f in TALLY_SCHEMA if f.name not in PART_FIELDS[1:]]))
     fresh = fresh.join(parts, "unit_id")
     tallies = pa.concat_tables([reused, fresh.select(TALLY_SCHEMA.names)]).sort_by("unit_id")
-    if fresh.num_rows:
+    if fresh.num_rows or (written is not None and written.num_rows):
         out.write_parquet(PART_TALLIES, tallies)
     return tallies, pa.concat_tables(labeled) if labeled else None
 
 
 def summarize(out: ScanStore, rows_in: int, skipped_by_extension: int, extra: dict[str, Any],
-              rewritten: set[str]) -> dict[str, Any]:
+              written: pa.Table | None) -> dict[str, Any]:
     """Counts over every committed part and metrics over the scored rows with a label
-    (`rewritten`: the units this run committed, whose kept counts are stale)."""
-    tallies, labeled = part_tallies(out, rewritten)
+    (`written`: the counts of the parts this run committed, TALLY_SCHEMA)."""
+    tallies, labeled = part_tallies(out, written)
     n = int(pc.sum(tallies["rows"]).as_py() or 0)
     errors = int(pc.sum(tallies["errors"]).as_py() or 0)
     summary = {"rows_in": rows_in, "rows_out": n, "scored": n - errors, "errors": errors,
