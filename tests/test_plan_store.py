@@ -159,3 +159,16 @@ def test_a_csv_manifest_whose_values_change_kind_after_its_first_block_plans_as_
     last = records.slice(records.num_rows - 3).to_pylist()
     assert [(r["label"], r["width"]) for r in last] == [(1, str(n - 1)), (0, "n/a"), (None, "7")]
 
+
+
+def test_plan_records_missing_on_a_node_name_the_node_and_the_remedy(tmp_path):
+    """A decode task on a node that joined after the start's shared-path check, without the
+    output's mount: its error says what is wrong, not only which file is missing."""
+    out = ScanStore(str(tmp_path / "scan"))
+    with PlanRecordsWriter(out) as sink:
+        sink.add(Unit("u1", "inline", 1), pa.table({"uri": ["a.png"]}))
+    (records,) = list((tmp_path / "scan").rglob("*.parquet"))
+    assert store.read_unit_records(str(records), 0)["uri"].to_pylist() == ["a.png"]
+    records.unlink()  # as a node without the mount sees it
+    with pytest.raises(FileNotFoundError, match="plan records are not on node .*every node mounts"):
+        store.read_unit_records(str(records), 0)

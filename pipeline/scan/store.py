@@ -17,6 +17,7 @@ replaces its part the same way.
 from __future__ import annotations
 
 import io
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
@@ -106,8 +107,14 @@ def read_unit_records(uri: str, row_group: int) -> pa.Table:
         try:
             with fsspec.open(uri, "rb") as f:
                 return pq.ParquetFile(f).read_row_group(row_group)
-        except FileNotFoundError:  # gone: another try will not find it
-            raise
+        except FileNotFoundError as err:  # gone: another try will not find it
+            if "://" in uri:
+                raise
+            # a local output the command saw on every node at its start, but not on this
+            # one: a node that joined the cluster since (autoscaling) without the same mount
+            raise FileNotFoundError(f"{uri}: the scan's plan records are not on node {socket.gethostname()}; a "
+                                    "local --output must be on a filesystem every node mounts at the same path "
+                                    "(nodes that join later too), or use an object store (s3://...)") from err
         except (OSError, TimeoutError):
             if attempt == RECORDS_READ_TRIES - 1:
                 raise
