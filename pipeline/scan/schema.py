@@ -10,6 +10,7 @@ the image was scored; `pred` and the scores are null exactly when it is set.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mirror_core.signals import SIGNALS
 
@@ -91,8 +92,6 @@ def conform(table: pa.Table) -> pa.Table:
 
 def scored_labeled(rows: pa.Table) -> pa.Table:
     """Output rows that benchmark metrics count: scored (no error) and labeled."""
-    import pyarrow.compute as pc
-
     return rows.filter(pc.and_(rows["error"].is_null(), rows["label"].is_valid()))
 
 

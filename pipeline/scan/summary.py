@@ -38,9 +38,9 @@ def part_tallies(out: ScanStore, written: pa.Table | None) -> tuple[pa.Table, pa
     kept = out.read_parquet(PART_TALLIES)
     if kept is None or not kept.schema.equals(TALLY_SCHEMA):
         kept = TALLY_SCHEMA.empty_table()
-    if written is not None and written.num_rows:
-        kept = pa.concat_tables([kept.filter(pc.invert(pc.is_in(kept["unit_id"], written["unit_id"]))),
-                                 written.filter(written["version"].is_valid())])
+    written = TALLY_SCHEMA.empty_table() if written is None else written
+    kept = pa.concat_tables([kept.filter(pc.invert(pc.is_in(kept["unit_id"], written["unit_id"]))),
+                             written.filter(written["version"].is_valid())])
     # parts with labeled rows are read all the same (the metrics need their scores)
     known = kept.join(parts, PART_FIELDS, join_type="inner").select(TALLY_SCHEMA.names)
     reused = known.filter(pc.equal(known["labeled"], 0))
@@ -56,7 +56,7 @@ def part_tallies(out: ScanStore, written: pa.Table | None) -> tuple[pa.Table, pa
     fresh = pa.table(counts, schema=pa.schema([f for f in TALLY_SCHEMA if f.name not in PART_FIELDS[1:]]))
     fresh = fresh.join(parts, "unit_id")
     tallies = pa.concat_tables([reused, fresh.select(TALLY_SCHEMA.names)]).sort_by("unit_id")
-    if fresh.num_rows or (written is not None and written.num_rows):
+    if fresh.num_rows or written.num_rows:
         out.write_parquet(PART_TALLIES, tallies)
     return tallies, pa.concat_tables(labeled) if labeled else None
 
