@@ -87,8 +87,9 @@ def test_a_worker_node_lost_mid_scan_loses_no_row(parity_bundle, tmp_path):
     c, workers = start_cluster(cpus=3)
     proc = None
     try:
-        # slowed (0.5 s per model call of 2 images) so that most units are still to score
-        env = {**os.environ, "RAY_ADDRESS": c.address, "MIRROR_FAULT_SCORE_DELAY_S": "0.5"}
+        # slowed (2 s per model call of 2 images) so that most units are still to score when the
+        # loss is done, even on a loaded machine where finding the first part and killing a node are slow
+        env = {**os.environ, "RAY_ADDRESS": c.address, "MIRROR_FAULT_SCORE_DELAY_S": "2"}
         # the console goes to files: a pipe nobody reads fills and stalls the driver
         with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
             proc = subprocess.Popen([sys.executable, "-m", "pipeline.commands.cli", "scan", "--model",
