@@ -28,6 +28,7 @@ from .config import PreprocessConfig
 from .jpeg import jpeg_round_trip
 from .jpeg_region import decode_region, region_decoder
 from .resample import pillow_pass_order, resize_window, resized_window
+from .uri import image_name
 
 # PreprocessConfig.max_pixels, checked from the header, decides what is too large; Pillow's
 # own warning above its default 89M pixels would only repeat it on the console, per image.
@@ -259,10 +260,10 @@ def official_crop(image: ImageRegions, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def wants_alignment(cfg: PreprocessConfig, name: str | None, fmt: str | None) -> bool:
-    """by-extension: the official rule on the file name (no name -> no alignment);
-    by-format: the decoded container; off: never."""
+    """by-extension: the official rule on the file name (no name -> no alignment; a web
+    URL's query is no part of it); by-format: the decoded container; off: never."""
     if cfg.alignment == "by-extension":
-        return name is not None and name.lower().endswith(ALIGN_EXTENSIONS)
+        return name is not None and image_name(name).lower().endswith(ALIGN_EXTENSIONS)
     if cfg.alignment == "by-format":
         return fmt in ALIGN_FORMATS
     return False

@@ -1,7 +1,26 @@
 """Paths below a local directory or an fsspec URI (s3://...), spelled one way."""
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+SCHEME_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://"  # 's3://', 'https://', 'file://'
+WEB_SCHEMES = ("http://", "https://")
+
 
 def join_uri(base: str, *parts: str) -> str:
     """'s3://b/x/' + 'y', '/z.json' -> 's3://b/x/y/z.json' (no doubled or trailing slashes)."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+
+def is_web_url(uri: str) -> bool:
+    return uri[:8].lower().startswith(WEB_SCHEMES)
+
+
+def image_name(uri: str) -> str:
+    """The file name a URI gives its image: a web URL's path without its query and fragment
+    ('https://cdn/x.png?w=512' -> 'https://cdn/x.png'); any other URI as it is ('#' and
+    '?' are plain characters of file names and object keys)."""
+    if not is_web_url(uri):
+        return uri
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"

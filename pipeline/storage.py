@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mirror_core.uri import join_uri
+from mirror_core.uri import SCHEME_PATTERN, join_uri
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,6 +33,16 @@ def relative_paths(uris: pa.Array | pa.ChunkedArray, root: str) -> pa.Array:
     uris = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
     below = pc.starts_with(uris, prefix)
     return pc.if_else(below, pc.utf8_slice_codeunits(uris, len(prefix)), pa.scalar(None, pa.string()))
+
+
+def resolve_relative(uris: pa.Array | pa.ChunkedArray, folder: str) -> pa.Array:
+    """Each URI with neither a scheme nor a leading slash joined to `folder` ('imgs/a.jpg',
+    './imgs/a.jpg' below 's3://b/lists' -> 's3://b/lists/imgs/a.jpg'); the others as they are."""
+    uris = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
+    absolute = pc.or_(pc.starts_with(uris, "/"), pc.match_substring_regex(uris, SCHEME_PATTERN))
+    prefix, empty = pa.scalar(folder.rstrip("/") + "/", uris.type), pa.scalar("", uris.type)
+    joined = pc.binary_join_element_wise(prefix, pc.replace_substring_regex(uris, r"^(\./)+", ""), empty)
+    return pc.if_else(absolute, uris, joined)
 
 
 S3_CONNECTIONS = 10  # botocore's max_pool_connections: what an s3fs client holds unless configured

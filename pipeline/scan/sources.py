@@ -22,12 +22,14 @@ import pyarrow.parquet as pq
 
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
-from pipeline.scan import webdataset
+from mirror_core.uri import is_web_url
+from pipeline.scan import web, webdataset
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
 from pipeline.scan.labels import LABEL_NAMES, label_and_subset, normalize_labels
 from pipeline.scan.listing import iter_files
 from pipeline.scan.schema import INDEX, UNIT
 from pipeline.scan.uri_set import UriSet
+from pipeline.storage import resolve_relative
 
 DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS  # what a folder scan lists unless --extensions says otherwise
 INPUT_FORMATS = ("auto", "folder", "parquet", "manifest", "webdataset")
@@ -180,7 +182,10 @@ def open_csv_as_text(f) -> pacsv.CSVStreamingReader:
 
 def manifest_batches(uri: str, columns: ColumnMap) -> Iterator[pa.Table]:
     """A manifest's records in standard names, a batch at a time (any length in bounded
-    memory); its columns are checked before the first batch. CSV columns come as text."""
+    memory); its columns are checked before the first batch. CSV columns come as text.
+    Relative URIs name files below the manifest's own folder (as a Hugging Face
+    metadata.csv's file names do), wherever the records are read."""
+    folder = posixpath.dirname(uri.rstrip("/"))
     with fsspec.open(uri, "rb") as f:
         reader = open_csv_as_text(f) if uri.lower().endswith(".csv") else None
         parquet = None if reader is not None else pq.ParquetFile(f)
@@ -188,7 +193,9 @@ def manifest_batches(uri: str, columns: ColumnMap) -> Iterator[pa.Table]:
         if "uri" not in standard_records(schema.empty_table(), columns).column_names:
             raise ValueError(f"manifest {uri} has no {columns.uri!r} column (set columns.uri)")
         for batch in reader if reader is not None else parquet.iter_batches(batch_size=STREAM_BATCH_ROWS):
-            yield standard_records(pa.Table.from_batches([batch]), columns)
+            records = standard_records(pa.Table.from_batches([batch]), columns)
+            at = records.column_names.index("uri")
+            yield records.set_column(at, "uri", resolve_relative(records["uri"], folder))
 
 
 def _unit_id(*parts: str) -> str:
@@ -528,8 +535,11 @@ def fetch_all(uris: list[str], threads: int, max_bytes: int = DEFAULT_MAX_FILE_B
 
     def fetch(uri: str):
         try:
-            with fsspec.open(uri, "rb") as f:
-                data = f.read(max_bytes + 1)
+            if is_web_url(uri):
+                data = web.read_web(uri, max_bytes)
+            else:
+                with fsspec.open(uri, "rb") as f:
+                    data = f.read(max_bytes + 1)
         except Exception as err:  # recorded on the row, never raised
             return None, f"read failed: {error_text(err)}"
         if len(data) > max_bytes:

@@ -1,0 +1,72 @@
+"""Images named by http(s) URLs (manifests of web links): one ranged GET each, through
+fsspec's HTTP filesystem (one aiohttp session per process, its connections kept alive),
+with the retries a web server's transient answers call for.
+
+fsspec's `open` would first ask for the size (a HEAD), then GET: two round trips per image.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import fsspec
+
+# Answers another try may get past: timeout, too early, rate limit, server-side failures.
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class WebReads:
+    """How web reads are tried."""
+    attempts: int = 4  # tries per URL, the first included
+    backoff_s: float = 0.5  # wait before the second try; doubled before each next one
+    max_wait_s: float = 30.0  # cap on a wait, a server's Retry-After included
+    connect_timeout_s: float = 30.0
+    read_timeout_s: float = 60.0  # no byte for this long ends the try
+
+
+def web_filesystem(reads: WebReads):
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=reads.connect_timeout_s, sock_read=reads.read_timeout_s)
+    return fsspec.filesystem("http", client_kwargs={"timeout": timeout})
+
+
+def retry_wait(err: Exception, attempt: int, reads: WebReads) -> float | None:
+    """Seconds to wait before trying again after `err` on try `attempt` (0-based), or None
+    when another try cannot help (404, 403, ... or the tries are spent)."""
+    import aiohttp
+
+    if attempt + 1 >= reads.attempts:
+        return None
+    wait = reads.backoff_s * 2**attempt
+    if isinstance(err, aiohttp.ClientResponseError):
+        if err.status not in RETRY_STATUSES:
+            return None
+        after = (err.headers or {}).get("Retry-After", "")
+        if after.strip().isdigit():
+            wait = float(after)
+    elif not isinstance(err, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)):
+        return None
+    return min(wait, reads.max_wait_s)
+
+
+def read_web(url: str, max_bytes: int, reads: WebReads = WebReads()) -> bytes:
+    """The first max_bytes + 1 bytes of a web resource (all of it when it is smaller): a GET
+    with a Range header (a server that ignores it sends the whole body). A 404 raises
+    FileNotFoundError; transient failures are tried again, the last one raised."""
+    import aiohttp
+
+    fs = web_filesystem(reads)
+    attempt = 0
+    while True:
+        try:
+            return fs.cat_file(url, start=0, end=max_bytes + 1)
+        except Exception as err:
+            if isinstance(err, aiohttp.ClientResponseError) and err.status == 416:
+                return b""  # the range starts past the end: an empty resource
+            wait = retry_wait(err, attempt, reads)
+            if wait is None:
+                raise
+        time.sleep(wait)
+        attempt += 1

@@ -1,0 +1,78 @@
+"""Manifests as users write them: web links served by a real HTTP server (one ranged GET per
+image, transient answers tried again, a query string no part of the file name), and paths
+relative to the manifest's own folder."""
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, write_image
+from web_server import ImageServer
+
+from pipeline.scan.sources import fetch_all
+
+sys.path.insert(0, str(REPO))
+
+from benchmarks.web_reads import web_figures  # noqa: E402
+
+
+@pytest.fixture
+def image_server(tmp_path):
+    with ImageServer(str(tmp_path / "served")) as server:
+        yield server
+
+
+def test_web_links_are_read_in_one_ranged_get_with_transient_answers_tried_again(image_server, tmp_path):
+    files = {name: write_image(tmp_path / "served" / name, size=(96, 64), seed=i)
+             for i, name in enumerate(["a.png", "b.jpg"])}
+    base = image_server.url
+    uris = [f"{base}/files/a.png?w=64", f"{base}/flaky/b.jpg", f"{base}/files/gone.jpg", f"{base}/limited/a.png",
+            f"{base}/files/b.jpg"]
+    got = list(fetch_all(uris, threads=2, max_bytes=len(files["a.png"]) + 10))
+    assert got[0] == (files["a.png"], None)
+    assert got[1] == (files["b.jpg"], None)  # after one 503
+    assert got[2][0] is None and got[2][1] == f"read failed: FileNotFoundError: {base}/files/gone.jpg"
+    assert got[3][0] is None and got[3][1].startswith("read failed: ClientResponseError: 429")
+    too_big = len(files["b.jpg"]) > len(files["a.png"]) + 10
+    assert got[4] == ((None, f"file too large: over {len(files['a.png']) + 10:,} bytes") if too_big
+                      else (files["b.jpg"], None))
+    log = image_server.log
+    assert not [entry for entry in log if entry[0] != "GET"]  # never a HEAD first
+    assert all(entry[2] == f"bytes=0-{len(files['a.png']) + 10}" for entry in log)  # at most max + 1 bytes each
+    requests = {uri: sum(entry[1] == uri[len(base):] for entry in log) for uri in uris}
+    assert requests == {uris[0]: 1, uris[1]: 2, uris[2]: 1, uris[3]: 4, uris[4]: 1}
+
+
+@pytest.mark.slow
+def test_a_manifest_of_web_links_and_relative_paths_scans_as_the_files_themselves(ray_local, parity_bundle,
+                                                                                    image_server, tmp_path):
+    from mirror_core.detector import Detector
+    from pipeline.scan.config import ScanConfig
+    from pipeline.scan.run import run_scan
+
+    names = ["a.png", "b.jpg", "c.png", "d.jpg"]
+    for i, name in enumerate(names):
+        write_image(tmp_path / "served" / name, size=(300, 260), seed=i)
+        write_image(tmp_path / "lists" / "imgs" / name, size=(300, 260), seed=10 + i)
+    base = image_server.url
+    manifest = tmp_path / "lists" / "list.csv"  # web links, then paths below the manifest's folder
+    lines = [f"{base}/files/{n}?w=300" for n in names] + [f"{base}/files/gone.png"]
+    lines += ["imgs/a.png", "./imgs/b.jpg", "imgs/c.png", str(tmp_path / "lists" / "imgs" / "d.jpg")]
+    manifest.write_text("uri,label\n" + "".join(f"{u},{i % 2}\n" for i, u in enumerate(lines)))
+    summary = run_scan(str(parity_bundle), str(manifest), str(tmp_path / "out"), ScanConfig(unit_size=3))
+    assert summary["rows_in"] == 9 and summary["scored"] == 8 and summary["errors"] == 1
+
+    rows = {r["uri"]: r for r in pq.read_table(tmp_path / "out" / "scores").to_pylist()}
+    local = [str(tmp_path / "lists" / "imgs" / n) for n in names]
+    assert set(rows) == set(lines[:5]) | set(local)  # relative paths resolved, links as given
+    assert rows[f"{base}/files/gone.png"]["error"] == f"read failed: FileNotFoundError: {base}/files/gone.png"
+    detector = Detector.from_pretrained(parity_bundle)
+    for uris, paths in ((lines[:4], [str(tmp_path / "served" / n) for n in names]), (local, local)):
+        expected = detector.score(paths)
+        for uri, want in zip(uris, expected):
+            assert rows[uri]["aligned"] == want["aligned"] == uri.split("?")[0].endswith(".png")
+            assert rows[uri]["prob_fake"] == pytest.approx(want["prob_fake"], abs=1e-5)
+
+
+def test_the_web_reads_harness_reads_every_link_in_one_request_against_two_by_open():
+    figures = web_figures(images=12, kb=4, delay_s=0.0, threads=4)  # checks the bytes it reads
+    assert figures["open_requests_per_image"] == 2.0 and figures["fetch_all_requests_per_image"] == 1.0

@@ -1,0 +1,84 @@
+"""A real HTTP server for web-link manifests (tests and the web-reads benchmark).
+
+Serves a folder under /files/<name>. /flaky/<name> answers 503 to its first GET and
+/limited/<name> always 429, both with Retry-After: 0. A Range 'bytes=0-N' is honoured and
+HEAD tells a file's size. Each request waits `delay_s` first (a distant server) and is logged
+as (method, path, range header, body bytes sent).
+"""
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+import time
+
+
+class ImageServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: str, delay_s: float = 0.0):
+        self.root, self.delay_s = root, delay_s
+        self.log: list[tuple[str, str, str | None, int]] = []
+        self.seen: set[str] = set()
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> "ImageServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # connections kept alive, as a CDN's are
+
+    def log_message(self, *args):  # the console stays clean
+        pass
+
+    def _answer(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_HEAD(self):
+        time.sleep(self.server.delay_s)
+        self.server.log.append(("HEAD", self.path, None, 0))
+        kind, _, name = self.path.split("?", 1)[0].lstrip("/").partition("/")
+        file = os.path.join(self.server.root, name)
+        found = kind == "files" and os.path.isfile(file)
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Length", str(os.path.getsize(file) if found else 0))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+
+    def do_GET(self):
+        time.sleep(self.server.delay_s)
+        path = self.path.split("?", 1)[0]
+        kind, _, name = path.lstrip("/").partition("/")
+        wanted = self.headers.get("Range")
+        if kind == "limited" or (kind == "flaky" and path not in self.server.seen):
+            self.server.seen.add(path)
+            self.server.log.append(("GET", self.path, wanted, 0))
+            self._answer(429 if kind == "limited" else 503, headers={"Retry-After": "0"})
+            return
+        file = os.path.join(self.server.root, name)
+        if kind not in ("files", "flaky") or not os.path.isfile(file):
+            self.server.log.append(("GET", self.path, wanted, 0))
+            self._answer(404)
+            return
+        with open(file, "rb") as f:
+            data = f.read()
+        if wanted and wanted.startswith("bytes=0-"):
+            data = data[: int(wanted[len("bytes=0-"):]) + 1]
+        self.server.log.append(("GET", self.path, wanted, len(data)))
+        self._answer(206 if wanted else 200, data)
