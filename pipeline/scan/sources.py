@@ -6,18 +6,18 @@ a unit's rows are written together, once, so a rerun skips finished units.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Protocol
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from mirror_core.errors import error_text
@@ -27,6 +27,7 @@ from pipeline.scan import web, webdataset
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
 from pipeline.scan.labels import LABEL_NAMES, label_and_subset, normalize_labels
 from pipeline.scan.listing import iter_files
+from pipeline.scan.manifest import is_manifest_name, is_text_manifest, manifest_kind, manifest_tables, uri_column
 from pipeline.scan.schema import INDEX, UNIT
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import resolve_relative
@@ -104,10 +105,10 @@ def full_uri(fs, path: str) -> str:
 def input_root(input_uri: str) -> str:
     """The folder an input's records are named below: the input itself, or the folder of
     a file or shard pattern given as the input ('s3://b/wds/{000..009}.tar' -> 's3://b/wds';
-    's3://b/list.csv' -> 's3://b')."""
+    's3://b/list.csv.gz' -> 's3://b')."""
     fs, base = fsspec.core.url_to_fs(input_uri)
     root = full_uri(fs, base)
-    if webdataset.has_braces(root) or root.lower().endswith((".tar", ".csv", ".parquet")):
+    if webdataset.has_braces(root) or root.lower().endswith(".tar") or is_manifest_name(root):
         return root[: root.split("{", 1)[0].rfind("/")]
     return root
 
@@ -170,32 +171,16 @@ def standard_records(table: pa.Table, columns: ColumnMap) -> pa.Table:
     return table
 
 
-def open_csv_as_text(f) -> pacsv.CSVStreamingReader:
-    """A CSV read in blocks with every column as text (an empty cell: null). Read in blocks,
-    a column's type could only be guessed from the first block, and a later value that
-    does not fit it ('real' below a thousand '0's) would fail the planning midway."""
-    names = pacsv.open_csv(f).schema.names
-    f.seek(0)
-    return pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
-        column_types={n: pa.string() for n in names}, strings_can_be_null=True, null_values=[""]))
-
-
 def manifest_batches(uri: str, columns: ColumnMap) -> Iterator[pa.Table]:
     """A manifest's records in standard names, a batch at a time (any length in bounded
-    memory); its columns are checked before the first batch. CSV columns come as text.
-    Relative URIs name files below the manifest's own folder (as a Hugging Face
-    metadata.csv's file names do), wherever the records are read."""
+    memory; the forms read: `manifest.py`). Relative URIs name files below the manifest's
+    own folder (as a Hugging Face metadata file's names do), wherever the records are read."""
     folder = posixpath.dirname(uri.rstrip("/"))
-    with fsspec.open(uri, "rb") as f:
-        reader = open_csv_as_text(f) if uri.lower().endswith(".csv") else None
-        parquet = None if reader is not None else pq.ParquetFile(f)
-        schema = reader.schema if reader is not None else parquet.schema_arrow
-        if "uri" not in standard_records(schema.empty_table(), columns).column_names:
-            raise ValueError(f"manifest {uri} has no {columns.uri!r} column (set columns.uri)")
-        for batch in reader if reader is not None else parquet.iter_batches(batch_size=STREAM_BATCH_ROWS):
-            records = standard_records(pa.Table.from_batches([batch]), columns)
-            at = records.column_names.index("uri")
-            yield records.set_column(at, "uri", resolve_relative(records["uri"], folder))
+    for table in manifest_tables(uri, STREAM_BATCH_ROWS):
+        found = uri_column(table.column_names, columns.uri, uri)
+        records = standard_records(table, replace(columns, uri=found))
+        at = records.column_names.index("uri")
+        yield records.set_column(at, "uri", resolve_relative(records["uri"], folder))
 
 
 def _unit_id(*parts: str) -> str:
@@ -233,6 +218,18 @@ def shard_files(root: str, files: list[str] | None = None) -> list[str]:
             raise FileNotFoundError(f"input {root} does not exist")
         files = list_files(root)
     return [full_uri(fs, p) for p in files if p.endswith(".parquet") and "/_" not in p[len(base):]]
+
+
+def manifest_files(root: str, files: list[str] | None = None) -> list[str]:
+    """A folder's manifests, in listing order: its Parquet files if it holds any, else its
+    text manifests of the most frequent kind (a README.txt beside part-*.csv.gz is none)."""
+    fs, base = fsspec.core.url_to_fs(root)
+    files = [p for p in (list_files(root) if files is None else files) if "/_" not in p[len(base):]]
+    kinds = collections.Counter(manifest_kind(p) for p in files if is_text_manifest(p))
+    if any(p.endswith(".parquet") for p in files) or not kinds:
+        return [full_uri(fs, p) for p in files if p.endswith(".parquet")]
+    kind = kinds.most_common(1)[0][0]
+    return [full_uri(fs, p) for p in files if manifest_kind(p) == kind]
 
 
 def tar_files(root: str, files: list[str] | None = None) -> list[str]:
@@ -360,7 +357,7 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     if webdataset.is_webdataset_uri(uri):
         return "webdataset"
     low = uri.lower()
-    if low.endswith(".csv"):
+    if is_text_manifest(low):
         return "manifest"
     fs, base = fsspec.core.url_to_fs(uri)
     if low.endswith(".parquet") and fs.isfile(base):
@@ -377,7 +374,10 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     parquet = [p for p in files if p.endswith(".parquet")]
     if parquet:
         return "parquet" if _has_bytes_column(full_uri(fs, parquet[0]), options.columns) else "manifest"
-    raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar shards and no Parquet files")
+    if any(is_text_manifest(p) for p in files):
+        return "manifest"
+    raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar shards, no Parquet "
+                     "files and no manifests")
 
 
 def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | None, list[str] | None]:
@@ -385,7 +385,7 @@ def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | No
     (streamed, read as the plan goes), or the whole listing of a folder of other files
     (None for a single file)."""
     fs, base = fsspec.core.url_to_fs(uri)
-    folder = not uri.lower().endswith((".csv", ".parquet")) and fs.isdir(base)
+    folder = not is_manifest_name(uri) and fs.isdir(base)
     stream = iter_files(uri) if folder else None
     head = _up_to_first_image(stream, options.extensions) if folder else None
     fmt = detect_format(uri, options, head)  # an image in `head`, else `head` is every file
@@ -399,7 +399,7 @@ def record_batches(uri: str, options: SourceOptions, images: FolderImages | None
     """A folder's or manifest input's records, a batch at a time."""
     if images is not None:
         return images
-    files = [uri] if uri.lower().endswith((".csv", ".parquet")) else shard_files(uri, listing)
+    files = [uri] if is_manifest_name(uri) else manifest_files(uri, listing)
     return (b for f in files for b in manifest_batches(f, options.columns))
 
 

@@ -1,0 +1,153 @@
+"""Manifests: files that list images by URI, in the forms corpora ship them.
+
+.csv, .tsv, .txt (one URI a line, no header) and .jsonl (one JSON object a line), each
+also compressed (.gz, .bz2, .zst, .lz4: pyarrow's own codecs), and .parquet. Records come
+a batch at a time, so a manifest of any length is read in bounded memory. Text formats
+give every column as text (an empty CSV cell or a JSON null: null): read in blocks, a
+column's type could only be guessed from its first block, and a later value that does not
+fit it ('real' below a thousand '0's) would fail the planning midway.
+"""
+from __future__ import annotations
+
+import io
+import json
+from contextlib import contextmanager
+from typing import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+TEXT_KINDS = (".csv", ".tsv", ".txt", ".jsonl")
+CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
+# Where a URI is found when the manifest has no `uri` column: img2dataset's and LAION's
+# link column ('url', 'URL'), a Hugging Face image folder's metadata ('file_name').
+URI_FALLBACKS = ("url", "file_name")
+_NO_DELIMITER = "\x1f"  # a .txt line is one value: split at a character no URI holds
+
+
+def manifest_kind(uri: str) -> tuple[str, str | None] | None:
+    """('.csv', 'gzip') for 'list.csv.gz', ('.parquet', None), or None: no manifest name."""
+    low, codec = uri.lower(), None
+    for ext, name in CODECS.items():
+        if low.endswith(ext):
+            low, codec = low[: -len(ext)], name
+            break
+    for kind in TEXT_KINDS if codec else (*TEXT_KINDS, ".parquet"):
+        if low.endswith(kind):
+            return kind, codec
+    return None
+
+
+def is_manifest_name(uri: str) -> bool:
+    return manifest_kind(uri) is not None
+
+
+def is_text_manifest(uri: str) -> bool:
+    kind = manifest_kind(uri)
+    return kind is not None and kind[0] != ".parquet"
+
+
+def uri_column(names: list[str], configured: str, source: str) -> str:
+    """The column holding the URIs: the configured one, else (when `uri` is left as it is)
+    the first of URI_FALLBACKS present in any case."""
+    if configured in names:
+        return configured
+    if configured == "uri":
+        by_lower = {n.lower(): n for n in reversed(names)}
+        for fallback in URI_FALLBACKS:
+            if fallback in by_lower:
+                return by_lower[fallback]
+    tried = f"{configured!r}" + (f" nor {' / '.join(URI_FALLBACKS)}" if configured == "uri" else "")
+    raise ValueError(f"manifest {source} has no {tried} column (set columns.uri)")
+
+
+@contextmanager
+def _decoded(uri: str, codec: str | None) -> Iterator[pa.NativeFile]:
+    with fsspec.open(uri, "rb") as f:
+        raw = pa.PythonFile(f, mode="r")
+        yield pa.CompressedInputStream(raw, codec) if codec else raw
+
+
+def _csv_batches(uri: str, codec: str | None, delimiter: str, batch_rows: int) -> Iterator[pa.Table]:
+    parse = pacsv.ParseOptions(delimiter=delimiter, quote_char=False if delimiter != "," else '"')
+    with _decoded(uri, codec) as f:  # the header first, then every column read as text
+        names = pacsv.open_csv(f, parse_options=parse).schema.names
+    convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=True,
+                                   null_values=[""])
+    with _decoded(uri, codec) as f:
+        yield from _rebatched(pacsv.open_csv(f, parse_options=parse, convert_options=convert), batch_rows)
+
+
+def _txt_batches(uri: str, codec: str | None, batch_rows: int) -> Iterator[pa.Table]:
+    read = pacsv.ReadOptions(column_names=["uri"])
+    parse = pacsv.ParseOptions(delimiter=_NO_DELIMITER, quote_char=False)
+    convert = pacsv.ConvertOptions(column_types={"uri": pa.string()})
+    with _decoded(uri, codec) as f:
+        yield from _rebatched(pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=convert),
+                              batch_rows)
+
+
+def _rebatched(reader, batch_rows: int) -> Iterator[pa.Table]:
+    for batch in reader:
+        table = pa.Table.from_batches([batch])
+        for start in range(0, table.num_rows, batch_rows):
+            yield table.slice(start, batch_rows)
+
+
+def _text_value(value) -> str | None:
+    return value if value is None or isinstance(value, str) else json.dumps(value)
+
+
+def _jsonl_batches(uri: str, codec: str | None, batch_rows: int) -> Iterator[pa.Table]:
+    """Fields as text (numbers and booleans as JSON spells them, objects and lists as JSON);
+    the columns are the fields of the first batch's lines: a later line with another field
+    is refused, naming it (it would otherwise be dropped)."""
+    names: list[str] | None = None
+    with _decoded(uri, codec) as f:
+        lines = io.TextIOWrapper(f, encoding="utf-8")
+        rows: list[dict] = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"manifest {uri} line {number}: not JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"manifest {uri} line {number}: not a JSON object")
+            if names is not None and not row.keys() <= set(names):
+                extra = sorted(set(row) - set(names))
+                raise ValueError(f"manifest {uri} line {number}: field(s) {extra} absent from its first "
+                                 f"{batch_rows:,} lines")
+            rows.append(row)
+            if len(rows) == batch_rows:
+                names = names or list(dict.fromkeys(k for r in rows for k in r))
+                yield _text_table(rows, names)
+                rows = []
+        if rows:
+            yield _text_table(rows, names or list(dict.fromkeys(k for r in rows for k in r)))
+
+
+def _text_table(rows: list[dict], names: list[str]) -> pa.Table:
+    return pa.table({n: pa.array([_text_value(r.get(n)) for r in rows], pa.string()) for n in names})
+
+
+def manifest_tables(uri: str, batch_rows: int) -> Iterator[pa.Table]:
+    """A manifest's records as the file names its columns, `batch_rows` at most a table."""
+    kind = manifest_kind(uri)
+    if kind is None:
+        raise ValueError(f"{uri} is no manifest ({', '.join(TEXT_KINDS)} or .parquet, the text ones "
+                         f"also {', '.join(CODECS)}-compressed)")
+    ext, codec = kind
+    if ext == ".parquet":
+        with fsspec.open(uri, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                yield pa.Table.from_batches([batch])
+    elif ext == ".jsonl":
+        yield from _jsonl_batches(uri, codec, batch_rows)
+    elif ext == ".txt":
+        yield from _txt_batches(uri, codec, batch_rows)
+    else:
+        yield from _csv_batches(uri, codec, "\t" if ext == ".tsv" else ",", batch_rows)

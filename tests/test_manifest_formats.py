@@ -1,0 +1,125 @@
+"""Manifests in the forms corpora ship them (csv, tsv, txt, jsonl, each also compressed;
+Parquet), with the URI column img2dataset, LAION or a Hugging Face image folder uses, and
+relative paths named below the manifest's folder: the same records whatever the form."""
+import bz2
+import csv
+import gzip
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.scan import sources
+from pipeline.scan.sources import SourceOptions, detect_format, plan_source
+from pipeline.scan.store import PlanRecordsWriter, ScanStore
+
+URIS = ["imgs/a.jpg", "./imgs/b.png", "/data/c.jpg", "s3://bucket/d.webp", "https://cdn.example/e.jpg?w=512",
+        "imgs/f g.jpg", "imgs/h.jpg"]
+LABELS = ["real", "1", None, "fake", "0", "0", "1"]
+CAPTIONS = ["a cat", 'say "hi", twice', None, "", "x\ty", "plain", "last"]
+
+
+def compressed(data: bytes, codec: str) -> bytes:
+    if codec == "gz":
+        return gzip.compress(data)
+    if codec == "bz2":
+        return bz2.compress(data)
+    return pa.compress(data, codec={"zst": "zstd", "lz4": "lz4"}[codec], asbytes=True)
+
+
+def write_forms(folder) -> dict[str, str]:
+    """The records above in each form (as text; the txt form holds the URIs alone)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([["uri", "label", "caption"], *zip(URIS, LABELS, CAPTIONS)])
+    csv_text = out.getvalue()  # quoted where needed, "" inside quotes; None and "" both an empty cell
+    tsv_text = "uri\tlabel\tcaption\n" + "".join(f"{u}\t{lab or ''}\t{(c or '').replace(chr(9), ' ')}\n"
+                                               for u, lab, c in zip(URIS, LABELS, CAPTIONS))
+    jsonl_text = "".join(json.dumps({"uri": u, "label": lab, "caption": c}) + "\n" for u, lab, c in zip(URIS, LABELS, CAPTIONS))
+    txt_text = "".join(f"{u}\n" for u in URIS) + "\n"  # an empty last line is none
+    forms = {"list.csv": csv_text, "list.csv.gz": csv_text, "list.tsv.zst": tsv_text, "list.jsonl.bz2": jsonl_text,
+             "list.txt.lz4": txt_text, "list.jsonl": jsonl_text, "list.txt": txt_text}
+    for name, text in forms.items():
+        codec = name.rsplit(".", 1)[1]
+        data = text.encode()
+        (folder / name).write_bytes(compressed(data, codec) if codec in ("gz", "bz2", "zst", "lz4") else data)
+    pq.write_table(pa.table({"uri": URIS, "label": LABELS, "caption": CAPTIONS}), folder / "list.parquet")
+    return forms
+
+
+def test_every_form_gives_the_same_records_resolved_below_the_manifests_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "STREAM_BATCH_ROWS", 3)  # batches cross the lines
+    forms = write_forms(tmp_path / "lists")
+    folder = str(tmp_path / "lists")
+    expected_uris = [f"{folder}/imgs/a.jpg", f"{folder}/imgs/b.png", "/data/c.jpg", "s3://bucket/d.webp",
+                     "https://cdn.example/e.jpg?w=512", f"{folder}/imgs/f g.jpg", f"{folder}/imgs/h.jpg"]
+    labels = [0, 1, None, 1, 0, 0, 1]
+    for name in [*forms, "list.parquet"]:
+        uri = f"{folder}/{name}"
+        assert detect_format(uri, SourceOptions()) == "manifest", name
+        batches = list(sources.manifest_batches(uri, sources.ColumnMap()))
+        assert [b.num_rows for b in batches] == [3, 3, 1], name
+        records = pa.concat_tables(batches)
+        assert records["uri"].to_pylist() == expected_uris, name
+        if name.startswith("list.txt"):
+            assert records.column_names == ["uri"]
+            continue
+        assert records["label"].to_pylist() == labels, name
+        captions = records["caption"].to_pylist()
+        if name.startswith("list.tsv"):  # no quoting in TSV: the tab was written as a space
+            assert captions == [None if c is None else c.replace("\t", " ") or None for c in CAPTIONS]
+        elif name.startswith("list.jsonl") or name.endswith(".parquet"):
+            assert captions == CAPTIONS, name  # JSON and Parquet tell "" from null
+        else:
+            assert captions == [c or None for c in CAPTIONS], name  # an empty CSV cell is null
+
+
+def test_the_uri_column_of_img2dataset_laion_and_hugging_face_metadata_is_found(tmp_path):
+    pq.write_table(pa.table({"URL": ["https://x/1.jpg", "https://x/2.jpg"], "TEXT": ["a", "b"],
+                             "similarity": [0.3, 0.4]}), tmp_path / "laion.parquet")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metadata.jsonl").write_text(
+        '{"file_name": "0001.png", "label": "fake", "meta": {"seed": 7}, "steps": 30}\n'
+        '{"file_name": "sub/0002.png", "label": "real", "meta": null, "steps": 50, "nsfw": false}\n')
+    laion = pa.concat_tables(sources.manifest_batches(str(tmp_path / "laion.parquet"), sources.ColumnMap()))
+    assert laion["uri"].to_pylist() == ["https://x/1.jpg", "https://x/2.jpg"] and "URL" not in laion.column_names
+    assert laion["similarity"].to_pylist() == [0.3, 0.4]  # Parquet keeps its types
+    hf = pa.concat_tables(sources.manifest_batches(str(tmp_path / "train" / "metadata.jsonl"), sources.ColumnMap()))
+    assert hf["uri"].to_pylist() == [str(tmp_path / "train" / "0001.png"), str(tmp_path / "train" / "sub" / "0002.png")]
+    assert hf["label"].to_pylist() == [1, 0]
+    assert hf["meta"].to_pylist() == ['{"seed": 7}', None] and hf["steps"].to_pylist() == ["30", "50"]
+    assert hf["nsfw"].to_pylist() == [None, "false"]  # a field missing from a line is null
+    with pytest.raises(ValueError, match=r"laion.parquet has no 'link' column \(set columns.uri\)"):
+        list(sources.manifest_batches(str(tmp_path / "laion.parquet"), sources.ColumnMap(uri="link")))
+    (tmp_path / "none.csv").write_text("path,label\na.jpg,1\n")
+    with pytest.raises(ValueError, match=r"none.csv has no 'uri' nor url / file_name column"):
+        list(sources.manifest_batches(str(tmp_path / "none.csv"), sources.ColumnMap()))
+
+
+def test_bad_jsonl_lines_are_refused_naming_the_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "STREAM_BATCH_ROWS", 2)
+    cases = {"late.jsonl": ('{"uri": "a.jpg"}\n{"uri": "b.jpg"}\n{"uri": "c.jpg", "label": 1}\n',
+                            r"late.jsonl line 3: field\(s\) \['label'\] absent from its first 2 lines"),
+             "text.jsonl": ('{"uri": "a.jpg"}\nnot json\n', r"text.jsonl line 2: not JSON"),
+             "list.jsonl": ('["a.jpg"]\n', r"list.jsonl line 1: not a JSON object")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            list(sources.manifest_batches(str(tmp_path / name), sources.ColumnMap()))
+
+
+def test_a_folder_of_compressed_manifests_plans_them_and_not_its_readme(tmp_path):
+    root = tmp_path / "lists"
+    root.mkdir()
+    for part in range(3):
+        text = "url,caption\n" + "".join(f"https://x/{part}/{i}.jpg,c{i}\n" for i in range(4))
+        (root / f"part-{part:05d}.csv.gz").write_bytes(gzip.compress(text.encode()))
+    (root / "README.txt").write_text("Downloaded from somewhere.\nLicense: see site.\n")
+    assert detect_format(str(root), SourceOptions()) == "manifest"
+    with PlanRecordsWriter(ScanStore(str(tmp_path / "scan"))) as sink:
+        plan = plan_source(str(root), SourceOptions(unit_size=5), sink=sink)
+    assert plan.input_format == "manifest" and plan.total_rows == 12
+    uris = pa.concat_tables([ScanStore(str(tmp_path / "scan")).unit_records(u) for u in plan.units])["uri"]
+    assert uris.to_pylist() == [f"https://x/{p}/{i}.jpg" for p in range(3) for i in range(4)]
