@@ -1,6 +1,8 @@
 """Manifests as users write them: web links served by a real HTTP server (one ranged GET per
 image, transient answers tried again, a query string no part of the file name), and paths
 relative to the manifest's own folder."""
+import gzip
+import json
 import sys
 
 import pyarrow.parquet as pq
@@ -54,16 +56,21 @@ def test_a_manifest_of_web_links_and_relative_paths_scans_as_the_files_themselve
         write_image(tmp_path / "served" / name, size=(300, 260), seed=i)
         write_image(tmp_path / "lists" / "imgs" / name, size=(300, 260), seed=10 + i)
     base = image_server.url
-    manifest = tmp_path / "lists" / "list.csv"  # web links, then paths below the manifest's folder
+    # a Hugging Face image folder's metadata (file_name, compressed): web links, then paths
+    # below the manifest's folder
+    manifest = tmp_path / "lists" / "metadata.jsonl.gz"
     lines = [f"{base}/files/{n}?w=300" for n in names] + [f"{base}/files/gone.png"]
     lines += ["imgs/a.png", "./imgs/b.jpg", "imgs/c.png", str(tmp_path / "lists" / "imgs" / "d.jpg")]
-    manifest.write_text("uri,label\n" + "".join(f"{u},{i % 2}\n" for i, u in enumerate(lines)))
+    manifest.write_bytes(gzip.compress("".join(json.dumps({"file_name": u, "label": ["real", "fake"][i % 2]}) + "\n"
+                                               for i, u in enumerate(lines)).encode()))
     summary = run_scan(str(parity_bundle), str(manifest), str(tmp_path / "out"), ScanConfig(unit_size=3))
     assert summary["rows_in"] == 9 and summary["scored"] == 8 and summary["errors"] == 1
+    assert summary["input_format"] == "manifest" and summary["metrics"]["ALL"]["n"] == 8
 
     rows = {r["uri"]: r for r in pq.read_table(tmp_path / "out" / "scores").to_pylist()}
     local = [str(tmp_path / "lists" / "imgs" / n) for n in names]
     assert set(rows) == set(lines[:5]) | set(local)  # relative paths resolved, links as given
+    assert [rows[u]["label"] for u in lines[:5]] == [0, 1, 0, 1, 0]
     assert rows[f"{base}/files/gone.png"]["error"] == f"read failed: FileNotFoundError: {base}/files/gone.png"
     detector = Detector.from_pretrained(parity_bundle)
     for uris, paths in ((lines[:4], [str(tmp_path / "served" / n) for n in names]), (local, local)):

@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="score every image of a folder / Parquet shards / manifest with Ray")
     p.add_argument("--model", required=True, help="bundle directory or URI")
-    p.add_argument("--input", required=True, help="folder, Parquet shard(s) or manifest (.csv/.parquet); local or s3://")
+    p.add_argument("--input", required=True, help="folder, Parquet shard(s), WebDataset tar shard(s) or manifest "
+                   "(.csv/.tsv/.txt/.jsonl, also compressed, or .parquet); local or s3://")
     p.add_argument("--output", required=True, help="output directory or URI; rerun the same command to resume")
     add_scan_flags(p)
     p.set_defaults(func=cmd_scan)
