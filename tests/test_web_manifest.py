@@ -83,3 +83,36 @@ def test_a_manifest_of_web_links_and_relative_paths_scans_as_the_files_themselve
 def test_the_web_reads_harness_reads_every_link_in_one_request_against_two_by_open():
     figures = web_figures(images=12, kb=4, delay_s=0.0, threads=4)  # checks the bytes it reads
     assert figures["open_requests_per_image"] == 2.0 and figures["fetch_all_requests_per_image"] == 1.0
+
+
+@pytest.mark.slow
+def test_a_manifest_of_web_links_is_ingested_once_into_shards_that_scan(ray_local, parity_bundle, image_server,
+                                                                         tmp_path):
+    from pipeline.commands.cli import main
+
+    served = {f"{i}.jpg": write_image(tmp_path / "served" / f"{i}.jpg", size=(200, 150), seed=i) for i in range(5)}
+    base = image_server.url
+    links = [f"{base}/files/{name}" for name in served] + [f"{base}/files/gone.jpg"]
+    # img2dataset's columns: url, caption, and a sha256 of its own (kept as input_sha256)
+    (tmp_path / "links.tsv").write_text("url\tcaption\tsha256\n" + "".join(
+        f"{u}\tcaption {i}\tgiven{i}\n" for i, u in enumerate(links)))
+    ingest = ["ingest", "--input", str(tmp_path / "links.tsv"), "--output", str(tmp_path / "shards"),
+              "--rows-per-shard", "4", "--rows-per-row-group", "2"]
+    assert main(ingest) == 0
+    shards = pq.read_table(tmp_path / "shards").sort_by("uri")
+    assert shards["uri"].to_pylist() == sorted(links) and shards.num_rows == 6
+    rows = {r["uri"]: r for r in shards.to_pylist()}
+    for i, (name, data) in enumerate(served.items()):
+        row = rows[f"{base}/files/{name}"]
+        assert row["bytes"] == data and row["read_error"] is None and row["original_format"] == "JPEG"
+        assert row["caption"] == f"caption {i}" and row["input_sha256"] == f"given{i}" and row["label"] is None
+    assert rows[links[-1]]["bytes"] is None and rows[links[-1]]["read_error"].startswith("read failed: FileNotFound")
+    requests = len(image_server.log)
+    assert main(ingest) == 0  # a rerun finds every shard there: nothing downloaded again
+    assert len(image_server.log) == requests
+
+    assert main(["scan", "--model", str(parity_bundle), "--input", str(tmp_path / "shards"), "--output",
+                 str(tmp_path / "out")]) == 0
+    scored = pq.read_table(tmp_path / "out" / "scores").sort_by("uri")
+    assert scored["uri"].to_pylist() == sorted(links) and scored["caption"].to_pylist()[0] == "caption 0"
+    assert [e is None for e in scored["error"].to_pylist()] == [u != links[-1] for u in sorted(links)]

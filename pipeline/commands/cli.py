@@ -129,9 +129,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from pipeline.commands.ingest import ingest_folder
+    from pipeline.commands.ingest import ingest
 
-    r = ingest_folder(args.input, args.output, rows_per_shard=args.rows_per_shard,
+    r = ingest(args.input, args.output, rows_per_shard=args.rows_per_shard,
                       rows_per_row_group=args.rows_per_row_group, fetch_threads=args.fetch_threads,
                       address=args.address)
     print(f"ingested {r.files} files into {r.shards} shards ({r.skipped_shards} already there, "
@@ -294,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_scan_flags(p)
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("ingest", help="pack a folder tree of images into Parquet shards")
-    p.add_argument("--input", required=True, help="image folder (local or s3://)")
+    p = sub.add_parser("ingest", help="pack a folder tree of images, or a manifest's images, into Parquet shards")
+    p.add_argument("--input", required=True, help="image folder, or a manifest file (web links, paths: as a scan "
+                   "reads one); local or s3://")
     p.add_argument("--output", required=True, help="shard directory (local or s3://)")
     p.add_argument("--rows-per-shard", type=int, default=4096, help="images per Parquet shard")
     p.add_argument("--rows-per-row-group", type=int, default=256, help="row group = unit of scan work")

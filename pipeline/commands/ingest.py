@@ -1,12 +1,16 @@
-"""`mirror ingest`: a folder tree of images -> Parquet shards with the bytes inside.
+"""`mirror ingest`: a folder tree of images, or a manifest's links -> Parquet shards with
+the bytes inside.
 
-Scanning a few big files beats opening millions of small ones (on S3 above all). The
-folder is listed as a scan lists it (streamed in sorted order, in bounded memory), each
-fixed slice of the listing (a shard) stored as records below the output's `_ingest_plan/`
-while the ingest runs; each shard is then read and written by one Ray task, whole, under a
-name given by its position. `_ingest.json` ties the output to its input listing: a rerun
-of the same ingest skips the shards already there and writes the rest, byte for byte
-what an uninterrupted run writes; a rerun over a changed input is refused.
+Scanning a few big files beats opening millions of small ones (on S3 above all), and a
+manifest of web links is downloaded once, not at every scan or training epoch. The input
+is listed as a scan lists it (a folder streamed in sorted order, a manifest read in
+chunks, in bounded memory), each fixed slice of the listing (a shard) stored as records
+below the output's `_ingest_plan/` while the ingest runs; each shard is then read and
+written by one Ray task, whole, under a name given by its position. A manifest's other
+columns (captions, ids) are carried into its shards. `_ingest.json` ties the output to its
+input listing: a rerun of the same ingest skips the shards already there and writes the
+rest, byte for byte what an uninterrupted run writes; a rerun over a changed input is
+refused.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from PIL import Image
 from pipeline.cluster import ensure_ray, require_shared_paths
 from pipeline.progress import progress, step
 from pipeline.scan.faults import FaultHooks
+from pipeline.scan.manifest import is_manifest_name
+from pipeline.scan.schema import INDEX, UNIT
 from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, fetch_all, plan_source
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records
 from pipeline.storage import Location
@@ -69,6 +75,19 @@ class ListingDigest:
         self.sink.add(unit, records)
 
 
+def shard_table(listing: pa.Table, cols: dict[str, list]) -> pa.Table:
+    """The shard's columns (SHARD_SCHEMA: a label and subset null where the listing has
+    none), then the listing's other columns (a clashing name as input_<name>)."""
+    given = [listing[f.name].cast(f.type) if f.name in listing.column_names else pa.nulls(listing.num_rows, f.type)
+             for f in list(SHARD_SCHEMA)[:3]]
+    table = pa.Table.from_arrays(given + [pa.array(cols[f.name], f.type) for f in list(SHARD_SCHEMA)[3:]],
+                                 schema=SHARD_SCHEMA)
+    for name in listing.column_names:
+        if name not in ("uri", "label", "subset", UNIT, INDEX):
+            table = table.append_column(f"input_{name}" if name in SHARD_SCHEMA.names else name, listing[name])
+    return table
+
+
 def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, rows_per_row_group: int,
                 fetch_threads: int) -> int:
     """Read one slice of the listing (its stored records) and write it as one shard (a Ray
@@ -80,9 +99,7 @@ def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, ro
         cols["sha256"].append(hashlib.sha256(data).hexdigest() if data is not None else None)
         cols["original_format"].append(sniff_format(data) if data else None)
         cols["read_error"].append(error)
-    table = pa.Table.from_arrays(
-        [listing["uri"], listing["label"], listing["subset"]]
-        + [pa.array(cols[f.name], f.type) for f in list(SHARD_SCHEMA)[3:]], schema=SHARD_SCHEMA)
+    table = shard_table(listing, cols)
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=rows_per_row_group)
     FaultHooks.from_env().before_write()
@@ -90,13 +107,15 @@ def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, ro
     return sum(e is not None for e in cols["read_error"])
 
 
-def ingest_folder(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per_row_group: int = 256,
-                  extensions=DEFAULT_EXTENSIONS, fetch_threads: int = 16, address: str | None = None) -> IngestResult:
+def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per_row_group: int = 256,
+           extensions=DEFAULT_EXTENSIONS, fetch_threads: int = 16, address: str | None = None) -> IngestResult:
+    """Pack a folder of images, or the images a manifest file names, into shards."""
     import ray
 
     ensure_ray(address)
     fs, base = fsspec.core.url_to_fs(input_uri)
-    if not fs.isdir(base):
+    input_format = "manifest" if is_manifest_name(input_uri) and fs.isfile(base) else "folder"
+    if input_format == "folder" and not fs.isdir(base):
         raise FileNotFoundError(f"input folder {input_uri} does not exist")
     out = Location(output_uri)
     work = Location(out.uri_of(PLAN_DIR))
@@ -104,9 +123,9 @@ def ingest_folder(input_uri: str, output_uri: str, rows_per_shard: int = 4096, r
     try:
         with step(f"listing {input_uri}") as info, PlanRecordsWriter(work) as writer:
             listing = ListingDigest(writer)
-            options = SourceOptions(input_format="folder", extensions=tuple(extensions), unit_size=rows_per_shard)
+            options = SourceOptions(input_format=input_format, extensions=tuple(extensions), unit_size=rows_per_shard)
             units = plan_source(input_uri, options, listing).units  # one unit a shard, in listing order
-            info.update(items=listing.files, unit="images")
+            info.update(items=listing.files, unit="images" if input_format == "folder" else "records")
         identity = {"input": input_uri, "files": listing.files, "listing_sha256": listing.digest.hexdigest(),
                     "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group}
         previous = out.read_json(IDENTITY_FILE)
