@@ -61,15 +61,16 @@ def test_a_manifest_of_web_links_and_relative_paths_scans_as_the_files_themselve
     manifest = tmp_path / "lists" / "metadata.jsonl.gz"
     lines = [f"{base}/files/{n}?w=300" for n in names] + [f"{base}/files/gone.png"]
     lines += ["imgs/a.png", "./imgs/b.jpg", "imgs/c.png", str(tmp_path / "lists" / "imgs" / "d.jpg")]
-    manifest.write_bytes(gzip.compress("".join(json.dumps({"file_name": u, "label": ["real", "fake"][i % 2]}) + "\n"
-                                               for i, u in enumerate(lines)).encode()))
+    records = [{"file_name": u, "label": ["real", "fake"][i % 2]} for i, u in enumerate(lines)] + [{"label": "real"}]
+    manifest.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
     summary = run_scan(str(parity_bundle), str(manifest), str(tmp_path / "out"), ScanConfig(unit_size=3))
-    assert summary["rows_in"] == 9 and summary["scored"] == 8 and summary["errors"] == 1
+    assert summary["rows_in"] == 10 and summary["scored"] == 8 and summary["errors"] == 2
     assert summary["input_format"] == "manifest" and summary["metrics"]["ALL"]["n"] == 8
 
     rows = {r["uri"]: r for r in pq.read_table(tmp_path / "out" / "scores").to_pylist()}
     local = [str(tmp_path / "lists" / "imgs" / n) for n in names]
-    assert set(rows) == set(lines[:5]) | set(local)  # relative paths resolved, links as given
+    assert set(rows) == set(lines[:5]) | set(local) | {None}  # relative paths resolved, links as given
+    assert rows[None]["error"] == "no uri: the record names no file (an empty manifest cell)"
     assert [rows[u]["label"] for u in lines[:5]] == [0, 1, 0, 1, 0]
     assert rows[f"{base}/files/gone.png"]["error"] == f"read failed: FileNotFoundError: {base}/files/gone.png"
     detector = Detector.from_pretrained(parity_bundle)

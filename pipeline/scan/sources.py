@@ -199,7 +199,8 @@ def inline_units(records: pa.Table, unit_size: int, source: str, kind: str = "in
         sizes += [unit_size] * full + ([rest] if rest else [])
     uris, units, start = records["uri"], [], 0
     for n in sizes:
-        units.append(Unit(_unit_id(kind, source, str(first + start), *uris.slice(start, n).to_pylist()), kind, n))
+        names = [u or "" for u in uris.slice(start, n).to_pylist()]  # a manifest's empty cell: an error row later
+        units.append(Unit(_unit_id(kind, source, str(first + start), *names), kind, n))
         start += n
     lengths = np.asarray(sizes, dtype=np.int64)
     owner = np.repeat(np.arange(len(sizes)), lengths)  # each record's unit
@@ -529,11 +530,13 @@ DEFAULT_MAX_FILE_BYTES = 256 * 2**20
 TRANSIENT_ERROR_PREFIXES = ("read failed:", "shard read failed:")
 
 
-def fetch_all(uris: list[str], threads: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Iterator[tuple[bytes | None, str | None]]:
+def fetch_all(uris: list[str | None], threads: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Iterator[tuple[bytes | None, str | None]]:
     """(bytes, None) or (None, error message) per URI, in order; I/O in a thread pool.
     Files over `max_bytes` are refused after reading at most max_bytes + 1 bytes."""
 
-    def fetch(uri: str):
+    def fetch(uri: str | None):
+        if not uri:
+            return None, "no uri: the record names no file (an empty manifest cell)"
         try:
             if is_web_url(uri):
                 data = web.read_web(uri, max_bytes)
