@@ -97,7 +97,14 @@ def _rebatched(reader, batch_rows: int) -> Iterator[pa.Table]:
 
 
 def _text_value(value) -> str | None:
-    return value if value is None or isinstance(value, str) else json.dumps(value)
+    """A JSON value as text, spelled as JSON spells it (json.dumps alone is the slow way)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)
 
 
 def _jsonl_batches(uri: str, codec: str | None, batch_rows: int) -> Iterator[pa.Table]:
@@ -105,6 +112,7 @@ def _jsonl_batches(uri: str, codec: str | None, batch_rows: int) -> Iterator[pa.
     the columns are the fields of the first batch's lines: a later line with another field
     is refused, naming it (it would otherwise be dropped)."""
     names: list[str] | None = None
+    known: set[str] = set()
     with _decoded(uri, codec) as f:
         lines = io.TextIOWrapper(f, encoding="utf-8")
         rows: list[dict] = []
@@ -117,13 +125,14 @@ def _jsonl_batches(uri: str, codec: str | None, batch_rows: int) -> Iterator[pa.
                 raise ValueError(f"manifest {uri} line {number}: not JSON ({err})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"manifest {uri} line {number}: not a JSON object")
-            if names is not None and not row.keys() <= set(names):
-                extra = sorted(set(row) - set(names))
+            if names is not None and not row.keys() <= known:
+                extra = sorted(set(row) - known)
                 raise ValueError(f"manifest {uri} line {number}: field(s) {extra} absent from its first "
                                  f"{batch_rows:,} lines")
             rows.append(row)
             if len(rows) == batch_rows:
                 names = names or list(dict.fromkeys(k for r in rows for k in r))
+                known = set(names)
                 yield _text_table(rows, names)
                 rows = []
         if rows:
