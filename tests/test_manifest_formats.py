@@ -37,7 +37,8 @@ def write_forms(folder) -> dict[str, str]:
     csv_text = out.getvalue()  # quoted where needed, "" inside quotes; None and "" both an empty cell
     tsv_text = "uri\tlabel\tcaption\n" + "".join(f"{u}\t{lab or ''}\t{(c or '').replace(chr(9), ' ')}\n"
                                                for u, lab, c in zip(URIS, LABELS, CAPTIONS))
-    jsonl_text = "".join(json.dumps({"uri": u, "label": lab, "caption": c}) + "\n" for u, lab, c in zip(URIS, LABELS, CAPTIONS))
+    jsonl_text = "".join(json.dumps({"uri": u, "label": lab, "caption": c}) + "\n"
+                         for u, lab, c in zip(URIS, LABELS, CAPTIONS))
     txt_text = "".join(f"{u}\n" for u in URIS) + "\n"  # an empty last line is none
     forms = {"list.csv": csv_text, "list.csv.gz": csv_text, "list.tsv.zst": tsv_text, "list.jsonl.bz2": jsonl_text,
              "list.txt.lz4": txt_text, "list.jsonl": jsonl_text, "list.txt": txt_text}

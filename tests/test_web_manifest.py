@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, write_image
 from web_server import ImageServer
 
+from pipeline.scan import web
 from pipeline.scan.sources import fetch_all
 
 sys.path.insert(0, str(REPO))
@@ -42,6 +43,19 @@ def test_web_links_are_read_in_one_ranged_get_with_transient_answers_tried_again
     assert all(entry[2] == f"bytes=0-{len(files['a.png']) + 10}" for entry in log)  # at most max + 1 bytes each
     requests = {uri: sum(entry[1] == uri[len(base):] for entry in log) for uri in uris}
     assert requests == {uris[0]: 1, uris[1]: 2, uris[2]: 1, uris[3]: 4, uris[4]: 1}
+    assert {h["User-Agent"] for h in image_server.headers_seen} == {web.user_agent()}
+    assert web.user_agent().startswith("mirror-at-scale/")
+
+
+def test_headers_from_fsspecs_configuration_are_sent_with_web_reads(image_server, tmp_path, monkeypatch):
+    import fsspec
+
+    data = write_image(tmp_path / "served" / "a.jpg", seed=1)
+    monkeypatch.setitem(fsspec.config.conf, "https", {"headers": {"Authorization": "Bearer t0ken"}})
+    monkeypatch.setitem(fsspec.config.conf, "http", {"headers": {"User-Agent": "their-crawler/1"}})
+    assert list(fetch_all([f"{image_server.url}/files/a.jpg"], 1)) == [(data, None)]
+    (headers,) = image_server.headers_seen
+    assert headers["Authorization"] == "Bearer t0ken" and headers["User-Agent"] == "their-crawler/1"
 
 
 @pytest.mark.slow

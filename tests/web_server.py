@@ -19,6 +19,7 @@ class ImageServer(http.server.ThreadingHTTPServer):
     def __init__(self, root: str, delay_s: float = 0.0):
         self.root, self.delay_s = root, delay_s
         self.log: list[tuple[str, str, str | None, int]] = []
+        self.headers_seen: list[dict[str, str]] = []  # each request's headers
         self.seen: set[str] = set()
         super().__init__(("127.0.0.1", 0), _Handler)
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -63,6 +64,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         time.sleep(self.server.delay_s)
+        self.server.headers_seen.append(dict(self.headers))
         path = self.path.split("?", 1)[0]
         kind, _, name = path.lstrip("/").partition("/")
         wanted = self.headers.get("Range")

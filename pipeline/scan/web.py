@@ -6,6 +6,7 @@ fsspec's `open` would first ask for the size (a HEAD), then GET: two round trips
 """
 from __future__ import annotations
 
+import importlib.metadata
 import time
 from dataclasses import dataclass
 
@@ -25,11 +26,27 @@ class WebReads:
     read_timeout_s: float = 60.0  # no byte for this long ends the try
 
 
+def user_agent() -> str:
+    """Who asks: some servers refuse a client's default agent (aiohttp's) as a bot's."""
+    try:
+        version = importlib.metadata.version("mirror-at-scale")
+    except importlib.metadata.PackageNotFoundError:
+        version = "dev"
+    return f"mirror-at-scale/{version} (AI-generated image detection; python-aiohttp)"
+
+
 def web_filesystem(reads: WebReads):
+    """fsspec's HTTP filesystem with our timeouts and User-Agent. What fsspec's configuration
+    sets (FSSPEC_HTTP='{"headers": {"Authorization": ...}}', aiohttp's client_kwargs) is
+    kept and wins over ours: explicit arguments would otherwise replace it whole."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=reads.connect_timeout_s, sock_read=reads.read_timeout_s)
-    return fsspec.filesystem("http", client_kwargs={"timeout": timeout})
+    headers, client = {"User-Agent": user_agent()}, {"timeout": timeout}
+    for proto in ("http", "https"):
+        headers.update(fsspec.config.conf.get(proto, {}).get("headers", {}))
+        client.update(fsspec.config.conf.get(proto, {}).get("client_kwargs", {}))
+    return fsspec.filesystem("http", client_kwargs=client, headers=headers)
 
 
 def retry_wait(err: Exception, attempt: int, reads: WebReads) -> float | None:
