@@ -93,7 +93,8 @@ def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
         timed("summary_again", lambda: summarize(out, parts * rows, 0, {}, written=None), right)
         listed = out.committed_parts()  # what the writers would have reported: the parts as written
         reported = pa.table({**{name: listed[name] for name in listed.column_names},
-                             "rows": [rows] * parts, "errors": [ERRORS_PER_PART] * parts, "labeled": [0] * parts},
+                             "rows": [rows] * parts, "errors": [ERRORS_PER_PART] * parts, "labeled": [0] * parts,
+                             "error_kinds": [json.dumps({"cannot identify image": ERRORS_PER_PART - 1, "read failed": 1})] * parts},
                             schema=TALLY_SCHEMA)
         out.fs.rm(out.path(PART_TALLIES))
         timed("summary_reported", lambda: summarize(out, parts * rows, 0, {}, written=reported), right)

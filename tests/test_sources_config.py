@@ -113,6 +113,8 @@ def test_decode_and_scorer_yield_one_row_per_record(tmp_path, parity_bundle):
     assert record | {"decode_s": 0, "score_s": 0, "writer_pid": 0, "writer_node": ""} == {
         "store": str(tmp_path / "scan"), "unit_id": "u1", "rows": 4, "errors": 3, "decode_s": 0, "score_s": 0,
         "labeled": 1, "part_bytes": part_file.stat().st_size, "part_version": str(part_file.stat().st_mtime),
+        "error_kinds": json.dumps({"decode failed: UnidentifiedImageError": 1, "empty file (0 bytes)": 1,
+                                   "read failed: FileNotFoundError": 1}),
         "readout": scorer.detector.readout, "replicas": scorer.replica, "writer_node": "", "writer_pid": 0,
         "cpu_decoded_in_gpu_mode": 0, "jpeg_region_decoded": 0}  # a PNG, and three rows without an image
     part = pq.read_table(part_file)

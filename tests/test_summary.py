@@ -1,6 +1,8 @@
 """A finished scan's parts read back: the summary, --retry-errors' search and read_scores
 read each part with one request, several at once; the summary keeps each part's counts
 so that a later run reads only the parts it has not counted (and those with labels)."""
+import collections
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,8 +59,9 @@ def expected_summary(parts: dict[str, pa.Table]) -> dict:
     errors = rows.num_rows - rows["error"].null_count
     labeled = rows.filter(pc.and_(rows["error"].is_null(), rows["label"].is_valid()))
     metrics = binary_metrics(labeled["label"].to_numpy(), labeled["prob_fake"].to_numpy(), labeled["pred"].to_numpy())
+    kinds = collections.Counter(e.split(":")[0] for e in rows["error"].drop_null().to_pylist())
     return {"rows_out": rows.num_rows, "errors": errors, "scored": rows.num_rows - errors,
-            "ALL": {**metrics, "n": labeled.num_rows}}
+            "ALL": {**metrics, "n": labeled.num_rows}, "errors_by_kind": dict(kinds.most_common())}
 
 
 def committed(bucket: str, n: int, seed: int) -> tuple[ScanStore, dict[str, pa.Table]]:
@@ -72,7 +75,8 @@ def committed(bucket: str, n: int, seed: int) -> tuple[ScanStore, dict[str, pa.T
 
 
 def figures(summary: dict) -> dict:
-    return {**{k: summary[k] for k in ("rows_out", "errors", "scored")}, "ALL": summary["metrics"]["ALL"]}
+    return {**{k: summary[k] for k in ("rows_out", "errors", "scored", "errors_by_kind")},
+            "ALL": summary["metrics"]["ALL"]}
 
 
 def test_a_finished_scans_parts_are_read_once_each(s3_bucket, through_proxy):
@@ -121,7 +125,7 @@ def test_a_later_summary_reads_only_the_parts_it_has_not_counted_and_those_with_
     out.fs.rm(out.path(out.part_name("00022")))
     part_reads(through_proxy)
     unknown = pa.table({"unit_id": ["00020", "00024"], "bytes": [1, 1], "version": [None, None], "rows": [0, 0],
-                        "errors": [0, 0], "labeled": [0, 0]}, schema=TALLY_SCHEMA)
+                        "errors": [0, 0], "labeled": [0, 0], "error_kinds": [None, None]}, schema=TALLY_SCHEMA)
     summary = summarize(ScanStore(out.uri), 999, 0, {}, written=unknown)
     assert figures(summary) == expected_summary(parts)
     assert part_reads(through_proxy) == sorted(labeled + ["00019", "00020", "00021", "00024"])
@@ -186,6 +190,7 @@ def test_a_run_counts_the_parts_it_commits_without_reading_them(where, tmp_path,
     summary = summarize(ScanStore(out.uri), 9, 0, {}, written=written)
     assert part_reads() == ["u1"]  # the labeled part only: the metrics need its scores
     assert (summary["rows_out"], summary["errors"], summary["metrics"]["ALL"]["n"]) == (9, 3, 2)
+    assert summary["errors_by_kind"] == {"decode failed: UnidentifiedImageError": 3}  # 2 of them counted unread
     kept = ScanStore(out.uri).read_parquet(PART_TALLIES)
     assert kept.select(["unit_id", "rows", "errors", "labeled"]).to_pylist() == [
         {"unit_id": u, "rows": 3, "errors": 1, "labeled": 2 if u == "u1" else 0} for u in ("u1", "u2", "u3")]

@@ -63,7 +63,7 @@ def test_a_manifest_of_web_links_and_relative_paths_scans_as_the_files_themselve
                                                                                     image_server, tmp_path):
     from mirror_core.detector import Detector
     from pipeline.scan.config import ScanConfig
-    from pipeline.scan.run import run_scan
+    from pipeline.scan.run import run_scan, summary_line
 
     names = ["a.png", "b.jpg", "c.png", "d.jpg"]
     for i, name in enumerate(names):
@@ -80,6 +80,9 @@ def test_a_manifest_of_web_links_and_relative_paths_scans_as_the_files_themselve
     summary = run_scan(str(parity_bundle), str(manifest), str(tmp_path / "out"), ScanConfig(unit_size=3))
     assert summary["rows_in"] == 10 and summary["scored"] == 8 and summary["errors"] == 2
     assert summary["input_format"] == "manifest" and summary["metrics"]["ALL"]["n"] == 8
+    assert summary["errors_by_kind"] == {"no uri": 1, "read failed: FileNotFoundError": 1}
+    assert summary_line(summary).startswith("10/10 rows: 8 scored, 2 errors (no uri 1, read failed: "
+                                            "FileNotFoundError 1); ")
 
     rows = {r["uri"]: r for r in pq.read_table(tmp_path / "out" / "scores").to_pylist()}
     local = [str(tmp_path / "lists" / "imgs" / n) for n in names]

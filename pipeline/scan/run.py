@@ -150,7 +150,7 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
 
 # TALLY_SCHEMA's columns from a completion record's fields
 TALLY_FROM_RECORD = {"unit_id": "unit_id", "bytes": "part_bytes", "version": "part_version", "rows": "rows",
-                     "errors": "errors", "labeled": "labeled"}
+                     "errors": "errors", "labeled": "labeled", "error_kinds": "error_kinds"}
 
 
 @dataclass
@@ -393,6 +393,9 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
 
 def summary_line(summary: dict[str, Any]) -> str:
     run = summary["this_run"]
-    return (f"{summary['rows_out']}/{summary['rows_in']} rows: {summary['scored']} scored, {summary['errors']} errors; "
+    kinds = list(summary.get("errors_by_kind", {}).items())
+    why = ", ".join(f"{kind} {n:,}" for kind, n in kinds[:3]) + (f", {len(kinds) - 3} more kinds" if len(kinds) > 3 else "")
+    return (f"{summary['rows_out']}/{summary['rows_in']} rows: {summary['scored']} scored, {summary['errors']} errors"
+            f"{f' ({why})' if why else ''}; "
             f"this run {run['rows']} rows in {run['wall_s']:.1f}s ({run['images_per_s'] or 0:.1f} img/s); "
             f"scores: {summary['scores']}  summary: {summary['output']}/summary.json")

@@ -9,9 +9,13 @@ the image was scored; `pred` and the scores are null exactly when it is set.
 """
 from __future__ import annotations
 
+import collections
+import json
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mirror_core.errors import error_kind
 from mirror_core.signals import SIGNALS
 
 # Internal bookkeeping columns (never written): which unit a record belongs to
@@ -93,6 +97,13 @@ def conform(table: pa.Table) -> pa.Table:
 def scored_labeled(rows: pa.Table) -> pa.Table:
     """Output rows that benchmark metrics count: scored (no error) and labeled."""
     return rows.filter(pc.and_(rows["error"].is_null(), rows["label"].is_valid()))
+
+
+def error_kind_counts(rows: pa.Table) -> str:
+    """How many error rows of each kind (`mirror_core.errors.error_kind`) the rows hold, as
+    JSON ('{"read failed: FileNotFoundError": 3}'): what a part reports for the summary."""
+    counts = collections.Counter(error_kind(m) for m in rows["error"].drop_null().to_pylist())
+    return json.dumps(dict(sorted(counts.items())))
 
 
 def pack_records(table: pa.Table) -> bytes:

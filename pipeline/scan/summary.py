@@ -3,27 +3,30 @@
 Every run ends with a summary of the whole output, not of its own units: a nightly
 `--update` that adds a thousand units to a hundred thousand must not read a hundred
 thousand parts again, nor a first run read back the parts it has just written. Each
-part's counts (rows, errors, labeled rows) are kept in `OUTPUT/_summary/part_tallies.parquet`
-with the part's size and version (ETag, mtime). The commit stage reports the counts, size
-and version of each part it writes; a summary reads only the parts it has no counts for
-(written where the store gave no version), those changed since counted, and those holding
-labeled rows (the metrics need their scores). An unlabeled corpus's summary costs one
-listing and one small file.
+part's counts (rows, errors, labeled rows, error rows per kind) are kept in
+`OUTPUT/_summary/part_tallies.parquet` with the part's size and version (ETag, mtime).
+The commit stage reports the counts, size and version of each part it writes; a summary
+reads only the parts it has no counts for (written where the store gave no version),
+those changed since counted, and those holding labeled rows (the metrics need their
+scores). An unlabeled corpus's summary costs one listing and one small file.
 """
 from __future__ import annotations
 
+import collections
+import json
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mirror_core.metrics import binary_metrics
-from pipeline.scan.schema import scored_labeled
+from pipeline.scan.schema import error_kind_counts, scored_labeled
 from pipeline.scan.store import PART_FIELDS, ScanStore
 
 PART_TALLIES = "_summary/part_tallies.parquet"
 TALLY_SCHEMA = pa.schema([("unit_id", pa.string()), ("bytes", pa.int64()), ("version", pa.string()),
-                          ("rows", pa.int64()), ("errors", pa.int64()), ("labeled", pa.int64())])
+                          ("rows", pa.int64()), ("errors", pa.int64()), ("labeled", pa.int64()),
+                          ("error_kinds", pa.string())])  # JSON: error rows per kind
 SUMMARY_COLUMNS = ["label", "subset", "prob_fake", "pred", "error"]
 METRIC_COLUMNS = ["label", "subset", "prob_fake", "pred"]
 
@@ -45,11 +48,12 @@ def part_tallies(out: ScanStore, written: pa.Table | None) -> tuple[pa.Table, pa
     known = kept.join(parts, PART_FIELDS, join_type="inner").select(TALLY_SCHEMA.names)
     reused = known.filter(pc.equal(known["labeled"], 0))
     to_read = set(parts["unit_id"].to_pylist()) - set(reused["unit_id"].to_pylist())
-    counts = {"unit_id": [], "rows": [], "errors": [], "labeled": []}
+    counts = {"unit_id": [], "rows": [], "errors": [], "labeled": [], "error_kinds": []}
     labeled = []
     for unit, part in out.scores_by_unit(SUMMARY_COLUMNS, to_read):
         rows = scored_labeled(part)
-        for name, value in zip(counts, (unit, part.num_rows, part.num_rows - part["error"].null_count, rows.num_rows)):
+        for name, value in zip(counts, (unit, part.num_rows, part.num_rows - part["error"].null_count, rows.num_rows,
+                                        error_kind_counts(part))):
             counts[name].append(value)
         if rows.num_rows:
             labeled.append(rows.select(METRIC_COLUMNS))
@@ -69,13 +73,21 @@ def summarize(out: ScanStore, rows_in: int, skipped_by_extension: int, extra: di
     n = int(pc.sum(tallies["rows"]).as_py() or 0)
     errors = int(pc.sum(tallies["errors"]).as_py() or 0)
     summary = {"rows_in": rows_in, "rows_out": n, "scored": n - errors, "errors": errors,
-               "skipped_by_extension": skipped_by_extension, **extra}
+               "errors_by_kind": errors_by_kind(tallies), "skipped_by_extension": skipped_by_extension, **extra}
     if labeled is not None:
         summary["metrics"] = {"ALL": _metrics(labeled)}
         subsets = sorted(s for s in set(labeled["subset"].to_pylist()) if s is not None)
         for s in subsets:
             summary["metrics"][s] = _metrics(labeled.filter(pc.equal(labeled["subset"], s)))
     return summary
+
+
+def errors_by_kind(tallies: pa.Table) -> dict[str, int]:
+    """Error rows per kind over every part, the most frequent first."""
+    total: collections.Counter = collections.Counter()
+    for kinds in tallies["error_kinds"].drop_null().to_pylist():
+        total.update(json.loads(kinds))
+    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _metrics(t: pa.Table) -> dict[str, float]:
