@@ -47,6 +47,15 @@ def test_web_links_are_read_in_one_ranged_get_with_transient_answers_tried_again
     assert web.user_agent().startswith("mirror-at-scale/")
 
 
+def test_a_server_ignoring_the_range_is_read_no_further_than_the_limit(image_server, tmp_path):
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "big.bin").write_bytes(bytes(range(256)) * 64 * 1024)  # 16 MiB
+    url = f"{image_server.url}/whole/big.bin"
+    assert web.read_web(url, 1000) == (bytes(range(256)) * 4)[:1001]
+    assert list(fetch_all([url], 1, max_bytes=1000)) == [(None, "file too large: over 1,000 bytes")]
+    assert [entry[3] for entry in image_server.log] == [16 * 2**20] * 2  # sent whole, read in part
+
+
 def test_headers_from_fsspecs_configuration_are_sent_with_web_reads(image_server, tmp_path, monkeypatch):
     import fsspec
 

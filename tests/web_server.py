@@ -1,6 +1,7 @@
 """A real HTTP server for web-link manifests (tests and the web-reads benchmark).
 
-Serves a folder under /files/<name>. /flaky/<name> answers 503 to its first GET and
+Serves a folder under /files/<name>, and under /whole/<name> ignoring any Range (the whole
+body, as some servers send it). /flaky/<name> answers 503 to its first GET and
 /limited/<name> always 429, both with Retry-After: 0. A Range 'bytes=0-N' is honoured and
 HEAD tells a file's size. Each request waits `delay_s` first (a distant server) and is logged
 as (method, path, range header, body bytes sent).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import sys
 import threading
 import time
 
@@ -23,6 +25,10 @@ class ImageServer(http.server.ThreadingHTTPServer):
         self.seen: set[str] = set()
         super().__init__(("127.0.0.1", 0), _Handler)
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that stopped reading
+            super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:
@@ -74,13 +80,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._answer(429 if kind == "limited" else 503, headers={"Retry-After": "0"})
             return
         file = os.path.join(self.server.root, name)
-        if kind not in ("files", "flaky") or not os.path.isfile(file):
+        if kind not in ("files", "flaky", "whole") or not os.path.isfile(file):
             self.server.log.append(("GET", self.path, wanted, 0))
             self._answer(404)
             return
         with open(file, "rb") as f:
             data = f.read()
-        if wanted and wanted.startswith("bytes=0-"):
+        if wanted and wanted.startswith("bytes=0-") and kind != "whole":
             data = data[: int(wanted[len("bytes=0-"):]) + 1]
         self.server.log.append(("GET", self.path, wanted, len(data)))
-        self._answer(206 if wanted else 200, data)
+        self._answer(206 if wanted and kind != "whole" else 200, data)

@@ -68,20 +68,39 @@ def retry_wait(err: Exception, attempt: int, reads: WebReads) -> float | None:
     return min(wait, reads.max_wait_s)
 
 
+async def _first_bytes(fs, url: str, limit: int) -> bytes:
+    """GET asking for the first `limit` bytes, and reading no more than that of whatever
+    body comes (a server that ignores the Range sends all of it: the rest is never read)."""
+    session = await fs.set_session()
+    options = {**fs.kwargs, "headers": {**fs.kwargs.get("headers", {}), "Range": f"bytes=0-{limit - 1}"}}
+    async with session.get(fs.encode_url(url), **options) as response:
+        if response.status == 404:
+            raise FileNotFoundError(url)
+        if response.status == 416:  # the range starts past the end: an empty resource
+            return b""
+        response.raise_for_status()
+        chunks, size = [], 0
+        while size < limit:
+            chunk = await response.content.read(limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+
+
 def read_web(url: str, max_bytes: int, reads: WebReads = WebReads()) -> bytes:
-    """The first max_bytes + 1 bytes of a web resource (all of it when it is smaller): a GET
-    with a Range header (a server that ignores it sends the whole body). A 404 raises
-    FileNotFoundError; transient failures are tried again, the last one raised."""
-    import aiohttp
+    """The first max_bytes + 1 bytes of a web resource (all of it when it is smaller), in
+    one GET. A 404 raises FileNotFoundError; transient failures are tried again, the last
+    one raised."""
+    from fsspec.asyn import sync
 
     fs = web_filesystem(reads)
     attempt = 0
     while True:
         try:
-            return fs.cat_file(url, start=0, end=max_bytes + 1)
+            return sync(fs.loop, _first_bytes, fs, url, max_bytes + 1)
         except Exception as err:
-            if isinstance(err, aiohttp.ClientResponseError) and err.status == 416:
-                return b""  # the range starts past the end: an empty resource
             wait = retry_wait(err, attempt, reads)
             if wait is None:
                 raise
