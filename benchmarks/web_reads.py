@@ -18,6 +18,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -38,14 +39,17 @@ def web_figures(images: int, kb: int, delay_s: float, threads: int) -> dict:
     from web_server import ImageServer
 
     from pipeline.scan.sources import fetch_all
+    from pipeline.scan.web_addresses import PRIVATE_HOSTS_ENV
 
     result = {"images": images, "kb": kb, "delay_s": delay_s, "threads": threads}
     with tempfile.TemporaryDirectory() as root:
         bodies = [os.urandom(kb * 1024) for _ in range(images)]
         for i, body in enumerate(bodies):
             Path(root, f"{i:06d}.jpg").write_bytes(body)
-        with ImageServer(root, delay_s=delay_s) as server:
+        # the server is on 127.0.0.1: allowed while it serves
+        with mock.patch.dict(os.environ, {PRIVATE_HOSTS_ENV: "allow"}), ImageServer(root, delay_s=delay_s) as server:
             urls = [f"{server.url}/files/{i:06d}.jpg" for i in range(images)]
+
             def by_open() -> list[bytes]:
                 with ThreadPoolExecutor(threads) as pool:
                     return list(pool.map(read_by_open, urls))

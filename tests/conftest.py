@@ -88,9 +88,12 @@ def ray_local(s3_server):
     worker inherits AWS_ENDPOINT_URL; 4 logical CPUs so stages don't starve on 2 cores."""
     import ray
 
+    # web links are served from 127.0.0.1 here (tests/web_server.py): allowed, as a user
+    # allows a network of their own
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION")}
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                                    "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}})
+             runtime_env={"env_vars": {**env, "MIRROR_WEB_PRIVATE_HOSTS": "allow"}})
     yield
     ray.shutdown()
 

@@ -10,8 +10,9 @@ import pytest
 from conftest import REPO, write_image
 from web_server import ImageServer
 
-from pipeline.scan import web
+from pipeline.scan import web, web_addresses
 from pipeline.scan.sources import fetch_all
+from pipeline.scan.web_addresses import PRIVATE_HOSTS_ENV
 
 sys.path.insert(0, str(REPO))
 
@@ -19,7 +20,10 @@ from benchmarks.web_reads import web_figures  # noqa: E402
 
 
 @pytest.fixture
-def image_server(tmp_path):
+def image_server(tmp_path, monkeypatch):
+    """A web server on 127.0.0.1, which this process may then read (Ray's workers may: the
+    ray_local fixture allows it)."""
+    monkeypatch.setenv(PRIVATE_HOSTS_ENV, "allow")
     with ImageServer(str(tmp_path / "served")) as server:
         yield server
 
@@ -45,6 +49,30 @@ def test_web_links_are_read_in_one_ranged_get_with_transient_answers_tried_again
     assert requests == {uris[0]: 1, uris[1]: 2, uris[2]: 1, uris[3]: 4, uris[4]: 1}
     assert {h["User-Agent"] for h in image_server.headers_seen} == {web.user_agent()}
     assert web.user_agent().startswith("mirror-at-scale/")
+
+
+def test_links_to_private_addresses_are_refused_before_any_connection(image_server, tmp_path, monkeypatch):
+    """Unless allowed: a literal address, a name resolving to one, a redirect to one."""
+    write_image(tmp_path / "served" / "a.jpg", seed=1)
+    port = image_server.server_address[1]
+    monkeypatch.delenv(PRIVATE_HOSTS_ENV)
+    links = [f"http://127.0.0.1:{port}/files/a.jpg", f"http://localhost:{port}/files/a.jpg",
+             f"http://[::ffff:127.0.0.1]:{port}/files/a.jpg", "http://169.254.169.254/latest/meta-data/"]
+    got = [error for _, error in fetch_all(links, 2)]
+    assert got[0] == (f"read failed: PrivateAddressRefused: {links[0]}: host 127.0.0.1: not a public address "
+                      f"(set {PRIVATE_HOSTS_ENV}=allow to read links inside your network)")
+    assert got[1].startswith("read failed: PrivateAddressRefused: localhost resolves to 127.0.0.1")
+    assert got[2].startswith(f"read failed: PrivateAddressRefused: {links[2]}: host ::ffff:127.0.0.1: not a public")
+    assert got[3].startswith(f"read failed: PrivateAddressRefused: {links[3]}: host 169.254.169.254")
+    assert image_server.log == []  # nothing reached the server, each refused once (no retries)
+    # redirects are followed hop by hop, each hop checked: here 127.0.0.1 counts as public
+    # and 127.0.0.2 does not, so the server answers the first hop and the second is refused
+    monkeypatch.setattr(web_addresses, "is_public", lambda ip: ip == "127.0.0.1")
+    image_server.redirects = {"/to/a.jpg": "/files/a.jpg", "/away/a.jpg": f"http://127.0.0.2:{port}/files/a.jpg"}
+    got = list(fetch_all([f"http://127.0.0.1:{port}/to/a.jpg", f"http://127.0.0.1:{port}/away/a.jpg"], 1))
+    assert got[0] == ((tmp_path / "served" / "a.jpg").read_bytes(), None)
+    assert got[1][1].startswith(f"read failed: PrivateAddressRefused: http://127.0.0.2:{port}/files/a.jpg: host ")
+    assert [entry[1] for entry in image_server.log] == ["/to/a.jpg", "/files/a.jpg", "/away/a.jpg"]
 
 
 def test_a_server_ignoring_the_range_is_read_no_further_than_the_limit(image_server, tmp_path):

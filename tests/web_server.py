@@ -2,7 +2,7 @@
 
 Serves a folder under /files/<name>, and under /whole/<name> ignoring any Range (the whole
 body, as some servers send it). /flaky/<name> answers 503 to its first GET and
-/limited/<name> always 429, both with Retry-After: 0. A Range 'bytes=0-N' is honoured and
+/limited/<name> always 429, both with Retry-After: 0; a path in `redirects` answers 302. A Range 'bytes=0-N' is honoured and
 HEAD tells a file's size. Each request waits `delay_s` first (a distant server) and is logged
 as (method, path, range header, body bytes sent).
 """
@@ -23,6 +23,7 @@ class ImageServer(http.server.ThreadingHTTPServer):
         self.log: list[tuple[str, str, str | None, int]] = []
         self.headers_seen: list[dict[str, str]] = []  # each request's headers
         self.seen: set[str] = set()
+        self.redirects: dict[str, str] = {}  # path -> Location answered with a 302
         super().__init__(("127.0.0.1", 0), _Handler)
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
@@ -74,6 +75,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         kind, _, name = path.lstrip("/").partition("/")
         wanted = self.headers.get("Range")
+        if path in self.server.redirects:
+            self.server.log.append(("GET", self.path, wanted, 0))
+            self._answer(302, headers={"Location": self.server.redirects[path]})
+            return
         if kind == "limited" or (kind == "flaky" and path not in self.server.seen):
             self.server.seen.add(path)
             self.server.log.append(("GET", self.path, wanted, 0))

@@ -3,6 +3,7 @@ fsspec's HTTP filesystem (one aiohttp session per process, its connections kept 
 with the retries a web server's transient answers call for.
 
 fsspec's `open` would first ask for the size (a HEAD), then GET: two round trips per image.
+Links reach public addresses only, unless allowed otherwise (`web_addresses.py`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from dataclasses import dataclass
 
 import fsspec
+
+from pipeline.scan.web_addresses import check_literal_host, private_hosts_allowed, public_client
 
 # Answers another try may get past: timeout, too early, rate limit, server-side failures.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -46,7 +49,8 @@ def web_filesystem(reads: WebReads):
     for proto in ("http", "https"):
         headers.update(fsspec.config.conf.get(proto, {}).get("headers", {}))
         client.update(fsspec.config.conf.get(proto, {}).get("client_kwargs", {}))
-    return fsspec.filesystem("http", client_kwargs=client, headers=headers)
+    policy = {} if private_hosts_allowed() else {"get_client": public_client}
+    return fsspec.filesystem("http", client_kwargs=client, headers=headers, **policy)
 
 
 def retry_wait(err: Exception, attempt: int, reads: WebReads) -> float | None:
@@ -68,25 +72,39 @@ def retry_wait(err: Exception, attempt: int, reads: WebReads) -> float | None:
     return min(wait, reads.max_wait_s)
 
 
-async def _first_bytes(fs, url: str, limit: int) -> bytes:
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+
+
+async def _first_bytes(fs, url: str, limit: int, check_hosts: bool) -> bytes:
     """GET asking for the first `limit` bytes, and reading no more than that of whatever
-    body comes (a server that ignores the Range sends all of it: the rest is never read)."""
+    body comes (a server that ignores the Range sends all of it: the rest is never read).
+    Redirects are followed here, each hop's host checked as the first one's."""
+    import yarl
+
     session = await fs.set_session()
     options = {**fs.kwargs, "headers": {**fs.kwargs.get("headers", {}), "Range": f"bytes=0-{limit - 1}"}}
-    async with session.get(fs.encode_url(url), **options) as response:
-        if response.status == 404:
-            raise FileNotFoundError(url)
-        if response.status == 416:  # the range starts past the end: an empty resource
-            return b""
-        response.raise_for_status()
-        chunks, size = [], 0
-        while size < limit:
-            chunk = await response.content.read(limit - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+    for _ in range(MAX_REDIRECTS + 1):
+        if check_hosts:
+            check_literal_host(url)
+        async with session.get(fs.encode_url(url), allow_redirects=False, **options) as response:
+            if response.status in REDIRECTS and "Location" in response.headers:
+                url = str(response.url.join(yarl.URL(response.headers["Location"])))
+                continue
+            if response.status == 404:
+                raise FileNotFoundError(url)
+            if response.status == 416:  # the range starts past the end: an empty resource
+                return b""
+            response.raise_for_status()
+            chunks, size = [], 0
+            while size < limit:
+                chunk = await response.content.read(limit - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+    raise ValueError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
 def read_web(url: str, max_bytes: int, reads: WebReads = WebReads()) -> bytes:
@@ -99,7 +117,7 @@ def read_web(url: str, max_bytes: int, reads: WebReads = WebReads()) -> bytes:
     attempt = 0
     while True:
         try:
-            return sync(fs.loop, _first_bytes, fs, url, max_bytes + 1)
+            return sync(fs.loop, _first_bytes, fs, url, max_bytes + 1, not private_hosts_allowed())
         except Exception as err:
             wait = retry_wait(err, attempt, reads)
             if wait is None:
