@@ -75,6 +75,24 @@ def test_links_to_private_addresses_are_refused_before_any_connection(image_serv
     assert [entry[1] for entry in image_server.log] == ["/to/a.jpg", "/files/a.jpg", "/away/a.jpg"]
 
 
+def test_ai_opt_outs_are_honoured_when_asked_and_only_those_meant_for_us():
+    assert web.opt_out_directive(["noai"]) == "noai"
+    assert web.opt_out_directive(["noindex, NoImageAI"]) == "noimageai"
+    assert web.opt_out_directive(["otherbot: noai", "noindex"]) is None  # another agent's
+    assert web.opt_out_directive(["otherbot: noai, nofollow, mirror-at-scale: noai"]) == "noai"
+    assert web.opt_out_directive(["*: noimageai"]) == "noimageai"
+    assert web.opt_out_directive(["unavailable_after: 25 Jun 2010 15:00:00 PST", "nofollow"]) is None
+
+
+def test_an_opted_out_image_is_not_read_when_opt_outs_are_honoured(image_server, tmp_path):
+    data = write_image(tmp_path / "served" / "a.jpg", seed=3)
+    links = [f"{image_server.url}/{kind}/a.jpg" for kind in ("optout", "agents", "files")]
+    assert list(fetch_all(links, 2)) == [(data, None)] * 3  # a scan reads every image
+    got = list(fetch_all(links, 2, honour_opt_out=True))
+    assert got == [(None, f"opted out: X-Robots-Tag noai: {links[0]}"),
+                   (None, f"opted out: X-Robots-Tag noimageai: {links[1]}"), (data, None)]
+
+
 def test_a_server_ignoring_the_range_is_read_no_further_than_the_limit(image_server, tmp_path):
     (tmp_path / "served").mkdir()
     (tmp_path / "served" / "big.bin").write_bytes(bytes(range(256)) * 64 * 1024)  # 16 MiB
@@ -147,7 +165,7 @@ def test_a_manifest_of_web_links_is_ingested_once_into_shards_that_scan(ray_loca
 
     served = {f"{i}.jpg": write_image(tmp_path / "served" / f"{i}.jpg", size=(200, 150), seed=i) for i in range(5)}
     base = image_server.url
-    links = [f"{base}/files/{name}" for name in served] + [f"{base}/files/gone.jpg"]
+    links = [f"{base}/files/{name}" for name in served] + [f"{base}/files/gone.jpg", f"{base}/optout/0.jpg"]
     # img2dataset's columns: url, caption, and a sha256 of its own (kept as input_sha256)
     (tmp_path / "links.tsv").write_text("url\tcaption\tsha256\n" + "".join(
         f"{u}\tcaption {i}\tgiven{i}\n" for i, u in enumerate(links)))
@@ -155,13 +173,15 @@ def test_a_manifest_of_web_links_is_ingested_once_into_shards_that_scan(ray_loca
               "--rows-per-shard", "4", "--rows-per-row-group", "2"]
     assert main(ingest) == 0
     shards = pq.read_table(tmp_path / "shards").sort_by("uri")
-    assert shards["uri"].to_pylist() == sorted(links) and shards.num_rows == 6
+    assert shards["uri"].to_pylist() == sorted(links) and shards.num_rows == 7
     rows = {r["uri"]: r for r in shards.to_pylist()}
     for i, (name, data) in enumerate(served.items()):
         row = rows[f"{base}/files/{name}"]
         assert row["bytes"] == data and row["read_error"] is None and row["original_format"] == "JPEG"
         assert row["caption"] == f"caption {i}" and row["input_sha256"] == f"given{i}" and row["label"] is None
-    assert rows[links[-1]]["bytes"] is None and rows[links[-1]]["read_error"].startswith("read failed: FileNotFound")
+    assert rows[links[-2]]["bytes"] is None and rows[links[-2]]["read_error"].startswith("read failed: FileNotFound")
+    opted_out = rows[links[-1]]  # ingest honours a site's AI opt-out (--ignore-opt-out not given)
+    assert opted_out["bytes"] is None and opted_out["read_error"] == f"opted out: X-Robots-Tag noai: {links[-1]}"
     requests = len(image_server.log)
     assert main(ingest) == 0  # a rerun finds every shard there: nothing downloaded again
     assert len(image_server.log) == requests
@@ -170,4 +190,4 @@ def test_a_manifest_of_web_links_is_ingested_once_into_shards_that_scan(ray_loca
                  str(tmp_path / "out")]) == 0
     scored = pq.read_table(tmp_path / "out" / "scores").sort_by("uri")
     assert scored["uri"].to_pylist() == sorted(links) and scored["caption"].to_pylist()[0] == "caption 0"
-    assert [e is None for e in scored["error"].to_pylist()] == [u != links[-1] for u in sorted(links)]
+    assert [e is None for e in scored["error"].to_pylist()] == [u not in links[-2:] for u in sorted(links)]

@@ -1,10 +1,12 @@
 """A real HTTP server for web-link manifests (tests and the web-reads benchmark).
 
-Serves a folder under /files/<name>, and under /whole/<name> ignoring any Range (the whole
-body, as some servers send it). /flaky/<name> answers 503 to its first GET and
-/limited/<name> always 429, both with Retry-After: 0; a path in `redirects` answers 302. A Range 'bytes=0-N' is honoured and
-HEAD tells a file's size. Each request waits `delay_s` first (a distant server) and is logged
-as (method, path, range header, body bytes sent).
+Serves a folder under /files/<name>; under /whole/<name> ignoring any Range (the whole
+body, as some servers send it); under /optout/<name> saying X-Robots-Tag: noai, under
+/agents/<name> 'otherbot: noai, mirror-at-scale: noimageai'. /flaky/<name> answers 503
+to its first GET and /limited/<name> always 429, both with Retry-After: 0; a path in
+`redirects` answers 302. A Range 'bytes=0-N' is honoured and HEAD tells a file's size.
+Each request waits `delay_s` first (a distant server) and is logged as (method, path,
+range header, body bytes sent).
 """
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._answer(429 if kind == "limited" else 503, headers={"Retry-After": "0"})
             return
         file = os.path.join(self.server.root, name)
-        if kind not in ("files", "flaky", "whole") or not os.path.isfile(file):
+        if kind not in ("files", "flaky", "whole", "optout", "agents") or not os.path.isfile(file):
             self.server.log.append(("GET", self.path, wanted, 0))
             self._answer(404)
             return
@@ -94,4 +96,5 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if wanted and wanted.startswith("bytes=0-") and kind != "whole":
             data = data[: int(wanted[len("bytes=0-"):]) + 1]
         self.server.log.append(("GET", self.path, wanted, len(data)))
-        self._answer(206 if wanted and kind != "whole" else 200, data)
+        robots = {"optout": "noai", "agents": "otherbot: noai, mirror-at-scale: noimageai"}.get(kind)
+        self._answer(206 if wanted and kind != "whole" else 200, data, headers={"X-Robots-Tag": robots} if robots else None)

@@ -132,8 +132,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from pipeline.commands.ingest import ingest
 
     r = ingest(args.input, args.output, rows_per_shard=args.rows_per_shard,
-                      rows_per_row_group=args.rows_per_row_group, fetch_threads=args.fetch_threads,
-                      address=args.address)
+               rows_per_row_group=args.rows_per_row_group, fetch_threads=args.fetch_threads,
+               address=args.address, honour_opt_out=not args.ignore_opt_out)
     print(f"ingested {r.files} files into {r.shards} shards ({r.skipped_shards} already there, "
           f"{r.read_errors} unreadable kept as rows with read_error): {r.output}")
     return 0
@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-shard", type=int, default=4096, help="images per Parquet shard")
     p.add_argument("--rows-per-row-group", type=int, default=256, help="row group = unit of scan work")
     p.add_argument("--fetch-threads", type=int, default=16, help="concurrent file reads per shard task")
+    p.add_argument("--ignore-opt-out", action="store_true",
+                   help="also download web images whose site opts out of AI use (X-Robots-Tag noai / noimageai)")
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else local Ray)")
     p.set_defaults(func=cmd_ingest)
 

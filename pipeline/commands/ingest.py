@@ -89,12 +89,12 @@ def shard_table(listing: pa.Table, cols: dict[str, list]) -> pa.Table:
 
 
 def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, rows_per_row_group: int,
-                fetch_threads: int) -> int:
+                fetch_threads: int, honour_opt_out: bool = True) -> int:
     """Read one slice of the listing (its stored records) and write it as one shard (a Ray
     task); returns the number of unreadable files (kept as rows with read_error)."""
     listing = read_unit_records(records_uri, row_group)
     cols = {"bytes": [], "sha256": [], "original_format": [], "read_error": []}
-    for data, error in fetch_all(listing["uri"].to_pylist(), fetch_threads):
+    for data, error in fetch_all(listing["uri"].to_pylist(), fetch_threads, honour_opt_out=honour_opt_out):
         cols["bytes"].append(data)
         cols["sha256"].append(hashlib.sha256(data).hexdigest() if data is not None else None)
         cols["original_format"].append(sniff_format(data) if data else None)
@@ -108,8 +108,11 @@ def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, ro
 
 
 def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per_row_group: int = 256,
-           extensions=DEFAULT_EXTENSIONS, fetch_threads: int = 16, address: str | None = None) -> IngestResult:
-    """Pack a folder of images, or the images a manifest file names, into shards."""
+           extensions=DEFAULT_EXTENSIONS, fetch_threads: int = 16, address: str | None = None,
+           honour_opt_out: bool = True) -> IngestResult:
+    """Pack a folder of images, or the images a manifest file names, into shards. A web
+    image whose site opts out of AI use (X-Robots-Tag noai / noimageai) is kept as a row
+    without bytes (`read_error` 'opted out: ...') unless `honour_opt_out` is False."""
     import ray
 
     ensure_ray(address)
@@ -127,7 +130,9 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
             units = plan_source(input_uri, options, listing).units  # one unit a shard, in listing order
             info.update(items=listing.files, unit="images" if input_format == "folder" else "records")
         identity = {"input": input_uri, "files": listing.files, "listing_sha256": listing.digest.hexdigest(),
-                    "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group}
+                    "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group,
+                    # only when set: outputs of ingests that honoured opt-outs (all earlier ones) keep their identity
+                    **({} if honour_opt_out else {"opt_out_ignored": True})}
         previous = out.read_json(IDENTITY_FILE)
         if previous is not None and previous != identity:
             changed = [k for k in identity if previous.get(k) != identity[k]]
@@ -139,7 +144,7 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
         existing = set(out.names())
         task = ray.remote(num_cpus=SHARD_TASK_CPUS)(write_shard)
         pending = [task.remote(work.uri_of(u.file), u.row_group, out.uri, shard_name(i), rows_per_row_group,
-                               fetch_threads) for i, u in enumerate(units) if shard_name(i) not in existing]
+                               fetch_threads, honour_opt_out) for i, u in enumerate(units) if shard_name(i) not in existing]
         errors = sum(ray.get(ref) for ref in progress(pending, "writing shards", unit="shard"))
     finally:
         work.remove()

@@ -530,19 +530,23 @@ DEFAULT_MAX_FILE_BYTES = 256 * 2**20
 TRANSIENT_ERROR_PREFIXES = ("read failed:", "shard read failed:")
 
 
-def fetch_all(uris: list[str | None], threads: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Iterator[tuple[bytes | None, str | None]]:
+def fetch_all(uris: list[str | None], threads: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+              honour_opt_out: bool = False) -> Iterator[tuple[bytes | None, str | None]]:
     """(bytes, None) or (None, error message) per URI, in order; I/O in a thread pool.
-    Files over `max_bytes` are refused after reading at most max_bytes + 1 bytes."""
+    Files over `max_bytes` are refused after reading at most max_bytes + 1 bytes.
+    `honour_opt_out`: a web image whose site opts out of AI use is not read (ingest)."""
 
     def fetch(uri: str | None):
         if not uri:
             return None, "no uri: the record names no file (an empty manifest cell)"
         try:
             if is_web_url(uri):
-                data = web.read_web(uri, max_bytes)
+                data = web.read_web(uri, max_bytes, honour_opt_out=honour_opt_out)
             else:
                 with fsspec.open(uri, "rb") as f:
                     data = f.read(max_bytes + 1)
+        except web.OptedOut as err:  # no storage error: another try must not read it
+            return None, f"opted out: {err}"
         except Exception as err:  # recorded on the row, never raised
             return None, f"read failed: {error_text(err)}"
         if len(data) > max_bytes:

@@ -76,7 +76,32 @@ REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
 
 
-async def _first_bytes(fs, url: str, limit: int, check_hosts: bool) -> bytes:
+# X-Robots-Tag directives by which a site asks that its images not be used for AI
+# (training data): `mirror ingest` honours them unless told otherwise.
+OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
+AGENT_TOKEN = "mirror-at-scale"  # a directive given as "<agent>: noai" applies when it names us
+
+
+class OptedOut(Exception):
+    """The site asks, by X-Robots-Tag, that this image not be used for AI."""
+
+
+def opt_out_directive(values: list[str]) -> str | None:
+    """The first opt-out directive among X-Robots-Tag header values meant for every agent
+    or for us ('noai', 'noimageai, nofollow', 'mirror-at-scale: noai'), or None."""
+    for value in values:
+        agent = None
+        for part in value.split(","):
+            name, colon, rest = part.partition(":")
+            if colon and " " not in name.strip():  # 'agent: directive' (a URL's ':' has no agent)
+                agent, part = name.strip().lower(), rest
+            directive = part.strip().lower()
+            if directive in OPT_OUT_DIRECTIVES and agent in (None, "*", AGENT_TOKEN):
+                return directive
+    return None
+
+
+async def _first_bytes(fs, url: str, limit: int, check_hosts: bool, honour_opt_out: bool) -> bytes:
     """GET asking for the first `limit` bytes, and reading no more than that of whatever
     body comes (a server that ignores the Range sends all of it: the rest is never read).
     Redirects are followed here, each hop's host checked as the first one's."""
@@ -96,6 +121,9 @@ async def _first_bytes(fs, url: str, limit: int, check_hosts: bool) -> bytes:
             if response.status == 416:  # the range starts past the end: an empty resource
                 return b""
             response.raise_for_status()
+            directive = opt_out_directive(response.headers.getall("X-Robots-Tag", [])) if honour_opt_out else None
+            if directive:
+                raise OptedOut(f"X-Robots-Tag {directive}: {url}")
             chunks, size = [], 0
             while size < limit:
                 chunk = await response.content.read(limit - size)
@@ -107,17 +135,17 @@ async def _first_bytes(fs, url: str, limit: int, check_hosts: bool) -> bytes:
     raise ValueError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
-def read_web(url: str, max_bytes: int, reads: WebReads = WebReads()) -> bytes:
+def read_web(url: str, max_bytes: int, reads: WebReads = WebReads(), honour_opt_out: bool = False) -> bytes:
     """The first max_bytes + 1 bytes of a web resource (all of it when it is smaller), in
-    one GET. A 404 raises FileNotFoundError; transient failures are tried again, the last
-    one raised."""
+    one GET. A 404 raises FileNotFoundError, an AI opt-out OptedOut (when honoured);
+    transient failures are tried again, the last one raised."""
     from fsspec.asyn import sync
 
     fs = web_filesystem(reads)
     attempt = 0
     while True:
         try:
-            return sync(fs.loop, _first_bytes, fs, url, max_bytes + 1, not private_hosts_allowed())
+            return sync(fs.loop, _first_bytes, fs, url, max_bytes + 1, not private_hosts_allowed(), honour_opt_out)
         except Exception as err:
             wait = retry_wait(err, attempt, reads)
             if wait is None:
