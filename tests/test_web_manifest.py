@@ -191,3 +191,24 @@ def test_a_manifest_of_web_links_is_ingested_once_into_shards_that_scan(ray_loca
     scored = pq.read_table(tmp_path / "out" / "scores").sort_by("uri")
     assert scored["uri"].to_pylist() == sorted(links) and scored["caption"].to_pylist()[0] == "caption 0"
     assert [e is None for e in scored["error"].to_pylist()] == [u not in links[-2:] for u in sorted(links)]
+
+
+def test_training_on_web_links_is_told_to_ingest_them_first(tmp_path):
+    import logging
+
+    from pipeline.train.data import plan_training_data
+
+    links = [f"https://cdn.example/{i}.jpg" for i in range(12)] + [f"imgs/{i}.png" for i in range(8)]
+    (tmp_path / "list.csv").write_text("uri,label\n" + "".join(f"{u},{i % 2}\n" for i, u in enumerate(links)))
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("mirror").addHandler(handler)
+    try:
+        data = plan_training_data(str(tmp_path / "list.csv"), 2, 0.3, str(tmp_path / "run"))
+    finally:
+        logging.getLogger("mirror").removeHandler(handler)
+    assert data.n_train + data.n_val == 20  # planning reads no image
+    assert [m for m in seen if "web links" in m] == [
+        f"12 of {tmp_path / 'list.csv'}'s images are web links, downloaded again at every epoch: `mirror ingest` "
+        "them into Parquet shards once and train on those"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -108,9 +109,10 @@ def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_ur
     with PlanRecordsWriter(store) as sink:
         plan = plan_source(input_uri, SourceOptions(columns=columns), sink)
     root = input_root(input_uri)
-    n_train = n_val = unlabeled = 0
+    n_train = n_val = unlabeled = web_links = 0
     for records in record_tables(plan, store, columns):
         unlabeled += labels_of(records).null_count
+        web_links += int(pc.sum(pc.match_substring_regex(records["uri"], r"^(?i)https?://")).as_py() or 0)
         usable, held = split_of(records, phase, val_fraction, root)
         n_train, n_val = n_train + int((usable & ~held).sum()), n_val + int((usable & held).sum())
     if phase == 2 and unlabeled:
@@ -118,6 +120,10 @@ def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_ur
     if n_train == 0 or n_val == 0:
         raise ValueError(f"not enough images in {input_uri}: {n_train} to train on, {n_val} held out"
                          + (" (phase 1 trains on real images only)" if phase == 1 else ""))
+    if web_links:  # each epoch reads every image again
+        logging.getLogger("mirror").warning(
+            "%s of %s's images are web links, downloaded again at every epoch: `mirror ingest` them into "
+            "Parquet shards once and train on those", f"{web_links:,}", input_uri)
     return TrainingData(input_uri, phase, val_fraction, root, store.uri, label, plan.units, n_train, n_val,
                         plan.input_format)
 
