@@ -124,3 +124,9 @@ def test_a_folder_of_compressed_manifests_plans_them_and_not_its_readme(tmp_path
     assert plan.input_format == "manifest" and plan.total_rows == 12
     uris = pa.concat_tables([ScanStore(str(tmp_path / "scan")).unit_records(u) for u in plan.units])["uri"]
     assert uris.to_pylist() == [f"https://x/{p}/{i}.jpg" for p in range(3) for i in range(4)]
+    # a folder holding a README.txt alone holds no manifest (a .txt given as the input is one)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("see https://example.org\n")
+    with pytest.raises(ValueError, match="holds no images .* no Parquet files and no manifests"):
+        detect_format(str(tmp_path / "notes"), SourceOptions())
+    assert detect_format(str(tmp_path / "notes" / "README.txt"), SourceOptions()) == "manifest"

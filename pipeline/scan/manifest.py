@@ -49,6 +49,13 @@ def is_text_manifest(uri: str) -> bool:
     return kind is not None and kind[0] != ".parquet"
 
 
+def is_listed_manifest(path: str) -> bool:
+    """Whether a file found in an input folder counts as one of its manifests: a text
+    manifest, but a plain .txt only when compressed (a README.txt or NOTES.txt lists no images)."""
+    kind = manifest_kind(path)
+    return kind is not None and kind[0] != ".parquet" and kind != (".txt", None)
+
+
 def uri_column(names: list[str], configured: str, source: str) -> str:
     """The column holding the URIs: the configured one, else (when `uri` is left as it is)
     the first of URI_FALLBACKS present in any case."""

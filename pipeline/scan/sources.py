@@ -27,7 +27,14 @@ from pipeline.scan import web, webdataset
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
 from pipeline.scan.labels import LABEL_NAMES, label_and_subset, normalize_labels
 from pipeline.scan.listing import iter_files
-from pipeline.scan.manifest import is_manifest_name, is_text_manifest, manifest_kind, manifest_tables, uri_column
+from pipeline.scan.manifest import (
+    is_listed_manifest,
+    is_manifest_name,
+    is_text_manifest,
+    manifest_kind,
+    manifest_tables,
+    uri_column,
+)
 from pipeline.scan.schema import INDEX, UNIT
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import resolve_relative
@@ -223,10 +230,10 @@ def shard_files(root: str, files: list[str] | None = None) -> list[str]:
 
 def manifest_files(root: str, files: list[str] | None = None) -> list[str]:
     """A folder's manifests, in listing order: its Parquet files if it holds any, else its
-    text manifests of the most frequent kind (a README.txt beside part-*.csv.gz is none)."""
+    text manifests of the most frequent kind (`is_listed_manifest`: a README.txt is none)."""
     fs, base = fsspec.core.url_to_fs(root)
     files = [p for p in (list_files(root) if files is None else files) if "/_" not in p[len(base):]]
-    kinds = collections.Counter(manifest_kind(p) for p in files if is_text_manifest(p))
+    kinds = collections.Counter(manifest_kind(p) for p in files if is_listed_manifest(p))
     if any(p.endswith(".parquet") for p in files) or not kinds:
         return [full_uri(fs, p) for p in files if p.endswith(".parquet")]
     kind = kinds.most_common(1)[0][0]
@@ -375,7 +382,7 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     parquet = [p for p in files if p.endswith(".parquet")]
     if parquet:
         return "parquet" if _has_bytes_column(full_uri(fs, parquet[0]), options.columns) else "manifest"
-    if any(is_text_manifest(p) for p in files):
+    if any(is_listed_manifest(p) for p in files):
         return "manifest"
     raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar shards, no Parquet "
                      "files and no manifests")
