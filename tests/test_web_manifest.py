@@ -111,6 +111,15 @@ def test_headers_from_fsspecs_configuration_are_sent_with_web_reads(image_server
     assert list(fetch_all([f"{image_server.url}/files/a.jpg"], 1)) == [(data, None)]
     (headers,) = image_server.headers_seen
     assert headers["Authorization"] == "Bearer t0ken" and headers["User-Agent"] == "their-crawler/1"
+    # a redirect within the site keeps the token; one to another site (here another port)
+    # does not send it there
+    port = image_server.server_address[1]
+    with ImageServer(str(tmp_path / "served")) as other:
+        image_server.redirects = {"/to/a.jpg": "/files/a.jpg", "/away/a.jpg": f"{other.url}/files/a.jpg"}
+        for path in ("/to/a.jpg", "/away/a.jpg"):
+            assert list(fetch_all([f"http://127.0.0.1:{port}{path}"], 1)) == [(data, None)]
+    assert [h.get("Authorization") for h in image_server.headers_seen[1:]] == ["Bearer t0ken"] * 3
+    assert [h.get("Authorization") for h in other.headers_seen] == [None]
 
 
 @pytest.mark.slow

@@ -72,10 +72,6 @@ def retry_wait(err: Exception, attempt: int, reads: WebReads) -> float | None:
     return min(wait, reads.max_wait_s)
 
 
-REDIRECTS = (301, 302, 303, 307, 308)
-MAX_REDIRECTS = 5
-
-
 # X-Robots-Tag directives by which a site asks that its images not be used for AI
 # (training data): `mirror ingest` honours them unless told otherwise.
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
@@ -101,6 +97,15 @@ def opt_out_directive(values: list[str]) -> str | None:
     return None
 
 
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+CREDENTIALS = ("Authorization", "Cookie", "Proxy-Authorization")  # never sent on to another site
+
+
+def _origin(url) -> tuple:
+    return url.scheme, url.host, url.port
+
+
 async def _first_bytes(fs, url: str, limit: int, check_hosts: bool, honour_opt_out: bool) -> bytes:
     """GET asking for the first `limit` bytes, and reading no more than that of whatever
     body comes (a server that ignores the Range sends all of it: the rest is never read).
@@ -109,12 +114,17 @@ async def _first_bytes(fs, url: str, limit: int, check_hosts: bool, honour_opt_o
 
     session = await fs.set_session()
     options = {**fs.kwargs, "headers": {**fs.kwargs.get("headers", {}), "Range": f"bytes=0-{limit - 1}"}}
+    origin = _origin(yarl.URL(url))
     for _ in range(MAX_REDIRECTS + 1):
         if check_hosts:
             check_literal_host(url)
         async with session.get(fs.encode_url(url), allow_redirects=False, **options) as response:
             if response.status in REDIRECTS and "Location" in response.headers:
-                url = str(response.url.join(yarl.URL(response.headers["Location"])))
+                target = response.url.join(yarl.URL(response.headers["Location"]))
+                if _origin(target) != origin:  # credentials stay with the site they were given for
+                    options["headers"] = {k: v for k, v in options["headers"].items()
+                                          if k.lower() not in {c.lower() for c in CREDENTIALS}}
+                url = str(target)
                 continue
             if response.status == 404:
                 raise FileNotFoundError(url)
