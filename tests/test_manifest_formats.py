@@ -130,3 +130,30 @@ def test_a_folder_of_compressed_manifests_plans_them_and_not_its_readme(tmp_path
     with pytest.raises(ValueError, match="holds no images .* no Parquet files and no manifests"):
         detect_format(str(tmp_path / "notes"), SourceOptions())
     assert detect_format(str(tmp_path / "notes" / "README.txt"), SourceOptions()) == "manifest"
+
+
+def test_a_folder_with_hugging_face_metadata_says_how_to_read_it(tmp_path):
+    import logging
+
+    from conftest import write_image
+
+    write_image(tmp_path / "train" / "a.png", seed=1)
+    (tmp_path / "train" / "metadata.jsonl").write_text('{"file_name": "a.png", "label": "fake"}\n')
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("mirror")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        folder = plan_source(str(tmp_path / "train"), SourceOptions())
+        metadata = plan_source(str(tmp_path / "train" / "metadata.jsonl"), SourceOptions())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert folder.input_format == "folder" and folder.records["label"].to_pylist() == [None]
+    assert metadata.records["label"].to_pylist() == [1]
+    assert seen == [f"{tmp_path / 'train'} holds metadata.jsonl: scanned as a folder, its images' labels come from "
+                    f"folder names (0_real / 1_fake) and its columns are not read; --input "
+                    f"{tmp_path / 'train'}/metadata.jsonl reads them"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -451,10 +452,28 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: list[str] | None
     return Plan(uri, "webdataset", units, records, pc.sum(all_indexed["no_image"]).as_py() or 0, all_indexed)
 
 
+# What a Hugging Face image folder describes its images in (file_name + columns)
+FOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+def hint_folder_metadata(uri: str) -> None:
+    """A folder planned by its images whose root holds a Hugging Face metadata file: its
+    labels and columns are not read so; say how they would be."""
+    fs, base = fsspec.core.url_to_fs(uri)
+    for name in FOLDER_METADATA:
+        if fs.exists(f"{base.rstrip('/')}/{name}"):
+            logging.getLogger("mirror").info(
+                "%s holds %s: scanned as a folder, its images' labels come from folder names (0_real / 1_fake) "
+                "and its columns are not read; --input %s/%s reads them", uri, name, uri.rstrip("/"), name)
+            return
+
+
 def plan_source(uri: str, options: SourceOptions, sink: RecordsSink | None = None) -> Plan:
     """The input's units, from one listing of it. `sink`: takes the records unit by unit
     (folders and manifests are then planned in bounded memory); else the plan holds them."""
     fmt, images, listing = open_input(uri, options)
+    if fmt == "folder":
+        hint_folder_metadata(uri)
     if fmt in ("folder", "manifest"):
         units, records = chunked_units(record_batches(uri, options, images, listing), options.unit_size, uri, sink)
         return Plan(uri, fmt, units, records, images.skipped if images is not None else 0)
