@@ -106,15 +106,20 @@ def test_audit_on_s3_by_prefix_with_keep_column(ray_local, parity_bundle, s3_buc
     for i in range(9):
         write_image(tmp_path / "folder" / SOURCES[i % 3] / "batch1" / f"{i}.png", seed=40 + i)
     fs.put(str(tmp_path / "folder"), f"{s3_bucket}/corpus", recursive=True)
+    fs.pipe(f"{s3_bucket}/corpus/{SOURCES[0]}/batch1/broken.png", b"not an image")
     out = f"s3://{s3_bucket}/audit"
     assert main(["audit", "--model", str(parity_bundle), "--input", f"s3://{s3_bucket}/corpus", "--output", out,
                  "--threshold", "0.5", "--prefix-depth", "1", "--filter", "mark", "--top-n", "2"]) == 0
     summary = json.loads(fs.cat(f"{s3_bucket}/audit/audit_summary.json"))
     assert summary["threshold"] == 0.5 and summary["threshold_method"] == "explicit --threshold"
     groups = {g["uri_prefix_1"]: g for g in summary["groups"]}
-    assert set(groups) == set(SOURCES) and all(g["count"] == 3 for g in groups.values())
+    assert set(groups) == set(SOURCES) and [groups[s]["count"] for s in SOURCES] == [4, 3, 3]
+    assert summary["errors"] == groups[SOURCES[0]]["errors"] == 1
+    assert summary["errors_by_kind"] == {"decode failed: UnidentifiedImageError": 1}
+    assert "- rows: 10, scored: 9, errors: 1\n  - decode failed: UnidentifiedImageError: 1\n" in fs.cat(
+        f"{s3_bucket}/audit/audit_report.md").decode()
     manifest = pq.read_table(io.BytesIO(fs.cat(f"{s3_bucket}/audit/filtered/manifest.parquet")))
-    assert manifest.num_rows == 9 and "mirror_keep" in manifest.column_names
+    assert manifest.num_rows == 10 and "mirror_keep" in manifest.column_names
     flagged = pq.read_table(io.BytesIO(fs.cat(f"{s3_bucket}/audit/flagged.parquet")))
     assert manifest["mirror_keep"].to_pylist().count(False) == flagged.num_rows == summary["flagged"]
     assert len(fs.glob(f"{s3_bucket}/audit/heatmaps/*_heatmap.png")) == min(2, flagged.num_rows)

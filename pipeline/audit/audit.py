@@ -350,7 +350,7 @@ def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: Sc
     result = {
         "model_id": bundle.model_id, "input": input_uri, "output": out.uri,
         "threshold": threshold, "threshold_method": method,
-        "rows": tally.rows, "scored": n_scored, "errors": summary["errors"],
+        "rows": tally.rows, "scored": n_scored, "errors": summary["errors"], "errors_by_kind": summary["errors_by_kind"],
         "flagged": tally.n_flagged, "flagged_fraction": tally.n_flagged / max(1, n_scored),
         "group_column": group_col, "groups": summary_groups(groups), "groups_total": groups.num_rows,
         "filter_mode": cfg.filter_mode, "filtered_rows": kept, "explained": explanations.num_rows,

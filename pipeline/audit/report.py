@@ -29,7 +29,8 @@ def write_audit_report(out: Location, result: dict[str, Any], scored_probs: np.n
         "# MIRROR corpus audit", "",
         f"- input: `{result['input']}`", f"- model: `{result['model_id']}`",
         f"- threshold: {result['threshold']:.6g} ({result['threshold_method']})",
-        f"- rows: {result['rows']}, scored: {result['scored']}, errors: {result['errors']}",
+        f"- rows: {result['rows']}, scored: {result['scored']}, errors: {result['errors']}"
+        + "".join(f"\n  - {kind}: {n}" for kind, n in result["errors_by_kind"].items()),
         f"- flagged: {result['flagged']} ({100 * result['flagged_fraction']:.2f}% of scored)",
         f"- filtered output: `filtered/` ({result['filter_mode']}, {result['filtered_rows']} rows)", "",
         f"## By {g}", "",
