@@ -395,7 +395,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     run = summary["this_run"]
     kinds = list(summary.get("errors_by_kind", {}).items())  # the most frequent first
     more = len(kinds) - 3
-    why = ", ".join([f"{kind} {n:,}" for kind, n in kinds[:3]] + ([f"{more} more kind{'s' * (more > 1)}"] if more > 0 else []))
+    why = ", ".join([f"{kind} {n:,}" for kind, n in kinds[:3]]
+                    + ([f"{more} more kind{'s' * (more > 1)}"] if more > 0 else []))
     return (f"{summary['rows_out']}/{summary['rows_in']} rows: {summary['scored']} scored, {summary['errors']} errors"
             f"{f' ({why})' if why else ''}; "
             f"this run {run['rows']} rows in {run['wall_s']:.1f}s ({run['images_per_s'] or 0:.1f} img/s); "
