@@ -77,6 +77,15 @@ def test_every_form_gives_the_same_records_resolved_below_the_manifests_folder(t
             assert captions == [c or None for c in CAPTIONS], name  # an empty CSV cell is null
 
 
+def test_manifest_names_in_every_form_and_behind_a_web_query():
+    from pipeline.scan.manifest import manifest_kind
+
+    assert manifest_kind("s3://b/list.CSV.GZ") == (".csv", "gzip")
+    assert manifest_kind("https://host/lists/part.jsonl.zst?dl=1&path=a/b") == (".jsonl", "zstd")
+    assert manifest_kind("list.parquet") == (".parquet", None) and manifest_kind("list.parquet.gz") is None
+    assert manifest_kind("notes.md") is None and manifest_kind("a.csv.7z") is None
+
+
 def test_the_uri_column_of_img2dataset_laion_and_hugging_face_metadata_is_found(tmp_path):
     pq.write_table(pa.table({"URL": ["https://x/1.jpg", "https://x/2.jpg"], "TEXT": ["a", "b"],
                              "similarity": [0.3, 0.4]}), tmp_path / "laion.parquet")

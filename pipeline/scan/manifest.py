@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from mirror_core.uri import image_name
+
 TEXT_KINDS = (".csv", ".tsv", ".txt", ".jsonl")
 CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 # Where a URI is found when the manifest has no `uri` column: img2dataset's and LAION's
@@ -28,8 +30,9 @@ _NO_DELIMITER = "\x1f"  # a .txt line is one value: split at a character no URI 
 
 
 def manifest_kind(uri: str) -> tuple[str, str | None] | None:
-    """('.csv', 'gzip') for 'list.csv.gz', ('.parquet', None), or None: no manifest name."""
-    low, codec = uri.lower(), None
+    """('.csv', 'gzip') for 'list.csv.gz', ('.parquet', None), or None: no manifest name
+    (a web link's query is no part of it: 'https://host/list.csv?dl=1' is a CSV)."""
+    low, codec = image_name(uri).lower(), None
     for ext, name in CODECS.items():
         if low.endswith(ext):
             low, codec = low[: -len(ext)], name

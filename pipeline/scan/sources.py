@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
-from mirror_core.uri import is_web_url
+from mirror_core.uri import image_name, is_web_url
 from pipeline.scan import web, webdataset
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
 from pipeline.scan.labels import LABEL_NAMES, label_and_subset, normalize_labels
@@ -183,7 +183,7 @@ def manifest_batches(uri: str, columns: ColumnMap) -> Iterator[pa.Table]:
     """A manifest's records in standard names, a batch at a time (any length in bounded
     memory; the forms read: `manifest.py`). Relative URIs name files below the manifest's
     own folder (as a Hugging Face metadata file's names do), wherever the records are read."""
-    folder = posixpath.dirname(uri.rstrip("/"))
+    folder = posixpath.dirname(image_name(uri).rstrip("/"))
     for table in manifest_tables(uri, STREAM_BATCH_ROWS):
         found = uri_column(table.column_names, columns.uri, uri)
         records = standard_records(table, replace(columns, uri=found))
