@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -102,29 +103,28 @@ MAX_REDIRECTS = 5
 CREDENTIALS = ("Authorization", "Cookie", "Proxy-Authorization")  # never sent on to another site
 
 
-def _origin(url) -> tuple:
-    return url.scheme, url.host, url.port
+def _origin(url: str) -> tuple:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
 
 
 async def _first_bytes(fs, url: str, limit: int, check_hosts: bool, honour_opt_out: bool) -> bytes:
     """GET asking for the first `limit` bytes, and reading no more than that of whatever
     body comes (a server that ignores the Range sends all of it: the rest is never read).
     Redirects are followed here, each hop's host checked as the first one's."""
-    import yarl
-
     session = await fs.set_session()
     options = {**fs.kwargs, "headers": {**fs.kwargs.get("headers", {}), "Range": f"bytes=0-{limit - 1}"}}
-    origin = _origin(yarl.URL(url))
+    origin = _origin(url)
     for _ in range(MAX_REDIRECTS + 1):
         if check_hosts:
             check_literal_host(url)
         async with session.get(fs.encode_url(url), allow_redirects=False, **options) as response:
             if response.status in REDIRECTS and "Location" in response.headers:
-                target = response.url.join(yarl.URL(response.headers["Location"]))
+                target = str(response.url.join(type(response.url)(response.headers["Location"])))
                 if _origin(target) != origin:  # credentials stay with the site they were given for
                     options["headers"] = {k: v for k, v in options["headers"].items()
                                           if k.lower() not in {c.lower() for c in CREDENTIALS}}
-                url = str(target)
+                url = target
                 continue
             if response.status == 404:
                 raise FileNotFoundError(url)
