@@ -4,6 +4,7 @@ worker node lost mid-scan, every row still exactly once."""
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,38 @@ def start_cluster(cpus: int = 2):
     workers = [c.add_node(num_cpus=cpus) for _ in range(2)]
     c.wait_for_nodes()
     return c, workers
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc): a raylet's workers and theirs."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def lose_node(c, node) -> None:
+    """A node gone at once, as a preempted instance goes: every worker process of its raylet
+    killed first (Ray's own removal kills the raylet, and its busy workers may still finish
+    a unit or two while they notice), then the node removed."""
+    raylet = node.all_processes["raylet"][0].process.pid
+    for pid in descendants(raylet) + [raylet]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    c.remove_node(node, allow_graceful=False)
 
 
 @pytest.fixture
@@ -102,7 +135,7 @@ def test_a_worker_node_lost_mid_scan_loses_no_row(parity_bundle, tmp_path):
         first = glob.glob(str(out / "scores" / "*.parquet"))
         assert proc.poll() is None and first, "the scan ended, or never started, before the loss"
         lost = json.loads(pq.read_schema(first[0]).metadata[b"mirror_writer"])["node"]
-        c.remove_node(next(w for w in workers if w.node_id == lost), allow_graceful=False)
+        lose_node(c, next(w for w in workers if w.node_id == lost))
         before = set(glob.glob(str(out / "scores" / "*.parquet")))  # the lost node wrote none after this
         assert len(before) < 6, "the scan was over before the loss"
         proc.wait(timeout=300)
