@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from benchmarks.s3_store import log_figures, moto_bucket, stamped  # noqa: E402
+from benchmarks.s3_store import moto_bucket, report  # noqa: E402
 
 
 def flat_keys(n: int) -> list[str]:
@@ -77,10 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--connections", type=int, default=10, help="the s3fs client's connections (botocore's default 10)")
     p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
     args = p.parse_args(argv)
-    result = stamped(listing_figures(args.keys, args.page_keys, args.delay_s, args.connections))
-    print(json.dumps(result, indent=2))
-    if not args.no_record:
-        log_figures(f"listing a flat S3 prefix of {args.keys:,} keys (moto, {args.delay_s} s a request)", result)
+    report(listing_figures(args.keys, args.page_keys, args.delay_s, args.connections),
+           f"listing a flat S3 prefix of {args.keys:,} keys (moto, {args.delay_s} s a request)",
+           record=not args.no_record)
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from benchmarks.s3_store import log_figures, moto_bucket, stamped  # noqa: E402
+from benchmarks.s3_store import moto_bucket, report  # noqa: E402
 
 ERRORS_PER_PART = 3  # rows with an error: the last one a read failure, so every part is retried
 
@@ -111,11 +111,10 @@ def main(argv=None) -> int:
     p.add_argument("--delay-s", type=float, default=0.03, help="added to every request")
     p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
     args = p.parse_args(argv)
-    result = stamped(parts_figures(args.parts, args.rows, args.delay_s))
-    print(json.dumps(result, indent=2))
-    if not args.no_record:
-        log_figures(f"reading {args.parts:,} committed parts of {args.rows:,} rows on S3 (moto, "
-                    f"{args.delay_s} s a request)", result)
+    report(parts_figures(args.parts, args.rows, args.delay_s),
+           f"reading {args.parts:,} committed parts of {args.rows:,} rows on S3 (moto, "
+           f"{args.delay_s} s a request)",
+           record=not args.no_record)
     return 0
 
 

@@ -41,6 +41,15 @@ def stamped(figures: dict) -> dict:
     return {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores", **figures}
 
 
+def report(figures: dict, title: str, record: bool) -> dict:
+    """Stamp a harness's figures, print them and, if `record`, append them to the log."""
+    result = stamped(figures)
+    print(json.dumps(result, indent=2))
+    if record:
+        log_figures(title, result)
+    return result
+
+
 def log_figures(title: str, result: dict) -> None:
     """Append the figures to the performance log under `title`."""
     with open(PERF_LOG, "a") as log:

@@ -11,7 +11,6 @@ the size first (HEAD) and then GETs; `fetch_all` sends one ranged GET.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from unittest import mock
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from benchmarks.s3_store import log_figures, stamped  # noqa: E402
+from benchmarks.s3_store import report  # noqa: E402
 
 MAX_BYTES = 256 * 2**20
 
@@ -76,11 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=16, help="reads at once (a decode task's fetch_threads)")
     p.add_argument("--no-record", action="store_true", help="do not append to the performance log")
     args = p.parse_args(argv)
-    result = stamped(web_figures(args.images, args.kb, args.delay_s, args.threads))
-    print(json.dumps(result))
-    if not args.no_record:
-        log_figures(f"reading {args.images:,} web links of {args.kb} KB ({args.delay_s} s a request, "
-                    f"{args.threads} at once)", result)
+    report(web_figures(args.images, args.kb, args.delay_s, args.threads),
+           f"reading {args.images:,} web links of {args.kb} KB ({args.delay_s} s a request, "
+           f"{args.threads} at once)",
+           record=not args.no_record)
     return 0
 
 

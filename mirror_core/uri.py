@@ -5,6 +5,7 @@ from urllib.parse import urlsplit
 
 SCHEME_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://"  # 's3://', 'https://', 'file://'
 WEB_SCHEMES = ("http://", "https://")
+WEB_URL_PATTERN = r"^(?i)https?://"  # the same test as is_web_url, for vectorized (Arrow) matching
 
 
 def join_uri(base: str, *parts: str) -> str:

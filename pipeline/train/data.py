@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mirror_core.uri import WEB_URL_PATTERN
 from pipeline.scan.decode import unit_inputs, without_bookkeeping
 from pipeline.scan.sources import (
     RECORD_KINDS,
@@ -112,7 +113,7 @@ def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_ur
     n_train = n_val = unlabeled = web_links = 0
     for records in record_tables(plan, store, columns):
         unlabeled += labels_of(records).null_count
-        web_links += int(pc.sum(pc.match_substring_regex(records["uri"], r"^(?i)https?://")).as_py() or 0)
+        web_links += int(pc.sum(pc.match_substring_regex(records["uri"], WEB_URL_PATTERN)).as_py() or 0)
         usable, held = split_of(records, phase, val_fraction, root)
         n_train, n_val = n_train + int((usable & ~held).sum()), n_val + int((usable & held).sum())
     if phase == 2 and unlabeled:
