@@ -64,6 +64,12 @@ def file_version(entry: dict) -> str:
     return str(entry.get("ETag") or entry.get("etag") or entry.get("mtime") or entry.get("LastModified") or "")
 
 
+def listed_version(entry: dict) -> str:
+    """An input file's version as a folder's listing records it: `file_version` and the
+    size (a coarse modification time alone could miss a rewrite within its resolution)."""
+    return f"{file_version(entry)}:{entry.get('size', entry.get('Size', ''))}"
+
+
 def parquet_schema(uri: str) -> pa.Schema:
     """A Parquet file's schema, from its footer alone."""
     with fsspec.open(uri, "rb") as f:

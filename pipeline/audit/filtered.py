@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cluster import ensure_ray
 from pipeline.progress import progress
-from pipeline.scan.schema import INDEX, UNIT
+from pipeline.scan.schema import INDEX, UNIT, without_bookkeeping
 from pipeline.scan.store import ScanStore, records_schema, stored_records
 from pipeline.storage import Location
 
@@ -81,7 +81,7 @@ def _write_manifest(out: Location, scan: ScanStore, plan, keep: dict[str, np.nda
             index = records[INDEX].to_numpy()
             for unit, (start, end) in _runs(records[UNIT]).items():
                 flags[start:end] = keep[unit][index[start:end]]
-            part = _kept(records.drop_columns([UNIT, INDEX]), flags, mode)
+            part = _kept(without_bookkeeping(records), flags, mode)
             writer.write_table(pa.table([part[f.name].cast(f.type) if f.name in part.column_names
                                          else pa.nulls(part.num_rows, f.type) for f in schema], schema=schema))
             written += part.num_rows

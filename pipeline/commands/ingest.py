@@ -27,7 +27,7 @@ from pipeline.cluster import ensure_ray, require_shared_paths
 from pipeline.progress import progress, step
 from pipeline.scan.faults import FaultHooks
 from pipeline.scan.manifest import is_manifest_name
-from pipeline.scan.schema import INDEX, UNIT
+from pipeline.scan.schema import PLAN_BOOKKEEPING
 from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, fetch_all, plan_source
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records
 from pipeline.storage import Location
@@ -83,7 +83,7 @@ def shard_table(listing: pa.Table, cols: dict[str, list]) -> pa.Table:
     table = pa.Table.from_arrays(given + [pa.array(cols[f.name], f.type) for f in list(SHARD_SCHEMA)[3:]],
                                  schema=SHARD_SCHEMA)
     for name in listing.column_names:
-        if name not in ("uri", "label", "subset", UNIT, INDEX):
+        if name not in ("uri", "label", "subset", *PLAN_BOOKKEEPING):
             table = table.append_column(f"input_{name}" if name in SHARD_SCHEMA.names else name, listing[name])
     return table
 

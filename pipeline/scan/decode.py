@@ -35,6 +35,7 @@ from pipeline.scan.schema import (
     UNIT_RECORDS,
     UNIT_TARGET,
     pack_records,
+    without_bookkeeping,
 )
 from pipeline.scan.sources import (
     DEFAULT_MAX_FILE_BYTES,
@@ -128,10 +129,6 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
 def placeholder_records(unit: Unit) -> pa.Table:
     """Records for a shard unit that cannot be read: positions only (every row an error)."""
     return pa.table({"uri": pa.array([f"{unit.file}#{unit.row_group}:{i}" for i in range(unit.rows)], pa.string())})
-
-
-def without_bookkeeping(records: pa.Table) -> pa.Table:
-    return records.drop_columns([c for c in (UNIT, INDEX) if c in records.column_names])
 
 
 def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_threads: int,

@@ -12,9 +12,13 @@ named by its path plus '/', each directory expanded in place (every path below
   ranges as it goes (`S3Lister`), so one prefix of millions of keys, as much as many
   prefixes, lists as many pages at a time as the s3fs client holds connections (10 by
   default, `storage.s3_connections`); memory holds about 2 x PAGES_AHEAD pages.
-- Local disks: a depth-first walk by `os.scandir` (no stat per file); other
-  filesystems: the same walk by `fs.ls`. One directory is listed at a time (memory: the
-  largest directory's names).
+- Local disks: a depth-first walk by `os.scandir`; other filesystems: the same walk by
+  `fs.ls`. One directory is listed at a time (memory: the largest directory's names).
+
+`iter_files(root, versions=True)` yields (path, version) pairs instead: the version
+(`storage.listed_version`) changes when a file is written again, which `--update` checks.
+An S3 listing holds it (the ETag); a local disk costs a stat per file; other filesystems
+give what their listing entries hold.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from typing import Iterator
 
 import fsspec
 
-from pipeline.storage import S3_CONNECTIONS, s3_connections
+from pipeline.storage import S3_CONNECTIONS, listed_version, s3_connections
 
 S3_PAGE_KEYS = 1000  # the most S3 returns per request
 RANGES_PER_LISTING = 256  # key ranges one prefix's listing is split into at most
@@ -35,40 +39,53 @@ PREFIXES_AHEAD = 16  # subdirectories whose listing starts ahead of the consumer
 ENTRIES_AHEAD = 10_000  # root entries held while waiting for PREFIXES_AHEAD subdirectories
 
 
-def iter_files(root: str) -> Iterator[str]:
-    """Every file below a folder (filesystem paths, as `fs.find` gives them), sorted."""
+def iter_files(root: str, versions: bool = False) -> Iterator[str] | Iterator[tuple[str, str]]:
+    """Every file below a folder (filesystem paths, as `fs.find` gives them), sorted;
+    `versions`: (path, version) pairs."""
     fs, base = fsspec.core.url_to_fs(root)
-    if "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) and hasattr(fs, "_call_s3"):
-        return _s3_files(fs, base)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        return _local_walk(base.rstrip("/") or "/")
-    return _walk(fs, base.rstrip("/"))
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "s3" in protocols and hasattr(fs, "_call_s3"):
+        files = _s3_files(fs, base)
+    elif "file" in protocols:
+        files = _local_walk(base.rstrip("/") or "/", versions)
+    else:
+        files = _walk(fs, base.rstrip("/"))
+    return files if versions else (path for path, _ in files)
 
 
 # --- a local disk -----------------------------------------------------------------
-def _local_walk(path: str) -> Iterator[str]:
+def _local_walk(path: str, versions: bool) -> Iterator[tuple[str, str | None]]:
     with os.scandir(path) as entries:  # a directory (or a link to one) is one to walk
-        keyed = sorted((e.name + "/" if e.is_dir() else e.name) for e in entries)
+        keyed = sorted((e.name + "/", None) if e.is_dir() else (e.name, _stat_version(e) if versions else None)
+                       for e in entries)
     parent = path.rstrip("/") + "/"  # '/' itself ends with one
-    for name in keyed:
+    for name, version in keyed:
         if name.endswith("/"):
-            yield from _local_walk(parent + name[:-1])
+            yield from _local_walk(parent + name[:-1], versions)
         else:
-            yield parent + name
+            yield parent + name, version
+
+
+def _stat_version(entry: os.DirEntry) -> str | None:
+    try:
+        st = entry.stat()  # of a link's target: what a read of it reads
+    except OSError:  # gone since listed, or a dangling link: its read will say so
+        return None
+    return listed_version({"mtime": st.st_mtime, "size": st.st_size})
 
 
 # --- any fsspec filesystem ------------------------------------------------------
-def _walk(fs, path: str) -> Iterator[str]:
+def _walk(fs, path: str) -> Iterator[tuple[str, str]]:
     entries = fs.ls(path, detail=True)
     fs.invalidate_cache(path)  # a cached listing would hold the whole tree by the end
-    keyed = sorted((e["name"].rstrip("/") + ("/" if e["type"] == "directory" else ""), e["type"] == "directory")
-                   for e in entries)
+    keyed = sorted((e["name"].rstrip("/") + ("/" if e["type"] == "directory" else ""), e["type"] == "directory",
+                    listed_version(e)) for e in entries)
     del entries
-    for name, is_dir in keyed:
+    for name, is_dir, version in keyed:
         if is_dir:
             yield from _walk(fs, name.rstrip("/"))
         else:
-            yield name
+            yield name, version
 
 
 # --- S3 --------------------------------------------------------------------------
@@ -113,7 +130,8 @@ class _KeyRange:
 
 
 class _PrefixListing:
-    """One prefix's entries, (name, is_prefix), in key order, from ranges the lister fills."""
+    """One prefix's entries, (name, is_prefix, version), in key order, from ranges the
+    lister fills (a subdirectory's version: None)."""
 
     def __init__(self, lister: "S3Lister", prefix: str, delimiter: bool):
         self.lister, self.prefix, self.delimiter = lister, prefix, delimiter
@@ -238,7 +256,7 @@ class S3Lister:
                 self.arrived.notify_all()
                 self.work.notify()
 
-    def _request(self, listing: _PrefixListing, r: _KeyRange) -> tuple[list[tuple[str, bool]], str | None]:
+    def _request(self, listing: _PrefixListing, r: _KeyRange) -> tuple[list[tuple[str, bool, str | None]], str | None]:
         """One page of `r`: its entries in key order, and the token of the next (None: last)."""
         kwargs = dict(Bucket=self.bucket, Prefix=listing.prefix, MaxKeys=S3_PAGE_KEYS, **self.fs.req_kw)
         if listing.delimiter:
@@ -251,8 +269,8 @@ class S3Lister:
             out = fsspec.asyn.sync(self.fs.loop, self.fs._call_s3, "list_objects_v2", **kwargs)
         except PermissionError as err:
             raise PermissionError(f"access denied listing s3://{self.bucket}/{listing.prefix} ({err})") from None
-        page = [(c["Key"], False) for c in out.get("Contents", []) if not c["Key"].endswith("/")]
-        page += [(p["Prefix"], True) for p in out.get("CommonPrefixes", [])]
+        page = [(c["Key"], False, listed_version(c)) for c in out.get("Contents", []) if not c["Key"].endswith("/")]
+        page += [(p["Prefix"], True, None) for p in out.get("CommonPrefixes", [])]
         page.sort()
         return page, out.get("NextContinuationToken") if out.get("IsTruncated") else None
 
@@ -285,25 +303,26 @@ class S3Lister:
                 r.upto = split
 
 
-def _s3_files(fs, base: str) -> Iterator[str]:
+def _s3_files(fs, base: str) -> Iterator[tuple[str, str]]:
     bucket, key, _ = fs.split_path(base)
     prefix = key.strip("/") + "/" if key.strip("/") else ""
     lister = S3Lister(fs, bucket)
-    ahead: collections.deque = collections.deque()  # (key, None) for a file, (prefix, its listing's iterator)
+    # (key, version, None) for a file, (prefix, None, its listing's iterator)
+    ahead: collections.deque = collections.deque()
     listing = 0  # subdirectories in `ahead`
 
     def release():
         nonlocal listing
-        name, flat = ahead.popleft()
+        name, version, flat = ahead.popleft()
         if flat is None:
-            yield f"{bucket}/{name}"
+            yield f"{bucket}/{name}", version
             return
         listing -= 1
-        yield from (f"{bucket}/{k}" for k, _ in flat)
+        yield from ((f"{bucket}/{k}", v) for k, _, v in flat)
 
     try:
-        for name, is_prefix in lister.listing(prefix, delimiter=True):
-            ahead.append((name, iter(lister.listing(name, delimiter=False)) if is_prefix else None))
+        for name, is_prefix, version in lister.listing(prefix, delimiter=True):
+            ahead.append((name, version, iter(lister.listing(name, delimiter=False)) if is_prefix else None))
             listing += is_prefix
             while listing >= PREFIXES_AHEAD or len(ahead) > ENTRIES_AHEAD:
                 yield from release()

@@ -18,6 +18,7 @@ from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.config import MirrorConfig
 from pipeline.cluster import ensure_ray, require_shared_paths, resources_line
 from pipeline.progress import RowProgress, stall_reports, step
+from pipeline.scan.changes import FileChanges, KnownFiles, VersionsWriter
 from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
@@ -279,7 +280,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         policy = model_cfg.preprocess.name + (f"+{job.perturbation}" if job.perturbation else "")
         run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
         out.claim({**run, "input": job.input_uri})
-        plan, added = out.load_plan(), []
+        plan, added, versions, found = out.load_plan(), [], None, FileChanges()
         if plan is None:
             with step(f"planning {job.input_uri}") as info:
                 with PlanRecordsWriter(out) as records:  # records go to the store unit by unit
@@ -289,11 +290,19 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         elif cfg.update:
             with step(f"re-listing {job.input_uri}") as info:
                 before = plan
+                if plan.input_format == "folder":  # files changed in place or removed are found too
+                    versions = VersionsWriter(out)
+                    known = out.known_files(plan, versions)
+                else:
+                    known = out.known_uris(plan)
                 with PlanRecordsWriter(out) as records:  # new units' records, as a first plan's go
-                    plan, added = update_plan(plan, cfg.source_options(), out.known_uris(plan), records)
+                    plan, added = update_plan(plan, cfg.source_options(), known, records)
                 if added or (plan.shards is not None and (before.shards is None or not plan.shards.equals(before.shards))):
                     out.save_plan(plan)  # new units, or tar shards indexed anew
-                info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units")
+                found = known.finish() if isinstance(known, KnownFiles) else found
+                info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units"
+                            + (f"; {found.changed} files changed and {found.removed} removed, in "
+                               f"{len(found.units)} units to score again" if found.units else ""))
         if check_plan is not None:
             check_plan(out, plan)
         done = out.done_units()
@@ -302,9 +311,11 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
             with step("finding units with read failures") as info:
                 retried = out.units_with_transient_errors(done)
                 info.update(items=len(retried), unit="units to score again")
-        todo = [u for u in plan.units if u.unit_id not in done or u.unit_id in retried]
+        redo = retried | found.units
+        todo = [u for u in plan.units if u.unit_id not in done or u.unit_id in redo]
         items += unit_descriptors(todo, out, run, job.perturbation, j)
-        prepared.append((job, out, plan, policy, done - retried, todo, {"new": len(added), "retried": len(retried)}))
+        changes = {"new": len(added), "retried": len(retried), "changed": len(found.units & done)}
+        prepared.append((job, out, plan, policy, done - redo, todo, changes, versions, found))
     completions = Completions()
     isolated: list[str] = []  # keys of units decoded one record per child process (an attempt died)
     t_plan, cpu_plan = time.perf_counter(), time.process_time()
@@ -316,7 +327,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         ensure_ray(cfg.address)
         require_shared_paths(*task_paths(prepared))
         cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
-        all_todo = [u for *_, todo, _ in prepared for u in todo]
+        all_todo = [u for *_, todo, _, _, _ in prepared for u in todo]
         per_block = units_per_block(len(items), ray.cluster_resources().get("CPU", 1) / max(cfg.cpus_per_decode_task, 0.01))
         attempts = decode_attempts()
         ds = build_dataset(items, bundle, model_cfg, cfg, whole_unit_block_bytes(
@@ -332,11 +343,13 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         ray.kill(attempts)
     cpu_pipeline = time.process_time()
     summaries = []
-    for j, (job, out, plan, policy, done, todo, changes) in enumerate(prepared):
+    for j, (job, out, plan, policy, done, todo, changes, versions, found) in enumerate(prepared):
         done_now = completions.figures(out.uri)
         missing = {u.unit_id for u in todo} - done_now["units"]
         if missing:
             raise RuntimeError(f"{out.uri}: {len(missing)} units were not committed: {sorted(missing)[:5]}")
+        if versions is not None:  # every unit holding a changed file is scored again: its versions count
+            versions.commit()
         wall = time.perf_counter() - t_start
         summary = summarize(out, plan.total_rows, plan.skipped_by_extension, {
             "model_id": bundle.model_id,
@@ -346,9 +359,13 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
             "input_format": plan.input_format,
             "output": out.uri,
             "scores": out.uri_of("scores"),
-            # new: added by --update; retried: finished units scored again by --retry-errors
+            # new: added by --update; changed: finished units scored again by --update for a
+            # file changed or removed; retried: finished units scored again by --retry-errors
             "units": {"total": len(plan.units), "skipped_done": len(done), "committed_now": done_now["committed"],
                       **changes},
+            # --update of a folder: its files found changed in place, removed, or versioned for
+            # the first time (a plan made before versions were recorded)
+            **({"update": found.as_dict()} if versions is not None else {}),
             "this_run": {
                 "rows": done_now["rows"],
                 "wall_s": round(wall, 3),

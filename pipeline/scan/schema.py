@@ -22,6 +22,9 @@ from mirror_core.signals import SIGNALS
 # and its position there, so each unit's rows can be committed exactly once.
 UNIT = "_unit"
 INDEX = "_index"
+# A folder's file version as planned (storage.listed_version): what --update compares.
+VERSION = "_version"
+PLAN_BOOKKEEPING = (UNIT, INDEX, VERSION)  # what planning adds to a unit's stored records
 PIXELS = "_pixels"
 DECODE_SECONDS = "_decode_s"
 SCORE_SECONDS = "_score_s"
@@ -44,6 +47,13 @@ ROW_PREPROCESS = "_row_preprocess"
 REGION_DECODED = "_region_decoded"
 INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS, READOUT, UNIT_RECORDS, UNIT_TARGET, REPLICA,
             ENCODED, ROW_PREPROCESS, REGION_DECODED)
+
+
+
+def without_bookkeeping(records: pa.Table) -> pa.Table:
+    """A unit's stored records as the input gave them (planning's columns dropped)."""
+    return records.drop_columns([c for c in PLAN_BOOKKEEPING if c in records.column_names])
+
 
 RECORD_FIELDS = [
     pa.field("uri", pa.string()),

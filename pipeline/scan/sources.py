@@ -36,7 +36,7 @@ from pipeline.scan.manifest import (
     manifest_tables,
     uri_column,
 )
-from pipeline.scan.schema import INDEX, UNIT
+from pipeline.scan.schema import INDEX, UNIT, VERSION
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import resolve_relative
 
@@ -137,13 +137,16 @@ def suffix(path: str) -> str:
     return posixpath.splitext(path)[1].lower()
 
 
-def image_records(paths: Iterable[str], fs, base: str, extensions=DEFAULT_EXTENSIONS) -> pa.Table:
+def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, base: str,
+                  extensions=DEFAULT_EXTENSIONS) -> pa.Table:
     """Files of a folder (filesystem paths below `base`) -> uri, label, subset of its images,
-    in the given order; files of other extensions are left out."""
+    in the given order; files of other extensions are left out. Given (path, version)
+    pairs, each image's version too (VERSION)."""
     wanted = image_suffixes(extensions)
-    rows = {"uri": [], "label": [], "subset": []}
+    rows = {"uri": [], "label": [], "subset": [], VERSION: []}
     skip = len(base.rstrip("/")) + 1
-    for path in paths:  # string operations: pathlib would intern every name it parses
+    for listed in paths:  # string operations: pathlib would intern every name it parses
+        path, version = listed if isinstance(listed, tuple) else (listed, None)
         *folders, name = path[skip:].split("/")
         if suffix(name) not in wanted:
             continue
@@ -151,8 +154,12 @@ def image_records(paths: Iterable[str], fs, base: str, extensions=DEFAULT_EXTENS
         rows["uri"].append(full_uri(fs, path))
         rows["label"].append(label)
         rows["subset"].append(subset)
-    return pa.table({"uri": pa.array(rows["uri"], pa.string()), "label": pa.array(rows["label"], pa.int64()),
-                     "subset": pa.array(rows["subset"], pa.string())})
+        rows[VERSION].append(version)
+    table = pa.table({"uri": pa.array(rows["uri"], pa.string()), "label": pa.array(rows["label"], pa.int64()),
+                      "subset": pa.array(rows["subset"], pa.string())})
+    if any(v is not None for v in rows[VERSION]):
+        table = table.append_column(VERSION, pa.array(rows[VERSION], pa.string()))
+    return table
 
 
 def list_images(root: str, extensions=DEFAULT_EXTENSIONS, files: list[str] | None = None) -> pa.Table:
@@ -299,28 +306,29 @@ def chunked_units(tables: Iterable[pa.Table], unit_size: int, source: str,
 
 @dataclass
 class FolderImages:
-    """A folder's images from its streamed listing, a batch of records at a time; counts the
-    files it leaves out for their extension as it goes."""
+    """A folder's images from its streamed listing, a batch of records at a time (with each
+    file's version, VERSION); counts the files it leaves out for their extension as it goes."""
 
     root: str
-    files: Iterator[str]  # filesystem paths, sorted
+    files: Iterator[tuple[str, str | None]]  # (filesystem path, version), sorted by path
     extensions: tuple[str, ...]
     skipped: int = 0
 
     def __iter__(self) -> Iterator[pa.Table]:
         fs, base = fsspec.core.url_to_fs(self.root)
-        while paths := list(itertools.islice(self.files, STREAM_BATCH_ROWS)):
-            batch = image_records(paths, fs, base, self.extensions)
-            self.skipped += len(paths) - batch.num_rows
+        while listed := list(itertools.islice(self.files, STREAM_BATCH_ROWS)):
+            batch = image_records(listed, fs, base, self.extensions)
+            self.skipped += len(listed) - batch.num_rows
             yield batch
 
 
-def _up_to_first_image(files: Iterator[str], extensions: tuple[str, ...]) -> list[str]:
-    """The files of a listing up to its first image (all of them when it holds none)."""
+def _up_to_first_image(files: Iterator[tuple[str, str]], extensions: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The (path, version) files of a listing up to its first image (all of them when it
+    holds none)."""
     wanted = image_suffixes(extensions)
     head = []
-    for path in files:
-        head.append(path)
+    for path, version in files:
+        head.append((path, version))
         if suffix(path) in wanted:
             break
     return head
@@ -391,16 +399,16 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
 
 def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | None, list[str] | None]:
     """The input's format, from one listing of it, and that listing: a folder's images
-    (streamed, read as the plan goes), or the whole listing of a folder of other files
-    (None for a single file)."""
+    with their versions (streamed, read as the plan goes), or the whole listing of a
+    folder of other files (None for a single file)."""
     fs, base = fsspec.core.url_to_fs(uri)
     folder = not is_manifest_name(uri) and fs.isdir(base)
-    stream = iter_files(uri) if folder else None
+    stream = iter_files(uri, versions=True) if folder else None
     head = _up_to_first_image(stream, options.extensions) if folder else None
-    fmt = detect_format(uri, options, head)  # an image in `head`, else `head` is every file
+    fmt = detect_format(uri, options, [path for path, _ in head] if folder else None)  # an image in `head`, else all
     if fmt == "folder":
         return fmt, FolderImages(uri, itertools.chain(head, stream), options.extensions), None
-    return fmt, None, head + list(stream) if folder else None
+    return fmt, None, [path for path, _ in itertools.chain(head, stream)] if folder else None
 
 
 def record_batches(uri: str, options: SourceOptions, images: FolderImages | None,
@@ -487,7 +495,8 @@ def plan_source(uri: str, options: SourceOptions, sink: RecordsSink | None = Non
 def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
                 sink: RecordsSink | None = None) -> tuple[Plan, list[Unit]]:
     """`--update`: `plan` plus what the input holds now beyond it, as new units: records
-    whose uri `known` (the URIs of the plan's records) lacks, streamed from a folder's
+    whose uri `known` (the URIs of the plan's records; `changes.KnownFiles` for a folder,
+    which also notes the versions listed) lacks, streamed from a folder's
     listing or a manifest as a first plan is; tar shards not indexed yet; row groups of
     Parquet shards the plan lacks. Existing units are kept as they are (never re-chunked,
     so finished parts stay finished). `sink` takes the new units' records, else they are
@@ -506,7 +515,7 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
         fresh = _webdataset_plan(plan.input, options, listing, source, sink, plan, known)
         added, records, shards, skipped = fresh.units, fresh.records, fresh.shards, fresh.skipped_by_extension
     else:
-        new = (b.filter(pa.array(~known.contains(b["uri"]))) for b in record_batches(plan.input, options, images, listing))
+        new = (b.filter(pa.array(~known.check_listed(b))) for b in record_batches(plan.input, options, images, listing))
         added, records = chunked_units(new, options.unit_size, source, sink)
         skipped = images.skipped if images is not None else 0
     if plan.records.num_rows:

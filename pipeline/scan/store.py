@@ -8,6 +8,8 @@
     OUTPUT/_plan/records/<unit_id>.parquet records of folder/manifest/tar-sample units: one
                                            row group per unit, UNITS_PER_RECORDS_FILE units a
                                            file, named by its first unit
+    OUTPUT/_plan/versions/<generation>/    folder files' versions recorded by --update
+                                           (changes.py)
 
 A unit's file appears only once all of its rows are scored, written to a
 temporary name and renamed (a single PUT on object stores), so its presence
@@ -27,7 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.scan.schema import INDEX, UNIT
+from pipeline.scan.changes import KnownFiles, VersionsWriter, recorded_versions
+from pipeline.scan.schema import PLAN_BOOKKEEPING, UNIT, VERSION
 from pipeline.scan.sources import RECORD_KINDS, Plan, Unit
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import Location, parquet_schema, read_ahead, s3_connections
@@ -127,11 +130,18 @@ PARTS_READ_AT_ONCE = 16  # committed parts read concurrently (at least; an s3fs 
 
 def stored_records(store: Location, plan: Plan, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The records files of the plan's folder/manifest/tar-sample units in `store`, in unit
-    order (`columns`: only those), a few read at once and no more ahead: the plan's records
-    streamed in bounded memory (a file is 65,536 records at the default unit size)."""
+    order (`columns`: only those a file holds), a few read at once and no more ahead: the
+    plan's records streamed in bounded memory (a file is 65,536 records at the default unit
+    size)."""
     files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
-    return read_ahead(lambda f: store.read_parquet(f, columns), files, RECORDS_FILES_READ_AT_ONCE,
-                      ahead=RECORDS_FILES_READ_AT_ONCE)
+
+    def read(name: str) -> pa.Table:
+        data = store.read_bytes(name)
+        if data is None:
+            raise FileNotFoundError(f"{store.uri_of(name)}: a records file of the plan is missing")
+        f = pq.ParquetFile(io.BytesIO(data))
+        return f.read(columns if columns is None else [c for c in columns if c in f.schema_arrow.names])
+    return read_ahead(read, files, RECORDS_FILES_READ_AT_ONCE, ahead=RECORDS_FILES_READ_AT_ONCE)
 
 
 def records_schemas(store: Location, plan: Plan) -> Iterator[pa.Schema]:
@@ -146,7 +156,7 @@ def records_schema(store: Location, plan: Plan) -> pa.Schema:
     differ in columns), without the plan's bookkeeping columns."""
     schemas = list(records_schemas(store, plan))
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-    return pa.schema([f for f in schema if f.name not in (UNIT, INDEX)])
+    return pa.schema([f for f in schema if f.name not in PLAN_BOOKKEEPING])
 
 
 class OutputMismatchError(ValueError):
@@ -264,6 +274,12 @@ class ScanStore(Location):
         whole: as large as the input's listing (commands stream `stored_records` instead)."""
         tables = list(stored_records(self, plan, columns))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+    def known_files(self, plan: Plan, versions: VersionsWriter) -> KnownFiles:
+        """A folder plan's records with their versions (as planned, or as an update since
+        recorded them) and units: what --update checks a folder's new listing against."""
+        return KnownFiles(stored_records(self, plan, ["uri", UNIT, VERSION]), [u.unit_id for u in plan.units],
+                          recorded_versions(self), versions)
 
     def known_uris(self, plan: Plan) -> UriSet:
         """The URIs of the plan's stored records, as a set of digests (what --update checks a

@@ -30,10 +30,18 @@ class UriSet:
     def __len__(self) -> int:
         return len(self.digests)
 
+    def positions(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each digest, where it is in the sorted set and whether it is there."""
+        if not len(self.digests):
+            return np.zeros(len(wanted), np.int64), np.zeros(len(wanted), bool)
+        at = np.minimum(np.searchsorted(self.digests, wanted), len(self.digests) - 1)
+        return at, self.digests[at] == wanted
+
     def contains(self, uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Whether each URI is in the set (a bool per URI)."""
-        wanted = uri_digests(uris)
-        if not len(self.digests):
-            return np.zeros(len(wanted), bool)
-        at = np.minimum(np.searchsorted(self.digests, wanted), len(self.digests) - 1)
-        return self.digests[at] == wanted
+        return self.positions(uri_digests(uris))[1]
+
+    def check_listed(self, records: pa.Table) -> np.ndarray:
+        """Whether each record of an input's new listing is known (its URI is in the set);
+        `changes.KnownFiles` also notes what the listing says of the known ones."""
+        return self.contains(records["uri"])

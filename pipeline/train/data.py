@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mirror_core.uri import WEB_URL_PATTERN
-from pipeline.scan.decode import unit_inputs, without_bookkeeping
+from pipeline.scan.decode import unit_inputs
+from pipeline.scan.schema import without_bookkeeping
 from pipeline.scan.sources import (
     RECORD_KINDS,
     ColumnMap,

@@ -1,0 +1,171 @@
+"""What `--update` finds changed in place or removed among a folder's planned files.
+
+A folder's planned records carry each file's version as the listing gave it (VERSION:
+an S3 ETag, a disk's mtime and size). An update lists the folder again and compares: a
+known file listed with another version was changed in place; a known file the listing
+lacks was removed. The units holding either are scored again (their parts replaced, one
+row per record: a removed file's row says `read failed: FileNotFoundError`), and each
+such file's version as listed now is recorded below `_plan/versions/`, so that it is not
+found changed again. A file removed and later put back is changed again.
+
+Records planned without a version (by versions of this product that recorded none) get
+the version listed now, with nothing scored again: their changes are found from then on.
+
+An update's versions are written as it lists (`VersionsWriter`, a generation below
+VERSIONS_DIR) and count only once its run has scored every unit (`commit`): an update
+interrupted before that finds the same changes when run again.
+
+Memory: per planned record, its URI digest (16 bytes), version digest (8), unit (4) and a
+listed flag (1), about 2.9 GB for 100M records.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.scan.schema import UNIT, VERSION
+from pipeline.scan.uri_set import DIGEST, UriSet, uri_digests
+from pipeline.storage import Location
+
+VERSIONS_DIR = "_plan/versions"
+COMMITTED = "_committed"  # in a generation's folder: its run scored every unit it found changed
+VERSIONS_SCHEMA = pa.schema([pa.field("uri_digest", pa.binary(16)), pa.field("version", pa.uint64())])
+VERSION_ROWS_PER_FILE = 1 << 20
+NO_VERSION = 0  # a record planned without one
+GONE = 1  # a file removed when an update last listed the folder
+
+
+def version_digests(versions: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An 8-byte digest per version (a null version: NO_VERSION)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") | 2
+                        if v is not None else NO_VERSION  # bit 1 set: never NO_VERSION or GONE
+                        for v in versions.to_pylist()), np.uint64, len(versions))
+
+
+@dataclass
+class FileChanges:
+    """What an update found: files changed in place, removed, given their first version,
+    and the units to score again for the first two."""
+
+    changed: int = 0
+    removed: int = 0
+    versioned: int = 0
+    units: frozenset[str] = frozenset()
+
+    def as_dict(self) -> dict:
+        return {"files_changed": self.changed, "files_removed": self.removed, "files_versioned": self.versioned,
+                "units_changed": len(self.units)}
+
+
+class VersionsWriter:
+    """One update's versions (URI digest, version digest), written a file at a time below
+    a new generation of VERSIONS_DIR; they count once `commit` marks the generation."""
+
+    def __init__(self, store: Location):
+        self.store = store
+        committed, stale = versions_generations(store)
+        for name in stale:  # an update interrupted before its run ended: found again now
+            Location(store.uri_of(VERSIONS_DIR, name)).remove()
+        self.folder = f"{VERSIONS_DIR}/{max(map(int, committed), default=0) + 1:06d}"
+        self.buffered: list[pa.Table] = []
+        self.files = 0
+
+    def add(self, digests: np.ndarray, versions: np.ndarray) -> None:
+        if len(digests):
+            uri_digest = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(digests),
+                                                              [None, pa.py_buffer(digests.tobytes())])
+            self.buffered.append(pa.table([uri_digest, pa.array(versions, pa.uint64())], schema=VERSIONS_SCHEMA))
+            if sum(t.num_rows for t in self.buffered) >= VERSION_ROWS_PER_FILE:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.buffered:
+            self.store.write_parquet(f"{self.folder}/{self.files:06d}.parquet", pa.concat_tables(self.buffered))
+            self.buffered, self.files = [], self.files + 1
+
+    def commit(self) -> None:
+        self.flush()
+        if self.files:
+            self.store.write_bytes(f"{self.folder}/{COMMITTED}", b"")
+
+
+def versions_generations(store: Location) -> tuple[list[str], list[str]]:
+    """The generations below VERSIONS_DIR, committed and not, oldest first."""
+    committed, stale = [], []
+    for name in store.names(VERSIONS_DIR):
+        (committed if COMMITTED in store.names(f"{VERSIONS_DIR}/{name}") else stale).append(name)
+    return committed, stale
+
+
+def recorded_versions(store: Location) -> Iterable[pa.Table]:
+    """Every committed generation's versions, oldest first (a later one wins)."""
+    for generation in versions_generations(store)[0]:
+        for name in store.names(f"{VERSIONS_DIR}/{generation}"):
+            if name.endswith(".parquet"):
+                yield pq.read_table(io.BytesIO(store.read_bytes(f"{VERSIONS_DIR}/{generation}/{name}")))
+
+
+class KnownFiles(UriSet):
+    """A folder plan's records by URI digest, with each one's version and unit: what an
+    update checks its listing against (`check_listed`), then asks what changed (`finish`)."""
+
+    def __init__(self, records: Iterable[pa.Table], unit_ids: list[str], recorded: Iterable[pa.Table],
+                 versions: VersionsWriter):
+        unit_index = {u: i for i, u in enumerate(unit_ids)}
+        digests, planned, owners = [], [], []
+        for t in records:  # uri, unit and (where planned with one) version
+            digests.append(uri_digests(t["uri"]))
+            planned.append(version_digests(t[VERSION]) if VERSION in t.column_names
+                           else np.full(t.num_rows, NO_VERSION, np.uint64))
+            units = t[UNIT].combine_chunks().dictionary_encode()
+            local = np.array([unit_index.get(u, -1) for u in units.dictionary.to_pylist()], np.int32)
+            owners.append(local[units.indices.to_numpy(zero_copy_only=False)])
+        digests_all = np.concatenate(digests) if digests else np.empty(0, DIGEST)
+        order = np.argsort(digests_all, kind="stable")
+        self.digests = digests_all[order]
+        self.versions = (np.concatenate(planned) if planned else np.empty(0, np.uint64))[order]
+        self.owners = (np.concatenate(owners) if owners else np.empty(0, np.int32))[order]
+        del digests_all, order
+        for table in recorded:
+            column = table["uri_digest"].combine_chunks()
+            given = np.frombuffer(column.buffers()[1], DIGEST, len(column), column.offset * DIGEST.itemsize)
+            at, found = self.positions(given)
+            self.versions[at[found]] = table["version"].to_numpy()[found]
+        self.listed = np.zeros(len(self.digests), bool)
+        self.stale = np.zeros(len(self.digests), bool)
+        self.unit_ids, self.writer = unit_ids, versions
+        self.changes = FileChanges()
+
+    def check_listed(self, records: pa.Table) -> np.ndarray:
+        at, known = self.positions(uri_digests(records["uri"]))
+        if VERSION not in records.column_names or not known.any():
+            return known
+        at = at[known]
+        now = version_digests(records[VERSION])[known]
+        self.listed[at] = True
+        before = self.versions[at]
+        differs = (before != now) & (now != NO_VERSION)  # a file the listing gave no version: unknown
+        first = differs & (before == NO_VERSION)
+        changed = differs & ~first
+        self.stale[at[changed]] = True
+        self.changes.changed += int(changed.sum())
+        self.changes.versioned += int(first.sum())
+        self.writer.add(self.digests[at[differs]], now[differs])
+        return known
+
+    def finish(self) -> FileChanges:
+        """After the listing: the files it lacked are removed; the units to score again."""
+        removed = ~self.listed & (self.versions != NO_VERSION) & (self.versions != GONE)
+        self.stale |= removed
+        self.changes.removed = int(removed.sum())
+        self.writer.add(self.digests[removed], np.full(int(removed.sum()), GONE, np.uint64))
+        self.writer.flush()
+        owners = np.unique(self.owners[self.stale])
+        self.changes.units = frozenset(self.unit_ids[i] for i in owners if i >= 0)
+        return self.changes

@@ -1,0 +1,164 @@
+"""--update finds a folder's files changed in place or removed (by the versions its listing
+gives: a disk's mtime and size, an S3 ETag), scores their units again, and records what
+it found so that the next update finds nothing."""
+import os
+
+import boto3
+import pyarrow.parquet as pq
+from conftest import write_image
+
+from pipeline.scan.changes import VERSIONS_DIR, VersionsWriter
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.listing import iter_files
+from pipeline.scan.run import run_scan
+from pipeline.scan.schema import VERSION
+from pipeline.scan.sources import SourceOptions, plan_source, update_plan
+from pipeline.scan.store import PlanRecordsWriter, ScanStore
+
+
+def rows_by_uri(out) -> dict:
+    return {r["uri"]: r for r in pq.read_table(out / "scores").to_pylist()}
+
+
+def part_times(out) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in (out / "scores").glob("part-*.parquet")}
+
+
+def rewrite(path, seed):
+    """New content in place, its modification time moved on (a coarse clock could keep it)."""
+    before = path.stat().st_mtime_ns
+    write_image(path, seed=seed)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+def test_an_update_scores_files_changed_in_place_again_and_reports_removed_ones(ray_local, parity_bundle,
+                                                                                 tmp_path):
+    src, out, fresh = tmp_path / "in", tmp_path / "out", tmp_path / "fresh"
+    for i in range(6):
+        write_image(src / f"{i}.png", seed=i)
+    cfg = ScanConfig(unit_size=2)
+    run_scan(str(parity_bundle), str(src), str(out), cfg)
+    before, first = part_times(out), rows_by_uri(out)
+    rewrite(src / "1.png", seed=100)
+    (src / "4.png").unlink()
+    write_image(src / "6.png", seed=6)
+
+    updated = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=2, update=True))
+    assert updated["update"] == {"files_changed": 1, "files_removed": 1, "files_versioned": 0, "units_changed": 2}
+    assert updated["units"]["new"] == 1 and updated["units"]["changed"] == 2 and updated["units"]["total"] == 4
+    assert updated["this_run"]["rows"] == 5 and updated["rows_in"] == updated["rows_out"] == 7
+    after = part_times(out)
+    kept = [name for name in before if after[name] == before[name]]
+    assert len(kept) == 1  # the unit of 2.png and 3.png was left as it was
+    rows = rows_by_uri(out)
+    assert VERSION not in pq.read_schema(next((out / "scores").glob("part-*.parquet"))).names
+    run_scan(str(parity_bundle), str(src), str(fresh), cfg)  # the folder as it is now, scanned afresh
+    now = rows_by_uri(fresh)
+    changed = str(src / "1.png")
+    assert rows[changed]["prob_fake"] == now[changed]["prob_fake"] != first[changed]["prob_fake"]
+    assert rows[changed]["id"] == now[changed]["id"] != first[changed]["id"]  # the new content's sha256
+    for uri in now:
+        assert rows[uri]["prob_fake"] == now[uri]["prob_fake"]
+    gone = rows[str(src / "4.png")]
+    assert gone["prob_fake"] is None and gone["error"].startswith("read failed: FileNotFoundError")
+    assert updated["errors_by_kind"] == {"read failed: FileNotFoundError": 1}
+
+    again = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=2, update=True))
+    assert again["update"]["units_changed"] == again["units"]["changed"] == again["this_run"]["rows"] == 0
+
+    write_image(src / "4.png", seed=4)  # put back: changed again, and scored
+    back = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=2, update=True))
+    assert back["update"] == {"files_changed": 1, "files_removed": 0, "files_versioned": 0, "units_changed": 1}
+    assert rows_by_uri(out)[str(src / "4.png")]["prob_fake"] == first[str(src / "4.png")]["prob_fake"]
+    assert back["errors"] == 0 and back["rows_out"] == 7
+
+
+def plan_folder(src, out: ScanStore):
+    with PlanRecordsWriter(out) as sink:
+        plan = plan_source(str(src), SourceOptions(unit_size=2), sink=sink)
+    out.save_plan(plan)
+    return plan
+
+
+def find_changes(out: ScanStore, commit: bool):
+    plan, versions = out.load_plan(), VersionsWriter(out)
+    known = out.known_files(plan, versions)
+    with PlanRecordsWriter(out) as sink:
+        plan, added = update_plan(plan, SourceOptions(unit_size=2), known, sink)
+    out.save_plan(plan)
+    found = known.finish()
+    if commit:
+        versions.commit()
+    return found, added
+
+
+def test_an_update_interrupted_before_its_run_ended_finds_the_same_changes_again(tmp_path):
+    src, out = tmp_path / "in", ScanStore(str(tmp_path / "out"))
+    for i in range(5):
+        write_image(src / f"{i}.png", seed=i)
+    plan = plan_folder(src, out)
+    rewrite(src / "3.png", seed=30)
+    (src / "0.png").unlink()
+    found, _ = find_changes(out, commit=False)  # as a run that dies before every unit is scored
+    expected = {plan.units[0].unit_id, plan.units[1].unit_id}
+    assert (found.changed, found.removed, found.units) == (1, 1, expected)
+    assert os.listdir(tmp_path / "out" / VERSIONS_DIR) == ["000001"]
+    found, _ = find_changes(out, commit=True)
+    assert (found.changed, found.removed, found.units) == (1, 1, expected)
+    assert os.listdir(tmp_path / "out" / VERSIONS_DIR) == ["000001"]  # the uncommitted one was dropped
+    found, added = find_changes(out, commit=True)
+    assert (found.changed, found.removed, found.units, added) == (0, 0, frozenset(), [])
+    assert os.listdir(tmp_path / "out" / VERSIONS_DIR) == ["000001"]  # nothing found: no new generation
+
+
+def test_a_plan_made_without_versions_gets_them_from_its_first_update_and_changes_after(tmp_path):
+    src, out = tmp_path / "in", ScanStore(str(tmp_path / "out"))
+    for i in range(4):
+        write_image(src / f"{i}.png", seed=i)
+    plan = plan_folder(src, out)
+    for name in {u.file for u in plan.units}:  # as versions of this product before versions were recorded
+        path = tmp_path / "out" / name
+        pq.write_table(pq.read_table(path).drop_columns([VERSION]), path, row_group_size=2)
+    rewrite(src / "2.png", seed=20)  # changed before any version was known: not detectable
+    found, _ = find_changes(out, commit=True)
+    assert (found.changed, found.removed, found.versioned, found.units) == (0, 0, 4, frozenset())
+    rewrite(src / "1.png", seed=10)
+    (src / "2.png").unlink()
+    found, _ = find_changes(out, commit=True)
+    assert (found.changed, found.removed, found.versioned) == (1, 1, 0)
+    assert found.units == {plan.units[0].unit_id, plan.units[1].unit_id}
+
+
+def test_listings_give_versions_that_change_with_a_files_content(tmp_path, s3_server, s3_bucket):
+    import s3fs
+
+    write_image(tmp_path / "a" / "x.png", seed=1)
+    write_image(tmp_path / "y.png", seed=2)
+    local = dict(iter_files(str(tmp_path), versions=True))
+    assert list(local) == list(iter_files(str(tmp_path))) and all(local.values())
+    rewrite(tmp_path / "y.png", seed=3)
+    now = dict(iter_files(str(tmp_path), versions=True))
+    assert now[f"{tmp_path}/y.png"] != local[f"{tmp_path}/y.png"] and now[f"{tmp_path}/a/x.png"] == local[
+        f"{tmp_path}/a/x.png"]
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    for key, body in [("v/a.jpg", b"one"), ("v/sub/b.jpg", b"two")]:
+        client.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    s3fs.S3FileSystem.clear_instance_cache()
+    first = dict(iter_files(f"s3://{s3_bucket}/v", versions=True))
+    client.put_object(Bucket=s3_bucket, Key="v/a.jpg", Body=b"ONE")
+    client.put_object(Bucket=s3_bucket, Key="v/sub/b.jpg", Body=b"two")  # written again, the same bytes
+    second = dict(iter_files(f"s3://{s3_bucket}/v", versions=True))
+    assert list(first) == [f"{s3_bucket}/v/a.jpg", f"{s3_bucket}/v/sub/b.jpg"]
+    assert second[f"{s3_bucket}/v/a.jpg"] != first[f"{s3_bucket}/v/a.jpg"]
+    assert second[f"{s3_bucket}/v/sub/b.jpg"] == first[f"{s3_bucket}/v/sub/b.jpg"]  # an ETag is the content's
+
+
+def test_versions_are_planning_bookkeeping_never_output_columns(tmp_path):
+    src, out = tmp_path / "in", ScanStore(str(tmp_path / "out"))
+    write_image(src / "0.png")
+    plan = plan_folder(src, out)
+    assert VERSION in out.unit_records(plan.units[0]).column_names
+    from pipeline.scan.store import records_schema
+
+    assert VERSION not in records_schema(out, plan).names
