@@ -25,7 +25,9 @@ to it, scans it with a demo-size model and prints one JSON object:
 - folder_plan_s, folder_plan_peak_rss_mb: planning a local folder of 100,000 empty images
   (with --plan-only N: N, at most 1M) as a scan does (its listing streamed);
   folder_update_*: `--update` over it with nothing new (listed again, checked against the
-  stored URIs); folder_whole_listing_*: the folder listed whole, then planned;
+  stored URIs and versions); folder_whole_listing_*: the folder listed whole, then planned;
+  folder_listing_s, folder_listing_with_versions_s: its walk alone, and with each file's
+  version (a stat per file);
 - completion_records_mb_per_100k_units: what the driver holds of the completion records
   of 100,000 units (25.6M rows at 256 a unit);
 - sink_rows_per_s_at_50ms, serial_bound_rows_per_s: the commit stage alone (the scan's
@@ -253,10 +255,9 @@ elif mode == "train":  # as training plans (into its run's folder) and counts it
     from pipeline.train.data import plan_training_data
     units = items = plan_training_data(source, 1, 0.2, out).units
 elif mode == "update":  # --update over the plan "store" made: the input listed again, checked against it
-    from pipeline.scan.sources import update_plan
     store = ScanStore(out)
-    with PlanRecordsWriter(store) as sink:
-        plan, added = update_plan(store.load_plan(), SourceOptions(), store.known_uris(store.load_plan()), sink)
+    plan, added, found, versions = store.update_plan(store.load_plan(), SourceOptions())
+    assert not found.units, found
     units = items = added
 elif mode in ("audit", "audit_whole"):  # an audit's pass over the scored "store" plan (parts made by audit_figures)
     from pipeline.audit.audit import AuditConfig, AuditTally, flagged_schema, group_keys, part_batches
@@ -349,7 +350,7 @@ def folder_plan_figures(tmp: Path, files: int) -> dict:
     """Planning a local folder of `files` (empty) images, 1,000 a directory, in a fresh
     process as a scan does (its listing streamed, records into the store:
     folder_plan_s, folder_plan_peak_rss_mb), `--update` over that plan with nothing new
-    (folder_update_*: the listing again, checked against the stored URIs) and from a whole listing
+    (folder_update_*: the listing again, checked against the stored URIs and versions) and from a whole listing
     (folder_whole_listing_s, folder_whole_listing_peak_rss_mb)."""
     root = tmp / f"folder-{files}"
     for d in range(0, files, 1000):
@@ -362,6 +363,12 @@ def folder_plan_figures(tmp: Path, files: int) -> dict:
         got = _plan_child(root, tmp / f"folder-plan-{files}", mode)
         assert got["units"] == (0 if mode == "update" else -(-files // 256)), got
         figures.update({f"{prefix}_s": round(got["s"], 2), f"{prefix}_peak_rss_mb": round(got["peak_rss_mb"])})
+    from pipeline.scan.listing import iter_files
+
+    for versions, key in ((False, "folder_listing_s"), (True, "folder_listing_with_versions_s")):
+        t = time.perf_counter()
+        assert sum(1 for _ in iter_files(str(root), versions=versions)) == files
+        figures[key] = round(time.perf_counter() - t, 2)  # the walk alone, and with a stat per file
     return figures
 
 

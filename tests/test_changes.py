@@ -7,12 +7,12 @@ import boto3
 import pyarrow.parquet as pq
 from conftest import write_image
 
-from pipeline.scan.changes import VERSIONS_DIR, VersionsWriter
+from pipeline.scan.changes import VERSIONS_DIR
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.listing import iter_files
 from pipeline.scan.run import run_scan
 from pipeline.scan.schema import VERSION
-from pipeline.scan.sources import SourceOptions, plan_source, update_plan
+from pipeline.scan.sources import SourceOptions, plan_source
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
 
 
@@ -81,12 +81,7 @@ def plan_folder(src, out: ScanStore):
 
 
 def find_changes(out: ScanStore, commit: bool):
-    plan, versions = out.load_plan(), VersionsWriter(out)
-    known = out.known_files(plan, versions)
-    with PlanRecordsWriter(out) as sink:
-        plan, added = update_plan(plan, SourceOptions(unit_size=2), known, sink)
-    out.save_plan(plan)
-    found = known.finish()
+    _, added, found, versions = out.update_plan(out.load_plan(), SourceOptions(unit_size=2))
     if commit:
         versions.commit()
     return found, added

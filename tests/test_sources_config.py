@@ -154,7 +154,7 @@ def test_a_plan_lists_its_input_once(tmp_path, monkeypatch, kind):
                            tmp_path / "in" / f"s{i}.parquet", row_group_size=2)
     calls = []
     real = sources.iter_files
-    monkeypatch.setattr(sources, "iter_files", lambda root: calls.append(root) or real(root))
+    monkeypatch.setattr(sources, "iter_files", lambda root, **kw: calls.append(root) or real(root, **kw))
     monkeypatch.setattr(sources, "list_files", lambda root: pytest.fail("listed twice"))
     plan = plan_source(str(tmp_path / "in"), SourceOptions())
     assert calls == [str(tmp_path / "in")]

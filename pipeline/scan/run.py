@@ -18,13 +18,13 @@ from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.config import MirrorConfig
 from pipeline.cluster import ensure_ray, require_shared_paths, resources_line
 from pipeline.progress import RowProgress, stall_reports, step
-from pipeline.scan.changes import FileChanges, KnownFiles, VersionsWriter
+from pipeline.scan.changes import FileChanges
 from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
-from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, input_root, plan_source, update_plan
+from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, input_root, plan_source
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
 from pipeline.scan.summary import TALLY_SCHEMA, summarize
 
@@ -289,17 +289,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
                 info.update(items=plan.total_rows, unit=f"records in {len(plan.units)} units")
         elif cfg.update:
             with step(f"re-listing {job.input_uri}") as info:
-                before = plan
-                if plan.input_format == "folder":  # files changed in place or removed are found too
-                    versions = VersionsWriter(out)
-                    known = out.known_files(plan, versions)
-                else:
-                    known = out.known_uris(plan)
-                with PlanRecordsWriter(out) as records:  # new units' records, as a first plan's go
-                    plan, added = update_plan(plan, cfg.source_options(), known, records)
-                if added or (plan.shards is not None and (before.shards is None or not plan.shards.equals(before.shards))):
-                    out.save_plan(plan)  # new units, or tar shards indexed anew
-                found = known.finish() if isinstance(known, KnownFiles) else found
+                plan, added, found, versions = out.update_plan(plan, cfg.source_options())
                 info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units"
                             + (f"; {found.changed} files changed and {found.removed} removed, in "
                                f"{len(found.units)} units to score again" if found.units else ""))

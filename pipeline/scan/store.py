@@ -29,9 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.scan.changes import KnownFiles, VersionsWriter, recorded_versions
+from pipeline.scan.changes import FileChanges, KnownFiles, VersionsWriter, recorded_versions
 from pipeline.scan.schema import PLAN_BOOKKEEPING, UNIT, VERSION
-from pipeline.scan.sources import RECORD_KINDS, Plan, Unit
+from pipeline.scan.sources import RECORD_KINDS, Plan, SourceOptions, Unit, update_plan
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import Location, parquet_schema, read_ahead, s3_connections
 
@@ -274,6 +274,20 @@ class ScanStore(Location):
         whole: as large as the input's listing (commands stream `stored_records` instead)."""
         tables = list(stored_records(self, plan, columns))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+    def update_plan(self, plan: Plan, options: SourceOptions
+                    ) -> tuple[Plan, list[Unit], FileChanges, VersionsWriter | None]:
+        """--update: the input listed again against the stored plan. Returns the plan with
+        its new units (stored), the units added, what changed among a folder's files, and
+        the versions writer to `commit` once every unit is scored (None unless a folder)."""
+        versions = VersionsWriter(self) if plan.input_format == "folder" else None
+        known = self.known_files(plan, versions) if versions is not None else self.known_uris(plan)
+        before = plan.shards
+        with PlanRecordsWriter(self) as records:  # new units' records, as a first plan's go
+            plan, added = update_plan(plan, options, known, records)
+        if added or (plan.shards is not None and (before is None or not plan.shards.equals(before))):
+            self.save_plan(plan)  # new units, or tar shards indexed anew
+        return plan, added, known.finish() if isinstance(known, KnownFiles) else FileChanges(), versions
 
     def known_files(self, plan: Plan, versions: VersionsWriter) -> KnownFiles:
         """A folder plan's records with their versions (as planned, or as an update since
