@@ -60,8 +60,12 @@ def s3_connections(fs) -> int | None:
 
 def file_version(entry: dict) -> str:
     """What changes when a file is written again, from a listing entry or a write's answer:
-    an object store's ETag, a disk's modification time ('' where neither is given)."""
-    return str(entry.get("ETag") or entry.get("etag") or entry.get("mtime") or entry.get("LastModified") or "")
+    an object store's ETag, a disk's modification time ('' where neither is given; the
+    keys are those of s3fs, gcsfs, adlfs and fsspec's local filesystem)."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated"):
+        if entry.get(key):
+            return str(entry[key])
+    return ""
 
 
 def listed_version(entry: dict) -> str:

@@ -97,13 +97,14 @@ def test_an_update_interrupted_before_its_run_ended_finds_the_same_changes_again
     found, _ = find_changes(out, commit=False)  # as a run that dies before every unit is scored
     expected = {plan.units[0].unit_id, plan.units[1].unit_id}
     assert (found.changed, found.removed, found.units) == (1, 1, expected)
-    assert os.listdir(tmp_path / "out" / VERSIONS_DIR) == ["000001"]
+    assert os.listdir(tmp_path / "out" / VERSIONS_DIR) == ["000001-000000.parquet"]
     found, _ = find_changes(out, commit=True)
     assert (found.changed, found.removed, found.units) == (1, 1, expected)
-    assert os.listdir(tmp_path / "out" / VERSIONS_DIR) == ["000001"]  # the uncommitted one was dropped
+    committed = ["000001-000000.parquet", "000001.committed"]
+    assert sorted(os.listdir(tmp_path / "out" / VERSIONS_DIR)) == committed  # the uncommitted one was dropped
     found, added = find_changes(out, commit=True)
     assert (found.changed, found.removed, found.units, added) == (0, 0, frozenset(), [])
-    assert os.listdir(tmp_path / "out" / VERSIONS_DIR) == ["000001"]  # nothing found: no new generation
+    assert sorted(os.listdir(tmp_path / "out" / VERSIONS_DIR)) == committed  # nothing found: no new generation
 
 
 def test_a_plan_made_without_versions_gets_them_from_its_first_update_and_changes_after(tmp_path):
@@ -157,3 +158,21 @@ def test_versions_are_planning_bookkeeping_never_output_columns(tmp_path):
     from pipeline.scan.store import records_schema
 
     assert VERSION not in records_schema(out, plan).names
+
+
+def test_an_s3_folders_objects_rewritten_or_deleted_are_found_by_their_etags(tmp_path, s3_server, s3_bucket):
+    import s3fs
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    for i in range(4):
+        client.put_object(Bucket=s3_bucket, Key=f"changes/0_real/{i}.jpg", Body=write_image(tmp_path / f"{i}.jpg",
+                                                                                            seed=i))
+    s3fs.S3FileSystem.clear_instance_cache()
+    out = ScanStore(str(tmp_path / "out"))
+    plan = plan_folder(f"s3://{s3_bucket}/changes", out)
+    client.put_object(Bucket=s3_bucket, Key="changes/0_real/1.jpg", Body=write_image(tmp_path / "x.jpg", seed=9))
+    client.put_object(Bucket=s3_bucket, Key="changes/0_real/2.jpg", Body=(tmp_path / "2.jpg").read_bytes())
+    client.delete_object(Bucket=s3_bucket, Key="changes/0_real/3.jpg")
+    found, added = find_changes(out, commit=True)
+    assert (found.changed, found.removed, added) == (1, 1, [])  # 2.jpg written again with the same bytes
+    assert found.units == {plan.units[0].unit_id, plan.units[1].unit_id}

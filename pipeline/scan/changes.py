@@ -11,9 +11,10 @@ found changed again. A file removed and later put back is changed again.
 Records planned without a version (by versions of this product that recorded none) get
 the version listed now, with nothing scored again: their changes are found from then on.
 
-An update's versions are written as it lists (`VersionsWriter`, a generation below
-VERSIONS_DIR) and count only once its run has scored every unit (`commit`): an update
-interrupted before that finds the same changes when run again.
+An update's versions are written as it lists (`VersionsWriter`: files of a generation in
+VERSIONS_DIR, `<generation>-<file>.parquet`) and count only once its run has scored every
+unit (`commit` writes `<generation>.committed` beside them): an update interrupted before
+that finds the same changes when run again. One listing of VERSIONS_DIR finds them all.
 
 Memory: per planned record, its URI digest (16 bytes), version digest (8), unit (4) and a
 listed flag (1), about 2.9 GB for 100M records.
@@ -34,7 +35,7 @@ from pipeline.scan.uri_set import DIGEST, UriSet, uri_digests
 from pipeline.storage import Location
 
 VERSIONS_DIR = "_plan/versions"
-COMMITTED = "_committed"  # in a generation's folder: its run scored every unit it found changed
+COMMITTED = ".committed"  # a generation whose run scored every unit it found changed
 VERSIONS_SCHEMA = pa.schema([pa.field("uri_digest", pa.binary(16)), pa.field("version", pa.uint64())])
 VERSION_ROWS_PER_FILE = 1 << 20
 NO_VERSION = 0  # a record planned without one
@@ -64,15 +65,15 @@ class FileChanges:
 
 
 class VersionsWriter:
-    """One update's versions (URI digest, version digest), written a file at a time below
-    a new generation of VERSIONS_DIR; they count once `commit` marks the generation."""
+    """One update's versions (URI digest, version digest), written a file at a time as a new
+    generation in VERSIONS_DIR; they count once `commit` marks the generation."""
 
     def __init__(self, store: Location):
         self.store = store
-        committed, stale = versions_generations(store)
-        for name in stale:  # an update interrupted before its run ended: found again now
+        committed, uncommitted = versions_files(store)
+        for name in uncommitted:  # of an update interrupted before its run ended: found again now
             Location(store.uri_of(VERSIONS_DIR, name)).remove()
-        self.folder = f"{VERSIONS_DIR}/{max(map(int, committed), default=0) + 1:06d}"
+        self.generation = f"{max((int(g) for g, _ in committed), default=0) + 1:06d}"
         self.buffered: list[pa.Table] = []
         self.files = 0
 
@@ -86,29 +87,29 @@ class VersionsWriter:
 
     def flush(self) -> None:
         if self.buffered:
-            self.store.write_parquet(f"{self.folder}/{self.files:06d}.parquet", pa.concat_tables(self.buffered))
+            self.store.write_parquet(f"{VERSIONS_DIR}/{self.generation}-{self.files:06d}.parquet",
+                                     pa.concat_tables(self.buffered))
             self.buffered, self.files = [], self.files + 1
 
     def commit(self) -> None:
         self.flush()
         if self.files:
-            self.store.write_bytes(f"{self.folder}/{COMMITTED}", b"")
+            self.store.write_bytes(f"{VERSIONS_DIR}/{self.generation}{COMMITTED}", b"")
 
 
-def versions_generations(store: Location) -> tuple[list[str], list[str]]:
-    """The generations below VERSIONS_DIR, committed and not, oldest first."""
-    committed, stale = [], []
-    for name in store.names(VERSIONS_DIR):
-        (committed if COMMITTED in store.names(f"{VERSIONS_DIR}/{name}") else stale).append(name)
-    return committed, stale
+def versions_files(store: Location) -> tuple[list[tuple[str, str]], list[str]]:
+    """From one listing of VERSIONS_DIR: (generation, file name) of the committed
+    generations' files, oldest first; the names of the uncommitted ones' files."""
+    names = store.names(VERSIONS_DIR)
+    done = {n.removesuffix(COMMITTED) for n in names if n.endswith(COMMITTED)}
+    files = [(n.split("-", 1)[0], n) for n in names if n.endswith(".parquet")]
+    return [(g, n) for g, n in files if g in done], [n for g, n in files if g not in done]
 
 
 def recorded_versions(store: Location) -> Iterable[pa.Table]:
     """Every committed generation's versions, oldest first (a later one wins)."""
-    for generation in versions_generations(store)[0]:
-        for name in store.names(f"{VERSIONS_DIR}/{generation}"):
-            if name.endswith(".parquet"):
-                yield pq.read_table(io.BytesIO(store.read_bytes(f"{VERSIONS_DIR}/{generation}/{name}")))
+    for _, name in versions_files(store)[0]:
+        yield pq.read_table(io.BytesIO(store.read_bytes(f"{VERSIONS_DIR}/{name}")))
 
 
 class KnownFiles(UriSet):

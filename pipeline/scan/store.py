@@ -8,7 +8,7 @@
     OUTPUT/_plan/records/<unit_id>.parquet records of folder/manifest/tar-sample units: one
                                            row group per unit, UNITS_PER_RECORDS_FILE units a
                                            file, named by its first unit
-    OUTPUT/_plan/versions/<generation>/    folder files' versions recorded by --update
+    OUTPUT/_plan/versions/                 folder files' versions recorded by --update
                                            (changes.py)
 
 A unit's file appears only once all of its rows are scored, written to a
