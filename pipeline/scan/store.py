@@ -292,7 +292,8 @@ class ScanStore(Location):
     def known_files(self, plan: Plan, versions: VersionsWriter) -> KnownFiles:
         """A folder plan's records with their versions (as planned, or as an update since
         recorded them) and units: what --update checks a folder's new listing against."""
-        return KnownFiles(stored_records(self, plan, ["uri", UNIT, VERSION]), [u.unit_id for u in plan.units],
+        rows = sum(u.rows for u in plan.units if u.kind in RECORD_KINDS)
+        return KnownFiles(stored_records(self, plan, ["uri", UNIT, VERSION]), rows, [u.unit_id for u in plan.units],
                           recorded_versions(self), versions)
 
     def known_uris(self, plan: Plan) -> UriSet:
