@@ -256,7 +256,7 @@ elif mode == "train":  # as training plans (into its run's folder) and counts it
     units = items = plan_training_data(source, 1, 0.2, out).units
 elif mode == "update":  # --update over the plan "store" made: the input listed again, checked against it
     store = ScanStore(out)
-    plan, added, found, versions = store.update_plan(store.load_plan(), SourceOptions())
+    plan, added, found, versions = store.relist(store.load_plan(), SourceOptions())
     assert not found.units, found
     units = items = added
 elif mode in ("audit", "audit_whole"):  # an audit's pass over the scored "store" plan (parts made by audit_figures)

@@ -81,7 +81,7 @@ def plan_folder(src, out: ScanStore):
 
 
 def find_changes(out: ScanStore, commit: bool):
-    _, added, found, versions = out.update_plan(out.load_plan(), SourceOptions(unit_size=2))
+    _, added, found, versions = out.relist(out.load_plan(), SourceOptions(unit_size=2))
     if commit:
         versions.commit()
     return found, added

@@ -289,7 +289,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
                 info.update(items=plan.total_rows, unit=f"records in {len(plan.units)} units")
         elif cfg.update:
             with step(f"re-listing {job.input_uri}") as info:
-                plan, added, found, versions = out.update_plan(plan, cfg.source_options())
+                plan, added, found, versions = out.relist(plan, cfg.source_options())
                 info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units"
                             + (f"; {found.changed} files changed and {found.removed} removed, in "
                                f"{len(found.units)} units to score again" if found.units else ""))

@@ -141,6 +141,7 @@ def stored_records(store: Location, plan: Plan, columns: list[str] | None = None
             raise FileNotFoundError(f"{store.uri_of(name)}: a records file of the plan is missing")
         f = pq.ParquetFile(io.BytesIO(data))
         return f.read(columns if columns is None else [c for c in columns if c in f.schema_arrow.names])
+
     return read_ahead(read, files, RECORDS_FILES_READ_AT_ONCE, ahead=RECORDS_FILES_READ_AT_ONCE)
 
 
@@ -275,8 +276,7 @@ class ScanStore(Location):
         tables = list(stored_records(self, plan, columns))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
-    def update_plan(self, plan: Plan, options: SourceOptions
-                    ) -> tuple[Plan, list[Unit], FileChanges, VersionsWriter | None]:
+    def relist(self, plan: Plan, options: SourceOptions) -> tuple[Plan, list[Unit], FileChanges, VersionsWriter | None]:
         """--update: the input listed again against the stored plan. Returns the plan with
         its new units (stored), the units added, what changed among a folder's files, and
         the versions writer to `commit` once every unit is scored (None unless a folder)."""
