@@ -125,13 +125,19 @@ def test_a_plan_made_without_versions_gets_them_from_its_first_update_and_change
     assert found.units == {plan.units[0].unit_id, plan.units[1].unit_id}
 
 
-def test_listings_give_versions_that_change_with_a_files_content(tmp_path, s3_server, s3_bucket):
+def test_listings_give_versions_that_change_with_a_files_content(tmp_path, s3_server, s3_bucket, monkeypatch):
     import s3fs
+
+    from pipeline.scan import listing
 
     write_image(tmp_path / "a" / "x.png", seed=1)
     write_image(tmp_path / "y.png", seed=2)
+    for i in range(5):
+        (tmp_path / f"z{i}.txt").write_bytes(b"z" * i)
     local = dict(iter_files(str(tmp_path), versions=True))
     assert list(local) == list(iter_files(str(tmp_path))) and all(local.values())
+    monkeypatch.setattr(listing, "STAT_CHUNK", 2)  # a directory's files stat'ed by the threads, in chunks
+    assert list(iter_files(str(tmp_path), versions=True)) == list(local.items())
     rewrite(tmp_path / "y.png", seed=3)
     now = dict(iter_files(str(tmp_path), versions=True))
     assert now[f"{tmp_path}/y.png"] != local[f"{tmp_path}/y.png"] and now[f"{tmp_path}/a/x.png"] == local[

@@ -17,14 +17,15 @@ named by its path plus '/', each directory expanded in place (every path below
 
 `iter_files(root, versions=True)` yields (path, version) pairs instead: the version
 (`storage.listed_version`) changes when a file is written again, which `--update` checks.
-An S3 listing holds it (the ETag); a local disk costs a stat per file; other filesystems
-give what their listing entries hold.
+An S3 listing holds it (the ETag); a local disk costs a stat per file (STAT_THREADS at
+once, for network filesystems); other filesystems give what their listing entries hold.
 """
 from __future__ import annotations
 
 import collections
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -47,23 +48,47 @@ def iter_files(root: str, versions: bool = False) -> Iterator[str] | Iterator[tu
     if "s3" in protocols and hasattr(fs, "_call_s3"):
         files = _s3_files(fs, base)
     elif "file" in protocols:
-        files = _local_walk(base.rstrip("/") or "/", versions)
+        files = _local_files(base.rstrip("/") or "/", versions)
     else:
         files = _walk(fs, base.rstrip("/"))
     return files if versions else (path for path, _ in files)
 
 
 # --- a local disk -----------------------------------------------------------------
-def _local_walk(path: str, versions: bool) -> Iterator[tuple[str, str | None]]:
+STAT_THREADS = 16  # files stat'ed at once for their versions: a network filesystem's latency (NFS, Lustre) hidden
+STAT_CHUNK = 256  # files a thread stats in one task
+
+
+def _local_files(base: str, versions: bool) -> Iterator[tuple[str, str | None]]:
+    pool = ThreadPoolExecutor(STAT_THREADS) if versions else None
+    try:
+        yield from _local_walk(base, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _local_walk(path: str, pool: ThreadPoolExecutor | None) -> Iterator[tuple[str, str | None]]:
     with os.scandir(path) as entries:  # a directory (or a link to one) is one to walk
-        keyed = sorted((e.name + "/", None) if e.is_dir() else (e.name, _stat_version(e) if versions else None)
-                       for e in entries)
+        dirs, files = [], []
+        for e in entries:
+            (dirs if e.is_dir() else files).append(e)
+    versions = _stat_versions(files, pool) if pool is not None else [None] * len(files)
+    keyed = sorted([(e.name + "/", None) for e in dirs] + [(e.name, v) for e, v in zip(files, versions)])
+    del dirs, files, versions
     parent = path.rstrip("/") + "/"  # '/' itself ends with one
     for name, version in keyed:
         if name.endswith("/"):
-            yield from _local_walk(parent + name[:-1], versions)
+            yield from _local_walk(parent + name[:-1], pool)
         else:
             yield parent + name, version
+
+
+def _stat_versions(files: list[os.DirEntry], pool: ThreadPoolExecutor) -> list[str | None]:
+    chunks = [files[i:i + STAT_CHUNK] for i in range(0, len(files), STAT_CHUNK)]
+    if len(chunks) <= 1:
+        return [_stat_version(e) for e in files]
+    return [v for chunk in pool.map(lambda c: [_stat_version(e) for e in c], chunks) for v in chunk]
 
 
 def _stat_version(entry: os.DirEntry) -> str | None:
