@@ -17,14 +17,15 @@ named by its path plus '/', each directory expanded in place (every path below
 
 `iter_files(root, versions=True)` yields (path, version) pairs instead: the version
 (`storage.listed_version`) changes when a file is written again, which `--update` checks.
-An S3 listing holds it (the ETag); a local disk costs a stat per file (STAT_THREADS at
-once, for network filesystems); other filesystems give what their listing entries hold.
+An S3 listing holds it (the ETag); a local disk costs a stat per file (many at once where
+they are slow: a network filesystem); other filesystems give what their listing entries hold.
 """
 from __future__ import annotations
 
 import collections
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -55,8 +56,12 @@ def iter_files(root: str, versions: bool = False) -> Iterator[str] | Iterator[tu
 
 
 # --- a local disk -----------------------------------------------------------------
-STAT_THREADS = 16  # files stat'ed at once for their versions: a network filesystem's latency (NFS, Lustre) hidden
-STAT_CHUNK = 256  # files a thread stats in one task
+STAT_CHUNK = 256  # files stat'ed in one go (a thread's task)
+# A directory whose first chunk took longer than this a file (a network filesystem: NFS,
+# Lustre) has the rest stat'ed by STAT_THREADS threads at once, hiding the latency; on a
+# local disk (a few microseconds a file) threads would only contend for the GIL.
+SLOW_STAT_S = 50e-6
+STAT_THREADS = 16
 
 
 def _local_files(base: str, versions: bool) -> Iterator[tuple[str, str | None]]:
@@ -85,10 +90,12 @@ def _local_walk(path: str, pool: ThreadPoolExecutor | None) -> Iterator[tuple[st
 
 
 def _stat_versions(files: list[os.DirEntry], pool: ThreadPoolExecutor) -> list[str | None]:
-    chunks = [files[i:i + STAT_CHUNK] for i in range(0, len(files), STAT_CHUNK)]
-    if len(chunks) <= 1:
-        return [_stat_version(e) for e in files]
-    return [v for chunk in pool.map(lambda c: [_stat_version(e) for e in c], chunks) for v in chunk]
+    t = time.perf_counter()
+    first = [_stat_version(e) for e in files[:STAT_CHUNK]]
+    if len(files) <= STAT_CHUNK or time.perf_counter() - t <= SLOW_STAT_S * len(first):
+        return first + [_stat_version(e) for e in files[STAT_CHUNK:]]
+    chunks = [files[i:i + STAT_CHUNK] for i in range(STAT_CHUNK, len(files), STAT_CHUNK)]
+    return first + [v for chunk in pool.map(lambda c: [_stat_version(e) for e in c], chunks) for v in chunk]
 
 
 def _stat_version(entry: os.DirEntry) -> str | None:
