@@ -122,7 +122,7 @@ def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512) 
     webdataset.index_shard = lambda u, *a, **kw: indexed.append(u) or original(u, *a, **kw)
     try:
         t = time.perf_counter()
-        update, added = update_plan(plan, SourceOptions(), UriSet([plan.records["uri"]]))
+        update, added, _ = update_plan(plan, SourceOptions(), UriSet([plan.records["uri"]]))
         update_s = time.perf_counter() - t
     finally:
         webdataset.index_shard = original

@@ -171,7 +171,7 @@ def test_the_filtered_manifest_streams_every_records_file_with_its_flags(tmp_pat
         out.save_plan(plan_source(str(manifest), options, sink=sink))
     manifest.write_text("uri,label,caption\n" + "".join(f"s3://b/{i:02d}.jpg,{i % 2},c{i}\n" for i in range(14)))
     with PlanRecordsWriter(out) as sink:
-        plan, added = update_plan(out.load_plan(), options, out.known_uris(out.load_plan()), sink)
+        plan, added, _ = update_plan(out.load_plan(), options, out.known_uris(out.load_plan()), sink)
     out.save_plan(plan)
     assert len(plan.units) == 6 and len(added) == 2 and len({u.file for u in plan.units}) == 3
 

@@ -2,9 +2,12 @@
 gives: a disk's mtime and size, an S3 ETag), scores their units again, and records what
 it found so that the next update finds nothing."""
 import os
+import time
 
 import boto3
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import write_image
 
 from pipeline.scan.changes import VERSIONS_DIR
@@ -183,3 +186,67 @@ def test_an_s3_folders_objects_rewritten_or_deleted_are_found_by_their_etags(tmp
     found, added = find_changes(out, commit=True)
     assert (found.changed, found.removed, added) == (1, 1, [])  # 2.jpg written again with the same bytes
     assert found.units == {plan.units[0].unit_id, plan.units[1].unit_id}
+
+
+def write_shard(path, seeds, tmp_path):
+    """A Parquet shard of images, two a row group."""
+    images = [write_image(tmp_path / "shard-src" / f"{s}.png", seed=s) for s in seeds]
+    pq.write_table(pa.table({"bytes": images, "uri": [f"{path.name}#{s}" for s in seeds]}), path, row_group_size=2)
+
+
+def test_parquet_shards_written_again_or_removed_are_scored_again(ray_local, parity_bundle, tmp_path):
+    src, out = tmp_path / "shards", tmp_path / "out"
+    src.mkdir()
+    write_shard(src / "a.parquet", [0, 1, 2, 3], tmp_path)
+    write_shard(src / "b.parquet", [4, 5], tmp_path)
+    first = run_scan(str(parity_bundle), str(src), str(out), ScanConfig())
+    assert first["units"]["total"] == 3
+    before = part_times(out)
+    write_shard(src / "a.parquet", [10, 11, 12, 13], tmp_path)  # new images, the same row groups
+    (src / "b.parquet").unlink()
+    updated = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(update=True))
+    assert updated["update"] == {"files_changed": 1, "files_removed": 1, "files_versioned": 0, "units_changed": 3}
+    assert updated["units"]["changed"] == 3 and updated["this_run"]["rows"] == 6 and updated["rows_out"] == 6
+    assert all(part_times(out)[name] != t for name, t in before.items())
+    rows = rows_by_uri(out)
+    fresh = run_scan(str(parity_bundle), str(src), str(tmp_path / "fresh"), ScanConfig())
+    assert fresh["rows_out"] == 4
+    for uri, row in rows_by_uri(tmp_path / "fresh").items():
+        assert rows[uri]["prob_fake"] == row["prob_fake"] and rows[uri]["id"] == row["id"]
+    errors = [e for e in pq.read_table(out / "scores")["error"].to_pylist() if e]
+    assert len(errors) == 2 and all(e.startswith("shard read failed: FileNotFoundError") for e in errors)
+    assert "b.parquet" in errors[0]
+    again = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(update=True))
+    assert again["update"]["units_changed"] == again["this_run"]["rows"] == 0
+
+
+def test_a_shard_update_is_found_again_until_scored_and_other_row_groups_are_refused(tmp_path):
+    src, out = tmp_path / "shards", ScanStore(str(tmp_path / "out"))
+    src.mkdir()
+    write_shard(src / "a.parquet", [0, 1, 2], tmp_path)
+    write_shard(src / "b.parquet", [3, 4], tmp_path)
+    with PlanRecordsWriter(out) as sink:
+        plan = plan_source(str(src), SourceOptions(), sink=sink)
+    out.save_plan(plan)
+    assert all(u.version for u in plan.units)
+    time.sleep(0.01)
+    write_shard(src / "b.parquet", [5, 6], tmp_path)
+    for commit in (False, True):  # not committed (a run that died): found again
+        _, added, found, pending = out.relist(out.load_plan(), SourceOptions())
+        assert (found.changed, found.removed, added) == (1, 0, []) and found.units == {plan.units[2].unit_id}
+        if commit:
+            pending.commit()
+    _, _, found, pending = out.relist(out.load_plan(), SourceOptions())
+    assert (found.changed, found.removed, found.units, pending) == (0, 0, frozenset(), None)
+
+    stored = out.load_plan()  # as planned by a version of MIRROR that recorded no versions
+    for u in stored.units:
+        u.version = None
+    out.save_plan(stored)
+    _, _, found, _ = out.relist(out.load_plan(), SourceOptions())
+    assert (found.versioned, found.changed, found.units) == (2, 0, frozenset())
+    assert all(u.version for u in out.load_plan().units)
+
+    write_shard(src / "a.parquet", [0, 1, 2, 7], tmp_path)  # another row group's worth of rows
+    with pytest.raises(ValueError, match="written again with other row groups.*a.parquet"):
+        out.relist(out.load_plan(), SourceOptions())

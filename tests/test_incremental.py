@@ -49,7 +49,7 @@ def test_an_update_keeps_units_and_adds_new_shard_row_groups(tmp_path):
     pq.write_table(pa.table({"bytes": [data] * 4}), tmp_path / "shards" / "a.parquet", row_group_size=2)
     plan = plan_source(str(tmp_path / "shards"), SourceOptions())
     pq.write_table(pa.table({"bytes": [data] * 3}), tmp_path / "shards" / "b.parquet", row_group_size=2)
-    extended, added = update_plan(plan, SourceOptions(), UriSet())
+    extended, added, _ = update_plan(plan, SourceOptions(), UriSet())
     assert extended.units[:2] == plan.units and [u.rows for u in added] == [2, 1]
     assert all(u.file.endswith("b.parquet") for u in added)
     write_image(tmp_path / "shards" / "now-a-folder.png")
@@ -105,7 +105,7 @@ def test_an_update_streams_the_new_listing_and_plans_what_a_whole_one_would(tmp_
     known = out.known_uris(plan)
     assert len(known) == len(names)
     with PlanRecordsWriter(out) as sink:
-        updated, added = update_plan(out.load_plan(), options, known, sink)
+        updated, added, _ = update_plan(out.load_plan(), options, known, sink)
     everything = list_images(uri) if kind == "folder" else pq.read_table(uri).set_column(
         1, "label", pa.array([int(v) for v in pq.read_table(uri)["label"].to_pylist()]))
     new = everything.filter(pa.array([u not in set(out.plan_records(plan, ["uri"])["uri"].to_pylist())
@@ -121,7 +121,7 @@ def test_an_update_streams_the_new_listing_and_plans_what_a_whole_one_would(tmp_
         stored = stored.drop_columns([VERSION])
     assert stored.to_pylist() == records.to_pylist()
     with PlanRecordsWriter(out) as sink:
-        _, none = update_plan(out.load_plan(), options, out.known_uris(out.load_plan()), sink)
+        _, none, _ = update_plan(out.load_plan(), options, out.known_uris(out.load_plan()), sink)
     assert none == []
 
 

@@ -31,8 +31,8 @@ SCAN_SWITCHES = {
                                    "gpu-decode extra; other formats take the CPU path): not bit-exact, recorded in "
                                    "every row"),
     "--update": ("update", "re-list the input; files, shards or records added since the first run become new "
-                           "units and are scored now; a folder's files changed in place or removed since are "
-                           "found by their versions and their units scored again"),
+                           "units and are scored now; a folder's files or Parquet shards changed in place or removed "
+                           "since are found by their versions and their units scored again"),
     "--retry-errors": ("retry_errors", "score again the units holding rows whose read failed (storage errors), "
                                        "replacing their parts; undecodable images stay errors"),
     "--compile": ("compile", "torch.compile each scoring replica: slower start, faster steady state on GPU"),

@@ -1,4 +1,5 @@
-"""What `--update` finds changed in place or removed among a folder's planned files.
+"""What `--update` finds changed in place or removed among a folder's planned files (and
+among Parquet shards: `shard_changes`).
 
 A folder's planned records carry each file's version as the listing gave it (VERSION:
 an S3 ETag, a disk's mtime and size). An update lists the folder again and compares: a
@@ -23,8 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,9 @@ import pyarrow.parquet as pq
 from pipeline.scan.schema import UNIT, VERSION
 from pipeline.scan.uri_set import DIGEST, UriSet, uri_digests
 from pipeline.storage import Location
+
+if TYPE_CHECKING:
+    from pipeline.scan.sources import Unit
 
 VERSIONS_DIR = "_plan/versions"
 COMMITTED = ".committed"  # a generation whose run scored every unit it found changed
@@ -51,13 +55,16 @@ def version_digests(versions: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 @dataclass
 class FileChanges:
-    """What an update found: files changed in place, removed, given their first version,
-    and the units to score again for the first two."""
+    """What an update found: files (or shards) changed in place, removed, given their first
+    version, and the units to score again for the first two; for shards, the version each
+    of those units takes once scored again."""
 
     changed: int = 0
     removed: int = 0
     versioned: int = 0
     units: frozenset[str] = frozenset()
+    unit_versions: dict[str, str] = field(default_factory=dict)
+    checked: bool = False  # the input's files were checked (a folder, Parquet shards)
 
     def as_dict(self) -> dict:
         return {"files_changed": self.changed, "files_removed": self.removed, "files_versioned": self.versioned,
@@ -151,7 +158,7 @@ class KnownFiles(UriSet):
         self.listed = np.zeros(len(self.digests), bool)
         self.stale = np.zeros(len(self.digests), bool)
         self.unit_ids, self.writer = unit_ids, versions
-        self.changes = FileChanges()
+        self.changes = FileChanges(checked=True)
 
     def check_listed(self, records: pa.Table) -> np.ndarray:
         at, known = self.positions(uri_digests(records["uri"]))
@@ -180,3 +187,47 @@ class KnownFiles(UriSet):
         owners = np.unique(self.owners[self.stale])
         self.changes.units = frozenset(self.unit_ids[i] for i in owners if i >= 0)
         return self.changes
+
+
+REMOVED = "removed"  # a shard unit's version once its file was found gone (its rows: read errors)
+
+
+def shard_changes(planned: list[Unit], listed: list[Unit]) -> tuple[list[Unit], FileChanges]:
+    """Parquet shards listed again (`listed`: their units as their footers give them now)
+    against the plan's units: the units of new shards, and the shards changed in place
+    (another version, the same row groups) or removed, whose units are scored again. A
+    planned shard with other row groups now is refused: its rows cannot be replaced unit by
+    unit. Shards planned without versions get them here (`versioned`), nothing scored."""
+    def by_file(units: list[Unit]) -> dict[str, list[Unit]]:
+        files: dict[str, list[Unit]] = {}
+        for u in units:
+            if u.kind == "shard":
+                files.setdefault(u.file, []).append(u)
+        return files
+
+    before, now = by_file(planned), by_file(listed)
+    added, refused, changes, later = [], [], FileChanges(checked=True), {}
+    for file, units in now.items():
+        old, version = before.get(file), units[0].version
+        if old is None:
+            added += units
+        elif [u.unit_id for u in old] != [u.unit_id for u in units]:
+            refused.append(file)
+        elif version is not None and version != old[0].version:
+            if old[0].version is None:  # planned before versions were recorded
+                for u in old:
+                    u.version = version
+                changes.versioned += 1
+            else:
+                changes.changed += 1
+                later.update((u.unit_id, version) for u in old)
+    if refused:
+        raise ValueError(f"{len(refused)} Parquet shards were written again with other row groups since they were "
+                         f"planned, such as {refused[0]}: their rows cannot be replaced unit by unit; scan the "
+                         "input into a new --output")
+    for file, old in before.items():
+        if file not in now and old[0].version != REMOVED:
+            changes.removed += 1
+            later.update((u.unit_id, REMOVED) for u in old)
+    changes.units, changes.unit_versions = frozenset(later), later
+    return added, changes

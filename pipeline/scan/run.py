@@ -353,9 +353,9 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
             # file changed or removed; retried: finished units scored again by --retry-errors
             "units": {"total": len(plan.units), "skipped_done": len(done), "committed_now": done_now["committed"],
                       **changes},
-            # --update of a folder: its files found changed in place, removed, or versioned for
-            # the first time (a plan made before versions were recorded)
-            **({"update": found.as_dict()} if versions is not None else {}),
+            # --update of a folder or Parquet shards: files found changed in place, removed, or
+            # versioned for the first time (a plan made before versions were recorded)
+            **({"update": found.as_dict()} if found.checked else {}),
             "this_run": {
                 "rows": done_now["rows"],
                 "wall_s": round(wall, 3),

@@ -25,6 +25,7 @@ from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
 from mirror_core.uri import image_name, is_web_url
 from pipeline.scan import web, webdataset
+from pipeline.scan.changes import FileChanges, KnownFiles, shard_changes
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
 from pipeline.scan.labels import LABEL_NAMES, label_and_subset, normalize_labels
 from pipeline.scan.listing import iter_files
@@ -38,7 +39,7 @@ from pipeline.scan.manifest import (
 )
 from pipeline.scan.schema import INDEX, UNIT, VERSION
 from pipeline.scan.uri_set import UriSet
-from pipeline.storage import resolve_relative
+from pipeline.storage import listed_version, resolve_relative
 
 DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS  # what a folder scan lists unless --extensions says otherwise
 INPUT_FORMATS = ("auto", "folder", "parquet", "manifest", "webdataset")
@@ -76,6 +77,7 @@ class Unit:
     rows: int
     file: str | None = None
     row_group: int | None = None
+    version: str | None = None  # a shard unit: its file's version (storage.listed_version) when scored
 
 
 class RecordsSink(Protocol):
@@ -343,19 +345,21 @@ def shard_units(files: list[str], columns: ColumnMap | None = None) -> list[Unit
     columns = columns or ColumnMap()
     from pipeline.progress import progress
 
-    def row_groups(uri: str) -> list[int]:
+    def row_groups(uri: str) -> tuple[list[int], str]:
         with fsspec.open(uri, "rb") as f:
+            # what the open found (an object store's HEAD), else the file's stat
+            version = listed_version(getattr(f, "details", None) or f.fs.info(f.path))
             pf = pq.ParquetFile(f)
             if find_image_column(pf.schema_arrow, columns.bytes, uri) is None:  # refused here, before any work
                 raise ImageColumnError(f"{uri}: no image column ({columns.bytes!r}, or a Hugging Face Image struct)")
             meta = pf.metadata
-        return [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)]
+        return [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)], version
 
     units = []
     with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
-        for uri, sizes in zip(files, progress(pool.map(row_groups, files), "reading shard footers",
-                                               total=len(files), unit="file")):
-            units += [Unit(_unit_id("shard", uri, str(rg), str(rows)), "shard", rows, uri, rg)
+        for uri, (sizes, version) in zip(files, progress(pool.map(row_groups, files), "reading shard footers",
+                                                          total=len(files), unit="file")):
+            units += [Unit(_unit_id("shard", uri, str(rg), str(rows)), "shard", rows, uri, rg, version)
                       for rg, rows in enumerate(sizes)]
     return units
 
@@ -493,23 +497,23 @@ def plan_source(uri: str, options: SourceOptions, sink: RecordsSink | None = Non
 
 
 def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
-                sink: RecordsSink | None = None) -> tuple[Plan, list[Unit]]:
+                sink: RecordsSink | None = None) -> tuple[Plan, list[Unit], FileChanges]:
     """`--update`: `plan` plus what the input holds now beyond it, as new units: records
     whose uri `known` (the URIs of the plan's records; `changes.KnownFiles` for a folder,
     which also notes the versions listed) lacks, streamed from a folder's
     listing or a manifest as a first plan is; tar shards not indexed yet; row groups of
     Parquet shards the plan lacks. Existing units are kept as they are (never re-chunked,
     so finished parts stay finished). `sink` takes the new units' records, else they are
-    the returned plan's `records` (after any the plan held unstored)."""
+    the returned plan's `records` (after any the plan held unstored). Also returned: what
+    changed in place or went away among a folder's files or Parquet shards."""
     fmt, images, listing = open_input(plan.input, options)
     if fmt != plan.input_format:
         raise ValueError(f"{plan.input} was planned as {plan.input_format}, now looks like {fmt}: "
                          "scan it into a new --output")
     source = f"{plan.input}@{len(plan.units)}"  # keeps new units' ids apart from every earlier generation's
-    shards, skipped = plan.shards, 0
+    shards, skipped, changes = plan.shards, 0, FileChanges()
     if fmt == "parquet":
-        had = {u.unit_id for u in plan.units}
-        added = [u for u in shard_units(shard_files(plan.input, listing), options.columns) if u.unit_id not in had]
+        added, changes = shard_changes(plan.units, shard_units(shard_files(plan.input, listing), options.columns))
         records = pa.table({})
     elif fmt == "webdataset":
         fresh = _webdataset_plan(plan.input, options, listing, source, sink, plan, known)
@@ -518,9 +522,10 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
         new = (b.filter(pa.array(~known.check_listed(b))) for b in record_batches(plan.input, options, images, listing))
         added, records = chunked_units(new, options.unit_size, source, sink)
         skipped = images.skipped if images is not None else 0
+        changes = known.finish() if isinstance(known, KnownFiles) else changes
     if plan.records.num_rows:
         records = pa.concat_tables([plan.records, records], promote_options="permissive") if records.num_rows else plan.records
-    return Plan(plan.input, fmt, plan.units + added, records, skipped, shards), added
+    return Plan(plan.input, fmt, plan.units + added, records, skipped, shards), added, changes
 
 
 NAME_COLUMN_KEY = b"mirror_name_column"  # records' metadata: the column naming each image (HF path)

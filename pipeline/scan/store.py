@@ -22,7 +22,8 @@ import io
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -44,7 +45,7 @@ RECORDS_WRITES_IN_FLIGHT = 4  # records files being written while planning goes 
 RECORDS_READ_TRIES = 3
 RECORDS_FILES_READ_AT_ONCE = 16  # a plan's records files read concurrently (object-store latency)
 UNIT_FIELDS = (("unit_id", pa.string()), ("kind", pa.string()), ("rows", pa.int64()), ("file", pa.string()),
-               ("row_group", pa.int64()))
+               ("row_group", pa.int64()), ("version", pa.string()))
 
 
 class PlanRecordsWriter:
@@ -158,6 +159,21 @@ def records_schema(store: Location, plan: Plan) -> pa.Schema:
     schemas = list(records_schemas(store, plan))
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     return pa.schema([f for f in schema if f.name not in PLAN_BOOKKEEPING])
+
+
+@dataclass
+class ShardVersions:
+    """Shard units scored again by an update: their new versions go into the stored plan
+    once the run has scored them (an update interrupted before finds them again)."""
+
+    store: "ScanStore"
+    plan: Plan
+    unit_versions: dict[str, str]
+
+    def commit(self) -> None:
+        for u in self.plan.units:
+            u.version = self.unit_versions.get(u.unit_id, u.version)
+        self.store.save_plan(self.plan)
 
 
 class OutputMismatchError(ValueError):
@@ -276,18 +292,21 @@ class ScanStore(Location):
         tables = list(stored_records(self, plan, columns))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
-    def relist(self, plan: Plan, options: SourceOptions) -> tuple[Plan, list[Unit], FileChanges, VersionsWriter | None]:
+    def relist(self, plan: Plan, options: SourceOptions) -> tuple[Plan, list[Unit], FileChanges, Any]:
         """--update: the input listed again against the stored plan. Returns the plan with
-        its new units (stored), the units added, what changed among a folder's files, and
-        the versions writer to `commit` once every unit is scored (None unless a folder)."""
+        its new units (stored), the units added, what changed among a folder's files or
+        Parquet shards, and what to `commit` once every unit is scored (the versions found:
+        those units are not found changed again; None where there is nothing)."""
         versions = VersionsWriter(self) if plan.input_format == "folder" else None
         known = self.known_files(plan, versions) if versions is not None else self.known_uris(plan)
         before = plan.shards
         with PlanRecordsWriter(self) as records:  # new units' records, as a first plan's go
-            plan, added = update_plan(plan, options, known, records)
-        if added or (plan.shards is not None and (before is None or not plan.shards.equals(before))):
-            self.save_plan(plan)  # new units, or tar shards indexed anew
-        return plan, added, known.finish() if isinstance(known, KnownFiles) else FileChanges(), versions
+            plan, added, found = update_plan(plan, options, known, records)
+        if added or found.versioned or (plan.shards is not None and (before is None or not plan.shards.equals(before))):
+            self.save_plan(plan)  # new units, first versions of shards, or tar shards indexed anew
+        if found.unit_versions:
+            versions = ShardVersions(self, plan, found.unit_versions)
+        return plan, added, found, versions
 
     def known_files(self, plan: Plan, versions: VersionsWriter) -> KnownFiles:
         """A folder plan's records with their versions (as planned, or as an update since
