@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -34,9 +34,6 @@ import pyarrow.parquet as pq
 from pipeline.scan.schema import UNIT, VERSION
 from pipeline.scan.uri_set import DIGEST, UriSet, uri_digests
 from pipeline.storage import Location
-
-if TYPE_CHECKING:
-    from pipeline.scan.sources import Unit
 
 VERSIONS_DIR = "_plan/versions"
 COMMITTED = ".committed"  # a generation whose run scored every unit it found changed
@@ -192,14 +189,14 @@ class KnownFiles(UriSet):
 REMOVED = "removed"  # a shard unit's version once its file was found gone (its rows: read errors)
 
 
-def shard_changes(planned: list[Unit], listed: list[Unit]) -> tuple[list[Unit], FileChanges]:
-    """Parquet shards listed again (`listed`: their units as their footers give them now)
-    against the plan's units: the units of new shards, and the shards changed in place
+def shard_changes(planned: list, listed: list) -> tuple[list, FileChanges]:
+    """Parquet shards listed again (`listed`: their units, `sources.Unit`s, as their
+    footers give them now) against the plan's units: the units of new shards, and the shards changed in place
     (another version, the same row groups) or removed, whose units are scored again. A
     planned shard with other row groups now is refused: its rows cannot be replaced unit by
     unit. Shards planned without versions get them here (`versioned`), nothing scored."""
-    def by_file(units: list[Unit]) -> dict[str, list[Unit]]:
-        files: dict[str, list[Unit]] = {}
+    def by_file(units: list) -> dict[str, list]:
+        files: dict[str, list] = {}
         for u in units:
             if u.kind == "shard":
                 files.setdefault(u.file, []).append(u)
