@@ -191,10 +191,11 @@ REMOVED = "removed"  # a shard unit's version once its file was found gone (its 
 
 def shard_changes(planned: list, listed: list) -> tuple[list, FileChanges]:
     """Parquet shards listed again (`listed`: their units, `sources.Unit`s, as their
-    footers give them now) against the plan's units: the units of new shards, and the shards changed in place
-    (another version, the same row groups) or removed, whose units are scored again. A
-    planned shard with other row groups now is refused: its rows cannot be replaced unit by
-    unit. Shards planned without versions get them here (`versioned`), nothing scored."""
+    footers give them now) against the plan's units: the units of new shards, and the
+    shards changed in place (another version, the same row groups) or removed, whose units
+    are scored again. A planned shard with other row groups now is refused: its rows cannot
+    be replaced unit by unit. Shards planned without versions get them here (`versioned`),
+    nothing scored."""
     def by_file(units: list) -> dict[str, list]:
         files: dict[str, list] = {}
         for u in units:
