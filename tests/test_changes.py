@@ -178,7 +178,7 @@ def test_an_s3_folders_objects_rewritten_or_deleted_are_found_by_their_etags(tmp
         client.put_object(Bucket=s3_bucket, Key=f"changes/0_real/{i}.jpg", Body=write_image(tmp_path / f"{i}.jpg",
                                                                                             seed=i))
     s3fs.S3FileSystem.clear_instance_cache()
-    out = ScanStore(str(tmp_path / "out"))
+    out = ScanStore(f"s3://{s3_bucket}/changes-out")  # the output on S3 too: versions kept there
     plan = plan_folder(f"s3://{s3_bucket}/changes", out)
     client.put_object(Bucket=s3_bucket, Key="changes/0_real/1.jpg", Body=write_image(tmp_path / "x.jpg", seed=9))
     client.put_object(Bucket=s3_bucket, Key="changes/0_real/2.jpg", Body=(tmp_path / "2.jpg").read_bytes())
@@ -186,6 +186,9 @@ def test_an_s3_folders_objects_rewritten_or_deleted_are_found_by_their_etags(tmp
     found, added = find_changes(out, commit=True)
     assert (found.changed, found.removed, added) == (1, 1, [])  # 2.jpg written again with the same bytes
     assert found.units == {plan.units[0].unit_id, plan.units[1].unit_id}
+    assert out.names(VERSIONS_DIR) == ["000001-000000.parquet", "000001.committed"]
+    found, _ = find_changes(out, commit=True)
+    assert (found.changed, found.removed, found.units) == (0, 0, frozenset())
 
 
 def write_shard(path, seeds, tmp_path):
@@ -250,3 +253,25 @@ def test_a_shard_update_is_found_again_until_scored_and_other_row_groups_are_ref
     write_shard(src / "a.parquet", [0, 1, 2, 7], tmp_path)  # another row group's worth of rows
     with pytest.raises(ValueError, match="written again with other row groups.*a.parquet"):
         out.relist(out.load_plan(), SourceOptions())
+
+
+def test_many_updates_generations_are_merged_into_one_holding_each_files_latest_version(tmp_path, monkeypatch):
+    from pipeline.scan import changes
+
+    monkeypatch.setattr(changes, "MAX_GENERATIONS", 2)
+    src, out = tmp_path / "in", ScanStore(str(tmp_path / "out"))
+    for i in range(4):
+        write_image(src / f"{i}.png", seed=i)
+    plan_folder(src, out)
+    for n in range(5):  # file n % 2 written again before each update
+        rewrite(src / f"{n % 2}.png", seed=10 + n)
+        found, _ = find_changes(out, commit=True)
+        assert found.changed == 1
+        generations = {name.split("-")[0].split(".")[0] for name in out.names(VERSIONS_DIR)}
+        assert len(generations) <= 2 and all(f"{g}.committed" in out.names(VERSIONS_DIR) for g in generations)
+    assert generations == {"000007"}  # 1-3 merged into 4; 4-6 into 7
+    found, _ = find_changes(out, commit=True)
+    assert (found.changed, found.removed, found.units) == (0, 0, frozenset())
+    rewrite(src / "1.png", seed=99)
+    found, _ = find_changes(out, commit=True)
+    assert found.changed == 1

@@ -15,7 +15,8 @@ the version listed now, with nothing scored again: their changes are found from 
 An update's versions are written as it lists (`VersionsWriter`: files of a generation in
 VERSIONS_DIR, `<generation>-<file>.parquet`) and count only once its run has scored every
 unit (`commit` writes `<generation>.committed` beside them): an update interrupted before
-that finds the same changes when run again. One listing of VERSIONS_DIR finds them all.
+that finds the same changes when run again. One listing of VERSIONS_DIR finds them all;
+past MAX_GENERATIONS they are merged into one (each URI's latest version).
 
 Memory: per planned record, its URI digest (16 bytes), version digest (8), unit (4) and two
 flags (listed, stale): 30 bytes, 3 GB for 100M records (about 52 bytes while sorted).
@@ -39,6 +40,7 @@ VERSIONS_DIR = "_plan/versions"
 COMMITTED = ".committed"  # a generation whose run scored every unit it found changed
 VERSIONS_SCHEMA = pa.schema([pa.field("uri_digest", pa.binary(16)), pa.field("version", pa.uint64())])
 VERSION_ROWS_PER_FILE = 1 << 20
+MAX_GENERATIONS = 16  # committed generations an update reads before they are merged into one
 NO_VERSION = 0  # a record planned without one
 GONE = 1  # a file removed when an update last listed the folder
 
@@ -95,10 +97,38 @@ class VersionsWriter:
                                      pa.concat_tables(self.buffered))
             self.buffered, self.files = [], self.files + 1
 
-    def commit(self) -> None:
+    def commit(self, merge: bool = True) -> None:
         self.flush()
-        if self.files:
-            self.store.write_bytes(f"{VERSIONS_DIR}/{self.generation}{COMMITTED}", b"")
+        if not self.files:
+            return
+        self.store.write_bytes(f"{VERSIONS_DIR}/{self.generation}{COMMITTED}", b"")
+        committed = versions_files(self.store)[0]
+        if merge and len({g for g, _ in committed}) > MAX_GENERATIONS:
+            merge_generations(self.store, committed)
+
+
+def digests_of(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size binary column of URI digests as DIGEST values (no copy)."""
+    column = column.combine_chunks()
+    return np.frombuffer(column.buffers()[1], DIGEST, len(column), column.offset * DIGEST.itemsize)
+
+
+def merge_generations(store: Location, committed: list[tuple[str, str]]) -> None:
+    """The committed generations as one newer generation holding each URI's latest version;
+    the old ones deleted once it is committed (left behind by a crash, they only repeat it)."""
+    merged = pa.concat_tables([pq.read_table(io.BytesIO(store.read_bytes(f"{VERSIONS_DIR}/{name}")))
+                               for _, name in committed])
+    digests = digests_of(merged["uri_digest"])
+    _, last = np.unique(digests[::-1], return_index=True)  # each digest's last row, counted from the end
+    merged = merged.take(pa.array(np.sort(len(digests) - 1 - last)))
+    writer = VersionsWriter(store)
+    for start in range(0, merged.num_rows, VERSION_ROWS_PER_FILE):
+        writer.buffered.append(merged.slice(start, VERSION_ROWS_PER_FILE))
+        writer.flush()
+    writer.commit(merge=False)
+    for generation in dict.fromkeys(g for g, _ in committed):
+        for name in [n for g, n in committed if g == generation] + [f"{generation}{COMMITTED}"]:
+            Location(store.uri_of(VERSIONS_DIR, name)).remove()
 
 
 def versions_files(store: Location) -> tuple[list[tuple[str, str]], list[str]]:
@@ -148,9 +178,7 @@ class KnownFiles(UriSet):
         self.owners = owners[order]
         del owners, order
         for table in recorded:
-            column = table["uri_digest"].combine_chunks()
-            given = np.frombuffer(column.buffers()[1], DIGEST, len(column), column.offset * DIGEST.itemsize)
-            at, found = self.positions(given)
+            at, found = self.positions(digests_of(table["uri_digest"]))
             self.versions[at[found]] = table["version"].to_numpy()[found]
         self.listed = np.zeros(len(self.digests), bool)
         self.stale = np.zeros(len(self.digests), bool)
