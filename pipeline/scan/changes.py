@@ -24,13 +24,11 @@ flags (listed, stale): 30 bytes, 3 GB for 100M records (about 52 bytes while sor
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.scan.schema import UNIT, VERSION
 from pipeline.scan.uri_set import DIGEST, UriSet, uri_digests
@@ -81,21 +79,22 @@ class VersionsWriter:
             Location(store.uri_of(VERSIONS_DIR, name)).remove()
         self.generation = f"{max((int(g) for g, _ in committed), default=0) + 1:06d}"
         self.buffered: list[pa.Table] = []
-        self.files = 0
+        self.rows = self.files = 0  # rows buffered, files written
 
     def add(self, digests: np.ndarray, versions: np.ndarray) -> None:
         if len(digests):
             uri_digest = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(digests),
                                                               [None, pa.py_buffer(digests.tobytes())])
             self.buffered.append(pa.table([uri_digest, pa.array(versions, pa.uint64())], schema=VERSIONS_SCHEMA))
-            if sum(t.num_rows for t in self.buffered) >= VERSION_ROWS_PER_FILE:
+            self.rows += len(digests)
+            if self.rows >= VERSION_ROWS_PER_FILE:
                 self.flush()
 
     def flush(self) -> None:
         if self.buffered:
             self.store.write_parquet(f"{VERSIONS_DIR}/{self.generation}-{self.files:06d}.parquet",
                                      pa.concat_tables(self.buffered))
-            self.buffered, self.files = [], self.files + 1
+            self.buffered, self.rows, self.files = [], 0, self.files + 1
 
     def commit(self, merge: bool = True) -> None:
         self.flush()
@@ -116,8 +115,7 @@ def digests_of(column: pa.ChunkedArray) -> np.ndarray:
 def merge_generations(store: Location, committed: list[tuple[str, str]]) -> None:
     """The committed generations as one newer generation holding each URI's latest version;
     the old ones deleted once it is committed (left behind by a crash, they only repeat it)."""
-    merged = pa.concat_tables([pq.read_table(io.BytesIO(store.read_bytes(f"{VERSIONS_DIR}/{name}")))
-                               for _, name in committed])
+    merged = pa.concat_tables([store.read_parquet(f"{VERSIONS_DIR}/{name}") for _, name in committed])
     digests = digests_of(merged["uri_digest"])
     _, last = np.unique(digests[::-1], return_index=True)  # each digest's last row, counted from the end
     merged = merged.take(pa.array(np.sort(len(digests) - 1 - last)))
@@ -143,7 +141,7 @@ def versions_files(store: Location) -> tuple[list[tuple[str, str]], list[str]]:
 def recorded_versions(store: Location) -> Iterable[pa.Table]:
     """Every committed generation's versions, oldest first (a later one wins)."""
     for _, name in versions_files(store)[0]:
-        yield pq.read_table(io.BytesIO(store.read_bytes(f"{VERSIONS_DIR}/{name}")))
+        yield store.read_parquet(f"{VERSIONS_DIR}/{name}")
 
 
 class KnownFiles(UriSet):
