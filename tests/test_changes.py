@@ -275,3 +275,22 @@ def test_many_updates_generations_are_merged_into_one_holding_each_files_latest_
     rewrite(src / "1.png", seed=99)
     found, _ = find_changes(out, commit=True)
     assert found.changed == 1
+
+
+def test_a_file_listed_without_a_version_is_neither_changed_nor_removed():
+    from pipeline.scan.changes import KnownFiles
+
+    class Versions:  # what the check hands on: nothing, here
+        def add(self, digests, versions):
+            assert not len(digests)
+
+        def flush(self):
+            pass
+
+    planned = pa.table({"uri": ["/in/a.png", "/in/b.png"], "_unit": ["u0", "u0"], VERSION: ["1:5", "1:6"]})
+    known = KnownFiles([planned], 2, ["u0"], [], Versions())
+    assert known.check_listed(pa.table({"uri": ["/in/a.png", "/in/c.png"]})).tolist() == [True, False]
+    assert known.check_listed(pa.table({"uri": ["/in/b.png"], VERSION: pa.array([None], pa.string())})).tolist() == [
+        True]
+    found = known.finish()
+    assert (found.changed, found.removed, found.units) == (0, 0, frozenset())

@@ -185,11 +185,11 @@ class KnownFiles(UriSet):
 
     def check_listed(self, records: pa.Table) -> np.ndarray:
         at, known = self.positions(uri_digests(records["uri"]))
-        if VERSION not in records.column_names or not known.any():
-            return known
         at = at[known]
+        self.listed[at] = True  # listed, whether or not the listing gave its version: not removed
+        if VERSION not in records.column_names or not len(at):
+            return known
         now = version_digests(records[VERSION])[known]
-        self.listed[at] = True
         before = self.versions[at]
         differs = (before != now) & (now != NO_VERSION)  # a file the listing gave no version: unknown
         first = differs & (before == NO_VERSION)
