@@ -74,6 +74,20 @@ def listed_version(entry: dict) -> str:
     return f"{file_version(entry)}:{entry.get('size', entry.get('Size', ''))}"
 
 
+def opened_version(f) -> str:
+    """`listed_version` of a file being read (an fsspec file object): what its opening
+    found (an object store's HEAD), else its filesystem's stat; the same string a listing
+    of its folder gives."""
+    return listed_version(getattr(f, "details", None) or f.fs.info(f.path))
+
+
+def current_version(uri: str) -> str:
+    """`listed_version` of a file as its store tells it now (no cached listing)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache(path)
+    return listed_version(fs.info(path))
+
+
 def parquet_schema(uri: str) -> pa.Schema:
     """A Parquet file's schema, from its footer alone."""
     with fsspec.open(uri, "rb") as f:

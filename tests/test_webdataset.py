@@ -135,7 +135,7 @@ def test_brace_patterns_and_a_truncated_index(tmp_path):
     assert expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
     assert expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
     expected = write_shards(tmp_path / "wds", tmp_path / "folder")
-    records, no_image = index_shard(str(tmp_path / "wds" / "shard-00002.tar"))
+    records, no_image, _ = index_shard(str(tmp_path / "wds" / "shard-00002.tar"))
     errors = {r["uri"].rsplit("#", 1)[-1]: r["_wds_error"] for r in records}
     assert no_image == 0 and sum(e is None for e in errors.values()) == 1
     assert [k for k, e in expected.items() if e == "tar member cut short"][0] in errors

@@ -284,7 +284,7 @@ def record_bytes(scan: ScanStore, plan, unit_id: str, index: int, columns) -> tu
         return t["bytes"][index].as_py(), record_names(t)[index]
     rec = scan.unit_records(unit).slice(index, 1)
     if unit.kind == "samples":  # a tar sample: its image member, named as in the tar
-        _, names, payloads = webdataset.read_samples(rec, 1, DEFAULT_MAX_FILE_BYTES)
+        _, names, payloads = webdataset.read_samples(rec, 1, DEFAULT_MAX_FILE_BYTES, unit.version)
         return payloads[0][0], names[0]
     uri = rec["uri"][0].as_py()
     data, _ = next(fetch_all([uri], 1))

@@ -1,5 +1,5 @@
 """What `--update` finds changed in place or removed among a folder's planned files (and
-among Parquet shards: `shard_changes`).
+among Parquet shards: `shard_changes`; tar shards: tar_changes.py).
 
 A folder's planned records carry each file's version as the listing gave it (VERSION:
 an S3 ETag, a disk's mtime and size). An update lists the folder again and compares: a
@@ -53,15 +53,18 @@ def version_digests(versions: pa.Array | pa.ChunkedArray) -> np.ndarray:
 @dataclass
 class FileChanges:
     """What an update found: files (or shards) changed in place, removed, given their first
-    version, and the units to score again for the first two; for shards, the version each
-    of those units takes once scored again."""
+    version, and the units to score again for the first two; for shards, what those units
+    take (their versions; tar samples' refreshed records: file, row group) and what the
+    shards take (tar shards' versions), once the run has scored them."""
 
     changed: int = 0
     removed: int = 0
     versioned: int = 0
     units: frozenset[str] = frozenset()
     unit_versions: dict[str, str] = field(default_factory=dict)
-    checked: bool = False  # the input's files were checked (a folder, Parquet shards)
+    unit_records: dict[str, tuple[str, int]] = field(default_factory=dict)
+    shard_versions: dict[str, str] = field(default_factory=dict)
+    checked: bool = False  # the input's files were checked (a folder, Parquet or tar shards)
 
     def as_dict(self) -> dict:
         return {"files_changed": self.changed, "files_removed": self.removed, "files_versioned": self.versioned,

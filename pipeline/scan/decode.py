@@ -139,7 +139,7 @@ def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_
         uris = records["uri"].to_pylist()
         return records, uris, fetch_all(uris, fetch_threads, max_file_bytes)
     if unit.kind == "samples":  # tar samples: members by range reads, carried by extension
-        members, names, payloads = webdataset.read_samples(records, fetch_threads, max_file_bytes)
+        members, names, payloads = webdataset.read_samples(records, fetch_threads, max_file_bytes, unit.version)
         records = records.drop_columns([webdataset.MEMBERS, webdataset.IMAGE_MEMBER, webdataset.PLAN_ERROR])
         for name, column in members.items():
             records = records.append_column(name if name not in records.column_names else f"member_{name}", column)

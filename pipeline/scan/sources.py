@@ -38,8 +38,9 @@ from pipeline.scan.manifest import (
     uri_column,
 )
 from pipeline.scan.schema import INDEX, UNIT, VERSION
+from pipeline.scan.tar_changes import TarShardUpdate, listed_versions
 from pipeline.scan.uri_set import UriSet
-from pipeline.storage import listed_version, resolve_relative
+from pipeline.storage import opened_version, resolve_relative
 
 DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS  # what a folder scan lists unless --extensions says otherwise
 INPUT_FORMATS = ("auto", "folder", "parquet", "manifest", "webdataset")
@@ -348,7 +349,7 @@ def shard_units(files: list[str], columns: ColumnMap | None = None) -> list[Unit
     def row_groups(uri: str) -> tuple[list[int], str]:
         with fsspec.open(uri, "rb") as f:
             # what the open found (an object store's HEAD), else the file's stat
-            version = listed_version(getattr(f, "details", None) or f.fs.info(f.path))
+            version = opened_version(f)
             pf = pq.ParquetFile(f)
             if find_image_column(pf.schema_arrow, columns.bytes, uri) is None:  # refused here, before any work
                 raise ImageColumnError(f"{uri}: no image column ({columns.bytes!r}, or a Hugging Face Image struct)")
@@ -401,10 +402,13 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
                      "files and no manifests")
 
 
-def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | None, list[str] | None]:
+Listing = list[tuple[str, str | None]]  # a folder's files (path, version), listed whole
+
+
+def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | None, Listing | None]:
     """The input's format, from one listing of it, and that listing: a folder's images
     with their versions (streamed, read as the plan goes), or the whole listing of a
-    folder of other files (None for a single file)."""
+    folder of other files, with their versions (None for a single file or a pattern)."""
     fs, base = fsspec.core.url_to_fs(uri)
     folder = not is_manifest_name(uri) and fs.isdir(base)
     stream = iter_files(uri, versions=True) if folder else None
@@ -412,55 +416,71 @@ def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | No
     fmt = detect_format(uri, options, [path for path, _ in head] if folder else None)  # an image in `head`, else all
     if fmt == "folder":
         return fmt, FolderImages(uri, itertools.chain(head, stream), options.extensions), None
-    return fmt, None, [path for path, _ in itertools.chain(head, stream)] if folder else None
+    return fmt, None, list(itertools.chain(head, stream)) if folder else None
+
+
+def listed_paths(listing: Listing | None) -> list[str] | None:
+    return None if listing is None else [path for path, _ in listing]
+
+
+def listing_versions(uri: str, listing: Listing | None) -> dict[str, str | None] | None:
+    """A listing's versions by each file's full URI (as `tar_files` names them)."""
+    if listing is None:
+        return None
+    fs, _ = fsspec.core.url_to_fs(uri)
+    return {full_uri(fs, path): version for path, version in listing}
 
 
 def record_batches(uri: str, options: SourceOptions, images: FolderImages | None,
-                   listing: list[str] | None) -> Iterable[pa.Table]:
+                   listing: Listing | None) -> Iterable[pa.Table]:
     """A folder's or manifest input's records, a batch at a time."""
     if images is not None:
         return images
-    files = [uri] if is_manifest_name(uri) else manifest_files(uri, listing)
+    files = [uri] if is_manifest_name(uri) else manifest_files(uri, listed_paths(listing))
     return (b for f in files for b in manifest_batches(f, options.columns))
 
 
-def _webdataset_plan(uri: str, options: SourceOptions, listing: list[str] | None, source: str,
-                     sink: RecordsSink | None, known: Plan | None = None, known_uris: UriSet | None = None) -> Plan:
-    """Tar shards indexed and their samples planned (units never span two shards) a group of
-    whole shards at a time, and the list of every shard indexed. With `known` (--update):
-    only the shards it lacks or found damaged are indexed, samples whose uri `known_uris`
-    holds are left out, and the plan's units are the new ones."""
-    shards = tar_files(uri, listing)
+def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, source: str,
+                     sink: RecordsSink | None, update: TarShardUpdate | None = None) -> Plan:
+    """Tar shards indexed and their samples planned (units never span two shards; a unit's
+    version is its shard's) a group of whole shards at a time, and the list of every shard
+    indexed. With `update` (--update): only the shards it says are indexed (new ones, and
+    known ones written again, whose units it refreshes), samples it knows are left out, and
+    the plan's units are the new ones."""
+    shards = tar_files(uri, listed_paths(listing))
     if not shards:
         raise ValueError(f"input {uri} holds no .tar shards")
-    kept = known.shards if known is not None and known.shards is not None else webdataset.SHARDS_SCHEMA.empty_table()
-    kept = kept.filter(pc.invert(kept["damaged"]))  # whole when indexed: tar shards are written once
-    done = set(kept["uri"].to_pylist())
     indexed, units, held, first = [], [], [], 0
-    group: list[pa.Table] = []  # whole shards' samples, planned together once they fill a chunk
+    group: list[tuple[pa.Table, str]] = []  # whole shards' samples (and version), planned together
 
     def plan_group() -> None:
         nonlocal first
-        samples = pa.concat_tables(group)
-        new, records = inline_units(samples, options.unit_size, source, "samples", [t.num_rows for t in group],
+        samples = pa.concat_tables([t for t, _ in group])
+        new, records = inline_units(samples, options.unit_size, source, "samples", [t.num_rows for t, _ in group],
                                     first=first)
+        owners = (v for t, v in group for _ in range(-(-t.num_rows // options.unit_size)))
+        for unit, version in zip(new, owners):
+            unit.version = version
         units.extend(new)
         held.append(deliver(new, records, sink))
         first += samples.num_rows
         group.clear()
 
-    for samples, row in webdataset.indexed_shards([s for s in shards if s not in done], options.index_on_cluster,
-                                                  options.address, options.columns.label, input_root(uri)):
-        if known_uris is not None:
-            samples = samples.filter(pa.array(~known_uris.contains(samples["uri"])))
-        group.append(samples)
+    for samples, row in webdataset.indexed_shards(update.to_index(shards) if update is not None else shards,
+                                                  options.index_on_cluster, options.address, options.columns.label,
+                                                  input_root(uri)):
+        version = row["version"]
+        if update is not None:
+            row = update.indexed(row["uri"], samples, row)
+            samples = samples.filter(pa.array(~update.known.contains(samples["uri"])))
+        group.append((samples, version))
         indexed.append(row)
-        if sum(t.num_rows for t in group) >= options.unit_size * STREAM_CHUNK_UNITS:  # a few shards a group
+        if sum(t.num_rows for t, _ in group) >= options.unit_size * STREAM_CHUNK_UNITS:  # a few shards a group
             plan_group()
     if group:
         plan_group()
     records = pa.concat_tables(held) if held else pa.table({})
-    all_indexed = pa.concat_tables([kept, pa.Table.from_pylist(indexed, webdataset.SHARDS_SCHEMA)])
+    all_indexed = update.finish(indexed) if update is not None else pa.Table.from_pylist(indexed, webdataset.SHARDS_SCHEMA)
     return Plan(uri, "webdataset", units, records, pc.sum(all_indexed["no_image"]).as_py() or 0, all_indexed)
 
 
@@ -490,7 +510,7 @@ def plan_source(uri: str, options: SourceOptions, sink: RecordsSink | None = Non
         units, records = chunked_units(record_batches(uri, options, images, listing), options.unit_size, uri, sink)
         return Plan(uri, fmt, units, records, images.skipped if images is not None else 0)
     if fmt == "parquet":
-        return Plan(uri, fmt, shard_units(shard_files(uri, listing), options.columns), pa.table({}))
+        return Plan(uri, fmt, shard_units(shard_files(uri, listed_paths(listing)), options.columns), pa.table({}))
     if fmt == "webdataset":
         return _webdataset_plan(uri, options, listing, uri, sink)
     raise ValueError(f"unknown input format {fmt!r}; expected one of {INPUT_FORMATS}")
@@ -500,12 +520,12 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
                 sink: RecordsSink | None = None) -> tuple[Plan, list[Unit], FileChanges]:
     """`--update`: `plan` plus what the input holds now beyond it, as new units: records
     whose uri `known` (the URIs of the plan's records; `changes.KnownFiles` for a folder,
-    which also notes the versions listed) lacks, streamed from a folder's
-    listing or a manifest as a first plan is; tar shards not indexed yet; row groups of
+    which also notes the versions listed; `tar_changes.KnownSamples` for tar shards) lacks, streamed from a folder's
+    listing or a manifest as a first plan is; samples of tar shards not indexed yet; row groups of
     Parquet shards the plan lacks. Existing units are kept as they are (never re-chunked,
     so finished parts stay finished). `sink` takes the new units' records, else they are
     the returned plan's `records` (after any the plan held unstored). Also returned: what
-    changed in place or went away among a folder's files or Parquet shards."""
+    changed in place or went away among a folder's files, Parquet or tar shards."""
     fmt, images, listing = open_input(plan.input, options)
     if fmt != plan.input_format:
         raise ValueError(f"{plan.input} was planned as {plan.input_format}, now looks like {fmt}: "
@@ -513,11 +533,16 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
     source = f"{plan.input}@{len(plan.units)}"  # keeps new units' ids apart from every earlier generation's
     shards, skipped, changes = plan.shards, 0, FileChanges()
     if fmt == "parquet":
-        added, changes = shard_changes(plan.units, shard_units(shard_files(plan.input, listing), options.columns))
+        added, changes = shard_changes(plan.units, shard_units(shard_files(plan.input, listed_paths(listing)),
+                                                               options.columns))
         records = pa.table({})
     elif fmt == "webdataset":
-        fresh = _webdataset_plan(plan.input, options, listing, source, sink, plan, known)
+        known_shards = webdataset.shards_table(plan.shards)
+        listed = listed_versions(known_shards["uri"].to_pylist(), listing_versions(plan.input, listing))
+        update = TarShardUpdate(plan.units, known_shards, listed, known)
+        fresh = _webdataset_plan(plan.input, options, listing, source, sink, update)
         added, records, shards, skipped = fresh.units, fresh.records, fresh.shards, fresh.skipped_by_extension
+        changes = update.changes
     else:
         new = (b.filter(pa.array(~known.check_listed(b))) for b in record_batches(plan.input, options, images, listing))
         added, records = chunked_units(new, options.unit_size, source, sink)

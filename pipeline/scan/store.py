@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import socket
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 from pipeline.scan.changes import FileChanges, KnownFiles, VersionsWriter, recorded_versions
 from pipeline.scan.schema import PLAN_BOOKKEEPING, UNIT, VERSION
 from pipeline.scan.sources import RECORD_KINDS, Plan, SourceOptions, Unit, update_plan
+from pipeline.scan.tar_changes import KnownSamples
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import Location, parquet_schema, read_ahead, s3_connections
 
@@ -54,8 +56,10 @@ class PlanRecordsWriter:
     store, and `row_group`). Planning holds at most a file's worth of records, so a
     manifest of any length plans in bounded memory; files are written in the background."""
 
-    def __init__(self, store: Location):
-        self.store = store
+    def __init__(self, store: Location, suffix: str = ""):
+        """`suffix`: added to file names (records of units already stored elsewhere: an
+        update's refreshed tar samples must not take the name of the file they replace)."""
+        self.store, self.suffix = store, suffix
         self.buffered: list[pa.Table] = []
         self.name: str | None = None
         self.pool = ThreadPoolExecutor(RECORDS_WRITES_IN_FLIGHT)
@@ -66,7 +70,7 @@ class PlanRecordsWriter:
                               or not records.schema.equals(self.buffered[0].schema)):
             self.flush()  # a file holds one schema (manifests may differ in their columns)
         if not self.buffered:
-            self.name = f"{RECORDS_DIR}/{unit.unit_id}.parquet"
+            self.name = f"{RECORDS_DIR}/{unit.unit_id}{self.suffix}.parquet"
         unit.file, unit.row_group = self.name, len(self.buffered)
         self.buffered.append(records)
 
@@ -163,17 +167,28 @@ def records_schema(store: Location, plan: Plan) -> pa.Schema:
 
 @dataclass
 class ShardVersions:
-    """Shard units scored again by an update: their new versions go into the stored plan
-    once the run has scored them (an update interrupted before finds them again)."""
+    """Shard units scored again by an update: the plan the run scores holds their new
+    versions (and tar samples' refreshed records), which go into the stored plan once the
+    run has scored them (an update interrupted before finds them again)."""
 
     store: "ScanStore"
     plan: Plan
-    unit_versions: dict[str, str]
 
     def commit(self) -> None:
-        for u in self.plan.units:
-            u.version = self.unit_versions.get(u.unit_id, u.version)
         self.store.save_plan(self.plan)
+
+
+def apply_changes(plan: Plan, found: FileChanges) -> None:
+    """What the units an update scores again take (versions, refreshed records) and its tar
+    shards' versions, in the plan the run scores."""
+    for u in plan.units:
+        u.version = found.unit_versions.get(u.unit_id, u.version)
+        u.file, u.row_group = found.unit_records.get(u.unit_id, (u.file, u.row_group))
+    if found.shard_versions:
+        versions = [found.shard_versions.get(s, v) for s, v in zip(plan.shards["uri"].to_pylist(),
+                                                                    plan.shards["version"].to_pylist())]
+        plan.shards = plan.shards.set_column(plan.shards.schema.get_field_index("version"), "version",
+                                             pa.array(versions, pa.string()))
 
 
 class OutputMismatchError(ValueError):
@@ -298,14 +313,19 @@ class ScanStore(Location):
         Parquet shards, and what to `commit` once every unit is scored (the versions found:
         those units are not found changed again; None where there is nothing)."""
         versions = VersionsWriter(self) if plan.input_format == "folder" else None
-        known = self.known_files(plan, versions) if versions is not None else self.known_uris(plan)
         before = plan.shards
-        with PlanRecordsWriter(self) as records:  # new units' records, as a first plan's go
+        # new units' records go to the store as a first plan's do; a changed tar shard's
+        # units' refreshed records to files of their own (named apart: unique per update)
+        with PlanRecordsWriter(self) as records, PlanRecordsWriter(self, f"-{uuid.uuid4().hex[:12]}") as refreshed:
+            known = (self.known_files(plan, versions) if versions is not None
+                     else KnownSamples(stored_records(self, plan, ["uri", UNIT]), self.unit_records, refreshed)
+                     if plan.input_format == "webdataset" else self.known_uris(plan))
             plan, added, found = update_plan(plan, options, known, records)
         if added or found.versioned or (plan.shards is not None and (before is None or not plan.shards.equals(before))):
             self.save_plan(plan)  # new units, first versions of shards, or tar shards indexed anew
-        if found.unit_versions:
-            versions = ShardVersions(self, plan, found.unit_versions)
+        if found.unit_versions:  # the run scores them so; stored once it has
+            apply_changes(plan, found)
+            versions = ShardVersions(self, plan)
         return plan, added, found, versions
 
     def known_files(self, plan: Plan, versions: VersionsWriter) -> KnownFiles:

@@ -34,12 +34,13 @@ import pyarrow as pa
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
 from pipeline.scan.labels import label_and_subset, label_value
-from pipeline.storage import read_ahead, relative_paths
+from pipeline.storage import current_version, opened_version, read_ahead, relative_paths
 
 TEXT_EXTENSIONS = ("json", "txt")  # carried as strings in every row; other members as binary
 MEMBERS = "_wds_members"  # plan records: JSON {extension: [offset, size]} of the sample
 IMAGE_MEMBER = "_wds_image"  # plan records: the image member's name (drives alignment)
 PLAN_ERROR = "_wds_error"  # plan records: why the sample cannot be read (damaged shard)
+UNREADABLE = "<unreadable>"  # the key of a damaged shard's record for what follows the damage
 INDEX_THREADS = 16
 _BRACES = re.compile(r"\{([^{}]*)\}")
 
@@ -111,8 +112,9 @@ def sample_label(found: dict, label: str, where: str) -> int | None:
         raise ValueError(f"{where}: {err}") from None
 
 
-def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[dict], int]:
-    """One shard -> (records, samples without an image). Records: uri, the members' offsets,
+def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[dict], int, str]:
+    """One shard -> (records, samples without an image, the version read: `storage.
+    opened_version`, which decode tasks check before trusting the offsets). Records: uri, the members' offsets,
     the image member's name, the sample's label (`sample_label`, else that of the shard's
     label folder below `root`, the input's folder, as for images of a folder; so is its
     subset), and an error for what the damage makes unreadable."""
@@ -121,6 +123,7 @@ def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[di
     stopped: str | None = None
     with fsspec.open(uri, "rb") as f:
         size = f.size if hasattr(f, "size") else None
+        version = opened_version(f)
         try:
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 for info in tar:
@@ -151,14 +154,14 @@ def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[di
         if records[-1]["label"] is None:
             records[-1]["label"] = folder_label
     if stopped is not None:
-        records.append({"uri": f"{uri}#<unreadable>", MEMBERS: "{}", IMAGE_MEMBER: None,
+        records.append({"uri": f"{uri}#{UNREADABLE}", MEMBERS: "{}", IMAGE_MEMBER: None,
                         PLAN_ERROR: f"tar shard unreadable past this point: {stopped}", "label": folder_label,
                         "subset": subset})
-    return records, no_image
+    return records, no_image, version
 
 
 SHARDS_SCHEMA = pa.schema([("uri", pa.string()), ("records", pa.int64()), ("no_image", pa.int64()),
-                           ("damaged", pa.bool_())])  # one row per indexed shard (kept with the plan)
+                           ("damaged", pa.bool_()), ("version", pa.string())])  # one row per indexed shard
 
 
 # Ray tasks pay a worker start-up each (seconds, importing pyarrow and fsspec) that small
@@ -167,7 +170,7 @@ CLUSTER_INDEX_MIN_SHARDS = 64
 
 
 def _indexed_on_cluster(uris: list[str], address: str | None, label: str, root: str
-                        ) -> Iterator[tuple[list[dict], int]]:
+                        ) -> Iterator[tuple[list[dict], int, str]]:
     """index_shard over `uris` as Ray tasks across the cluster, results in shard order, a
     bounded number in flight (finished indexes wait in the object store, not by the thousand)."""
     import ray
@@ -200,7 +203,7 @@ def shard_folders(shard: str, root: str) -> tuple[str, ...]:
 def indexed_shards(uris: list[str], on_cluster: bool = False, address: str | None = None, label: str = "label",
                    root: str = "") -> Iterator[tuple[pa.Table, dict]]:
     """Each shard's records (SAMPLES_SCHEMA) and its row of SHARDS_SCHEMA (record count,
-    samples without an image, whether it could not be read whole), in shard order, a
+    samples without an image, whether it could not be read whole, its version), in shard order, a
     bounded number indexed ahead. `on_cluster`: more than CLUSTER_INDEX_MIN_SHARDS shards
     are indexed by Ray tasks over the cluster (`address`, else RAY_ADDRESS, else a local
     Ray), so reading every shard's headers scales with its nodes rather than one driver's
@@ -209,16 +212,38 @@ def indexed_shards(uris: list[str], on_cluster: bool = False, address: str | Non
 
     indexed = (_indexed_on_cluster(uris, address, label, root) if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
                else read_ahead(functools.partial(index_shard, label=label, root=root), uris, INDEX_THREADS))
-    for uri, (records, no_image) in zip(uris, progress(indexed, "indexing tar shards", total=len(uris), unit="shard")):
+    for uri, (records, no_image, version) in zip(uris, progress(indexed, "indexing tar shards", total=len(uris),
+                                                                unit="shard")):
         yield pa.Table.from_pylist(records, schema=SAMPLES_SCHEMA), {
             "uri": uri, "records": len(records), "no_image": no_image,
-            "damaged": any(r[PLAN_ERROR] is not None for r in records)}
+            "damaged": any(r[PLAN_ERROR] is not None for r in records), "version": version}
 
 
-def read_samples(records: pa.Table, threads: int, max_bytes: int):
+def shards_table(shards: pa.Table | None) -> pa.Table:
+    """A plan's shards in SHARDS_SCHEMA (a plan stored before versions were recorded: null
+    versions; none yet: empty)."""
+    if shards is None:
+        return SHARDS_SCHEMA.empty_table()
+    if "version" not in shards.column_names:
+        shards = shards.append_column("version", pa.nulls(shards.num_rows, pa.string()))
+    return shards.select(SHARDS_SCHEMA.names).cast(SHARDS_SCHEMA)
+
+
+def sample_shard(uri: str) -> str:
+    """The shard a sample's uri names ('<shard>#<key>' -> '<shard>')."""
+    return uri.rsplit("#", 1)[0]
+
+
+SHARD_CHANGED = "shard changed"  # error rows of a unit whose shard was written again since it was planned
+
+
+def read_samples(records: pa.Table, threads: int, max_bytes: int, version: str | None = None):
     """(member columns, names, payloads) for a unit's sample records: each sample's members
-    with one range read; json/txt members as strings, others as binary columns."""
-    shard_of = [u.rsplit("#", 1)[0] for u in records["uri"].to_pylist()]
+    with one range read; json/txt members as strings, others as binary columns. `version`:
+    the shard's as indexed (the records of a unit are one shard's); a shard written again
+    since holds other bytes at those offsets, so once read its version is checked, and if
+    it differs every row is an error (SHARD_CHANGED) instead of another sample's image."""
+    shard_of = [sample_shard(u) for u in records["uri"].to_pylist()]
     members = [json.loads(m) for m in records[MEMBERS].to_pylist()]
     errors = records[PLAN_ERROR].to_pylist()
     images = records[IMAGE_MEMBER].to_pylist()
@@ -243,6 +268,10 @@ def read_samples(records: pa.Table, threads: int, max_bytes: int):
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         fetched = list(pool.map(fetch, range(records.num_rows)))
+    if version is not None and shard_of:
+        stale = _shard_change(shard_of[0], version)
+        if stale is not None:
+            fetched = [(None, stale)] * len(fetched)
     # json / txt always (null when absent): every part of a scan then has them, whatever
     # its samples hold; rarer members only where some sample of the unit has them
     extensions = sorted(({e for spans in members for e in spans} | set(TEXT_EXTENSIONS)) - set(IMAGE_EXTENSIONS))
@@ -256,3 +285,16 @@ def read_samples(records: pa.Table, threads: int, max_bytes: int):
     payloads = [(None, err) if got is None else (got[images[i].rpartition(".")[2]], None)
                 for i, (got, err) in enumerate(fetched)]
     return columns, images, payloads
+
+
+def _shard_change(shard: str, version: str) -> str | None:
+    """Why a unit's samples read from `shard` cannot be trusted (it is not the version they
+    were indexed in: written again, or gone), else None."""
+    try:
+        now = current_version(shard)
+    except Exception as err:  # recorded on the rows, never raised
+        return f"read failed: {error_text(err)}"
+    if now == version:
+        return None
+    return (f"{SHARD_CHANGED}: {shard} was written again since it was planned (version {now}, planned {version}); "
+            "mirror scan --update plans it again")
