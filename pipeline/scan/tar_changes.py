@@ -37,6 +37,7 @@ from pipeline.storage import current_version, read_ahead
 SAMPLE_REMOVED = "sample removed"  # the error of a planned sample its shard no longer holds
 REFRESHED = (webdataset.MEMBERS, webdataset.IMAGE_MEMBER, webdataset.PLAN_ERROR, "label", "subset")
 VERSION_THREADS = 16  # shards asked for their version at once when no listing gave it (a brace pattern)
+RECORDS_READS_AT_ONCE = 8  # a changed shard's units' stored records read concurrently (object-store latency)
 
 
 class KnownSamples(UriSet):
@@ -128,9 +129,11 @@ class TarShardUpdate:
         self.changes.changed += 1
         at = {uri: i for i, uri in enumerate(samples["uri"].to_pylist())}
         fresh = {name: samples[name].to_pylist() for name in REFRESHED}
-        for uid in self.known.shard_units.get(shard, []):
+        uids = self.known.shard_units.get(shard, [])
+        stored = read_ahead(lambda uid: self.known.read(self.units[uid]), uids, RECORDS_READS_AT_ONCE)
+        for uid, records in zip(uids, stored):
             unit = replace(self.units[uid], version=row["version"])
-            self.known.sink.add(unit, refreshed(self.known.read(self.units[uid]), at, fresh))
+            self.known.sink.add(unit, refreshed(records, at, fresh))
             self.changes.unit_records[uid] = (unit.file, unit.row_group)
         self._redo(shard, row["version"])
         return {**row, "version": old["version"]}
