@@ -284,3 +284,39 @@ def test_a_group_by_column_no_record_has_fails_before_anything_is_scored(parity_
         assert f"--group-by '{typo}': no such column in {source}" in err and f"its own columns: {carried};" in err, err
         assert (out / "scan" / "_plan").is_dir()  # planned, kept for the rerun
         assert not list((out / "scan").glob("scores/*.parquet"))  # nothing scored
+
+
+def test_an_image_gone_or_changed_since_the_scan_keeps_its_explanation_row_with_the_reason(parity_bundle, tmp_path):
+    """The heatmaps read the flagged images again after the scan: one removed or rewritten
+    since must not end the audit (nor be explained as another image)."""
+    from mirror_core.bundle import load_bundle
+    from pipeline.audit.audit import explain_top
+    from pipeline.audit.report import write_audit_report
+    from pipeline.scan.sources import ColumnMap, SourceOptions, plan_source
+    from pipeline.scan.store import PlanRecordsWriter, ScanStore
+    from pipeline.storage import Location
+
+    for i in range(3):
+        write_image(tmp_path / "in" / f"{i}.png", seed=i)
+    scan = ScanStore(str(tmp_path / "scan"))
+    with PlanRecordsWriter(scan) as sink:
+        plan = plan_source(str(tmp_path / "in"), SourceOptions(), sink=sink)
+    scan.save_plan(plan)
+    (tmp_path / "in" / "0.png").unlink()
+    (tmp_path / "in" / "1.png").write_bytes(b"no longer an image")
+    top = pa.table({"uri": [str(tmp_path / "in" / f"{i}.png") for i in range(3)], "id": ["a", "b", "c"],
+                    "prob_fake": [0.9, 0.8, 0.7], "_unit": [plan.units[0].unit_id] * 3, "_index": [0, 1, 2]})
+    out = Location(str(tmp_path / "audit"))
+    table = explain_top(out, scan, load_bundle(str(parity_bundle)), top, 0.5, "explicit --threshold", ColumnMap(),
+                        None)
+    rows = table.to_pylist()
+    assert rows[0]["error"].startswith("read failed: FileNotFoundError") and rows[0]["grid"] is None
+    assert rows[1]["error"].startswith("decode failed: ") and rows[1]["heatmap"] is None
+    assert rows[2]["error"] is None and len(rows[2]["grid"]) == 196
+    assert pq.read_table(tmp_path / "audit" / "explanations.parquet").num_rows == 3
+    result = {"input": "in", "model_id": "m", "rows": 3, "scored": 3, "errors": 0, "errors_by_kind": {},
+              "flagged": 3, "flagged_fraction": 1.0, "filter_mode": "drop", "filtered_rows": 0, "threshold": 0.5,
+              "threshold_method": "explicit --threshold", "group_column": "g", "groups": [], "groups_total": 0}
+    write_audit_report(out, result, np.array([0.9, 0.8, 0.7]), table)
+    report = (tmp_path / "audit" / "audit_report.md").read_text()
+    assert "not explained: read failed: FileNotFoundError" in report and rows[2]["heatmap"] in report

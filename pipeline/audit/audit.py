@@ -26,6 +26,7 @@ from PIL import Image
 
 from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.detector import Detector
+from mirror_core.errors import error_text
 from pipeline.audit.explain import heatmap_overlay, png_bytes
 from pipeline.audit.filtered import with_threshold_info, write_filtered
 from pipeline.progress import progress, step
@@ -277,40 +278,55 @@ def summary_groups(groups: pa.Table) -> list[dict]:
     return groups.take(pa.array(np.sort(rank))).to_pylist()
 
 
-def record_bytes(scan: ScanStore, plan, unit_id: str, index: int, columns) -> tuple[bytes | None, str | None]:
+def record_bytes(scan: ScanStore, plan, unit_id: str, index: int, columns) -> tuple[bytes | None, str | None, str | None]:
+    """A scanned record's bytes, name and why they cannot be read now (None when they can)."""
     unit = next(u for u in plan.units if u.unit_id == unit_id)
     if unit.kind == "shard":
-        t = read_shard_unit(unit, columns, with_bytes=True)
-        return t["bytes"][index].as_py(), record_names(t)[index]
+        try:
+            t = read_shard_unit(unit, columns, with_bytes=True)
+        except Exception as err:  # recorded on its explanation row
+            return None, None, f"shard read failed: {error_text(err)}"
+        return t["bytes"][index].as_py(), record_names(t)[index], None
     rec = scan.unit_records(unit).slice(index, 1)
     if unit.kind == "samples":  # a tar sample: its image member, named as in the tar
         _, names, payloads = webdataset.read_samples(rec, 1, DEFAULT_MAX_FILE_BYTES, unit.version)
-        return payloads[0][0], names[0]
+        return payloads[0][0], names[0], payloads[0][1]
     uri = rec["uri"][0].as_py()
-    data, _ = next(fetch_all([uri], 1))
-    return data, uri
+    data, error = next(fetch_all([uri], 1))
+    return data, uri, error
+
+
+EXPLANATIONS_SCHEMA = pa.schema([
+    ("rank", pa.int64()), ("uri", pa.string()), ("id", pa.string()), ("prob_fake", pa.float64()),
+    ("grid", pa.list_(pa.float32())), ("grid_h", pa.int64()), ("grid_w", pa.int64()),
+    ("heatmap", pa.string()), ("crop", pa.string()), ("error", pa.string())])
 
 
 def explain_top(out: Location, scan: ScanStore, bundle: Bundle, top: pa.Table, threshold: float,
                 method: str, columns, alignment: str | None) -> pa.Table:
-    """Heatmaps and residual grids of the `top` flagged rows (uri, id, prob_fake, _unit, _index), in order."""
+    """Heatmaps and residual grids of the `top` flagged rows (uri, id, prob_fake, _unit, _index), in order.
+    An image that cannot be read or decoded now (removed or changed since the scan) keeps
+    its row, with `error` saying why and no grid."""
     detector = Detector.from_bundle(bundle, alignment=alignment)
     plan = scan.load_plan()
     rows = []
     for rank, r in enumerate(progress(top.to_pylist(), "explaining", unit="image"), start=1):
-        data, name = record_bytes(scan, plan, r["_unit"], r["_index"], columns)
-        pre = detector.preprocess(data, name=name)
+        row = {"rank": rank, "uri": r["uri"], "id": r["id"], "prob_fake": r["prob_fake"]}
+        data, name, error = record_bytes(scan, plan, r["_unit"], r["_index"], columns)
+        try:
+            pre = detector.preprocess(data, name=name) if error is None else None
+        except Exception as err:  # recorded on its row: the image is not what was scored
+            error = f"decode failed: {error_text(err)}"
+        if error is not None:
+            rows.append({**row, "error": error})
+            continue
         grid = detector.score_pixels(pre.pixels[None], token_residuals=True)["token_residual"][0]
         stem = f"heatmaps/{rank:03d}_{(r['id'] or 'noid')[:12]}"
         out.write_bytes(f"{stem}_heatmap.png", png_bytes(heatmap_overlay(pre.pixels, grid)))
         out.write_bytes(f"{stem}_crop.png", png_bytes(Image.fromarray(pre.pixels)))
-        rows.append({"rank": rank, "uri": r["uri"], "id": r["id"], "prob_fake": r["prob_fake"],
-                     "grid": grid.astype(np.float32).ravel().tolist(), "grid_h": grid.shape[0], "grid_w": grid.shape[1],
-                     "heatmap": f"{stem}_heatmap.png", "crop": f"{stem}_crop.png"})
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("rank", pa.int64()), ("uri", pa.string()), ("id", pa.string()), ("prob_fake", pa.float64()),
-        ("grid", pa.list_(pa.float32())), ("grid_h", pa.int64()), ("grid_w", pa.int64()),
-        ("heatmap", pa.string()), ("crop", pa.string())]))
+        rows.append({**row, "grid": grid.astype(np.float32).ravel().tolist(), "grid_h": grid.shape[0],
+                     "grid_w": grid.shape[1], "heatmap": f"{stem}_heatmap.png", "crop": f"{stem}_crop.png"})
+    table = pa.Table.from_pylist(rows, schema=EXPLANATIONS_SCHEMA)
     out.write_parquet("explanations.parquet", with_threshold_info(table, threshold, method))
     return table
 

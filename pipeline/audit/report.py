@@ -43,7 +43,8 @@ def write_audit_report(out: Location, result: dict[str, Any], scored_probs: np.n
         "memory misses most (per-patch residual norm, blue low to red high).", "",
     ]
     for e in explanations.to_pylist():
-        lines += [f"{e['rank']}. `{e['uri']}`: prob_fake {e['prob_fake']:.4f}", "",
-                  f"   ![crop]({e['crop']}) ![heatmap]({e['heatmap']})", ""]
+        shown = (f"   ![crop]({e['crop']}) ![heatmap]({e['heatmap']})" if e["error"] is None
+                 else f"   not explained: {e['error']}")
+        lines += [f"{e['rank']}. `{e['uri']}`: prob_fake {e['prob_fake']:.4f}", "", shown, ""]
     out.write_bytes("audit_report.md", "\n".join(lines).encode())
     return out.uri_of("audit_report.md")
