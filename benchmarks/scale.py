@@ -39,7 +39,9 @@ to it, scans it with a demo-size model and prints one JSON object:
 - wds_plan_s, wds_update_plan_s, wds_reindex_all_s: planning WebDataset tar shards on S3
   (small JPEG + JSON samples), then `--update`'s planning after one more shard arrives,
   against indexing every shard again; wds_update_shards_indexed; wds_plan_ray_tasks_s: the
-  same shards indexed by Ray tasks over the cluster (as a scan plans more than 64 shards).
+  same shards indexed by Ray tasks over the cluster (as a scan plans more than 64 shards);
+  wds_update_changed_s: `--update`'s planning once wds_update_shards_changed shards were
+  written again (indexed again, wds_update_changed_units units' records refreshed).
 """
 from __future__ import annotations
 
@@ -89,20 +91,35 @@ def write_corpus(fs, bucket: str, n: int, rows_per_shard: int = 2048) -> None:
         fs.pipe(f"{bucket}/corpus/shard-{s:05d}.parquet", buf.getvalue())
 
 
-def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512) -> dict:
-    """--update of a WebDataset corpus: one new shard indexed, against all of them again."""
+def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512, changed: int = 4) -> dict:
+    """--update of a WebDataset corpus: one new shard indexed, against all of them again;
+    then `changed` shards written again (their samples in reverse order) and updated."""
     import tarfile
 
+    import pyarrow.compute as pc
+
     from pipeline.scan import webdataset
+    from pipeline.scan.schema import UNIT
     from pipeline.scan.sources import SourceOptions, plan_source, update_plan
-    from pipeline.scan.uri_set import UriSet
+    from pipeline.scan.tar_changes import KnownSamples
 
     images = small_jpegs(64, seed=1)
 
-    def write_shard(s: int) -> None:
+    class HeldRecords:  # where an update's refreshed records go: counted, as a plan held in memory
+        def __init__(self):
+            self.units = 0
+
+        def add(self, unit, records) -> None:
+            unit.file, unit.row_group, self.units = "held", self.units, self.units + 1
+
+    def known(plan) -> KnownSamples:
+        return KnownSamples([plan.records], lambda u: plan.records.filter(pc.equal(plan.records[UNIT], u.unit_id)),
+                            HeldRecords())
+
+    def write_shard(s: int, reverse: bool = False) -> None:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
-            for i in range(samples):
+            for i in (reversed(range(samples)) if reverse else range(samples)):
                 for name, data in ((f"{s:05d}{i:05d}.jpg", images[i % len(images)]),
                                    (f"{s:05d}{i:05d}.json", json.dumps({"i": i}).encode())):
                     info = tarfile.TarInfo(name)
@@ -122,10 +139,17 @@ def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512) 
     webdataset.index_shard = lambda u, *a, **kw: indexed.append(u) or original(u, *a, **kw)
     try:
         t = time.perf_counter()
-        update, added, _ = update_plan(plan, SourceOptions(), UriSet([plan.records["uri"]]))
+        update, added, _ = update_plan(plan, SourceOptions(), known(plan))
         update_s = time.perf_counter() - t
     finally:
         webdataset.index_shard = original
+    for s in range(changed):
+        write_shard(s, reverse=True)
+    fs.invalidate_cache()
+    t = time.perf_counter()
+    _, _, found = update_plan(update, SourceOptions(), known(update))
+    changed_s = time.perf_counter() - t
+    assert found.changed == changed and len(found.unit_records) == len(found.units)
     t = time.perf_counter()
     plan_source(uri, SourceOptions())
     reindex_s = time.perf_counter() - t
@@ -139,7 +163,9 @@ def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512) 
     assert sum(u.rows for u in added) == samples and on_cluster.total_rows == (shards + 1) * samples
     return {"wds_shards": shards + 1, "wds_samples_per_shard": samples, "wds_plan_s": round(plan_s, 2),
             "wds_update_plan_s": round(update_s, 3), "wds_reindex_all_s": round(reindex_s, 2),
-            "wds_update_shards_indexed": len(indexed), "wds_plan_ray_tasks_s": round(cluster_s, 2)}
+            "wds_update_shards_indexed": len(indexed), "wds_plan_ray_tasks_s": round(cluster_s, 2),
+            "wds_update_shards_changed": changed, "wds_update_changed_units": len(found.units),
+            "wds_update_changed_s": round(changed_s, 3)}
 
 
 class CountingCompletions:

@@ -38,7 +38,7 @@ from pipeline.scan.manifest import (
     uri_column,
 )
 from pipeline.scan.schema import INDEX, UNIT, VERSION
-from pipeline.scan.tar_changes import TarShardUpdate, listed_versions
+from pipeline.scan.tar_changes import KnownSamples, TarShardUpdate, listed_versions
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import opened_version, resolve_relative
 
@@ -537,6 +537,8 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
                                                                options.columns))
         records = pa.table({})
     elif fmt == "webdataset":
+        if not isinstance(known, KnownSamples):
+            raise TypeError(f"an update of tar shards checks them against tar_changes.KnownSamples, not {type(known)}")
         known_shards = webdataset.shards_table(plan.shards)
         listed = listed_versions(known_shards["uri"].to_pylist(), listing_versions(plan.input, listing))
         update = TarShardUpdate(plan.units, known_shards, listed, known)
