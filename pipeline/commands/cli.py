@@ -129,6 +129,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.scan.status import scan_status, status_lines
+
+    status = scan_status(args.output)
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else "\n".join(status_lines(status)))
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from pipeline.commands.ingest import ingest
 
@@ -294,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory or URI; rerun the same command to resume")
     add_scan_flags(p)
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("status", help="how far a scan's output has got: committed and left, errors counted; "
+                       "no Ray, while it runs too")
+    p.add_argument("--output", required=True, help="a scan's output directory or URI (an audit's scan/ too)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("ingest", help="pack a folder tree of images, or a manifest's images, into Parquet shards")
     p.add_argument("--input", required=True, help="image folder, or a manifest file (web links, paths: as a scan "

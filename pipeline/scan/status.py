@@ -1,0 +1,71 @@
+"""How far a scan's output has got, from what its store holds: no Ray, nothing scored.
+
+`mirror status --output URI` answers an operator's questions about a long scan (or an
+audit's `scan/`, a benchmark's `scans/<name>/clean/`): is it planned, how many records
+and units are committed and how many are left, which errors the counted parts hold. It
+costs one listing of the parts, the plan's units file and the kept part counts: it may
+run while the scan does, from any machine that reads the output.
+
+Parts committed since the last summary have no kept counts yet (the summary at the end
+of a run counts them); their rows count as committed, their errors only once counted.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.compute as pc
+
+from pipeline.scan.store import PART_FIELDS, ScanStore
+from pipeline.scan.summary import PART_TALLIES, TALLY_SCHEMA, errors_by_kind
+
+
+def scan_status(output_uri: str) -> dict[str, Any]:
+    """What `output_uri` holds of its scan: identity, plan, committed and left (records and
+    units), the counted parts' errors. A FileNotFoundError when it holds no scan."""
+    out = ScanStore(output_uri)
+    identity = out.read_json("_scan.json")
+    if identity is None:
+        raise FileNotFoundError(f"{out.uri} holds no scan (no _scan.json): give the --output of a scan")
+    status: dict[str, Any] = {"output": out.uri, **identity}
+    plan = out.load_plan()
+    if plan is None:  # claimed, planning not finished (or interrupted)
+        return {**status, "planned": False, "complete": False}
+    rows = {u.unit_id: u.rows for u in plan.units}
+    parts = out.committed_parts()
+    done = [u for u in parts["unit_id"].to_pylist() if u in rows]
+    committed = sum(rows[u] for u in done)
+    total = sum(rows.values())
+    kept = out.read_parquet(PART_TALLIES)
+    counted = (kept.join(parts, PART_FIELDS, join_type="inner") if kept is not None and kept.schema.equals(TALLY_SCHEMA)
+               else TALLY_SCHEMA.empty_table())
+    return {**status, "planned": True, "input_format": plan.input_format, "complete": len(done) == len(rows),
+            "records": {"total": total, "committed": committed, "left": total - committed},
+            "units": {"total": len(rows), "committed": len(done), "left": len(rows) - len(done)},
+            "parts_not_in_plan": parts.num_rows - len(done),
+            "counted": {"parts": counted.num_rows, "rows": int(pc.sum(counted["rows"]).as_py() or 0),
+                        "errors": int(pc.sum(counted["errors"]).as_py() or 0),
+                        "errors_by_kind": errors_by_kind(counted)}}
+
+
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """The status as a few lines of text."""
+    lines = [f"{status['output']}: scan of {status['input']} by model {status['model_id']} ({status['preprocess']}, "
+             f"threshold {status['threshold']:.6g})"]
+    if not status["planned"]:
+        return lines + ["  not planned yet (planning has not finished): nothing committed"]
+    records, units = status["records"], status["units"]
+    share = 100 * records["committed"] / records["total"] if records["total"] else 100.0
+    lines += [f"  {status['input_format']} input: {records['total']:,} records in {units['total']:,} units",
+              f"  committed: {records['committed']:,} records ({share:.1f}%) in {units['committed']:,} units"
+              + ("; complete" if status["complete"] else
+                 f"; left: {records['left']:,} records in {units['left']:,} units (rerun the scan to finish)")]
+    counted = status["counted"]
+    uncounted = units["committed"] - counted["parts"]
+    if counted["parts"]:
+        kinds = "".join(f"; {kind}: {n:,}" for kind, n in list(counted["errors_by_kind"].items())[:3])
+        lines.append(f"  counted parts: {counted['rows']:,} rows, {counted['errors']:,} errors{kinds}")
+    if uncounted:
+        lines.append(f"  {uncounted:,} committed parts are counted by the next summary (a run's end)")
+    if status["parts_not_in_plan"]:
+        lines.append(f"  {status['parts_not_in_plan']:,} parts belong to no unit of the plan")
+    return lines

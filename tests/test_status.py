@@ -1,0 +1,43 @@
+"""`mirror status`: how far a scan's output has got, read from its store alone."""
+import json
+
+import pytest
+from conftest import write_image
+
+from pipeline.commands.cli import main
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.run import run_scan
+
+
+def test_status_says_how_far_a_scan_has_got_without_ray(ray_local, parity_bundle, tmp_path, capsys):
+    """`mirror status`: planned, committed and left, errors of the counted parts; while a
+    scan is unfinished (a part missing, as after an interruption) and once it is complete."""
+    for i in range(5):
+        write_image(tmp_path / "in" / f"{i}.png", seed=i)
+    (tmp_path / "in" / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main(["status", "--output", str(out)]) == 2
+    assert "holds no scan (no _scan.json)" in capsys.readouterr().err
+
+    def refuse(store, plan):
+        raise ValueError("stop after planning")
+
+    with pytest.raises(ValueError):
+        run_scan(str(parity_bundle), str(tmp_path / "in"), str(out), ScanConfig(unit_size=2), check_plan=refuse)
+    assert main(["status", "--output", str(out), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["records"] == {"total": 6, "committed": 0, "left": 6} and planned["complete"] is False
+    assert planned["units"] == {"total": 3, "committed": 0, "left": 3} and planned["input"] == str(tmp_path / "in")
+
+    run_scan(str(parity_bundle), str(tmp_path / "in"), str(out), ScanConfig(unit_size=2))
+    assert main(["status", "--output", str(out), "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["complete"] is True and done["records"]["left"] == 0 and done["parts_not_in_plan"] == 0
+    assert done["counted"] == {"parts": 3, "rows": 6, "errors": 1,
+                               "errors_by_kind": {"decode failed: UnidentifiedImageError": 1}}
+    first = sorted((out / "scores").glob("part-*.parquet"))[0]
+    first.unlink()  # as a run interrupted before that unit committed
+    assert main(["status", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "committed: 4 records (66.7%) in 2 units; left: 2 records in 1 units (rerun the scan to finish)" in text
+    assert "counted parts: 4 rows" in text
