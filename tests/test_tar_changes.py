@@ -6,7 +6,6 @@ import os
 import tarfile
 
 import boto3
-import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import write_image
 
@@ -169,4 +168,22 @@ def test_tar_shards_on_s3_keep_their_etags_by_listing_and_by_brace_pattern(tmp_p
         assert (found.changed, found.units) == (1, {plan.units[0].unit_id})
         client.put_object(Bucket=s3_bucket, Key="wds/a.tar", Body=(tmp_path / "a.tar").read_bytes())
         s3fs.S3FileSystem.clear_instance_cache()
-    assert pa.__version__
+
+
+def test_a_shard_of_no_images_that_gains_some_is_indexed_once_and_one_removed_is_counted_once(tmp_path,
+                                                                                                monkeypatch):
+    src, out, images = tmp_path / "wds", ScanStore(str(tmp_path / "out")), tmp_path / "images"
+    write_tar(src / "a.tar", {"a0": 0}, images)
+    (src / "empty.tar").write_bytes(tar_bytes([]))  # no sample with an image: no unit
+    (src / "gone.tar").write_bytes(tar_bytes([]))
+    plan_tars(str(src), out)
+    write_tar(src / "empty.tar", {"e0": 1, "e1": 2}, images)
+    (src / "gone.tar").unlink()
+    _, added, found, pending = out.relist(out.load_plan(), SourceOptions(unit_size=2))
+    assert (found.changed, found.removed, [u.rows for u in added], found.units) == (1, 1, [2], frozenset())
+    pending.commit()  # as a run does once it has scored the new unit
+    indexed = []
+    original = webdataset.index_shard
+    monkeypatch.setattr(webdataset, "index_shard", lambda uri, *a, **kw: indexed.append(uri) or original(uri, *a, **kw))
+    _, added, found, pending = out.relist(out.load_plan(), SourceOptions(unit_size=2))
+    assert (indexed, added, found.changed, found.removed, found.units, pending) == ([], [], 0, 0, frozenset(), None)

@@ -323,7 +323,7 @@ class ScanStore(Location):
             plan, added, found = update_plan(plan, options, known, records)
         if added or found.versioned or (plan.shards is not None and (before is None or not plan.shards.equals(before))):
             self.save_plan(plan)  # new units, first versions of shards, or tar shards indexed anew
-        if found.unit_versions:  # the run scores them so; stored once it has
+        if found.unit_versions or found.shard_versions:  # the run scores them so; stored once it has
             apply_changes(plan, found)
             versions = ShardVersions(self, plan)
         return plan, added, found, versions
