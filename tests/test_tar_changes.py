@@ -6,6 +6,7 @@ import os
 import tarfile
 
 import boto3
+import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import write_image
 
@@ -13,7 +14,7 @@ from pipeline.scan import webdataset
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
 from pipeline.scan.sources import SourceOptions, plan_source
-from pipeline.scan.store import PlanRecordsWriter, ScanStore
+from pipeline.scan.store import PlanRecordsWriter, ScanStore, stored_records
 
 
 def tar_bytes(samples: list[tuple[str, bytes]]) -> bytes:
@@ -129,6 +130,10 @@ def test_a_tar_update_is_found_again_until_scored_and_old_plans_get_versions(tmp
             assert [out.unit_records(u) for u in out.load_plan().units] == old_records
     _, _, found, pending = out.relist(out.load_plan(), SourceOptions(unit_size=2))
     assert (found.changed, found.removed, found.units, pending) == (0, 0, frozenset(), None)
+    # the records streamed (audits, training, the next update) are the refreshed ones, once
+    # each: the first records file still holds the replaced ones
+    streamed = pa.concat_tables(stored_records(out, out.load_plan()))
+    assert streamed.num_rows == 4 and streamed.to_pylist() == pa.concat_tables(fresh).to_pylist()
 
     stored = out.load_plan()  # as planned by a version of MIRROR that recorded no versions
     for u in stored.units:

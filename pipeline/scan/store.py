@@ -134,20 +134,28 @@ PARTS_READ_AT_ONCE = 16  # committed parts read concurrently (at least; an s3fs 
 
 
 def stored_records(store: Location, plan: Plan, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """The records files of the plan's folder/manifest/tar-sample units in `store`, in unit
-    order (`columns`: only those a file holds), a few read at once and no more ahead: the
-    plan's records streamed in bounded memory (a file is 65,536 records at the default unit
-    size)."""
-    files = list(dict.fromkeys(u.file for u in plan.units if u.kind in RECORD_KINDS))
+    """The records of the plan's folder/manifest/tar-sample units in `store`, a records file
+    at a time in the order of the units (each unit's records together; `columns`: only
+    those a file holds), a few files read at once and no more ahead: the plan's records
+    streamed in bounded memory (a file is 65,536 records at the default unit size). Only
+    the row groups of the plan's units are read: a file may also hold the records of units
+    an update refreshed since (stored anew elsewhere: `tar_changes`)."""
+    files: dict[str, list[int]] = {}
+    for u in plan.units:
+        if u.kind in RECORD_KINDS:
+            files.setdefault(u.file, []).append(u.row_group)
 
     def read(name: str) -> pa.Table:
         data = store.read_bytes(name)
         if data is None:
             raise FileNotFoundError(f"{store.uri_of(name)}: a records file of the plan is missing")
         f = pq.ParquetFile(io.BytesIO(data))
-        return f.read(columns if columns is None else [c for c in columns if c in f.schema_arrow.names])
+        wanted = columns if columns is None else [c for c in columns if c in f.schema_arrow.names]
+        if files[name] == list(range(f.num_row_groups)):
+            return f.read(wanted)
+        return f.read_row_groups(files[name], columns=wanted)
 
-    return read_ahead(read, files, RECORDS_FILES_READ_AT_ONCE, ahead=RECORDS_FILES_READ_AT_ONCE)
+    return read_ahead(read, list(files), RECORDS_FILES_READ_AT_ONCE, ahead=RECORDS_FILES_READ_AT_ONCE)
 
 
 def records_schemas(store: Location, plan: Plan) -> Iterator[pa.Schema]:
