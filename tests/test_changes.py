@@ -294,3 +294,52 @@ def test_a_file_listed_without_a_version_is_neither_changed_nor_removed():
         True]
     found = known.finish()
     assert (found.changed, found.removed, found.units) == (0, 0, frozenset())
+
+
+def write_manifest(path, rows: list[tuple[str, str]]) -> None:
+    path.write_text("uri,etag\n" + "".join(f"{uri},{etag}\n" for uri, etag in rows))
+
+
+def test_a_manifest_with_a_version_column_has_its_changed_records_scored_again(ray_local, parity_bundle, tmp_path):
+    """`columns.version`: a manifest that says each file's version (a catalog's ETag or hash)
+    has the records whose version changed scored again by --update; a record the manifest
+    no longer names keeps its row; a file named twice is checked in both rows."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    for i in range(4):
+        write_image(images / f"{i}.png", seed=i)
+    uris = [str(images / f"{i}.png") for i in range(4)]
+    manifest = tmp_path / "list.csv"
+    write_manifest(manifest, [(uris[0], "e0"), (uris[1], "e1"), (uris[2], "e2"), (uris[3], "e3"), (uris[1], "e1")])
+    cfg = ScanConfig(unit_size=2, columns={**ScanConfig().columns, "version": "etag"})
+    first = run_scan(str(parity_bundle), str(manifest), str(out), cfg)
+    assert first["rows_out"] == 5 and first["errors"] == 0
+    before = part_times(out)
+    write_image(images / "1.png", seed=11)  # the catalog records its new version
+    write_manifest(manifest, [(uris[0], "e0"), (uris[1], "e1b"), (uris[2], "e2"), (uris[1], "e1b")])  # 3.png gone
+    updated = run_scan(str(parity_bundle), str(manifest), str(out), ScanConfig(unit_size=2, update=True,
+                                                                                columns=cfg.columns))
+    assert updated["update"] == {"files_changed": 1, "files_removed": 1, "files_versioned": 0, "units_changed": 2}
+    assert updated["this_run"]["rows"] == 3 and updated["rows_out"] == 5  # units of rows 0-1 and 4; 3.png's kept
+    after = part_times(out)
+    assert len([n for n in before if after[n] == before[n]]) == 1
+    rows = pq.read_table(out / "scores").to_pylist()
+    fresh = run_scan(str(parity_bundle), str(images), str(tmp_path / "fresh"), ScanConfig())
+    assert fresh["rows_out"] == 4
+    now = {r["uri"]: r for r in pq.read_table(tmp_path / "fresh" / "scores").to_pylist()}
+    for row in rows:  # every row, the one of 3.png too, holds the score of the file as it is now
+        assert row["prob_fake"] == now[row["uri"]]["prob_fake"] and row["etag"] is not None
+    assert VERSION not in pq.read_schema(next((out / "scores").glob("part-*.parquet"))).names
+    again = run_scan(str(parity_bundle), str(manifest), str(out), ScanConfig(unit_size=2, update=True,
+                                                                              columns=cfg.columns))
+    assert again["update"] == {"files_changed": 0, "files_removed": 0, "files_versioned": 0, "units_changed": 0}
+
+
+def test_a_manifest_version_column_must_be_there_and_bytes_are_hex(tmp_path):
+    from pipeline.scan.sources import ColumnMap
+
+    write_manifest(tmp_path / "list.csv", [("a.png", "e0")])
+    with pytest.raises(ValueError, match="columns.version names 'md5', which manifest .*list.csv lacks"):
+        plan_source(str(tmp_path / "list.csv"), SourceOptions(columns=ColumnMap(version="md5")))
+    pq.write_table(pa.table({"uri": ["a.png", "b.png"], "md5": [b"\x01\xff", None]}), tmp_path / "list.parquet")
+    plan = plan_source(str(tmp_path / "list.parquet"), SourceOptions(columns=ColumnMap(version="md5")))
+    assert plan.records[VERSION].to_pylist() == ["01ff", None] and "md5" in plan.records.column_names

@@ -12,6 +12,10 @@ found changed again. A file removed and later put back is changed again.
 Records planned without a version (by versions of this product that recorded none) get
 the version listed now, with nothing scored again: their changes are found from then on.
 
+A manifest whose records carry versions (`columns.version`: a column of ETags, hashes or
+times) is checked the same way, except that a record the manifest no longer holds keeps
+its row: its file was not removed, the manifest just no longer names it.
+
 An update's versions are written as it lists (`VersionsWriter`: files of a generation in
 VERSIONS_DIR, `<generation>-<file>.parquet`) and count only once its run has scored every
 unit (`commit` writes `<generation>.committed` beside them): an update interrupted before
@@ -148,8 +152,9 @@ def recorded_versions(store: Location) -> Iterable[pa.Table]:
 
 
 class KnownFiles(UriSet):
-    """A folder plan's records by URI digest, with each one's version and unit: what an
-    update checks its listing against (`check_listed`), then asks what changed (`finish`)."""
+    """A folder plan's records (or a manifest's with versions: `columns.version`) by URI
+    digest, with each one's version and unit: what an update checks its listing (or the
+    manifest read again) against (`check_listed`), then asks what changed (`finish`)."""
 
     def __init__(self, records: Iterable[pa.Table], rows: int, unit_ids: list[str], recorded: Iterable[pa.Table],
                  versions: VersionsWriter):
@@ -186,6 +191,21 @@ class KnownFiles(UriSet):
         self.unit_ids, self.writer = unit_ids, versions
         self.changes = FileChanges(checked=True)
 
+    def _spread_over_repeats(self) -> np.ndarray | None:
+        """A URI planned more than once (a manifest naming a file in two rows) is checked at
+        its first copy (`positions`): what was found there holds for every copy. Returns
+        which records repeat an earlier copy (None when none does)."""
+        repeats = np.flatnonzero(self.digests[1:] == self.digests[:-1])  # i: copy i + 1 repeats copy i
+        if not len(repeats):
+            return None
+        starts = np.r_[True, repeats[1:] != repeats[:-1] + 1]  # a new run of copies
+        first = np.repeat(repeats[starts], np.diff(np.r_[np.flatnonzero(starts), len(repeats)]))
+        for flags in (self.listed, self.stale, self.versions):
+            flags[repeats + 1] = flags[first]
+        repeated = np.zeros(len(self.digests), bool)
+        repeated[repeats + 1] = True
+        return repeated
+
     def check_listed(self, records: pa.Table) -> np.ndarray:
         at, known = self.positions(uri_digests(records["uri"]))
         at = at[known]
@@ -198,16 +218,19 @@ class KnownFiles(UriSet):
         first = differs & (before == NO_VERSION)
         changed = differs & ~first
         self.stale[at[changed]] = True
-        self.changes.changed += int(changed.sum())
         self.changes.versioned += int(first.sum())
         self.writer.add(self.digests[at[differs]], now[differs])
         return known
 
-    def finish(self) -> FileChanges:
-        """After the listing: the files it lacked are removed; the units to score again."""
+    def finish(self, removed_stale: bool = True) -> FileChanges:
+        """After the listing: the files it lacked are removed (`removed_stale`: their units
+        are scored again); the units to score again."""
+        self.changes.changed = int(np.count_nonzero(self.stale))  # so far: first copies only
+        repeated = self._spread_over_repeats()
         removed = ~self.listed & (self.versions != NO_VERSION) & (self.versions != GONE)
-        self.stale |= removed
-        self.changes.removed = int(removed.sum())
+        if removed_stale:
+            self.stale |= removed
+        self.changes.removed = int(np.count_nonzero(removed if repeated is None else removed & ~repeated))
         self.writer.add(self.digests[removed], np.full(int(removed.sum()), GONE, np.uint64))
         self.writer.flush()
         owners = np.unique(self.owners[self.stale])

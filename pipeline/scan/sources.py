@@ -56,6 +56,9 @@ class ColumnMap:
     id: str = "id"
     label: str = "label"
     subset: str = "subset"
+    # a manifest column holding each file's version (an ETag, a sha256, a modification
+    # time): `--update` then scores a record again when its version changes
+    version: str | None = None
 
 
 @dataclass
@@ -198,7 +201,22 @@ def manifest_batches(uri: str, columns: ColumnMap) -> Iterator[pa.Table]:
         found = uri_column(table.column_names, columns.uri, uri)
         records = standard_records(table, replace(columns, uri=found))
         at = records.column_names.index("uri")
-        yield records.set_column(at, "uri", resolve_relative(records["uri"], folder))
+        records = records.set_column(at, "uri", resolve_relative(records["uri"], folder))
+        yield records if columns.version is None else with_versions(records, columns.version, uri)
+
+
+def with_versions(records: pa.Table, column: str, manifest: str) -> pa.Table:
+    """A manifest's records with VERSION from its `column` (`columns.version`) as text (bytes
+    as hex); the column itself stays a carried column."""
+    if column not in records.column_names:
+        raise ValueError(f"columns.version names {column!r}, which manifest {manifest} lacks (its columns: "
+                         f"{', '.join(records.column_names)})")
+    values = records[column]
+    if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+        versions = pa.array([None if v is None else v.hex() for v in values.to_pylist()], pa.string())
+    else:
+        versions = pc.cast(values, pa.string())
+    return records.append_column(VERSION, versions)
 
 
 def _unit_id(*parts: str) -> str:
@@ -549,7 +567,9 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
         new = (b.filter(pa.array(~known.check_listed(b))) for b in record_batches(plan.input, options, images, listing))
         added, records = chunked_units(new, options.unit_size, source, sink)
         skipped = images.skipped if images is not None else 0
-        changes = known.finish() if isinstance(known, KnownFiles) else changes
+        # a record gone from a manifest keeps its row (the file was not removed: the manifest
+        # no longer names it); a file gone from a folder is scored again, as an error
+        changes = known.finish(removed_stale=fmt == "folder") if isinstance(known, KnownFiles) else changes
     if plan.records.num_rows:
         records = pa.concat_tables([plan.records, records], promote_options="permissive") if records.num_rows else plan.records
     return Plan(plan.input, fmt, plan.units + added, records, skipped, shards), added, changes

@@ -320,7 +320,8 @@ class ScanStore(Location):
         its new units (stored), the units added, what changed among a folder's files or
         Parquet shards, and what to `commit` once every unit is scored (the versions found:
         those units are not found changed again; None where there is nothing)."""
-        versions = VersionsWriter(self) if plan.input_format == "folder" else None
+        checked = plan.input_format == "folder" or (plan.input_format == "manifest" and options.columns.version)
+        versions = VersionsWriter(self) if checked else None
         before = plan.shards
         # new units' records go to the store as a first plan's do; a changed tar shard's
         # units' refreshed records to files of their own (named apart: unique per update)
