@@ -343,3 +343,6 @@ def test_a_manifest_version_column_must_be_there_and_bytes_are_hex(tmp_path):
     pq.write_table(pa.table({"uri": ["a.png", "b.png"], "md5": [b"\x01\xff", None]}), tmp_path / "list.parquet")
     plan = plan_source(str(tmp_path / "list.parquet"), SourceOptions(columns=ColumnMap(version="md5")))
     assert plan.records[VERSION].to_pylist() == ["01ff", None] and "md5" in plan.records.column_names
+    pq.write_table(pa.table({"uri": ["a.png"], "meta": [{"etag": "x"}]}), tmp_path / "nested.parquet")
+    with pytest.raises(ValueError, match="names 'meta' of manifest .*nested.parquet, of type struct"):
+        plan_source(str(tmp_path / "nested.parquet"), SourceOptions(columns=ColumnMap(version="meta")))

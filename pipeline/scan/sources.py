@@ -215,7 +215,11 @@ def with_versions(records: pa.Table, column: str, manifest: str) -> pa.Table:
     if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
         versions = pa.array([None if v is None else v.hex() for v in values.to_pylist()], pa.string())
     else:
-        versions = pc.cast(values, pa.string())
+        try:
+            versions = pc.cast(values, pa.string())
+        except pa.ArrowException:
+            raise ValueError(f"columns.version names {column!r} of manifest {manifest}, of type {values.type}: "
+                             "expected text, a number, a time or bytes") from None
     return records.append_column(VERSION, versions)
 
 
