@@ -317,8 +317,9 @@ class ScanStore(Location):
 
     def relist(self, plan: Plan, options: SourceOptions) -> tuple[Plan, list[Unit], FileChanges, Any]:
         """--update: the input listed again against the stored plan. Returns the plan with
-        its new units (stored), the units added, what changed among a folder's files or
-        Parquet shards, and what to `commit` once every unit is scored (the versions found:
+        its new units (stored), the units added, what changed among a folder's files, the
+        records of a manifest with versions (`columns.version`), Parquet or tar shards, and
+        what to `commit` once every unit is scored (the versions found:
         those units are not found changed again; None where there is nothing)."""
         checked = plan.input_format == "folder" or (plan.input_format == "manifest" and options.columns.version)
         versions = VersionsWriter(self) if checked else None
