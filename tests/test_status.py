@@ -1,5 +1,6 @@
 """`mirror status`: how far a scan's output has got, read from its store alone."""
 import json
+import shutil
 
 import pytest
 from conftest import write_image
@@ -17,7 +18,7 @@ def test_status_says_how_far_a_scan_has_got_without_ray(ray_local, parity_bundle
     (tmp_path / "in" / "bad.png").write_bytes(b"not an image")
     out = tmp_path / "out"
     assert main(["status", "--output", str(out)]) == 2
-    assert "holds no scan (no _scan.json)" in capsys.readouterr().err
+    assert "holds no scan (no _scan.json, nor an audit's scan/" in capsys.readouterr().err
 
     def refuse(store, plan):
         raise ValueError("stop after planning")
@@ -41,3 +42,14 @@ def test_status_says_how_far_a_scan_has_got_without_ray(ray_local, parity_bundle
     text = capsys.readouterr().out
     assert "committed: 4 records (66.7%) in 2 units; left: 2 records in 1 units (rerun the scan to finish)" in text
     assert "counted parts: 4 rows" in text
+
+    # an audit's output, a benchmark run's: each scan below it
+    shutil.copytree(out, tmp_path / "audit" / "scan")
+    for kind in ("clean", "jpeg-75"):
+        shutil.copytree(out, tmp_path / "bench" / "scans" / "WildRF" / kind)
+    assert main(["status", "--output", str(tmp_path / "audit"), "--json"]) == 0
+    audit = json.loads(capsys.readouterr().out)
+    assert [s["output"] for s in audit["scans"]] == [str(tmp_path / "audit" / "scan")]
+    assert main(["status", "--output", str(tmp_path / "bench")]) == 0
+    text = capsys.readouterr().out
+    assert text.count("scan of ") == 2 and f"{tmp_path / 'bench' / 'scans' / 'WildRF' / 'jpeg-75'}: scan of" in text

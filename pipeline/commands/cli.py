@@ -132,9 +132,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.scan.status import scan_status, status_lines
+    from pipeline.scan.status import output_status, status_lines
 
-    status = scan_status(args.output)
+    status = output_status(args.output)
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else "\n".join(status_lines(status)))
     return 0
 
@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="how far a scan's output has got: committed and left, errors counted; "
                        "no Ray, while it runs too")
-    p.add_argument("--output", required=True, help="a scan's output directory or URI (an audit's scan/ too)")
+    p.add_argument("--output", required=True, help="a scan's output directory or URI, or an audit's or a "
+                   "benchmark run's (each scan it holds)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=cmd_status)
 

@@ -1,7 +1,7 @@
 """How far a scan's output has got, from what its store holds: no Ray, nothing scored.
 
-`mirror status --output URI` answers an operator's questions about a long scan (or an
-audit's `scan/`, a benchmark's `scans/<name>/clean/`): is it planned, how many records
+`mirror status --output URI` answers an operator's questions about a long scan (or the
+scans of an audit's or a benchmark run's output): is it planned, how many records
 and units are committed and how many are left, which errors the counted parts hold. It
 costs one listing of the parts, the plan's units file and the kept part counts: it may
 run while the scan does, from any machine that reads the output.
@@ -17,6 +17,31 @@ import pyarrow.compute as pc
 
 from pipeline.scan.store import PART_FIELDS, ScanStore
 from pipeline.scan.summary import PART_TALLIES, TALLY_SCHEMA, errors_by_kind
+from pipeline.storage import Location
+
+
+def scans_below(output_uri: str) -> list[str]:
+    """The scans an output holds: itself, else an audit's `scan/`, else a benchmark run's
+    `scans/<benchmark>/<clean or perturbation>/`."""
+    out = Location(output_uri)
+    if out.read_json("_scan.json") is not None:
+        return [out.uri]
+    if out.read_json("scan/_scan.json") is not None:
+        return [out.uri_of("scan")]
+    return [out.uri_of("scans", name, kind) for name in out.names("scans") for kind in out.names(f"scans/{name}")
+            if out.read_json(f"scans/{name}/{kind}/_scan.json") is not None]
+
+
+def output_status(output_uri: str) -> dict[str, Any]:
+    """`scan_status` of a scan's output, or of each scan an audit's or a benchmark run's
+    output holds (`{"output": ..., "scans": [...]}`)."""
+    scans = scans_below(output_uri)
+    if scans == [Location(output_uri).uri]:
+        return scan_status(scans[0])
+    if not scans:
+        raise FileNotFoundError(f"{output_uri} holds no scan (no _scan.json, nor an audit's scan/ or a benchmark "
+                                "run's scans/): give the --output of a scan, an audit or a benchmark run")
+    return {"output": Location(output_uri).uri, "scans": [scan_status(s) for s in scans]}
 
 
 def scan_status(output_uri: str) -> dict[str, Any]:
@@ -48,7 +73,9 @@ def scan_status(output_uri: str) -> dict[str, Any]:
 
 
 def status_lines(status: dict[str, Any]) -> list[str]:
-    """The status as a few lines of text."""
+    """The status as a few lines of text (of each scan, for an output holding several)."""
+    if "scans" in status:
+        return [line for scan in status["scans"] for line in status_lines(scan)]
     lines = [f"{status['output']}: scan of {status['input']} by model {status['model_id']} ({status['preprocess']}, "
              f"threshold {status['threshold']:.6g})"]
     if not status["planned"]:
