@@ -2,13 +2,13 @@
 img2dataset writes them (LAION / DataComp-style corpora).
 
 Planning indexes every shard once (member headers; shards concurrently, by Ray tasks over
-the cluster when a scan has many; `--update` indexes only shards the plan lacks, and again those that
-were damaged): a sample is the
-members sharing a key (the member name up to the first dot of its base name), and it is
-a record when one member is an image. Its label is read as the index passes (its label
-member, e.g. `key.cls`, or its `.json` member's field), else it is its shard's label
-folder's. A record keeps its members' offsets and sizes, so
-decode tasks read exactly their samples' bytes with range reads; units are fixed runs of
+the cluster when a scan has many; `--update` indexes only shards the plan lacks, and again
+those written since: tar_changes.py): a sample is the members sharing a key (the member
+name up to the first dot of its base name), and it is a record when one member is an
+image. Its label is read as the index passes (its label member, e.g. `key.cls`, or its
+`.json` member's field), else it is its shard's label folder's. A record keeps its
+members' offsets and sizes, so decode tasks read exactly their samples' bytes with range
+reads (and check that the shard is still the version indexed); units are fixed runs of
 samples of one shard. A shard that cannot be read to its end (truncated, corrupt header)
 yields the samples before the damage, an error record for a sample cut by it, and one
 error record naming the shard and the offset where reading stopped.
