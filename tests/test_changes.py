@@ -346,3 +346,32 @@ def test_a_manifest_version_column_must_be_there_and_bytes_are_hex(tmp_path):
     pq.write_table(pa.table({"uri": ["a.png"], "meta": [{"etag": "x"}]}), tmp_path / "nested.parquet")
     with pytest.raises(ValueError, match="names 'meta' of manifest .*nested.parquet, of type struct"):
         plan_source(str(tmp_path / "nested.parquet"), SourceOptions(columns=ColumnMap(version="meta")))
+
+
+def test_a_parquet_shard_written_again_after_planning_gives_shard_changed_rows_not_other_rows(tmp_path):
+    """A resumed scan (or --retry-errors) reads a shard's row group by position: a shard
+    written again since its plan holds other rows there, maybe another count of them."""
+    import json
+
+    from pipeline.scan.decode import decode_units
+
+    src = tmp_path / "shards"
+    src.mkdir()
+    write_shard(src / "a.parquet", [0, 1, 2, 3], tmp_path)
+    units = plan_source(str(src), SourceOptions()).units
+
+    def errors_of(unit) -> list:
+        batch = {"key": ["0/u"], "unit": [json.dumps(vars(unit))], "records": [None], "target": ["{}"],
+                 "perturbation": [""]}
+        return [e for t in decode_units(batch, preprocess={}, columns={}) for e in t["error"].to_pylist()]
+
+    assert errors_of(units[0]) == [None, None]
+    time.sleep(0.01)
+    write_shard(src / "a.parquet", [5, 6, 7, 8], tmp_path)  # the same row groups, other images
+    errors = errors_of(units[0])
+    assert len(errors) == 2 and all(e.startswith(f"shard changed: {src / 'a.parquet'} was written again") and
+                                    e.endswith("mirror scan --update plans it again") for e in errors)
+    pq.write_table(pa.table({"bytes": [b"x"] * 3, "uri": ["a", "b", "c"]}), src / "a.parquet", row_group_size=3)
+    units[1].version = None  # a plan without versions: the row group's size tells
+    errors = errors_of(units[1])
+    assert len(errors) == 2 and all("holds other row groups than planned (row group 1 of 2 rows)" in e for e in errors)

@@ -282,10 +282,16 @@ def test_unreadable_shard_turns_its_rows_into_error_rows(tmp_path):
                    row_group_size=5)
     (unit,) = plan_source(str(tmp_path / "shards.parquet"), SourceOptions()).units
     (tmp_path / "shards.parquet").write_bytes(b"PAR1 truncated")  # broken after planning
-    batch = {"key": ["0/u"], "unit": [json.dumps(unit.__dict__)], "records": [None], "target": ["{}"],
-             "perturbation": [""]}
-    out = list(decode_units(batch, preprocess={}, columns={}))
-    errors = [e for t in out for e in t["error"].to_pylist()]
+
+    def errors_of(unit) -> list[str]:
+        batch = {"key": ["0/u"], "unit": [json.dumps(unit.__dict__)], "records": [None], "target": ["{}"],
+                 "perturbation": [""]}
+        return [e for t in decode_units(batch, preprocess={}, columns={}) for e in t["error"].to_pylist()]
+
+    errors = errors_of(unit)  # its version (mtime, size) says it was written again
+    assert len(errors) == 5 and all(e.startswith("shard changed: ") and "written again" in e for e in errors)
+    unit.version = None  # planned before versions were recorded: the read itself fails
+    errors = errors_of(unit)
     assert len(errors) == 5 and all(e.startswith("shard read failed") for e in errors)
 
 

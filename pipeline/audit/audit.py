@@ -34,7 +34,14 @@ from pipeline.scan import webdataset
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
 from pipeline.scan.schema import OUTPUT_COLUMNS, RESERVED
-from pipeline.scan.sources import DEFAULT_MAX_FILE_BYTES, Plan, fetch_all, read_shard_unit, record_names
+from pipeline.scan.sources import (
+    DEFAULT_MAX_FILE_BYTES,
+    Plan,
+    ShardChangedError,
+    fetch_all,
+    read_shard_unit,
+    record_names,
+)
 from pipeline.scan.store import ScanStore, records_schemas
 from pipeline.storage import Location, parquet_schema, read_ahead, relative_paths
 
@@ -284,6 +291,8 @@ def record_bytes(scan: ScanStore, plan, unit_id: str, index: int, columns) -> tu
     if unit.kind == "shard":
         try:
             t = read_shard_unit(unit, columns, with_bytes=True)
+        except ShardChangedError as err:
+            return None, None, str(err)
         except Exception as err:  # recorded on its explanation row
             return None, None, f"shard read failed: {error_text(err)}"
         return t["bytes"][index].as_py(), record_names(t)[index], None

@@ -41,6 +41,7 @@ from pipeline.scan.sources import (
     DEFAULT_MAX_FILE_BYTES,
     RECORD_KINDS,
     ColumnMap,
+    ShardChangedError,
     Unit,
     fetch_all,
     read_shard_unit,
@@ -146,6 +147,8 @@ def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_
         return records, names, iter(payloads)
     try:
         records = read_shard_unit(unit, columns, with_bytes=True)
+    except ShardChangedError as err:  # not a storage error another try heals: --update plans it again
+        return placeholder_records(unit), [None] * unit.rows, iter([(None, str(err))] * unit.rows)
     except Exception as err:
         msg = f"shard read failed: {error_text(err)}"
         return placeholder_records(unit), [None] * unit.rows, iter([(None, msg)] * unit.rows)

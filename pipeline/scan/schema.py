@@ -50,6 +50,12 @@ INTERNAL = (UNIT, INDEX, PIXELS, DECODE_SECONDS, SCORE_SECONDS, READOUT, UNIT_RE
 
 
 
+def shard_changed(shard: str, why: str) -> str:
+    """The error of every row of a unit whose shard (tar or Parquet) is not the file it was
+    planned from: its rows are never scored from another file's bytes."""
+    return f"shard changed: {shard} {why}; mirror scan --update plans it again"
+
+
 def without_bookkeeping(records: pa.Table) -> pa.Table:
     """A unit's stored records as the input gave them (planning's columns dropped)."""
     return records.drop_columns([c for c in PLAN_BOOKKEEPING if c in records.column_names])

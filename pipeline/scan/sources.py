@@ -37,7 +37,7 @@ from pipeline.scan.manifest import (
     manifest_tables,
     uri_column,
 )
-from pipeline.scan.schema import INDEX, UNIT, VERSION
+from pipeline.scan.schema import INDEX, UNIT, VERSION, shard_changed
 from pipeline.scan.tar_changes import KnownSamples, TarShardUpdate, listed_versions
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import opened_version, resolve_relative
@@ -582,11 +582,23 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
 NAME_COLUMN_KEY = b"mirror_name_column"  # records' metadata: the column naming each image (HF path)
 
 
+class ShardChangedError(ValueError):
+    """A Parquet shard unit's file is not the one planned (written again since)."""
+
+
 def read_shard_unit(unit: Unit, columns: ColumnMap, with_bytes: bool) -> pa.Table:
     """The records of one row group, in standard names; bytes only when asked. A Hugging
-    Face Image struct becomes `bytes` and `<column>_path`; ClassLabel names become labels."""
+    Face Image struct becomes `bytes` and `<column>_path`; ClassLabel names become labels.
+    A ShardChangedError when the file is another version than the unit's, or its row
+    group another size (the rows would not be the planned ones)."""
     with fsspec.open(unit.file, "rb") as f:
+        if unit.version is not None and (now := opened_version(f)) != unit.version:
+            raise ShardChangedError(shard_changed(unit.file, f"was written again since it was planned (version "
+                                                             f"{now}, planned {unit.version})"))
         pf = pq.ParquetFile(f)
+        if unit.row_group >= pf.metadata.num_row_groups or pf.metadata.row_group(unit.row_group).num_rows != unit.rows:
+            raise ShardChangedError(shard_changed(unit.file, f"holds other row groups than planned (row group "
+                                                             f"{unit.row_group} of {unit.rows} rows)"))
         schema = pf.schema_arrow
         image = find_image_column(schema, columns.bytes, unit.file)
         names = [n for n in schema.names if image is None or n != image.column]

@@ -34,6 +34,7 @@ import pyarrow as pa
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
 from pipeline.scan.labels import label_and_subset, label_value
+from pipeline.scan.schema import shard_changed
 from pipeline.storage import current_version, opened_version, read_ahead, relative_paths
 
 TEXT_EXTENSIONS = ("json", "txt")  # carried as strings in every row; other members as binary
@@ -234,7 +235,6 @@ def sample_shard(uri: str) -> str:
     return uri.rsplit("#", 1)[0]
 
 
-SHARD_CHANGED = "shard changed"  # error rows of a unit whose shard was written again since it was planned
 
 
 def read_samples(records: pa.Table, threads: int, max_bytes: int, version: str | None = None):
@@ -242,7 +242,7 @@ def read_samples(records: pa.Table, threads: int, max_bytes: int, version: str |
     with one range read; json/txt members as strings, others as binary columns. `version`:
     the shard's as indexed (the records of a unit are one shard's); a shard written again
     since holds other bytes at those offsets, so once read its version is checked, and if
-    it differs every row is an error (SHARD_CHANGED) instead of another sample's image."""
+    it differs every row is an error (`schema.shard_changed`) instead of another sample's image."""
     shard_of = [sample_shard(u) for u in records["uri"].to_pylist()]
     members = [json.loads(m) for m in records[MEMBERS].to_pylist()]
     errors = records[PLAN_ERROR].to_pylist()
@@ -296,5 +296,4 @@ def _shard_change(shard: str, version: str) -> str | None:
         return f"read failed: {error_text(err)}"
     if now == version:
         return None
-    return (f"{SHARD_CHANGED}: {shard} was written again since it was planned (version {now}, planned {version}); "
-            "mirror scan --update plans it again")
+    return shard_changed(shard, f"was written again since it was planned (version {now}, planned {version})")
