@@ -107,7 +107,7 @@ class TarShardUpdate:
                 if row["version"] != REMOVED:
                     self._redo(shard, REMOVED)
                     self.changes.removed += 1
-            elif row["version"] is None and self.listed[shard] is not None:
+            elif row["version"] is None and self.listed[shard] is not None and not row["damaged"]:
                 row["version"] = self.listed[shard]  # stored now: nothing to score again
                 for uid in self.known.shard_units.get(shard, []):
                     self.units[uid].version = row["version"]
