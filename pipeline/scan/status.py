@@ -52,7 +52,7 @@ def scan_status(output_uri: str) -> dict[str, Any]:
     if identity is None:
         raise FileNotFoundError(f"{out.uri} holds no scan (no _scan.json): give the --output of a scan")
     status: dict[str, Any] = {"output": out.uri, **identity}
-    plan = out.load_plan()
+    plan = out.read_plan()  # read only: status never moves or checks a plan
     if plan is None:  # claimed, planning not finished (or interrupted)
         return {**status, "planned": False, "complete": False}
     rows = {u.unit_id: u.rows for u in plan.units}

@@ -285,16 +285,22 @@ class ScanStore(Location):
             self.write_parquet("_plan/shards.parquet", plan.shards)
         self.write_parquet("_plan/units.parquet", units)  # written last: its presence means "plan complete"
 
-    def load_plan(self) -> Plan | None:
-        """The stored plan: its units (records stay in the store: `unit_records`,
-        `plan_records`). A plan stored in the first layout (every record in one file) is
-        moved to the current one on the way."""
+    def read_plan(self) -> Plan | None:
+        """The stored plan's units and shards, as they are (nothing checked or moved)."""
         units = self.read_parquet("_plan/units.parquet")
         if units is None:
             return None
         meta = {k.decode(): v.decode() for k, v in (units.schema.metadata or {}).items()}
-        plan = Plan(meta["input"], meta["input_format"], [Unit(**row) for row in units.to_pylist()], pa.table({}),
+        return Plan(meta["input"], meta["input_format"], [Unit(**row) for row in units.to_pylist()], pa.table({}),
                     int(meta.get("skipped_by_extension", 0)), self.read_parquet("_plan/shards.parquet"))
+
+    def load_plan(self) -> Plan | None:
+        """The stored plan: its units (records stay in the store: `unit_records`,
+        `plan_records`). A plan stored in the first layout (every record in one file) is
+        moved to the current one on the way."""
+        plan = self.read_plan()
+        if plan is None:
+            return None
         if any(u.kind in RECORD_KINDS and u.file is None for u in plan.units):
             plan.records = self.read_parquet(LEGACY_RECORDS)
             self.save_plan(plan)
