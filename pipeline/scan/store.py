@@ -151,8 +151,6 @@ def stored_records(store: Location, plan: Plan, columns: list[str] | None = None
             raise FileNotFoundError(f"{store.uri_of(name)}: a records file of the plan is missing")
         f = pq.ParquetFile(io.BytesIO(data))
         wanted = columns if columns is None else [c for c in columns if c in f.schema_arrow.names]
-        if files[name] == list(range(f.num_row_groups)):
-            return f.read(wanted)
         return f.read_row_groups(files[name], columns=wanted)
 
     return read_ahead(read, list(files), RECORDS_FILES_READ_AT_ONCE, ahead=RECORDS_FILES_READ_AT_ONCE)
@@ -174,10 +172,10 @@ def records_schema(store: Location, plan: Plan) -> pa.Schema:
 
 
 @dataclass
-class ShardVersions:
-    """Shard units scored again by an update: the plan the run scores holds their new
-    versions (and tar samples' refreshed records), which go into the stored plan once the
-    run has scored them (an update interrupted before finds them again)."""
+class PendingPlan:
+    """An update's plan as the run scores it (shard units' new versions, tar samples'
+    refreshed records, tar shards' versions), stored once the run has scored those units
+    (an update interrupted before finds them again)."""
 
     store: "ScanStore"
     plan: Plan
@@ -341,7 +339,7 @@ class ScanStore(Location):
             self.save_plan(plan)  # new units, first versions of shards, or tar shards indexed anew
         if found.unit_versions or found.shard_versions:  # the run scores them so; stored once it has
             apply_changes(plan, found)
-            versions = ShardVersions(self, plan)
+            versions = PendingPlan(self, plan)
         return plan, added, found, versions
 
     def known_files(self, plan: Plan, versions: VersionsWriter) -> KnownFiles:

@@ -68,14 +68,13 @@ def listed_versions(shards: list[str], listing: dict[str, str | None] | None) ->
     if listing is not None:
         return {s: listing[s] for s in shards if s in listing}
 
-    def ask(shard: str) -> str | None:
+    def ask(shard: str) -> tuple[bool, str | None]:
         try:
-            return current_version(shard)
+            return True, current_version(shard)
         except FileNotFoundError:
-            return REMOVED
+            return False, None
 
-    found = dict(zip(shards, read_ahead(ask, shards, VERSION_THREADS)))
-    return {s: v for s, v in found.items() if v != REMOVED}
+    return {s: v for s, (there, v) in zip(shards, read_ahead(ask, shards, VERSION_THREADS)) if there}
 
 
 class TarShardUpdate:
@@ -89,7 +88,6 @@ class TarShardUpdate:
         self.rows = {r["uri"]: r for r in shards.to_pylist()}
         self.listed, self.known = listed, known
         self.changes = FileChanges(checked=True)
-        self.shard_versions: dict[str, str] = {}
 
     def _stale(self, row: dict) -> bool:
         """Whether a known shard (listed now) must be indexed again: written again since, or
@@ -117,7 +115,7 @@ class TarShardUpdate:
     def _redo(self, shard: str, version: str) -> None:
         for uid in self.known.shard_units.get(shard, []):
             self.changes.unit_versions[uid] = version
-        self.shard_versions[shard] = version
+        self.changes.shard_versions[shard] = version
 
     def indexed(self, shard: str, samples: pa.Table, row: dict) -> dict:
         """A shard's new index: a known shard's units get refreshed records, to be scored
@@ -132,7 +130,7 @@ class TarShardUpdate:
         uids = self.known.shard_units.get(shard, [])
         stored = read_ahead(lambda uid: self.known.read(self.units[uid]), uids, RECORDS_READS_AT_ONCE)
         for uid, records in zip(uids, stored):
-            unit = replace(self.units[uid], version=row["version"])
+            unit = replace(self.units[uid])  # a copy: the plan's unit takes its new records once scored
             self.known.sink.add(unit, refreshed(records, at, fresh))
             self.changes.unit_records[uid] = (unit.file, unit.row_group)
         self._redo(shard, row["version"])
@@ -144,7 +142,6 @@ class TarShardUpdate:
         again = {r["uri"] for r in indexed}
         kept = [r for s, r in self.rows.items() if s not in again]
         self.changes.units = frozenset(self.changes.unit_versions)
-        self.changes.shard_versions = self.shard_versions
         return pa.Table.from_pylist(kept + indexed, webdataset.SHARDS_SCHEMA)
 
 
