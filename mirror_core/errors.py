@@ -25,3 +25,12 @@ def error_kind(message: str) -> str:
         status = _STATUS.match(detail)
         return f"{head}: {name}" + (f" {status.group()}" if status else "")
     return head
+
+
+def most_frequent_kinds(counts: dict[str, int], shown: int = 3) -> str:
+    """Error counts per kind as the console's short phrase, the most frequent first:
+    'read failed: FileNotFoundError 3, opted out 1, 2 more kinds' ('' for none)."""
+    kinds = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    more = len(kinds) - shown
+    return ", ".join([f"{kind} {n:,}" for kind, n in kinds[:shown]]
+                     + ([f"{more} more kind{'s' * (more > 1)}"] if more > 0 else []))

@@ -5,8 +5,9 @@ import logging
 import os
 import uuid
 from contextlib import ExitStack, contextmanager, suppress
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+T = TypeVar("T")
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
@@ -41,6 +42,34 @@ def ensure_ray(address: str | None = None) -> None:
         logging.getLogger(AUTH_LOGGER).addFilter(_quiet_default_auth)
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
                  runtime_env=LOCAL_RUNTIME_ENV)
+
+
+def task_window(minimum: int = 8) -> int:
+    """How many tasks of one CPU to keep submitted at once: twice the cluster's CPUs, so
+    every CPU has a task waiting, while the rest of a long list waits as arguments, not as
+    thousands of pending tasks and their results in the object store."""
+    import ray
+
+    return max(minimum, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+def completed_tasks(submit: Callable[[T], Any], items: Iterable[T], window: int) -> Iterator[tuple[T, Any]]:
+    """(item, ObjectRef) for each item, as its task (`submit(item)`) finishes, with at most
+    `window` submitted and unfinished at once. A slow task holds one slot, not the rest."""
+    import ray
+
+    running: dict[Any, T] = {}
+    pending = iter(items)
+    for item in pending:
+        running[submit(item)] = item
+        if len(running) >= window:
+            break
+    while running:
+        (ready,), _ = ray.wait(list(running), num_returns=1)
+        yield running.pop(ready), ready
+        for item in pending:  # one finished: one more
+            running[submit(item)] = item
+            break
 
 
 def resources_line() -> str:

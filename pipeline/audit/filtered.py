@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cluster import ensure_ray
+from pipeline.cluster import completed_tasks, ensure_ray, task_window
 from pipeline.progress import progress
 from pipeline.scan.schema import INDEX, UNIT, without_bookkeeping
 from pipeline.scan.store import ScanStore, records_schema, stored_records
@@ -61,9 +61,13 @@ def write_filtered(out: Location, scan: ScanStore, keep: dict[str, np.ndarray], 
     for u in plan.units:
         by_file.setdefault(u.file, []).append(u)
     task = ray.remote(num_cpus=FILTER_TASK_CPUS)(filter_shard)
-    pending = [task.remote(out.uri, file, np.concatenate([keep[u.unit_id] for u in units]), mode, threshold, method)
-               for file, units in by_file.items()]
-    return sum(ray.get(ref) for ref in progress(pending, "filtered shards", unit="shard"))
+
+    def submit(shard: tuple[str, list]):
+        file, units = shard
+        return task.remote(out.uri, file, np.concatenate([keep[u.unit_id] for u in units]), mode, threshold, method)
+
+    done = completed_tasks(submit, by_file.items(), task_window())
+    return sum(ray.get(ref) for _, ref in progress(done, "filtered shards", total=len(by_file), unit="shard"))
 
 
 def _write_manifest(out: Location, scan: ScanStore, plan, keep: dict[str, np.ndarray], mode: str, threshold: float,

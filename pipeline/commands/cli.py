@@ -144,10 +144,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     r = ingest(args.input, args.output, rows_per_shard=args.rows_per_shard,
                rows_per_row_group=args.rows_per_row_group, fetch_threads=args.fetch_threads,
-               address=args.address, honour_opt_out=not args.ignore_opt_out)
-    print(f"ingested {r.files} files into {r.shards} shards ({r.skipped_shards} already there, "
-          f"{r.read_errors} unreadable kept as rows with read_error): {r.output}")
-    return 0
+               address=args.address, honour_opt_out=not args.ignore_opt_out,
+               progress_every_s=args.progress_every_s, stall_report_s=args.stall_report_s)
+    print(r.line())
+    return 1 if r.failed_shards else 0
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -321,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-threads", type=int, default=16, help="concurrent file reads per shard task")
     p.add_argument("--ignore-opt-out", action="store_true",
                    help="also download web images whose site opts out of AI use (X-Robots-Tag noai / noimageai)")
+    p.add_argument("--progress-every-s", type=float, default=60.0,
+                   help="a line of images done, rate and time left this often (0: none)")
+    p.add_argument("--stall-report-s", type=float, default=600.0,
+                   help="no shard written this long: a warning with the cluster's free resources (0: none)")
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else local Ray)")
     p.set_defaults(func=cmd_ingest)
 

@@ -14,21 +14,23 @@ refused.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.cluster import ensure_ray, require_shared_paths
-from pipeline.progress import progress, step
+from mirror_core.errors import error_kind, error_text, most_frequent_kinds
+from pipeline.cluster import completed_tasks, ensure_ray, require_shared_paths, resources_line, task_window
+from pipeline.progress import RowProgress, log, stall_reports, step
 from pipeline.scan.faults import FaultHooks
 from pipeline.scan.manifest import is_manifest_name
 from pipeline.scan.schema import PLAN_BOOKKEEPING
-from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, fetch_all, plan_source
+from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, Unit, fetch_all, plan_source
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records
 from pipeline.storage import Location
 
@@ -46,8 +48,21 @@ class IngestResult:
     files: int
     shards: int
     skipped_shards: int
-    read_errors: int
+    read_errors: dict[str, int]  # rows kept with a read_error, per kind (mirror_core.errors.error_kind), this run
     output: str
+    failed_shards: dict[str, str] = field(default_factory=dict)  # shard name -> why it was not written
+
+    def line(self) -> str:
+        """The console's account of the run (and, when shards failed, what to do)."""
+        errors = sum(self.read_errors.values())
+        kinds = most_frequent_kinds(self.read_errors)
+        text = (f"ingested {self.files} files into {self.shards} shards ({self.skipped_shards} already there, "
+                f"{errors} unreadable kept as rows with read_error{f': {kinds}' if kinds else ''}): {self.output}")
+        if self.failed_shards:
+            first, why = next(iter(self.failed_shards.items()))
+            text += (f"\n{len(self.failed_shards)} of {self.shards} shards could not be written (first: {first}: "
+                     f"{why}); the others are written: run the same command again to write the rest")
+        return text
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -89,7 +104,7 @@ def shard_table(listing: pa.Table, cols: dict[str, list]) -> pa.Table:
 
 
 def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, rows_per_row_group: int,
-                fetch_threads: int, honour_opt_out: bool = True) -> int:
+                fetch_threads: int, honour_opt_out: bool = True) -> dict[str, int]:
     """Read one slice of the listing (its stored records) and write it as one shard (a Ray
     task); returns the number of unreadable files (kept as rows with read_error)."""
     listing = read_unit_records(records_uri, row_group)
@@ -104,15 +119,21 @@ def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, ro
     pq.write_table(table, buf, row_group_size=rows_per_row_group)
     FaultHooks.from_env().before_write()
     Location(output_uri).write_bytes(name, buf.getvalue())
-    return sum(e is not None for e in cols["read_error"])
+    return dict(collections.Counter(error_kind(e) for e in cols["read_error"] if e is not None))
 
 
 def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per_row_group: int = 256,
            extensions=DEFAULT_EXTENSIONS, fetch_threads: int = 16, address: str | None = None,
-           honour_opt_out: bool = True) -> IngestResult:
+           honour_opt_out: bool = True, progress_every_s: float = 60.0, stall_report_s: float = 600.0
+           ) -> IngestResult:
     """Pack a folder of images, or the images a manifest file names, into shards. A web
     image whose site opts out of AI use (X-Robots-Tag noai / noimageai) is kept as a row
-    without bytes (`read_error` 'opted out: ...') unless `honour_opt_out` is False."""
+    without bytes (`read_error` 'opted out: ...') unless `honour_opt_out` is False.
+
+    Shard tasks run a window at a time (`task_window`), finishing in any order; a line of
+    progress comes every `progress_every_s` and a warning after `stall_report_s` without a
+    shard written (0: none). A shard whose task fails is named in the result, and the
+    others are still written: a rerun writes what is missing."""
     import ray
 
     ensure_ray(address)
@@ -142,10 +163,27 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
         require_shared_paths({base: "--input"} if "://" not in input_uri else {},
                              {out.root: "--output"} if out.local else {})
         existing = set(out.names())
+        todo = [(shard_name(i), u) for i, u in enumerate(units) if shard_name(i) not in existing]
         task = ray.remote(num_cpus=SHARD_TASK_CPUS)(write_shard)
-        pending = [task.remote(work.uri_of(u.file), u.row_group, out.uri, shard_name(i), rows_per_row_group,
-                               fetch_threads, honour_opt_out) for i, u in enumerate(units) if shard_name(i) not in existing]
-        errors = sum(ray.get(ref) for ref in progress(pending, "writing shards", unit="shard"))
+
+        def submit(shard: tuple[str, Unit]):
+            name, unit = shard
+            return task.remote(work.uri_of(unit.file), unit.row_group, out.uri, name, rows_per_row_group,
+                               fetch_threads, honour_opt_out)
+
+        result = IngestResult(listing.files, len(units), len(units) - len(todo), {}, out.uri)
+        read_errors: collections.Counter = collections.Counter()
+        meter = RowProgress("ingest", sum(u.rows for _, u in todo), progress_every_s)
+        with step(f"writing {len(todo)} shards"), stall_reports(meter, stall_report_s, resources_line):
+            for (name, unit), ref in completed_tasks(submit, todo, task_window()):
+                try:
+                    read_errors.update(ray.get(ref))
+                except Exception as err:  # the task's own error (a write refused): named, the other shards go on
+                    why = error_text(getattr(err, "cause", None) or err)
+                    result.failed_shards[name] = why
+                    log.warning("shard %s could not be written: %s", name, why)
+                meter.add(unit.rows)
+        result.read_errors = dict(read_errors)
     finally:
         work.remove()
-    return IngestResult(listing.files, len(units), len(units) - len(pending), errors, out.uri)
+    return result

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.config import MirrorConfig
+from mirror_core.errors import most_frequent_kinds
 from pipeline.cluster import ensure_ray, require_shared_paths, resources_line
 from pipeline.progress import RowProgress, stall_reports, step
 from pipeline.scan.changes import FileChanges
@@ -400,10 +401,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
 
 def summary_line(summary: dict[str, Any]) -> str:
     run = summary["this_run"]
-    kinds = list(summary.get("errors_by_kind", {}).items())  # the most frequent first
-    more = len(kinds) - 3
-    why = ", ".join([f"{kind} {n:,}" for kind, n in kinds[:3]]
-                    + ([f"{more} more kind{'s' * (more > 1)}"] if more > 0 else []))
+    why = most_frequent_kinds(summary.get("errors_by_kind", {}))
     return (f"{summary['rows_out']}/{summary['rows_in']} rows: {summary['scored']} scored, {summary['errors']} errors"
             f"{f' ({why})' if why else ''}; "
             f"this run {run['rows']} rows in {run['wall_s']:.1f}s ({run['images_per_s'] or 0:.1f} img/s); "

@@ -176,11 +176,11 @@ def _indexed_on_cluster(uris: list[str], address: str | None, label: str, root: 
     bounded number in flight (finished indexes wait in the object store, not by the thousand)."""
     import ray
 
-    from pipeline.cluster import ensure_ray
+    from pipeline.cluster import ensure_ray, task_window
 
     ensure_ray(address)
     task = ray.remote(num_cpus=1)(index_shard)
-    window = max(INDEX_THREADS, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    window = task_window(INDEX_THREADS)
     pending: deque = deque()
     for uri in uris:
         pending.append(task.remote(uri, label, root))

@@ -1,0 +1,77 @@
+"""`mirror ingest` at scale: shard tasks a window at a time, finishing in any order; a
+shard that cannot be written is named while the rest are written; progress on the console."""
+import re
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import own_ray_env, write_image
+from s3_faults import FaultProxy
+
+from pipeline.cluster import completed_tasks
+
+
+def test_completed_tasks_keep_a_window_submitted_and_come_as_they_finish(ray_local):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def wait(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    finished: list[float] = []
+    unfinished_when_submitted: list[int] = []
+
+    def submit(seconds: float):
+        unfinished_when_submitted.append(len(submitted) - len(finished))
+        submitted.append(seconds)
+        return wait.remote(seconds)
+
+    submitted: list[float] = []
+    durations = [3.0] + [0.0] * 6
+    for seconds, ref in completed_tasks(submit, durations, window=2):
+        assert ray.get(ref) == seconds
+        finished.append(seconds)
+    assert sorted(finished) == sorted(durations) and max(unfinished_when_submitted) == 1  # never more than 2 at once
+    assert finished[-1] == 3.0  # the slow first task held one slot; the others went through the other
+
+
+@pytest.mark.slow
+def test_a_shard_that_cannot_be_written_is_named_the_rest_are_written_and_a_rerun_completes(s3_server, s3_bucket,
+                                                                                           tmp_path):
+    import fsspec
+
+    for i in range(11):
+        write_image(tmp_path / "in" / f"{i:02d}.png", seed=i)
+    (tmp_path / "in" / "list.csv").write_text("uri\n" + "".join(f"{i:02d}.png\n" for i in range(11)) + "gone.png\n")
+    output = f"s3://{s3_bucket}/shards"
+    ingest = [sys.executable, "-m", "pipeline.commands.cli", "ingest", "--input", str(tmp_path / "in" / "list.csv"),
+              "--output", output, "--rows-per-shard", "2", "--progress-every-s", "0.001"]
+    with FaultProxy(s3_server, deny_prefixes=(f"/{s3_bucket}/shards/shard-000002",)) as proxy:  # refuses its PUT
+        first = subprocess.run(ingest, env=own_ray_env(AWS_ENDPOINT_URL=proxy.url), capture_output=True, text=True,
+                               timeout=300)
+        assert proxy.denied > 0
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert (f"1 of 6 shards could not be written (first: shard-000002.parquet: PermissionError: access denied "
+            f"writing {output}/shard-000002.parquet") in first.stdout
+    assert "run the same command again to write the rest" in first.stdout
+    # the other shards were written, one of them holding the unreadable file's row
+    assert "(0 already there, 1 unreadable kept as rows with read_error: read failed: FileNotFoundError 1)" \
+        in first.stdout
+    assert "WARNING mirror -- shard shard-000002.parquet could not be written: PermissionError" in first.stderr
+    assert re.search(r"INFO mirror -- ingest: \d+ / 12 rows \(\d+\.\d%\)", first.stderr), first.stderr[-3000:]
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    written = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/shards"))
+    assert written == ["_ingest.json"] + [f"shard-{i:06d}.parquet" for i in (0, 1, 3, 4, 5)]  # its plan removed
+
+    rerun = subprocess.run(ingest, env=own_ray_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "into 6 shards (5 already there, 0 unreadable kept as rows with read_error)" in rerun.stdout
+    fs.invalidate_cache()
+    rows = pq.read_table(f"{s3_bucket}/shards", filesystem=fs, columns=["uri", "read_error"]).to_pylist()
+    uris = [r["uri"] for r in rows]
+    assert len(rows) == 12 and len(set(uris)) == 12 and sorted(uris) == uris  # each once, in the manifest's order
+    assert [r["read_error"] is not None for r in rows] == [u.endswith("gone.png") for u in uris]
