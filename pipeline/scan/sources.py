@@ -228,19 +228,23 @@ def _unit_id(*parts: str) -> str:
 
 
 def inline_units(records: pa.Table, unit_size: int, source: str, kind: str = "inline",
-                 group_sizes: list[int] | None = None, first: int = 0) -> tuple[list[Unit], pa.Table]:
+                 group_sizes: list[int] | None = None, first: int = 0,
+                 group_versions: list[str | None] | None = None) -> tuple[list[Unit], pa.Table]:
     """Records -> units of `unit_size` consecutive records (never across groups: a tar
-    shard's samples), and the records with their unit and index. A unit's id hashes its
-    URIs and its start (`first`: the position of these records in the whole input): only
-    one unit's URIs are Python strings at a time."""
+    shard's samples; each group's units take its version from `group_versions`), and the
+    records with their unit and index. A unit's id hashes its URIs and its start (`first`:
+    the position of these records in the whole input): only one unit's URIs are Python
+    strings at a time."""
     sizes: list[int] = []  # records per unit, in order
-    for size in group_sizes if group_sizes is not None else [records.num_rows]:
+    versions: list[str | None] = []  # and its version
+    for g, size in enumerate(group_sizes if group_sizes is not None else [records.num_rows]):
         full, rest = divmod(size, unit_size)
         sizes += [unit_size] * full + ([rest] if rest else [])
+        versions += [group_versions[g] if group_versions is not None else None] * (full + bool(rest))
     uris, units, start = records["uri"], [], 0
-    for n in sizes:
+    for n, version in zip(sizes, versions):
         names = [u or "" for u in uris.slice(start, n).to_pylist()]  # a manifest's empty cell: an error row later
-        units.append(Unit(_unit_id(kind, source, str(first + start), *names), kind, n))
+        units.append(Unit(_unit_id(kind, source, str(first + start), *names), kind, n, version=version))
         start += n
     lengths = np.asarray(sizes, dtype=np.int64)
     owner = np.repeat(np.arange(len(sizes)), lengths)  # each record's unit
@@ -479,10 +483,7 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, 
         nonlocal first
         samples = pa.concat_tables([t for t, _ in group])
         new, records = inline_units(samples, options.unit_size, source, "samples", [t.num_rows for t, _ in group],
-                                    first=first)
-        owners = (v for t, v in group for _ in range(-(-t.num_rows // options.unit_size)))
-        for unit, version in zip(new, owners):
-            unit.version = version
+                                    first=first, group_versions=[v for _, v in group])
         units.extend(new)
         held.append(deliver(new, records, sink))
         first += samples.num_rows
