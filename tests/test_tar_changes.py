@@ -14,7 +14,7 @@ from pipeline.scan import webdataset
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.run import run_scan
 from pipeline.scan.sources import SourceOptions, plan_source
-from pipeline.scan.store import PlanRecordsWriter, ScanStore, stored_records
+from pipeline.scan.store import RECORDS_DIR, PlanRecordsWriter, ScanStore, stored_records
 
 
 def tar_bytes(samples: list[tuple[str, bytes]]) -> bytes:
@@ -41,6 +41,10 @@ def write_tar(path, samples: dict[str, int], images) -> None:
 
 def rows_by_key(out) -> dict:
     return {r["uri"].rsplit("#", 1)[1]: r for r in pq.read_table(out / "scores").to_pylist()}
+
+
+def records_files(store: ScanStore) -> set[str]:
+    return {f"{RECORDS_DIR}/{name}" for name in store.names(RECORDS_DIR)}
 
 
 def part_times(out) -> dict:
@@ -124,10 +128,13 @@ def test_a_tar_update_is_found_again_until_scored_and_old_plans_get_versions(tmp
         assert members == {r["uri"]: r[webdataset.MEMBERS] for r in webdataset.index_shard(str(src / "a.tar"))[0]
                            + webdataset.index_shard(str(src / "b.tar"))[0]}
         assert all(u.version == webdataset.index_shard(str(src / "a.tar"))[2] for u in scored.units[:2])
-        if commit:
+        if commit:  # the refreshed records of the run that died are removed, the first file kept (b.tar's unit)
             pending.commit()
+            assert records_files(out) == {u.file for u in out.load_plan().units} == {plan.units[0].file,
+                                                                                     scored.units[0].file}
         else:  # the stored plan still points at the records as first planned
             assert [out.unit_records(u) for u in out.load_plan().units] == old_records
+            assert len(records_files(out)) == 2
     _, _, found, pending = out.relist(out.load_plan(), SourceOptions(unit_size=2))
     assert (found.changed, found.removed, found.units, pending) == (0, 0, frozenset(), None)
     # the records streamed (audits, training, the next update) are the refreshed ones, once
@@ -146,6 +153,7 @@ def test_a_tar_update_is_found_again_until_scored_and_old_plans_get_versions(tmp
     # b.tar gets its version; a.tar, damaged when indexed, is indexed again (its rest planned)
     assert (found.versioned, found.changed, found.units) == (1, 1, a_units)
     pending.commit()
+    assert records_files(out) == {u.file for u in out.load_plan().units}  # the replaced refreshed file: removed
     assert all(u.version for u in out.load_plan().units)
     write_tar(src / "b.tar", {"b0": 9}, images)
     _, _, found, _ = out.relist(out.load_plan(), SourceOptions(unit_size=2))

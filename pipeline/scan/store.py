@@ -182,6 +182,7 @@ class PendingPlan:
 
     def commit(self) -> None:
         self.store.save_plan(self.plan)
+        self.store.remove_unreferenced_records(self.plan)
 
 
 def apply_changes(plan: Plan, found: FileChanges) -> None:
@@ -308,6 +309,16 @@ class ScanStore(Location):
             raise OutputMismatchError(f"{self.uri}: the plan's records files are missing ({len(missing)}, such as "
                                       f"{missing[0]}); scan into a new --output")
         return plan
+
+    def remove_unreferenced_records(self, plan: Plan) -> list[str]:
+        """Removes the records files no unit of the stored `plan` names: those of tar
+        samples whose units an update refreshed, and refreshed records of an update
+        interrupted before its run ended (found again, and written again, by the next).
+        Returns their names."""
+        named = {u.file for u in plan.units if u.kind in RECORD_KINDS}
+        unnamed = [f"{RECORDS_DIR}/{name}" for name in self.names(RECORDS_DIR) if f"{RECORDS_DIR}/{name}" not in named]
+        self.remove_files(unnamed)
+        return unnamed
 
     def unit_records(self, unit: Unit) -> pa.Table:
         """A folder/manifest/tar-sample unit's records, as planned."""
