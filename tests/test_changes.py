@@ -5,6 +5,7 @@ import os
 import time
 
 import boto3
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -68,6 +69,9 @@ def test_an_update_scores_files_changed_in_place_again_and_reports_removed_ones(
 
     again = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=2, update=True))
     assert again["update"]["units_changed"] == again["units"]["changed"] == again["this_run"]["rows"] == 0
+    # a removed file's read failure is not tried again: its unit is not scored again at every retry
+    retry = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=2, retry_errors=True))
+    assert retry["units"]["retried"] == retry["this_run"]["rows"] == 0 and retry["errors"] == 1
 
     write_image(src / "4.png", seed=4)  # put back: changed again, and scored
     back = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=2, update=True))
@@ -219,8 +223,8 @@ def test_parquet_shards_written_again_or_removed_are_scored_again(ray_local, par
     errors = [e for e in pq.read_table(out / "scores")["error"].to_pylist() if e]
     assert len(errors) == 2 and all(e.startswith("shard read failed: FileNotFoundError") for e in errors)
     assert "b.parquet" in errors[0]
-    again = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(update=True))
-    assert again["update"]["units_changed"] == again["this_run"]["rows"] == 0
+    again = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(update=True, retry_errors=True))
+    assert again["update"]["units_changed"] == again["this_run"]["rows"] == again["units"]["retried"] == 0
 
 
 def test_a_shard_update_is_found_again_until_scored_and_other_row_groups_are_refused(tmp_path):
@@ -275,6 +279,21 @@ def test_many_updates_generations_are_merged_into_one_holding_each_files_latest_
     rewrite(src / "1.png", seed=99)
     found, _ = find_changes(out, commit=True)
     assert found.changed == 1
+
+
+def test_removed_files_are_those_the_latest_update_to_list_each_found_gone(tmp_path):
+    from pipeline.scan.changes import GONE, VersionsWriter, removed_files
+    from pipeline.scan.uri_set import uri_digests
+
+    store = ScanStore(str(tmp_path / "out"))
+    uris = pa.array(["/in/a.png", "/in/b.png", "/in/c.png", "/in/d.png"])
+    a, b, c, d = uri_digests(uris)
+    for digests, versions in (([a, b], [GONE, 7]), ([a, c], [9, GONE]), ([d], [GONE])):
+        writer = VersionsWriter(store)
+        writer.add(np.array(digests), np.array(versions, np.uint64))
+        if digests[0] != d:  # the last update's run never ended: what it found does not count
+            writer.commit()
+    assert removed_files(store).contains(uris).tolist() == [False, False, True, False]  # a was put back
 
 
 def test_a_file_listed_without_a_version_is_neither_changed_nor_removed():

@@ -151,6 +151,20 @@ def recorded_versions(store: Location) -> Iterable[pa.Table]:
         yield store.read_parquet(f"{VERSIONS_DIR}/{name}")
 
 
+def removed_files(store: Location) -> UriSet:
+    """The files (a manifest's records) that the latest update to list each found gone: a
+    read of one fails again, so --retry-errors leaves their rows as they are."""
+    gone = np.empty(0, DIGEST)  # sorted
+    for table in recorded_versions(store):  # oldest first: a file found back later is not gone
+        digests, versions = digests_of(table["uri_digest"]), table["version"].to_numpy()
+        if len(gone):
+            at = np.minimum(np.searchsorted(gone, digests), len(gone) - 1)
+            back = at[(gone[at] == digests) & (versions != GONE)]
+            gone = np.delete(gone, back)
+        gone = np.union1d(gone, digests[versions == GONE])
+    return UriSet.of_digests(gone)
+
+
 class KnownFiles(UriSet):
     """A folder plan's records (or a manifest's with versions: `columns.version`) by URI
     digest, with each one's version and unit: what an update checks its listing (or the
@@ -239,6 +253,12 @@ class KnownFiles(UriSet):
 
 
 REMOVED = "removed"  # a shard unit's version once its file was found gone (its rows: read errors)
+
+
+def removed_shard_units(units: list) -> set[str]:
+    """Of a plan's units (`sources.Unit`s), those of shards an update found removed: a read
+    of their rows fails again."""
+    return {u.unit_id for u in units if u.version == REMOVED}
 
 
 def shard_changes(planned: list, listed: list) -> tuple[list, FileChanges]:

@@ -19,7 +19,7 @@ from mirror_core.config import MirrorConfig
 from mirror_core.errors import most_frequent_kinds
 from pipeline.cluster import ensure_ray, require_shared_paths, resources_line
 from pipeline.progress import RowProgress, stall_reports, step
-from pipeline.scan.changes import FileChanges
+from pipeline.scan.changes import FileChanges, removed_shard_units
 from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
@@ -300,7 +300,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         retried = set()
         if cfg.retry_errors and done:
             with step("finding units with read failures") as info:
-                retried = out.units_with_transient_errors(done)
+                retried = out.units_with_transient_errors(done - removed_shard_units(plan.units))
                 info.update(items=len(retried), unit="units to score again")
         redo = retried | found.units
         todo = [u for u in plan.units if u.unit_id not in done or u.unit_id in redo]

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.scan.changes import FileChanges, KnownFiles, VersionsWriter, recorded_versions
+from pipeline.scan.changes import FileChanges, KnownFiles, VersionsWriter, recorded_versions, removed_files
 from pipeline.scan.schema import PLAN_BOOKKEEPING, UNIT, VERSION
 from pipeline.scan.sources import RECORD_KINDS, Plan, SourceOptions, Unit, update_plan
 from pipeline.scan.tar_changes import KnownSamples
@@ -222,13 +223,20 @@ class ScanStore(Location):
         return set(self.committed_parts()["unit_id"].to_pylist())
 
     def units_with_transient_errors(self, units: set[str]) -> set[str]:
-        """Finished units holding a row whose error another try may heal (read failures)."""
+        """Finished units holding a row whose error another try may heal (a read failure),
+        not counting rows of files an update found removed: read again, they are still gone
+        (units of removed shards: `changes.removed_shard_units`)."""
         from pipeline.scan.sources import TRANSIENT_ERROR_PREFIXES
 
-        def transient(errors: pa.ChunkedArray) -> bool:
-            return any(pc.any(pc.starts_with(errors, p)).as_py() for p in TRANSIENT_ERROR_PREFIXES)
+        gone = removed_files(self)
 
-        return {unit for unit, part in self.scores_by_unit(["error"], units) if transient(part["error"])}
+        def transient(part: pa.Table) -> bool:
+            failed = np.zeros(part.num_rows, bool)
+            for prefix in TRANSIENT_ERROR_PREFIXES:
+                failed |= pc.starts_with(part["error"], prefix).fill_null(False).to_numpy(zero_copy_only=False)
+            return bool(failed.any()) and not gone.contains(part["uri"].filter(pa.array(failed))).all()
+
+        return {unit for unit, part in self.scores_by_unit(["uri", "error"], units) if transient(part)}
 
     def scores_by_unit(self, columns=None, units: set[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
         """(unit id, its rows) for every committed part (`units`: those of them), in unit

@@ -27,6 +27,13 @@ class UriSet:
         parts = [uri_digests(b) for b in batches]
         self.digests = np.sort(np.concatenate(parts)) if parts else np.empty(0, DIGEST)
 
+    @classmethod
+    def of_digests(cls, digests: np.ndarray) -> "UriSet":
+        """The set of these digests (sorted, unique)."""
+        made = cls()
+        made.digests = np.unique(digests)
+        return made
+
     def __len__(self) -> int:
         return len(self.digests)
 
