@@ -8,7 +8,8 @@ moto S3 server, then through a proxy that delays every request by S (a distant s
 times the readers of every part: the summary a scan writes at its end (`summarize`) when
 every part is new and its counts were not reported (`summary_*`), and again with nothing
 new, as after a `--update` that found nothing (`summary_again_*`: the counts kept by the
-first); the summary of a run that committed every part, its writers reporting each part's
+first); both for the same parts labeled (`labeled_summary_*`, `labeled_summary_again_*`:
+the metrics need every scored labeled row, kept by the first in one file); the summary of a run that committed every part, its writers reporting each part's
 counts, size and version (`summary_reported_*`, as a scan's first run); the stream the audit
 reads (`scores_by_unit`, its columns) and `--retry-errors`' search for read failures
 (`units_with_transient_errors`). Each is checked against the rows written and reported as
@@ -34,8 +35,9 @@ from benchmarks.s3_store import moto_bucket, report  # noqa: E402
 ERRORS_PER_PART = 3  # rows with an error: the last one a read failure, so every part is retried
 
 
-def part_bytes(rows: int, seed: int) -> bytes:
-    """One committed part: output rows of an unlabeled corpus, a few of them errors."""
+def part_bytes(rows: int, seed: int, labeled: bool = False) -> bytes:
+    """One committed part: output rows of an unlabeled corpus (`labeled`: a labeled one's,
+    in two subsets), a few of them errors."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -53,6 +55,8 @@ def part_bytes(rows: int, seed: int) -> bytes:
         error=pa.array(["cannot identify image"] * (ERRORS_PER_PART - 1) + ["read failed: timeout"]
                        + [None] * (rows - ERRORS_PER_PART)),
     )
+    if labeled:
+        columns.update(label=pa.array(rng.integers(0, 2, rows)), subset=pa.array(["genA", "genB"][seed % 2:][:1] * rows))
     buf = io.BytesIO()
     pq.write_table(pa.table(columns), buf)
     return buf.getvalue()
@@ -66,10 +70,12 @@ def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
     from pipeline.scan.store import ScanStore
     from pipeline.scan.summary import PART_TALLIES, TALLY_SCHEMA, summarize
 
-    bodies = [part_bytes(rows, seed) for seed in range(4)]  # parts differ; four are enough
-    keys = [f"scan/scores/part-{i:08d}.parquet" for i in range(parts)]
+    bodies = [part_bytes(rows, seed, labeled=False) for seed in range(4)]  # parts differ; four are enough
+    bodies += [part_bytes(rows, seed, labeled=True) for seed in range(4)]
+    keys = [f"{scan}/scores/part-{i:08d}.parquet" for scan in ("scan", "labeled") for i in range(parts)]
     result = {"parts": parts, "rows_per_part": rows, "part_kb": round(len(bodies[0]) / 1024, 1), "delay_s": delay_s}
-    with moto_bucket("scans", keys, lambda i: bodies[i % 4]) as upstream, FaultProxy(upstream, delay_s=delay_s) as proxy:
+    with moto_bucket("scans", keys, lambda i: bodies[i % 4 + 4 * (i >= parts)]) as upstream, \
+            FaultProxy(upstream, delay_s=delay_s) as proxy:
         os.environ["AWS_ENDPOINT_URL"] = proxy.url
         s3fs.S3FileSystem.clear_instance_cache()
         out = ScanStore("s3://scans/scan")
@@ -101,6 +107,15 @@ def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
         timed("audit_stream", lambda: sum(t.num_rows for _, t in out.scores_by_unit(["uri", "prob_fake", "error"])),
               lambda n: n == parts * rows)
         timed("retry_search", lambda: out.units_with_transient_errors(out.done_units()), lambda u: len(u) == parts)
+        labeled = ScanStore("s3://scans/labeled")  # the same parts, labeled: the metrics need their scored rows
+
+        def metrics_right(s):
+            return right(s) and s["metrics"]["ALL"]["n"] == parts * (rows - ERRORS_PER_PART)
+
+        timed("labeled_summary", lambda: summarize(labeled, parts * rows, 0, {}, written=None), metrics_right)
+        timed("labeled_summary_again", lambda: summarize(labeled, parts * rows, 0, {}, written=None), metrics_right)
+    result["labeled_again_over_first"] = round(result["labeled_summary_again_parts_per_s"]
+                                               / result["labeled_summary_parts_per_s"], 1)
     return result
 
 

@@ -13,7 +13,7 @@ from s3_faults import FaultProxy
 from mirror_core.metrics import binary_metrics
 from pipeline.scan.schema import conform
 from pipeline.scan.store import ScanStore
-from pipeline.scan.summary import PART_TALLIES, TALLY_SCHEMA, summarize
+from pipeline.scan.summary import LABELED_DIR, LABELED_ROWS, PART_TALLIES, TALLY_SCHEMA, summarize
 
 LABELED_PARTS = 18  # parts 0..17 carry labels, 18..23 none (an unlabeled corpus's parts)
 
@@ -98,16 +98,20 @@ def test_a_finished_scans_parts_are_read_once_each(s3_bucket, through_proxy):
     assert read_back["source"].null_count == sum(t.num_rows for u, t in parts.items() if int(u) < 12)
 
 
-def test_a_later_summary_reads_only_the_parts_it_has_not_counted_and_those_with_labels(s3_bucket, through_proxy):
+def test_a_later_summary_reads_only_the_parts_it_has_not_counted_or_kept_the_labeled_rows_of(s3_bucket, through_proxy,
+                                                                                           monkeypatch):
+    from pipeline.scan import summary as summary_module
+
     out, parts = committed(s3_bucket, 24, seed=1)
     rng = np.random.default_rng(11)
     summarize(ScanStore(out.uri), 999, 0, {}, written=None)
     labeled = sorted(u for u in parts if int(u) < LABELED_PARTS)
     part_reads(through_proxy)
 
-    # nothing new: the labeled parts again (the metrics need their scores), no unlabeled one
+    # nothing new: no part read, the labeled ones' rows (the metrics need their scores) kept in one file
     assert figures(summarize(ScanStore(out.uri), 999, 0, {}, written=None)) == expected_summary(parts)
-    assert part_reads(through_proxy) == labeled
+    assert part_reads(through_proxy) == []
+    assert len(out.names(LABELED_DIR)) == 1
 
     # --update adds units, --retry-errors rewrites one (same unit id, its read failure healed),
     # both through a store that tells no version; two parts change behind the scan's back
@@ -128,10 +132,28 @@ def test_a_later_summary_reads_only_the_parts_it_has_not_counted_and_those_with_
                         "errors": [0, 0], "labeled": [0, 0], "error_kinds": [None, None]}, schema=TALLY_SCHEMA)
     summary = summarize(ScanStore(out.uri), 999, 0, {}, written=unknown)
     assert figures(summary) == expected_summary(parts)
-    assert part_reads(through_proxy) == sorted(labeled + ["00019", "00020", "00021", "00024"])
+    assert part_reads(through_proxy) == ["00019", "00020", "00021", "00024"]  # labeled or not: changed or new
     kept = ScanStore(out.uri).read_parquet(PART_TALLIES)
     assert kept["unit_id"].to_pylist() == sorted(parts)
     assert kept["rows"].to_pylist() == [parts[u].num_rows for u in sorted(parts)]
+    unlabeled = kept.filter(pc.equal(kept["labeled"], 0))
+    assert unlabeled.num_rows == 6 and unlabeled[LABELED_ROWS].null_count == 6
+
+    # a labeled part written again: its rows read and kept in a second file; past
+    # MAX_LABELED_FILES, the kept rows are merged into one file and the others removed
+    for unit, most, files in (("00003", 8, 2), ("00005", 2, 1)):
+        monkeypatch.setattr(summary_module, "MAX_LABELED_FILES", most)
+        parts[unit] = make_part(int(unit), np.random.default_rng(5))
+        out.write_parquet(out.part_name(unit), parts[unit])
+        part_reads(through_proxy)
+        assert figures(summarize(ScanStore(out.uri), 999, 0, {}, written=None)) == expected_summary(parts)
+        assert part_reads(through_proxy) == [unit]
+        kept = ScanStore(out.uri).read_parquet(PART_TALLIES)
+        assert len(out.names(LABELED_DIR)) == files == len(set(kept[LABELED_ROWS].drop_null().to_pylist()))
+    # a kept file lost: its parts are read again
+    out.fs.rm(out.path(LABELED_DIR), recursive=True)
+    assert figures(summarize(ScanStore(out.uri), 999, 0, {}, written=None)) == expected_summary(parts)
+    assert part_reads(through_proxy) == sorted(u for u in parts if int(u) < LABELED_PARTS)
 
 
 def test_parts_are_read_over_as_many_connections_as_the_s3_client_holds(s3_bucket, s3_server, monkeypatch):

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.scan.store import PART_FIELDS, ScanStore
-from pipeline.scan.summary import PART_TALLIES, TALLY_SCHEMA, errors_by_kind
+from pipeline.scan.summary import errors_by_kind, kept_tallies
 from pipeline.storage import Location
 
 
@@ -60,9 +60,7 @@ def scan_status(output_uri: str) -> dict[str, Any]:
     done = [u for u in parts["unit_id"].to_pylist() if u in rows]
     committed = sum(rows[u] for u in done)
     total = sum(rows.values())
-    kept = out.read_parquet(PART_TALLIES)
-    counted = (kept.join(parts, PART_FIELDS, join_type="inner") if kept is not None and kept.schema.equals(TALLY_SCHEMA)
-               else TALLY_SCHEMA.empty_table())
+    counted = kept_tallies(out).join(parts, PART_FIELDS, join_type="inner")
     return {**status, "planned": True, "input_format": plan.input_format, "complete": len(done) == len(rows),
             "records": {"total": total, "committed": committed, "left": total - committed},
             "units": {"total": len(rows), "committed": len(done), "left": len(rows) - len(done)},
