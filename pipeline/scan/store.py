@@ -3,6 +3,7 @@
     OUTPUT/scores/part-<unit_id>.parquet   one file per finished unit (the scored rows)
     OUTPUT/summary.json                    counts, throughput, metrics, effective config
     OUTPUT/_summary/part_tallies.parquet   each part's counts, so a later summary reads only new parts
+    OUTPUT/_summary/labeled/               labeled parts' scored labeled rows, kept for the metrics
     OUTPUT/_scan.json                      what this output belongs to (model, input, policy)
     OUTPUT/_plan/units.parquet             the units of the input (extended by --update)
     OUTPUT/_plan/records/<unit_id>.parquet records of folder/manifest/tar-sample units: one
