@@ -106,7 +106,7 @@ def shard_table(listing: pa.Table, cols: dict[str, list]) -> pa.Table:
 def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, rows_per_row_group: int,
                 fetch_threads: int, honour_opt_out: bool = True) -> dict[str, int]:
     """Read one slice of the listing (its stored records) and write it as one shard (a Ray
-    task); returns the number of unreadable files (kept as rows with read_error)."""
+    task); returns how many files were unreadable (kept as rows with read_error), by kind."""
     listing = read_unit_records(records_uri, row_group)
     cols = {"bytes": [], "sha256": [], "original_format": [], "read_error": []}
     for data, error in fetch_all(listing["uri"].to_pylist(), fetch_threads, honour_opt_out=honour_opt_out):

@@ -87,15 +87,15 @@ def part_tallies(out: ScanStore, written: pa.Table | None) -> tuple[pa.Table, pa
     labeled = labeled.sort_by("unit_id")  # unit order, each part's rows in order (a stable sort)
     tallies = pa.concat_tables([reused, fresh]).sort_by("unit_id")
     named = set(tallies[LABELED_ROWS].drop_null().to_pylist())
-    if read or len(named) > MAX_LABELED_FILES:  # rows read now, or too many files: kept anew
+    merge = len(named) + bool(read) > MAX_LABELED_FILES  # one file more would be too many: all in one
+    if read or merge:  # the rows read now (or all of them) kept in a file of their own
         name = uuid.uuid4().hex + ".parquet"
-        merge = len(named) + 1 > MAX_LABELED_FILES
         keep = labeled if merge else labeled.filter(pc.is_in(labeled["unit_id"], fresh["unit_id"]))
         out.write_parquet(f"{LABELED_DIR}/{name}", keep)
         now = pc.is_in(tallies["unit_id"], keep["unit_id"].unique())
         tallies = tallies.set_column(tallies.schema.get_field_index(LABELED_ROWS), LABELED_ROWS,
                                      pc.if_else(now, name, tallies[LABELED_ROWS]))
-    if fresh.num_rows or written.num_rows or tallies.num_rows != kept.num_rows or read:
+    if fresh.num_rows or written.num_rows or merge or tallies.num_rows != kept.num_rows:
         out.write_parquet(PART_TALLIES, tallies)  # before the files it no longer names are removed
     named = set(tallies[LABELED_ROWS].drop_null().to_pylist())
     out.remove_files([f"{LABELED_DIR}/{f}" for f in files if f not in named])
