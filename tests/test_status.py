@@ -36,6 +36,16 @@ def test_status_says_how_far_a_scan_has_got_without_ray(ray_local, parity_bundle
     assert done["complete"] is True and done["records"]["left"] == 0 and done["parts_not_in_plan"] == 0
     assert done["counted"] == {"parts": 3, "rows": 6, "errors": 1,
                                "errors_by_kind": {"decode failed: UnidentifiedImageError": 1}}
+    # parts committed since the last summary: counted on request, read and nothing written
+    tallies = out / "_summary" / "part_tallies.parquet"
+    kept = tallies.read_bytes()
+    tallies.unlink()
+    assert main(["status", "--output", str(out)]) == 0
+    assert "3 committed parts are counted by the next summary (a run's end), or now with --count" in \
+        capsys.readouterr().out
+    assert main(["status", "--output", str(out), "--json", "--count"]) == 0
+    assert json.loads(capsys.readouterr().out)["counted"] == done["counted"] and not tallies.exists()
+    tallies.write_bytes(kept)
     first = sorted((out / "scores").glob("part-*.parquet"))[0]
     first.unlink()  # as a run interrupted before that unit committed
     assert main(["status", "--output", str(out)]) == 0

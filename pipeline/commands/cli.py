@@ -134,7 +134,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from pipeline.scan.status import output_status, status_lines
 
-    status = output_status(args.output)
+    status = output_status(args.output, count=args.count)
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else "\n".join(status_lines(status)))
     return 0
 
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="a scan's output directory or URI, or an audit's or a "
                    "benchmark run's (each scan it holds)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.add_argument("--count", action="store_true", help="also count the errors of parts committed since the last "
+                   "summary (reads each of them once; writes nothing)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("ingest", help="pack a folder tree of images, or a manifest's images, into Parquet shards")

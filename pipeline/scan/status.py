@@ -7,14 +7,18 @@ costs one listing of the parts, the plan's units file and the kept part counts: 
 run while the scan does, from any machine that reads the output.
 
 Parts committed since the last summary have no kept counts yet (the summary at the end
-of a run counts them); their rows count as committed, their errors only once counted.
+of a run counts them); their rows count as committed, their errors only once counted,
+or at once with `count` (`--count`): each such part read, one GET each, as a summary
+reads one, and nothing written.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.scan.schema import error_kind_counts
 from pipeline.scan.store import PART_FIELDS, ScanStore
 from pipeline.scan.summary import errors_by_kind, kept_tallies
 from pipeline.storage import Location
@@ -32,21 +36,22 @@ def scans_below(output_uri: str) -> list[str]:
             if out.read_json(f"scans/{name}/{kind}/_scan.json") is not None]
 
 
-def output_status(output_uri: str) -> dict[str, Any]:
+def output_status(output_uri: str, count: bool = False) -> dict[str, Any]:
     """`scan_status` of a scan's output, or of each scan an audit's or a benchmark run's
     output holds (`{"output": ..., "scans": [...]}`)."""
     scans = scans_below(output_uri)
     if scans == [Location(output_uri).uri]:
-        return scan_status(scans[0])
+        return scan_status(scans[0], count)
     if not scans:
         raise FileNotFoundError(f"{output_uri} holds no scan (no _scan.json, nor an audit's scan/ or a benchmark "
                                 "run's scans/): give the --output of a scan, an audit or a benchmark run")
-    return {"output": Location(output_uri).uri, "scans": [scan_status(s) for s in scans]}
+    return {"output": Location(output_uri).uri, "scans": [scan_status(s, count) for s in scans]}
 
 
-def scan_status(output_uri: str) -> dict[str, Any]:
+def scan_status(output_uri: str, count: bool = False) -> dict[str, Any]:
     """What `output_uri` holds of its scan: identity, plan, committed and left (records and
-    units), the counted parts' errors. A FileNotFoundError when it holds no scan."""
+    units), the counted parts' errors (`count`: every committed part counted, those the
+    last summary did not count read now). A FileNotFoundError when it holds no scan."""
     out = ScanStore(output_uri)
     identity = out.read_json("_scan.json")
     if identity is None:
@@ -60,7 +65,14 @@ def scan_status(output_uri: str) -> dict[str, Any]:
     done = [u for u in parts["unit_id"].to_pylist() if u in rows]
     committed = sum(rows[u] for u in done)
     total = sum(rows.values())
-    counted = kept_tallies(out).join(parts, PART_FIELDS, join_type="inner")
+    counted = kept_tallies(out).join(parts, PART_FIELDS, join_type="inner").select(["unit_id", "rows", "errors",
+                                                                                    "error_kinds"])
+    if count:
+        uncounted = set(done) - set(counted["unit_id"].to_pylist())
+        read = [(unit, part.num_rows, part.num_rows - part["error"].null_count, error_kind_counts(part))
+                for unit, part in out.scores_by_unit(["error"], uncounted)]
+        counted = pa.concat_tables([counted, pa.Table.from_pylist(
+            [dict(zip(counted.column_names, values)) for values in read], counted.schema)])
     return {**status, "planned": True, "input_format": plan.input_format, "complete": len(done) == len(rows),
             "records": {"total": total, "committed": committed, "left": total - committed},
             "units": {"total": len(rows), "committed": len(done), "left": len(rows) - len(done)},
@@ -90,7 +102,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         kinds = "".join(f"; {kind}: {n:,}" for kind, n in list(counted["errors_by_kind"].items())[:3])
         lines.append(f"  counted parts: {counted['rows']:,} rows, {counted['errors']:,} errors{kinds}")
     if uncounted:
-        lines.append(f"  {uncounted:,} committed parts are counted by the next summary (a run's end)")
+        lines.append(f"  {uncounted:,} committed parts are counted by the next summary (a run's end), or now "
+                     "with --count")
     if status["parts_not_in_plan"]:
         lines.append(f"  {status['parts_not_in_plan']:,} parts belong to no unit of the plan")
     return lines
