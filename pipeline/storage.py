@@ -76,9 +76,11 @@ def listed_version(entry: dict) -> str:
 
 def opened_version(f) -> str:
     """`listed_version` of a file being read (an fsspec file object): what its opening
-    found (an object store's HEAD), else its filesystem's stat; the same string a listing
-    of its folder gives."""
-    return listed_version(getattr(f, "details", None) or f.fs.info(f.path))
+    found where that tells a version (an object store's HEAD), else what its filesystem
+    tells (a disk's stat; a web server's HEAD: an HTTP file's opening keeps only its
+    size); the same string a listing of its folder, or `current_version`, gives."""
+    details = getattr(f, "details", None)
+    return listed_version(details if details and file_version(details) else f.fs.info(f.path))
 
 
 def current_version(uri: str) -> str:

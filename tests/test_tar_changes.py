@@ -204,3 +204,31 @@ def test_a_shard_of_no_images_that_gains_some_is_indexed_once_and_one_removed_is
     monkeypatch.setattr(webdataset, "index_shard", lambda uri, *a, **kw: indexed.append(uri) or original(uri, *a, **kw))
     _, added, found, pending = out.relist(out.load_plan(), SourceOptions(unit_size=2))
     assert (indexed, added, found.changed, found.removed, found.units, pending) == ([], [], 0, 0, frozenset(), None)
+
+
+def test_tar_shards_served_over_http_keep_their_etags_scan_and_update(ray_local, parity_bundle, tmp_path):
+    """A brace pattern of links (a dataset's shards on a web server or a hub): the version
+    indexed is the one a later HEAD tells (ETag and size), so every row scores; a shard
+    written again on the server is `shard changed` until an update indexes it again."""
+    from web_server import ImageServer
+
+    src, out, images = tmp_path / "wds", tmp_path / "out", tmp_path / "images"
+    write_tar(src / "000.tar", {"a0": 0, "a1": 1, "a2": 2}, images)
+    write_tar(src / "001.tar", {"b0": 3}, images)
+    with ImageServer(str(src)) as server:
+        shards = f"{server.url}/files/{{000..001}}.tar"
+        first = run_scan(str(parity_bundle), shards, str(out), ScanConfig(unit_size=2))
+        assert (first["rows_out"], first["errors"]) == (4, 0), first["errors_by_kind"]
+        plan = ScanStore(str(out)).load_plan()
+        assert all(v.startswith('"') for v in plan.shards["version"].to_pylist())  # the server's ETag
+        again = run_scan(str(parity_bundle), shards, str(out), ScanConfig(unit_size=2, update=True))
+        assert again["update"]["units_changed"] == again["this_run"]["rows"] == 0  # nothing changed: nothing found
+
+        write_tar(src / "000.tar", {"a1": 7, "a0": 6, "a2": 8}, images)  # on the server: other images, other offsets
+        unit = plan.units[0]
+        records = ScanStore(str(out)).unit_records(unit)
+        _, _, payloads = webdataset.read_samples(records, 2, 2**20, unit.version)
+        assert all(e.startswith(f"shard changed: {server.url}/files/000.tar was written again") for _, e in payloads)
+        updated = run_scan(str(parity_bundle), shards, str(out), ScanConfig(unit_size=2, update=True))
+        assert updated["update"]["files_changed"] == 1 and updated["this_run"]["rows"] == 3
+        assert updated["errors"] == 0 and updated["rows_out"] == 4

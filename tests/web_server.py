@@ -4,7 +4,8 @@ Serves a folder under /files/<name>; under /whole/<name> ignoring any Range (the
 body, as some servers send it); under /optout/<name> saying X-Robots-Tag: noai, under
 /agents/<name> 'otherbot: noai, mirror-at-scale: noimageai'. /flaky/<name> answers 503
 to its first GET and /limited/<name> always 429, both with Retry-After: 0; a path in
-`redirects` answers 302. A Range 'bytes=0-N' is honoured and HEAD tells a file's size.
+`redirects` answers 302. A Range 'bytes=A-B' (or 'bytes=A-') is honoured, and under /files/
+HEAD and GET tell a file's size and an ETag that changes when it is written again.
 Each request waits `delay_s` first (a distant server) and is logged as (method, path,
 range header, body bytes sent).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import sys
 import threading
 import time
@@ -69,6 +71,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200 if found else 404)
         self.send_header("Content-Length", str(os.path.getsize(file) if found else 0))
         self.send_header("Accept-Ranges", "bytes")
+        if found:
+            self.send_header("ETag", _etag(file))
         self.end_headers()
 
     def do_GET(self):
@@ -93,8 +97,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         with open(file, "rb") as f:
             data = f.read()
-        if wanted and wanted.startswith("bytes=0-") and kind != "whole":
-            data = data[: int(wanted[len("bytes=0-"):]) + 1]
+        headers = {"ETag": _etag(file)} if kind == "files" else {}
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted or "") if kind != "whole" else None
+        if ranged:
+            first = int(ranged.group(1))
+            last = min(int(ranged.group(2) or len(data) - 1), len(data) - 1)
+            headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+            data = data[first:last + 1]
         self.server.log.append(("GET", self.path, wanted, len(data)))
         robots = {"optout": "noai", "agents": "otherbot: noai, mirror-at-scale: noimageai"}.get(kind)
-        self._answer(206 if wanted and kind != "whole" else 200, data, headers={"X-Robots-Tag": robots} if robots else None)
+        if robots:
+            headers["X-Robots-Tag"] = robots
+        self._answer(206 if ranged else 200, data, headers=headers)
+
+
+def _etag(file: str) -> str:
+    stat = os.stat(file)
+    return f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
