@@ -394,3 +394,22 @@ def test_a_parquet_shard_written_again_after_planning_gives_shard_changed_rows_n
     units[1].version = None  # a plan without versions: the row group's size tells
     errors = errors_of(units[1])
     assert len(errors) == 2 and all("holds other row groups than planned (row group 1 of 2 rows)" in e for e in errors)
+
+
+def test_a_parquet_shard_served_over_http_is_read_as_the_version_planned(tmp_path):
+    """Its version planned is the one a later HEAD tells (the server's ETag and size)."""
+    from web_server import ImageServer
+
+    from pipeline.scan.sources import ColumnMap, ShardChangedError, read_shard_unit
+
+    src = tmp_path / "shards"
+    src.mkdir()
+    write_shard(src / "a.parquet", [0, 1, 2, 3], tmp_path)
+    with ImageServer(str(src)) as server:
+        plan = plan_source(f"{server.url}/files/a.parquet", SourceOptions())
+        assert plan.input_format == "parquet" and plan.units[0].version.startswith('"')
+        assert read_shard_unit(plan.units[0], ColumnMap(), with_bytes=True).num_rows == 2
+        time.sleep(0.01)
+        write_shard(src / "a.parquet", [5, 6, 7, 8], tmp_path)
+        with pytest.raises(ShardChangedError):
+            read_shard_unit(plan.units[0], ColumnMap(), with_bytes=True)
