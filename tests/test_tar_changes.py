@@ -232,3 +232,16 @@ def test_tar_shards_served_over_http_keep_their_etags_scan_and_update(ray_local,
         updated = run_scan(str(parity_bundle), shards, str(out), ScanConfig(unit_size=2, update=True))
         assert updated["update"]["files_changed"] == 1 and updated["this_run"]["rows"] == 3
         assert updated["errors"] == 0 and updated["rows_out"] == 4
+
+        # links that redirect to the file (a hub's resolve/ links to its CDN): the same versions
+        for name in ("000", "001"):
+            server.redirects[f"/resolve/{name}.tar"] = f"{server.url}/files/{name}.tar"
+        redirected = plan_tars(f"{server.url}/resolve/{{000..001}}.tar", ScanStore(str(tmp_path / "redirected")))
+        def versions(plan) -> dict:
+            return {r["uri"].rsplit("/", 1)[1]: r["version"] for r in plan.shards.to_pylist()}
+
+        assert versions(redirected) == versions(ScanStore(str(out)).load_plan())
+        unit = redirected.units[0]
+        _, _, payloads = webdataset.read_samples(ScanStore(str(tmp_path / "redirected")).unit_records(unit), 2, 2**20,
+                                                 unit.version)
+        assert [e for _, e in payloads] == [None, None]

@@ -65,6 +65,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_HEAD(self):
         time.sleep(self.server.delay_s)
         self.server.log.append(("HEAD", self.path, None, 0))
+        if self.path.split("?", 1)[0] in self.server.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.server.redirects[self.path.split("?", 1)[0]])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         kind, _, name = self.path.split("?", 1)[0].lstrip("/").partition("/")
         file = os.path.join(self.server.root, name)
         found = kind == "files" and os.path.isfile(file)
