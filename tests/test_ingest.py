@@ -1,5 +1,6 @@
 """`mirror ingest` at scale: shard tasks a window at a time, finishing in any order; a
 shard that cannot be written is named while the rest are written; progress on the console."""
+import json
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from conftest import own_ray_env, write_image
 from s3_faults import FaultProxy
 
 from pipeline.cluster import completed_tasks
+from pipeline.commands.cli import main
 
 
 def test_completed_tasks_keep_a_window_submitted_and_come_as_they_finish(ray_local):
@@ -40,7 +42,7 @@ def test_completed_tasks_keep_a_window_submitted_and_come_as_they_finish(ray_loc
 
 @pytest.mark.slow
 def test_a_shard_that_cannot_be_written_is_named_the_rest_are_written_and_a_rerun_completes(s3_server, s3_bucket,
-                                                                                           tmp_path):
+                                                                                           tmp_path, capsys):
     import fsspec
 
     for i in range(11):
@@ -66,6 +68,13 @@ def test_a_shard_that_cannot_be_written_is_named_the_rest_are_written_and_a_reru
     fs.invalidate_cache()
     written = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/shards"))
     assert written == ["_ingest.json"] + [f"shard-{i:06d}.parquet" for i in (0, 1, 3, 4, 5)]  # its plan removed
+    # `mirror status` of an ingest's output: the shards written and left, the read errors they hold
+    assert main(["status", "--output", output, "--count", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["shards"] == {"total": 6, "written": 5, "left": 1} and status["complete"] is False
+    assert status["read_errors"] == {"read failed: FileNotFoundError": 1} and not status["listing_kept"]
+    assert main(["status", "--output", output]) == 0
+    assert "written: 5 shards (83.3%); left: 1 (run the same ingest again" in capsys.readouterr().out
 
     rerun = subprocess.run(ingest, env=own_ray_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -75,3 +84,5 @@ def test_a_shard_that_cannot_be_written_is_named_the_rest_are_written_and_a_reru
     uris = [r["uri"] for r in rows]
     assert len(rows) == 12 and len(set(uris)) == 12 and sorted(uris) == uris  # each once, in the manifest's order
     assert [r["read_error"] is not None for r in rows] == [u.endswith("gone.png") for u in uris]
+    assert main(["status", "--output", output]) == 0
+    assert "written: 6 shards (100.0%); complete" in capsys.readouterr().out

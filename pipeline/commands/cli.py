@@ -132,10 +132,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
+    from pipeline.commands.ingest import ingest_status, ingest_status_lines
     from pipeline.scan.status import output_status, status_lines
 
-    status = output_status(args.output, count=args.count)
-    print(json.dumps(status, indent=2, sort_keys=True) if args.json else "\n".join(status_lines(status)))
+    status, lines = ingest_status(args.output, count=args.count), ingest_status_lines
+    if status is None:
+        status, lines = output_status(args.output, count=args.count), status_lines
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else "\n".join(lines(status)))
     return 0
 
 
@@ -305,13 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_scan_flags(p)
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("status", help="how far a scan's output has got: committed and left, errors counted; "
-                       "no Ray, while it runs too")
-    p.add_argument("--output", required=True, help="a scan's output directory or URI, or an audit's or a "
-                   "benchmark run's (each scan it holds)")
+    p = sub.add_parser("status", help="how far a scan's output (or an ingest's) has got: committed and left, errors "
+                       "counted; no Ray, while it runs too")
+    p.add_argument("--output", required=True, help="a scan's output directory or URI, an audit's or a benchmark "
+                   "run's (each scan it holds), or an ingest's")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.add_argument("--count", action="store_true", help="also count the errors of parts committed since the last "
-                   "summary (reads each of them once; writes nothing)")
+                   "summary (reads each of them once; writes nothing); of an ingest, the rows kept with a read_error")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("ingest", help="pack a folder tree of images, or a manifest's images, into Parquet shards")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import re
 from dataclasses import dataclass, field
 
 import fsspec
@@ -32,7 +33,7 @@ from pipeline.scan.manifest import is_manifest_name
 from pipeline.scan.schema import PLAN_BOOKKEEPING
 from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, Unit, fetch_all, plan_source
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records
-from pipeline.storage import Location
+from pipeline.storage import Location, read_ahead
 
 SHARD_SCHEMA = pa.schema([
     ("uri", pa.string()), ("label", pa.int64()), ("subset", pa.string()), ("bytes", pa.binary()),
@@ -40,6 +41,7 @@ SHARD_SCHEMA = pa.schema([
 ])
 IDENTITY_FILE = "_ingest.json"
 SHARD_TASK_CPUS = 1.0
+STATUS_READS_AT_ONCE = 10  # shards' read_error columns read concurrently by `ingest_status(count=True)`
 PLAN_DIR = "_ingest_plan"  # the listing's records while an ingest runs (its shard tasks read them)
 
 
@@ -187,3 +189,42 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
     finally:
         work.remove()
     return result
+
+
+def ingest_status(output_uri: str, count: bool = False) -> dict | None:
+    """How far an ingest into `output_uri` has got, from its store alone (None where it
+    holds none): the shards written and left; `count`: also the rows kept with a read_error
+    in the written shards, by kind (that column read, one request a shard)."""
+    out = Location(output_uri)
+    identity = out.read_json(IDENTITY_FILE)
+    if identity is None:
+        return None
+    names = out.names()
+    written = sorted(n for n in names if re.fullmatch(r"shard-\d{6,}\.parquet", n))
+    total = -(-identity["files"] // identity["rows_per_shard"])  # the listing's slices: every shard but the last full
+    status = {"output": out.uri, "input": identity["input"], "files": identity["files"], "complete": len(written) == total,
+              "shards": {"total": total, "written": len(written), "left": total - len(written)},
+              "listing_kept": PLAN_DIR in names}  # an ingest running, or one interrupted
+    if count:
+        def kinds(name: str) -> collections.Counter:
+            errors = pq.read_table(out.uri_of(name), columns=["read_error"])["read_error"].drop_null()
+            return collections.Counter(error_kind(e) for e in errors.to_pylist())
+
+        counted = sum(read_ahead(kinds, written, STATUS_READS_AT_ONCE), collections.Counter())
+        status["read_errors"] = dict(sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])))
+    return status
+
+
+def ingest_status_lines(status: dict) -> list[str]:
+    shards = status["shards"]
+    share = 100 * shards["written"] / shards["total"] if shards["total"] else 100.0
+    lines = [f"{status['output']}: ingest of {status['input']}: {status['files']:,} files into {shards['total']:,} shards",
+             f"  written: {shards['written']:,} shards ({share:.1f}%)" + (
+                 "; complete" if status["complete"] else
+                 f"; left: {shards['left']:,} (run the same ingest again to write them, unless one is running)")]
+    if "read_errors" in status:
+        errors = status["read_errors"]
+        kinds = most_frequent_kinds(errors)
+        lines.append(f"  written shards hold {sum(errors.values()):,} rows with a read_error"
+                     + (f": {kinds}" if kinds else ""))
+    return lines

@@ -44,7 +44,8 @@ def output_status(output_uri: str, count: bool = False) -> dict[str, Any]:
         return scan_status(scans[0], count)
     if not scans:
         raise FileNotFoundError(f"{output_uri} holds no scan (no _scan.json, nor an audit's scan/ or a benchmark "
-                                "run's scans/): give the --output of a scan, an audit or a benchmark run")
+                                "run's scans/) nor an ingest (_ingest.json): give the --output of a scan, an audit, "
+                                "a benchmark run or an ingest")
     return {"output": Location(output_uri).uri, "scans": [scan_status(s, count) for s in scans]}
 
 
