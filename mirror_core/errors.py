@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 
 def error_text(err: BaseException) -> str:
@@ -27,10 +28,15 @@ def error_kind(message: str) -> str:
     return head
 
 
-def most_frequent_kinds(counts: dict[str, int], shown: int = 3) -> str:
+def by_frequency(counts: Mapping[str, int]) -> dict[str, int]:
+    """Counts per kind, the most frequent first (ties by name): as summaries report them."""
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def most_frequent_kinds(counts: Mapping[str, int], shown: int = 3) -> str:
     """Error counts per kind as the console's short phrase, the most frequent first:
     'read failed: FileNotFoundError 3, opted out 1, 2 more kinds' ('' for none)."""
-    kinds = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    kinds = list(by_frequency(counts).items())
     more = len(kinds) - shown
     return ", ".join([f"{kind} {n:,}" for kind, n in kinds[:shown]]
                      + ([f"{more} more kind{'s' * (more > 1)}"] if more > 0 else []))

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mirror_core.errors import error_kind, error_text, most_frequent_kinds
+from mirror_core.errors import by_frequency, error_kind, error_text, most_frequent_kinds
 from pipeline.cluster import completed_tasks, ensure_ray, require_shared_paths, resources_line, task_window
 from pipeline.progress import RowProgress, log, stall_reports, step
 from pipeline.scan.faults import FaultHooks
@@ -211,7 +211,7 @@ def ingest_status(output_uri: str, count: bool = False) -> dict | None:
             return collections.Counter(error_kind(e) for e in errors.to_pylist())
 
         counted = sum(read_ahead(kinds, written, STATUS_READS_AT_ONCE), collections.Counter())
-        status["read_errors"] = dict(sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])))
+        status["read_errors"] = by_frequency(counted)
     return status
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mirror_core.errors import most_frequent_kinds
 from pipeline.scan.schema import error_kind_counts
 from pipeline.scan.store import PART_FIELDS, ScanStore
 from pipeline.scan.summary import errors_by_kind, kept_tallies
@@ -100,8 +101,9 @@ def status_lines(status: dict[str, Any]) -> list[str]:
     counted = status["counted"]
     uncounted = units["committed"] - counted["parts"]
     if counted["parts"]:
-        kinds = "".join(f"; {kind}: {n:,}" for kind, n in list(counted["errors_by_kind"].items())[:3])
-        lines.append(f"  counted parts: {counted['rows']:,} rows, {counted['errors']:,} errors{kinds}")
+        kinds = most_frequent_kinds(counted["errors_by_kind"])
+        lines.append(f"  counted parts: {counted['rows']:,} rows, {counted['errors']:,} errors"
+                     + (f" ({kinds})" if kinds else ""))
     if uncounted:
         lines.append(f"  {uncounted:,} committed parts are counted by the next summary (a run's end), or now "
                      "with --count")

@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mirror_core.errors import by_frequency
 from mirror_core.metrics import binary_metrics
 from pipeline.scan.schema import error_kind_counts, scored_labeled
 from pipeline.scan.store import PART_FIELDS, ScanStore
@@ -134,7 +135,7 @@ def errors_by_kind(tallies: pa.Table) -> dict[str, int]:
     total: collections.Counter = collections.Counter()
     for kinds in tallies["error_kinds"].drop_null().to_pylist():
         total.update(json.loads(kinds))
-    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
+    return by_frequency(total)
 
 
 def _metrics(t: pa.Table) -> dict[str, float]:
