@@ -2,9 +2,10 @@
 a library user decides).
 
 `step` logs when a step starts and how long it took. `progress` wraps a loop in a tqdm
-bar on an interactive stderr and stays silent elsewhere (job logs get the step lines).
-`RowProgress` logs a pipeline's rows done of its total, its rate and the time left, every
-so often: Ray Data's own progress counts blocks per stage and knows no total of rows.
+bar on an interactive stderr, and elsewhere (a job's log) logs a line of its count every
+LOG_EVERY_S. `RowProgress` logs a pipeline's rows done of its total, its rate and the time
+left, every so often: Ray Data's own progress counts blocks per stage and knows no total
+of rows.
 `stall_reports` warns while no rows come, with a picture of why.
 """
 from __future__ import annotations
@@ -35,9 +36,22 @@ def step(what: str) -> Iterator[dict]:
     log.info("%s: done in %.1fs%s", what, time.perf_counter() - t0, items)
 
 
-def progress(items: Iterable[T], what: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
-    return tqdm(items, desc=what, total=total, unit=unit, file=sys.stderr, mininterval=0.5, leave=False,
-                disable=None)  # None: only when stderr is a terminal
+LOG_EVERY_S = 60.0  # a progress line this often where stderr is no terminal
+
+
+def progress(items: Iterable[T], what: str, total: int | None = None, unit: str = "it",
+             every_s: float = LOG_EVERY_S) -> Iterable[T]:
+    """`items`, counted: a tqdm bar on a terminal, else a line every `every_s` (0: none)."""
+    if sys.stderr.isatty():
+        return tqdm(items, desc=what, total=total, unit=unit, file=sys.stderr, mininterval=0.5, leave=False)
+    plural = "items" if unit == "it" else unit if unit.endswith("s") else unit + "s"
+    return _logged(items, RowProgress(what, total, every_s, unit=plural))
+
+
+def _logged(items: Iterable[T], meter: "RowProgress") -> Iterator[T]:
+    for item in items:
+        yield item
+        meter.add(1)
 
 
 def log_to_console() -> None:
@@ -61,11 +75,13 @@ def duration(seconds: float) -> str:
 
 class RowProgress:
     """`add(rows)` as rows are done; a line every `every_s` seconds (0: never):
-    'scoring: 120,000 / 1,000,000 rows (12.0%), 2,850 rows/s, about 5m 9s left'. The rate is
-    that since the first rows came, so start-up does not lower it."""
+    'scoring: 120,000 / 1,000,000 rows (12.0%), 2,850 rows/s, about 5m 9s left' (`unit`
+    names what is counted; with no `total`: 'indexing: 1,200 shards, 35 shards/s'). The
+    rate is that since the first rows came, so start-up does not lower it."""
 
-    def __init__(self, what: str, total: int, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self.what, self.total, self.every_s, self.clock = what, total, every_s, clock
+    def __init__(self, what: str, total: int | None, every_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, unit: str = "rows"):
+        self.what, self.total, self.every_s, self.clock, self.unit = what, total, every_s, clock, unit
         self.done = 0
         self.first: tuple[float, int] | None = None  # (time, rows) of the first rows
         self.last_line = self.last_rows_at = clock()
@@ -76,16 +92,20 @@ class RowProgress:
         self.last_rows_at = now
         if self.first is None:
             self.first = (now, self.done)
-        if self.every_s and now - self.last_line >= self.every_s and self.done < self.total:
+        if self.every_s and now - self.last_line >= self.every_s and (self.total is None or self.done < self.total):
             self.last_line = now
             log.info("%s", self.line(now))
 
     def line(self, now: float) -> str:
-        text = f"{self.what}: {self.done:,} / {self.total:,} rows ({100 * self.done / max(self.total, 1):.1f}%)"
+        text = f"{self.what}: {self.done:,}" + (
+            f" {self.unit}" if self.total is None else
+            f" / {self.total:,} {self.unit} ({100 * self.done / max(self.total, 1):.1f}%)")
         t0, rows0 = self.first or (now, self.done)
         if now > t0 and self.done > rows0:
             rate = (self.done - rows0) / (now - t0)
-            text += f", {rate:,.0f} rows/s, about {duration((self.total - self.done) / rate)} left"
+            text += f", {rate:,.0f} {self.unit}/s"
+            if self.total is not None:
+                text += f", about {duration((self.total - self.done) / rate)} left"
         return text
 
 

@@ -196,6 +196,20 @@ def test_row_progress_lines_say_rows_rate_and_time_left():
 
 
 
+def test_loops_log_their_progress_where_stderr_is_no_terminal():
+    """A job's log (no terminal, no tqdm bar) gets a line every so often of each counted loop."""
+    from pipeline.progress import progress
+
+    with mirror_log_lines() as said:
+        assert list(progress(range(3), "indexing tar shards", total=3, unit="shard", every_s=1e-9)) == [0, 1, 2]
+        assert list(progress(iter("ab"), "explaining", unit="image", every_s=1e-9)) == ["a", "b"]
+        assert list(progress(range(3), "quiet", total=3, every_s=0)) == [0, 1, 2]
+    assert said[0] == "indexing tar shards: 1 / 3 shards (33.3%)"
+    assert said[1].startswith("indexing tar shards: 2 / 3 shards (66.7%), ") and said[1].endswith(" left")
+    assert said[2] == "explaining: 1 images" and said[3].startswith("explaining: 2 images, ")
+    assert len(said) == 4
+
+
 def test_stall_reports_warn_while_no_rows_come_and_stop_when_they_do():
     import time
 
