@@ -413,3 +413,30 @@ def test_a_parquet_shard_served_over_http_is_read_as_the_version_planned(tmp_pat
         write_shard(src / "a.parquet", [5, 6, 7, 8], tmp_path)
         with pytest.raises(ShardChangedError):
             read_shard_unit(plan.units[0], ColumnMap(), with_bytes=True)
+
+
+def test_parquet_shards_named_by_a_brace_pattern_of_links_scan_and_update(ray_local, parity_bundle, tmp_path):
+    """A dataset's shards on a web server, named by a pattern as a hub names them
+    (`data/train-{00000..00001}-of-00002.parquet`): scanned in place, row group by row
+    group; a shard gone from the server is found removed by an update."""
+    from web_server import ImageServer
+
+    src, out = tmp_path / "shards", tmp_path / "out"
+    src.mkdir()
+    write_shard(src / "train-00000-of-00002.parquet", [0, 1, 2, 3], tmp_path)
+    write_shard(src / "train-00001-of-00002.parquet", [4, 5], tmp_path)
+    run_scan(str(parity_bundle), str(src), str(tmp_path / "local"), ScanConfig())  # the same shards, on disk
+    with ImageServer(str(src)) as server:
+        pattern = f"{server.url}/files/train-{{00000..00001}}-of-00002.parquet"
+        first = run_scan(str(parity_bundle), pattern, str(out), ScanConfig())
+        assert (first["input_format"], first["rows_out"], first["errors"]) == ("parquet", 6, 0)
+        here = rows_by_uri(tmp_path / "local")
+        assert {u: r["prob_fake"] for u, r in rows_by_uri(out).items()} == {u: r["prob_fake"] for u, r in here.items()}
+        with pytest.raises(FileNotFoundError, match="Parquet shard .*train-00002-of-00002.parquet does not exist"):
+            plan_source(f"{server.url}/files/train-{{00000..00002}}-of-00002.parquet", SourceOptions())
+
+        (src / "train-00001-of-00002.parquet").unlink()
+        updated = run_scan(str(parity_bundle), pattern, str(out), ScanConfig(update=True))
+        assert updated["update"] == {"files_changed": 0, "files_removed": 1, "files_versioned": 0, "units_changed": 1}
+        errors = [e for e in pq.read_table(out / "scores")["error"].to_pylist() if e]
+        assert len(errors) == 2 and all(e.startswith("shard read failed: FileNotFoundError") for e in errors)

@@ -255,6 +255,10 @@ def inline_units(records: pa.Table, unit_size: int, source: str, kind: str = "in
 
 
 def shard_files(root: str, files: list[str] | None = None) -> list[str]:
+    """Parquet shards: a brace pattern ('data/train-{00000..00041}-of-00042.parquet'), one
+    file, or a folder's `.parquet` files (but those below a folder named `_...`)."""
+    if webdataset.has_braces(root):
+        return webdataset.expand_braces(root)
     fs, base = fsspec.core.url_to_fs(root)
     if files is None:
         if fs.isfile(base):
@@ -366,14 +370,21 @@ def _up_to_first_image(files: Iterator[tuple[str, str]], extensions: tuple[str, 
 FOOTER_THREADS = 32  # Parquet footers read at once (object-store latency, not bandwidth)
 
 
-def shard_units(files: list[str], columns: ColumnMap | None = None) -> list[Unit]:
+def shard_units(files: list[str], columns: ColumnMap | None = None, gone_ok: bool = False) -> list[Unit]:
     """One unit per row group, footers read concurrently; every shard's image column is
-    checked on the way (a wrong type is an error before any scoring)."""
+    checked on the way (a wrong type is an error before any scoring). `gone_ok`: a file
+    not there is left out (an update's: a shard of a pattern removed), else an error."""
     columns = columns or ColumnMap()
     from pipeline.progress import progress
 
     def row_groups(uri: str) -> tuple[list[int], str]:
-        with fsspec.open(uri, "rb") as f:
+        try:
+            f = fsspec.open(uri, "rb").open()
+        except FileNotFoundError:
+            if gone_ok:
+                return [], ""
+            raise FileNotFoundError(f"Parquet shard {uri} does not exist") from None
+        with f:
             # what the open found (an object store's HEAD), else the file's stat
             version = opened_version(f)
             pf = pq.ParquetFile(f)
@@ -407,6 +418,8 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     low = uri.lower()
     if is_text_manifest(low):
         return "manifest"
+    if webdataset.has_braces(uri):  # a pattern of Parquet files: what the first holds says
+        return "parquet" if _has_bytes_column(webdataset.expand_braces(uri)[0], options.columns) else "manifest"
     fs, base = fsspec.core.url_to_fs(uri)
     if low.endswith(".parquet") and fs.isfile(base):
         return "parquet" if _has_bytes_column(uri, options.columns) else "manifest"
@@ -462,7 +475,8 @@ def record_batches(uri: str, options: SourceOptions, images: FolderImages | None
     """A folder's or manifest input's records, a batch at a time."""
     if images is not None:
         return images
-    files = [uri] if is_manifest_name(uri) else manifest_files(uri, listed_paths(listing))
+    files = (webdataset.expand_braces(uri) if webdataset.has_braces(uri) else [uri] if is_manifest_name(uri)
+             else manifest_files(uri, listed_paths(listing)))
     return (b for f in files for b in manifest_batches(f, options.columns))
 
 
@@ -557,7 +571,7 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
     shards, skipped, changes = plan.shards, 0, FileChanges()
     if fmt == "parquet":
         added, changes = shard_changes(plan.units, shard_units(shard_files(plan.input, listed_paths(listing)),
-                                                               options.columns))
+                                                               options.columns, gone_ok=True))
         records = pa.table({})
     elif fmt == "webdataset":
         if not isinstance(known, KnownSamples):

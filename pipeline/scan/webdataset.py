@@ -70,7 +70,8 @@ def has_braces(uri: str) -> bool:
 
 
 def is_webdataset_uri(uri: str) -> bool:
-    return has_braces(uri) or uri.lower().endswith(".tar")
+    """Tar shards by name: one `.tar`, or a brace pattern of any files but Parquet ones."""
+    return (has_braces(uri) and not uri.lower().endswith(".parquet")) or uri.lower().endswith(".tar")
 
 
 def split_key(name: str) -> tuple[str, str]:
