@@ -141,6 +141,21 @@ def test_a_folder_of_compressed_manifests_plans_them_and_not_its_readme(tmp_path
     assert detect_format(str(tmp_path / "notes" / "README.txt"), SourceOptions()) == "manifest"
 
 
+def test_parquet_manifests_named_by_a_brace_pattern_are_read_in_its_order(tmp_path):
+    root = tmp_path / "lists"
+    root.mkdir()
+    for part in range(3):
+        pq.write_table(pa.table({"url": [f"https://x/{part}/{i}.jpg" for i in range(4)]}),
+                       root / f"part-{part:05d}.parquet")
+    pattern = str(root / "part-{00000..00002}.parquet")
+    assert detect_format(pattern, SourceOptions()) == "manifest"
+    with PlanRecordsWriter(ScanStore(str(tmp_path / "scan"))) as sink:
+        plan = plan_source(pattern, SourceOptions(unit_size=5), sink=sink)
+    uris = pa.concat_tables([ScanStore(str(tmp_path / "scan")).unit_records(u) for u in plan.units])["uri"]
+    assert plan.input_format == "manifest" and uris.to_pylist() == [f"https://x/{p}/{i}.jpg" for p in range(3)
+                                                                    for i in range(4)]
+
+
 def test_a_folder_with_hugging_face_metadata_says_how_to_read_it(tmp_path):
     import logging
 
