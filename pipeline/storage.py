@@ -228,10 +228,13 @@ class Location:
         try:
             with pq.ParquetWriter(spool, schema) as writer:
                 yield writer
-            if self.local:
-                self.fs.mv(spool, path)
-            else:
-                self.fs.put_file(spool, path)
+            try:
+                if self.local:
+                    self.fs.mv(spool, path)
+                else:
+                    self.fs.put_file(spool, path)
+            except PermissionError as err:
+                raise PermissionError(f"access denied writing {self.uri_of(rel)} ({err})") from None
         finally:
             if os.path.exists(spool):
                 os.remove(spool)

@@ -1,6 +1,7 @@
 """`mirror ingest` at scale: shard tasks a window at a time, finishing in any order; a
 shard that cannot be written is named while the rest are written; progress on the console."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import own_ray_env, write_image
+from conftest import REPO, own_ray_env, write_image
 from s3_faults import FaultProxy
 
 from pipeline.cluster import completed_tasks
@@ -86,3 +87,34 @@ def test_a_shard_that_cannot_be_written_is_named_the_rest_are_written_and_a_reru
     assert [r["read_error"] is not None for r in rows] == [u.endswith("gone.png") for u in uris]
     assert main(["status", "--output", output]) == 0
     assert "written: 6 shards (100.0%); complete" in capsys.readouterr().out
+
+
+
+BOUNDED_WRITE = """
+import sys
+import pyarrow as pa
+from pipeline.commands.ingest import write_shard
+from pipeline.scan.sources import SourceOptions, plan_source
+from pipeline.scan.store import PlanRecordsWriter, ScanStore
+work = ScanStore(sys.argv[2])
+with PlanRecordsWriter(work) as sink:
+    unit = plan_source(sys.argv[1], SourceOptions(unit_size=10_000), sink=sink).units[0]
+write_shard(work.uri_of(unit.file), unit.row_group, sys.argv[3], "shard-000000.parquet", 4, 2)
+print(pa.default_memory_pool().max_memory())  # the most Arrow held at once, in this process
+"""
+
+
+def test_a_shard_is_written_a_row_group_at_a_time_in_bounded_memory(tmp_path):
+    """A shard task holds a row group's images and the reads ahead, not the whole shard's
+    (4,096 phone photos would be gigabytes in one task): the most Arrow memory it holds is
+    a small part of the shard's size. The files are random bytes (ingest decodes nothing)."""
+    (tmp_path / "in").mkdir()
+    for i in range(96):
+        (tmp_path / "in" / f"{i:03d}.jpg").write_bytes(os.urandom(2 * 2**20))
+    grown = subprocess.run([sys.executable, "-c", BOUNDED_WRITE, str(tmp_path / "in"), str(tmp_path / "work"),
+                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert grown.returncode == 0, grown.stderr[-2000:]
+    shard = pq.ParquetFile(tmp_path / "out" / "shard-000000.parquet")
+    assert shard.metadata.num_rows == 96 and shard.metadata.num_row_groups == 24
+    assert shard.read_row_group(22)["bytes"][3].as_py() == (tmp_path / "in" / "091.jpg").read_bytes()
+    assert int(grown.stdout) < 96 * 2 * 2**20 / 3, int(grown.stdout) / 2**20  # MB at most, of a 192 MB shard

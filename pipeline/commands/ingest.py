@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import itertools
 import re
 from dataclasses import dataclass, field
 
@@ -108,20 +109,26 @@ def shard_table(listing: pa.Table, cols: dict[str, list]) -> pa.Table:
 def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, rows_per_row_group: int,
                 fetch_threads: int, honour_opt_out: bool = True) -> dict[str, int]:
     """Read one slice of the listing (its stored records) and write it as one shard (a Ray
-    task); returns how many files were unreadable (kept as rows with read_error), by kind."""
+    task), a row group at a time: the task holds a row group's images and the reads ahead,
+    not the shard's (spooled to local disk, published whole at the end). Returns how many
+    files were unreadable (kept as rows with read_error), by kind."""
     listing = read_unit_records(records_uri, row_group)
-    cols = {"bytes": [], "sha256": [], "original_format": [], "read_error": []}
-    for data, error in fetch_all(listing["uri"].to_pylist(), fetch_threads, honour_opt_out=honour_opt_out):
-        cols["bytes"].append(data)
-        cols["sha256"].append(hashlib.sha256(data).hexdigest() if data is not None else None)
-        cols["original_format"].append(sniff_format(data) if data else None)
-        cols["read_error"].append(error)
-    table = shard_table(listing, cols)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=rows_per_row_group)
-    FaultHooks.from_env().before_write()
-    Location(output_uri).write_bytes(name, buf.getvalue())
-    return dict(collections.Counter(error_kind(e) for e in cols["read_error"] if e is not None))
+    fetched = fetch_all(listing["uri"].to_pylist(), fetch_threads, honour_opt_out=honour_opt_out)
+    errors: collections.Counter = collections.Counter()
+    schema = shard_table(listing.slice(0, 0), {f.name: [] for f in SHARD_SCHEMA}).schema
+    with Location(output_uri).parquet_writer(name, schema) as writer:
+        for start in range(0, listing.num_rows, rows_per_row_group):
+            part = listing.slice(start, rows_per_row_group)
+            cols: dict[str, list] = {"bytes": [], "sha256": [], "original_format": [], "read_error": []}
+            for data, error in itertools.islice(fetched, part.num_rows):
+                cols["bytes"].append(data)
+                cols["sha256"].append(hashlib.sha256(data).hexdigest() if data is not None else None)
+                cols["original_format"].append(sniff_format(data) if data else None)
+                cols["read_error"].append(error)
+                errors.update([error_kind(error)] if error is not None else [])
+            writer.write_table(shard_table(part, cols))
+        FaultHooks.from_env().before_write()
+    return dict(errors)
 
 
 def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per_row_group: int = 256,

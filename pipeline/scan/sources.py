@@ -40,7 +40,7 @@ from pipeline.scan.manifest import (
 from pipeline.scan.schema import INDEX, UNIT, VERSION, shard_changed
 from pipeline.scan.tar_changes import KnownSamples, TarShardUpdate, listed_versions
 from pipeline.scan.uri_set import UriSet
-from pipeline.storage import opened_version, resolve_relative
+from pipeline.storage import opened_version, read_ahead, resolve_relative
 
 DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS  # what a folder scan lists unless --extensions says otherwise
 INPUT_FORMATS = ("auto", "folder", "parquet", "manifest", "webdataset")
@@ -671,5 +671,4 @@ def fetch_all(uris: list[str | None], threads: int, max_bytes: int = DEFAULT_MAX
             return None, f"file too large: over {max_bytes:,} bytes"
         return data, None
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        yield from pool.map(fetch, uris)
+    yield from read_ahead(fetch, uris, threads)  # a bounded number read and not yet taken
