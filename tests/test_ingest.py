@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, own_ray_env, write_image
@@ -118,3 +119,23 @@ def test_a_shard_is_written_a_row_group_at_a_time_in_bounded_memory(tmp_path):
     assert shard.metadata.num_rows == 96 and shard.metadata.num_row_groups == 24
     assert shard.read_row_group(22)["bytes"][3].as_py() == (tmp_path / "in" / "091.jpg").read_bytes()
     assert int(grown.stdout) < 96 * 2 * 2**20 / 3, int(grown.stdout) / 2**20  # MB at most, of a 192 MB shard
+
+
+def test_a_folder_of_manifests_is_ingested_as_a_scan_reads_it_and_packed_shards_are_refused(ray_local, tmp_path):
+    """LAION's metadata: a folder of Parquet files of URLs and captions (a folder of images
+    is ingested as ever; tar or Parquet shards hold their images already)."""
+    from pipeline.commands.ingest import ingest
+
+    images = {f"{p}-{i}.png": write_image(tmp_path / "images" / f"{p}-{i}.png", seed=3 * p + i)
+              for p in range(2) for i in range(3)}
+    (tmp_path / "meta").mkdir()
+    for p in range(2):
+        pq.write_table(pa.table({"URL": [str(tmp_path / "images" / f"{p}-{i}.png") for i in range(3)],
+                                 "caption": [f"c{p}{i}" for i in range(3)]}), tmp_path / "meta" / f"part-{p:05d}.parquet")
+    result = ingest(str(tmp_path / "meta"), str(tmp_path / "shards"), rows_per_shard=4, rows_per_row_group=2)
+    assert (result.files, result.shards, result.failed_shards) == (6, 2, {})
+    rows = pq.read_table(tmp_path / "shards").to_pylist()
+    assert [r["uri"].rsplit("/", 1)[1] for r in rows] == list(images)  # in the manifests' order
+    assert [r["bytes"] for r in rows] == list(images.values()) and rows[4]["caption"] == "c11"
+    with pytest.raises(ValueError, match="holds parquet shards, images packed already: scan it as it is"):
+        ingest(str(tmp_path / "shards"), str(tmp_path / "again"))

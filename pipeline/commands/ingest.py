@@ -1,4 +1,5 @@
-"""`mirror ingest`: a folder tree of images, or a manifest's links -> Parquet shards with
+"""`mirror ingest`: a folder tree of images, or the links of a manifest (one file, a folder
+of them such as LAION's metadata, a brace pattern of Parquet ones) -> Parquet shards with
 the bytes inside.
 
 Scanning a few big files beats opening millions of small ones (on S3 above all), and a
@@ -6,7 +7,7 @@ manifest of web links is downloaded once, not at every scan or training epoch. T
 is listed as a scan lists it (a folder streamed in sorted order, a manifest read in
 chunks, in bounded memory), each fixed slice of the listing (a shard) stored as records
 below the output's `_ingest_plan/` while the ingest runs; each shard is then read and
-written by one Ray task, whole, under a name given by its position. A manifest's other
+written by one Ray task, a row group at a time, under a name given by its position. A manifest's other
 columns (captions, ids) are carried into its shards. `_ingest.json` ties the output to its
 input listing: a rerun of the same ingest skips the shards already there and writes the
 rest, byte for byte what an uninterrupted run writes; a rerun over a changed input is
@@ -34,6 +35,7 @@ from pipeline.scan.manifest import is_manifest_name
 from pipeline.scan.schema import PLAN_BOOKKEEPING
 from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, Unit, fetch_all, plan_source
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records
+from pipeline.scan.webdataset import has_braces
 from pipeline.storage import Location, read_ahead
 
 SHARD_SCHEMA = pa.schema([
@@ -147,8 +149,8 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
 
     ensure_ray(address)
     fs, base = fsspec.core.url_to_fs(input_uri)
-    input_format = "manifest" if is_manifest_name(input_uri) and fs.isfile(base) else "folder"
-    if input_format == "folder" and not fs.isdir(base):
+    manifest = is_manifest_name(input_uri) and (fs.isfile(base) or has_braces(input_uri))
+    if not manifest and not fs.isdir(base):
         raise FileNotFoundError(f"input folder {input_uri} does not exist")
     out = Location(output_uri)
     work = Location(out.uri_of(PLAN_DIR))
@@ -156,9 +158,15 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
     try:
         with step(f"listing {input_uri}") as info, PlanRecordsWriter(work) as writer:
             listing = ListingDigest(writer)
-            options = SourceOptions(input_format=input_format, extensions=tuple(extensions), unit_size=rows_per_shard)
-            units = plan_source(input_uri, options, listing).units  # one unit a shard, in listing order
-            info.update(items=listing.files, unit="images" if input_format == "folder" else "records")
+            # a folder of images, or of manifests (LAION's metadata: Parquet files of URLs), as a scan finds
+            options = SourceOptions(input_format="manifest" if manifest else "auto", extensions=tuple(extensions),
+                                    unit_size=rows_per_shard)
+            plan = plan_source(input_uri, options, listing)  # one unit a shard, in listing order
+            if plan.input_format not in ("folder", "manifest"):
+                raise ValueError(f"{input_uri} holds {plan.input_format} shards, images packed already: scan it "
+                                 "as it is")
+            units = plan.units
+            info.update(items=listing.files, unit="images" if plan.input_format == "folder" else "records")
         identity = {"input": input_uri, "files": listing.files, "listing_sha256": listing.digest.hexdigest(),
                     "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group,
                     # only when set: outputs of ingests that honoured opt-outs (all earlier ones) keep their identity
