@@ -7,8 +7,8 @@ manifest of web links is downloaded once, not at every scan or training epoch. T
 is listed as a scan lists it (a folder streamed in sorted order, a manifest read in
 chunks, in bounded memory), each fixed slice of the listing (a shard) stored as records
 below the output's `_ingest_plan/` while the ingest runs; each shard is then read and
-written by one Ray task, a row group at a time, under a name given by its position. A manifest's other
-columns (captions, ids) are carried into its shards. `_ingest.json` ties the output to its
+written by one Ray task, a row group at a time, under a name given by its position. A
+manifest's other columns (captions, ids) are carried into its shards. `_ingest.json` ties the output to its
 input listing: a rerun of the same ingest skips the shards already there and writes the
 rest, byte for byte what an uninterrupted run writes; a rerun over a changed input is
 refused.
@@ -19,7 +19,6 @@ import collections
 import hashlib
 import io
 import itertools
-import re
 from dataclasses import dataclass, field
 
 import fsspec
@@ -108,6 +107,11 @@ def shard_table(listing: pa.Table, cols: dict[str, list]) -> pa.Table:
     return table
 
 
+def read_error_kinds(read_errors: list[str | None]) -> collections.Counter:
+    """How many rows of a shard keep a read_error, by kind (`mirror_core.errors.error_kind`)."""
+    return collections.Counter(error_kind(e) for e in read_errors if e is not None)
+
+
 def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, rows_per_row_group: int,
                 fetch_threads: int, honour_opt_out: bool = True) -> dict[str, int]:
     """Read one slice of the listing (its stored records) and write it as one shard (a Ray
@@ -127,7 +131,7 @@ def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, ro
                 cols["sha256"].append(hashlib.sha256(data).hexdigest() if data is not None else None)
                 cols["original_format"].append(sniff_format(data) if data else None)
                 cols["read_error"].append(error)
-                errors.update([error_kind(error)] if error is not None else [])
+            errors += read_error_kinds(cols["read_error"])
             writer.write_table(shard_table(part, cols))
         FaultHooks.from_env().before_write()
     return dict(errors)
@@ -214,16 +218,15 @@ def ingest_status(output_uri: str, count: bool = False) -> dict | None:
     identity = out.read_json(IDENTITY_FILE)
     if identity is None:
         return None
-    names = out.names()
-    written = sorted(n for n in names if re.fullmatch(r"shard-\d{6,}\.parquet", n))
+    names = set(out.names())
     total = -(-identity["files"] // identity["rows_per_shard"])  # the listing's slices: every shard but the last full
+    written = [shard_name(i) for i in range(total) if shard_name(i) in names]
     status = {"output": out.uri, "input": identity["input"], "files": identity["files"], "complete": len(written) == total,
               "shards": {"total": total, "written": len(written), "left": total - len(written)},
               "listing_kept": PLAN_DIR in names}  # an ingest running, or one interrupted
     if count:
         def kinds(name: str) -> collections.Counter:
-            errors = pq.read_table(out.uri_of(name), columns=["read_error"])["read_error"].drop_null()
-            return collections.Counter(error_kind(e) for e in errors.to_pylist())
+            return read_error_kinds(pq.read_table(out.uri_of(name), columns=["read_error"])["read_error"].to_pylist())
 
         counted = sum(read_ahead(kinds, written, STATUS_READS_AT_ONCE), collections.Counter())
         status["read_errors"] = by_frequency(counted)
