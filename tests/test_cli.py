@@ -48,6 +48,40 @@ def test_inspect_of_an_edited_bundle_is_a_one_line_error(parity_bundle, tmp_path
     assert proc.stderr.count("\n") == 1 and "does not match mirror.json" in proc.stderr
 
 
+def test_score_prints_the_official_scores_a_line_each_and_error_lines_for_what_cannot_be_scored(
+        parity_bundle, parity_dir, tmp_path):
+    import csv
+
+    from pipeline.scan.schema import OUTPUT_COLUMNS
+
+    expected = list(csv.DictReader(open(parity_dir / "expected_scores.csv")))[:6]
+    images = [str(parity_dir / "data" / r["path"]) for r in expected]
+    (tmp_path / "page.jpg").write_text("<html>not an image</html>")
+    given = images + [str(tmp_path / "page.jpg"), str(tmp_path / "gone.png")]
+    proc = run_mirror("score", "--model", parity_bundle, *given, check=False)
+    assert proc.returncode == 1 and proc.stderr == ""  # a clean console: the lines and nothing else
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(given)
+    for line, row, image in zip(lines, expected, images):
+        prob, verdict, uri = line.split()
+        assert uri == image and verdict == ("real", "fake")[int(row["pred"])]
+        assert float(prob) == pytest.approx(float(row["prob_fake"]), abs=1e-3)
+    assert lines[-2].split()[:2] == ["-", "error"]
+    assert "page.jpg: decode failed: UnidentifiedImageError: cannot identify image file" in lines[-2]
+    assert lines[-1].split()[:2] == ["-", "error"] and "gone.png: read failed: FileNotFoundError" in lines[-1]
+
+    # --json: a scan's output row per image; --threshold decides anew
+    proc = run_mirror("score", "--model", parity_bundle, "--json", "--threshold", "0.999", "--batch-size", "4",
+                      *images)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["uri"] for r in rows] == images and set(rows[0]) == set(OUTPUT_COLUMNS)
+    for r, row in zip(rows, expected):
+        assert r["logit_fake"] == pytest.approx(float(row["logit_fake"]), abs=1e-3)
+        assert r["threshold"] == 0.999 and r["pred"] == int(r["prob_fake"] > 0.999)
+    proc = run_mirror("score", "--model", parity_bundle, parity_dir / "data", check=False)
+    assert proc.returncode == 2 and "is a folder: `mirror scan --input" in proc.stderr
+
+
 def test_help_shows_defaults():
     text = run_mirror("scan", "--help").stdout
     assert re.search(r"images per model call\s+\(default: 32\)", text)

@@ -16,7 +16,7 @@ from mirror_core.gpu_decode import device_jpeg_decoder, official_crop, official_
 from mirror_core.preprocess import official_preprocess, preprocess_rgb
 from pipeline.scan.commit import commit_units
 from pipeline.scan.config import ConfigError, ScanConfig
-from pipeline.scan.decode import decode_units
+from pipeline.scan.decode import decode_units, numpy_batch
 from pipeline.scan.schema import ENCODED, ROW_PREPROCESS
 from pipeline.scan.scorer import Scorer
 
@@ -129,8 +129,7 @@ def test_gpu_mode_rows_fall_back_to_the_exact_cpu_path_and_say_so(tmp_path, pari
     config = bundle.config.with_overrides(gpu_decode=True)
     scorer = Scorer(bundle.weights.to_numpy(), config.to_dict(), bundle.model_id)
     assert scorer.gpu_decoder is None
-    batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
-    batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
+    batch = numpy_batch(decoded)
     out = scorer(batch)
     assert out[ROW_PREPROCESS].to_pylist() == ["official/align=by-extension"] * 5
     exact = scorer.detector.score([(tmp_path / n).read_bytes() for n in names], names=names)
@@ -151,8 +150,7 @@ def test_gpu_mode_rows_the_cpu_cannot_decode_either_are_error_rows(tmp_path, par
                               preprocess={"gpu_decode": True}, columns={})
     bundle = load_bundle(str(parity_bundle))
     scorer = Scorer(bundle.weights.to_numpy(), bundle.config.with_overrides(gpu_decode=True).to_dict(), bundle.model_id)
-    batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
-    batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
+    batch = numpy_batch(decoded)
     out = scorer(batch)
     errors = out["error"].to_pylist()
     assert errors[0] is not None and errors[0].startswith("decode failed:") and errors[1] is None
@@ -186,8 +184,7 @@ def test_two_calls_at_once_score_as_one_after_the_other(tmp_path, parity_bundle)
             write_image(Path(uri), size=(300 + 40 * i, 260), seed=10 * b + i)
         (decoded,) = decode_units(inline_unit_batch(tmp_path / "scan", f"u{b}", pa.table({"uri": uris})),
                                   preprocess={"gpu_decode": True}, columns={})
-        batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
-        batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
+        batch = numpy_batch(decoded)
         blocks.append(batch)
     bundle = load_bundle(str(parity_bundle))
     scorer = Scorer(bundle.weights.to_numpy(), bundle.config.with_overrides(gpu_decode=True).to_dict(), bundle.model_id)

@@ -10,7 +10,7 @@ from conftest import inline_unit_batch, write_image
 from mirror_core.bundle import load_bundle
 from pipeline.scan.commit import commit_units
 from pipeline.scan.config import ConfigError, load_scan_config
-from pipeline.scan.decode import decode_units
+from pipeline.scan.decode import decode_units, numpy_batch
 from pipeline.scan.labels import label_and_subset, normalize_labels
 from pipeline.scan.schema import INDEX, OUTPUT_COLUMNS, UNIT, UNIT_RECORDS, UNIT_TARGET, pack_records
 from pipeline.scan.scorer import Scorer
@@ -98,9 +98,7 @@ def test_decode_and_scorer_yield_one_row_per_record(tmp_path, parity_bundle):
     assert decoded["aligned"].to_pylist()[0] is True and decoded["width"].to_pylist()[0] == 300
     bundle = load_bundle(str(parity_bundle))
     scorer = Scorer(bundle.weights.to_numpy(), bundle.config.to_dict(), bundle.model_id)
-    numpy_batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
-    numpy_batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
-    out = scorer(numpy_batch)
+    out = scorer(numpy_batch(decoded))
     assert out.num_rows == 4
     assert out["pred"].null_count == 3 and out["prob_fake"].to_pylist()[0] is not None
     direct = scorer.detector.score([good], names=["a.png"])[0]

@@ -179,7 +179,7 @@ def test_a_run_counts_the_parts_it_commits_without_reading_them(where, tmp_path,
 
     from mirror_core.bundle import load_bundle
     from pipeline.scan.commit import commit_units
-    from pipeline.scan.decode import decode_units
+    from pipeline.scan.decode import decode_units, numpy_batch
     from pipeline.scan.run import Completions
     from pipeline.scan.scorer import Scorer
 
@@ -194,8 +194,7 @@ def test_a_run_counts_the_parts_it_commits_without_reading_them(where, tmp_path,
             write_image(tmp_path / uri, seed=i)
         decoded = pa.concat_tables(decode_units(inline_unit_batch(out.uri, u, pa.table({"uri": uris, "label": labels})),
                                                 rows_per_batch=8, preprocess={}, columns={}))
-        batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != "_pixels"}
-        batch["_pixels"] = decoded["_pixels"].combine_chunks().to_numpy()
+        batch = numpy_batch(decoded)
         completions.add(commit_units(scorer(batch)))
     written = completions.figures(out.uri)["tallies"]
     assert written.schema == TALLY_SCHEMA and written["version"].null_count == 0

@@ -221,3 +221,39 @@ def test_training_on_web_links_is_told_to_ingest_them_first(tmp_path):
     assert [m for m in seen if "web links" in m] == [
         f"12 of {tmp_path / 'list.csv'}'s images are web links, downloaded again at every epoch: `mirror ingest` "
         "them into Parquet shards once and train on those"]
+
+
+@pytest.mark.slow
+def test_a_single_image_is_scanned_as_a_folder_of_one_on_disk_or_on_the_web(ray_local, parity_bundle, image_server,
+                                                                            tmp_path):
+    from mirror_core.detector import Detector
+    from pipeline.scan.config import ScanConfig
+    from pipeline.scan.run import run_scan
+    from pipeline.scan.sources import SourceOptions, plan_source
+
+    photo = tmp_path / "corpus" / "1_fake" / "photo.png"
+    write_image(photo, size=(300, 260), seed=3)
+    write_image(tmp_path / "served" / "web.png", size=(280, 240), seed=4)
+    link = f"{image_server.url}/files/web.png?w=280"
+    detector = Detector.from_pretrained(parity_bundle)
+    for given, read in ((str(photo), str(photo)), (link, str(tmp_path / "served" / "web.png"))):
+        out = tmp_path / f"out-{len(given)}"
+        summary = run_scan(str(parity_bundle), given, str(out), ScanConfig())
+        (row,) = pq.read_table(out / "scores").to_pylist()
+        assert summary["input_format"] == "folder" and summary["rows_in"] == summary["scored"] == 1
+        # the image alone: no label from the folders above it, the uri as given
+        assert row["uri"] == given and row["label"] is None and row["error"] is None
+        assert row["prob_fake"] == pytest.approx(detector.score([read])[0]["prob_fake"], abs=1e-5)
+        assert row["aligned"]  # named .png (the query is not part of the name)
+        again = run_scan(str(parity_bundle), given, str(out), ScanConfig(update=True))
+        assert again["this_run"]["rows"] == 0 and again["rows_out"] == 1
+
+    write_image(photo, size=(300, 260), seed=5)  # written again: an update scores it again
+    changed = run_scan(str(parity_bundle), str(photo), str(tmp_path / f"out-{len(str(photo))}"),
+                       ScanConfig(update=True))
+    assert changed["this_run"]["rows"] == 1
+    (tmp_path / "notes.docx").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"notes\.docx is a file that is neither an image .* nor a manifest"):
+        plan_source(str(tmp_path / "notes.docx"), SourceOptions())
+    with pytest.raises(FileNotFoundError, match=r"input .*gone\.png does not exist"):
+        plan_source(str(tmp_path / "gone.png"), SourceOptions())

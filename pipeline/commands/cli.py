@@ -129,6 +129,18 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.commands.score import ScoreSettings, score_images, score_line
+
+    settings = ScoreSettings(device=args.device, precision=args.precision, batch_size=args.batch_size,
+                             threshold=args.threshold, alignment=args.alignment)
+    failed = 0
+    for row in score_images(args.model, args.images, settings):
+        print(score_line(row, args.json), flush=True)
+        failed += row["error"] is not None
+    return int(failed > 0)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
@@ -302,11 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="score every image of a folder / Parquet shards / manifest with Ray")
     p.add_argument("--model", required=True, help="bundle directory or URI")
-    p.add_argument("--input", required=True, help="folder, Parquet shard(s), WebDataset tar shard(s) or manifest "
-                   "(.csv/.tsv/.txt/.jsonl, also compressed, or .parquet); local or s3://")
+    p.add_argument("--input", required=True, help="folder, Parquet shard(s), WebDataset tar shard(s), manifest "
+                   "(.csv/.tsv/.txt/.jsonl, also compressed, or .parquet) or one image; local or s3://")
     p.add_argument("--output", required=True, help="output directory or URI; rerun the same command to resume")
     add_scan_flags(p)
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("score", help="score a few images here, a line each (no Ray, no output folder); exit 1 "
+                       "when one could not be scored")
+    p.add_argument("--model", required=True, help="bundle directory or URI")
+    p.add_argument("images", nargs="+", help="image files or URIs (s3://, https://)")
+    p.add_argument("--json", action="store_true", help="a JSON object per image, with every signal")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU when there is one)")
+    p.add_argument("--precision", help="as for scan (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    p.add_argument("--threshold", type=float, help="decision threshold on prob_fake (default: the bundle's)")
+    p.add_argument("--alignment", choices=ALIGNMENT_MODES, help="JPEG q96 alignment policy (default: the bundle's)")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("status", help="how far a scan's output (or an ingest's) has got: committed and left, errors "
                        "counted; no Ray, while it runs too")

@@ -127,6 +127,14 @@ def decode_rows(unit_id: str, start: int, names: list[str | None], payloads, cfg
     return table.append_column(PIXELS, tensor_column(pixels)).append_column(ENCODED, pa.array(cols[ENCODED], pa.binary()))
 
 
+def numpy_batch(decoded: pa.Table) -> dict[str, np.ndarray]:
+    """A decoded block as the scoring stage receives it from Ray (its numpy batch format):
+    for calling the stage in this process."""
+    batch = {c: decoded[c].to_numpy(zero_copy_only=False) for c in decoded.column_names if c != PIXELS}
+    batch[PIXELS] = decoded[PIXELS].combine_chunks().to_numpy()
+    return batch
+
+
 def placeholder_records(unit: Unit) -> pa.Table:
     """Records for a shard unit that cannot be read: positions only (every row an error)."""
     return pa.table({"uri": pa.array([f"{unit.file}#{unit.row_group}:{i}" for i in range(unit.rows)], pa.string())})

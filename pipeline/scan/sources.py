@@ -40,7 +40,7 @@ from pipeline.scan.manifest import (
 from pipeline.scan.schema import INDEX, UNIT, VERSION, shard_changed
 from pipeline.scan.tar_changes import KnownSamples, TarShardUpdate, listed_versions
 from pipeline.scan.uri_set import UriSet
-from pipeline.storage import opened_version, read_ahead, resolve_relative
+from pipeline.storage import listed_version, opened_version, read_ahead, resolve_relative
 
 DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS  # what a folder scan lists unless --extensions says otherwise
 INPUT_FORMATS = ("auto", "folder", "parquet", "manifest", "webdataset")
@@ -151,10 +151,11 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
     wanted = image_suffixes(extensions)
     rows = {"uri": [], "label": [], "subset": [], VERSION: []}
     skip = len(base.rstrip("/")) + 1
+    web = is_web_url(base)  # a single image given by its link: its name ends before any query
     for listed in paths:  # string operations: pathlib would intern every name it parses
         path, version = listed if isinstance(listed, tuple) else (listed, None)
         *folders, name = path[skip:].split("/")
-        if suffix(name) not in wanted:
+        if suffix(image_name(path) if web else name) not in wanted:
             continue
         label, subset = label_and_subset(tuple(folders))
         rows["uri"].append(full_uri(fs, path))
@@ -340,15 +341,18 @@ def chunked_units(tables: Iterable[pa.Table], unit_size: int, source: str,
 @dataclass
 class FolderImages:
     """A folder's images from its streamed listing, a batch of records at a time (with each
-    file's version, VERSION); counts the files it leaves out for their extension as it goes."""
+    file's version, VERSION); counts the files it leaves out for their extension as it goes.
+    A single image given as the input is a folder of one: its own folder is the base."""
 
     root: str
     files: Iterator[tuple[str, str | None]]  # (filesystem path, version), sorted by path
     extensions: tuple[str, ...]
     skipped: int = 0
+    single_file: bool = False
 
     def __iter__(self) -> Iterator[pa.Table]:
         fs, base = fsspec.core.url_to_fs(self.root)
+        base = posixpath.dirname(base) if self.single_file else base
         while listed := list(itertools.islice(self.files, STREAM_BATCH_ROWS)):
             batch = image_records(listed, fs, base, self.extensions)
             self.skipped += len(listed) - batch.num_rows
@@ -423,11 +427,16 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     fs, base = fsspec.core.url_to_fs(uri)
     if low.endswith(".parquet") and fs.isfile(base):
         return "parquet" if _has_bytes_column(uri, options.columns) else "manifest"
+    wanted = image_suffixes(options.extensions)
     if files is None:
+        if fs.isfile(base):  # one image: scanned as a folder of one
+            if suffix(image_name(base)) in wanted:
+                return "folder"
+            raise ValueError(f"input {uri} is a file that is neither an image ({', '.join(options.extensions)}) nor "
+                             "a manifest (.csv/.tsv/.txt/.jsonl, .parquet), a Parquet shard or a .tar shard")
         if not fs.isdir(base):
             raise FileNotFoundError(f"input {uri} does not exist")
         files = list_files(uri)
-    wanted = image_suffixes(options.extensions)
     if any(suffix(p) in wanted for p in files):
         return "folder"
     if any(p.lower().endswith(".tar") for p in files):
@@ -453,6 +462,11 @@ def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | No
     stream = iter_files(uri, versions=True) if folder else None
     head = _up_to_first_image(stream, options.extensions) if folder else None
     fmt = detect_format(uri, options, [path for path, _ in head] if folder else None)  # an image in `head`, else all
+    if fmt == "folder" and not folder:  # a single image (or --input-format folder given a file)
+        if not fs.isfile(base):
+            raise FileNotFoundError(f"input {uri} does not exist")
+        return fmt, FolderImages(uri, iter([(base, listed_version(fs.info(base)))]), options.extensions,
+                                 single_file=True), None
     if fmt == "folder":
         return fmt, FolderImages(uri, itertools.chain(head, stream), options.extensions), None
     return fmt, None, list(itertools.chain(head, stream)) if folder else None
