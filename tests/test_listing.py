@@ -32,6 +32,31 @@ def test_a_local_folder_streams_in_the_order_of_a_sorted_find(tmp_path):
     assert list(iter_files(str(tmp_path))) == sorted(fs.find(base)) == [f"{base}/{n}" for n in sorted(TRICKY)]
 
 
+def test_linked_folders_are_walked_and_a_link_back_up_is_a_loop_walked_once(tmp_path, caplog):
+    """A link to a folder is walked as the folder (datasets link their parts in); a link
+    to a folder above it would be walked without end, the same images listed again under
+    ever longer names, until the system refused the path."""
+    for name in ("data/0_real/a.jpg", "data/1_fake/b.png", "elsewhere/c.jpg"):
+        write_image(tmp_path / name)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "extra")  # walked: another folder
+    os.symlink("..", tmp_path / "data" / "0_real" / "up")  # a loop back to data/
+    os.symlink(tmp_path / "data", tmp_path / "data" / "1_fake" / "root")  # another, by an absolute link
+    os.symlink("self.jpg", tmp_path / "data" / "self.jpg")  # a link to itself: a file whose read fails
+    root = str(tmp_path / "data")
+    with caplog.at_level("WARNING", logger="mirror"):
+        files = list(iter_files(root, versions=True))
+    assert [p for p, _ in files] == [f"{root}/{n}" for n in ("0_real/a.jpg", "1_fake/b.png", "extra/c.jpg",
+                                                             "self.jpg")]
+    assert [v is None for _, v in files] == [False, False, False, True]
+    assert sorted(m for m in caplog.messages if "loop" in m) == [
+        f"{root}/0_real/up links back to a folder above it (a loop): not walked again",
+        f"{root}/1_fake/root links back to a folder above it (a loop): not walked again"]
+    plan = plan_source(root, SourceOptions())
+    assert plan.records.num_rows == 4 and plan.records["label"].to_pylist() == [0, 1, None, None]
+    # a benchmark's folders are listed alike (its sub-datasets are often links to where they live)
+    assert list_images(root)["uri"].to_pylist() == plan.records["uri"].to_pylist()
+
+
 def test_any_other_filesystem_streams_in_the_order_of_a_sorted_find():
     fs = fsspec.filesystem("memory")  # fsspec's own in-memory filesystem: the walk by fs.ls
     for name in TRICKY:

@@ -23,6 +23,7 @@ they are slow: a network filesystem); other filesystems give what their listing 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -67,24 +68,45 @@ STAT_THREADS = 16
 def _local_files(base: str, versions: bool) -> Iterator[tuple[str, str | None]]:
     pool = ThreadPoolExecutor(STAT_THREADS) if versions else None
     try:
-        yield from _local_walk(base, pool)
+        yield from _local_walk(base, pool, frozenset({_identity(base)}))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
 
-def _local_walk(path: str, pool: ThreadPoolExecutor | None) -> Iterator[tuple[str, str | None]]:
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link to itself, or a chain too long: listed as a file, whose read says so
+        return False
+
+
+def _local_walk(path: str, pool: ThreadPoolExecutor | None,
+                above: frozenset[tuple[int, int]]) -> Iterator[tuple[str, str | None]]:
+    """`above`: the directories on the way down to `path` (itself included), by device and
+    inode: a link back to one of them is a loop, walked once and not again."""
     with os.scandir(path) as entries:  # a directory (or a link to one) is one to walk
         dirs, files = [], []
         for e in entries:
-            (dirs if e.is_dir() else files).append(e)
+            (dirs if _is_dir(e) else files).append(e)
+    loops = [e.path for e in dirs if e.is_symlink() and _identity(e.path) in above]
+    if loops:
+        logging.getLogger("mirror").warning("%s links back to a folder above it (a loop): not walked again",
+                                            loops[0] + (f" and {len(loops) - 1} more" if len(loops) > 1 else ""))
+        dirs = [e for e in dirs if e.path not in loops]
     versions = _stat_versions(files, pool) if pool is not None else [None] * len(files)
     keyed = sorted([(e.name + "/", None) for e in dirs] + [(e.name, v) for e, v in zip(files, versions)])
     del dirs, files, versions
     parent = path.rstrip("/") + "/"  # '/' itself ends with one
     for name, version in keyed:
         if name.endswith("/"):
-            yield from _local_walk(parent + name[:-1], pool)
+            child = parent + name[:-1]
+            yield from _local_walk(child, pool, above | {_identity(child)})
         else:
             yield parent + name, version
 

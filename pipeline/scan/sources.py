@@ -128,9 +128,9 @@ def input_root(input_uri: str) -> str:
 
 
 def list_files(root: str) -> list[str]:
-    """Every file below a folder (local or fsspec), sorted: one listing serves a plan."""
-    fs, base = fsspec.core.url_to_fs(root)
-    return sorted(fs.find(base))
+    """Every file below a folder (local or fsspec), sorted, as a scan of the folder lists
+    them (`listing.iter_files`: linked folders walked): one listing serves a plan."""
+    return list(iter_files(root))
 
 
 def image_suffixes(extensions) -> frozenset[str]:
