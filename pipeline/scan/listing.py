@@ -1,6 +1,6 @@
 """A folder's files, streamed in sorted order.
 
-`iter_files(root)` yields exactly what `sorted(fs.find(base))` returns, without
+`iter_files(root)` yields what `sorted(fs.find(base))` returns, without
 holding the listing: a folder of a hundred million images plans in bounded memory.
 The order follows from one rule: a directory's entries sorted with a directory
 named by its path plus '/', each directory expanded in place (every path below
@@ -12,8 +12,10 @@ named by its path plus '/', each directory expanded in place (every path below
   ranges as it goes (`S3Lister`), so one prefix of millions of keys, as much as many
   prefixes, lists as many pages at a time as the s3fs client holds connections (10 by
   default, `storage.s3_connections`); memory holds about 2 x PAGES_AHEAD pages.
-- Local disks: a depth-first walk by `os.scandir`; other filesystems: the same walk by
-  `fs.ls`. One directory is listed at a time (memory: the largest directory's names).
+- Local disks: a depth-first walk by `os.scandir`, into linked folders too (unlike
+  `fs.find`; a link back to a folder above is a loop, not walked again); other
+  filesystems: the same walk by `fs.ls`. One directory is listed at a time (memory: the
+  largest directory's names).
 
 `iter_files(root, versions=True)` yields (path, version) pairs instead: the version
 (`storage.listed_version`) changes when a file is written again, which `--update` checks.
