@@ -263,3 +263,26 @@ def test_stall_reports_warn_while_no_rows_come_and_stop_when_they_do():
     assert stalled >= 2 and flowing == stalled, said
     assert re.fullmatch(r"no rows done for \d+s \(0 of 1,000 so far\): CPU 0 of 4 free", said[0]), said
     assert "no picture of the cluster (ZeroDivisionError" in said[-1]
+
+
+def test_an_output_inside_a_folder_input_is_refused_before_anything_is_written(parity_bundle, tmp_path, s3_bucket):
+    import fsspec
+    from conftest import write_image
+
+    from pipeline.scan.sources import refuse_output_in_input
+
+    write_image(tmp_path / "corpus" / "a.png")
+    proc = run_mirror("scan", "--model", parity_bundle, "--input", tmp_path / "corpus", "--output",
+                      tmp_path / "corpus" / "mirror", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert f"--output {tmp_path}/corpus/mirror lies inside the input folder {tmp_path}/corpus" in proc.stderr
+    assert not (tmp_path / "corpus" / "mirror").exists()
+    for output in (tmp_path / "corpus-scan", tmp_path / "elsewhere"):  # beside it, not inside
+        refuse_output_in_input(str(tmp_path / "corpus"), str(output))
+    refuse_output_in_input(str(tmp_path / "corpus" / "a.png"), str(tmp_path / "corpus" / "out"))  # a file is not listed
+    fsspec.filesystem("s3").pipe(f"{s3_bucket}/data/x/a.png", b"x")
+    with pytest.raises(ValueError, match="lies inside the input folder"):
+        refuse_output_in_input(f"s3://{s3_bucket}/data", f"s3://{s3_bucket}/data/x/out/")
+    with pytest.raises(ValueError, match="lies inside the input folder"):
+        refuse_output_in_input(f"s3://{s3_bucket}/data/", f"s3://{s3_bucket}/data")
+    refuse_output_in_input(f"s3://{s3_bucket}/data", f"s3://{s3_bucket}/data-scan")

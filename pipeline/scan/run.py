@@ -25,7 +25,7 @@ from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
-from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, input_root, plan_source
+from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, input_root, plan_source, refuse_output_in_input
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
 from pipeline.scan.summary import TALLY_SCHEMA, summarize
 
@@ -280,6 +280,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         out = ScanStore(job.output_uri)
         policy = model_cfg.preprocess.name + (f"+{job.perturbation}" if job.perturbation else "")
         run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
+        refuse_output_in_input(job.input_uri, out.uri)
         out.claim({**run, "input": job.input_uri})
         plan, added, versions, found = out.load_plan(), [], None, FileChanges()
         if plan is None:

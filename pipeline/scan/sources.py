@@ -127,6 +127,19 @@ def input_root(input_uri: str) -> str:
     return root
 
 
+def refuse_output_in_input(input_uri: str, output_uri: str) -> None:
+    """An output inside a folder input would be listed with it: its parts taken for
+    Parquet shards, an audit's heatmaps for images, by the next plan or `--update`."""
+    if webdataset.has_braces(input_uri):
+        return
+    fs, base = fsspec.core.url_to_fs(input_uri)
+    out_fs, out_base = fsspec.core.url_to_fs(output_uri)
+    inside = (full_uri(out_fs, out_base).rstrip("/") + "/").startswith(full_uri(fs, base).rstrip("/") + "/")
+    if inside and fs.isdir(base):
+        raise ValueError(f"--output {output_uri} lies inside the input folder {input_uri}: the input's listing "
+                         "would take the output's own files for input; choose an --output outside it")
+
+
 def list_files(root: str) -> list[str]:
     """Every file below a folder (local or fsspec), sorted, as a scan of the folder lists
     them (`listing.iter_files`: linked folders walked): one listing serves a plan."""
