@@ -272,6 +272,18 @@ def test_relative_paths_are_the_commands_own_whatever_the_workers_directory(ray_
     summary = run_scan(str(parity_bundle), "src", "out/scan", ScanConfig(unit_size=4, actors=1))
     assert summary["output"] == str(tmp_path / "out" / "scan") and summary["scored"] == 6
     assert len(os.listdir(tmp_path / "out" / "scan" / "scores")) == 2
+    # one input however it is written, and from wherever the command runs: the rerun resumes
+    # (and an update finds the files it planned) instead of refusing "another scan"
+    assert summary["input"] == json.loads((tmp_path / "out" / "scan" / "_scan.json").read_text())["input"] \
+        == str(tmp_path / "src")
+    monkeypatch.chdir(tmp_path / "out")
+    for given in ("../src/", "./../src", str(tmp_path / "src") + "/"):
+        again = run_scan(str(parity_bundle), given, "scan", ScanConfig(unit_size=4, actors=1, update=True))
+        assert again["this_run"]["rows"] == 0 and again["rows_out"] == 6 and again["units"]["new"] == 0
+    identity = tmp_path / "out" / "scan" / "_scan.json"  # as earlier versions recorded it: as given
+    identity.write_text(json.dumps({**json.loads(identity.read_text()), "input": "src/"}))
+    monkeypatch.chdir(tmp_path)
+    assert run_scan(str(parity_bundle), "src", "out/scan", ScanConfig(unit_size=4, actors=1))["rows_out"] == 6
 
 
 def ray_get_cwd() -> str:

@@ -32,7 +32,7 @@ from pipeline.progress import RowProgress, log, stall_reports, step
 from pipeline.scan.faults import FaultHooks
 from pipeline.scan.manifest import is_manifest_name
 from pipeline.scan.schema import PLAN_BOOKKEEPING
-from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, Unit, fetch_all, plan_source
+from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, Unit, canonical_input, fetch_all, plan_source
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records
 from pipeline.scan.webdataset import has_braces
 from pipeline.storage import Location, read_ahead
@@ -171,11 +171,13 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
                                  "as it is")
             units = plan.units
             info.update(items=listing.files, unit="images" if plan.input_format == "folder" else "records")
-        identity = {"input": input_uri, "files": listing.files, "listing_sha256": listing.digest.hexdigest(),
+        identity = {"input": canonical_input(input_uri), "files": listing.files, "listing_sha256": listing.digest.hexdigest(),
                     "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group,
                     # only when set: outputs of ingests that honoured opt-outs (all earlier ones) keep their identity
                     **({} if honour_opt_out else {"opt_out_ignored": True})}
         previous = out.read_json(IDENTITY_FILE)
+        if previous is not None:  # recorded as given by earlier versions
+            previous["input"] = canonical_input(previous["input"])
         if previous is not None and previous != identity:
             changed = [k for k in identity if previous.get(k) != identity[k]]
             raise ValueError(f"{output_uri} holds shards of another ingest ({', '.join(changed)} differ); "

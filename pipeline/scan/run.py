@@ -25,7 +25,15 @@ from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
-from pipeline.scan.sources import RECORD_KINDS, Plan, Unit, input_root, plan_source, refuse_output_in_input
+from pipeline.scan.sources import (
+    RECORD_KINDS,
+    Plan,
+    Unit,
+    canonical_input,
+    input_root,
+    plan_source,
+    refuse_output_in_input,
+)
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
 from pipeline.scan.summary import TALLY_SCHEMA, summarize
 
@@ -277,6 +285,7 @@ def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
     model_cfg = effective_config(bundle, cfg)
     prepared, items = [], []
     for j, job in enumerate(jobs):
+        job = dataclasses.replace(job, input_uri=canonical_input(job.input_uri))
         out = ScanStore(job.output_uri)
         policy = model_cfg.preprocess.name + (f"+{job.perturbation}" if job.perturbation else "")
         run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}

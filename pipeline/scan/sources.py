@@ -10,6 +10,7 @@ import collections
 import hashlib
 import itertools
 import logging
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -114,6 +115,15 @@ def _is_local(fs) -> bool:
 
 def full_uri(fs, path: str) -> str:
     return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def canonical_input(uri: str) -> str:
+    """An input as an output records it: a local path absolute and normalised, a folder's
+    URI without a trailing '/' ('data/', './data' and '/home/u/data' are one input, run
+    from /home/u, and stay the same input run from anywhere); a web link as it is."""
+    if "://" not in uri:
+        return os.path.abspath(uri)
+    return uri if is_web_url(uri) else uri.rstrip("/")
 
 
 def input_root(input_uri: str) -> str:

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline.scan.changes import FileChanges, KnownFiles, VersionsWriter, recorded_versions, removed_files
 from pipeline.scan.schema import PLAN_BOOKKEEPING, UNIT, VERSION
-from pipeline.scan.sources import RECORD_KINDS, Plan, SourceOptions, Unit, update_plan
+from pipeline.scan.sources import RECORD_KINDS, Plan, SourceOptions, Unit, canonical_input, update_plan
 from pipeline.scan.tar_changes import KnownSamples
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import Location, parquet_schema, read_ahead, s3_connections
@@ -266,6 +266,8 @@ class ScanStore(Location):
         if existing is None:
             self.write_json("_scan.json", identity)
             return
+        if "input" in existing:  # recorded as given by earlier versions: 'data/' is '/home/u/data' run from /home/u
+            existing["input"] = canonical_input(existing["input"])
         diffs = [k for k in identity if existing.get(k) != identity[k]]
         if diffs:
             details = "; ".join(f"{k}: {existing.get(k)!r} there, {identity[k]!r} now" for k in diffs)
