@@ -101,11 +101,15 @@ def test_the_uri_column_of_img2dataset_laion_and_hugging_face_metadata_is_found(
     assert hf["label"].to_pylist() == [1, 0]
     assert hf["meta"].to_pylist() == ['{"seed": 7}', None] and hf["steps"].to_pylist() == ["30", "50"]
     assert hf["nsfw"].to_pylist() == [None, "false"]  # a field missing from a line is null
-    with pytest.raises(ValueError, match=r"laion.parquet has no 'link' column \(set columns.uri\)"):
+    with pytest.raises(ValueError, match=r"laion.parquet has no 'link' column \(its columns: 'URL', 'TEXT', "):
         list(sources.manifest_batches(str(tmp_path / "laion.parquet"), sources.ColumnMap(uri="link")))
     (tmp_path / "none.csv").write_text("path,label\na.jpg,1\n")
-    with pytest.raises(ValueError, match=r"none.csv has no 'uri' nor url / file_name column"):
+    with pytest.raises(ValueError, match=r"none.csv has no 'uri' nor url / file_name column \(its columns: 'path', "
+                                         r"'label'; set columns.uri\)"):
         list(sources.manifest_batches(str(tmp_path / "none.csv"), sources.ColumnMap()))
+    (tmp_path / "excel.csv").write_text("uri;label\na.jpg;1\n")  # a European spreadsheet's export
+    with pytest.raises(ValueError, match=r"\(its columns: 'uri;label'; a CSV separated by ';'\? only ',' separates"):
+        list(sources.manifest_batches(str(tmp_path / "excel.csv"), sources.ColumnMap()))
 
 
 def test_bad_jsonl_lines_are_refused_naming_the_line(tmp_path, monkeypatch):

@@ -70,7 +70,10 @@ def uri_column(names: list[str], configured: str, source: str) -> str:
             if fallback in by_lower:
                 return by_lower[fallback]
     tried = f"{configured!r}" + (f" nor {' / '.join(URI_FALLBACKS)}" if configured == "uri" else "")
-    raise ValueError(f"manifest {source} has no {tried} column (set columns.uri)")
+    shown = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    hint = next((f"; a CSV separated by {sep!r}? only ',' separates a .csv (tab a .tsv)"
+                 for sep in (";", "|", "\t") if len(names) == 1 and sep in names[0]), "")
+    raise ValueError(f"manifest {source} has no {tried} column (its columns: {shown}{hint}; set columns.uri)")
 
 
 @contextmanager
