@@ -80,6 +80,10 @@ def test_score_prints_the_official_scores_a_line_each_and_error_lines_for_what_c
         assert r["threshold"] == 0.999 and r["pred"] == int(r["prob_fake"] > 0.999)
     proc = run_mirror("score", "--model", parity_bundle, parity_dir / "data", check=False)
     assert proc.returncode == 2 and "is a folder: `mirror scan --input" in proc.stderr
+    for flags, says in ((("--batch-size", "0"), "batch_size must be >= 1, got 0"),  # a scan's settings, checked alike
+                        (("--device", "tpu"), "--device 'tpu': expected cpu, cuda or cuda:N")):
+        proc = run_mirror("score", "--model", parity_bundle, *flags, images[0], check=False)
+        assert proc.returncode == 2 and says in proc.stderr and proc.stdout == ""
 
 
 def test_help_shows_defaults():

@@ -50,7 +50,9 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def add_scan_flags(p: argparse.ArgumentParser) -> None:
+def add_scan_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """The scan's settings as flags (`only`: these of SCAN_FLAGS and SCAN_SWITCHES, for a
+    command that uses a few), with --config and --alignment."""
     from pipeline.scan.config import ScanConfig
 
     # The flags default to None ("not given") so a YAML value survives; the help shows
@@ -58,23 +60,29 @@ def add_scan_flags(p: argparse.ArgumentParser) -> None:
     defaults = ScanConfig()
     p.add_argument("--config", help="YAML settings (see configs/); flags override it")
     for flag, (field, kind, help_text) in SCAN_FLAGS.items():
-        shown = "" if "default" in help_text else f" (default: {getattr(defaults, field)})"
-        p.add_argument(flag, type=kind, help=help_text + shown)
+        if only is None or flag in only:
+            shown = "" if "default" in help_text else f" (default: {getattr(defaults, field)})"
+            p.add_argument(flag, type=kind, help=help_text + shown)
     p.add_argument("--alignment", choices=ALIGNMENT_MODES, help="JPEG q96 alignment policy (default: the bundle's)")
-    p.add_argument("--extensions", help="image file extensions of folder inputs, comma-separated "
-                                        f"(default: {','.join(defaults.extensions)})")
+    if only is None:
+        p.add_argument("--extensions", help="image file extensions of folder inputs, comma-separated "
+                                            f"(default: {','.join(defaults.extensions)})")
     for flag, (field, help_text) in SCAN_SWITCHES.items():  # --x / --no-x, off unless YAML or flag says so
-        p.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None,
-                       help=f"{help_text} (default: off)")
+        if only is None or flag in only:
+            p.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_text} (default: off)")
+
 
 def scan_config_from_args(args: argparse.Namespace):
+    """The ScanConfig of --config and the flags given (those a command lacks: not given)."""
     from pipeline.scan.config import load_scan_config
 
-    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in SCAN_FLAGS.items()}
+    overrides = {field: getattr(args, flag[2:].replace("-", "_"), None) for flag, (field, _, _) in SCAN_FLAGS.items()}
     overrides["alignment"] = args.alignment
-    overrides["extensions"] = [e.strip().lstrip(".") for e in args.extensions.split(",") if e.strip()] \
-        if args.extensions else None
-    overrides.update({field: getattr(args, field) for field, _ in SCAN_SWITCHES.values()})
+    extensions = getattr(args, "extensions", None)
+    overrides["extensions"] = [e.strip().lstrip(".") for e in extensions.split(",") if e.strip()] \
+        if extensions else None
+    overrides.update({field: getattr(args, field, None) for field, _ in SCAN_SWITCHES.values()})
     return load_scan_config(args.config, overrides)
 
 
@@ -130,12 +138,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from pipeline.commands.score import ScoreSettings, score_images, score_line
+    from pipeline.commands.score import score_images, score_line
 
-    settings = ScoreSettings(device=args.device, precision=args.precision, batch_size=args.batch_size,
-                             threshold=args.threshold, alignment=args.alignment)
     failed = 0
-    for row in score_images(args.model, args.images, settings):
+    for row in score_images(args.model, args.images, scan_config_from_args(args), args.device):
         print(score_line(row, args.json), flush=True)
         failed += row["error"] is not None
     return int(failed > 0)
@@ -325,11 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="bundle directory or URI")
     p.add_argument("images", nargs="+", help="image files or URIs (s3://, https://)")
     p.add_argument("--json", action="store_true", help="a JSON object per image, with every signal")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU when there is one)")
-    p.add_argument("--precision", help="as for scan (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    p.add_argument("--threshold", type=float, help="decision threshold on prob_fake (default: the bundle's)")
-    p.add_argument("--alignment", choices=ALIGNMENT_MODES, help="JPEG q96 alignment policy (default: the bundle's)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU when there is one)")
+    add_scan_flags(p, only=("--batch-size", "--threshold", "--precision", "--fetch-threads", "--fast-decode"))
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("status", help="how far a scan's output (or an ingest's) has got: committed and left, errors "

@@ -5,18 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Any, Iterator
 
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    device: str | None = None  # None: a GPU when there is one, else the CPU
-    precision: str | None = None  # None: as a scan's, bf16 on GPU and fp32 on CPU
-    batch_size: int = 32
-    threshold: float | None = None  # None: the bundle's
-    alignment: str | None = None  # None: the bundle's
-    fetch_threads: int = 16
+from pipeline.scan.config import ScanConfig
 
 
 def refuse_folders(images: list[str]) -> None:
@@ -27,29 +18,45 @@ def refuse_folders(images: list[str]) -> None:
                              "images; `mirror score` takes image files")
 
 
-def score_images(model: str, images: list[str], settings: ScoreSettings = ScoreSettings()) -> Iterator[dict[str, Any]]:
-    """Each image (path or URI), in order, as a scan's output row: its signals and `pred`,
-    or its `error`; rows come a model batch at a time."""
-    import pyarrow as pa
+def score_device(device: str | None) -> str:
+    """The device asked for (None: a GPU when there is one, else the CPU), checked."""
     import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA device")
+    return device
+
+
+def score_images(model: str, images: list[str], cfg: ScanConfig = ScanConfig(),
+                 device: str | None = None) -> Iterator[dict[str, Any]]:
+    """Each image (path or URI), in order, as a scan's output row under the scan settings
+    `cfg` (batch size, threshold, precision, alignment, reads): its signals and `pred`, or
+    its `error`; rows come a model batch at a time."""
+    import pyarrow as pa
 
     from mirror_core.bundle import load_bundle
     from pipeline.scan.commit import assemble_rows
     from pipeline.scan.decode import decode_rows, numpy_batch
+    from pipeline.scan.run import effective_config
     from pipeline.scan.scorer import Scorer
-    from pipeline.scan.sources import DEFAULT_MAX_FILE_BYTES, fetch_all
+    from pipeline.scan.sources import fetch_all
 
     refuse_folders(images)
+    device = score_device(device)
     bundle = load_bundle(model)
-    config = bundle.config.with_overrides(alignment=settings.alignment, threshold=settings.threshold)
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = settings.precision or ("bf16" if device.startswith("cuda") else "fp32")
+    config = effective_config(bundle, cfg)
+    precision = cfg.precision or ("bf16" if device.startswith("cuda") else "fp32")
     scorer = Scorer(bundle.weights.to_numpy(), config.to_dict(), bundle.model_id, device=device, precision=precision,
-                    batch_size=settings.batch_size)
+                    batch_size=cfg.batch_size)
     run = {"model_id": bundle.model_id, "preprocess": config.preprocess.name, "threshold": config.threshold}
-    payloads = fetch_all(images, settings.fetch_threads, DEFAULT_MAX_FILE_BYTES)
-    for start in range(0, len(images), settings.batch_size):
-        chunk = images[start : start + settings.batch_size]
+    payloads = fetch_all(images, cfg.fetch_threads, cfg.max_file_mb * 2**20)
+    for start in range(0, len(images), cfg.batch_size):
+        chunk = images[start : start + cfg.batch_size]
         decoded = decode_rows("score", start, chunk, [next(payloads) for _ in chunk], config.preprocess)
         yield from assemble_rows(pa.table({"uri": chunk}), scorer(numpy_batch(decoded)), run).to_pylist()
 
