@@ -87,6 +87,24 @@ def save_bundle(uri: str, config: MirrorConfig, weights: MirrorWeights, provenan
     return model_id
 
 
+IMPORT_HINT = ("convert official weights once: mirror import-official --checkpoint checkpoint-*.pth --memory "
+               "mirror_phase1.pth --backbone DINOV3_DIR --output BUNDLE, then give BUNDLE")
+
+
+def _what_it_is(fs, root: str) -> str:
+    """What a path given for a bundle is instead, when it is official weights or a backbone."""
+    if root.endswith((".pth", ".pt")):
+        return f": a PyTorch checkpoint; {IMPORT_HINT}"
+    if not fs.isdir(root):
+        return "" if fs.exists(root) else ": it does not exist"
+    names = [n.rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
+    if any(n.endswith((".pth", ".pt")) for n in names):
+        return f": it holds PyTorch checkpoints; {IMPORT_HINT}"
+    if "config.json" in names:
+        return f": a Hugging Face model directory (a DINOv3 backbone?); {IMPORT_HINT}"
+    return ""
+
+
 def load_bundle(uri: str) -> Bundle:
     """Read and verify a bundle: unknown format, edited weights or config are errors."""
     import fsspec
@@ -94,7 +112,7 @@ def load_bundle(uri: str) -> Bundle:
     fs, root = fsspec.core.url_to_fs(str(uri))
     config_path = join_uri(root, CONFIG_FILE)
     if not fs.exists(config_path):
-        raise FileNotFoundError(f"{uri} is not a MIRROR bundle (no {CONFIG_FILE})")
+        raise FileNotFoundError(f"{uri} is not a MIRROR bundle (no {CONFIG_FILE}){_what_it_is(fs, root)}")
     with fs.open(config_path, "r") as f:
         doc = json.load(f)
     if doc.get("format") != BUNDLE_FORMAT:

@@ -44,6 +44,19 @@ def test_tampered_weights_are_refused(parity_bundle, tmp_path):
         load_bundle(str(tampered_copy(parity_bundle, tmp_path / "copy")))
 
 
+def test_official_weights_or_a_backbone_given_for_a_bundle_are_told_how_to_import(parity_dir, tmp_path):
+    hint = r"convert official weights once: mirror import-official --checkpoint"
+    for given, what in ((parity_dir / "checkpoint.pth", "a PyTorch checkpoint"),
+                        (parity_dir, "it holds PyTorch checkpoints"),
+                        (parity_dir / "backbone", r"a Hugging Face model directory \(a DINOv3 backbone\?\)")):
+        with pytest.raises(FileNotFoundError, match=rf"is not a MIRROR bundle \(no mirror.json\): {what}; {hint}"):
+            load_bundle(str(given))
+    with pytest.raises(FileNotFoundError, match=r"gone is not a MIRROR bundle \(no mirror.json\): it does not exist$"):
+        load_bundle(str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match=r"is not a MIRROR bundle \(no mirror.json\)$"):
+        load_bundle(str(tmp_path))  # nothing to say of an empty folder
+
+
 def test_bundle_from_s3(parity_bundle, s3_bucket):
     import fsspec
 
