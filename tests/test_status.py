@@ -2,7 +2,6 @@
 import json
 import shutil
 
-import pytest
 from conftest import write_image
 
 from pipeline.commands.cli import main
@@ -20,11 +19,14 @@ def test_status_says_how_far_a_scan_has_got_without_ray(ray_local, parity_bundle
     assert main(["status", "--output", str(out)]) == 2
     assert "holds no scan (no _scan.json, nor an audit's scan/" in capsys.readouterr().err
 
-    def refuse(store, plan):
-        raise ValueError("stop after planning")
-
-    with pytest.raises(ValueError):
-        run_scan(str(parity_bundle), str(tmp_path / "in"), str(out), ScanConfig(unit_size=2), check_plan=refuse)
+    (tmp_path / "in" / "notes.md").write_text("not an image by its name")
+    # planned only: what a scan will score, before anything is
+    assert main(["scan", "--model", str(parity_bundle), "--input", str(tmp_path / "in"), "--output", str(out),
+                 "--unit-size", "2", "--plan-only"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "  folder input: 6 records in 3 units (1 file left out for their extension)",
+        "  committed: 0 records (0.0%) in 0 units; left: 6 records in 3 units (rerun the scan to finish)"]
+    assert not (out / "scores").exists() and not (out / "summary.json").exists()
     assert main(["status", "--output", str(out), "--json"]) == 0
     planned = json.loads(capsys.readouterr().out)
     assert planned["records"] == {"total": 6, "committed": 0, "left": 6} and planned["complete"] is False

@@ -130,8 +130,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from pipeline.scan.run import run_scan, summary_line
+    from pipeline.scan.run import plan_scan, run_scan, summary_line
 
+    if args.plan_only:
+        from pipeline.scan.status import status_lines
+
+        for line in status_lines(plan_scan(args.model, args.input, args.output, scan_config_from_args(args))):
+            print(line)
+        return 0
     summary = run_scan(args.model, args.input, args.output, scan_config_from_args(args))
     print(summary_line(summary))
     return 0
@@ -323,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder, Parquet shard(s), WebDataset tar shard(s), manifest "
                    "(.csv/.tsv/.txt/.jsonl, also compressed, or .parquet) or one image; local or s3://")
     p.add_argument("--output", required=True, help="output directory or URI; rerun the same command to resume")
+    p.add_argument("--plan-only", action="store_true", help="plan the input into --output (with --update: re-list "
+                   "it) and say what a scan will score, scoring nothing and starting no Ray; the same command "
+                   "without it then scores")
     add_scan_flags(p)
     p.set_defaults(func=cmd_scan)
 

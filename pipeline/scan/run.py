@@ -276,6 +276,27 @@ def run_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConf
     return run_scans(model, [ScanJob(input_uri, output_uri, cfg.perturbation)], cfg, check_plan)[0]
 
 
+class _Planned(Exception):
+    """Ends a scan once its input is planned (`plan_scan`)."""
+
+
+def plan_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanConfig) -> dict[str, Any]:
+    """Plan the input into `output_uri` as `run_scan` would (with `cfg.update`: re-list it),
+    score nothing, and return the output's status (`status.scan_status`): what a scan of it
+    will score, before any machine is spent on it. Ray is not started; the scan run later
+    finds the plan stored."""
+    from pipeline.scan.status import scan_status
+
+    def stop(store: ScanStore, plan: Plan) -> None:
+        raise _Planned(store.uri)
+
+    try:
+        run_scan(model, input_uri, output_uri, cfg, check_plan=stop)
+    except _Planned as planned:
+        return scan_status(str(planned))
+    raise RuntimeError("the scan did not stop once planned")
+
+
 def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
               check_plan: Callable[[ScanStore, Plan], None] | None = None) -> list[dict[str, Any]]:
     """Several scans through one pipeline: one pool of replicas (built, and compiled, once)
