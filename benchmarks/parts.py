@@ -12,7 +12,8 @@ first); both for the same parts labeled (`labeled_summary_*`, `labeled_summary_a
 the metrics need every scored labeled row, kept by the first in one file); the summary of a run that committed every part, its writers reporting each part's
 counts, size and version (`summary_reported_*`, as a scan's first run); the stream the audit
 reads (`scores_by_unit`, its columns) and `--retry-errors`' search for read failures
-(`units_with_transient_errors`). Each is checked against the rows written and reported as
+(`units_with_transient_errors`), and an export of every row into a few large files in the
+plan's order (`export_*`: read, written to the same store). Each is checked against the rows written and reported as
 seconds, parts/s, requests per part and the most requests held at once.
 moto's CPU answers every request here too: read the figures as round trips overlapped,
 not as what a real object store would sustain.
@@ -67,6 +68,8 @@ def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
     import s3fs
     from s3_faults import FaultProxy
 
+    from pipeline.scan.export import export_scores
+    from pipeline.scan.sources import Plan, Unit
     from pipeline.scan.store import ScanStore
     from pipeline.scan.summary import PART_TALLIES, TALLY_SCHEMA, summarize
 
@@ -107,6 +110,12 @@ def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
         timed("audit_stream", lambda: sum(t.num_rows for _, t in out.scores_by_unit(["uri", "prob_fake", "error"])),
               lambda n: n == parts * rows)
         timed("retry_search", lambda: out.units_with_transient_errors(out.done_units()), lambda u: len(u) == parts)
+        # the plan an export follows: the parts' units, in an order other than their ids'
+        units = [Unit(f"{i:08d}", "shard", rows, f"s3://corpus/shard-{i}.parquet", 0) for i in reversed(range(parts))]
+        out.write_json("_scan.json", {"input": "s3://corpus", "model_id": "m"})
+        out.save_plan(Plan("s3://corpus", "parquet", units, pa.table({})))
+        timed("export", lambda: export_scores(out.uri, "s3://scans/export"), lambda r: r.rows == parts * rows
+              and r.parts == parts and len(r.files) == -(-parts * rows // 1_000_000))
         labeled = ScanStore("s3://scans/labeled")  # the same parts, labeled: the metrics need their scored rows
 
         def metrics_right(s):

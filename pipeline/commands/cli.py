@@ -153,6 +153,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     return int(failed > 0)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.scan.export import export_scores
+
+    result = export_scores(args.scan, args.output, only=args.only, rows_per_file=args.rows_per_file,
+                           partial=args.partial)
+    print(result.line())
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
@@ -300,6 +309,8 @@ def package_version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.scan.export import ROW_CHOICES
+
     parser = argparse.ArgumentParser(prog="mirror", description="MIRROR AI-generated image detection at scale",
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -352,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", action="store_true", help="also count the errors of parts committed since the last "
                    "summary (reads each of them once; writes nothing); of an ingest, the rows kept with a read_error")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="a scan's rows as a few large Parquet files in the input's order (all, "
+                       "scored, errors or flagged)")
+    p.add_argument("--scan", required=True, help="a scan's --output (local or s3://): its committed parts are read")
+    p.add_argument("--output", required=True, help="folder or URI for scores-00000.parquet, ... and _export.json")
+    p.add_argument("--only", choices=ROW_CHOICES, default="all",
+                   help="which rows: every row, those scored, those with an error, or those flagged fake (pred 1)")
+    p.add_argument("--rows-per-file", type=int, default=1_000_000, help="rows per Parquet file at most")
+    p.add_argument("--partial", action="store_true", help="export an unfinished scan's committed rows (else refused)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ingest", help="pack a folder tree of images, or a manifest's images, into Parquet shards")
     p.add_argument("--input", required=True, help="image folder, or a manifest file (web links, paths: as a scan "

@@ -239,9 +239,10 @@ class ScanStore(Location):
 
         return {unit for unit, part in self.scores_by_unit(["uri", "error"], units) if transient(part)}
 
-    def scores_by_unit(self, columns=None, units: set[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+    def scores_by_unit(self, columns=None, units: set[str] | list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
         """(unit id, its rows) for every committed part (`units`: those of them), in unit
-        order, a few read at once and no more ahead (a corpus's scores in bounded memory).
+        order (`units` a list: in its order), a few read at once and no more ahead (a
+        corpus's scores in bounded memory).
         `columns`: only those, where a part has them (carried input columns may differ by
         part). A part is one GET on an object store (the listing gave its size): every
         reader of a scan's parts (summary, audit, reports, --retry-errors) goes through here."""
@@ -250,7 +251,8 @@ class ScanStore(Location):
             return unit, part.read(None if columns is None else [c for c in columns if c in part.schema_arrow.names])
 
         threads = max(PARTS_READ_AT_ONCE, s3_connections(self.fs) or 0)
-        return read_ahead(read, sorted(self.done_units() if units is None else units), threads)
+        order = list(units) if isinstance(units, list) else sorted(self.done_units() if units is None else units)
+        return read_ahead(read, order, threads)
 
     def read_scores(self, columns=None) -> pa.Table:
         """Every committed row (`columns`: only those), read as `scores_by_unit` streams them;
