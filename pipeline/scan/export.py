@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.progress import progress
 from pipeline.scan.schema import PRED, conform
 from pipeline.scan.store import ScanStore
 from pipeline.storage import Location
@@ -156,7 +157,7 @@ def export_scores(scan_uri: str, output_uri: str, only: str = "all", rows_per_fi
                          "committed): rerun it to finish, or export what is committed with --partial")
     writer = _RollingWriter(out, rows_per_file)
     try:
-        for _, part in scan.scores_by_unit(units=order):
+        for _, part in progress(scan.scores_by_unit(units=order), "exporting parts", total=len(order), unit="part"):
             rows = chosen_rows(conform(part), only)
             result.parts += 1
             result.rows += rows.num_rows
