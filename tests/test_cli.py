@@ -290,3 +290,19 @@ def test_an_output_inside_a_folder_input_is_refused_before_anything_is_written(p
     with pytest.raises(ValueError, match="lies inside the input folder"):
         refuse_output_in_input(f"s3://{s3_bucket}/data/", f"s3://{s3_bucket}/data")
     refuse_output_in_input(f"s3://{s3_bucket}/data", f"s3://{s3_bucket}/data-scan")
+
+
+def test_an_output_claimed_by_a_mistyped_input_takes_the_right_one_and_a_planned_one_does_not(parity_bundle, tmp_path,
+                                                                                                capsys):
+    from conftest import write_image
+
+    write_image(tmp_path / "corpus" / "a.png")
+    out = str(tmp_path / "scan")
+    scan = ["scan", "--model", str(parity_bundle), "--output", out, "--plan-only", "--input"]
+    assert cli.main(scan + [str(tmp_path / "corpsu")]) == 2  # nothing there: the planning never ends
+    assert "corpsu does not exist" in capsys.readouterr().err
+    assert cli.main(scan + [str(tmp_path / "corpus")]) == 0  # the output is not held by the typo
+    assert "folder input: 1 records in 1 units" in capsys.readouterr().out
+    write_image(tmp_path / "other" / "b.png")
+    assert cli.main(scan + [str(tmp_path / "other")]) == 2  # planned: it holds a scan of corpus/ now
+    assert f"holds another scan (input: '{tmp_path}/corpus' there, '{tmp_path}/other' now)" in capsys.readouterr().err

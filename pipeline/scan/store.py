@@ -263,7 +263,8 @@ class ScanStore(Location):
 
     # --- scan identity and plan --------------------------------------------
     def claim(self, identity: dict) -> None:
-        """Tie this output to one model/input/policy; a different scan is refused."""
+        """Tie this output to one model/input/policy; a different scan is refused, unless the
+        claim's planning never ended (nothing stored: its input mistyped, say)."""
         existing = self.read_json("_scan.json")
         if existing is None:
             self.write_json("_scan.json", identity)
@@ -271,6 +272,11 @@ class ScanStore(Location):
         if "input" in existing:  # recorded as given by earlier versions: 'data/' is '/home/u/data' run from /home/u
             existing["input"] = canonical_input(existing["input"])
         diffs = [k for k in identity if existing.get(k) != identity[k]]
+        if diffs and self.read_plan() is None and not self.committed_parts().num_rows:
+            # claimed by a run whose planning never ended (an input mistyped, not there): it holds nothing
+            Location(self.uri_of("_plan")).remove()
+            self.write_json("_scan.json", identity)
+            return
         if diffs:
             details = "; ".join(f"{k}: {existing.get(k)!r} there, {identity[k]!r} now" for k in diffs)
             raise OutputMismatchError(f"{self.uri} holds another scan ({details}); choose a new --output")
