@@ -207,3 +207,21 @@ def test_an_object_store_write_is_one_put_and_makes_a_missing_bucket(s3_server, 
         finally:
             os.environ["AWS_ENDPOINT_URL"] = s3_server
             s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_folders_named_like_labels_but_not_label_folders_are_named_in_a_warning(tmp_path, caplog):
+    from pipeline.scan.sources import SourceOptions, plan_source
+
+    for name in ("cifake/train/FAKE/a.png", "cifake/train/REAL/b.png", "official/1_fake/c.png", "official/0_real/d.png"):
+        write_image(tmp_path / name)
+    with caplog.at_level("WARNING", logger="mirror"):
+        plan = plan_source(str(tmp_path / "cifake"), SourceOptions())
+    assert plan.records["label"].to_pylist() == [None, None]  # as the official evaluation reads them
+    assert [m for m in caplog.messages if "unlabeled" in m] == [
+        f"{tmp_path}/cifake: images below a folder named 'FAKE' are unlabeled: label folders are named exactly "
+        "0_real / 1_fake (or nature / ai), as the official evaluation reads them; rename the folders, or give a "
+        "manifest with a label column, for metrics"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mirror"):
+        assert plan_source(str(tmp_path / "official"), SourceOptions()).records["label"].to_pylist() == [0, 1]
+    assert not caplog.messages

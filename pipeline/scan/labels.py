@@ -10,6 +10,15 @@ LABEL_NAMES = {**LABEL_FOLDERS, "0": 0, "1": 1, "real": 0, "fake": 1}
 LABEL_VALUES = "0/1/real/fake/0_real/1_fake/nature/ai"
 
 
+def label_like(parts: tuple[str, ...]) -> str | None:
+    """The first folder named like a label that is not a label folder ('REAL', 'fake',
+    '0_Real'): official label folders are named exactly, so its images are unlabeled."""
+    return next((name for name in parts if name not in LABEL_FOLDERS and name.lower() in LABEL_LIKE), None)
+
+
+LABEL_LIKE = {name.lower() for name in LABEL_NAMES if not name.isdigit()} | {"reals", "fakes", "generated", "synthetic"}
+
+
 def label_and_subset(parts: tuple[str, ...]) -> tuple[int | None, str | None]:
     """Folders of a file below the root -> (label of the deepest label folder, subset)."""
     label, depth = None, None

@@ -28,7 +28,7 @@ from mirror_core.uri import image_name, is_web_url
 from pipeline.scan import web, webdataset
 from pipeline.scan.changes import FileChanges, KnownFiles, shard_changes
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
-from pipeline.scan.labels import LABEL_NAMES, label_and_subset, normalize_labels
+from pipeline.scan.labels import LABEL_NAMES, label_and_subset, label_like, normalize_labels
 from pipeline.scan.listing import iter_files
 from pipeline.scan.manifest import (
     is_listed_manifest,
@@ -167,20 +167,26 @@ def suffix(path: str) -> str:
 
 
 def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, base: str,
-                  extensions=DEFAULT_EXTENSIONS) -> pa.Table:
+                  extensions=DEFAULT_EXTENSIONS, notes: dict | None = None) -> pa.Table:
     """Files of a folder (filesystem paths below `base`) -> uri, label, subset of its images,
     in the given order; files of other extensions are left out. Given (path, version)
-    pairs, each image's version too (VERSION)."""
+    pairs, each image's version too (VERSION). `notes` gets "label_like": the first folder
+    above an unlabeled image that is named like a label (`labels.label_like`)."""
     wanted = image_suffixes(extensions)
     rows = {"uri": [], "label": [], "subset": [], VERSION: []}
     skip = len(base.rstrip("/")) + 1
     web = is_web_url(base)  # a single image given by its link: its name ends before any query
+    folders, label, subset = None, None, None
     for listed in paths:  # string operations: pathlib would intern every name it parses
         path, version = listed if isinstance(listed, tuple) else (listed, None)
-        *folders, name = path[skip:].split("/")
+        *above, name = path[skip:].split("/")
         if suffix(image_name(path) if web else name) not in wanted:
             continue
-        label, subset = label_and_subset(tuple(folders))
+        if above != folders:  # a directory's files come together: its label is found once
+            folders = above
+            label, subset = label_and_subset(tuple(folders))
+            if label is None and notes is not None and "label_like" not in notes and (like := label_like(folders)):
+                notes["label_like"] = like
         rows["uri"].append(full_uri(fs, path))
         rows["label"].append(label)
         rows["subset"].append(subset)
@@ -372,12 +378,13 @@ class FolderImages:
     extensions: tuple[str, ...]
     skipped: int = 0
     single_file: bool = False
+    notes: dict = field(default_factory=dict)  # image_records' notes on the folders seen
 
     def __iter__(self) -> Iterator[pa.Table]:
         fs, base = fsspec.core.url_to_fs(self.root)
         base = posixpath.dirname(base) if self.single_file else base
         while listed := list(itertools.islice(self.files, STREAM_BATCH_ROWS)):
-            batch = image_records(listed, fs, base, self.extensions)
+            batch = image_records(listed, fs, base, self.extensions, self.notes)
             self.skipped += len(listed) - batch.num_rows
             yield batch
 
@@ -582,6 +589,11 @@ def plan_source(uri: str, options: SourceOptions, sink: RecordsSink | None = Non
         hint_folder_metadata(uri)
     if fmt in ("folder", "manifest"):
         units, records = chunked_units(record_batches(uri, options, images, listing), options.unit_size, uri, sink)
+        if images is not None and images.notes.get("label_like"):
+            logging.getLogger("mirror").warning(
+                "%s: images below a folder named %r are unlabeled: label folders are named exactly 0_real / 1_fake "
+                "(or nature / ai), as the official evaluation reads them; rename the folders, or give a manifest "
+                "with a label column, for metrics", uri, images.notes["label_like"])
         return Plan(uri, fmt, units, records, images.skipped if images is not None else 0)
     if fmt == "parquet":
         return Plan(uri, fmt, shard_units(shard_files(uri, listed_paths(listing)), options.columns), pa.table({}))
