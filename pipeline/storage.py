@@ -60,9 +60,10 @@ def s3_connections(fs) -> int | None:
 
 def file_version(entry: dict) -> str:
     """What changes when a file is written again, from a listing entry or a write's answer:
-    an object store's ETag, a disk's modification time ('' where neither is given; the
-    keys are those of s3fs, gcsfs, adlfs and fsspec's local filesystem)."""
-    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated"):
+    an object store's ETag, a disk's modification time, a Hugging Face repository file's
+    git blob id ('' where none is given; the keys are those of s3fs, gcsfs, adlfs,
+    fsspec's local filesystem and huggingface_hub's HfFileSystem)."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "blob_id"):
         if entry.get(key):
             return str(entry[key])
     return ""

@@ -164,6 +164,24 @@ def test_listings_give_versions_that_change_with_a_files_content(tmp_path, s3_se
     assert second[f"{s3_bucket}/v/sub/b.jpg"] == first[f"{s3_bucket}/v/sub/b.jpg"]  # an ETag is the content's
 
 
+def test_a_hugging_face_repository_files_version_is_its_blob_id():
+    """HfFileSystem's listing entries (as the library builds them from the Hub's tree API)
+    carry no ETag or time: a file's git blob id is its version, an LFS file's too (its
+    pointer names the content's sha256), so a rewrite of the same size is seen."""
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.hf_file_system import _cache_info_from_path_info
+
+    from pipeline.storage import listed_version
+
+    def entry(oid: str, lfs_sha: str | None = None) -> dict:
+        lfs = {"oid": lfs_sha, "size": 1234, "pointerSize": 134} if lfs_sha else None
+        return _cache_info_from_path_info(RepoFile(path="data/train-00000.tar", size=1234, oid=oid, lfs=lfs),
+                                          "datasets/org/set/data/train-00000.tar")
+
+    assert listed_version(entry("a" * 40)) == f"{'a' * 40}:1234"
+    assert listed_version(entry("b" * 40, "c" * 64)) != listed_version(entry("d" * 40, "e" * 64))
+
+
 def test_versions_are_planning_bookkeeping_never_output_columns(tmp_path):
     src, out = tmp_path / "in", ScanStore(str(tmp_path / "out"))
     write_image(src / "0.png")
