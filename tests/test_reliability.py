@@ -83,11 +83,18 @@ def test_fetch_reads_at_most_the_limit(tmp_path):
 def test_hostile_corpus_gives_exactly_one_row_each(ray_local, parity_bundle, tmp_path):
     limit = 2**20
     paths = write_hostile_corpus(tmp_path / "in", max_file_bytes=limit)
+    latin1 = os.fsdecode(b"caf\xe9.png")  # a name from an old archive: not UTF-8, no text column holds it
+    write_image(tmp_path / "in" / latin1)
+    paths = [*paths, "caf\\xe9.png"]  # its row's uri: the name's bytes, escaped
     summary = run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"),
                        ScanConfig(unit_size=4, max_file_mb=1))
     rows = {os.path.basename(r["uri"]): r for r in pq.read_table(tmp_path / "out" / "scores").to_pylist()}
     assert sorted(rows) == sorted(paths) and summary["rows_out"] == summary["rows_in"] == len(paths)
     errors = {name: row["error"] for name, row in rows.items() if row["error"]}
+    assert errors["caf\\xe9.png"] == (f"file name not UTF-8: the disk names this file "
+                                       f"{os.fsencode(str(tmp_path / 'in' / latin1))!r}, which no text column holds: "
+                                       "rename it (e.g. convmv -f latin1 -t utf8) to score it")
+    assert summary["errors_by_kind"]["file name not UTF-8"] == 1
     assert errors["zero.jpg"] == "empty file (0 bytes)"
     assert errors["page.jpg"].startswith("decode failed: UnidentifiedImageError")
     assert errors["noise.png"].startswith("decode failed")

@@ -28,6 +28,7 @@ from pipeline.scan.schema import (
     IMAGE_FIELDS,
     INDEX,
     PIXELS,
+    RECORD_ERROR,
     REGION_DECODED,
     ROW_PREPROCESS,
     SHA256,
@@ -141,12 +142,16 @@ def placeholder_records(unit: Unit) -> pa.Table:
 
 
 def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_threads: int,
-                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, planned_errors: list[str | None] | None = None):
     """(records without bytes, names, payload iterator) for a unit; a shard that cannot be
-    read fails every row. Inline units bring their records from the plan."""
+    read fails every row. Inline units bring their records from the plan, and
+    `planned_errors`: a record the plan knows cannot be read is that error, not read."""
     if unit.kind == "inline":
         uris = records["uri"].to_pylist()
-        return records, uris, fetch_all(uris, fetch_threads, max_file_bytes)
+        if not planned_errors or not any(planned_errors):
+            return records, uris, fetch_all(uris, fetch_threads, max_file_bytes)
+        fetched = fetch_all([None if e else u for u, e in zip(uris, planned_errors)], fetch_threads, max_file_bytes)
+        return records, uris, ((None, e) if e else payload for payload, e in zip(fetched, planned_errors))
     if unit.kind == "samples":  # tar samples: members by range reads, carried by extension
         members, names, payloads = webdataset.read_samples(records, fetch_threads, max_file_bytes, unit.version)
         records = records.drop_columns([webdataset.MEMBERS, webdataset.IMAGE_MEMBER, webdataset.PLAN_ERROR])
@@ -187,10 +192,13 @@ def decode_units(
         unit = Unit(**json.loads(batch["unit"][i]))
         # inline and sample units read their records from the plan (shard units read their
         # row group below; their empty slot may reach a numpy batch as NaN)
-        records = without_bookkeeping(read_unit_records(batch["records"][i], unit.row_group)) \
-            if unit.kind in RECORD_KINDS else None
+        stored = read_unit_records(batch["records"][i], unit.row_group) if unit.kind in RECORD_KINDS else None
+        records = without_bookkeeping(stored) if stored is not None else None
+        planned_errors = stored[RECORD_ERROR].to_pylist() if stored is not None and \
+            RECORD_ERROR in stored.column_names else None
         with attempt(attempts, key, decode_record, timeout_s) as decode:
-            records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes)
+            records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes,
+                                                   planned_errors)
             perturbation = batch["perturbation"][i] or None
             for start in range(0, unit.rows, rows_per_batch):
                 chunk = [next(payloads) for _ in range(min(rows_per_batch, unit.rows - start))]

@@ -24,7 +24,10 @@ UNIT = "_unit"
 INDEX = "_index"
 # A folder's file version as planned (storage.listed_version): what --update compares.
 VERSION = "_version"
-PLAN_BOOKKEEPING = (UNIT, INDEX, VERSION)  # what planning adds to a unit's stored records
+# Why the plan already knows a record cannot be read (a folder's file whose name is not
+# UTF-8): its row is this error, and nothing is read for it.
+RECORD_ERROR = "_record_error"
+PLAN_BOOKKEEPING = (UNIT, INDEX, VERSION, RECORD_ERROR)  # what planning adds to a unit's stored records
 PIXELS = "_pixels"
 DECODE_SECONDS = "_decode_s"
 SCORE_SECONDS = "_score_s"

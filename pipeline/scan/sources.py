@@ -38,7 +38,7 @@ from pipeline.scan.manifest import (
     manifest_tables,
     uri_column,
 )
-from pipeline.scan.schema import INDEX, UNIT, VERSION, shard_changed
+from pipeline.scan.schema import INDEX, RECORD_ERROR, UNIT, VERSION, shard_changed
 from pipeline.scan.tar_changes import KnownSamples, TarShardUpdate, listed_versions
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import listed_version, opened_version, read_ahead, resolve_relative
@@ -173,7 +173,7 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
     pairs, each image's version too (VERSION). `notes` gets "label_like": the first folder
     above an unlabeled image that is named like a label (`labels.label_like`)."""
     wanted = image_suffixes(extensions)
-    rows = {"uri": [], "label": [], "subset": [], VERSION: []}
+    rows = {"uri": [], "label": [], "subset": [], VERSION: [], RECORD_ERROR: []}
     skip = len(base.rstrip("/")) + 1
     web = is_web_url(base)  # a single image given by its link: its name ends before any query
     folders, label, subset = None, None, None
@@ -187,15 +187,31 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
             label, subset = label_and_subset(tuple(folders))
             if label is None and notes is not None and "label_like" not in notes and (like := label_like(folders)):
                 notes["label_like"] = like
-        rows["uri"].append(full_uri(fs, path))
+        uri, error = full_uri(fs, path), None
+        if not uri.isascii() and not is_utf8(uri):  # a disk's name in another encoding (Latin-1 archives)
+            uri = os.fsencode(uri).decode("utf-8", "backslashreplace")
+            error = (f"file name not UTF-8: the disk names this file {os.fsencode(path)!r}, which no text column "
+                     "holds: rename it (e.g. convmv -f latin1 -t utf8) to score it")
+        rows["uri"].append(uri)
         rows["label"].append(label)
         rows["subset"].append(subset)
         rows[VERSION].append(version)
+        rows[RECORD_ERROR].append(error)
     table = pa.table({"uri": pa.array(rows["uri"], pa.string()), "label": pa.array(rows["label"], pa.int64()),
                       "subset": pa.array(rows["subset"], pa.string())})
-    if any(v is not None for v in rows[VERSION]):
-        table = table.append_column(VERSION, pa.array(rows[VERSION], pa.string()))
+    for column in (VERSION, RECORD_ERROR):  # only where some record has one
+        if any(v is not None for v in rows[column]):
+            table = table.append_column(column, pa.array(rows[column], pa.string()))
     return table
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name from the disk is text (a name that is not UTF-8 comes with surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def list_images(root: str, extensions=DEFAULT_EXTENSIONS, files: list[str] | None = None) -> pa.Table:
