@@ -225,3 +225,20 @@ def test_folders_named_like_labels_but_not_label_folders_are_named_in_a_warning(
     with caplog.at_level("WARNING", logger="mirror"):
         assert plan_source(str(tmp_path / "official"), SourceOptions()).records["label"].to_pylist() == [0, 1]
     assert not caplog.messages
+
+
+def test_every_file_is_an_image_with_extensions_star_names_without_one_too(tmp_path):
+    """A store naming its images by their hash (no extension): '*' plans every file."""
+    from pipeline.scan.sources import SourceOptions, plan_source
+
+    for name in ("ab/abf00d", "cd/cd0042", "cd/cd0042.json"):
+        (tmp_path / "store" / name).parent.mkdir(parents=True, exist_ok=True)
+    write_image(tmp_path / "store" / "ab" / "abf00d", fmt="JPEG")
+    write_image(tmp_path / "store" / "cd" / "cd0042", fmt="PNG")
+    (tmp_path / "store" / "cd" / "cd0042.json").write_text("{}")  # a sidecar: an error row, as asked
+    with pytest.raises(ValueError, match="holds no images"):
+        plan_source(str(tmp_path / "store"), SourceOptions())
+    plan = plan_source(str(tmp_path / "store"), SourceOptions(extensions=("*",)))
+    assert [u.rsplit("/", 2)[-2:] for u in plan.records["uri"].to_pylist()] == [
+        ["ab", "abf00d"], ["cd", "cd0042"], ["cd", "cd0042.json"]]
+    assert plan.skipped_by_extension == 0

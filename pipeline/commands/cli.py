@@ -65,7 +65,8 @@ def add_scan_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = No
             p.add_argument(flag, type=kind, help=help_text + shown)
     p.add_argument("--alignment", choices=ALIGNMENT_MODES, help="JPEG q96 alignment policy (default: the bundle's)")
     if only is None:
-        p.add_argument("--extensions", help="image file extensions of folder inputs, comma-separated "
+        p.add_argument("--extensions", help="image file extensions of folder inputs, comma-separated; '*': every "
+                                            "file, names without an extension too "
                                             f"(default: {','.join(defaults.extensions)})")
     for flag, (field, help_text) in SCAN_SWITCHES.items():  # --x / --no-x, off unless YAML or flag says so
         if only is None or flag in only:

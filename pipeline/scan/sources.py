@@ -156,8 +156,20 @@ def list_files(root: str) -> list[str]:
     return list(iter_files(root))
 
 
+EVERY_FILE = "*"  # as an extension: every file is an image, names without an extension too (stores naming by hash)
+
+
+class _EveryEnding(frozenset):
+    """`image_suffixes` of EVERY_FILE: it holds every ending."""
+
+    def __contains__(self, ending: object) -> bool:
+        return True
+
+
 def image_suffixes(extensions) -> frozenset[str]:
-    """('jpg', '.PNG') -> {'.jpg', '.png'}: what an image file's name ends with."""
+    """('jpg', '.PNG') -> {'.jpg', '.png'}: what an image file's name ends with ('*': anything)."""
+    if EVERY_FILE in extensions:
+        return _EveryEnding()
     return frozenset("." + e.lower().lstrip(".") for e in extensions)
 
 
