@@ -74,6 +74,10 @@ def test_an_export_holds_the_rows_asked_for_in_the_inputs_order_in_files_of_boun
     assert sorted(f.name for f in (tmp_path / "all").glob("scores-*")) == ["scores-00000.parquet", "scores-00001.parquet"]
     assert read_export(tmp_path / "all").to_pylist() == rows.to_pylist()
 
+    with pytest.raises(FileNotFoundError, match=rf"holds no scan \(no _scan.json\); it holds 1 below it: give one "
+                                                rf"as --scan \({out}\)"):
+        export.export_scores(str(tmp_path), str(tmp_path / "elsewhere"))  # as an audit's output holds its scan
+
     first = sorted((out / "scores").glob("part-*.parquet"))[0]
     lost = pq.read_metadata(first).num_rows
     first.unlink()  # an unfinished scan

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from pipeline.progress import progress
 from pipeline.scan.schema import PRED, conform
+from pipeline.scan.status import scans_below
 from pipeline.scan.store import ScanStore
 from pipeline.storage import Location
 
@@ -64,7 +65,7 @@ class ExportResult:
 
     def line(self) -> str:
         left = f"; {self.units_left:,} units not committed yet were left out" if self.units_left else ""
-        return (f"exported {self.rows:,} rows ({self.only}) of {self.parts:,} parts of {self.scan} into "
+        return (f"exported {self.rows:,} rows ({self.only}) of {self.parts:,} part{'s' * (self.parts != 1)} of {self.scan} into "
                 f"{len(self.files):,} file{'s' * (len(self.files) != 1)} under {self.output}{left}")
 
 
@@ -144,8 +145,13 @@ def export_scores(scan_uri: str, output_uri: str, only: str = "all", rows_per_fi
     scan = ScanStore(scan_uri)
     identity = scan.read_json("_scan.json")
     plan = scan.read_plan()
-    if identity is None or plan is None:
-        raise FileNotFoundError(f"{scan.uri} holds no planned scan (no _scan.json or _plan/): give a scan's --output")
+    if identity is None:
+        below = scans_below(scan.uri)  # an audit's output, a benchmark run's: the scans they hold
+        raise FileNotFoundError(f"{scan.uri} holds no scan (no _scan.json)" + (
+            f"; it holds {len(below)} below it: give one as --scan ({', '.join(below[:3])}"
+            f"{', ...' if len(below) > 3 else ''})" if below else ": give a scan's --output"))
+    if plan is None:
+        raise FileNotFoundError(f"{scan.uri} holds a scan that was never planned: nothing to export")
     out = Location(output_uri)
     if (out.uri.rstrip("/") + "/").startswith(scan.uri.rstrip("/") + "/"):
         raise ValueError(f"--output {output_uri} lies inside the scan's output {scan.uri}: choose another folder")
