@@ -70,8 +70,9 @@ def test_an_export_holds_the_rows_asked_for_in_the_inputs_order_in_files_of_boun
 
     # a rerun into the same folder writes the export again, and removes what it no longer names
     monkeypatch.setattr(export, "ROW_GROUP_ROWS", 65_536)
-    assert export.export_scores(str(out), str(tmp_path / "all")).files == ["scores-00000.parquet", "scores-00001.parquet"]
-    assert sorted(f.name for f in (tmp_path / "all").glob("scores-*")) == ["scores-00000.parquet", "scores-00001.parquet"]
+    two = ["scores-00000.parquet", "scores-00001.parquet"]
+    assert export.export_scores(str(out), str(tmp_path / "all")).files == two
+    assert sorted(f.name for f in (tmp_path / "all").glob("scores-*")) == two
     assert read_export(tmp_path / "all").to_pylist() == rows.to_pylist()
 
     with pytest.raises(FileNotFoundError, match=rf"holds no scan \(no _scan.json\); it holds 1 below it: give one "

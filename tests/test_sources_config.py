@@ -212,7 +212,8 @@ def test_an_object_store_write_is_one_put_and_makes_a_missing_bucket(s3_server, 
 def test_folders_named_like_labels_but_not_label_folders_are_named_in_a_warning(tmp_path, caplog):
     from pipeline.scan.sources import SourceOptions, plan_source
 
-    for name in ("cifake/train/FAKE/a.png", "cifake/train/REAL/b.png", "official/1_fake/c.png", "official/0_real/d.png"):
+    for name in ("cifake/train/FAKE/a.png", "cifake/train/REAL/b.png", "official/1_fake/c.png",
+                 "official/0_real/d.png"):
         write_image(tmp_path / name)
     with caplog.at_level("WARNING", logger="mirror"):
         plan = plan_source(str(tmp_path / "cifake"), SourceOptions())

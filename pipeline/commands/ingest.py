@@ -171,7 +171,8 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
                                  "as it is")
             units = plan.units
             info.update(items=listing.files, unit="images" if plan.input_format == "folder" else "records")
-        identity = {"input": canonical_input(input_uri), "files": listing.files, "listing_sha256": listing.digest.hexdigest(),
+        identity = {"input": canonical_input(input_uri), "files": listing.files,
+                    "listing_sha256": listing.digest.hexdigest(),
                     "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group,
                     # only when set: outputs of ingests that honoured opt-outs (all earlier ones) keep their identity
                     **({} if honour_opt_out else {"opt_out_ignored": True})}

@@ -65,7 +65,8 @@ class ExportResult:
 
     def line(self) -> str:
         left = f"; {self.units_left:,} units not committed yet were left out" if self.units_left else ""
-        return (f"exported {self.rows:,} rows ({self.only}) of {self.parts:,} part{'s' * (self.parts != 1)} of {self.scan} into "
+        parts = f"{self.parts:,} part{'s' * (self.parts != 1)}"
+        return (f"exported {self.rows:,} rows ({self.only}) of {parts} of {self.scan} into "
                 f"{len(self.files):,} file{'s' * (len(self.files) != 1)} under {self.output}{left}")
 
 
