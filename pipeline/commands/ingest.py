@@ -151,10 +151,12 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
     others are still written: a rerun writes what is missing."""
     import ray
 
-    ensure_ray(address)
     fs, base = fsspec.core.url_to_fs(input_uri)
     manifest = is_manifest_name(input_uri) and (fs.isfile(base) or has_braces(input_uri))
     if not manifest and not fs.isdir(base):
+        if fs.isfile(base):
+            raise ValueError(f"input {input_uri} is a file, not a folder or a manifest: ingest packs a folder's images "
+                             "or a manifest's into shards")
         raise FileNotFoundError(f"input folder {input_uri} does not exist")
     out = Location(output_uri)
     work = Location(out.uri_of(PLAN_DIR))
@@ -184,6 +186,7 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
             raise ValueError(f"{output_uri} holds shards of another ingest ({', '.join(changed)} differ); "
                              "choose a new --output")
         out.write_json(IDENTITY_FILE, identity)
+        ensure_ray(address)  # once the input is known good: a mistake is told before Ray starts
         require_shared_paths({base: "--input"} if "://" not in input_uri else {},
                              {out.root: "--output"} if out.local else {})
         existing = set(out.names())
