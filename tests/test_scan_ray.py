@@ -171,7 +171,8 @@ def test_rerun_skips_finished_units_and_refuses_another_model(ray_local, parity_
 
 
 def test_killed_scan_resumes_without_duplicates(parity_bundle, tmp_path):
-    """A real interruption: SIGKILL the `mirror scan` process mid-way, then rerun it."""
+    """Real interruptions: SIGKILL the `mirror scan` process mid-way, then Ctrl-C (SIGINT)
+    its rerun, then rerun it to the end."""
     for i in range(24):
         write_image(tmp_path / "in" / ("0_real" if i % 2 else "1_fake") / f"{i:02d}.png", seed=i)
     cmd = [sys.executable, "-m", "pipeline.commands.cli", "scan", "--model", str(parity_bundle), "--input",
@@ -192,8 +193,20 @@ def test_killed_scan_resumes_without_duplicates(parity_bundle, tmp_path):
     reader.join(timeout=30)
     stalls = [line for line in console if "WARNING mirror -- no rows done for" in line]
     assert stalls and re.search(r"\(0 of 24 so far\): nodes: 1 alive; CPU [\d.]+ of [\d.]+ free$", stalls[0]), console[-40:]
+    killed = len(list(scores.glob("part-*.parquet")))
+    assert 2 <= killed < 7, "the scan was not interrupted mid-way"
+    # Ctrl-C: one line, no traceback, what was committed stays
+    with open(tmp_path / "interrupted.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, text=True)
+        while time.time() < deadline and len(list(scores.glob("part-*.parquet"))) < killed + 1:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    text = (tmp_path / "interrupted.log").read_text()
+    assert text.rstrip().endswith("mirror scan: interrupted; what was committed is kept: the same command resumes")
+    assert "Traceback" not in text
     done_before = {p.name: p.stat().st_mtime_ns for p in scores.glob("part-*.parquet")}
-    assert 2 <= len(done_before) < 8, "the scan was not interrupted mid-way"
+    assert killed < len(done_before) < 8, "the scan was not interrupted mid-way"
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "24/24 rows: 24 scored, 0 errors" in rerun.stdout

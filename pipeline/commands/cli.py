@@ -433,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose work, interrupted, is taken up where it stopped by the same command.
+RESUMABLE = ("scan", "benchmark", "audit", "ingest", "train-memory", "train-detector")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -442,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, PermissionError) as err:
         print(f"mirror {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the user's, not a bug: no traceback
+        resumes = args.command in RESUMABLE
+        print(f"mirror {args.command}: interrupted" + ("; what was committed is kept: the same command resumes"
+                                                       if resumes else ""), file=sys.stderr)
+        return 130
 
 
 def entry(argv: list[str] | None = None) -> None:
