@@ -139,3 +139,24 @@ def test_a_folder_of_manifests_is_ingested_as_a_scan_reads_it_and_packed_shards_
     assert [r["bytes"] for r in rows] == list(images.values()) and rows[4]["caption"] == "c11"
     with pytest.raises(ValueError, match="holds parquet shards, images packed already: scan it as it is"):
         ingest(str(tmp_path / "shards"), str(tmp_path / "again"))
+
+
+def test_a_file_whose_name_is_not_utf8_is_kept_as_a_row_naming_it(tmp_path):
+    """As a scan does (`_record_error`): the plan knows the name cannot be a text column."""
+    from pipeline.commands.ingest import write_shard
+    from pipeline.scan.sources import SourceOptions, plan_source
+    from pipeline.scan.store import PlanRecordsWriter, ScanStore
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "ok.jpg").write_bytes(b"jpeg bytes")
+    with open(os.fsencode(str(tmp_path / "in")) + b"/caf\xe9.jpg", "wb") as f:  # a Latin-1 archive's name
+        f.write(b"more bytes")
+    work = ScanStore(str(tmp_path / "work"))
+    with PlanRecordsWriter(work) as sink:
+        unit = plan_source(str(tmp_path / "in"), SourceOptions(), sink=sink).units[0]
+    kinds = write_shard(work.uri_of(unit.file), unit.row_group, str(tmp_path / "out"), "shard-000000.parquet", 4, 2)
+    rows = pq.read_table(tmp_path / "out" / "shard-000000.parquet").to_pylist()
+    assert [r["uri"].rsplit("/", 1)[1] for r in rows] == ["caf\\xe9.jpg", "ok.jpg"]
+    assert rows[0]["bytes"] is None and rows[0]["read_error"].startswith("file name not UTF-8: the disk names this file")
+    assert rows[1]["bytes"] == b"jpeg bytes" and kinds == {"file name not UTF-8": 1}
+    assert "_record_error" not in rows[0]

@@ -32,7 +32,15 @@ from pipeline.progress import RowProgress, log, stall_reports, step
 from pipeline.scan.faults import FaultHooks
 from pipeline.scan.manifest import is_manifest_name
 from pipeline.scan.schema import PLAN_BOOKKEEPING
-from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, Unit, canonical_input, fetch_all, plan_source
+from pipeline.scan.sources import (
+    DEFAULT_EXTENSIONS,
+    SourceOptions,
+    Unit,
+    canonical_input,
+    fetch_planned,
+    plan_source,
+    planned_errors,
+)
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records
 from pipeline.scan.webdataset import has_braces
 from pipeline.storage import Location, read_ahead
@@ -119,7 +127,8 @@ def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, ro
     not the shard's (spooled to local disk, published whole at the end). Returns how many
     files were unreadable (kept as rows with read_error), by kind."""
     listing = read_unit_records(records_uri, row_group)
-    fetched = fetch_all(listing["uri"].to_pylist(), fetch_threads, honour_opt_out=honour_opt_out)
+    fetched = fetch_planned(listing["uri"].to_pylist(), planned_errors(listing), fetch_threads,
+                            honour_opt_out=honour_opt_out)
     errors: collections.Counter = collections.Counter()
     schema = shard_table(listing.slice(0, 0), {f.name: [] for f in SHARD_SCHEMA}).schema
     with Location(output_uri).parquet_writer(name, schema) as writer:

@@ -28,7 +28,6 @@ from pipeline.scan.schema import (
     IMAGE_FIELDS,
     INDEX,
     PIXELS,
-    RECORD_ERROR,
     REGION_DECODED,
     ROW_PREPROCESS,
     SHA256,
@@ -44,7 +43,8 @@ from pipeline.scan.sources import (
     ColumnMap,
     ShardChangedError,
     Unit,
-    fetch_all,
+    fetch_planned,
+    planned_errors,
     read_shard_unit,
     record_names,
 )
@@ -148,10 +148,7 @@ def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_
     `planned_errors`: a record the plan knows cannot be read is that error, not read."""
     if unit.kind == "inline":
         uris = records["uri"].to_pylist()
-        if not planned_errors or not any(planned_errors):
-            return records, uris, fetch_all(uris, fetch_threads, max_file_bytes)
-        fetched = fetch_all([None if e else u for u, e in zip(uris, planned_errors)], fetch_threads, max_file_bytes)
-        return records, uris, ((None, e) if e else payload for payload, e in zip(fetched, planned_errors))
+        return records, uris, fetch_planned(uris, planned_errors, fetch_threads, max_file_bytes)
     if unit.kind == "samples":  # tar samples: members by range reads, carried by extension
         members, names, payloads = webdataset.read_samples(records, fetch_threads, max_file_bytes, unit.version)
         records = records.drop_columns([webdataset.MEMBERS, webdataset.IMAGE_MEMBER, webdataset.PLAN_ERROR])
@@ -194,11 +191,9 @@ def decode_units(
         # row group below; their empty slot may reach a numpy batch as NaN)
         stored = read_unit_records(batch["records"][i], unit.row_group) if unit.kind in RECORD_KINDS else None
         records = without_bookkeeping(stored) if stored is not None else None
-        planned_errors = stored[RECORD_ERROR].to_pylist() if stored is not None and \
-            RECORD_ERROR in stored.column_names else None
+        known = planned_errors(stored) if stored is not None else None
         with attempt(attempts, key, decode_record, timeout_s) as decode:
-            records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes,
-                                                   planned_errors)
+            records, names, payloads = unit_inputs(unit, records, colmap, fetch_threads, max_file_bytes, known)
             perturbation = batch["perturbation"][i] or None
             for start in range(0, unit.rows, rows_per_batch):
                 chunk = [next(payloads) for _ in range(min(rows_per_batch, unit.rows - start))]

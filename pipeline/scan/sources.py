@@ -725,6 +725,22 @@ DEFAULT_MAX_FILE_BYTES = 256 * 2**20
 TRANSIENT_ERROR_PREFIXES = ("read failed:", "shard read failed:")
 
 
+def planned_errors(stored: pa.Table) -> list[str | None] | None:
+    """A unit's stored records' RECORD_ERROR: what the plan knows cannot be read (None: nothing)."""
+    return stored[RECORD_ERROR].to_pylist() if RECORD_ERROR in stored.column_names else None
+
+
+def fetch_planned(uris: list[str | None], errors: list[str | None] | None, threads: int,
+                  max_bytes: int = DEFAULT_MAX_FILE_BYTES, honour_opt_out: bool = False
+                  ) -> Iterator[tuple[bytes | None, str | None]]:
+    """`fetch_all`, but a record the plan knows cannot be read (`errors`, `planned_errors`)
+    is that error and is not read."""
+    if not errors or not any(errors):
+        return fetch_all(uris, threads, max_bytes, honour_opt_out)
+    fetched = fetch_all([None if e else u for u, e in zip(uris, errors)], threads, max_bytes, honour_opt_out)
+    return ((None, e) if e else payload for payload, e in zip(fetched, errors))
+
+
 def fetch_all(uris: list[str | None], threads: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
               honour_opt_out: bool = False) -> Iterator[tuple[bytes | None, str | None]]:
     """(bytes, None) or (None, error message) per URI, in order; I/O in a thread pool.
