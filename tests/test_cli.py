@@ -147,6 +147,7 @@ def test_demo_console_has_no_error_level_lines_and_one_row_per_image(tmp_path):
     # nor the noise of a first run: Ray's choice of authentication, a progress bar over one file
     assert "Token authentication" not in console and "Writing model shards" not in console
     assert "24/24 rows: 24 scored, 0 errors" in proc.stdout
+    assert f"next: `mirror score --model {tmp_path / 'demo'}/bundle IMAGE...`" in proc.stdout
     images = [p for p in (tmp_path / "demo" / "images").rglob("*") if p.is_file()]
     assert len(images) == 24
     assert "INFO mirror -- planning" in proc.stderr  # work outside Ray Data shows progress too

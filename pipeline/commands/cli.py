@@ -297,6 +297,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {subset:>10}: n={m['n']} Acc={m['Acc']:.3f} Bal_Acc={m['Bal_Acc']:.3f} AUC={m['AUC']:.3f}")
     print(summary_line(summary))
     print("(smoke-test weights: these numbers only show the pipeline works)")
+    bundle = f"{args.workdir}/bundle"
+    print(f"next: `mirror score --model {bundle} IMAGE...` scores images here; `mirror status --output "
+          f"{args.workdir}/scan` and `mirror export --scan {args.workdir}/scan --output DEST` read the scan; "
+          "real weights: `mirror import-official` (README, Real weights)")
     return 0
 
 
