@@ -80,6 +80,11 @@ def test_score_prints_the_official_scores_a_line_each_and_error_lines_for_what_c
         assert r["threshold"] == 0.999 and r["pred"] == int(r["prob_fake"] > 0.999)
     proc = run_mirror("score", "--model", parity_bundle, parity_dir / "data", check=False)
     assert proc.returncode == 2 and "is a folder: `mirror scan --input" in proc.stderr
+    # a reader that went away (`mirror score ... | head -1`): exit 141, no traceback
+    proc = subprocess.Popen([MIRROR, "score", "--model", str(parity_bundle), *images], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the first line: every write finds the pipe closed
+    assert proc.wait(timeout=300) == 141 and proc.stderr.read() == ""
     for flags, says in ((("--batch-size", "0"), "batch_size must be >= 1, got 0"),  # a scan's settings, checked alike
                         (("--device", "tpu"), "--device 'tpu': expected cpu, cuda or cuda:N")):
         proc = run_mirror("score", "--model", parity_bundle, *flags, images[0], check=False)

@@ -54,6 +54,11 @@ def test_an_export_holds_the_rows_asked_for_in_the_inputs_order_in_files_of_boun
     assert rows["uri"].to_pylist() == [str(tmp_path / "imgs" / n) for n in listed + [names[5]]]  # the input's order
     assert rows.to_pylist() == [{**{c: None for c in rows.column_names}, **by_uri[u]} for u in rows["uri"].to_pylist()]
     assert rows["caption"].to_pylist() == [None] * 7 + ["c7"]  # the update's column, null where its parts lack it
+    assert main(["status", "--output", str(tmp_path / "all")]) == 0  # what an export holds
+    model = rows["model_id"][0].as_py()
+    assert capsys.readouterr().out.splitlines() == [
+        f"{tmp_path / 'all'}: export of the scan {out} of {manifest} by model {model} (threshold 0.5)",
+        "  8 rows (all) of 5 parts in 4 files of at most 3 rows"]
 
     for only, keep in (("errors", lambda r: r["error"] is not None), ("flagged", lambda r: r["pred"] == 1),
                        ("scored", lambda r: r["error"] is None)):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mirror_core.config import ALIGNMENT_MODES
@@ -167,9 +168,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.commands.ingest import ingest_status, ingest_status_lines
+    from pipeline.scan.export import export_status, export_status_lines
     from pipeline.scan.status import output_status, status_lines
 
     status, lines = ingest_status(args.output, count=args.count), ingest_status_lines
+    if status is None:
+        status, lines = export_status(args.output), export_status_lines
     if status is None:
         status, lines = output_status(args.output, count=args.count), status_lines
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else "\n".join(lines(status)))
@@ -363,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="how far a scan's output (or an ingest's) has got: committed and left, errors "
                        "counted; no Ray, while it runs too")
     p.add_argument("--output", required=True, help="a scan's output directory or URI, an audit's or a benchmark "
-                   "run's (each scan it holds), or an ingest's")
+                   "run's (each scan it holds), an ingest's or an export's")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.add_argument("--count", action="store_true", help="also count the errors of parts committed since the last "
                    "summary (reads each of them once; writes nothing); of an ingest, the rows kept with a read_error")
@@ -464,7 +468,13 @@ def entry(argv: list[str] | None = None) -> None:
 
     filter_ray_false_alarm()
     log_to_console()
-    sys.exit(main(argv))
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`mirror score ... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would raise again
+        code = 141
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -187,3 +187,27 @@ def export_record(identity: dict[str, Any], result: ExportResult, rows_per_file:
                                     if k in identity},
             "only": result.only, "rows": result.rows, "parts": result.parts, "rows_per_file": rows_per_file,
             "files": result.files, "units_left": result.units_left}
+
+
+def export_status(output_uri: str) -> dict[str, Any] | None:
+    """What an export's output holds (its `_export.json`, and whether its files are all
+    there), or None when it holds no export."""
+    out = Location(output_uri)
+    record = out.read_json(EXPORT_FILE)
+    if record is None:
+        return None
+    present = set(out.names())
+    return {"output": out.uri, **record, "missing_files": [n for n in record["files"] if n not in present]}
+
+
+def export_status_lines(status: dict[str, Any]) -> list[str]:
+    lines = [f"{status['output']}: export of the scan {status['scan']} of {status.get('input')} by model "
+             f"{status.get('model_id')} (threshold {status.get('threshold')})",
+             f"  {status['rows']:,} rows ({status['only']}) of {status['parts']:,} parts in {len(status['files']):,} "
+             f"file{'s' * (len(status['files']) != 1)} of at most {status['rows_per_file']:,} rows"]
+    if status["units_left"]:
+        lines.append(f"  partial: {status['units_left']:,} units of the scan were not committed when it was made")
+    if status["missing_files"]:
+        lines.append(f"  {len(status['missing_files']):,} of its files are missing (first: "
+                     f"{status['missing_files'][0]}): run the export again")
+    return lines

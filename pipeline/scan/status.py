@@ -45,8 +45,8 @@ def output_status(output_uri: str, count: bool = False) -> dict[str, Any]:
         return scan_status(scans[0], count)
     if not scans:
         raise FileNotFoundError(f"{output_uri} holds no scan (no _scan.json, nor an audit's scan/ or a benchmark "
-                                "run's scans/) nor an ingest (_ingest.json): give the --output of a scan, an audit, "
-                                "a benchmark run or an ingest")
+                                "run's scans/) nor an ingest (_ingest.json) nor an export (_export.json): give the "
+                                "--output of a scan, an audit, a benchmark run, an ingest or an export")
     return {"output": Location(output_uri).uri, "scans": [scan_status(s, count) for s in scans]}
 
 
