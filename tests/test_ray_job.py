@@ -72,15 +72,7 @@ def test_ray_job_submit_scan_with_the_documented_runtime_env(ray_cluster, parity
            "--runtime-env", "configs/runtime_env.yaml", "--",
            "python", "jobs/scan.py", "--model", str(parity_bundle), "--input", str(parity_dir / "data"),
            "--output", str(out), "--unit-size", "16", "--actors", "2"]
-    deadline = time.time() + 90
-    # The head answers before its job agent is up, and its dashboard has refused a
-    # connection once on a loaded CI machine after answering: retry only those answers.
-    retry = ("No available agent to submit job", "Failed to connect to Ray at address")
-    while True:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-        if not any(answer in proc.stderr for answer in retry) or time.time() > deadline:
-            break
-        time.sleep(2)
+    proc = submit(cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "48/48 rows: 48 scored, 0 errors" in proc.stdout
     assert "succeeded" in proc.stdout
@@ -92,3 +84,20 @@ def test_ray_job_submit_scan_with_the_documented_runtime_env(ray_cluster, parity
     # built on the node by the runtime env's pip install (the checkout's .so is not uploaded)
     built = list(temp_dir.glob("session_*/runtime_resources/pip/*/virtualenv/lib/python*/site-packages/mirror_core/_readout*"))
     assert built, "the runtime env did not build the extension on the node"
+    # the export as a job too, after the scan (the runtime env is built already)
+    export = submit(cmd[: cmd.index("jobs/scan.py")] + ["jobs/export.py", "--scan", str(out), "--output",
+                                                       str(tmp_path / "export"), "--only", "scored"], env)
+    assert export.returncode == 0 and f"exported 48 rows (scored) of 3 parts of {out} into 1 file" in export.stdout
+
+
+def submit(cmd: list, env: dict) -> subprocess.CompletedProcess:
+    """`ray job submit`, again while the head is not ready: it answers before its job agent
+    is up, and its dashboard has refused a connection once on a loaded CI machine after
+    answering (only those answers are retried)."""
+    deadline = time.time() + 90
+    retry = ("No available agent to submit job", "Failed to connect to Ray at address")
+    while True:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        if not any(answer in proc.stderr for answer in retry) or time.time() > deadline:
+            return proc
+        time.sleep(2)
