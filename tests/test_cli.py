@@ -1,6 +1,7 @@
 """The `mirror` command as a user meets it: version, inspect, help, flags, errors, console."""
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -312,3 +313,43 @@ def test_an_output_claimed_by_a_mistyped_input_takes_the_right_one_and_a_planned
     write_image(tmp_path / "other" / "b.png")
     assert cli.main(scan + [str(tmp_path / "other")]) == 2  # planned: it holds a scan of corpus/ now
     assert f"holds another scan (input: '{tmp_path}/corpus' there, '{tmp_path}/other' now)" in capsys.readouterr().err
+
+
+def test_an_output_being_written_by_another_run_is_refused_and_a_dead_runs_hold_is_not(parity_bundle, tmp_path,
+                                                                                        capsys):
+    """A nightly scan still going when the next one starts: the second is told, instead of
+    both writing one plan and summary."""
+    import socket
+    import time
+
+    from conftest import write_image
+
+    from pipeline.scan.export import export_scores
+    from pipeline.scan.store import RUNNING_FILE, OutputBusyError, ScanStore
+
+    write_image(tmp_path / "corpus" / "a.png")
+    out = ScanStore(str(tmp_path / "scan"))
+    scan = ["scan", "--model", str(parity_bundle), "--input", str(tmp_path / "corpus"), "--output", out.uri,
+            "--plan-only"]
+    assert cli.main(scan) == 0 and not (tmp_path / "scan" / RUNNING_FILE).exists()  # let go when it ended
+    capsys.readouterr()
+    with out.running():  # another run, going on
+        assert cli.main(scan) == 2
+        err = capsys.readouterr().err
+        assert f"{out.uri} is being written by another run (host {socket.gethostname()}, pid " in err
+        assert f"wait for it to end; if that run is gone, remove {out.uri}/{RUNNING_FILE}" in err
+        with pytest.raises(OutputBusyError, match="export it once that run has ended"):
+            export_scores(out.uri, str(tmp_path / "export"))
+        assert cli.main(["status", "--output", out.uri]) == 0
+        assert f"  being written now by host {socket.gethostname()}, pid {os.getpid()} (since " in \
+            capsys.readouterr().out
+    assert not (tmp_path / "scan" / RUNNING_FILE).exists()
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a run killed on this host: its process is gone
+    stale = {"host": socket.gethostname(), "pid": gone.pid, "run": "x", "since": 0, "beat": time.time()}
+    for holder, refused in ((stale, False), ({**stale, "host": "elsewhere", "beat": time.time()}, True),
+                            ({**stale, "host": "elsewhere", "beat": time.time() - 3600}, False)):
+        out.write_json(RUNNING_FILE, holder)  # on another host: alive while it says so
+        assert cli.main(scan) == (2 if refused else 0), holder
+        capsys.readouterr()

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from pipeline.progress import progress
 from pipeline.scan.schema import PRED, conform
 from pipeline.scan.status import scans_below
-from pipeline.scan.store import ScanStore
+from pipeline.scan.store import RUNNING_FILE, OutputBusyError, ScanStore, run_alive
 from pipeline.storage import Location
 
 ROW_GROUP_ROWS = 65_536
@@ -153,6 +153,10 @@ def export_scores(scan_uri: str, output_uri: str, only: str = "all", rows_per_fi
             f"{', ...' if len(below) > 3 else ''})" if below else ": give a scan's --output"))
     if plan is None:
         raise FileNotFoundError(f"{scan.uri} holds a scan that was never planned: nothing to export")
+    holder = scan.read_json(RUNNING_FILE)
+    if holder is not None and run_alive(holder):  # an --update replacing parts as they are read
+        raise OutputBusyError(f"{scan.uri} is being written by a run now (host {holder.get('host')}, pid "
+                              f"{holder.get('pid')}): export it once that run has ended")
     out = Location(output_uri)
     if (out.uri.rstrip("/") + "/").startswith(scan.uri.rstrip("/") + "/"):
         raise ValueError(f"--output {output_uri} lies inside the scan's output {scan.uri}: choose another folder")

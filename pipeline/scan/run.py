@@ -4,6 +4,7 @@ scan, benchmark and audit all call `run_scan`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -300,17 +301,28 @@ def plan_scan(model: str | Bundle, input_uri: str, output_uri: str, cfg: ScanCon
 def run_scans(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
               check_plan: Callable[[ScanStore, Plan], None] | None = None) -> list[dict[str, Any]]:
     """Several scans through one pipeline: one pool of replicas (built, and compiled, once)
-    scores every job's units; each job gets its own output and summary, as `run_scan` does."""
+    scores every job's units; each job gets its own output and summary, as `run_scan` does.
+    Each output is held by this run while it lasts (`ScanStore.running`): a second run
+    into it is refused."""
+    jobs = [dataclasses.replace(job, input_uri=canonical_input(job.input_uri)) for job in jobs]
+    for job in jobs:
+        refuse_output_in_input(job.input_uri, ScanStore(job.output_uri).uri)
+    with contextlib.ExitStack() as held:
+        for job in jobs:
+            held.enter_context(ScanStore(job.output_uri).running())
+        return _scan_jobs(model, jobs, cfg, check_plan)
+
+
+def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
+               check_plan: Callable[[ScanStore, Plan], None] | None) -> list[dict[str, Any]]:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     model_cfg = effective_config(bundle, cfg)
     prepared, items = [], []
     for j, job in enumerate(jobs):
-        job = dataclasses.replace(job, input_uri=canonical_input(job.input_uri))
         out = ScanStore(job.output_uri)
         policy = model_cfg.preprocess.name + (f"+{job.perturbation}" if job.perturbation else "")
         run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
-        refuse_output_in_input(job.input_uri, out.uri)
         out.claim({**run, "input": job.input_uri})
         plan, added, versions, found = out.load_plan(), [], None, FileChanges()
         if plan is None:

@@ -13,6 +13,7 @@ reads one, and nothing written.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 
 from mirror_core.errors import most_frequent_kinds
 from pipeline.scan.schema import error_kind_counts
-from pipeline.scan.store import PART_FIELDS, ScanStore
+from pipeline.scan.store import PART_FIELDS, RUNNING_FILE, ScanStore, run_alive
 from pipeline.scan.summary import errors_by_kind, kept_tallies
 from pipeline.storage import Location
 
@@ -58,7 +59,9 @@ def scan_status(output_uri: str, count: bool = False) -> dict[str, Any]:
     identity = out.read_json("_scan.json")
     if identity is None:
         raise FileNotFoundError(f"{out.uri} holds no scan (no _scan.json): give the --output of a scan")
-    status: dict[str, Any] = {"output": out.uri, **identity}
+    holder = out.read_json(RUNNING_FILE)
+    status: dict[str, Any] = {"output": out.uri, **identity,
+                              "running": holder if holder is not None and run_alive(holder) else None}
     plan = out.read_plan()  # read only: status never moves or checks a plan
     if plan is None:  # claimed, planning not finished (or interrupted)
         return {**status, "planned": False, "complete": False}
@@ -91,6 +94,10 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         return [line for scan in status["scans"] for line in status_lines(scan)]
     lines = [f"{status['output']}: scan of {status['input']} by model {status['model_id']} ({status['preprocess']}, "
              f"threshold {status['threshold']:.6g})"]
+    if status.get("running"):
+        run = status["running"]
+        lines.append(f"  being written now by host {run['host']}, pid {run['pid']} (since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(run['since'])))})")
     if not status["planned"]:
         return lines + ["  not planned yet (planning has not finished): nothing committed"]
     records, units = status["records"], status["units"]

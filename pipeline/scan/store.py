@@ -19,8 +19,11 @@ replaces its part the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import socket
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -204,6 +207,29 @@ class OutputMismatchError(ValueError):
     pass
 
 
+class OutputBusyError(ValueError):
+    """Another run is writing this output now."""
+
+
+RUNNING_FILE = "_running.json"  # the run writing an output now: host, pid, start, last sign of life
+RUNNING_BEAT_S = 60.0  # how often a run says it is alive
+RUNNING_STALE_S = 300.0  # a run on another host silent this long is gone (a lost driver)
+
+
+def run_alive(holder: dict) -> bool:
+    """Whether the run named in an output's RUNNING_FILE is still going: on this host, its
+    process; on another, a sign of life within RUNNING_STALE_S."""
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: alive
+            return True
+        return True
+    return time.time() - float(holder.get("beat", 0)) < RUNNING_STALE_S
+
+
 class ScanStore(Location):
     """A scan's output: its identity, its plan, and one committed part per finished unit."""
 
@@ -262,6 +288,36 @@ class ScanStore(Location):
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
     # --- scan identity and plan --------------------------------------------
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """This output held by this run while the block lasts: a second run into it (a
+        nightly job still going when the next starts) is refused instead of writing the
+        same plan and summary at once. A run that died holds nothing: killed, its process
+        is gone; on another host, it stops saying it is alive (RUNNING_STALE_S)."""
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex, "since": time.time()}
+        holder = self.read_json(RUNNING_FILE)
+        if holder is not None and run_alive(holder):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("since", 0))))
+            raise OutputBusyError(f"{self.uri} is being written by another run (host {holder.get('host')}, pid "
+                                  f"{holder.get('pid')}, since {since}): wait for it to end; if that run is gone, "
+                                  f"remove {self.uri_of(RUNNING_FILE)}")
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(RUNNING_BEAT_S):
+                self.write_json(RUNNING_FILE, {**me, "beat": time.time()})
+
+        self.write_json(RUNNING_FILE, {**me, "beat": time.time()})
+        beater = threading.Thread(target=beat, name="output-held", daemon=True)
+        beater.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beater.join()
+            if (self.read_json(RUNNING_FILE) or {}).get("run") == me["run"]:
+                self.remove_files([RUNNING_FILE])
+
     def claim(self, identity: dict) -> None:
         """Tie this output to one model/input/policy; a different scan is refused, unless the
         claim's planning never ended (nothing stored: its input mistyped, say)."""
