@@ -348,8 +348,10 @@ def test_an_output_being_written_by_another_run_is_refused_and_a_dead_runs_hold_
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a run killed on this host: its process is gone
     stale = {"host": socket.gethostname(), "pid": gone.pid, "run": "x", "since": 0, "beat": time.time()}
-    for holder, refused in ((stale, False), ({**stale, "host": "elsewhere", "beat": time.time()}, True),
-                            ({**stale, "host": "elsewhere", "beat": time.time() - 3600}, False)):
+    restarted = {**stale, "pid": os.getpid(), "process": "another-boot:0"}  # a container's driver, pid 1 again
+    elsewhere = {**stale, "host": "elsewhere"}
+    for holder, refused in ((stale, False), (restarted, False), ({**elsewhere, "beat": time.time()}, True),
+                            ({**elsewhere, "beat": time.time() - 3600}, False)):
         out.write_json(RUNNING_FILE, holder)  # on another host: alive while it says so
         assert cli.main(scan) == (2 if refused else 0), holder
         capsys.readouterr()

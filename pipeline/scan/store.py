@@ -216,10 +216,27 @@ RUNNING_BEAT_S = 60.0  # how often a run says it is alive
 RUNNING_STALE_S = 300.0  # a run on another host silent this long is gone (a lost driver)
 
 
+def process_identity(pid: int) -> str | None:
+    """A process told apart from a later one given the same pid (a container's driver
+    restarted in place is pid 1 again): the boot and the process's start time, from
+    /proc (None where there is none)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]  # field 22, after the command's name
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{started}"
+
+
 def run_alive(holder: dict) -> bool:
     """Whether the run named in an output's RUNNING_FILE is still going: on this host, its
-    process; on another, a sign of life within RUNNING_STALE_S."""
+    process (the same one, not a later one given its pid); on another, a sign of life
+    within RUNNING_STALE_S."""
     if holder.get("host") == socket.gethostname():
+        if holder.get("process") and process_identity(int(holder["pid"])) != holder["process"]:
+            return False
         try:
             os.kill(int(holder["pid"]), 0)
         except ProcessLookupError:
@@ -294,7 +311,8 @@ class ScanStore(Location):
         nightly job still going when the next starts) is refused instead of writing the
         same plan and summary at once. A run that died holds nothing: killed, its process
         is gone; on another host, it stops saying it is alive (RUNNING_STALE_S)."""
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex, "since": time.time()}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "process": process_identity(os.getpid()),
+              "run": uuid.uuid4().hex, "since": time.time()}
         holder = self.read_json(RUNNING_FILE)
         if holder is not None and run_alive(holder):
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("since", 0))))
