@@ -110,6 +110,25 @@ class RowProgress:
 
 
 @contextlib.contextmanager
+def every(period_s: float, call: Callable[[], None], name: str) -> Iterator[None]:
+    """`call()` every `period_s` seconds, in a thread of its own, while inside (a watch, a
+    heartbeat); the thread has ended when the block has."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(period_s):
+            call()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
 def stall_reports(meter: RowProgress, after_s: float, explain: Callable[[], str]) -> Iterator[None]:
     """While inside, a warning each `after_s` seconds in which no rows reach `meter` (0:
     none), with `explain()` (what the cluster has free, say): a pipeline waiting for
@@ -117,25 +136,19 @@ def stall_reports(meter: RowProgress, after_s: float, explain: Callable[[], str]
     if not after_s:
         yield
         return
-    stop = threading.Event()
+    warned = meter.last_rows_at
 
     def watch() -> None:
-        warned = meter.last_rows_at
-        while not stop.wait(after_s / 4):
-            now = meter.clock()
-            if now - meter.last_rows_at >= after_s and now - warned >= after_s:
-                warned = now
-                try:
-                    why = explain()
-                except Exception as err:  # a report must never end the run
-                    why = f"no picture of the cluster ({error_text(err)})"
-                log.warning("no rows done for %s (%s of %s so far): %s", duration(now - meter.last_rows_at),
-                            f"{meter.done:,}", f"{meter.total:,}", why)
+        nonlocal warned
+        now = meter.clock()
+        if now - meter.last_rows_at >= after_s and now - warned >= after_s:
+            warned = now
+            try:
+                why = explain()
+            except Exception as err:  # a report must never end the run
+                why = f"no picture of the cluster ({error_text(err)})"
+            log.warning("no rows done for %s (%s of %s so far): %s", duration(now - meter.last_rows_at),
+                        f"{meter.done:,}", f"{meter.total:,}", why)
 
-    watcher = threading.Thread(target=watch, name="stall-reports", daemon=True)
-    watcher.start()
-    try:
+    with every(after_s / 4, watch, "stall-reports"):
         yield
-    finally:
-        stop.set()
-        watcher.join()

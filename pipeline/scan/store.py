@@ -23,7 +23,6 @@ import contextlib
 import io
 import os
 import socket
-import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.progress import every
 from pipeline.scan.changes import FileChanges, KnownFiles, VersionsWriter, recorded_versions, removed_files
 from pipeline.scan.schema import PLAN_BOOKKEEPING, UNIT, VERSION
 from pipeline.scan.sources import RECORD_KINDS, Plan, SourceOptions, Unit, canonical_input, update_plan
@@ -319,20 +319,14 @@ class ScanStore(Location):
             raise OutputBusyError(f"{self.uri} is being written by another run (host {holder.get('host')}, pid "
                                   f"{holder.get('pid')}, since {since}): wait for it to end; if that run is gone, "
                                   f"remove {self.uri_of(RUNNING_FILE)}")
-        stop = threading.Event()
-
         def beat() -> None:
-            while not stop.wait(RUNNING_BEAT_S):
-                self.write_json(RUNNING_FILE, {**me, "beat": time.time()})
+            self.write_json(RUNNING_FILE, {**me, "beat": time.time()})
 
-        self.write_json(RUNNING_FILE, {**me, "beat": time.time()})
-        beater = threading.Thread(target=beat, name="output-held", daemon=True)
-        beater.start()
+        beat()
         try:
-            yield
+            with every(RUNNING_BEAT_S, beat, "output-held"):
+                yield
         finally:
-            stop.set()
-            beater.join()
             if (self.read_json(RUNNING_FILE) or {}).get("run") == me["run"]:
                 self.remove_files([RUNNING_FILE])
 
