@@ -115,6 +115,14 @@ def read_ahead(read: Callable[[T], R], items: Iterable[T], threads: int, ahead: 
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def local_spool(path: str) -> str:
+    """Where a local file is written before it is renamed into place: beside it, hidden
+    (a leading '.'), so that a process killed mid-write leaves nothing a reader of the
+    folder takes for data (Arrow's and DuckDB's dataset readers skip hidden files)."""
+    folder, _, name = path.rpartition("/")
+    return f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
+
+
 class Location:
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
@@ -178,7 +186,7 @@ class Location:
         path = self.path(rel)
         if self.local:  # atomic on POSIX: readers never see half a file
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            tmp = local_spool(path)
             with self.fs.open(tmp, "wb") as f:
                 f.write(data)
             self.fs.mv(tmp, path)
@@ -225,7 +233,7 @@ class Location:
         path = self.path(rel)
         if self.local:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        spool = f"{path}.tmp-{uuid.uuid4().hex}" if self.local else tempfile.mkstemp(suffix=".parquet")[1]
+        spool = local_spool(path) if self.local else tempfile.mkstemp(suffix=".parquet")[1]
         try:
             with pq.ParquetWriter(spool, schema) as writer:
                 yield writer

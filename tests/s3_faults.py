@@ -51,7 +51,8 @@ class FaultProxy:
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":  # as S3: a HEAD answer has no body (one would be read as the next answer)
+                    self.wfile.write(body)
 
             def _forward(self):
                 with proxy._lock:
