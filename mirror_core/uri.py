@@ -13,6 +13,11 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
 
+def is_within(uri: str, folder: str) -> bool:
+    """Whether `uri` is `folder` or lies below it ('s3://b/x/y' in 's3://b/x', not in 's3://b/x-y')."""
+    return (uri.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+
+
 def is_web_url(uri: str) -> bool:
     return uri[:8].lower().startswith(WEB_SCHEMES)
 

@@ -44,7 +44,7 @@ def score_images(model: str, images: list[str], cfg: ScanConfig = ScanConfig(),
     from pipeline.scan.decode import decode_rows, numpy_batch
     from pipeline.scan.run import effective_config
     from pipeline.scan.scorer import Scorer
-    from pipeline.scan.sources import fetch_all, is_utf8
+    from pipeline.scan.sources import fetch_all, name_as_text
 
     refuse_folders(images)
     device = score_device(device)
@@ -58,8 +58,7 @@ def score_images(model: str, images: list[str], cfg: ScanConfig = ScanConfig(),
     for start in range(0, len(images), cfg.batch_size):
         chunk = images[start : start + cfg.batch_size]
         decoded = decode_rows("score", start, chunk, [next(payloads) for _ in chunk], config.preprocess)
-        shown = [u if is_utf8(u) else os.fsencode(u).decode("utf-8", "backslashreplace") for u in chunk]
-        yield from assemble_rows(pa.table({"uri": shown}), scorer(numpy_batch(decoded)), run).to_pylist()
+        yield from assemble_rows(pa.table({"uri": [name_as_text(u) for u in chunk]}), scorer(numpy_batch(decoded)), run).to_pylist()
 
 
 def score_line(row: dict[str, Any], as_json: bool = False) -> str:

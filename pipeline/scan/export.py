@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mirror_core.uri import is_within
 from pipeline.progress import progress
 from pipeline.scan.schema import PRED, conform
 from pipeline.scan.status import scans_below
@@ -158,7 +159,7 @@ def export_scores(scan_uri: str, output_uri: str, only: str = "all", rows_per_fi
         raise OutputBusyError(f"{scan.uri} is being written by a run now (host {holder.get('host')}, pid "
                               f"{holder.get('pid')}): export it once that run has ended")
     out = Location(output_uri)
-    if (out.uri.rstrip("/") + "/").startswith(scan.uri.rstrip("/") + "/"):
+    if is_within(out.uri, scan.uri):
         raise ValueError(f"--output {output_uri} lies inside the scan's output {scan.uri}: choose another folder")
     done = scan.done_units()
     order = [u.unit_id for u in plan.units if u.unit_id in done]

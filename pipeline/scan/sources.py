@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
-from mirror_core.uri import image_name, is_web_url
+from mirror_core.uri import image_name, is_web_url, is_within
 from pipeline.scan import web, webdataset
 from pipeline.scan.changes import FileChanges, KnownFiles, shard_changes
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
@@ -144,8 +144,7 @@ def refuse_output_in_input(input_uri: str, output_uri: str) -> None:
         return
     fs, base = fsspec.core.url_to_fs(input_uri)
     out_fs, out_base = fsspec.core.url_to_fs(output_uri)
-    inside = (full_uri(out_fs, out_base).rstrip("/") + "/").startswith(full_uri(fs, base).rstrip("/") + "/")
-    if inside and fs.isdir(base):
+    if is_within(full_uri(out_fs, out_base), full_uri(fs, base)) and fs.isdir(base):
         raise ValueError(f"--output {output_uri} lies inside the input folder {input_uri}: the input's listing "
                          "would take the output's own files for input; choose an --output outside it")
 
@@ -201,7 +200,7 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
                 notes["label_like"] = like
         uri, error = full_uri(fs, path), None
         if not uri.isascii() and not is_utf8(uri):  # a disk's name in another encoding (Latin-1 archives)
-            uri = os.fsencode(uri).decode("utf-8", "backslashreplace")
+            uri = name_as_text(uri)
             error = (f"file name not UTF-8: the disk names this file {os.fsencode(path)!r}, which no text column "
                      "holds: rename it (e.g. convmv -f latin1 -t utf8) to score it")
         rows["uri"].append(uri)
@@ -215,6 +214,11 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
         if any(v is not None for v in rows[column]):
             table = table.append_column(column, pa.array(rows[column], pa.string()))
     return table
+
+
+def name_as_text(name: str) -> str:
+    """A name from the disk as text a column can hold: bytes that are not UTF-8 escaped ('caf\\xe9.png')."""
+    return name if is_utf8(name) else os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def is_utf8(name: str) -> bool:
