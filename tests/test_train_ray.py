@@ -55,11 +55,22 @@ def test_phase2_on_a_planted_trace_gives_a_bundle_that_scans(ray_local, tmp_path
     # split hashes the path below the input), so its skip is counted in every epoch
     broken = next(name for name in (f"1_fake/broken_{i}.png" for i in range(100)) if not is_held_out([name], 0.25)[0])
     (tmp_path / "train" / broken).write_bytes(b"")
+    # a name that is not UTF-8 (an old archive's) is skipped as a scan reports it, never read;
+    # its uri is the name's bytes escaped, and that name puts it in the held-out split
+    escaped = next(f"0_real/caf\\xe9_{i}.png" for i in range(100) if is_held_out([f"0_real/caf\\xe9_{i}.png"], 0.25)[0])
+    latin1 = escaped.encode().decode("unicode_escape").encode("latin-1")
+    smooth_image(np.random.default_rng(5), False).save(os.fsencode(tmp_path / "train") + b"/" + latin1, "PNG")
     assert main(detector_args(tmp_path / "base", tmp_path / "train", tmp_path / "out", tmp_path / "store", epochs=8)) == 0
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
     assert card["final"]["val_bal_acc"] >= 0.9 and len(card["history"]) == 8
-    assert card["recipe"]["phase"] == 2 and card["train_images"] + card["val_images"] == 81
-    assert all(h["skipped_images"] == 1 for h in card["history"])
+    assert card["recipe"]["phase"] == 2 and card["train_images"] + card["val_images"] == 82
+    assert all(h["skipped_images"] == 1 and h["val_skipped_images"] == 1 for h in card["history"])
+    # the model card names what it skipped, and why, as a scan's error rows would
+    train_skips, val_skips = card["skipped_images"]["train"], card["skipped_images"]["val"]
+    assert [s["uri"] for s in train_skips["named"]] == [str(tmp_path / "train" / broken)]
+    assert train_skips["named"][0]["reason"].startswith("decode failed: ")
+    assert val_skips["by_kind"] == {"file name not UTF-8": 1}
+    assert val_skips["named"][0]["uri"] == str(tmp_path / "train" / escaped)
     # decoding and augmentation ran in Ray Data tasks, never in the training worker
     assert all(h["prepared_in_training_worker"] == 0 for h in card["history"])
     labeled_folder(tmp_path / "heldout", 32, seed=7)  # images never seen in training
@@ -203,11 +214,18 @@ def test_two_workers_data_parallel_with_ema(ray_local, tmp_path):
     cfg, weights = tiny(seed=4)
     save_bundle(str(tmp_path / "base"), cfg, weights)
     labeled_folder(tmp_path / "train", 48, seed=5)
+    broken = [name for name in (f"1_fake/broken_{i}.png" for i in range(40)) if not is_held_out([name], 0.25)[0]][:6]
+    for name in broken:
+        (tmp_path / "train" / name).write_bytes(b"not an image")
     assert main([*detector_args(tmp_path / "base", tmp_path / "train", tmp_path / "out", tmp_path / "store",
                                 epochs=2), "--workers", "2", "--ema", "0.9"]) == 0
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
     assert card["recipe"]["num_workers"] == 2 and card["recipe"]["ema_decay"] == 0.9
     assert card["final"]["val_n"] == card["val_images"]  # the whole held-out set, no row dropped
+    # each worker reads its own part of the training split: the skips are every worker's
+    assert [h["skipped_images"] for h in card["history"]] == [6, 6]
+    assert sorted(s["uri"] for s in card["skipped_images"]["train"]["named"]) == sorted(
+        str(tmp_path / "train" / name) for name in broken)
 
 
 @pytest.mark.parametrize("phase", [1, 2])

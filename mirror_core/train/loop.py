@@ -75,7 +75,9 @@ class PhaseTrainer:
             return phase1_loss(self.model, images, self.ortho_weight, bank=self.trained_module)
         return phase2_loss(self.trained_module, images, labels, self.label_smoothing)
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+    def step(self, images: torch.Tensor, labels: torch.Tensor | None = None, weight: float = 1.0) -> dict[str, float]:
+        """One micro-step; `weight` scales its loss (0: a step that only keeps data-parallel
+        workers in step, its gradients zero)."""
         self.model.train()
         self.model.backbone.eval()  # frozen backbone: no dropout / drop-path noise
         device = images.device.type
@@ -85,7 +87,7 @@ class PhaseTrainer:
         with (contextlib.nullcontext() if stepping or no_sync is None else no_sync()):
             with torch.autocast(device, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and device == "cuda"):
                 out = self.loss(images, labels)
-            (out["loss"] / self.optim_cfg.grad_accum).backward()
+            (out["loss"] * weight / self.optim_cfg.grad_accum).backward()
         self.micro += 1
         if stepping:
             self.optimizer.step()

@@ -33,6 +33,7 @@ from pipeline.scan.sources import (
     Unit,
     input_root,
     plan_source,
+    planned_errors,
     read_shard_unit,
 )
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records, stored_records
@@ -133,22 +134,26 @@ def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_ur
 def split_rows(batch: pa.Table, *, phase: int, val_fraction: float, held_out: bool, root: str,
                label: str = "label") -> Iterator[pa.Table]:
     """Ray map_batches function over unit descriptors: each unit's records of one split, with
-    their image bytes (uri, label, bytes; bytes null where a record cannot be read, so the
-    preparation counts it as skipped). Only the split's records are read."""
+    their image bytes (uri, label, bytes, error; bytes null and error set where a record
+    cannot be read, so the preparation skips it and says why). Only the split's records are
+    read, and a record the plan knows cannot be read (`planned_errors`) is not."""
     columns = ColumnMap(label=label)
     for unit_json, records_uri in zip(batch["unit"].to_pylist(), batch["records"].to_pylist()):
         unit = Unit(**json.loads(unit_json))
         if unit.kind in RECORD_KINDS:  # select first: the other split's images are never read
-            records = without_bookkeeping(read_unit_records(records_uri, unit.row_group))
-            records = records.filter(pa.array(in_split(records, phase, val_fraction, held_out, root)))
-            records, _, payloads = unit_inputs(unit, records, columns, FETCH_THREADS)  # reads what is given
-            data = [d for d, _ in payloads]
+            stored = read_unit_records(records_uri, unit.row_group)
+            stored = stored.filter(pa.array(in_split(stored, phase, val_fraction, held_out, root)))
+            records, _, payloads = unit_inputs(unit, without_bookkeeping(stored), columns, FETCH_THREADS,
+                                               planned_errors=planned_errors(stored))  # reads what is given
+            payloads = list(payloads)
         else:  # a Parquet row group holds its bytes: read whole, then selected
             records, _, payloads = unit_inputs(unit, None, columns, FETCH_THREADS)
             keep = in_split(records, phase, val_fraction, held_out, root)
-            data = [d for (d, _), k in zip(payloads, keep) if k]
+            payloads = [p for p, k in zip(payloads, keep) if k]
             records = records.filter(pa.array(keep))
-        yield pa.table({"uri": records["uri"], "label": labels_of(records), "bytes": pa.array(data, pa.binary())})
+        yield pa.table({"uri": records["uri"], "label": labels_of(records),
+                        "bytes": pa.array([d for d, _ in payloads], pa.binary()),
+                        "error": pa.array([e for _, e in payloads], pa.string())})
 
 
 def training_datasets(data: TrainingData, seed: int = 0, clock=None, attempts=None):

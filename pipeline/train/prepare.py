@@ -10,8 +10,9 @@ epochs (while every worker waits at the epoch's checkpoint report).
 Images decode as at evaluation (truncated files as far as they go, at most
 `PreprocessConfig.max_pixels`), and each view decodes a JPEG only where it reads
 (`ImageRegions`). A record that cannot be read or decoded becomes a row with `ok` false (a
-zero crop), so the worker counts it as skipped: training never dies on one bad file, nor
-loops on one that crashes its decoder (`pipeline.scan.isolation`).
+zero crop) and its `skip_reason` (a scan's error-row text), so the worker counts it as
+skipped and the model card names it: training never dies on one bad file, nor loops on one
+that crashes its decoder (`pipeline.scan.isolation`).
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.scan import faults
+from pipeline.scan.decode import decode_error
 from pipeline.scan.isolation import attempt
 
 CROPS = "crops"  # uint8 [224, 224, 3] per row
 OK = "ok"  # False: unreadable or undecodable (skipped, counted)
+SKIP_REASON = "skip_reason"  # why a row is not ok, as a scan's error row says it (null when ok)
 PREPARED_BY = "prepared_by_pid"  # the process that decoded the row (never a training worker)
 
 
@@ -70,26 +73,29 @@ def prepared_crop(data: bytes, uri: str, label: int | None, phase: int, seed: in
 
 def prepare_batch(batch: pa.Table, *, phase: int, seed: int, clock=None, evaluation: bool = False,
                   attempts=None) -> pa.Table:
-    """Ray map_batches function (pyarrow): uri, label, bytes -> uri, label, crops, ok, prepared_by_pid.
+    """Ray map_batches function (pyarrow): uri, label, bytes[, error] -> uri, label, crops, ok,
+    skip_reason, prepared_by_pid. `error`: why a record's bytes could not be read.
     `attempts` (a DecodeAttempts actor): a batch whose earlier attempt died is prepared one
     record per child process, so that a file crashing its decoder is skipped, not retried forever."""
     import ray
 
     epoch = ray.get(clock.get.remote()) if clock is not None and not evaluation else 0
     uris, labels, datas = (batch[c].to_pylist() for c in ("uri", "label", "bytes"))
+    read_errors = batch["error"].to_pylist() if "error" in batch.column_names else [None] * len(uris)
     key = f"{'val' if evaluation else 'train'}/{epoch}/{uris[0]}/{len(uris)}" if uris else None
     crops = np.zeros((len(uris), 224, 224, 3), np.uint8)
-    ok = np.zeros(len(uris), bool)
+    reasons: list[str | None] = [None] * len(uris)
     with attempt(attempts, key, prepared_crop) as prepare:
         for i, (uri, label, data) in enumerate(zip(uris, labels, datas)):
-            if data is None:  # unreadable: skipped and counted by the worker
+            if data is None:  # unreadable: skipped, counted and named by the worker
+                reasons[i] = read_errors[i] or "read failed: no bytes"
                 continue
             try:
                 crops[i] = prepare(data, uri, label, phase, seed, epoch, evaluation)
-                ok[i] = True
-            except Exception:  # undecodable (or, isolated, crashing its decoder): skipped and counted
-                pass
+            except Exception as err:  # undecodable (or, isolated, crashing its decoder)
+                reasons[i] = decode_error(err)
     from ray.data.extensions import ArrowTensorArray
 
     return pa.table({"uri": batch["uri"], "label": batch["label"], CROPS: ArrowTensorArray.from_numpy(crops),
-                     OK: pa.array(ok), PREPARED_BY: pa.array(np.full(len(uris), os.getpid(), np.int64))})
+                     OK: pa.array([r is None for r in reasons]), SKIP_REASON: pa.array(reasons, pa.string()),
+                     PREPARED_BY: pa.array(np.full(len(uris), os.getpid(), np.int64))})

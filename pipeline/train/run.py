@@ -14,6 +14,7 @@ arrive in a fixed order, and every epoch seeds its own generators). The result i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import numpy as np
 
 from mirror_core.bundle import Bundle, load_bundle, save_bundle
 from mirror_core.config import MemoryConfig, MirrorConfig
+from mirror_core.errors import by_frequency, error_kind, most_frequent_kinds
 from mirror_core.train.loop import trained_weights
 from mirror_core.uri import join_uri
 from mirror_core.weights import MirrorWeights
@@ -34,7 +36,7 @@ from pipeline.scan import faults
 from pipeline.scan.isolation import decode_attempts
 from pipeline.storage import Location
 from pipeline.train.data import TrainingData, plan_training_data, training_datasets
-from pipeline.train.prepare import CROPS, OK, PREPARED_BY, epoch_clock
+from pipeline.train.prepare import CROPS, OK, PREPARED_BY, SKIP_REASON, epoch_clock
 
 
 @dataclass
@@ -78,11 +80,56 @@ def base_model(base: str, memory: MemoryConfig | None = None) -> Bundle:
     return Bundle(cfg, weights, "untrained")
 
 
-def _ready(batch: dict) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """A prepared batch -> (crops, labels) of its good rows, rows skipped, rows prepared here."""
+NAMED_SKIPS = 20  # skipped images a model card names per split (all are counted, by kind)
+
+
+@dataclass
+class Skips:
+    """A split's skipped images in an epoch: how many, by kind of error, the first few named."""
+    count: int = 0
+    by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
+    named: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+    def add(self, uris, reasons) -> None:
+        for uri, reason in zip(uris, reasons):
+            if reason is None:
+                continue
+            self.count += 1
+            kind = error_kind(reason)
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+            if len(self.named) < NAMED_SKIPS:
+                self.named.append({"uri": uri, "reason": reason})
+
+    def merge(self, other: Skips) -> Skips:
+        for kind, n in other.by_kind.items():
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + n
+        self.count += other.count
+        self.named = (self.named + other.named)[:NAMED_SKIPS]
+        return self
+
+    def report(self) -> dict[str, Any]:
+        return {"count": self.count, "by_kind": by_frequency(self.by_kind), "named": self.named}
+
+
+def _all_workers(skips: Skips) -> Skips:
+    """Every worker's skips of the train split (each worker reads its own shard of it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return skips
+    gathered: list[Skips | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, skips)
+    return functools.reduce(Skips.merge, gathered[1:], gathered[0])
+
+
+def _ready(batch: dict, skips: Skips) -> tuple[np.ndarray, np.ndarray, int]:
+    """A prepared batch -> (crops, labels) of its good rows, rows prepared here; `skips` takes
+    the others."""
     ok = np.asarray(batch[OK], bool)
+    if not ok.all():
+        skips.add(np.asarray(batch["uri"])[~ok].tolist(), np.asarray(batch[SKIP_REASON])[~ok].tolist())
     here = int(np.sum(np.asarray(batch[PREPARED_BY]) == os.getpid()))
-    return np.asarray(batch[CROPS])[ok], np.asarray(batch["label"])[ok], int((~ok).sum()), here
+    return np.asarray(batch[CROPS])[ok], np.asarray(batch["label"])[ok], here
 
 
 def metrics_line(metrics: dict) -> str:
@@ -130,31 +177,44 @@ def train_loop(config: dict) -> None:
             ray.get(config["clock"].set.remote(epoch))
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no worker starts the epoch's data before the clock says which epoch
-        losses, skipped, prepared_here = [], 0, 0
+        losses, skipped, prepared_here = [], Skips(), 0
         meter = RowProgress(f"epoch {epoch + 1}/{tc.epochs}", -(-config["train_images"] // ctx.get_world_size()),
                             every_s=60.0 if rank == 0 else 0)
         for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
             meter.add(len(batch[OK]))
-            crops, labels, bad, here = _ready(batch)
-            skipped, prepared_here = skipped + bad, prepared_here + here
+            crops, labels, here = _ready(batch, skipped)
+            prepared_here += here
+            weight = 1.0
             if not len(crops):
-                continue
+                if ctx.get_world_size() == 1:
+                    continue
+                # every worker steps on every batch (each step all-reduces): a worker with
+                # nothing usable in its batch steps on a blank crop whose loss counts for nothing
+                crops, labels, weight = np.zeros((1, *batch[CROPS].shape[1:]), np.uint8), np.zeros(1), 0.0
             targets = torch.from_numpy(labels.astype(np.int64)).to(device) if tc.phase == 2 else None
-            losses.append(trainer.step(torch.from_numpy(crops).to(device), targets)["loss"])
+            loss = trainer.step(torch.from_numpy(crops).to(device), targets, weight)["loss"]
+            if weight:
+                losses.append(loss)
+        skipped, val_skipped = _all_workers(skipped), Skips()
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "skipped_images": skipped, "prepared_in_training_worker": prepared_here}
+                   "skipped_images": skipped.count, "prepared_in_training_worker": prepared_here}
         with trainer.averaged():
-            metrics.update(_validate(model, tc.phase, device, binary_metrics))
+            metrics.update(_validate(model, tc.phase, device, binary_metrics, val_skipped))
             exported = trainable_state(model, tc.phase)
+        metrics["val_skipped_images"] = val_skipped.count
         history.append(metrics)
         if rank == 0:
             said = {k: v for k, v in metrics.items() if k != "epoch"}
             log.info("epoch %d/%d: %s", epoch + 1, tc.epochs, metrics_line(said))
+            if epoch == start_epoch:  # the same files every epoch: named once, and in the model card
+                _warn_skipped(skipped, val_skipped)
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 save_file(exported, os.path.join(d, EXPORT))  # what the bundle gets (the EMA with --ema)
                 torch.save(trainer.state_dict(), os.path.join(d, TRAINER_STATE))
                 Path(d, "meta.json").write_text(json.dumps({"epoch": epoch, "history": history,
+                                                            "skipped": {"train": skipped.report(),
+                                                                        "val": val_skipped.report()},
                                                             "resumed_from_epoch": start_epoch - 1 if start_epoch else None}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
         faults.after_checkpoint(epoch)
@@ -184,9 +244,19 @@ EXPORT = "export.safetensors"
 TRAINER_STATE = "trainer.pt"
 
 
-def _validate(model, phase: int, device, binary_metrics) -> dict[str, float]:
+def _warn_skipped(train: Skips, val: Skips) -> None:
+    for split, skips in (("training", train), ("held-out", val)):
+        if skips.count:
+            example = skips.named[0]
+            log.warning("%s %s images could not be used (%s), e.g. %s: %s; model_card.json names up to %d",
+                        f"{skips.count:,}", split, most_frequent_kinds(skips.by_kind), example["uri"],
+                        example["reason"], NAMED_SKIPS)
+
+
+def _validate(model, phase: int, device, binary_metrics, skips: Skips) -> dict[str, float]:
     """On the whole held-out set (not split across workers: every worker sees all of it,
-    so every worker reports the same numbers and no row is dropped by an even split)."""
+    so every worker reports the same numbers and no row is dropped by an even split);
+    `skips` takes the images that could not be used."""
     import ray.train
     import torch
 
@@ -196,7 +266,7 @@ def _validate(model, phase: int, device, binary_metrics) -> dict[str, float]:
     labels, probs, recon = [], [], []
     with torch.no_grad():
         for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=64, batch_format="numpy"):
-            crops, batch_labels, _, _ = _ready(batch)
+            crops, batch_labels, _ = _ready(batch, skips)
             if not len(crops):
                 continue
             images = torch.from_numpy(crops).to(device)
@@ -309,6 +379,8 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     card = {"phase": tc.phase, "base": base, "base_model_id": bundle.model_id, "data": input_uri,
             "train_images": data.n_train, "val_images": data.n_val, "recipe": dataclasses.asdict(tc),
             "history": meta["history"], "final": meta["history"][-1],
+            # the last epoch's (checkpoints of older versions did not record them)
+            "skipped_images": meta.get("skipped"),
             # trained nothing more: this run resumed after the recovered checkpoint's epoch
             "resumed_from_epoch": meta["resumed_from_epoch"] if result.checkpoint else meta["epoch"]}
     model_id = save_bundle(output, bundle.config, new, {"trained": card})
