@@ -83,8 +83,9 @@ def test_local_webdataset_shards(ray_local, parity_bundle, tmp_path):
 
 
 def test_sample_labels_from_a_member_the_json_or_the_shard_folder(tmp_path):
-    """Own label first (the `label` member, else the .json field), else the shard's label
-    folder below the input; subset from the folder; a value that is no label fails the plan."""
+    """Own label first (the `label` member, else the .json field), else the label folder of
+    the sample: below the input down to the shard, then inside it; subset from the folders;
+    a value that is no label fails the plan."""
     from pipeline.scan.sources import ColumnMap, SourceOptions, plan_source
 
     image = write_image(tmp_path / "x.jpg")
@@ -101,15 +102,17 @@ def test_sample_labels_from_a_member_the_json_or_the_shard_folder(tmp_path):
     shard(root / "genA" / "0_real" / "000.tar", ("a", {"json": b'{"label": "fake"}'}), ("b", {}))
     shard(root / "genA" / "1_fake" / "000.tar", ("c", {"cls": b"0\n", "json": b'{"caption": "c"}'}))
     shard(root / "misc.tar", ("d", {"json": b'{"label": 0}'}), ("e", {"json": b"not json"}), ("f", {"cls": b"1"}))
+    shard(root / "tree.tar", ("0_real/g", {}), ("genC/1_fake/h", {}))  # a tar of a labeled folder tree
 
     def labels(uri, label="label"):
         plan = plan_source(uri, SourceOptions(columns=ColumnMap(label=label)))
         return {r["uri"].rsplit("#", 1)[-1]: (r["label"], r["subset"]) for r in plan.records.to_pylist()}
 
+    tree = {"0_real/g": (0, None), "genC/1_fake/h": (1, "genC")}  # folders inside the shard count too
     assert labels(str(root)) == {"a": (1, "genA"), "b": (0, "genA"), "c": (1, "genA"),
-                                 "d": (0, None), "e": (None, None), "f": (None, None)}
+                                 "d": (0, None), "e": (None, None), "f": (None, None), **tree}
     assert labels(str(root), "cls") == {"a": (0, "genA"), "b": (0, "genA"), "c": (0, "genA"),
-                                        "d": (None, None), "e": (None, None), "f": (1, None)}
+                                        "d": (None, None), "e": (None, None), "f": (1, None), **tree}
     assert labels(str(root / "genA" / "{0_real,1_fake}" / "000.tar")) == {"a": (1, None), "b": (0, None),
                                                                           "c": (1, None)}
     shard(tmp_path / "bad" / "000.tar", ("ok", {"cls": b"1"}), ("k9", {"cls": b"7"}))

@@ -132,7 +132,7 @@ def input_root(input_uri: str) -> str:
     's3://b/list.csv.gz' -> 's3://b')."""
     fs, base = fsspec.core.url_to_fs(input_uri)
     root = full_uri(fs, base)
-    if webdataset.has_braces(root) or root.lower().endswith(".tar") or is_manifest_name(root):
+    if webdataset.has_braces(root) or webdataset.is_shard_name(root) or is_manifest_name(root):
         return root[: root.split("{", 1)[0].rfind("/")]
     return root
 
@@ -344,15 +344,15 @@ def manifest_files(root: str, files: list[str] | None = None) -> list[str]:
 
 
 def tar_files(root: str, files: list[str] | None = None) -> list[str]:
-    """WebDataset shards: a brace pattern ('shards/{00000..00099}.tar'), one .tar, or a
-    folder's .tar files."""
+    """WebDataset shards: a brace pattern ('shards/{00000..00099}.tar'), one .tar or .zip, or
+    a folder's .tar and .zip files."""
     if webdataset.has_braces(root):
         return webdataset.expand_braces(root)
     fs, base = fsspec.core.url_to_fs(root)
-    if root.lower().endswith(".tar") and fs.isfile(base):
+    if webdataset.is_shard_name(root) and fs.isfile(base):
         return [root]
     files = list_files(root) if files is None else files
-    return [full_uri(fs, p) for p in files if p.lower().endswith(".tar")]
+    return [full_uri(fs, p) for p in files if webdataset.is_shard_name(p)]
 
 
 STREAM_BATCH_ROWS = 65_536  # records read at once from a manifest or a folder's listing
@@ -495,20 +495,20 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
             if suffix(image_name(base)) in wanted:
                 return "folder"
             raise ValueError(f"input {uri} is a file that is neither an image ({', '.join(options.extensions)}) nor "
-                             "a manifest (.csv/.tsv/.txt/.jsonl, .parquet), a Parquet shard or a .tar shard")
+                             "a manifest (.csv/.tsv/.txt/.jsonl, .parquet), a Parquet shard or a .tar or .zip shard")
         if not fs.isdir(base):
             raise FileNotFoundError(f"input {uri} does not exist")
         files = list_files(uri)
     if any(suffix(p) in wanted for p in files):
         return "folder"
-    if any(p.lower().endswith(".tar") for p in files):
+    if any(webdataset.is_shard_name(p) for p in files):
         return "webdataset"
     parquet = [p for p in files if p.endswith(".parquet")]
     if parquet:
         return "parquet" if _has_bytes_column(full_uri(fs, parquet[0]), options.columns) else "manifest"
     if any(is_listed_manifest(p) for p in files):
         return "manifest"
-    raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar shards, no Parquet "
+    raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar or .zip shards, no Parquet "
                      "files and no manifests")
 
 
@@ -565,7 +565,7 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, 
     the plan's units are the new ones."""
     shards = tar_files(uri, listed_paths(listing))
     if not shards:
-        raise ValueError(f"input {uri} holds no .tar shards")
+        raise ValueError(f"input {uri} holds no .tar or .zip shards")
     indexed, units, held, first = [], [], [], 0
     group: list[tuple[pa.Table, str]] = []  # whole shards' samples (and version), planned together
 

@@ -33,12 +33,13 @@ import pyarrow as pa
 
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
+from pipeline.scan import zip_shards
 from pipeline.scan.labels import label_and_subset, label_value
 from pipeline.scan.schema import shard_changed
 from pipeline.storage import current_version, opened_version, read_ahead, relative_paths
 
 TEXT_EXTENSIONS = ("json", "txt")  # carried as strings in every row; other members as binary
-MEMBERS = "_wds_members"  # plan records: JSON {extension: [offset, size]} of the sample
+MEMBERS = "_wds_members"  # plan records: JSON {extension: span} of the sample (tar: [offset, size]; zip: zip_shards)
 IMAGE_MEMBER = "_wds_image"  # plan records: the image member's name (drives alignment)
 PLAN_ERROR = "_wds_error"  # plan records: why the sample cannot be read (damaged shard)
 UNREADABLE = "<unreadable>"  # the key of a damaged shard's record for what follows the damage
@@ -69,9 +70,16 @@ def has_braces(uri: str) -> bool:
     return bool(_BRACES.search(uri))
 
 
+SHARD_SUFFIXES = (".tar", ".zip")  # archives read as shards of samples
+
+
+def is_shard_name(name: str) -> bool:
+    return name.lower().endswith(SHARD_SUFFIXES)
+
+
 def is_webdataset_uri(uri: str) -> bool:
-    """Tar shards by name: one `.tar`, or a brace pattern of any files but Parquet ones."""
-    return (has_braces(uri) and not uri.lower().endswith(".parquet")) or uri.lower().endswith(".tar")
+    """Shards by name: one `.tar` or `.zip`, or a brace pattern of any files but Parquet ones."""
+    return (has_braces(uri) and not uri.lower().endswith(".parquet")) or is_shard_name(uri)
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -114,51 +122,78 @@ def sample_label(found: dict, label: str, where: str) -> int | None:
         raise ValueError(f"{where}: {err}") from None
 
 
+def _tar_members(f, size: int | None, read_now) -> tuple[list[tuple[str, list[int], str | None]],
+                                                       dict[str, bytes], str | None]:
+    """An open tar -> (its files: name, span [data offset, size], None; the content of the
+    whole files `read_now(name)` asks for, read as the index passes; why reading stopped
+    before the archive's end, or None)."""
+    members, content, stopped = [], {}, None
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for info in tar:
+                if info.isfile():
+                    members.append((info.name, [info.offset_data, info.size], None))
+                    whole = size is None or info.offset_data + info.size <= size  # else the sample is cut
+                    if whole and read_now(info.name):  # small members (labels, .json)
+                        content[info.name] = tar.extractfile(info).read()
+            end = tar.offset
+    except (tarfile.TarError, OSError, EOFError) as err:
+        stopped = error_text(err)
+        end = None
+    if stopped is None and size is not None and end is not None and end < size and not _zero_padding(f, end, size):
+        stopped = f"unreadable tar header at offset {end}"  # tarfile ends quietly at a corrupt header
+    if stopped is not None:
+        stopped = f"tar shard unreadable past this point: {stopped}"
+    return members, content, stopped
+
+
+def _zip_members(f, size: int | None, read_now):
+    """`_tar_members` for a zip archive (`zip_shards.index_zip`): all or nothing."""
+    members, content, stopped = zip_shards.index_zip(f, read_now)
+    return members, content, None if stopped is None else f"zip archive unreadable: {stopped}"
+
+
 def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[dict], int, str]:
-    """One shard -> (records, samples without an image, the version read: `storage.
-    opened_version`, which decode tasks check before trusting the offsets). Records: uri, the members' offsets,
-    the image member's name, the sample's label (`sample_label`, else that of the shard's
-    label folder below `root`, the input's folder, as for images of a folder; so is its
-    subset), and an error for what the damage makes unreadable."""
-    samples: dict[str, dict[str, list[int]]] = {}
-    found: dict[str, dict] = {}  # per sample: its label member's text, its .json's label field
-    stopped: str | None = None
+    """One shard (a tar, or a zip) -> (records, samples without an image, the version read:
+    `storage.opened_version`, which decode tasks check before trusting the offsets).
+    Records: uri, the members' spans, the image member's name, the sample's label
+    (`sample_label`, else that of its label folder: the folders from the input's folder
+    `root` to the shard and on inside it, as for images of a folder; so is its subset), and
+    an error for what damage makes unreadable."""
+    kind = "zip" if zip_shards.is_zip(uri) else "tar"
     with fsspec.open(uri, "rb") as f:
         size = f.size if hasattr(f, "size") else None
         version = opened_version(f)
-        try:
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                for info in tar:
-                    if info.isfile():
-                        key, ext = split_key(info.name)
-                        samples.setdefault(key, {})[ext] = [info.offset_data, info.size]
-                        whole = size is None or info.offset_data + info.size <= size  # else the sample is cut
-                        if whole and (ext == label or ext == "json"):  # small members, read as the index passes
-                            data = tar.extractfile(info).read()
-                            found.setdefault(key, {})[ext] = data if ext == label else _json_field(data, label)
-                end = tar.offset
-        except (tarfile.TarError, OSError, EOFError) as err:
-            stopped = error_text(err)
-            end = None
-        if stopped is None and size is not None and end is not None and end < size and not _zero_padding(f, end, size):
-            stopped = f"unreadable tar header at offset {end}"  # tarfile ends quietly at a corrupt header
+        members, content, stopped = (_zip_members if kind == "zip" else _tar_members)(
+            f, size, lambda name: split_key(name)[1] in (label, "json"))
+    samples: dict[str, dict[str, list[int]]] = {}
+    problems: dict[str, str] = {}  # per sample: why it cannot be read
+    found: dict[str, dict] = {}  # per sample: its label member's text, its .json's label field
+    for name, span, problem in members:
+        key, ext = split_key(name)
+        samples.setdefault(key, {})[ext] = span
+        if problem is None and size is not None and span[0] + span[1] > size:
+            problem = f"{kind} member cut short: {uri} ends inside sample {key}"
+        if problem is not None:
+            problems.setdefault(key, problem)
+        if name in content:
+            found.setdefault(key, {})[ext] = content[name] if ext == label else _json_field(content[name], label)
     records, no_image = [], 0
-    folder_label, subset = label_and_subset(shard_folders(uri, root))
-    for key, members in samples.items():
-        image = next((e for e in members if e in IMAGE_EXTENSIONS), None)
+    outside = shard_folders(uri, root)
+    for key, members_of in samples.items():
+        image = next((e for e in members_of if e in IMAGE_EXTENSIONS), None)
         if image is None:
             no_image += 1
             continue
-        cut = size is not None and any(off + n > size for off, n in members.values())
-        records.append({"uri": f"{uri}#{key}", MEMBERS: json.dumps(members), IMAGE_MEMBER: f"{key}.{image}",
-                        PLAN_ERROR: f"tar member cut short: {uri} ends inside sample {key}" if cut else None,
-                        "label": sample_label(found.get(key, {}), label, f"{uri}#{key}"), "subset": subset})
-        if records[-1]["label"] is None:
-            records[-1]["label"] = folder_label
+        folder_label, subset = label_and_subset(outside + tuple(key.split("/")[:-1]))
+        label_found = sample_label(found.get(key, {}), label, f"{uri}#{key}")
+        records.append({"uri": f"{uri}#{key}", MEMBERS: json.dumps(members_of), IMAGE_MEMBER: f"{key}.{image}",
+                        PLAN_ERROR: problems.get(key), "subset": subset,
+                        "label": folder_label if label_found is None else label_found})
     if stopped is not None:
-        records.append({"uri": f"{uri}#{UNREADABLE}", MEMBERS: "{}", IMAGE_MEMBER: None,
-                        PLAN_ERROR: f"tar shard unreadable past this point: {stopped}", "label": folder_label,
-                        "subset": subset})
+        folder_label, subset = label_and_subset(outside)
+        records.append({"uri": f"{uri}#{UNREADABLE}", MEMBERS: "{}", IMAGE_MEMBER: None, PLAN_ERROR: stopped,
+                        "label": folder_label, "subset": subset})
     return records, no_image, version
 
 
@@ -253,14 +288,17 @@ def read_samples(records: pa.Table, threads: int, max_bytes: int, version: str |
         if errors[i] is not None:
             return None, errors[i]
         spans = members[i]
-        start = min(off for off, _ in spans.values())
-        end = max(off + n for off, n in spans.values())
-        ext = images[i].rpartition(".")[2]
-        if spans[ext][1] > max_bytes:
+        if spans[images[i].rpartition(".")[2]][-1] > max_bytes:  # the last of a span is the member's size
             return None, f"file too large: over {max_bytes:,} bytes"
         try:
             fs, path = fsspec.core.url_to_fs(shard_of[i])
+            if zip_shards.is_zip(path):
+                return zip_shards.read_members(fs, path, spans), None
+            start = min(off for off, _ in spans.values())
+            end = max(off + n for off, n in spans.values())
             blob = fs.cat_file(path, start=start, end=end)
+        except zip_shards.ZipMemberError as err:
+            return None, str(err)
         except Exception as err:  # recorded on the row, never raised
             return None, f"read failed: {error_text(err)}"
         if len(blob) < end - start:

@@ -1,0 +1,100 @@
+"""Zip archives read as shards of samples: the images inside score as the same files in a
+folder, labels come from the folders inside the archive, and damage is error rows."""
+import json
+import zipfile
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_image
+
+from pipeline.scan.config import ScanConfig
+from pipeline.scan.run import run_scan
+from pipeline.scan.sources import SourceOptions, plan_source
+from pipeline.scan.zip_shards import HEADER_SLACK
+
+
+def write_archives(root, folder):
+    """corpus.zip: a labeled image tree (deflated and stored members, one whose local header
+    holds more than HEADER_SLACK, a sample with a .json member, a member whose bytes fail
+    its CRC, one compressed by a method not read); cut.zip: a truncated archive. The good
+    images also go to `folder`, in the same tree, for reference."""
+    root.mkdir(parents=True)
+    expected = {}  # sample key -> error (None: scored) and label
+    with zipfile.ZipFile(root / "corpus.zip", "w") as archive:
+        for i, (name, method) in enumerate([("0_real/a.jpg", zipfile.ZIP_DEFLATED), ("0_real/b.png", zipfile.ZIP_STORED),
+                                            ("genB/1_fake/c.jpg", zipfile.ZIP_STORED)]):
+            archive.writestr(zipfile.ZipInfo(name), write_image(folder / name, size=(70 + 6 * i, 60), seed=i),
+                             compress_type=method)
+            expected[name.rsplit(".", 1)[0]] = (None, 0 if "0_real" in name else 1)
+        padded = zipfile.ZipInfo("1_fake/padded.jpg")
+        padded.extra = b"\xca\xfe" + (3 * HEADER_SLACK).to_bytes(2, "little") + b"\0" * (3 * HEADER_SLACK)
+        archive.writestr(padded, write_image(folder / "1_fake/padded.jpg", seed=7))
+        expected["1_fake/padded"] = (None, 1)
+        archive.writestr("sample.jpg", write_image(folder / "sample.jpg", seed=8))
+        archive.writestr("sample.json", json.dumps({"label": "fake", "caption": "a sample"}))
+        expected["sample"] = (None, 1)
+        archive.writestr("1_fake/bzip.jpg", write_image(root.parent / "unused.jpg", seed=9),
+                         compress_type=zipfile.ZIP_BZIP2)
+        expected["1_fake/bzip"] = ("zip member compressed with method 12", 1)
+        archive.writestr(zipfile.ZipInfo("0_real/flipped.jpg"), write_image(root.parent / "unused.jpg", seed=10))
+        expected["0_real/flipped"] = ("zip member corrupt", 0)
+    data = bytearray((root / "corpus.zip").read_bytes())
+    at = data.index(b"0_real/flipped.jpg") + len("0_real/flipped.jpg") + 100  # inside its stored bytes
+    data[at] ^= 0xFF
+    (root / "corpus.zip").write_bytes(bytes(data))
+    with zipfile.ZipFile(root / "cut.zip", "w") as archive:
+        archive.writestr("0_real/lost.jpg", write_image(root.parent / "unused.jpg", seed=11))
+    (root / "cut.zip").write_bytes((root / "cut.zip").read_bytes()[:-30])  # its central directory's end is gone
+    return expected
+
+
+def check(rows, folder_rows, expected, zip_uri):
+    by_key = {r["uri"].rsplit("#", 1)[1]: r for r in rows if r["uri"].startswith(zip_uri + "#")}
+    assert set(by_key) == set(expected)
+    for key, (error, label) in expected.items():
+        row = by_key[key]
+        assert row["label"] == label, key
+        if error is None:
+            ref = folder_rows[key]
+            assert row["error"] is None and row["prob_fake"] == pytest.approx(ref["prob_fake"], abs=1e-6), key
+            assert row["aligned"] == ref["aligned"]  # a .png member is aligned as a .png file is
+        else:
+            assert row["error"].startswith(error) and row["prob_fake"] is None, (key, row["error"])
+    assert by_key["sample"]["json"] == json.dumps({"label": "fake", "caption": "a sample"})
+    assert by_key["genB/1_fake/c"]["subset"] == "genB"
+
+
+def test_zip_archives_score_as_their_images_in_a_folder(ray_local, parity_bundle, s3_bucket, tmp_path):
+    import fsspec
+
+    expected = write_archives(tmp_path / "zips", tmp_path / "folder")
+    run_scan(str(parity_bundle), str(tmp_path / "folder"), str(tmp_path / "folder-out"), ScanConfig())
+    folder_rows = {r["uri"][len(str(tmp_path / "folder")) + 1 :].rsplit(".", 1)[0]: r
+                   for r in pq.read_table(tmp_path / "folder-out" / "scores").to_pylist()}
+    summary = run_scan(str(parity_bundle), str(tmp_path / "zips"), str(tmp_path / "out"), ScanConfig(unit_size=3))
+    assert summary["input_format"] == "webdataset"
+    rows = pq.read_table(tmp_path / "out" / "scores").to_pylist()
+    check(rows, folder_rows, expected, str(tmp_path / "zips" / "corpus.zip"))
+    cut = [r for r in rows if r["uri"].startswith(str(tmp_path / "zips" / "cut.zip"))]
+    assert len(cut) == 1 and cut[0]["error"].startswith("zip archive unreadable: BadZipFile")
+    assert summary["rows_out"] == len(rows) == len(expected) + 1
+
+    # the same archive in a bucket, given as the input itself: members by range reads
+    fsspec.filesystem("s3").put(str(tmp_path / "zips" / "corpus.zip"), f"{s3_bucket}/corpus.zip")
+    uri = f"s3://{s3_bucket}/corpus.zip"
+    run_scan(str(parity_bundle), uri, str(tmp_path / "s3-out"), ScanConfig(unit_size=3))
+    check(pq.read_table(tmp_path / "s3-out" / "scores").to_pylist(), folder_rows, expected, uri)
+
+
+def test_a_zip_is_planned_from_its_directory_alone(tmp_path, monkeypatch):
+    """Planning reads the central directory (and .json members), never the images."""
+    import zipfile as zipmodule
+
+    write_archives(tmp_path / "zips", tmp_path / "folder")
+    read = []
+    original = zipmodule.ZipFile.read
+    monkeypatch.setattr(zipmodule.ZipFile, "read", lambda self, name, *a: read.append(getattr(name, "filename", name))
+                        or original(self, name, *a))
+    plan = plan_source(str(tmp_path / "zips" / "corpus.zip"), SourceOptions())
+    assert plan.input_format == "webdataset" and read == ["sample.json"]
+    assert plan.records.num_rows == 7
