@@ -120,7 +120,16 @@ def local_spool(path: str) -> str:
     (a leading '.'), so that a process killed mid-write leaves nothing a reader of the
     folder takes for data (Arrow's and DuckDB's dataset readers skip hidden files)."""
     folder, _, name = path.rpartition("/")
-    return f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
+    return f"{folder}/.{name}{SPOOL_MARK}{uuid.uuid4().hex}"
+
+
+SPOOL_MARK = ".tmp-"
+
+
+def is_spool(name: str) -> bool:
+    """Whether a file's name is that of a `local_spool` (a half-written file, where its
+    writer was killed)."""
+    return name.startswith(".") and SPOOL_MARK in name
 
 
 class Location:
@@ -168,6 +177,13 @@ class Location:
         """Everything here, gone (what a failed command made and must not leave behind)."""
         if self.exists():
             self.fs.rm(self.root, recursive=True)
+
+    def remove_spools(self, rels: tuple[str, ...] = ("",)) -> list[str]:
+        """Removes the spools (`local_spool`) that killed writers left directly below
+        `rels`; only while nothing else writes here. Returns their paths below this location."""
+        spools = [join_uri(rel, name) if rel else name for rel in rels for name in self.names(rel) if is_spool(name)]
+        self.remove_files(spools)
+        return spools
 
     def remove_files(self, rels: list[str]) -> None:
         """These files, gone (one request per thousand on S3)."""

@@ -172,3 +172,33 @@ def test_plan_records_missing_on_a_node_name_the_node_and_the_remedy(tmp_path):
     records.unlink()  # as a node without the mount sees it
     with pytest.raises(FileNotFoundError, match="plan records are not on node .*every node mounts"):
         store.read_unit_records(str(records), 0)
+
+
+def test_a_run_holding_its_output_removes_what_killed_writers_left_half_written(tmp_path):
+    """A spool is a file some writer was killed writing: once a run holds the output, no
+    other writer is alive, so the spools below it are removed; a refused run removes none."""
+    import os
+    import socket
+    import time
+
+    from pipeline.storage import local_spool
+
+    out = ScanStore(str(tmp_path / "scan"))
+    kept = ["_scan.json", f"{store.SCORES_DIR}/part-u1.parquet", f"{store.SCORES_DIR}/.keep"]
+    spools = [local_spool(out.path(rel)) for rel in ("_summary.json", "_plan/units.parquet",
+                                                    f"{store.SCORES_DIR}/part-u2.parquet",
+                                                    f"{store.RECORDS_DIR}/u2.parquet")]
+    for path in [*map(out.path, kept), *spools]:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"half")
+    out.write_json(store.RUNNING_FILE, {"host": f"not-{socket.gethostname()}", "pid": 1, "run": "x", "since": 0,
+                                        "beat": time.time()})  # a run alive on another host
+    with pytest.raises(store.OutputBusyError):
+        with out.running():
+            pass
+    assert all(os.path.exists(p) for p in spools)  # that run's own, maybe
+    out.remove_files([store.RUNNING_FILE])
+    with out.running():
+        assert not any(os.path.exists(p) for p in spools)
+    assert all(os.path.exists(out.path(rel)) for rel in kept)

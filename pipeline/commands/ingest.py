@@ -198,10 +198,8 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
         ensure_ray(address)  # once the input is known good: a mistake is told before Ray starts
         require_shared_paths({base: "--input"} if "://" not in input_uri else {},
                              {out.root: "--output"} if out.local else {})
+        out.remove_spools()  # an interrupted run's, half written
         existing = set(out.names())
-        spools = [n for n in existing if n.startswith(".") and ".tmp-" in n]  # an interrupted run's, half written
-        if spools:
-            out.remove_files(spools)
         todo = [(shard_name(i), u) for i, u in enumerate(units) if shard_name(i) not in existing]
         task = ray.remote(num_cpus=SHARD_TASK_CPUS)(write_shard)
 
