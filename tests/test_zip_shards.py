@@ -14,7 +14,7 @@ from pipeline.scan.zip_shards import HEADER_SLACK
 
 
 def write_archives(root, folder):
-    """corpus.zip: a labeled image tree (deflated and stored members, one whose local header
+    """corpus.zip: a labeled image tree (deflated and stored members, a name with '#', one whose local header
     holds more than HEADER_SLACK, a sample with a .json member, a member whose bytes fail
     its CRC, one compressed by a method not read); cut.zip: a truncated archive. The good
     images also go to `folder`, in the same tree, for reference."""
@@ -22,7 +22,8 @@ def write_archives(root, folder):
     expected = {}  # sample key -> error (None: scored) and label
     with zipfile.ZipFile(root / "corpus.zip", "w") as archive:
         for i, (name, method) in enumerate([("0_real/a.jpg", zipfile.ZIP_DEFLATED), ("0_real/b.png", zipfile.ZIP_STORED),
-                                            ("genB/1_fake/c.jpg", zipfile.ZIP_STORED)]):
+                                            ("genB/1_fake/c.jpg", zipfile.ZIP_STORED),
+                                            ("0_real/photo #12.jpg", zipfile.ZIP_DEFLATED)]):  # '#' in its uri too
             archive.writestr(zipfile.ZipInfo(name), write_image(folder / name, size=(70 + 6 * i, 60), seed=i),
                              compress_type=method)
             expected[name.rsplit(".", 1)[0]] = (None, 0 if "0_real" in name else 1)
@@ -49,7 +50,7 @@ def write_archives(root, folder):
 
 
 def check(rows, folder_rows, expected, zip_uri):
-    by_key = {r["uri"].rsplit("#", 1)[1]: r for r in rows if r["uri"].startswith(zip_uri + "#")}
+    by_key = {r["uri"][len(zip_uri) + 1 :]: r for r in rows if r["uri"].startswith(zip_uri + "#")}
     assert set(by_key) == set(expected)
     for key, (error, label) in expected.items():
         row = by_key[key]
@@ -97,4 +98,4 @@ def test_a_zip_is_planned_from_its_directory_alone(tmp_path, monkeypatch):
                         or original(self, name, *a))
     plan = plan_source(str(tmp_path / "zips" / "corpus.zip"), SourceOptions())
     assert plan.input_format == "webdataset" and read == ["sample.json"]
-    assert plan.records.num_rows == 7
+    assert plan.records.num_rows == 8

@@ -26,7 +26,6 @@ from dataclasses import replace
 from typing import Callable, Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.scan import webdataset
 from pipeline.scan.changes import REMOVED, FileChanges
@@ -50,7 +49,7 @@ class KnownSamples(UriSet):
 
         def uris() -> Iterable[pa.ChunkedArray]:
             for t in records:
-                shards = pc.replace_substring_regex(t["uri"], r"#[^#]*$", "")
+                shards = webdataset.sample_shards(t["uri"])
                 pairs = pa.table({"unit": t[UNIT], "shard": shards}).group_by(["unit", "shard"], use_threads=False)
                 for row in pairs.aggregate([]).to_pylist():
                     units = self.shard_units.setdefault(row["shard"], [])

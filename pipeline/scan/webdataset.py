@@ -30,6 +30,7 @@ from typing import Iterator
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
@@ -266,9 +267,20 @@ def shards_table(shards: pa.Table | None) -> pa.Table:
     return shards.select(SHARDS_SCHEMA.names).cast(SHARDS_SCHEMA)
 
 
+# A sample's uri is '<shard>#<key>', and a key may hold '#' (a zip of 'photo #12.jpg'): the
+# shard ends at the first '.tar#' or '.zip#' (a shard of another name, at the last '#').
+# RE2 (Arrow) and Python read it alike; an unmatched group replaces as ''.
+SAMPLE_SHARD = r"(?i)^(.*?\.(?:tar|zip))#.*$|^(.*)#[^#]*$"
+
+
 def sample_shard(uri: str) -> str:
     """The shard a sample's uri names ('<shard>#<key>' -> '<shard>')."""
-    return uri.rsplit("#", 1)[0]
+    return re.sub(SAMPLE_SHARD, r"\1\2", uri, count=1)
+
+
+def sample_shards(uris: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """`sample_shard` of each."""
+    return pc.replace_substring_regex(uris, SAMPLE_SHARD, r"\1\2", max_replacements=1)
 
 
 
