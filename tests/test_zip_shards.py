@@ -21,9 +21,9 @@ def write_archives(root, folder):
     root.mkdir(parents=True)
     expected = {}  # sample key -> error (None: scored) and label
     with zipfile.ZipFile(root / "corpus.zip", "w") as archive:
-        for i, (name, method) in enumerate([("0_real/a.jpg", zipfile.ZIP_DEFLATED), ("0_real/b.png", zipfile.ZIP_STORED),
-                                            ("genB/1_fake/c.jpg", zipfile.ZIP_STORED),
-                                            ("0_real/photo #12.jpg", zipfile.ZIP_DEFLATED)]):  # '#' in its uri too
+        members = [("0_real/a.jpg", zipfile.ZIP_DEFLATED), ("0_real/b.png", zipfile.ZIP_STORED),
+                   ("genB/1_fake/c.jpg", zipfile.ZIP_STORED), ("0_real/photo #12.jpg", zipfile.ZIP_DEFLATED)]
+        for i, (name, method) in enumerate(members):  # '#' in a member's name: in its uri too
             archive.writestr(zipfile.ZipInfo(name), write_image(folder / name, size=(70 + 6 * i, 60), seed=i),
                              compress_type=method)
             expected[name.rsplit(".", 1)[0]] = (None, 0 if "0_real" in name else 1)
