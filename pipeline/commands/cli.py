@@ -20,7 +20,7 @@ SCAN_FLAGS = {  # flag -> (ScanConfig field, type, help)
     "--unit-size": ("unit_size", int, "records per committed unit (folders, manifests)"),
     "--threshold": ("threshold", float, "decision threshold on prob_fake (default: the bundle's)"),
     "--precision": ("precision", str, "fp32 | bf16 | fp16 (autocast) | bf16-weights | fp8 (not exact) (default: bf16 on GPU, fp32 on CPU)"),
-    "--input-format": ("input_format", str, "auto | folder | parquet | manifest | webdataset"),
+    "--input-format": ("input_format", str, "auto | folder | parquet | manifest | webdataset (tar or zip shards)"),
     "--address": ("address", str, "Ray cluster address (default: RAY_ADDRESS, else local Ray)"),
 }
 
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="score every image of a folder / Parquet shards / manifest with Ray")
     p.add_argument("--model", required=True, help="bundle directory or URI")
-    p.add_argument("--input", required=True, help="folder, Parquet shard(s), WebDataset tar shard(s), manifest "
+    p.add_argument("--input", required=True, help="folder, Parquet shard(s), WebDataset tar shard(s), zip archive(s), manifest "
                    "(.csv/.tsv/.txt/.jsonl, also compressed, or .parquet) or one image; local or s3://")
     p.add_argument("--output", required=True, help="output directory or URI; rerun the same command to resume")
     p.add_argument("--plan-only", action="store_true", help="plan the input into --output (with --update: re-list "
