@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -52,6 +53,17 @@ def _logged(items: Iterable[T], meter: "RowProgress") -> Iterator[T]:
     for item in items:
         yield item
         meter.add(1)
+
+
+RAY_DATA_LOG_INTERVAL = "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"  # Ray Data's, read when it first runs
+
+
+def pace_ray_data_log(every_s: float) -> None:
+    """Where stdout is no terminal (a job's log), Ray Data logs a block of lines per stage
+    every 10 s, thousands of lines an hour that bury ours: paced as our own line (once an
+    hour when that is off), unless the user chose a pace. Takes effect for the process's
+    first Ray Data run."""
+    os.environ.setdefault(RAY_DATA_LOG_INTERVAL, str(max(10, int(every_s)) if every_s > 0 else 3600))
 
 
 def log_to_console() -> None:

@@ -19,7 +19,7 @@ from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.config import MirrorConfig
 from mirror_core.errors import most_frequent_kinds
 from pipeline.cluster import ensure_ray, require_shared_paths, resources_line
-from pipeline.progress import RowProgress, stall_reports, step
+from pipeline.progress import RowProgress, pace_ray_data_log, stall_reports, step
 from pipeline.scan.changes import FileChanges, removed_shard_units
 from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
@@ -359,6 +359,7 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         import ray
 
         ensure_ray(cfg.address)
+        pace_ray_data_log(cfg.progress_every_s)
         require_shared_paths(*task_paths(prepared))
         cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
         all_todo = [u for *_, todo, _, _, _ in prepared for u in todo]
