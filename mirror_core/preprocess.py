@@ -22,12 +22,13 @@ from typing import NamedTuple
 
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .config import PreprocessConfig
 from .jpeg import jpeg_round_trip
 from .jpeg_region import decode_region, region_decoder
 from .resample import pillow_pass_order, resize_window, resized_window
+from .sniff import not_an_image
 from .uri import image_name
 
 # PreprocessConfig.max_pixels, checked from the header, decides what is too large; Pillow's
@@ -80,6 +81,15 @@ class ImageTooLargeError(ValueError):
     pass
 
 
+def open_image(data: bytes) -> Image.Image:
+    """`Image.open` of bytes (lazy: the header only); bytes that no decoder identifies raise
+    Pillow's UnidentifiedImageError saying what they are instead (`sniff.not_an_image`)."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(not_an_image(data)) from None
+
+
 def check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
     """Refuse an image whose header says it exceeds PreprocessConfig.max_pixels."""
     w, h = size
@@ -94,7 +104,7 @@ def decode_rgb(data: bytes, max_pixels: int | None = None, draft_short_side: int
     whose short side is at least twice that is decoded at a reduced DCT scale (libjpeg
     1/2, 1/4 or 1/8) that keeps the short side >= draft_short_side."""
     with _truncated_images_allowed():
-        img = Image.open(io.BytesIO(data))  # not closed: closing would discard the pixels we return
+        img = open_image(data)  # not closed: closing would discard the pixels we return
     w, h = img.size
     check_pixels(img.size, max_pixels)
     fmt = img.format
@@ -205,7 +215,7 @@ class ImageRegions:
     def of_bytes(cls, data: bytes, max_pixels: int | None = None) -> ImageRegions:
         """Reads the header only (raising what decode_rgb raises for it, and ImageTooLargeError)."""
         with _truncated_images_allowed():
-            header = Image.open(io.BytesIO(data))
+            header = open_image(data)
         check_pixels(header.size, max_pixels)
         by_region = header.format in JPEG_FORMATS and header.mode in ("RGB", "L")
         return cls(header.size, header.format, data=data, jpeg_decoder=region_decoder() if by_region else None)

@@ -68,7 +68,8 @@ def test_score_prints_the_official_scores_a_line_each_and_error_lines_for_what_c
         assert uri == image and verdict == ("real", "fake")[int(row["pred"])]
         assert float(prob) == pytest.approx(float(row["prob_fake"]), abs=1e-3)
     assert lines[-2].split()[:2] == ["-", "error"]
-    assert "page.jpg: decode failed: UnidentifiedImageError: cannot identify image file" in lines[-2]
+    assert ("page.jpg: decode failed: UnidentifiedImageError: not an image: an HTML page (a web link that answers "
+            "with a page?) (25 bytes, starting b'<html>not an ima')") in lines[-2]
     assert lines[-1].split()[:2] == ["-", "error"] and "gone.png: read failed: FileNotFoundError" in lines[-1]
 
     # --json: a scan's output row per image; --threshold decides anew

@@ -155,3 +155,32 @@ def test_exact_path_resamples_only_the_crop_and_equals_pillow_resize_then_crop()
             img = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
             want = center_crop(np.asarray(resize_short_side(img, short)), crop)
             np.testing.assert_array_equal(official_crop(ImageRegions.of_image(img), cfg), want, err_msg=str((w, h, crop)))
+
+
+def test_bytes_that_are_no_image_say_what_they_are():
+    """An error row names what came instead of an image: a web link's HTML page, an
+    archive to scan as the input, a video; else that no decoder identifies them."""
+    import io
+    import tarfile
+    import zipfile
+
+    from PIL import UnidentifiedImageError
+
+    from mirror_core.preprocess import decode_rgb
+
+    zipped, tarred = io.BytesIO(), io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("a.txt", "a")
+    with tarfile.open(fileobj=tarred, mode="w") as archive:
+        archive.addfile(tarfile.TarInfo("a.txt"), io.BytesIO(b""))
+    cases = {b"  <!DOCTYPE HTML><html><body>404</body></html>": "an HTML page (a web link that answers with a page?)",
+             zipped.getvalue(): "a zip archive (scan it as the input: `mirror scan --input FILE.zip`)",
+             tarred.getvalue(): "a tar archive (scan it as the input: `mirror scan --input FILE.tar`)",
+             b"%PDF-1.7\n...": "a PDF document", b"\x00\x00\x00\x20ftypmp42" + bytes(20): "a video (MP4 / QuickTime)",
+             b'{"error": "not found"}': "JSON text", b"Access denied\n": "text"}
+    for data, what in cases.items():
+        with pytest.raises(UnidentifiedImageError) as err:
+            decode_rgb(data)
+        assert str(err.value) == f"not an image: {what} ({len(data):,} bytes, starting {data[:16]!r})"
+    with pytest.raises(UnidentifiedImageError, match=r"^not an image any installed decoder identifies \(256 bytes"):
+        decode_rgb(bytes(range(256)))

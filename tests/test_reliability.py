@@ -96,7 +96,7 @@ def test_hostile_corpus_gives_exactly_one_row_each(ray_local, parity_bundle, tmp
                                        "rename it (e.g. convmv -f latin1 -t utf8) to score it")
     assert summary["errors_by_kind"]["file name not UTF-8"] == 1
     assert errors["zero.jpg"] == "empty file (0 bytes)"
-    assert errors["page.jpg"].startswith("decode failed: UnidentifiedImageError")
+    assert errors["page.jpg"].startswith("decode failed: UnidentifiedImageError: not an image: an HTML page")
     assert errors["noise.png"].startswith("decode failed")
     assert "exceeds" in errors["bomb.png"] and "decompression bomb" in errors["bomb.png"].lower()
     assert "exceeds the limit of 100,000,000" in errors["too_many_pixels.png"]
