@@ -227,6 +227,20 @@ def test_folders_named_like_labels_but_not_label_folders_are_named_in_a_warning(
         assert plan_source(str(tmp_path / "official"), SourceOptions()).records["label"].to_pylist() == [0, 1]
     assert not caplog.messages
 
+    # the same tree as it is downloaded, in a zip: the folders inside are looked at too
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "cifake.zip", "w") as archive:
+        for name in ("train/FAKE/a.png", "train/REAL/b.png"):
+            archive.write(tmp_path / "cifake" / name, name)
+    with caplog.at_level("WARNING", logger="mirror"):
+        plan = plan_source(str(tmp_path / "cifake.zip"), SourceOptions())
+    assert plan.records["label"].to_pylist() == [None, None]
+    assert [m for m in caplog.messages if "unlabeled" in m] == [
+        f"{tmp_path}/cifake.zip: images below a folder named 'FAKE' are unlabeled: label folders are named exactly "
+        "0_real / 1_fake (or nature / ai), as the official evaluation reads them; rename the folders, or give a "
+        "manifest with a label column, for metrics"]
+
 
 def test_every_file_is_an_image_with_extensions_star_names_without_one_too(tmp_path):
     """A store naming its images by their hash (no extension): '*' plans every file."""

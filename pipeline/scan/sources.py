@@ -556,6 +556,25 @@ def record_batches(uri: str, options: SourceOptions, images: FolderImages | None
     return (b for f in files for b in manifest_batches(f, options.columns))
 
 
+def warn_label_like(uri: str, folder: str) -> None:
+    logging.getLogger("mirror").warning(
+        "%s: images below a folder named %r are unlabeled: label folders are named exactly 0_real / 1_fake "
+        "(or nature / ai), as the official evaluation reads them; rename the folders, or give a manifest "
+        "with a label column, for metrics", uri, folder)
+
+
+LABEL_LIKE_LOOKS = 64  # unlabeled samples of a shard whose folders are looked at for a label-like name
+
+
+def sample_label_like(samples: pa.Table, shard: str, root: str) -> str | None:
+    """The first folder named like a label (`labels.label_like`) above one of a shard's
+    first unlabeled samples, outside the shard or inside it ('train/REAL/x.jpg' in a zip)."""
+    unlabeled = samples.filter(samples["label"].is_null()).slice(0, LABEL_LIKE_LOOKS)["uri"].to_pylist()
+    outside = webdataset.shard_folders(shard, root)
+    keys = (uri[len(shard) + 1 :] for uri in unlabeled)
+    return next((like for key in keys if (like := label_like(outside + tuple(key.split("/")[:-1])))), None)
+
+
 def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, source: str,
                      sink: RecordsSink | None, update: TarShardUpdate | None = None) -> Plan:
     """Tar shards indexed and their samples planned (units never span two shards; a unit's
@@ -566,7 +585,7 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, 
     shards = tar_files(uri, listed_paths(listing))
     if not shards:
         raise ValueError(f"input {uri} holds no .tar or .zip shards")
-    indexed, units, held, first = [], [], [], 0
+    indexed, units, held, first, like = [], [], [], 0, None
     group: list[tuple[pa.Table, str]] = []  # whole shards' samples (and version), planned together
 
     def plan_group() -> None:
@@ -583,6 +602,7 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, 
                                                   options.index_on_cluster, options.address, options.columns.label,
                                                   input_root(uri)):
         version = row["version"]
+        like = like or sample_label_like(samples, row["uri"], input_root(uri))
         if update is not None:
             row = update.indexed(row["uri"], samples, row)
             samples = samples.filter(pa.array(~update.known.contains(samples["uri"])))
@@ -592,6 +612,8 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, 
             plan_group()
     if group:
         plan_group()
+    if like:
+        warn_label_like(uri, like)
     records = pa.concat_tables(held) if held else pa.table({})
     all_indexed = update.finish(indexed) if update is not None else pa.Table.from_pylist(indexed, webdataset.SHARDS_SCHEMA)
     return Plan(uri, "webdataset", units, records, pc.sum(all_indexed["no_image"]).as_py() or 0, all_indexed)
@@ -622,10 +644,7 @@ def plan_source(uri: str, options: SourceOptions, sink: RecordsSink | None = Non
     if fmt in ("folder", "manifest"):
         units, records = chunked_units(record_batches(uri, options, images, listing), options.unit_size, uri, sink)
         if images is not None and images.notes.get("label_like"):
-            logging.getLogger("mirror").warning(
-                "%s: images below a folder named %r are unlabeled: label folders are named exactly 0_real / 1_fake "
-                "(or nature / ai), as the official evaluation reads them; rename the folders, or give a manifest "
-                "with a label column, for metrics", uri, images.notes["label_like"])
+            warn_label_like(uri, images.notes["label_like"])
         return Plan(uri, fmt, units, records, images.skipped if images is not None else 0)
     if fmt == "parquet":
         return Plan(uri, fmt, shard_units(shard_files(uri, listed_paths(listing)), options.columns), pa.table({}))
