@@ -113,3 +113,31 @@ def test_a_zip_on_s3_is_planned_in_a_few_requests_whatever_its_members(monkeypat
 
     figures = zip_figures(3000, delay_s=0.0)
     assert figures["members"] == 3000 and figures["get_requests"] <= 4, figures
+
+
+def test_a_zip_downloaded_again_with_other_images_is_scored_again_by_update(ray_local, parity_bundle, tmp_path):
+    """A zip written again holds other bytes at the planned offsets: never read by them
+    (`shard changed`), and `--update` indexes it again, scoring what it holds now."""
+    def write_zip(seeds: dict[str, int]):
+        with zipfile.ZipFile(tmp_path / "zips" / "corpus.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, seed in seeds.items():
+                archive.writestr(name, write_image(tmp_path / "now" / name, seed=seed))
+
+    (tmp_path / "zips").mkdir()
+    write_zip({"0_real/a.jpg": 1, "1_fake/b.jpg": 2})
+    out, cfg = tmp_path / "out", ScanConfig(unit_size=2)
+    assert run_scan(str(parity_bundle), str(tmp_path / "zips"), str(out), cfg)["rows_out"] == 2
+    for stale in (tmp_path / "now").rglob("*.jpg"):
+        stale.unlink()
+    write_zip({"1_fake/b.jpg": 12, "0_real/c.jpg": 13, "0_real/a.jpg": 11})  # changed, reordered, one new
+    (part,) = (out / "scores").glob("part-*.parquet")
+    part.unlink()  # a run interrupted before its unit was committed
+    resumed = run_scan(str(parity_bundle), str(tmp_path / "zips"), str(out), cfg)
+    assert resumed["errors_by_kind"] == {"shard changed": 2}
+    updated = run_scan(str(parity_bundle), str(tmp_path / "zips"), str(out), ScanConfig(unit_size=2, update=True))
+    assert updated["update"]["files_changed"] == 1 and updated["rows_out"] == 3 and updated["errors"] == 0
+    run_scan(str(parity_bundle), str(tmp_path / "now"), str(tmp_path / "reference"), ScanConfig())
+    reference = {r["uri"][len(str(tmp_path / "now")) + 1 : -4]: r["prob_fake"]
+                 for r in pq.read_table(tmp_path / "reference" / "scores").to_pylist()}
+    rows = {r["uri"].split("#", 1)[1]: r["prob_fake"] for r in pq.read_table(out / "scores").to_pylist()}
+    assert rows == pytest.approx(reference, abs=1e-6) and len(rows) == 3
