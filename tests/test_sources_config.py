@@ -110,7 +110,7 @@ def test_decode_and_scorer_yield_one_row_per_record(tmp_path, parity_bundle):
     part_file = tmp_path / "scan" / "scores" / "part-u1.parquet"
     assert record | {"decode_s": 0, "score_s": 0, "writer_pid": 0, "writer_node": ""} == {
         "store": str(tmp_path / "scan"), "unit_id": "u1", "rows": 4, "errors": 3, "decode_s": 0, "score_s": 0,
-        "labeled": 1, "part_bytes": part_file.stat().st_size, "part_version": str(part_file.stat().st_mtime),
+        "labeled": 1, "flagged": int(out["pred"].to_pylist()[0]), "part_bytes": part_file.stat().st_size, "part_version": str(part_file.stat().st_mtime),
         "error_kinds": json.dumps({"decode failed: UnidentifiedImageError": 1, "empty file (0 bytes)": 1,
                                    "read failed: FileNotFoundError": 1}),
         "readout": scorer.detector.readout, "replicas": scorer.replica, "writer_node": "", "writer_pid": 0,

@@ -2,11 +2,12 @@
 import json
 import shutil
 
+import pyarrow.parquet as pq
 from conftest import write_image
 
 from pipeline.commands.cli import main
 from pipeline.scan.config import ScanConfig
-from pipeline.scan.run import run_scan
+from pipeline.scan.run import run_scan, summary_line
 
 
 def test_status_says_how_far_a_scan_has_got_without_ray(ray_local, parity_bundle, tmp_path, capsys):
@@ -32,12 +33,16 @@ def test_status_says_how_far_a_scan_has_got_without_ray(ray_local, parity_bundle
     assert planned["records"] == {"total": 6, "committed": 0, "left": 6} and planned["complete"] is False
     assert planned["units"] == {"total": 3, "committed": 0, "left": 3} and planned["input"] == str(tmp_path / "in")
 
-    run_scan(str(parity_bundle), str(tmp_path / "in"), str(out), ScanConfig(unit_size=2))
+    summary = run_scan(str(parity_bundle), str(tmp_path / "in"), str(out), ScanConfig(unit_size=2))
     assert main(["status", "--output", str(out), "--json"]) == 0
     done = json.loads(capsys.readouterr().out)
     assert done["complete"] is True and done["records"]["left"] == 0 and done["parts_not_in_plan"] == 0
-    assert done["counted"] == {"parts": 3, "rows": 6, "errors": 1,
+    flagged = pq.read_table(out / "scores")["pred"].to_pylist().count(1)  # scored fake
+    assert done["counted"] == {"parts": 3, "rows": 6, "errors": 1, "flagged": flagged,
                                "errors_by_kind": {"decode failed: UnidentifiedImageError": 1}}
+    assert json.loads((out / "summary.json").read_text())["flagged"] == flagged
+    assert f"5 scored, 1 errors (decode failed: UnidentifiedImageError 1); {flagged} flagged fake " \
+           f"({100 * flagged / 5:.1f}% of scored); this run" in summary_line(summary)
     # parts committed since the last summary: counted on request, read and nothing written
     tallies = out / "_summary" / "part_tallies.parquet"
     kept = tallies.read_bytes()
@@ -53,7 +58,7 @@ def test_status_says_how_far_a_scan_has_got_without_ray(ray_local, parity_bundle
     assert main(["status", "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert "committed: 4 records (66.7%) in 2 units; left: 2 records in 1 units (rerun the scan to finish)" in text
-    assert "counted parts: 4 rows" in text
+    assert "counted parts: 4 rows" in text and " flagged fake" in text
 
     # an audit's output, a benchmark run's: each scan below it
     shutil.copytree(out, tmp_path / "audit" / "scan")

@@ -61,6 +61,7 @@ def expected_summary(parts: dict[str, pa.Table]) -> dict:
     metrics = binary_metrics(labeled["label"].to_numpy(), labeled["prob_fake"].to_numpy(), labeled["pred"].to_numpy())
     kinds = collections.Counter(e.split(":")[0] for e in rows["error"].drop_null().to_pylist())
     return {"rows_out": rows.num_rows, "errors": errors, "scored": rows.num_rows - errors,
+            "flagged": int(np.sum(rows["pred"].to_numpy(zero_copy_only=False) == 1)),
             "ALL": {**metrics, "n": labeled.num_rows}, "errors_by_kind": dict(kinds.most_common())}
 
 
@@ -75,7 +76,7 @@ def committed(bucket: str, n: int, seed: int) -> tuple[ScanStore, dict[str, pa.T
 
 
 def figures(summary: dict) -> dict:
-    return {**{k: summary[k] for k in ("rows_out", "errors", "scored", "errors_by_kind")},
+    return {**{k: summary[k] for k in ("rows_out", "errors", "scored", "flagged", "errors_by_kind")},
             "ALL": summary["metrics"]["ALL"]}
 
 
@@ -129,7 +130,8 @@ def test_a_later_summary_reads_only_the_parts_it_has_not_counted_or_kept_the_lab
     out.fs.rm(out.path(out.part_name("00022")))
     part_reads(through_proxy)
     unknown = pa.table({"unit_id": ["00020", "00024"], "bytes": [1, 1], "version": [None, None], "rows": [0, 0],
-                        "errors": [0, 0], "labeled": [0, 0], "error_kinds": [None, None]}, schema=TALLY_SCHEMA)
+                        "errors": [0, 0], "labeled": [0, 0], "flagged": [0, 0], "error_kinds": [None, None]},
+                       schema=TALLY_SCHEMA)
     summary = summarize(ScanStore(out.uri), 999, 0, {}, written=unknown)
     assert figures(summary) == expected_summary(parts)
     assert part_reads(through_proxy) == ["00019", "00020", "00021", "00024"]  # labeled or not: changed or new

@@ -35,6 +35,7 @@ from pipeline.scan.schema import (
     UNIT_TARGET,
     conform,
     error_kind_counts,
+    flagged_count,
     scored_labeled,
     unpack_records,
 )
@@ -43,7 +44,8 @@ WRITER_METADATA = b"mirror_writer"  # part files record which node and process w
 
 COMPLETION_SCHEMA = pa.schema([
     ("store", pa.string()), ("unit_id", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
-    ("labeled", pa.int64()), ("error_kinds", pa.string()), ("part_bytes", pa.int64()), ("part_version", pa.string()),
+    ("labeled", pa.int64()), ("flagged", pa.int64()), ("error_kinds", pa.string()), ("part_bytes", pa.int64()),
+    ("part_version", pa.string()),
     ("decode_s", pa.float64()), ("score_s", pa.float64()), ("readout", pa.string()), ("replicas", pa.string()),
     ("cpu_decoded_in_gpu_mode", pa.int64()), ("jpeg_region_decoded", pa.int64()),
     ("writer_node", pa.string()), ("writer_pid", pa.int64()),
@@ -124,7 +126,7 @@ def _commit_unit(batch: pa.Table, key: str, writer: dict, faults) -> dict:
     # while the listing shows it as written
     return {"store": target["store"], "unit_id": target["unit_id"], "rows": rows.num_rows,
             "errors": rows.num_rows - rows["error"].null_count, "labeled": scored_labeled(rows).num_rows,
-            "error_kinds": error_kind_counts(rows), "part_bytes": size, "part_version": version,
+            "flagged": flagged_count(rows), "error_kinds": error_kind_counts(rows), "part_bytes": size, "part_version": version,
             "decode_s": float(pc.sum(scored[DECODE_SECONDS]).as_py() or 0),
             "score_s": float(pc.sum(scored[SCORE_SECONDS]).as_py() or 0),
             "readout": ",".join(sorted(set(scored[READOUT].to_pylist()) - {None})),

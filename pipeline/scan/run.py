@@ -161,7 +161,7 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
 
 # TALLY_SCHEMA's columns from a completion record's fields
 TALLY_FROM_RECORD = {"unit_id": "unit_id", "bytes": "part_bytes", "version": "part_version", "rows": "rows",
-                     "errors": "errors", "labeled": "labeled", "error_kinds": "error_kinds"}
+                     "errors": "errors", "labeled": "labeled", "flagged": "flagged", "error_kinds": "error_kinds"}
 
 
 @dataclass
@@ -446,7 +446,9 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
 def summary_line(summary: dict[str, Any]) -> str:
     run = summary["this_run"]
     why = most_frequent_kinds(summary.get("errors_by_kind", {}))
+    flagged = summary["flagged"]
+    share = f" ({100 * flagged / summary['scored']:.1f}% of scored)" if summary["scored"] else ""
     return (f"{summary['rows_out']}/{summary['rows_in']} rows: {summary['scored']} scored, {summary['errors']} errors"
-            f"{f' ({why})' if why else ''}; "
+            f"{f' ({why})' if why else ''}; {flagged} flagged fake{share}; "
             f"this run {run['rows']} rows in {run['wall_s']:.1f}s ({run['images_per_s'] or 0:.1f} img/s); "
             f"scores: {summary['scores']}  summary: {summary['output']}/summary.json")

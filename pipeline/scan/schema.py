@@ -118,6 +118,11 @@ def scored_labeled(rows: pa.Table) -> pa.Table:
     return rows.filter(pc.and_(rows["error"].is_null(), rows["label"].is_valid()))
 
 
+def flagged_count(rows: pa.Table) -> int:
+    """Output rows the threshold decides are fake (pred 1)."""
+    return int(pc.sum(pc.equal(rows[PRED], 1)).as_py() or 0)
+
+
 def error_kind_counts(rows: pa.Table) -> str:
     """How many error rows of each kind (`mirror_core.errors.error_kind`) the rows hold, as
     JSON ('{"read failed: FileNotFoundError": 3}'): what a part reports for the summary."""

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mirror_core.errors import most_frequent_kinds
-from pipeline.scan.schema import error_kind_counts
+from pipeline.scan.schema import PRED, error_kind_counts, flagged_count
 from pipeline.scan.store import PART_FIELDS, RUNNING_FILE, ScanStore, run_alive
 from pipeline.scan.summary import errors_by_kind, kept_tallies
 from pipeline.storage import Location
@@ -71,11 +71,11 @@ def scan_status(output_uri: str, count: bool = False) -> dict[str, Any]:
     committed = sum(rows[u] for u in done)
     total = sum(rows.values())
     counted = kept_tallies(out).join(parts, PART_FIELDS, join_type="inner").select(["unit_id", "rows", "errors",
-                                                                                    "error_kinds"])
+                                                                                    "flagged", "error_kinds"])
     if count:
         uncounted = set(done) - set(counted["unit_id"].to_pylist())
-        read = [(unit, part.num_rows, part.num_rows - part["error"].null_count, error_kind_counts(part))
-                for unit, part in out.scores_by_unit(["error"], uncounted)]
+        read = [(unit, part.num_rows, part.num_rows - part["error"].null_count, flagged_count(part),
+                 error_kind_counts(part)) for unit, part in out.scores_by_unit(["error", PRED], uncounted)]
         counted = pa.concat_tables([counted, pa.Table.from_pylist(
             [dict(zip(counted.column_names, values)) for values in read], counted.schema)])
     return {**status, "planned": True, "input_format": plan.input_format, "complete": len(done) == len(rows),
@@ -85,6 +85,7 @@ def scan_status(output_uri: str, count: bool = False) -> dict[str, Any]:
             "parts_not_in_plan": parts.num_rows - len(done),
             "counted": {"parts": counted.num_rows, "rows": int(pc.sum(counted["rows"]).as_py() or 0),
                         "errors": int(pc.sum(counted["errors"]).as_py() or 0),
+                        "flagged": int(pc.sum(counted["flagged"]).as_py() or 0),
                         "errors_by_kind": errors_by_kind(counted)}}
 
 
@@ -113,7 +114,7 @@ def status_lines(status: dict[str, Any]) -> list[str]:
     if counted["parts"]:
         kinds = most_frequent_kinds(counted["errors_by_kind"])
         lines.append(f"  counted parts: {counted['rows']:,} rows, {counted['errors']:,} errors"
-                     + (f" ({kinds})" if kinds else ""))
+                     + (f" ({kinds})" if kinds else "") + f", {counted['flagged']:,} flagged fake")
     if uncounted:
         lines.append(f"  {uncounted:,} committed parts are counted by the next summary (a run's end), or now "
                      "with --count")

@@ -27,13 +27,13 @@ import pyarrow.compute as pc
 
 from mirror_core.errors import by_frequency
 from mirror_core.metrics import binary_metrics
-from pipeline.scan.schema import error_kind_counts, scored_labeled
+from pipeline.scan.schema import error_kind_counts, flagged_count, scored_labeled
 from pipeline.scan.store import PART_FIELDS, ScanStore
 
 PART_TALLIES = "_summary/part_tallies.parquet"
 TALLY_SCHEMA = pa.schema([("unit_id", pa.string()), ("bytes", pa.int64()), ("version", pa.string()),
                           ("rows", pa.int64()), ("errors", pa.int64()), ("labeled", pa.int64()),
-                          ("error_kinds", pa.string())])  # JSON: error rows per kind
+                          ("flagged", pa.int64()), ("error_kinds", pa.string())])  # JSON: error rows per kind
 LABELED_ROWS = "labeled_rows"  # the file below LABELED_DIR keeping a part's scored labeled rows
 KEPT_SCHEMA = TALLY_SCHEMA.append(pa.field(LABELED_ROWS, pa.string()))  # PART_TALLIES' columns
 LABELED_DIR = "_summary/labeled"
@@ -46,7 +46,8 @@ LABELED_SCHEMA = pa.schema([("unit_id", pa.string()), ("label", pa.int64()), ("s
 
 def kept_tallies(out: ScanStore) -> pa.Table:
     """The counts kept by the last summary (KEPT_SCHEMA; empty where none, or in a form
-    not understood). Counts kept before labeled rows were serve, their rows unkept."""
+    not understood, such as counts without flagged rows: every part is then counted again,
+    once). Counts kept before labeled rows were serve, their rows unkept."""
     kept = out.read_parquet(PART_TALLIES)
     if kept is not None and kept.schema.equals(TALLY_SCHEMA):
         kept = kept.append_column(LABELED_ROWS, pa.nulls(kept.num_rows, pa.string()))
@@ -71,12 +72,12 @@ def part_tallies(out: ScanStore, written: pa.Table | None) -> tuple[pa.Table, pa
     rows_kept = pc.is_in(known[LABELED_ROWS], pa.array(sorted(files), pa.string())).fill_null(False)
     reused = known.filter(pc.or_(pc.equal(known["labeled"], 0), rows_kept))  # a labeled part's rows: kept
     to_read = set(parts["unit_id"].to_pylist()) - set(reused["unit_id"].to_pylist())
-    counts = {"unit_id": [], "rows": [], "errors": [], "labeled": [], "error_kinds": []}
+    counts = {"unit_id": [], "rows": [], "errors": [], "labeled": [], "flagged": [], "error_kinds": []}
     read: list[pa.Table] = []
     for unit, part in out.scores_by_unit(SUMMARY_COLUMNS, to_read):
         rows = scored_labeled(part)
         for name, value in zip(counts, (unit, part.num_rows, part.num_rows - part["error"].null_count, rows.num_rows,
-                                        error_kind_counts(part))):
+                                        flagged_count(part), error_kind_counts(part))):
             counts[name].append(value)
         if rows.num_rows:
             read.append(pa.table([pa.array([unit] * rows.num_rows, pa.string())] + rows.select(METRIC_COLUMNS).columns,
@@ -121,6 +122,7 @@ def summarize(out: ScanStore, rows_in: int, skipped_by_extension: int, extra: di
     n = int(pc.sum(tallies["rows"]).as_py() or 0)
     errors = int(pc.sum(tallies["errors"]).as_py() or 0)
     summary = {"rows_in": rows_in, "rows_out": n, "scored": n - errors, "errors": errors,
+               "flagged": int(pc.sum(tallies["flagged"]).as_py() or 0),  # scored fake (pred 1)
                "errors_by_kind": errors_by_kind(tallies), "skipped_by_extension": skipped_by_extension, **extra}
     if labeled is not None:
         summary["metrics"] = {"ALL": _metrics(labeled)}
