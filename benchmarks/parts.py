@@ -65,6 +65,7 @@ def part_bytes(rows: int, seed: int, labeled: bool = False) -> bytes:
 
 def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
     import pyarrow as pa
+    import pyarrow.parquet as pq
     import s3fs
     from s3_faults import FaultProxy
 
@@ -75,6 +76,7 @@ def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
 
     bodies = [part_bytes(rows, seed, labeled=False) for seed in range(4)]  # parts differ; four are enough
     bodies += [part_bytes(rows, seed, labeled=True) for seed in range(4)]
+    flagged = [pq.read_table(io.BytesIO(body))["pred"].to_pylist().count(1) for body in bodies[:4]]  # per part
     keys = [f"{scan}/scores/part-{i:08d}.parquet" for scan in ("scan", "labeled") for i in range(parts)]
     result = {"parts": parts, "rows_per_part": rows, "part_kb": round(len(bodies[0]) / 1024, 1), "delay_s": delay_s}
     with moto_bucket("scans", keys, lambda i: bodies[i % 4 + 4 * (i >= parts)]) as upstream, \
@@ -96,13 +98,15 @@ def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
                            f"{name}_max_in_flight": proxy.max_in_flight})
 
         def right(s):
-            return s["rows_out"] == parts * rows and s["errors"] == parts * ERRORS_PER_PART
+            return s["rows_out"] == parts * rows and s["errors"] == parts * ERRORS_PER_PART and \
+                s["flagged"] == sum(flagged[i % 4] for i in range(parts))
 
         timed("summary", lambda: summarize(out, parts * rows, 0, {}, written=None), right)
         timed("summary_again", lambda: summarize(out, parts * rows, 0, {}, written=None), right)
         listed = out.committed_parts()  # what the writers would have reported: the parts as written
         reported = pa.table({**{name: listed[name] for name in listed.column_names},
                              "rows": [rows] * parts, "errors": [ERRORS_PER_PART] * parts, "labeled": [0] * parts,
+                             "flagged": [flagged[i % 4] for i in range(parts)],
                              "error_kinds": [json.dumps({"cannot identify image": ERRORS_PER_PART - 1, "read failed": 1})] * parts},
                             schema=TALLY_SCHEMA)
         out.fs.rm(out.path(PART_TALLIES))
