@@ -94,6 +94,25 @@ def test_phase1_from_a_backbone_directory_lowers_reconstruction(ray_local, tmp_p
     assert card["train_images"] + card["val_images"] == 20
 
 
+def test_a_held_out_split_of_unusable_images_validates_to_nan_not_a_crash(ray_local, tmp_path):
+    """Every held-out image broken: the epochs train, their validation is NaN (no image to
+    measure on), and the model card names the skipped images."""
+    import math
+
+    cfg, weights = tiny(seed=2)
+    save_bundle(str(tmp_path / "base"), cfg, weights)
+    root = labeled_folder(tmp_path / "train", 24, seed=6)
+    held = [p for p in sorted(root.rglob("*.png")) if is_held_out([str(p.relative_to(root))], 0.25)[0]]
+    for path in held:
+        path.write_bytes(b"\x89PNG but nothing after")
+    assert main(detector_args(tmp_path / "base", root, tmp_path / "out", tmp_path / "store", epochs=1)) == 0
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    (epoch,) = card["history"]
+    assert card["val_images"] == len(held) > 0 and epoch["val_skipped_images"] == len(held)
+    assert math.isnan(epoch["val_bal_acc"]) and epoch["val_n"] == 0 and not math.isnan(epoch["train_loss"])
+    assert card["skipped_images"]["val"]["count"] == len(held)
+
+
 RESUME_EPOCHS = 5  # the kill must land between the first registered checkpoint and the end
 
 

@@ -275,8 +275,11 @@ def _validate(model, phase: int, device, binary_metrics, skips: Skips) -> dict[s
             else:
                 probs += model(images).prob_fake.float().cpu().tolist()
                 labels += batch_labels.astype(int).tolist()
-    if phase == 1:
-        return {"val_reconstruction": sum(t for t, _ in recon) / max(1, sum(n for _, n in recon))}
+    if phase == 1:  # NaN where no held-out image could be used (`skips` says why)
+        n = sum(n for _, n in recon)
+        return {"val_reconstruction": sum(t for t, _ in recon) / n if n else float("nan")}
+    if not labels:
+        return {"val_bal_acc": float("nan"), "val_auc": float("nan"), "val_n": 0}
     m = binary_metrics(labels, probs, (np.array(probs) > 0.5).astype(int))
     return {"val_bal_acc": m["Bal_Acc"], "val_auc": m["AUC"], "val_n": len(labels)}
 
