@@ -14,7 +14,6 @@ arrive in a fixed order, and every epoch seeds its own generators). The result i
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -27,7 +26,6 @@ import numpy as np
 
 from mirror_core.bundle import Bundle, load_bundle, save_bundle
 from mirror_core.config import MemoryConfig, MirrorConfig
-from mirror_core.errors import by_frequency, error_kind, most_frequent_kinds
 from mirror_core.train.loop import trained_weights
 from mirror_core.uri import join_uri
 from mirror_core.weights import MirrorWeights
@@ -37,6 +35,7 @@ from pipeline.scan.isolation import decode_attempts
 from pipeline.storage import Location
 from pipeline.train.data import TrainingData, plan_training_data, training_datasets
 from pipeline.train.prepare import CROPS, OK, PREPARED_BY, SKIP_REASON, epoch_clock
+from pipeline.train.skips import Skips, warn_skipped
 
 
 @dataclass
@@ -78,48 +77,6 @@ def base_model(base: str, memory: MemoryConfig | None = None) -> Bundle:
     weights = MirrorWeights(backbone=read_backbone_weights(base), lora=lora,
                             mirror={k: v for k, v in state.items() if not k.startswith("backbone.")})
     return Bundle(cfg, weights, "untrained")
-
-
-NAMED_SKIPS = 20  # skipped images a model card names per split (all are counted, by kind)
-
-
-@dataclass
-class Skips:
-    """A split's skipped images in an epoch: how many, by kind of error, the first few named."""
-    count: int = 0
-    by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
-    named: list[dict[str, str]] = dataclasses.field(default_factory=list)
-
-    def add(self, uris, reasons) -> None:
-        for uri, reason in zip(uris, reasons):
-            if reason is None:
-                continue
-            self.count += 1
-            kind = error_kind(reason)
-            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
-            if len(self.named) < NAMED_SKIPS:
-                self.named.append({"uri": uri, "reason": reason})
-
-    def merge(self, other: Skips) -> Skips:
-        for kind, n in other.by_kind.items():
-            self.by_kind[kind] = self.by_kind.get(kind, 0) + n
-        self.count += other.count
-        self.named = (self.named + other.named)[:NAMED_SKIPS]
-        return self
-
-    def report(self) -> dict[str, Any]:
-        return {"count": self.count, "by_kind": by_frequency(self.by_kind), "named": self.named}
-
-
-def _all_workers(skips: Skips) -> Skips:
-    """Every worker's skips of the train split (each worker reads its own shard of it)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return skips
-    gathered: list[Skips | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, skips)
-    return functools.reduce(Skips.merge, gathered[1:], gathered[0])
 
 
 def _ready(batch: dict, skips: Skips) -> tuple[np.ndarray, np.ndarray, int]:
@@ -195,7 +152,7 @@ def train_loop(config: dict) -> None:
             loss = trainer.step(torch.from_numpy(crops).to(device), targets, weight)["loss"]
             if weight:
                 losses.append(loss)
-        skipped, val_skipped = _all_workers(skipped), Skips()
+        skipped, val_skipped = skipped.of_all_workers(), Skips()
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "skipped_images": skipped.count, "prepared_in_training_worker": prepared_here}
         with trainer.averaged():
@@ -207,7 +164,7 @@ def train_loop(config: dict) -> None:
             said = {k: v for k, v in metrics.items() if k != "epoch"}
             log.info("epoch %d/%d: %s", epoch + 1, tc.epochs, metrics_line(said))
             if epoch == start_epoch:  # the same files every epoch: named once, and in the model card
-                _warn_skipped(skipped, val_skipped)
+                warn_skipped(skipped, val_skipped)
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 save_file(exported, os.path.join(d, EXPORT))  # what the bundle gets (the EMA with --ema)
@@ -242,15 +199,6 @@ def phase_trainer(model, tc: TrainConfig, total_steps: int, device):
 # A checkpoint: EXPORT (the weights a bundle gets), TRAINER_STATE (to resume exactly), meta.json.
 EXPORT = "export.safetensors"
 TRAINER_STATE = "trainer.pt"
-
-
-def _warn_skipped(train: Skips, val: Skips) -> None:
-    for split, skips in (("training", train), ("held-out", val)):
-        if skips.count:
-            example = skips.named[0]
-            log.warning("%s %s images could not be used (%s), e.g. %s: %s; model_card.json names up to %d",
-                        f"{skips.count:,}", split, most_frequent_kinds(skips.by_kind), example["uri"],
-                        example["reason"], NAMED_SKIPS)
 
 
 def _validate(model, phase: int, device, binary_metrics, skips: Skips) -> dict[str, float]:
