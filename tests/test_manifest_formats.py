@@ -145,6 +145,13 @@ def test_a_folder_of_compressed_manifests_plans_them_and_not_its_readme(tmp_path
     (tmp_path / "notes" / "README.txt").write_text("see https://example.org\n")
     with pytest.raises(ValueError, match="holds no images .* no Parquet files and no manifests"):
         detect_format(str(tmp_path / "notes"), SourceOptions())
+    for name in ("000.tar.gz", "001.tgz"):  # compressed shards: named, with what to do
+        (tmp_path / "notes" / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"it holds 2 compressed tar files, 1 \.txt file \(a compressed tar cannot "
+                                         r"be read by range: decompress it to \.tar"):
+        detect_format(str(tmp_path / "notes"), SourceOptions())
+    with pytest.raises(ValueError, match=r"000\.tar\.gz is a file that is neither .* \(a compressed tar cannot"):
+        detect_format(str(tmp_path / "notes" / "000.tar.gz"), SourceOptions())
     assert detect_format(str(tmp_path / "notes" / "README.txt"), SourceOptions()) == "manifest"
 
 

@@ -251,7 +251,8 @@ def test_every_file_is_an_image_with_extensions_star_names_without_one_too(tmp_p
     write_image(tmp_path / "store" / "ab" / "abf00d", fmt="JPEG")
     write_image(tmp_path / "store" / "cd" / "cd0042", fmt="PNG")
     (tmp_path / "store" / "cd" / "cd0042.json").write_text("{}")  # a sidecar: an error row, as asked
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(ValueError, match=r"holds no images .*; it holds 2 files without an extension, 1 \.json file "
+                                         r"\(--extensions '\*' reads every file as an image\)$"):
         plan_source(str(tmp_path / "store"), SourceOptions())
     plan = plan_source(str(tmp_path / "store"), SourceOptions(extensions=("*",)))
     assert [u.rsplit("/", 2)[-2:] for u in plan.records["uri"].to_pylist()] == [

@@ -495,7 +495,8 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
             if suffix(image_name(base)) in wanted:
                 return "folder"
             raise ValueError(f"input {uri} is a file that is neither an image ({', '.join(options.extensions)}) nor "
-                             "a manifest (.csv/.tsv/.txt/.jsonl, .parquet), a Parquet shard or a .tar or .zip shard")
+                             "a manifest (.csv/.tsv/.txt/.jsonl, .parquet), a Parquet shard or a .tar or .zip shard"
+                             + file_hint(base))
         if not fs.isdir(base):
             raise FileNotFoundError(f"input {uri} does not exist")
         files = list_files(uri)
@@ -509,7 +510,41 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     if any(is_listed_manifest(p) for p in files):
         return "manifest"
     raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar or .zip shards, no Parquet "
-                     "files and no manifests")
+                     f"files and no manifests{what_files_are(files)}")
+
+
+COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+FILE_KIND_HINTS = {  # what to do about files of this kind
+    "compressed tar": "a compressed tar cannot be read by range: decompress it to .tar (gunzip, zstd -d)",
+    ".7z": "unpack it, or pack it again as .zip or .tar", ".rar": "unpack it, or pack it again as .zip or .tar",
+    "": "--extensions '*' reads every file as an image",
+}
+
+
+def file_kind(path: str) -> str:
+    """A file's extension, lower-case, or 'compressed tar' ('' for none)."""
+    return "compressed tar" if path.lower().endswith(COMPRESSED_TARS) else suffix(path)
+
+
+def kind_hint(kind: str) -> str:
+    return FILE_KIND_HINTS.get(kind, f"--extensions {kind.lstrip('.')} reads {kind} files as images")
+
+
+def file_hint(path: str) -> str:
+    """' (what to do)' about one file given as the input, where its kind has a hint ('' else)."""
+    kind = file_kind(path)
+    return f" ({FILE_KIND_HINTS[kind]})" if kind in FILE_KIND_HINTS else ""
+
+
+def what_files_are(files: list[str]) -> str:
+    """'; it holds 120 .tar.gz files, 3 .md files (hint)': the most frequent kinds of a
+    folder's files that no reader took, with what to do about the first ('' for none)."""
+    kinds = collections.Counter(file_kind(p) for p in files).most_common(3)
+    if not kinds:
+        return ""
+    named = ", ".join(f"{n:,} {k or 'file'}{' file' if k else ''}{'s' * (n > 1)}{' without an extension' * (k == '')}"
+                      for k, n in kinds)
+    return f"; it holds {named} ({kind_hint(kinds[0][0])})"
 
 
 Listing = list[tuple[str, str | None]]  # a folder's files (path, version), listed whole
