@@ -115,6 +115,21 @@ def read_ahead(read: Callable[[T], R], items: Iterable[T], threads: int, ahead: 
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def name_as_text(name: str) -> str:
+    """A name from the disk (or a tar) as text a column can hold: bytes that are not UTF-8
+    escaped ('caf\\xe9.png')."""
+    return name if is_utf8(name) else os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name from the disk (or an archive) is text (a name that is not UTF-8 comes with surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def local_spool(path: str) -> str:
     """Where a local file is written before it is renamed into place: beside it, hidden
     (a leading '.'), so that a process killed mid-write leaves nothing a reader of the

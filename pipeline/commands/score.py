@@ -44,7 +44,8 @@ def score_images(model: str, images: list[str], cfg: ScanConfig = ScanConfig(),
     from pipeline.scan.decode import decode_rows, numpy_batch
     from pipeline.scan.run import effective_config
     from pipeline.scan.scorer import Scorer
-    from pipeline.scan.sources import fetch_all, name_as_text
+    from pipeline.scan.sources import fetch_all
+    from pipeline.storage import name_as_text
 
     refuse_folders(images)
     device = score_device(device)

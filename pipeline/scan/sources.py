@@ -41,7 +41,7 @@ from pipeline.scan.manifest import (
 from pipeline.scan.schema import INDEX, RECORD_ERROR, UNIT, VERSION, shard_changed
 from pipeline.scan.tar_changes import KnownSamples, TarShardUpdate, listed_versions
 from pipeline.scan.uri_set import UriSet
-from pipeline.storage import listed_version, opened_version, read_ahead, resolve_relative
+from pipeline.storage import is_utf8, listed_version, name_as_text, opened_version, read_ahead, resolve_relative
 
 DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS  # what a folder scan lists unless --extensions says otherwise
 INPUT_FORMATS = ("auto", "folder", "parquet", "manifest", "webdataset")
@@ -214,20 +214,6 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
         if any(v is not None for v in rows[column]):
             table = table.append_column(column, pa.array(rows[column], pa.string()))
     return table
-
-
-def name_as_text(name: str) -> str:
-    """A name from the disk as text a column can hold: bytes that are not UTF-8 escaped ('caf\\xe9.png')."""
-    return name if is_utf8(name) else os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def is_utf8(name: str) -> bool:
-    """Whether a name from the disk is text (a name that is not UTF-8 comes with surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def list_images(root: str, extensions=DEFAULT_EXTENSIONS, files: list[str] | None = None) -> pa.Table:

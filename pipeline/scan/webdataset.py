@@ -37,7 +37,7 @@ from mirror_core.preprocess import IMAGE_EXTENSIONS
 from pipeline.scan import zip_shards
 from pipeline.scan.labels import label_and_subset, label_value
 from pipeline.scan.schema import shard_changed
-from pipeline.storage import current_version, opened_version, read_ahead, relative_paths
+from pipeline.storage import current_version, name_as_text, opened_version, read_ahead, relative_paths
 
 TEXT_EXTENSIONS = ("json", "txt")  # carried as strings in every row; other members as binary
 MEMBERS = "_wds_members"  # plan records: JSON {extension: span} of the sample (tar: [offset, size]; zip: zip_shards)
@@ -132,11 +132,11 @@ def _tar_members(f, size: int | None, read_now) -> tuple[list[tuple[str, list[in
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:
             for info in tar:
-                if info.isfile():
-                    members.append((info.name, [info.offset_data, info.size], None))
+                if info.isfile():  # a name that is not UTF-8 (read as the disk's: surrogates) is escaped
+                    members.append((name_as_text(info.name), [info.offset_data, info.size], None))
                     whole = size is None or info.offset_data + info.size <= size  # else the sample is cut
                     if whole and read_now(info.name):  # small members (labels, .json)
-                        content[info.name] = tar.extractfile(info).read()
+                        content[members[-1][0]] = tar.extractfile(info).read()
             end = tar.offset
     except (tarfile.TarError, OSError, EOFError) as err:
         stopped = error_text(err)
