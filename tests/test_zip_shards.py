@@ -39,9 +39,16 @@ def write_archives(root, folder):
         expected["1_fake/bzip"] = ("zip member compressed with method 12", 1)
         archive.writestr(zipfile.ZipInfo("0_real/flipped.jpg"), write_image(root.parent / "unused.jpg", seed=10))
         expected["0_real/flipped"] = ("zip member corrupt", 0)
+        archive.writestr(zipfile.ZipInfo("0_real/secret.jpg"), write_image(root.parent / "unused.jpg", seed=12))
+        expected["0_real/secret"] = ("zip member encrypted", 0)
     data = bytearray((root / "corpus.zip").read_bytes())
     at = data.index(b"0_real/flipped.jpg") + len("0_real/flipped.jpg") + 100  # inside its stored bytes
     data[at] ^= 0xFF
+    secret = b"0_real/secret.jpg"  # marked encrypted in its local header and its directory entry
+    for signature, flags_at, name_at in ((b"PK\x03\x04", 6, 30), (b"PK\x01\x02", 8, 46)):
+        header = next(i - name_at for i in range(len(data)) if data.startswith(secret, i)
+                      and data.startswith(signature, i - name_at))
+        data[header + flags_at] |= 0x1
     (root / "corpus.zip").write_bytes(bytes(data))
     with zipfile.ZipFile(root / "cut.zip", "w") as archive:
         archive.writestr("0_real/lost.jpg", write_image(root.parent / "unused.jpg", seed=11))
@@ -98,7 +105,7 @@ def test_a_zip_is_planned_from_its_directory_alone(tmp_path, monkeypatch):
                         or original(self, name, *a))
     plan = plan_source(str(tmp_path / "zips" / "corpus.zip"), SourceOptions())
     assert plan.input_format == "webdataset" and read == ["sample.json"]
-    assert plan.records.num_rows == 8
+    assert plan.records.num_rows == 9
 
 
 def test_a_zip_on_s3_is_planned_in_a_few_requests_whatever_its_members(monkeypatch):
