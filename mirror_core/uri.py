@@ -30,3 +30,17 @@ def image_name(uri: str) -> str:
         return uri
     parts = urlsplit(uri)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+# What operating systems leave beside images, never images themselves: macOS's AppleDouble
+# files ('._photo.jpg', its copies on other filesystems, and in zips below '__MACOSX/'),
+# folder settings and thumbnail caches.
+OS_METADATA_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
+OS_METADATA_FOLDER = "__MACOSX"
+
+
+def is_os_metadata(path: str) -> bool:
+    """Whether a file (its path, '/'-separated) is one an operating system made beside images."""
+    name = path.rsplit("/", 1)[-1]
+    return (name.startswith("._") or name.lower() in OS_METADATA_NAMES
+            or path.startswith(OS_METADATA_FOLDER + "/") or f"/{OS_METADATA_FOLDER}/" in path)

@@ -258,3 +258,28 @@ def test_every_file_is_an_image_with_extensions_star_names_without_one_too(tmp_p
     assert [u.rsplit("/", 2)[-2:] for u in plan.records["uri"].to_pylist()] == [
         ["ab", "abf00d"], ["cd", "cd0042"], ["cd", "cd0042.json"]]
     assert plan.skipped_by_extension == 0
+
+
+def test_what_an_operating_system_leaves_beside_images_is_left_out(tmp_path):
+    """macOS's AppleDouble twins ('._a.jpg', in zips below '__MACOSX/'), folder settings and
+    thumbnail caches are never images: left out (counted), even with --extensions '*'."""
+    import zipfile
+
+    from pipeline.scan.sources import SourceOptions, plan_source
+
+    image = write_image(tmp_path / "corpus" / "0_real" / "a.jpg")
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)
+    for name, data in (("0_real/._a.jpg", apple_double), (".DS_Store", b"\x00\x00\x00\x01Bud1"),
+                       ("0_real/Thumbs.db", bytes(16)), ("0_real/desktop.ini", b"[.ShellClassInfo]")):
+        (tmp_path / "corpus" / name).write_bytes(data)
+    for extensions in (SourceOptions().extensions, ("*",)):
+        plan = plan_source(str(tmp_path / "corpus"), SourceOptions(extensions=extensions))
+        assert plan.records["uri"].to_pylist() == [str(tmp_path / "corpus" / "0_real" / "a.jpg")], extensions
+        assert plan.skipped_by_extension == 4
+    with zipfile.ZipFile(tmp_path / "from-a-mac.zip", "w") as archive:  # as macOS's Finder zips a folder
+        archive.writestr("corpus/0_real/a.jpg", image)
+        archive.writestr("__MACOSX/corpus/0_real/._a.jpg", apple_double)
+        archive.writestr("corpus/.DS_Store", b"\x00\x00\x00\x01Bud1")
+    plan = plan_source(str(tmp_path / "from-a-mac.zip"), SourceOptions())
+    assert plan.records["uri"].to_pylist() == [f"{tmp_path}/from-a-mac.zip#corpus/0_real/a"]
+    assert plan.skipped_by_extension == 2

@@ -240,7 +240,8 @@ def test_shards_plan_a_group_at_a_time_as_all_at_once(tmp_path, monkeypatch):
 
 def test_a_member_name_that_is_not_utf8_is_escaped_and_its_sample_read(tmp_path):
     """Old archives name members in Latin-1: no text column holds such a name, so it is
-    escaped (as a folder's file name is), and the sample is read by its offsets as any."""
+    escaped (as a folder's file name is), and the sample is read by its offsets as any.
+    Hidden members plan as samples without an image."""
     from pipeline.scan.sources import SourceOptions, plan_source
     from pipeline.scan.webdataset import read_samples
 
@@ -248,8 +249,10 @@ def test_a_member_name_that_is_not_utf8_is_escaped_and_its_sample_read(tmp_path)
     with tarfile.open(tmp_path / "old.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
         add(tar, "1_fake/caf\xe9.jpg", image)
         add(tar, "1_fake/ok.jpg", image)
+        add(tar, ".keep", b"")  # hidden names (an empty key): no sample with an image, no crash
+        add(tar, "1_fake/._ok.jpg", b"\x00\x05\x16\x07")  # macOS's AppleDouble twin: left out
     plan = plan_source(str(tmp_path / "old.tar"), SourceOptions())
     assert plan.records["uri"].to_pylist() == [f"{tmp_path}/old.tar#1_fake/caf\\xe9", f"{tmp_path}/old.tar#1_fake/ok"]
-    assert plan.records["label"].to_pylist() == [1, 1]
+    assert plan.records["label"].to_pylist() == [1, 1] and plan.skipped_by_extension == 2
     _, names, payloads = read_samples(plan.records, 2, 2**20)
     assert names == ["1_fake/caf\\xe9.jpg", "1_fake/ok.jpg"] and payloads == [(image, None), (image, None)]

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
-from mirror_core.uri import image_name, is_web_url, is_within
+from mirror_core.uri import image_name, is_os_metadata, is_web_url, is_within
 from pipeline.scan import web, webdataset
 from pipeline.scan.changes import FileChanges, KnownFiles, shard_changes
 from pipeline.scan.image_column import ImageColumnError, class_label_names, find_image_column, split_image_column
@@ -180,7 +180,8 @@ def suffix(path: str) -> str:
 def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, base: str,
                   extensions=DEFAULT_EXTENSIONS, notes: dict | None = None) -> pa.Table:
     """Files of a folder (filesystem paths below `base`) -> uri, label, subset of its images,
-    in the given order; files of other extensions are left out. Given (path, version)
+    in the given order; files of other extensions are left out, and so are those an
+    operating system makes beside images (`uri.is_os_metadata`: macOS's '._photo.jpg'). Given (path, version)
     pairs, each image's version too (VERSION). `notes` gets "label_like": the first folder
     above an unlabeled image that is named like a label (`labels.label_like`)."""
     wanted = image_suffixes(extensions)
@@ -191,7 +192,7 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
     for listed in paths:  # string operations: pathlib would intern every name it parses
         path, version = listed if isinstance(listed, tuple) else (listed, None)
         *above, name = path[skip:].split("/")
-        if suffix(image_name(path) if web else name) not in wanted:
+        if suffix(image_name(path) if web else name) not in wanted or is_os_metadata(path):
             continue
         if above != folders:  # a directory's files come together: its label is found once
             folders = above
@@ -414,7 +415,7 @@ def _up_to_first_image(files: Iterator[tuple[str, str]], extensions: tuple[str, 
     head = []
     for path, version in files:
         head.append((path, version))
-        if suffix(path) in wanted:
+        if suffix(path) in wanted and not is_os_metadata(path):
             break
     return head
 
@@ -486,7 +487,7 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
         if not fs.isdir(base):
             raise FileNotFoundError(f"input {uri} does not exist")
         files = list_files(uri)
-    if any(suffix(p) in wanted for p in files):
+    if any(suffix(p) in wanted and not is_os_metadata(p) for p in files):
         return "folder"
     if any(webdataset.is_shard_name(p) for p in files):
         return "webdataset"

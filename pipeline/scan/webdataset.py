@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
+from mirror_core.uri import is_os_metadata
 from pipeline.scan import zip_shards
 from pipeline.scan.labels import label_and_subset, label_value
 from pipeline.scan.schema import shard_changed
@@ -86,9 +87,10 @@ def is_webdataset_uri(uri: str) -> bool:
 def split_key(name: str) -> tuple[str, str]:
     """'dir/000123.jpg' -> ('dir/000123', 'jpg'); the extension is everything after the
     first dot of the base name, lower-cased ('000123.seg.png' -> 'seg.png')."""
-    path = PurePosixPath(name)
-    stem, _, ext = path.name.partition(".")
-    return str(path.with_name(stem)), ext.lower()
+    path = PurePosixPath(name)  # './a//b.jpg' -> 'a/b.jpg'
+    stem, _, ext = path.name.partition(".")  # a hidden name ('.keep') has an empty stem: key 'dir/'
+    folder = str(path.parent)
+    return (stem if folder == "." else f"{folder}/{stem}"), ext.lower()
 
 
 TAR_PADDING_MAX = 64 * 1024  # end-of-archive blocks + record padding (10 KiB by default)
@@ -170,7 +172,11 @@ def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[di
     samples: dict[str, dict[str, list[int]]] = {}
     problems: dict[str, str] = {}  # per sample: why it cannot be read
     found: dict[str, dict] = {}  # per sample: its label member's text, its .json's label field
+    metadata = 0  # members an operating system made beside the images (never images)
     for name, span, problem in members:
+        if is_os_metadata(name):
+            metadata += 1
+            continue
         key, ext = split_key(name)
         samples.setdefault(key, {})[ext] = span
         if problem is None and size is not None and span[0] + span[1] > size:
@@ -179,7 +185,7 @@ def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[di
             problems.setdefault(key, problem)
         if name in content:
             found.setdefault(key, {})[ext] = content[name] if ext == label else _json_field(content[name], label)
-    records, no_image = [], 0
+    records, no_image = [], metadata
     outside = shard_folders(uri, root)
     for key, members_of in samples.items():
         image = next((e for e in members_of if e in IMAGE_EXTENSIONS), None)
