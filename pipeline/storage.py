@@ -195,8 +195,13 @@ class Location:
 
     def remove_spools(self, rels: tuple[str, ...] = ("",)) -> list[str]:
         """Removes the spools (`local_spool`) that killed writers left directly below
-        `rels`; only while nothing else writes here. Returns their paths below this location."""
-        spools = [join_uri(rel, name) if rel else name for rel in rels for name in self.names(rel) if is_spool(name)]
+        `rels`; only while nothing else writes here. Returns their paths below this location.
+        Spools exist on local disks only: elsewhere nothing is listed. Names only (no stat
+        per file): a scan's `scores/` holds a part per unit."""
+        if not self.local:
+            return []
+        spools = [join_uri(rel, name) if rel else name for rel in rels if os.path.isdir(self.path(rel))
+                  for name in os.listdir(self.path(rel)) if is_spool(name)]
         self.remove_files(spools)
         return spools
 

@@ -323,8 +323,8 @@ class ScanStore(Location):
             self.write_json(RUNNING_FILE, {**me, "beat": time.time()})
 
         beat()
-        if self.local:  # held: what a killed writer of an earlier run left half written is no one's
-            self.remove_spools(("", "_plan", SCORES_DIR, RECORDS_DIR))
+        # held: what a killed writer of an earlier run left half written is no one's
+        self.remove_spools(("", "_plan", SCORES_DIR, RECORDS_DIR))
         try:
             with every(RUNNING_BEAT_S, beat, "output-held"):
                 yield
