@@ -283,3 +283,11 @@ def test_what_an_operating_system_leaves_beside_images_is_left_out(tmp_path):
     plan = plan_source(str(tmp_path / "from-a-mac.zip"), SourceOptions())
     assert plan.records["uri"].to_pylist() == [f"{tmp_path}/from-a-mac.zip#corpus/0_real/a"]
     assert plan.skipped_by_extension == 2
+    # what an OS leaves is judged below the input: a corpus whose own path passes through a
+    # folder named __MACOSX (unzipped there by hand) is a corpus like any other
+    inside = tmp_path / "__MACOSX" / "corpus"
+    write_image(inside / "0_real" / "b.jpg")
+    (inside / "0_real" / "._b.jpg").write_bytes(apple_double)
+    plan = plan_source(str(inside), SourceOptions())
+    assert plan.input_format == "folder" and plan.skipped_by_extension == 1
+    assert plan.records["uri"].to_pylist() == [str(inside / "0_real" / "b.jpg")]

@@ -256,3 +256,22 @@ def test_a_member_name_that_is_not_utf8_is_escaped_and_its_sample_read(tmp_path)
     assert plan.records["label"].to_pylist() == [1, 1] and plan.skipped_by_extension == 2
     _, names, payloads = read_samples(plan.records, 2, 2**20)
     assert names == ["1_fake/caf\\xe9.jpg", "1_fake/ok.jpg"] and payloads == [(image, None), (image, None)]
+
+
+def test_a_member_name_splits_into_key_and_extension_as_its_normalized_path_says():
+    """split_key's string operations agree with PurePosixPath's normalization on every form
+    of name ('./a//b.jpg', '/x', 'a/.', hidden names, several dots)."""
+    import random
+    from pathlib import PurePosixPath
+
+    from pipeline.scan.webdataset import split_key
+
+    def by_path(name):
+        path = PurePosixPath(name)
+        stem, _, ext = path.name.partition(".")
+        return (stem if str(path.parent) == "." else f"{path.parent}/{stem}"), ext.lower()
+
+    pieces, rng = ["a", "b.JPG", "/", ".", "..", "c.seg.png", "._x", "#", " "], random.Random(0)
+    names = {"".join(rng.choice(pieces) for _ in range(rng.randint(1, 6))) for _ in range(5000)}
+    assert all(split_key(n) == by_path(n) for n in names)
+    assert split_key("dir/000123.seg.PNG") == ("dir/000123", "seg.png") and split_key("./a//b.jpg") == ("a/b", "jpg")

@@ -346,6 +346,7 @@ def run_audit(model: str | Bundle, input_uri: str, output_uri: str, scan_cfg: Sc
     flagged manifest, per-group figures, the filtered copy, the top flagged explained."""
     from pipeline.audit.report import write_audit_report
 
+    scan_cfg.whole_input("an audit")
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     out = Location(output_uri)
     threshold, method = choose_threshold(bundle, cfg, scan_cfg, out)

@@ -85,6 +85,7 @@ def scan_config_from_args(args: argparse.Namespace):
     overrides["extensions"] = [e.strip().lstrip(".") for e in extensions.split(",") if e.strip()] \
         if extensions else None
     overrides.update({field: getattr(args, field, None) for field, _ in SCAN_SWITCHES.values()})
+    overrides["sample"] = getattr(args, "sample", None)  # mirror scan's own
     return load_scan_config(args.config, overrides)
 
 
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-only", action="store_true", help="plan the input into --output (with --update: re-list "
                    "it) and say what a scan will score, scoring nothing and starting no Ray; the same command "
                    "without it then scores")
+    p.add_argument("--sample", type=float, help="score only this fraction of the records (0.01: about 1 in 100), "
+                   "the same ones every run (chosen by a hash of each uri): a first look at a large corpus, the "
+                   "summary giving the flagged share with its 95%% interval; an --output holds one sample")
     add_scan_flags(p)
     p.set_defaults(func=cmd_scan)
 

@@ -227,6 +227,7 @@ def run_benchmarks(model: Bundle, data_root: str, names: list[str], output: str,
     from pipeline.evaluation.report import write_report
     from pipeline.progress import step
 
+    cfg.whole_input("a benchmark run")
     now = now or datetime.now()
     stamp = run_stamp(now)
     results = run_benchmark_set(model, data_root, [resolve(n, registry) for n in names], output, cfg, stamp,

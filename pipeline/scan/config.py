@@ -47,6 +47,7 @@ class ScanConfig:
     address: str | None = None  # Ray cluster; default RAY_ADDRESS or a local Ray
     update: bool = False  # re-list the input: new files / shards become new units, scored now
     retry_errors: bool = False  # score again the finished units holding read failures
+    sample: float | None = None  # `mirror scan` only: score this fraction of the records (pipeline.scan.sample)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,6 +75,9 @@ class ScanConfig:
             raise ConfigError(f"{source}: gpu_decode needs GPU replicas (gpus_per_actor > 0)")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"{source}: threshold must be within [0, 1], got {self.threshold}")
+        if self.sample is not None and not 0.0 < self.sample <= 1.0:
+            raise ConfigError(f"{source}: sample must be a fraction within (0, 1], got {self.sample} "
+                              "(0.01 scores about 1 record in 100)")
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"{source}: input_format must be one of {list(INPUT_FORMATS)}, got {self.input_format!r}")
         if self.perturbation is not None:
@@ -89,7 +93,14 @@ class ScanConfig:
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(self.input_format, tuple(self.extensions), ColumnMap(**self.columns), self.unit_size,
-                             index_on_cluster=True, address=self.address)
+                             index_on_cluster=True, address=self.address, sample=self.sample)
+
+    def whole_input(self, command: str) -> None:
+        """Refuses a sample to a command that needs every image (an audit's filtered copy,
+        a benchmark's metrics)."""
+        if self.sample is not None:
+            raise ConfigError(f"sample ({self.sample}) is for mirror scan: {command} reads every image; "
+                              "remove it from the settings")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

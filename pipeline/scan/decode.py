@@ -47,6 +47,7 @@ from pipeline.scan.sources import (
     planned_errors,
     read_shard_unit,
     record_names,
+    shard_unit_uris,
 )
 from pipeline.scan.store import read_unit_records
 
@@ -138,7 +139,7 @@ def numpy_batch(decoded: pa.Table) -> dict[str, np.ndarray]:
 
 def placeholder_records(unit: Unit) -> pa.Table:
     """Records for a shard unit that cannot be read: positions only (every row an error)."""
-    return pa.table({"uri": pa.array([f"{unit.file}#{unit.row_group}:{i}" for i in range(unit.rows)], pa.string())})
+    return pa.table({"uri": shard_unit_uris(unit)})
 
 
 def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_threads: int,

@@ -25,6 +25,7 @@ from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.isolation import decode_attempts
+from pipeline.scan.sample import sample_figures, sample_line
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
 from pipeline.scan.sources import (
     RECORD_KINDS,
@@ -323,7 +324,7 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         out = ScanStore(job.output_uri)
         policy = model_cfg.preprocess.name + (f"+{job.perturbation}" if job.perturbation else "")
         run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
-        out.claim({**run, "input": job.input_uri})
+        out.claim({**run, "input": job.input_uri, "sample": cfg.sample})
         plan, added, versions, found = out.load_plan(), [], None, FileChanges()
         if plan is None:
             with step(f"planning {job.input_uri}") as info:
@@ -438,6 +439,8 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
             },
             "config": replace(cfg, perturbation=job.perturbation).to_dict(),
         }, written=done_now["tallies"])
+        if plan.sample is not None:
+            summary["sample"] = sample_figures(plan.sample, plan.drawn_from, summary["scored"], summary["flagged"])
         out.write_json("summary.json", summary)
         summaries.append(summary)
     return summaries
@@ -448,7 +451,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     why = most_frequent_kinds(summary.get("errors_by_kind", {}))
     flagged = summary["flagged"]
     share = f" ({100 * flagged / summary['scored']:.1f}% of scored)" if summary["scored"] else ""
-    return (f"{summary['rows_out']}/{summary['rows_in']} rows: {summary['scored']} scored, {summary['errors']} errors"
+    sample = f"{sample_line(summary['sample'])}: " if summary.get("sample") else ""
+    return (f"{sample}{summary['rows_out']}/{summary['rows_in']} rows: {summary['scored']} scored, {summary['errors']} errors"
             f"{f' ({why})' if why else ''}; {flagged} flagged fake{share}; "
             f"this run {run['rows']} rows in {run['wall_s']:.1f}s ({run['images_per_s'] or 0:.1f} img/s); "
             f"scores: {summary['scores']}  summary: {summary['output']}/summary.json")

@@ -38,6 +38,7 @@ from pipeline.scan.manifest import (
     manifest_tables,
     uri_column,
 )
+from pipeline.scan.sample import Draw, sample_records, shard_row_key, shard_rows_in_sample
 from pipeline.scan.schema import INDEX, RECORD_ERROR, UNIT, VERSION, shard_changed
 from pipeline.scan.tar_changes import KnownSamples, TarShardUpdate, listed_versions
 from pipeline.scan.uri_set import UriSet
@@ -70,6 +71,7 @@ class SourceOptions:
     unit_size: int = 256  # records per unit for folders and manifests
     index_on_cluster: bool = False  # WebDataset: many tar shards indexed by Ray tasks over the cluster
     address: str | None = None  # that cluster (else RAY_ADDRESS, else a local Ray)
+    sample: float | None = None  # plan only this fraction of the records (`pipeline.scan.sample`)
 
 
 @dataclass
@@ -83,6 +85,9 @@ class Unit:
     file: str | None = None
     row_group: int | None = None
     version: str | None = None  # a shard unit: its file's version (storage.listed_version) when scored
+    # a shard unit of a sampled plan: the fraction drawn, and its row group's rows (`rows` of them are drawn)
+    sample: float | None = None
+    group_rows: int | None = None
 
 
 class RecordsSink(Protocol):
@@ -102,6 +107,8 @@ class Plan:
     records: pa.Table
     skipped_by_extension: int = 0  # files of a folder input left out for their extension
     shards: pa.Table | None = None  # WebDataset: the tar shards indexed (webdataset.SHARDS_SCHEMA)
+    sample: float | None = None  # a sampled plan: the fraction of the records drawn
+    drawn_from: int = 0  # and the records it was drawn from: the whole input as last listed
 
     @property
     def total_rows(self) -> int:
@@ -192,7 +199,7 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
     for listed in paths:  # string operations: pathlib would intern every name it parses
         path, version = listed if isinstance(listed, tuple) else (listed, None)
         *above, name = path[skip:].split("/")
-        if suffix(image_name(path) if web else name) not in wanted or is_os_metadata(path):
+        if suffix(image_name(path) if web else name) not in wanted or is_os_metadata(path[skip:]):
             continue
         if above != folders:  # a directory's files come together: its label is found once
             folders = above
@@ -408,14 +415,15 @@ class FolderImages:
             yield batch
 
 
-def _up_to_first_image(files: Iterator[tuple[str, str]], extensions: tuple[str, ...]) -> list[tuple[str, str]]:
-    """The (path, version) files of a listing up to its first image (all of them when it
-    holds none)."""
+def _up_to_first_image(files: Iterator[tuple[str, str]], extensions: tuple[str, ...],
+                       base: str) -> list[tuple[str, str]]:
+    """The (path, version) files of a listing of `base` up to its first image (all of them
+    when it holds none)."""
     wanted = image_suffixes(extensions)
-    head = []
+    head, skip = [], len(base.rstrip("/")) + 1
     for path, version in files:
         head.append((path, version))
-        if suffix(path) in wanted and not is_os_metadata(path):
+        if suffix(path) in wanted and not is_os_metadata(path[skip:]):
             break
     return head
 
@@ -423,11 +431,15 @@ def _up_to_first_image(files: Iterator[tuple[str, str]], extensions: tuple[str, 
 FOOTER_THREADS = 32  # Parquet footers read at once (object-store latency, not bandwidth)
 
 
-def shard_units(files: list[str], columns: ColumnMap | None = None, gone_ok: bool = False) -> list[Unit]:
+def shard_units(files: list[str], columns: ColumnMap | None = None, gone_ok: bool = False,
+                draw: Draw | None = None) -> list[Unit]:
     """One unit per row group, footers read concurrently; every shard's image column is
     checked on the way (a wrong type is an error before any scoring). `gone_ok`: a file
-    not there is left out (an update's: a shard of a pattern removed), else an error."""
+    not there is left out (an update's: a shard of a pattern removed), else an error.
+    `draw` (a sampled plan): a unit holds its row group's rows in the sample (none: no unit),
+    and the draw counts every row group's rows."""
     columns = columns or ColumnMap()
+    fraction = draw.fraction if draw is not None else None
     from pipeline.progress import progress
 
     def row_groups(uri: str) -> tuple[list[int], str]:
@@ -450,8 +462,15 @@ def shard_units(files: list[str], columns: ColumnMap | None = None, gone_ok: boo
     with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
         for uri, (sizes, version) in zip(files, progress(pool.map(row_groups, files), "reading shard footers",
                                                           total=len(files), unit="file")):
-            units += [Unit(_unit_id("shard", uri, str(rg), str(rows)), "shard", rows, uri, rg, version)
-                      for rg, rows in enumerate(sizes)]
+            if fraction is None:
+                units += [Unit(_unit_id("shard", uri, str(rg), str(rows)), "shard", rows, uri, rg, version)
+                          for rg, rows in enumerate(sizes)]
+                continue
+            draw.seen += sum(sizes)
+            for rg, rows in enumerate(sizes):
+                if drawn := len(shard_rows_in_sample(uri, rg, rows, fraction)):
+                    units.append(Unit(_unit_id("shard", uri, str(rg), str(rows), f"sample {fraction!r}"), "shard",
+                                      drawn, uri, rg, version, fraction, rows))
     return units
 
 
@@ -487,7 +506,8 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
         if not fs.isdir(base):
             raise FileNotFoundError(f"input {uri} does not exist")
         files = list_files(uri)
-    if any(suffix(p) in wanted and not is_os_metadata(p) for p in files):
+    skip = len(base.rstrip("/")) + 1  # what the OS leaves beside images is below the input, not above it
+    if any(suffix(p) in wanted and not is_os_metadata(p[skip:]) for p in files):
         return "folder"
     if any(webdataset.is_shard_name(p) for p in files):
         return "webdataset"
@@ -544,7 +564,7 @@ def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | No
     fs, base = fsspec.core.url_to_fs(uri)
     folder = not is_manifest_name(uri) and fs.isdir(base)
     stream = iter_files(uri, versions=True) if folder else None
-    head = _up_to_first_image(stream, options.extensions) if folder else None
+    head = _up_to_first_image(stream, options.extensions, base) if folder else None
     fmt = detect_format(uri, options, [path for path, _ in head] if folder else None)  # an image in `head`, else all
     if fmt == "folder" and not folder:  # a single image (or --input-format folder given a file)
         if not fs.isfile(base):
@@ -628,6 +648,7 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, 
         if update is not None:
             row = update.indexed(row["uri"], samples, row)
             samples = samples.filter(pa.array(~update.known.contains(samples["uri"])))
+        samples = sample_records(samples, options.sample)
         group.append((samples, version))
         indexed.append(row)
         if sum(t.num_rows for t, _ in group) >= options.unit_size * STREAM_CHUNK_UNITS:  # a few shards a group
@@ -638,7 +659,8 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, 
         warn_label_like(uri, like)
     records = pa.concat_tables(held) if held else pa.table({})
     all_indexed = update.finish(indexed) if update is not None else pa.Table.from_pylist(indexed, webdataset.SHARDS_SCHEMA)
-    return Plan(uri, "webdataset", units, records, pc.sum(all_indexed["no_image"]).as_py() or 0, all_indexed)
+    return Plan(uri, "webdataset", units, records, pc.sum(all_indexed["no_image"]).as_py() or 0, all_indexed,
+                options.sample, (pc.sum(all_indexed["records"]).as_py() or 0) if options.sample is not None else 0)
 
 
 # What a Hugging Face image folder describes its images in (file_name + columns)
@@ -663,13 +685,17 @@ def plan_source(uri: str, options: SourceOptions, sink: RecordsSink | None = Non
     fmt, images, listing = open_input(uri, options)
     if fmt == "folder":
         hint_folder_metadata(uri)
+    draw = Draw(options.sample)
     if fmt in ("folder", "manifest"):
-        units, records = chunked_units(record_batches(uri, options, images, listing), options.unit_size, uri, sink)
+        units, records = chunked_units(map(draw, record_batches(uri, options, images, listing)), options.unit_size,
+                                       uri, sink)
         if images is not None and images.notes.get("label_like"):
             warn_label_like(uri, images.notes["label_like"])
-        return Plan(uri, fmt, units, records, images.skipped if images is not None else 0)
+        return Plan(uri, fmt, units, records, images.skipped if images is not None else 0, None, draw.fraction,
+                    draw.seen)
     if fmt == "parquet":
-        return Plan(uri, fmt, shard_units(shard_files(uri, listed_paths(listing)), options.columns), pa.table({}))
+        units = shard_units(shard_files(uri, listed_paths(listing)), options.columns, draw=draw)
+        return Plan(uri, fmt, units, pa.table({}), sample=draw.fraction, drawn_from=draw.seen)
     if fmt == "webdataset":
         return _webdataset_plan(uri, options, listing, uri, sink)
     raise ValueError(f"unknown input format {fmt!r}; expected one of {INPUT_FORMATS}")
@@ -689,12 +715,16 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
     if fmt != plan.input_format:
         raise ValueError(f"{plan.input} was planned as {plan.input_format}, now looks like {fmt}: "
                          "scan it into a new --output")
+    if plan.sample != options.sample:
+        raise ValueError(f"{plan.input} was planned as a sample of {plan.sample}, now {options.sample}: "
+                         "scan it into a new --output")
     source = f"{plan.input}@{len(plan.units)}"  # keeps new units' ids apart from every earlier generation's
-    shards, skipped, changes = plan.shards, 0, FileChanges()
+    shards, skipped, changes, draw = plan.shards, 0, FileChanges(), Draw(options.sample)
+    drawn_from = plan.drawn_from
     if fmt == "parquet":
         added, changes = shard_changes(plan.units, shard_units(shard_files(plan.input, listed_paths(listing)),
-                                                               options.columns, gone_ok=True))
-        records = pa.table({})
+                                                               options.columns, gone_ok=True, draw=draw))
+        records, drawn_from = pa.table({}), draw.seen
     elif fmt == "webdataset":
         if not isinstance(known, KnownSamples):
             raise TypeError(f"an update of tar shards checks them against tar_changes.KnownSamples, not {type(known)}")
@@ -703,17 +733,18 @@ def update_plan(plan: Plan, options: SourceOptions, known: UriSet,
         update = TarShardUpdate(plan.units, known_shards, listed, known)
         fresh = _webdataset_plan(plan.input, options, listing, source, sink, update)
         added, records, shards, skipped = fresh.units, fresh.records, fresh.shards, fresh.skipped_by_extension
-        changes = update.changes
+        changes, drawn_from = update.changes, fresh.drawn_from
     else:
-        new = (b.filter(pa.array(~known.check_listed(b))) for b in record_batches(plan.input, options, images, listing))
+        new = (draw(b.filter(pa.array(~known.check_listed(b))), listed=b.num_rows)
+               for b in record_batches(plan.input, options, images, listing))
         added, records = chunked_units(new, options.unit_size, source, sink)
-        skipped = images.skipped if images is not None else 0
+        skipped, drawn_from = images.skipped if images is not None else 0, draw.seen
         # a record gone from a manifest keeps its row (the file was not removed: the manifest
         # no longer names it); a file gone from a folder is scored again, as an error
         changes = known.finish(removed_stale=fmt == "folder") if isinstance(known, KnownFiles) else changes
     if plan.records.num_rows:
         records = pa.concat_tables([plan.records, records], promote_options="permissive") if records.num_rows else plan.records
-    return Plan(plan.input, fmt, plan.units + added, records, skipped, shards), added, changes
+    return Plan(plan.input, fmt, plan.units + added, records, skipped, shards, plan.sample, drawn_from), added, changes
 
 
 NAME_COLUMN_KEY = b"mirror_name_column"  # records' metadata: the column naming each image (HF path)
@@ -723,25 +754,45 @@ class ShardChangedError(ValueError):
     """A Parquet shard unit's file is not the one planned (written again since)."""
 
 
+def shard_unit_rows(unit: Unit) -> np.ndarray:
+    """The indexes, within its row group, of a shard unit's rows (a sampled plan's: those drawn)."""
+    return shard_rows_in_sample(unit.file, unit.row_group, planned_group_rows(unit), unit.sample)
+
+
+def planned_group_rows(unit: Unit) -> int:
+    return unit.group_rows if unit.group_rows is not None else unit.rows
+
+
+def shard_unit_uris(unit: Unit, positions: np.ndarray | None = None) -> pa.Array:
+    """The uri of each of a shard unit's rows that names none: its place in the shard."""
+    positions = shard_unit_rows(unit) if positions is None else positions
+    return pa.array([shard_row_key(unit.file, unit.row_group, int(i)) for i in positions], pa.string())
+
+
 def read_shard_unit(unit: Unit, columns: ColumnMap, with_bytes: bool) -> pa.Table:
-    """The records of one row group, in standard names; bytes only when asked. A Hugging
-    Face Image struct becomes `bytes` and `<column>_path`; ClassLabel names become labels.
-    A ShardChangedError when the file is another version than the unit's, or its row
-    group another size (the rows would not be the planned ones)."""
+    """The records of one row group (a sampled plan's unit: those of its rows drawn), in
+    standard names; bytes only when asked. A Hugging Face Image struct becomes `bytes` and
+    `<column>_path`; ClassLabel names become labels. A ShardChangedError when the file is
+    another version than the unit's, or its row group another size (the rows would not be
+    the planned ones)."""
+    group_rows = planned_group_rows(unit)
     with fsspec.open(unit.file, "rb") as f:
         if unit.version is not None and (now := opened_version(f)) != unit.version:
             raise ShardChangedError(shard_changed(unit.file, f"was written again since it was planned (version "
                                                              f"{now}, planned {unit.version})"))
         pf = pq.ParquetFile(f)
-        if unit.row_group >= pf.metadata.num_row_groups or pf.metadata.row_group(unit.row_group).num_rows != unit.rows:
+        if unit.row_group >= pf.metadata.num_row_groups or pf.metadata.row_group(unit.row_group).num_rows != group_rows:
             raise ShardChangedError(shard_changed(unit.file, f"holds other row groups than planned (row group "
-                                                             f"{unit.row_group} of {unit.rows} rows)"))
+                                                             f"{unit.row_group} of {group_rows} rows)"))
         schema = pf.schema_arrow
         image = find_image_column(schema, columns.bytes, unit.file)
         names = [n for n in schema.names if image is None or n != image.column]
         if image is not None and (with_bytes or image.path_field):
             names.append(image.column if with_bytes else f"{image.column}.{image.path_field}")
         table = pf.read_row_group(unit.row_group, columns=names)
+    positions = shard_unit_rows(unit)
+    if unit.sample is not None:
+        table = table.take(pa.array(positions))
     if image is not None and image.column in table.column_names:
         table = split_image_column(table, image)
     labels = class_label_names(schema, columns.label)
@@ -752,7 +803,7 @@ def read_shard_unit(unit: Unit, columns: ColumnMap, with_bytes: bool) -> pa.Tabl
     table = standard_records(table, columns)
     path = image.path_column if image is not None and image.path_column in table.column_names else None
     if "uri" not in table.column_names:
-        fallback = pa.array([f"{unit.file}#{unit.row_group}:{i}" for i in range(table.num_rows)], pa.string())
+        fallback = shard_unit_uris(unit, positions)
         table = table.append_column("uri", pc.coalesce(table[path], fallback) if path else fallback)
     return table.replace_schema_metadata({NAME_COLUMN_KEY: path.encode()} if path else None)
 

@@ -79,7 +79,7 @@ def scan_status(output_uri: str, count: bool = False) -> dict[str, Any]:
         counted = pa.concat_tables([counted, pa.Table.from_pylist(
             [dict(zip(counted.column_names, values)) for values in read], counted.schema)])
     return {**status, "planned": True, "input_format": plan.input_format, "complete": len(done) == len(rows),
-            "skipped_by_extension": plan.skipped_by_extension,
+            "skipped_by_extension": plan.skipped_by_extension, "drawn_from": plan.drawn_from,
             "records": {"total": total, "committed": committed, "left": total - committed},
             "units": {"total": len(rows), "committed": len(done), "left": len(rows) - len(done)},
             "parts_not_in_plan": parts.num_rows - len(done),
@@ -105,7 +105,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
     share = 100 * records["committed"] / records["total"] if records["total"] else 100.0
     skipped = status.get("skipped_by_extension", 0)
     lines += [f"  {status['input_format']} input: {records['total']:,} records in {units['total']:,} units"
-              + (f" ({skipped:,} file{'s' * (skipped > 1)} left out for their extension)" if skipped else ""),
+              + (f" ({skipped:,} file{'s' * (skipped > 1)} left out for their extension)" if skipped else "")
+              + (f", a {100 * status['sample']:.4g}% sample of {status['drawn_from']:,}" if status.get("sample") else ""),
               f"  committed: {records['committed']:,} records ({share:.1f}%) in {units['committed']:,} units"
               + ("; complete" if status["complete"] else
                  f"; left: {records['left']:,} records in {units['left']:,} units (rerun the scan to finish)")]

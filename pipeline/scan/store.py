@@ -52,7 +52,8 @@ RECORDS_WRITES_IN_FLIGHT = 4  # records files being written while planning goes 
 RECORDS_READ_TRIES = 3
 RECORDS_FILES_READ_AT_ONCE = 16  # a plan's records files read concurrently (object-store latency)
 UNIT_FIELDS = (("unit_id", pa.string()), ("kind", pa.string()), ("rows", pa.int64()), ("file", pa.string()),
-               ("row_group", pa.int64()), ("version", pa.string()))
+               ("row_group", pa.int64()), ("version", pa.string()), ("sample", pa.float64()),
+               ("group_rows", pa.int64()))
 
 
 class PlanRecordsWriter:
@@ -368,7 +369,9 @@ class ScanStore(Location):
         units = pa.table({name: pa.array([getattr(u, name) for u in plan.units], kind)
                           for name, kind in UNIT_FIELDS})
         units = units.replace_schema_metadata({"input": plan.input, "input_format": plan.input_format,
-                                               "skipped_by_extension": str(plan.skipped_by_extension)})
+                                               "skipped_by_extension": str(plan.skipped_by_extension),
+                                               **({"sample": repr(plan.sample), "drawn_from": str(plan.drawn_from)}
+                                                  if plan.sample is not None else {})})
         if plan.shards is not None:
             self.write_parquet("_plan/shards.parquet", plan.shards)
         self.write_parquet("_plan/units.parquet", units)  # written last: its presence means "plan complete"
@@ -380,7 +383,8 @@ class ScanStore(Location):
             return None
         meta = {k.decode(): v.decode() for k, v in (units.schema.metadata or {}).items()}
         return Plan(meta["input"], meta["input_format"], [Unit(**row) for row in units.to_pylist()], pa.table({}),
-                    int(meta.get("skipped_by_extension", 0)), self.read_parquet("_plan/shards.parquet"))
+                    int(meta.get("skipped_by_extension", 0)), self.read_parquet("_plan/shards.parquet"),
+                    float(meta["sample"]) if "sample" in meta else None, int(meta.get("drawn_from", 0)))
 
     def load_plan(self) -> Plan | None:
         """The stored plan: its units (records stay in the store: `unit_records`,

@@ -87,10 +87,14 @@ def is_webdataset_uri(uri: str) -> bool:
 def split_key(name: str) -> tuple[str, str]:
     """'dir/000123.jpg' -> ('dir/000123', 'jpg'); the extension is everything after the
     first dot of the base name, lower-cased ('000123.seg.png' -> 'seg.png')."""
-    path = PurePosixPath(name)  # './a//b.jpg' -> 'a/b.jpg'
-    stem, _, ext = path.name.partition(".")  # a hidden name ('.keep') has an empty stem: key 'dir/'
-    folder = str(path.parent)
-    return (stem if folder == "." else f"{folder}/{stem}"), ext.lower()
+    if name.startswith(("/", "./")) or name.endswith(("/", "/.")) or "//" in name or "/./" in name or name == ".":
+        path = PurePosixPath(name)  # rare names, normalized: './a//b.jpg' -> 'a/b.jpg'
+        folder, base = str(path.parent), path.name
+        folder = "" if folder == "." else folder
+    else:  # the usual name needs no normalizing: string operations, a million members a second
+        folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")  # a hidden name ('.keep') has an empty stem: key 'dir/'
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
 TAR_PADDING_MAX = 64 * 1024  # end-of-archive blocks + record padding (10 KiB by default)
