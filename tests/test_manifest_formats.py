@@ -195,3 +195,40 @@ def test_a_folder_with_hugging_face_metadata_says_how_to_read_it(tmp_path):
     assert seen == [f"{tmp_path / 'train'} holds metadata.jsonl: scanned as a folder, its images' labels come from "
                     f"folder names (0_real / 1_fake) and its columns are not read; --input "
                     f"{tmp_path / 'train'}/metadata.jsonl reads them"]
+
+
+def test_windows_text_encodings_give_the_same_records(tmp_path):
+    """What Windows tools write: a UTF-8 BOM and CRLF (Excel's CSV UTF-8, PowerShell), UTF-16
+    with its BOM (Excel's "Unicode text", PowerShell 5's Out-File), compressed too."""
+    forms = write_forms(tmp_path / "lists")
+    folder = tmp_path / "lists"
+    (folder / "tsv.tsv").write_text(forms["list.tsv.zst"])
+    crlf = {name: forms[name].replace("\n", "\r\n") for name in ("list.csv", "list.jsonl", "list.txt")}
+    crlf["tsv.tsv"] = forms["list.tsv.zst"].replace("\n", "\r\n")
+    for name, source in (("bom.csv", "list.csv"), ("bom.jsonl", "list.jsonl"), ("bom.txt", "list.txt")):
+        (folder / name).write_bytes(("\ufeff" + crlf[source]).encode())
+    for name, source in (("u16.csv", "list.csv"), ("u16.jsonl", "list.jsonl"), ("u16.txt", "list.txt"),
+                         ("u16.tsv", "tsv.tsv")):
+        (folder / name).write_bytes(crlf[source].encode("utf-16"))  # little-endian, BOM first
+    (folder / "u16be.csv.gz").write_bytes(gzip.compress(("\ufeff" + forms["list.csv"]).encode("utf-16-be")))
+
+    def records(name):
+        return pa.concat_tables(sources.manifest_batches(str(folder / name), sources.ColumnMap())).to_pylist()
+
+    for name, same_as in (("bom.csv", "list.csv"), ("bom.jsonl", "list.jsonl"), ("bom.txt", "list.txt"),
+                          ("u16.csv", "list.csv"), ("u16.jsonl", "list.jsonl"), ("u16.txt", "list.txt"),
+                          ("u16.tsv", "tsv.tsv"), ("u16be.csv.gz", "list.csv")):
+        assert records(name) == records(same_as), name
+
+
+def test_an_upper_case_uri_column_is_found_and_a_label_column_in_another_case_is_named(tmp_path):
+    from conftest import mirror_log_lines
+
+    (tmp_path / "kaggle.csv").write_text("URI,Label\nimgs/a.jpg,FAKE\nimgs/b.jpg,cat\n")
+    with mirror_log_lines() as said:
+        plan = plan_source(str(tmp_path / "kaggle.csv"), SourceOptions())
+    assert plan.records["uri"].to_pylist() == [str(tmp_path / "imgs" / n) for n in ("a.jpg", "b.jpg")]
+    assert plan.records["Label"].to_pylist() == ["FAKE", "cat"] and "label" not in plan.records.column_names
+    assert any("column 'Label' is not read as labels" in s and "columns: {label: Label}" in s for s in said)
+    with pytest.raises(ValueError, match="label value 'cat'"):  # read as labels when named: a class is none
+        plan_source(str(tmp_path / "kaggle.csv"), SourceOptions(columns=sources.ColumnMap(label="Label")))

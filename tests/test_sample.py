@@ -11,7 +11,7 @@ from conftest import write_image
 
 from pipeline.scan.config import ConfigError, ScanConfig
 from pipeline.scan.run import run_scan, summary_line
-from pipeline.scan.sample import in_sample, sample_figures, share_interval, shard_row_key
+from pipeline.scan.sample import in_sample, sample_figures, shard_row_key, share_interval
 from pipeline.scan.sources import ColumnMap, SourceOptions, plan_source, read_shard_unit, update_plan
 from pipeline.scan.status import scan_status, status_lines
 from pipeline.scan.store import OutputMismatchError, ScanStore

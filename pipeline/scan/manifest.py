@@ -68,7 +68,7 @@ def uri_column(names: list[str], configured: str, source: str) -> str:
         return configured
     if configured == "uri":
         by_lower = {n.lower(): n for n in reversed(names)}
-        for fallback in URI_FALLBACKS:
+        for fallback in ("uri", *URI_FALLBACKS):  # 'URI' too
             if fallback in by_lower:
                 return by_lower[fallback]
     tried = f"{configured!r}" + (f" nor {' / '.join(URI_FALLBACKS)}" if configured == "uri" else "")
@@ -85,18 +85,31 @@ def _decoded(uri: str, codec: str | None) -> Iterator[pa.NativeFile]:
         yield pa.CompressedInputStream(raw, codec) if codec else raw
 
 
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # what Windows tools ("Unicode text") start UTF-16 text with
+
+
+def _encoding(uri: str, codec: str | None) -> str:
+    """A text manifest's encoding: UTF-16 where it starts with its byte order mark, else
+    UTF-8 (whose BOM, as Excel and PowerShell write it, pyarrow's reader skips; 'utf8' keeps
+    its native decoding, where any other name transcodes in Python)."""
+    with _decoded(uri, codec) as f:
+        return "utf-16" if f.read(2) in UTF16_BOMS else "utf8"
+
+
 def _csv_batches(uri: str, codec: str | None, delimiter: str, batch_rows: int) -> Iterator[pa.Table]:
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char=False if delimiter != "," else '"')
+    read = pacsv.ReadOptions(encoding=_encoding(uri, codec))
     with _decoded(uri, codec) as f:  # the header first, then every column read as text
-        names = pacsv.open_csv(f, parse_options=parse).schema.names
+        names = pacsv.open_csv(f, read_options=read, parse_options=parse).schema.names
     convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=True,
                                    null_values=[""])
     with _decoded(uri, codec) as f:
-        yield from _rebatched(pacsv.open_csv(f, parse_options=parse, convert_options=convert), batch_rows)
+        yield from _rebatched(pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=convert),
+                              batch_rows)
 
 
 def _txt_batches(uri: str, codec: str | None, batch_rows: int) -> Iterator[pa.Table]:
-    read = pacsv.ReadOptions(column_names=["uri"])
+    read = pacsv.ReadOptions(column_names=["uri"], encoding=_encoding(uri, codec))
     parse = pacsv.ParseOptions(delimiter=_NO_DELIMITER, quote_char=False)
     convert = pacsv.ConvertOptions(column_types={"uri": pa.string()})
     with _decoded(uri, codec) as f:
@@ -128,8 +141,9 @@ def _jsonl_batches(uri: str, codec: str | None, batch_rows: int) -> Iterator[pa.
     is refused, naming it (it would otherwise be dropped)."""
     names: list[str] | None = None
     known: set[str] = set()
+    encoding = _encoding(uri, codec)
     with _decoded(uri, codec) as f:
-        lines = io.TextIOWrapper(f, encoding="utf-8")
+        lines = io.TextIOWrapper(f, encoding="utf-8-sig" if encoding == "utf8" else encoding)
         rows: list[dict] = []
         for number, line in enumerate(lines, 1):
             if not line.strip():

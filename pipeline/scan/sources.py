@@ -248,12 +248,26 @@ def standard_records(table: pa.Table, columns: ColumnMap) -> pa.Table:
     return table
 
 
+def warn_label_case(names: list[str], columns: ColumnMap, source: str) -> bool:
+    """A column named as the label column but in another case ('Label') is not read as
+    labels (it may hold class names, which no label is): the console says how to read it.
+    Whether it did."""
+    other = next((n for n in names if n.lower() == columns.label.lower()), None) if columns.label not in names else None
+    if other is not None:
+        logging.getLogger("mirror").warning(
+            "%s: column %r is not read as labels, the label column being %r: set `columns: {label: %s}` (--config) "
+            "to read it, for metrics", source, other, columns.label, other)
+    return other is not None
+
+
 def manifest_batches(uri: str, columns: ColumnMap) -> Iterator[pa.Table]:
     """A manifest's records in standard names, a batch at a time (any length in bounded
     memory; the forms read: `manifest.py`). Relative URIs name files below the manifest's
     own folder (as a Hugging Face metadata file's names do), wherever the records are read."""
     folder = posixpath.dirname(image_name(uri).rstrip("/"))
-    for table in manifest_tables(uri, STREAM_BATCH_ROWS):
+    for i, table in enumerate(manifest_tables(uri, STREAM_BATCH_ROWS)):
+        if i == 0:
+            warn_label_case(table.column_names, columns, uri)
         found = uri_column(table.column_names, columns.uri, uri)
         records = standard_records(table, replace(columns, uri=found))
         at = records.column_names.index("uri")
@@ -442,12 +456,12 @@ def shard_units(files: list[str], columns: ColumnMap | None = None, gone_ok: boo
     fraction = draw.fraction if draw is not None else None
     from pipeline.progress import progress
 
-    def row_groups(uri: str) -> tuple[list[int], str]:
+    def row_groups(uri: str) -> tuple[list[int], str, list[str]]:
         try:
             f = fsspec.open(uri, "rb").open()
         except FileNotFoundError:
             if gone_ok:
-                return [], ""
+                return [], "", []
             raise FileNotFoundError(f"Parquet shard {uri} does not exist") from None
         with f:
             # what the open found (an object store's HEAD), else the file's stat
@@ -456,12 +470,13 @@ def shard_units(files: list[str], columns: ColumnMap | None = None, gone_ok: boo
             if find_image_column(pf.schema_arrow, columns.bytes, uri) is None:  # refused here, before any work
                 raise ImageColumnError(f"{uri}: no image column ({columns.bytes!r}, or a Hugging Face Image struct)")
             meta = pf.metadata
-        return [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)], version
+        return [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)], version, pf.schema_arrow.names
 
-    units = []
+    units, warned = [], False
     with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
-        for uri, (sizes, version) in zip(files, progress(pool.map(row_groups, files), "reading shard footers",
-                                                          total=len(files), unit="file")):
+        for uri, (sizes, version, names) in zip(files, progress(pool.map(row_groups, files), "reading shard footers",
+                                                                 total=len(files), unit="file")):
+            warned = warned or warn_label_case(names, columns, uri)
             if fraction is None:
                 units += [Unit(_unit_id("shard", uri, str(rg), str(rows)), "shard", rows, uri, rg, version)
                           for rg, rows in enumerate(sizes)]
