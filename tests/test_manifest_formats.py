@@ -232,3 +232,15 @@ def test_an_upper_case_uri_column_is_found_and_a_label_column_in_another_case_is
     assert any("column 'Label' is not read as labels" in s and "columns: {label: Label}" in s for s in said)
     with pytest.raises(ValueError, match="label value 'cat'"):  # read as labels when named: a class is none
         plan_source(str(tmp_path / "kaggle.csv"), SourceOptions(columns=sources.ColumnMap(label="Label")))
+
+
+def test_a_windows_path_that_names_no_file_says_so(tmp_path):
+    from conftest import write_image
+
+    write_image(tmp_path / "imgs" / "a.png")
+    (tmp_path / "list.csv").write_text("uri\nimgs\\a.png\nimgs/a.png\nimgs/none.png\n")
+    uris = plan_source(str(tmp_path / "list.csv"), SourceOptions()).records["uri"].to_pylist()
+    (_, windows), (found, _), (_, missing) = sources.fetch_all(uris, threads=2)
+    assert windows.startswith("read failed: FileNotFoundError") and windows.endswith("(a Windows path? '/' separates "
+                                                                                     "folders here)")
+    assert found and "Windows" not in missing

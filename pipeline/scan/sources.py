@@ -869,6 +869,9 @@ def fetch_all(uris: list[str | None], threads: int, max_bytes: int = DEFAULT_MAX
                     data = f.read(max_bytes + 1)
         except web.OptedOut as err:  # no storage error: another try must not read it
             return None, f"opted out: {err}"
+        except FileNotFoundError as err:
+            hint = " (a Windows path? '/' separates folders here)" if "\\" in uri and not is_web_url(uri) else ""
+            return None, f"read failed: {error_text(err)}{hint}"
         except Exception as err:  # recorded on the row, never raised
             return None, f"read failed: {error_text(err)}"
         if len(data) > max_bytes:
