@@ -44,6 +44,50 @@ def ensure_ray(address: str | None = None) -> None:
                  runtime_env=LOCAL_RUNTIME_ENV)
 
 
+class ResourcesError(ValueError):
+    """A task or actor asks for more than any node of a Ray that cannot grow has."""
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v / 2**30:.3g} GiB memory" if k == "memory" else f"{v:g} {k}" for k, v in resources.items())
+
+
+def unplaceable(requests: dict[str, dict[str, float]], counts: dict[str, int] | None = None) -> list[str]:
+    """What the alive nodes could never run (by their total resources, busy or not), in
+    words: `requests` names each kind of task or actor and the resources one asks for;
+    `counts`, how many of a kind must run at once (training's workers; else one)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    found = []
+    for what, need in requests.items():
+        need = {k: float(v) for k, v in need.items() if v}
+        wanted = (counts or {}).get(what, 1)
+        fits = sum(int(min((node.get(k, 0.0) / v for k, v in need.items()), default=wanted)) for node in nodes)
+        if fits >= wanted:
+            continue
+        most = {k: max((node.get(k, 0.0) for node in nodes), default=0.0) for k in need}
+        found.append(f"{what} asks for {_amounts(need)}, and no node has as much (the most a node has: "
+                     f"{_amounts(most)})" if not fits else
+                     f"{what} asks for {_amounts(need)}, {wanted} at once, and the nodes hold {fits}")
+    return found
+
+
+def require_placeable(requests: dict[str, dict[str, float]], address: str | None, hint: str,
+                      counts: dict[str, int] | None = None) -> None:
+    """Refuses work that could never start: on the local Ray a command starts for itself
+    (no `address`, no RAY_ADDRESS), nothing adds a node, and Ray would wait forever. On a
+    cluster an autoscaler may add such a node: a warning says what the work waits for."""
+    found = unplaceable(requests, counts)
+    if not found:
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        for line in found:
+            logging.getLogger("mirror").warning("%s: it waits for the cluster to add nodes (%s)", line, hint)
+        return
+    raise ResourcesError("; ".join(found) + f" on this machine's Ray: {hint}")
+
+
 def task_window(minimum: int = 8) -> int:
     """How many tasks of one CPU to keep submitted at once: twice the cluster's CPUs, so
     every CPU has a task waiting, while the rest of a long list waits as arguments, not as

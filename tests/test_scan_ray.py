@@ -88,6 +88,29 @@ def test_cpu_scorers_get_the_node_less_decode_cpus_unless_set(ray_local, monkeyp
     assert scoring_cpus(ScanConfig()) == 1.0  # capped at the machine's cores
 
 
+def test_work_no_node_could_run_is_refused_on_a_local_ray_and_named_on_a_cluster(ray_local, parity_bundle, tmp_path,
+                                                                                 monkeypatch):
+    """A local Ray never grows: a scoring actor asking for a GPU it lacks (or a decode task
+    for more memory than it has) would wait forever. A cluster's autoscaler may add one:
+    there a warning says what the scan waits for."""
+    from pipeline.cluster import ResourcesError, require_placeable
+
+    write_image(tmp_path / "in" / "a.png")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ResourcesError, match=r"a scoring actor .* asks for 1 CPU, 1 GPU, and no node has as much "
+                                             r"\(the most a node has: 4 CPU, 0 GPU\) on this machine's Ray"):
+        run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"), ScanConfig(gpus_per_actor=1))
+    with pytest.raises(ResourcesError, match=r"a decode task .* asks for 1 CPU, 4\.88e\+03 GiB memory"):
+        run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"),
+                 ScanConfig(decode_task_memory_mb=5_000_000))
+    assert run_scan(str(parity_bundle), str(tmp_path / "in"), str(tmp_path / "out"), ScanConfig())["scored"] == 1
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # a cluster, as a job joins one
+    with mirror_log_lines() as said:
+        require_placeable({"a scoring actor": {"CPU": 1, "GPU": 2}}, None, "hint")
+    assert said == ["a scoring actor asks for 1 CPU, 2 GPU, and no node has as much (the most a node has: 4 CPU, 0 "
+                    "GPU): it waits for the cluster to add nodes (hint)"]
+
+
 def make_mixed_folder(root):
     for i in range(5):
         write_image(root / "genX" / "1_fake" / f"f{i}.png", seed=i)

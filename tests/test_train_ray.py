@@ -94,6 +94,22 @@ def test_phase1_from_a_backbone_directory_lowers_reconstruction(ray_local, tmp_p
     assert card["train_images"] + card["val_images"] == 20
 
 
+def test_workers_a_local_ray_cannot_hold_at_once_are_refused_before_training(ray_local, tmp_path, monkeypatch, capsys):
+    """Ray Train would wait forever for a placement group the local Ray cannot give: more
+    workers than its 4 CPUs, or GPU workers on a machine without one. Exit 2, one line."""
+    cfg, weights = tiny(seed=2)
+    save_bundle(str(tmp_path / "base"), cfg, weights)
+    root = labeled_folder(tmp_path / "train", 8, seed=6)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = detector_args(tmp_path / "base", root, tmp_path / "out", tmp_path / "store", epochs=1)
+    assert main([*args, "--workers", "5"]) == 2
+    assert ("a training worker (--workers) asks for 1 CPU, 5 at once, and the nodes hold 4 on this machine's Ray: "
+            "fewer --workers, or --address") in capsys.readouterr().err
+    assert main([*args, "--gpu"]) == 2
+    assert "a training worker (--workers, --gpu) asks for 1 CPU, 1 GPU, and no node has" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model_card.json").exists()
+
+
 def test_a_held_out_split_of_unusable_images_validates_to_nan_not_a_crash(ray_local, tmp_path):
     """Every held-out image broken: the epochs train, their validation is NaN (no image to
     measure on), and the model card names the skipped images."""

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from mirror_core.bundle import Bundle, load_bundle
 from mirror_core.config import MirrorConfig
 from mirror_core.errors import most_frequent_kinds
-from pipeline.cluster import ensure_ray, require_shared_paths, resources_line
+from pipeline.cluster import ensure_ray, require_placeable, require_shared_paths, resources_line
 from pipeline.progress import RowProgress, pace_ray_data_log, stall_reports, step
 from pipeline.scan.changes import FileChanges, removed_shard_units
 from pipeline.scan.commit import add_commit_stage
@@ -363,6 +363,12 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         pace_ray_data_log(cfg.progress_every_s)
         require_shared_paths(*task_paths(prepared))
         cfg = replace(cfg, cpus_per_actor=scoring_cpus(cfg))  # resolved, and recorded so below
+        require_placeable({"a scoring actor (--gpus-per-actor, --cpus-per-actor)":
+                           {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor},
+                           "a decode task (cpus_per_decode_task, decode_task_memory_mb)":
+                           {"CPU": cfg.cpus_per_decode_task, "memory": cfg.decode_task_memory_mb * 2**20}},
+                          cfg.address, "lower the setting (--gpus-per-actor 0 scores on CPUs), or give --address "
+                                       "of a cluster that has such nodes")
         all_todo = [u for *_, todo, _, _, _ in prepared for u in todo]
         per_block = units_per_block(len(items), ray.cluster_resources().get("CPU", 1) / max(cfg.cpus_per_decode_task, 0.01))
         attempts = decode_attempts()

@@ -287,7 +287,7 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
-    from pipeline.cluster import ensure_ray, require_shared_paths
+    from pipeline.cluster import ensure_ray, require_placeable, require_shared_paths
     
     bundle = base_model(base, memory)
     storage = os.path.abspath(storage) if "://" not in storage else storage
@@ -295,6 +295,10 @@ def run_training(base: str, input_uri: str, output: str, storage: str, tc: Train
     log.info("phase %d: %s training / %s held-out images in %s", tc.phase, f"{data.n_train:,}", f"{data.n_val:,}",
              input_uri)
     ensure_ray(address)
+    workers = "a training worker (--workers" + (", --gpu)" if tc.use_gpu else ")")
+    require_placeable({workers: {"CPU": 1, "GPU": 1 if tc.use_gpu else 0}}, address,
+                      "fewer --workers" + (", or without --gpu" if tc.use_gpu else "") + ", or --address of a "
+                      "cluster that has the nodes", counts={workers: tc.num_workers})
     read_here = "://" in data.root or data.input_format == "manifest"  # a manifest is read here only
     require_shared_paths({} if read_here else {os.path.abspath(data.root): "--input"},
                          {storage: "--storage"} if "://" not in storage else {})
