@@ -75,3 +75,29 @@ def test_a_nested_bytes_column_in_yaml_and_a_wrongly_typed_one(ray_local, parity
     assert main([*args, "--output", str(tmp_path / "o2"), "--config", str(tmp_path / "wrong.yaml")]) == 2
     err = capsys.readouterr().err
     assert "column 'n' is int64; expected binary image bytes, or a struct with a binary 'bytes' field" in err
+
+
+def test_hf_images_kept_as_files_are_read_from_their_paths(tmp_path):
+    """A dataset written with its images as files (`save_to_disk`, older `to_parquet`):
+    null bytes and a path, absolute or below the shard's folder, are read from that file."""
+    from pipeline.scan.decode import unit_inputs
+    from pipeline.scan.sources import ColumnMap, SourceOptions, plan_source
+
+    records = corpus(tmp_path)
+    (tmp_path / "hf" / "images").mkdir(parents=True)
+    for i, r in enumerate(records):
+        (tmp_path / "hf" / "images" / r["image"]["path"]).write_bytes(r["image"]["bytes"])
+        path = f"images/{r['image']['path']}" if i % 2 else str(tmp_path / "hf" / "images" / r["image"]["path"])
+        r["image"] = {"bytes": None, "path": path}
+    records[4]["image"]["path"] = "images/gone.jpg"
+    records[5]["image"]["path"] = None
+    pq.write_table(hf_table(records), tmp_path / "hf" / "train.parquet")
+    (unit,) = plan_source(str(tmp_path / "hf" / "train.parquet"), SourceOptions()).units  # the shard itself
+    read, names, payloads = unit_inputs(unit, None, ColumnMap(), fetch_threads=2)
+    payloads = list(payloads)
+    originals = corpus(tmp_path / "again")  # the same images, bytes again
+    for i in range(4):
+        assert payloads[i] == (originals[i]["image"]["bytes"], None), i
+    assert payloads[4][0] is None and payloads[4][1].startswith("read failed: FileNotFoundError")
+    assert payloads[5] == (None, "no image bytes (null)")
+    assert names[:2] == [str(tmp_path / "hf" / "images" / "00.png"), "images/01.jpg"]  # alignment reads the name

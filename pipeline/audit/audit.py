@@ -41,6 +41,7 @@ from pipeline.scan.sources import (
     fetch_all,
     read_shard_unit,
     record_names,
+    shard_payloads,
 )
 from pipeline.scan.store import ScanStore, records_schemas
 from pipeline.storage import Location, parquet_schema, read_ahead, relative_paths
@@ -295,7 +296,8 @@ def record_bytes(scan: ScanStore, plan, unit_id: str, index: int, columns) -> tu
             return None, None, str(err)
         except Exception as err:  # recorded on its explanation row
             return None, None, f"shard read failed: {error_text(err)}"
-        return t["bytes"][index].as_py(), record_names(t)[index], None
+        data, error = shard_payloads(t.slice(index, 1), unit.file, 1)[0]
+        return data, record_names(t)[index], error
     rec = scan.unit_records(unit).slice(index, 1)
     if unit.kind == "samples":  # a tar sample: its image member, named as in the tar
         _, names, payloads = webdataset.read_samples(rec, 1, DEFAULT_MAX_FILE_BYTES, unit.version)

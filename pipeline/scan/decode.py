@@ -47,6 +47,7 @@ from pipeline.scan.sources import (
     planned_errors,
     read_shard_unit,
     record_names,
+    shard_payloads,
     shard_unit_uris,
 )
 from pipeline.scan.store import read_unit_records
@@ -166,10 +167,7 @@ def unit_inputs(unit: Unit, records: pa.Table | None, columns: ColumnMap, fetch_
     if "bytes" not in records.column_names:
         msg = f"shard {unit.file} has no {columns.bytes!r} column"
         return records, [None] * unit.rows, iter([(None, msg)] * unit.rows)
-    datas = records["bytes"].to_pylist()
-    payloads = [(None, "no image bytes (null)") if d is None else
-                (None, f"file too large: over {max_file_bytes:,} bytes") if len(d) > max_file_bytes else (d, None)
-                for d in datas]
+    payloads = shard_payloads(records, unit.file, fetch_threads, max_file_bytes)
     return records.drop_columns(["bytes"]), record_names(records), iter(payloads)
 
 

@@ -879,3 +879,24 @@ def fetch_all(uris: list[str | None], threads: int, max_bytes: int = DEFAULT_MAX
         return data, None
 
     yield from read_ahead(fetch, uris, threads)  # a bounded number read and not yet taken
+
+
+def shard_payloads(records: pa.Table, shard: str, threads: int,
+                   max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> list[tuple[bytes | None, str | None]]:
+    """(bytes, None) or (None, why there are none) per record of a shard (`bytes`: its image
+    column). A Hugging Face Image whose bytes are null but whose path names a file (a dataset
+    written with its images kept as files) is read from that file, a relative path below
+    the shard's folder, as a manifest's are."""
+    datas = records["bytes"].to_pylist()
+    column = (records.schema.metadata or {}).get(NAME_COLUMN_KEY, b"").decode()
+    paths = records[column].to_pylist() if column in records.column_names else [None] * len(datas)
+    elsewhere = [i for i, (d, p) in enumerate(zip(datas, paths)) if d is None and p]
+    fetched = {}
+    if elsewhere:
+        folder = posixpath.dirname(image_name(shard))
+        uris = resolve_relative(pa.array([paths[i] for i in elsewhere], pa.string()), folder).to_pylist()
+        fetched = dict(zip(elsewhere, fetch_all(uris, threads, max_bytes)))
+    return [fetched[i] if i in fetched else
+            (None, "no image bytes (null)") if d is None else
+            (None, f"file too large: over {max_bytes:,} bytes") if len(d) > max_bytes else (d, None)
+            for i, d in enumerate(datas)]
