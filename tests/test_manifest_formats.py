@@ -84,6 +84,21 @@ def test_manifest_names_in_every_form_and_behind_a_web_query():
     assert manifest_kind("https://host/lists/part.jsonl.zst?dl=1&path=a/b") == (".jsonl", "zstd")
     assert manifest_kind("list.parquet") == (".parquet", None) and manifest_kind("list.parquet.gz") is None
     assert manifest_kind("notes.md") is None and manifest_kind("a.csv.7z") is None
+    assert manifest_kind("events.NDJSON") == (".jsonl", None) and manifest_kind("e.ndjson.gz") == (".jsonl", "gzip")
+
+
+def test_json_lists_and_spreadsheets_say_how_to_make_them_manifests(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps([{"uri": "a.jpg"}]))
+    with pytest.raises(ValueError, match=r"list\.json is a file that is neither .* \(a JSON manifest is read one object a "
+                                         r"line: .* jq -c '\.\[\]' list\.json > list\.jsonl\)"):
+        plan_source(str(tmp_path / "list.json"), SourceOptions())
+    (tmp_path / "sheets").mkdir()
+    (tmp_path / "sheets" / "images.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ValueError, match=r"it holds 1 \.xlsx file \(a spreadsheet: save it as CSV \(UTF-8\)"):
+        plan_source(str(tmp_path / "sheets"), SourceOptions())
+    (tmp_path / "list.ndjson").write_text('{"uri": "a.jpg"}\n')  # newline-delimited JSON: JSONL by another name
+    assert plan_source(str(tmp_path / "list.ndjson"), SourceOptions()).records["uri"].to_pylist() == [
+        str(tmp_path / "a.jpg")]
 
 
 def test_the_uri_column_of_img2dataset_laion_and_hugging_face_metadata_is_found(tmp_path):

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from mirror_core.uri import image_name
 
 TEXT_KINDS = (".csv", ".tsv", ".txt", ".jsonl")
+KIND_ALIASES = {".ndjson": ".jsonl"}  # other names of a text kind
 CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 # Where a URI is found when the manifest has no `uri` column (and `columns.uri` is left as
 # it is), the first present in any case: img2dataset's and LAION's link column ('url',
@@ -39,9 +40,9 @@ def manifest_kind(uri: str) -> tuple[str, str | None] | None:
         if low.endswith(ext):
             low, codec = low[: -len(ext)], name
             break
-    for kind in TEXT_KINDS if codec else (*TEXT_KINDS, ".parquet"):
+    for kind in (*TEXT_KINDS, *KIND_ALIASES) if codec else (*TEXT_KINDS, *KIND_ALIASES, ".parquet"):
         if low.endswith(kind):
-            return kind, codec
+            return KIND_ALIASES.get(kind, kind), codec
     return None
 
 

@@ -540,6 +540,10 @@ FILE_KIND_HINTS = {  # what to do about files of this kind
     "compressed tar": "a compressed tar cannot be read by range: decompress it to .tar (gunzip, zstd -d)",
     ".7z": "unpack it, or pack it again as .zip or .tar", ".rar": "unpack it, or pack it again as .zip or .tar",
     "": "--extensions '*' reads every file as an image",
+    ".json": "a JSON manifest is read one object a line: a file so written is named .jsonl; a JSON list becomes "
+             "one with jq -c '.[]' list.json > list.jsonl",
+    ".xlsx": "a spreadsheet: save it as CSV (UTF-8) to read it as a manifest",
+    ".xls": "a spreadsheet: save it as CSV (UTF-8) to read it as a manifest",
 }
 
 
