@@ -4,7 +4,10 @@ identify it."""
 from __future__ import annotations
 
 # (how the bytes begin, what they are); tried in order on the first bytes
+LFS_POINTER = "a Git LFS pointer: the file's content was never downloaded (run `git lfs pull` in its repository)"
 SIGNATURES: tuple[tuple[tuple[bytes, ...], str], ...] = (
+    # a repository cloned without its large files (a Hugging Face dataset) holds these instead
+    ((b"version https://git-lfs.github.com/spec/",), LFS_POINTER),
     ((b"<!doctype html", b"<html", b"<head", b"<body", b"<!--"), "an HTML page (a web link that answers with a page?)"),
     ((b"<?xml", b"<svg"), "XML or SVG (vector drawings are not read)"),
     ((b"{", b"["), "JSON text"),
@@ -31,6 +34,13 @@ def what_bytes_are(data: bytes) -> str | None:
     if data[:64] and all(32 <= b < 127 or b in b"\t\r\n" for b in data[:64]):
         return "text"
     return None
+
+
+def what_file_holds(f) -> str | None:
+    """`what_bytes_are` of an open, seekable binary file (read from its start): what a
+    shard that cannot be read as one is."""
+    f.seek(0)
+    return what_bytes_are(f.read(TAR_MAGIC_AT + 8))
 
 
 def not_an_image(data: bytes) -> str:

@@ -101,3 +101,32 @@ def test_hf_images_kept_as_files_are_read_from_their_paths(tmp_path):
     assert payloads[4][0] is None and payloads[4][1].startswith("read failed: FileNotFoundError")
     assert payloads[5] == (None, "no image bytes (null)")
     assert names[:2] == [str(tmp_path / "hf" / "images" / "00.png"), "images/01.jpg"]  # alignment reads the name
+
+
+def test_shards_never_downloaded_or_cut_short_are_named_with_what_they_are(tmp_path):
+    """A dataset repository cloned without `git lfs pull` holds pointers where its shards
+    should be: planning names them, and says so, instead of a bare Arrow error."""
+    from test_preprocess import LFS_POINTER
+
+    from pipeline.scan.sources import SourceOptions, plan_source
+    from pipeline.scan.webdataset import PLAN_ERROR
+
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        (tmp_path / "data" / f"train-{i:05d}-of-00003.parquet").write_bytes(LFS_POINTER)
+    with pytest.raises(ValueError, match=r"^3 of 3 Parquet shards cannot be read \(download them again, or move them "
+                                         r"out of the input\), such as .*train-00000-of-00003\.parquet: it is a Git "
+                                         r"LFS pointer: .* \(run `git lfs pull` in its repository\)$"):
+        plan_source(str(tmp_path / "data"), SourceOptions())
+    records = corpus(tmp_path)
+    pq.write_table(hf_table(records), tmp_path / "data" / "train-00000-of-00003.parquet")
+    whole = (tmp_path / "data" / "train-00000-of-00003.parquet").read_bytes()
+    (tmp_path / "data" / "train-00001-of-00003.parquet").write_bytes(whole[: len(whole) // 2])  # cut short
+    with pytest.raises(ValueError, match=r"^2 of 3 Parquet shards cannot be read .* such as .*train-00001-of-00003"
+                                         r"\.parquet: ArrowInvalid: "):
+        plan_source(str(tmp_path / "data"), SourceOptions())
+    (tmp_path / "wds").mkdir()
+    (tmp_path / "wds" / "000.tar").write_bytes(LFS_POINTER)
+    (error,) = plan_source(str(tmp_path / "wds"), SourceOptions()).records[PLAN_ERROR].to_pylist()
+    assert error.startswith("tar shard unreadable past this point: ") and error.endswith(
+        "; the file is a Git LFS pointer: the file's content was never downloaded (run `git lfs pull` in its repository)")

@@ -7,6 +7,10 @@ from PIL import Image
 from mirror_core.config import PreprocessConfig
 from mirror_core.preprocess import center_crop, official_preprocess, resize_short_side, wants_alignment
 
+# what a repository cloned without its large files holds in place of each
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5"
+               b"e2ca24d17e2393\nsize 12345\n")
+
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
@@ -177,7 +181,9 @@ def test_bytes_that_are_no_image_say_what_they_are():
              zipped.getvalue(): "a zip archive (scan it as the input: `mirror scan --input FILE.zip`)",
              tarred.getvalue(): "a tar archive (scan it as the input: `mirror scan --input FILE.tar`)",
              b"%PDF-1.7\n...": "a PDF document", b"\x00\x00\x00\x20ftypmp42" + bytes(20): "a video (MP4 / QuickTime)",
-             b'{"error": "not found"}': "JSON text", b"Access denied\n": "text"}
+             b'{"error": "not found"}': "JSON text", b"Access denied\n": "text",
+             LFS_POINTER: "a Git LFS pointer: the file's content was never downloaded (run `git lfs pull` in its "
+                          "repository)"}
     for data, what in cases.items():
         with pytest.raises(UnidentifiedImageError) as err:
             decode_rgb(data)

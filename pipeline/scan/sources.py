@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
+from mirror_core.sniff import what_file_holds
 from mirror_core.uri import image_name, is_os_metadata, is_web_url, is_within
 from pipeline.scan import web, webdataset
 from pipeline.scan.changes import FileChanges, KnownFiles, shard_changes
@@ -456,27 +457,15 @@ def shard_units(files: list[str], columns: ColumnMap | None = None, gone_ok: boo
     fraction = draw.fraction if draw is not None else None
     from pipeline.progress import progress
 
-    def row_groups(uri: str) -> tuple[list[int], str, list[str]]:
-        try:
-            f = fsspec.open(uri, "rb").open()
-        except FileNotFoundError:
-            if gone_ok:
-                return [], "", []
-            raise FileNotFoundError(f"Parquet shard {uri} does not exist") from None
-        with f:
-            # what the open found (an object store's HEAD), else the file's stat
-            version = opened_version(f)
-            pf = pq.ParquetFile(f)
-            if find_image_column(pf.schema_arrow, columns.bytes, uri) is None:  # refused here, before any work
-                raise ImageColumnError(f"{uri}: no image column ({columns.bytes!r}, or a Hugging Face Image struct)")
-            meta = pf.metadata
-        return [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)], version, pf.schema_arrow.names
-
-    units, warned = [], False
+    units, warned, unreadable = [], False, []
     with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
-        for uri, (sizes, version, names) in zip(files, progress(pool.map(row_groups, files), "reading shard footers",
-                                                                 total=len(files), unit="file")):
-            warned = warned or warn_label_case(names, columns, uri)
+        footers = pool.map(lambda uri: read_footer(uri, columns, gone_ok), files)
+        for uri, footer in zip(files, progress(footers, "reading shard footers", total=len(files), unit="file")):
+            if footer.unreadable is not None:
+                unreadable.append(f"{uri}: {footer.unreadable}")
+                continue
+            sizes, version = footer.sizes, footer.version
+            warned = warned or warn_label_case(footer.names, columns, uri)
             if fraction is None:
                 units += [Unit(_unit_id("shard", uri, str(rg), str(rows)), "shard", rows, uri, rg, version)
                           for rg, rows in enumerate(sizes)]
@@ -486,13 +475,55 @@ def shard_units(files: list[str], columns: ColumnMap | None = None, gone_ok: boo
                 if drawn := len(shard_rows_in_sample(uri, rg, rows, fraction)):
                     units.append(Unit(_unit_id("shard", uri, str(rg), str(rows), f"sample {fraction!r}"), "shard",
                                       drawn, uri, rg, version, fraction, rows))
+    if unreadable:  # its rows are not known: nothing could stand for them in the output
+        raise ValueError(f"{len(unreadable):,} of {len(files):,} Parquet shards cannot be read (download them again, "
+                         f"or move them out of the input), such as {unreadable[0]}")
     return units
 
 
+@dataclass
+class Footer:
+    """What planning reads of a Parquet shard: its row groups' sizes, its version and columns,
+    or why it cannot be read as Parquet."""
+
+    sizes: list[int]
+    version: str
+    names: list[str]
+    unreadable: str | None = None
+
+
+def read_footer(uri: str, columns: ColumnMap, gone_ok: bool = False) -> Footer:
+    """A Parquet shard's footer (its image column checked: a wrong type is an error before
+    any work). `gone_ok`: a file not there has no row groups, else it is an error."""
+    try:
+        f = fsspec.open(uri, "rb").open()
+    except FileNotFoundError:
+        if gone_ok:
+            return Footer([], "", [])
+        raise FileNotFoundError(f"Parquet shard {uri} does not exist") from None
+    with f:
+        version = opened_version(f)  # what the open found (an object store's HEAD), else the file's stat
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as err:  # a truncated download, a Git LFS pointer
+            what = what_file_holds(f)
+            return Footer([], version, [], f"it is {what}" if what else error_text(err))
+        if find_image_column(pf.schema_arrow, columns.bytes, uri) is None:
+            raise ImageColumnError(f"{uri}: no image column ({columns.bytes!r}, or a Hugging Face Image struct)")
+        meta = pf.metadata
+    return Footer([meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)], version,
+                  pf.schema_arrow.names)
+
+
 def _has_bytes_column(uri: str, columns: ColumnMap) -> bool:
-    """Whether a Parquet file holds images (a shard) rather than records of URIs (a manifest)."""
+    """Whether a Parquet file holds images (a shard) rather than records of URIs (a manifest);
+    one that cannot be read as Parquet is taken for a shard, which planning then names."""
     with fsspec.open(uri, "rb") as f:
-        return find_image_column(pq.ParquetFile(f).schema_arrow, columns.bytes, uri) is not None
+        try:
+            schema = pq.ParquetFile(f).schema_arrow
+        except (pa.ArrowInvalid, OSError):
+            return True
+        return find_image_column(schema, columns.bytes, uri) is not None
 
 
 def detect_format(uri: str, options: SourceOptions, files: list[str] | None = None) -> str:

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
+from mirror_core.sniff import what_file_holds
 from mirror_core.uri import is_os_metadata
 from pipeline.scan import zip_shards
 from pipeline.scan.labels import label_and_subset, label_value
@@ -173,6 +174,8 @@ def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[di
         version = opened_version(f)
         members, content, stopped = (_zip_members if kind == "zip" else _tar_members)(
             f, size, lambda name: split_key(name)[1] in (label, "json"))
+        if stopped is not None and not members and (what := what_file_holds(f)):  # no archive at all
+            stopped += f"; the file is {what}"
     samples: dict[str, dict[str, list[int]]] = {}
     problems: dict[str, str] = {}  # per sample: why it cannot be read
     found: dict[str, dict] = {}  # per sample: its label member's text, its .json's label field
