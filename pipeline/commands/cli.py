@@ -445,6 +445,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# botocore's errors for credentials or a region it cannot find: the machine's set-up, not a bug
+CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "NoRegionError")
+
+
+def setup_error(err: Exception) -> str | None:
+    """One line for an error of the machine's set-up that is no ValueError (S3 credentials
+    missing), else None."""
+    if type(err).__module__.startswith("botocore") and type(err).__name__ in CREDENTIAL_ERRORS:
+        return (f"{error_text(err)} (s3:// needs AWS credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, or an instance role; on a cluster, on every node: env_vars of the runtime environment)")
+    return None
+
+
 # Commands whose work, interrupted, is taken up where it stopped by the same command.
 RESUMABLE = ("scan", "benchmark", "audit", "ingest", "train-memory", "train-detector")
 
@@ -457,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     # and keeps its traceback.
     except (ConfigError, ValueError, FileNotFoundError, PermissionError) as err:
         print(f"mirror {args.command}: error: {error_text(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if (line := setup_error(err)) is None:
+            raise
+        print(f"mirror {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the user's, not a bug: no traceback
         resumes = args.command in RESUMABLE
