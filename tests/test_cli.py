@@ -129,8 +129,9 @@ def test_programming_errors_keep_their_traceback(monkeypatch):
         cli.main(["inspect", "somewhere"])
 
 
-def test_s3_without_credentials_is_one_line_saying_what_is_missing(parity_bundle, tmp_path):
-    """No AWS credentials on the machine: the user's set-up, told in one line, exit 2."""
+def test_s3_without_credentials_or_endpoint_is_one_line_saying_what_is_missing(parity_bundle, tmp_path):
+    """No AWS credentials on the machine, or no S3 endpoint answering: the user's set-up,
+    told in one line, exit 2."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_ENDPOINT_URL="http://127.0.0.1:1", AWS_EC2_METADATA_DISABLED="true",
                AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
@@ -141,6 +142,13 @@ def test_s3_without_credentials_is_one_line_saying_what_is_missing(parity_bundle
         "mirror scan: error: NoCredentialsError: Unable to locate credentials (s3:// needs AWS credentials: "
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role; on a cluster, on every node: "
         "env_vars of the runtime environment)")
+    env.update(AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret")  # now nothing answers at the endpoint
+    proc = subprocess.run([MIRROR, "scan", "--model", parity_bundle, "--input", "s3://corpus/images", "--output",
+                           tmp_path / "out"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("mirror scan: error: EndpointConnectionError: Could not connect")
+    assert proc.stderr.endswith("(the S3 endpoint cannot be reached: check the network, AWS_ENDPOINT_URL and the "
+                                "region)\n")
 
 
 def test_output_flags_are_named_alike_with_old_spellings_kept():

@@ -451,10 +451,14 @@ CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "ProfileNo
 
 def setup_error(err: Exception) -> str | None:
     """One line for an error of the machine's set-up that is no ValueError (S3 credentials
-    missing), else None."""
-    if type(err).__module__.startswith("botocore") and type(err).__name__ in CREDENTIAL_ERRORS:
+    missing, its endpoint unreachable), else None."""
+    if not type(err).__module__.startswith("botocore"):
+        return None
+    if type(err).__name__ in CREDENTIAL_ERRORS:
         return (f"{error_text(err)} (s3:// needs AWS credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                 "AWS_PROFILE, or an instance role; on a cluster, on every node: env_vars of the runtime environment)")
+    if type(err).__name__ in ("EndpointConnectionError", "ConnectTimeoutError"):
+        return f"{error_text(err)} (the S3 endpoint cannot be reached: check the network, AWS_ENDPOINT_URL and the region)"
     return None
 
 
