@@ -128,6 +128,11 @@ def test_a_sampled_scan_scores_the_sample_and_says_what_it_tells(ray_local, pari
     drawn = [u for u, keep in zip(listed, in_sample(listed, 0.25)) if keep]
     assert sorted(pq.read_table(out / "scores")["uri"].to_pylist()) == drawn
     assert updated["sample"]["drawn_from"] == 72 and updated["rows_out"] == len(drawn)
+    (src / "zz-not-drawn.png").write_bytes((src / "000.png").read_bytes())  # a file the draw leaves out
+    assert not in_sample([str(src / "zz-not-drawn.png")], 0.25)[0]
+    again = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=4, sample=0.25, update=True))
+    assert again["this_run"]["rows"] == 0 and again["sample"]["drawn_from"] == 73
+    assert ScanStore(str(out)).read_plan().drawn_from == 73 and "of 73" in status_lines(scan_status(str(out)))[1]
     with pytest.raises(OutputMismatchError, match=r"sample: 0.25 there, None now"):
         run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=4))
     assert ScanStore(str(out)).read_plan().sample == 0.25

@@ -431,7 +431,7 @@ class ScanStore(Location):
         those units are not found changed again; None where there is nothing)."""
         checked = plan.input_format == "folder" or (plan.input_format == "manifest" and options.columns.version)
         versions = VersionsWriter(self) if checked else None
-        before = plan.shards
+        before, drawn_before = plan.shards, plan.drawn_from
         # new units' records go to the store as a first plan's do; a changed tar shard's
         # units' refreshed records to files of their own (named apart: unique per update)
         with PlanRecordsWriter(self) as records, PlanRecordsWriter(self, f"-{uuid.uuid4().hex[:12]}") as refreshed:
@@ -439,8 +439,9 @@ class ScanStore(Location):
                      else KnownSamples(stored_records(self, plan, ["uri", UNIT]), self.unit_records, refreshed)
                      if plan.input_format == "webdataset" else self.known_uris(plan))
             plan, added, found = update_plan(plan, options, known, records)
-        if added or found.versioned or (plan.shards is not None and (before is None or not plan.shards.equals(before))):
-            self.save_plan(plan)  # new units, first versions of shards, or tar shards indexed anew
+        if added or found.versioned or (plan.shards is not None and (before is None or not plan.shards.equals(before))) \
+                or plan.drawn_from != drawn_before:
+            self.save_plan(plan)  # new units, first versions of shards, tar shards indexed anew, or a sample's count
         if found.unit_versions or found.shard_versions:  # the run scores them so; stored once it has
             apply_changes(plan, found)
             versions = PendingPlan(self, plan)
