@@ -93,6 +93,22 @@ def test_score_prints_the_official_scores_a_line_each_and_error_lines_for_what_c
         assert proc.returncode == 2 and says in proc.stderr and proc.stdout == ""
 
 
+def test_score_expands_a_pattern_of_a_bucket_or_a_quoted_local_one(parity_bundle, s3_bucket, tmp_path, capsys):
+    """No shell expands `s3://bucket/dir/*.png`: `mirror score` does, in name order."""
+    import fsspec
+    from conftest import write_image
+
+    for name in ("b.png", "a.png", "c.jpg"):
+        write_image(tmp_path / "imgs" / name)
+    fsspec.filesystem("s3").put(str(tmp_path / "imgs"), f"{s3_bucket}/imgs", recursive=True)
+    assert cli.main(["score", "--model", str(parity_bundle), f"s3://{s3_bucket}/imgs/*.png",
+                     str(tmp_path / "imgs" / "[c]*")]) == 0
+    uris = [line.split()[-1] for line in capsys.readouterr().out.splitlines()]
+    assert uris == [f"s3://{s3_bucket}/imgs/a.png", f"s3://{s3_bucket}/imgs/b.png", str(tmp_path / "imgs" / "c.jpg")]
+    assert cli.main(["score", "--model", str(parity_bundle), f"s3://{s3_bucket}/imgs/*.webp"]) == 2
+    assert capsys.readouterr().err == f"mirror score: error: ValueError: no file matches s3://{s3_bucket}/imgs/*.webp\n"
+
+
 def test_help_shows_defaults():
     text = run_mirror("scan", "--help").stdout
     assert re.search(r"images per model call\s+\(default: 32\)", text)

@@ -18,6 +18,31 @@ def refuse_folders(images: list[str]) -> None:
                              "images; `mirror score` takes image files")
 
 
+GLOB_CHARACTERS = ("*", "?", "[")
+
+
+def expand_patterns(images: list[str]) -> list[str]:
+    """Each image, a pattern replaced by the files it matches, in order (`s3://b/dir/*.jpg`:
+    no shell expands a bucket's names; a local pattern quoted, or from a script). A pattern
+    matching nothing is an error; a name that holds such characters and exists is a name."""
+    import fsspec
+
+    from mirror_core.uri import is_web_url
+    from pipeline.scan.sources import full_uri
+
+    expanded = []
+    for image in images:
+        fs, path = fsspec.core.url_to_fs(image)
+        if is_web_url(image) or not any(c in path for c in GLOB_CHARACTERS) or fs.exists(path):
+            expanded.append(image)
+            continue
+        found = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        if not found:
+            raise ValueError(f"no file matches {image}")
+        expanded += [full_uri(fs, p) for p in found]
+    return expanded
+
+
 def score_device(device: str | None) -> str:
     """The device asked for (None: a GPU when there is one, else the CPU), checked."""
     import torch
@@ -47,6 +72,7 @@ def score_images(model: str, images: list[str], cfg: ScanConfig = ScanConfig(),
     from pipeline.scan.sources import fetch_all
     from pipeline.storage import name_as_text
 
+    images = expand_patterns(images)
     refuse_folders(images)
     device = score_device(device)
     bundle = load_bundle(model)
