@@ -291,3 +291,16 @@ def test_what_an_operating_system_leaves_beside_images_is_left_out(tmp_path):
     plan = plan_source(str(inside), SourceOptions())
     assert plan.input_format == "folder" and plan.skipped_by_extension == 1
     assert plan.records["uri"].to_pylist() == [str(inside / "0_real" / "b.jpg")]
+
+
+def test_an_input_pattern_of_stars_says_what_to_give_instead(tmp_path):
+    from pipeline.scan.sources import SourceOptions, plan_source
+
+    write_image(tmp_path / "imgs" / "a.png")
+    with pytest.raises(FileNotFoundError, match=r"imgs/\*\.png does not exist: a pattern of \* or \? is no input; give "
+                                                r"its folder \(--extensions keeps some kinds of image\), or name shards "
+                                                r"by a brace pattern"):
+        plan_source(str(tmp_path / "imgs" / "*.png"), SourceOptions())
+    (tmp_path / "odd" / "*").mkdir(parents=True)  # a folder so named is an input like any other
+    write_image(tmp_path / "odd" / "*" / "b.png")
+    assert plan_source(str(tmp_path / "odd" / "*"), SourceOptions()).total_rows == 1

@@ -612,6 +612,10 @@ def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | No
     with their versions (streamed, read as the plan goes), or the whole listing of a
     folder of other files, with their versions (None for a single file or a pattern)."""
     fs, base = fsspec.core.url_to_fs(uri)
+    if ("*" in base or "?" in base) and not is_web_url(uri) and not fs.exists(base):
+        raise FileNotFoundError(f"input {uri} does not exist: a pattern of * or ? is no input; give its folder "
+                                "(--extensions keeps some kinds of image), or name shards by a brace pattern "
+                                "(shards/{00000..00099}.tar)")
     folder = not is_manifest_name(uri) and fs.isdir(base)
     stream = iter_files(uri, versions=True) if folder else None
     head = _up_to_first_image(stream, options.extensions, base) if folder else None
