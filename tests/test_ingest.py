@@ -141,6 +141,25 @@ def test_a_folder_of_manifests_is_ingested_as_a_scan_reads_it_and_packed_shards_
         ingest(str(tmp_path / "shards"), str(tmp_path / "again"))
 
 
+def test_a_sample_of_a_manifest_is_packed_as_a_scan_draws_it(ray_local, tmp_path):
+    """`mirror ingest --sample 0.3`: the records a scan's --sample 0.3 would score, and no other."""
+    from pipeline.commands.ingest import ingest
+    from pipeline.scan.sample import in_sample
+
+    uris = [str(tmp_path / "images" / f"{i:02d}.png") for i in range(30)]
+    for i, uri in enumerate(uris):
+        write_image(tmp_path / "images" / f"{i:02d}.png", seed=i)
+    (tmp_path / "list.csv").write_text("url\n" + "".join(f"{u}\n" for u in uris))
+    result = ingest(str(tmp_path / "list.csv"), str(tmp_path / "shards"), rows_per_shard=4, sample=0.3)
+    drawn = [u for u, keep in zip(uris, in_sample(uris, 0.3)) if keep]
+    assert result.files == len(drawn) < 20 and pq.read_table(tmp_path / "shards")["uri"].to_pylist() == drawn
+    assert json.loads((tmp_path / "shards" / "_ingest.json").read_text())["sample"] == 0.3
+    with pytest.raises(ValueError, match="holds shards of another ingest"):  # another fraction: another ingest
+        ingest(str(tmp_path / "list.csv"), str(tmp_path / "shards"), rows_per_shard=4, sample=0.5)
+    with pytest.raises(ValueError, match=r"--sample must be a fraction within \(0, 1\], got 2"):
+        ingest(str(tmp_path / "list.csv"), str(tmp_path / "other"), sample=2.0)
+
+
 def test_a_file_whose_name_is_not_utf8_is_kept_as_a_row_naming_it(tmp_path):
     """As a scan does (`_record_error`): the plan knows the name cannot be a text column."""
     from pipeline.commands.ingest import write_shard

@@ -148,11 +148,12 @@ def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, ro
 
 def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per_row_group: int = 256,
            extensions=DEFAULT_EXTENSIONS, fetch_threads: int = 16, address: str | None = None,
-           honour_opt_out: bool = True, progress_every_s: float = 60.0, stall_report_s: float = 600.0
-           ) -> IngestResult:
+           honour_opt_out: bool = True, progress_every_s: float = 60.0, stall_report_s: float = 600.0,
+           sample: float | None = None) -> IngestResult:
     """Pack a folder of images, or the images a manifest file names, into shards. A web
     image whose site opts out of AI use (X-Robots-Tag noai / noimageai) is kept as a row
     without bytes (`read_error` 'opted out: ...') unless `honour_opt_out` is False.
+    `sample`: only that fraction of the records, drawn as a scan's `--sample` draws them.
 
     Shard tasks run a window at a time (`task_window`), finishing in any order; a line of
     progress comes every `progress_every_s` and a warning after `stall_report_s` without a
@@ -160,6 +161,8 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
     others are still written: a rerun writes what is missing."""
     import ray
 
+    if sample is not None and not 0.0 < sample <= 1.0:
+        raise ValueError(f"--sample must be a fraction within (0, 1], got {sample}")
     fs, base = fsspec.core.url_to_fs(input_uri)
     manifest = is_manifest_name(input_uri) and (fs.isfile(base) or has_braces(input_uri))
     if not manifest and not fs.isdir(base):
@@ -175,7 +178,7 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
             listing = ListingDigest(writer)
             # a folder of images, or of manifests (LAION's metadata: Parquet files of URLs), as a scan finds
             options = SourceOptions(input_format="manifest" if manifest else "auto", extensions=tuple(extensions),
-                                    unit_size=rows_per_shard)
+                                    unit_size=rows_per_shard, sample=sample)
             plan = plan_source(input_uri, options, listing)  # one unit a shard, in listing order
             if plan.input_format not in ("folder", "manifest"):
                 raise ValueError(f"{input_uri} holds {plan.input_format} shards, images packed already: scan it "
@@ -186,7 +189,8 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
                     "listing_sha256": listing.digest.hexdigest(),
                     "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group,
                     # only when set: outputs of ingests that honoured opt-outs (all earlier ones) keep their identity
-                    **({} if honour_opt_out else {"opt_out_ignored": True})}
+                    **({} if honour_opt_out else {"opt_out_ignored": True}),
+                    **({"sample": sample} if sample is not None else {})}
         previous = out.read_json(IDENTITY_FILE)
         if previous is not None:  # recorded as given by earlier versions
             previous["input"] = canonical_input(previous["input"])
