@@ -119,12 +119,15 @@ def test_the_uri_column_of_img2dataset_laion_and_hugging_face_metadata_is_found(
     with pytest.raises(ValueError, match=r"laion.parquet has no 'link' column \(its columns: 'URL', 'TEXT', "):
         list(sources.manifest_batches(str(tmp_path / "laion.parquet"), sources.ColumnMap(uri="link")))
     (tmp_path / "none.csv").write_text("where,label\na.jpg,1\n")
-    with pytest.raises(ValueError, match=r"none.csv has no 'uri' nor url / file_name / image_url / .* / filename "
-                                         r"column \(its columns: 'where', 'label'; set columns.uri\)"):
+    with pytest.raises(ValueError, match=r"none.csv has no 'uri' nor url / file_name / image_url / .* / filename / "
+                                         r"image / .* / file column \(its columns: 'where', 'label'; set columns.uri\)"):
         list(sources.manifest_batches(str(tmp_path / "none.csv"), sources.ColumnMap()))
     (tmp_path / "paths.csv").write_text("Image_Path,label\na.jpg,1\n")  # a list as people write them
     paths = pa.concat_tables(sources.manifest_batches(str(tmp_path / "paths.csv"), sources.ColumnMap()))
     assert paths["uri"].to_pylist() == [str(tmp_path / "a.jpg")]
+    (tmp_path / "kaggle.csv").write_text("Image,label\nb.jpg,1\n")  # a competition's list
+    kaggle = pa.concat_tables(sources.manifest_batches(str(tmp_path / "kaggle.csv"), sources.ColumnMap()))
+    assert kaggle["uri"].to_pylist() == [str(tmp_path / "b.jpg")]
     (tmp_path / "excel.csv").write_text("uri;label\na.jpg;1\n")  # a European spreadsheet's export
     with pytest.raises(ValueError, match=r"\(its columns: 'uri;label'; a CSV separated by ';'\? only ',' separates"):
         list(sources.manifest_batches(str(tmp_path / "excel.csv"), sources.ColumnMap()))

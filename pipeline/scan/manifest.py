@@ -27,8 +27,9 @@ CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 # Where a URI is found when the manifest has no `uri` column (and `columns.uri` is left as
 # it is), the first present in any case: img2dataset's and LAION's link column ('url',
 # 'URL'), a Hugging Face image folder's metadata ('file_name'), then the names lists of
-# images usually give theirs.
-URI_FALLBACKS = ("url", "file_name", "image_url", "image_path", "img_path", "filepath", "file_path", "path", "filename")
+# images usually give theirs (Kaggle's CSVs: 'image', 'image_name', 'img', 'file').
+URI_FALLBACKS = ("url", "file_name", "image_url", "image_path", "img_path", "filepath", "file_path", "path", "filename",
+                 "image", "image_name", "image_file", "img", "file")
 _NO_DELIMITER = "\x1f"  # a .txt line is one value: split at a character no URI holds
 
 
