@@ -37,7 +37,7 @@ def read_by_open(url: str) -> bytes:
 def web_figures(images: int, kb: int, delay_s: float, threads: int) -> dict:
     from web_server import ImageServer
 
-    from pipeline.scan.sources import fetch_all
+    from pipeline.scan.reads import fetch_all
     from pipeline.scan.web_addresses import PRIVATE_HOSTS_ENV
 
     result = {"images": images, "kb": kb, "delay_s": delay_s, "threads": threads}

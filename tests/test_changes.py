@@ -418,7 +418,8 @@ def test_a_parquet_shard_served_over_http_is_read_as_the_version_planned(tmp_pat
     """Its version planned is the one a later HEAD tells (the server's ETag and size)."""
     from web_server import ImageServer
 
-    from pipeline.scan.sources import ColumnMap, ShardChangedError, read_shard_unit
+    from pipeline.scan.reads import ShardChangedError, read_shard_unit
+    from pipeline.scan.sources import ColumnMap
 
     src = tmp_path / "shards"
     src.mkdir()

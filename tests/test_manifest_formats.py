@@ -258,7 +258,9 @@ def test_a_windows_path_that_names_no_file_says_so(tmp_path):
     write_image(tmp_path / "imgs" / "a.png")
     (tmp_path / "list.csv").write_text("uri\nimgs\\a.png\nimgs/a.png\nimgs/none.png\n")
     uris = plan_source(str(tmp_path / "list.csv"), SourceOptions()).records["uri"].to_pylist()
-    (_, windows), (found, _), (_, missing) = sources.fetch_all(uris, threads=2)
+    from pipeline.scan.reads import fetch_all
+
+    (_, windows), (found, _), (_, missing) = fetch_all(uris, threads=2)
     assert windows.startswith("read failed: FileNotFoundError") and windows.endswith("(a Windows path? '/' separates "
                                                                                      "folders here)")
     assert found and "Windows" not in missing

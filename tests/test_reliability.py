@@ -19,8 +19,8 @@ from mirror_core.config import PreprocessConfig
 from mirror_core.preprocess import ImageTooLargeError, center_crop, official_preprocess
 from pipeline.commands.cli import main
 from pipeline.scan.config import ScanConfig
+from pipeline.scan.reads import fetch_all
 from pipeline.scan.run import run_scan
-from pipeline.scan.sources import fetch_all
 
 
 def test_bomb_header_is_refused_before_decoding():

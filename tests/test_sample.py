@@ -10,9 +10,10 @@ import pytest
 from conftest import write_image
 
 from pipeline.scan.config import ConfigError, ScanConfig
+from pipeline.scan.reads import read_shard_unit
 from pipeline.scan.run import run_scan, summary_line
 from pipeline.scan.sample import in_sample, sample_figures, shard_row_key, share_interval
-from pipeline.scan.sources import ColumnMap, SourceOptions, plan_source, read_shard_unit, update_plan
+from pipeline.scan.sources import ColumnMap, SourceOptions, plan_source, update_plan
 from pipeline.scan.status import scan_status, status_lines
 from pipeline.scan.store import OutputMismatchError, ScanStore
 from pipeline.scan.uri_set import UriSet

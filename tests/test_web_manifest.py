@@ -11,7 +11,7 @@ from conftest import REPO, write_image
 from web_server import ImageServer
 
 from pipeline.scan import web, web_addresses
-from pipeline.scan.sources import fetch_all
+from pipeline.scan.reads import fetch_all
 from pipeline.scan.web_addresses import PRIVATE_HOSTS_ENV
 
 sys.path.insert(0, str(REPO))

@@ -32,17 +32,17 @@ from pipeline.audit.filtered import with_threshold_info, write_filtered
 from pipeline.progress import progress, step
 from pipeline.scan import webdataset
 from pipeline.scan.config import ScanConfig
-from pipeline.scan.run import run_scan
-from pipeline.scan.schema import OUTPUT_COLUMNS, RESERVED
-from pipeline.scan.sources import (
+from pipeline.scan.reads import (
     DEFAULT_MAX_FILE_BYTES,
-    Plan,
     ShardChangedError,
     fetch_all,
     read_shard_unit,
     record_names,
     shard_payloads,
 )
+from pipeline.scan.run import run_scan
+from pipeline.scan.schema import OUTPUT_COLUMNS, RESERVED
+from pipeline.scan.sources import Plan
 from pipeline.scan.store import ScanStore, records_schemas
 from pipeline.storage import Location, parquet_schema, read_ahead, relative_paths
 

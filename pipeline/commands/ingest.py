@@ -31,16 +31,9 @@ from pipeline.cluster import completed_tasks, ensure_ray, require_shared_paths, 
 from pipeline.progress import RowProgress, log, stall_reports, step
 from pipeline.scan.faults import FaultHooks
 from pipeline.scan.manifest import is_manifest_name
+from pipeline.scan.reads import fetch_planned, planned_errors
 from pipeline.scan.schema import PLAN_BOOKKEEPING
-from pipeline.scan.sources import (
-    DEFAULT_EXTENSIONS,
-    SourceOptions,
-    Unit,
-    canonical_input,
-    fetch_planned,
-    plan_source,
-    planned_errors,
-)
+from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, Unit, canonical_input, plan_source
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records
 from pipeline.scan.webdataset import has_braces
 from pipeline.storage import Location, read_ahead

@@ -67,9 +67,9 @@ def score_images(model: str, images: list[str], cfg: ScanConfig = ScanConfig(),
     from mirror_core.bundle import load_bundle
     from pipeline.scan.commit import assemble_rows
     from pipeline.scan.decode import decode_rows, numpy_batch
+    from pipeline.scan.reads import fetch_all
     from pipeline.scan.run import effective_config
     from pipeline.scan.scorer import Scorer
-    from pipeline.scan.sources import fetch_all
     from pipeline.storage import name_as_text
 
     images = expand_patterns(images)

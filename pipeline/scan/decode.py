@@ -21,6 +21,16 @@ from mirror_core.jpeg import GPU_JPEG_MODES, is_jpeg
 from mirror_core.preprocess import ImageTooLargeError, Preprocessed, official_preprocess, wants_alignment
 from pipeline.scan import faults, webdataset
 from pipeline.scan.isolation import RECORD_TIMEOUT_S, RecordFailed, attempt
+from pipeline.scan.reads import (
+    DEFAULT_MAX_FILE_BYTES,
+    ShardChangedError,
+    fetch_planned,
+    planned_errors,
+    read_shard_unit,
+    record_names,
+    shard_payloads,
+    shard_unit_uris,
+)
 from pipeline.scan.schema import (
     DECODE_SECONDS,
     DECODED_SCHEMA,
@@ -37,19 +47,7 @@ from pipeline.scan.schema import (
     pack_records,
     without_bookkeeping,
 )
-from pipeline.scan.sources import (
-    DEFAULT_MAX_FILE_BYTES,
-    RECORD_KINDS,
-    ColumnMap,
-    ShardChangedError,
-    Unit,
-    fetch_planned,
-    planned_errors,
-    read_shard_unit,
-    record_names,
-    shard_payloads,
-    shard_unit_uris,
-)
+from pipeline.scan.sources import RECORD_KINDS, ColumnMap, Unit
 from pipeline.scan.store import read_unit_records
 
 

@@ -271,7 +271,7 @@ class ScanStore(Location):
         """Finished units holding a row whose error another try may heal (a read failure),
         not counting rows of files an update found removed: read again, they are still gone
         (units of removed shards: `changes.removed_shard_units`)."""
-        from pipeline.scan.sources import TRANSIENT_ERROR_PREFIXES
+        from pipeline.scan.reads import TRANSIENT_ERROR_PREFIXES
 
         gone = removed_files(self)
 

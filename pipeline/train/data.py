@@ -24,18 +24,9 @@ import pyarrow.compute as pc
 
 from mirror_core.uri import WEB_URL_PATTERN
 from pipeline.scan.decode import unit_inputs
+from pipeline.scan.reads import planned_errors, read_shard_unit
 from pipeline.scan.schema import without_bookkeeping
-from pipeline.scan.sources import (
-    RECORD_KINDS,
-    ColumnMap,
-    Plan,
-    SourceOptions,
-    Unit,
-    input_root,
-    plan_source,
-    planned_errors,
-    read_shard_unit,
-)
+from pipeline.scan.sources import RECORD_KINDS, ColumnMap, Plan, SourceOptions, Unit, input_root, plan_source
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records, stored_records
 from pipeline.storage import Location, read_ahead, relative_paths
 from pipeline.train.prepare import prepare_batch
