@@ -9,7 +9,7 @@ from conftest import inline_unit_batch, write_image
 
 from mirror_core.bundle import load_bundle
 from pipeline.scan.commit import commit_units
-from pipeline.scan.config import ConfigError, load_scan_config
+from pipeline.scan.config import ConfigError, ScanConfig, load_scan_config
 from pipeline.scan.decode import decode_units, numpy_batch
 from pipeline.scan.labels import label_and_subset, normalize_labels
 from pipeline.scan.schema import INDEX, OUTPUT_COLUMNS, UNIT, UNIT_RECORDS, UNIT_TARGET, pack_records
@@ -210,6 +210,7 @@ def test_an_object_store_write_is_one_put_and_makes_a_missing_bucket(s3_server, 
 
 
 def test_folders_named_like_labels_but_not_label_folders_are_named_in_a_warning(tmp_path, caplog):
+    from pipeline.scan.labels import label_folders
     from pipeline.scan.sources import SourceOptions, plan_source
 
     for name in ("cifake/train/FAKE/a.png", "cifake/train/REAL/b.png", "official/1_fake/c.png",
@@ -220,12 +221,20 @@ def test_folders_named_like_labels_but_not_label_folders_are_named_in_a_warning(
     assert plan.records["label"].to_pylist() == [None, None]  # as the official evaluation reads them
     assert [m for m in caplog.messages if "unlabeled" in m] == [
         f"{tmp_path}/cifake: images below a folder named 'FAKE' are unlabeled: label folders are named exactly "
-        "0_real / 1_fake (or nature / ai), as the official evaluation reads them; rename the folders, or give a "
-        "manifest with a label column, for metrics"]
+        "0_real / 1_fake (or nature / ai), as the official evaluation reads them; name yours, e.g. --label-folders "
+        "FAKE=fake (each such folder), for metrics"]
     caplog.clear()
     with caplog.at_level("WARNING", logger="mirror"):
         assert plan_source(str(tmp_path / "official"), SourceOptions()).records["label"].to_pylist() == [0, 1]
     assert not caplog.messages
+    # named as the corpus names them (`--label-folders FAKE=fake,REAL=0`): labeled, subset as for official folders
+    named = SourceOptions(label_folders=label_folders({"FAKE": "fake", "REAL": 0}))
+    with caplog.at_level("WARNING", logger="mirror"):
+        plan = plan_source(str(tmp_path / "cifake"), named)
+    assert plan.records["label"].to_pylist() == [1, 0] and plan.records["subset"].to_pylist() == ["train", "train"]
+    assert not caplog.messages
+    with pytest.raises(ValueError, match=r"label folder 'REAL': label value 'maybe' is not one of"):
+        label_folders({"REAL": "maybe"})
 
     # the same tree as it is downloaded, in a zip: the folders inside are looked at too
     import zipfile
@@ -238,8 +247,12 @@ def test_folders_named_like_labels_but_not_label_folders_are_named_in_a_warning(
     assert plan.records["label"].to_pylist() == [None, None]
     assert [m for m in caplog.messages if "unlabeled" in m] == [
         f"{tmp_path}/cifake.zip: images below a folder named 'FAKE' are unlabeled: label folders are named exactly "
-        "0_real / 1_fake (or nature / ai), as the official evaluation reads them; rename the folders, or give a "
-        "manifest with a label column, for metrics"]
+        "0_real / 1_fake (or nature / ai), as the official evaluation reads them; name yours, e.g. --label-folders "
+        "FAKE=fake (each such folder), for metrics"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mirror"):
+        plan = plan_source(str(tmp_path / "cifake.zip"), named)  # inside an archive alike
+    assert plan.records["label"].to_pylist() == [1, 0] and not caplog.messages
 
 
 def test_every_file_is_an_image_with_extensions_star_names_without_one_too(tmp_path):
@@ -304,3 +317,30 @@ def test_an_input_pattern_of_stars_says_what_to_give_instead(tmp_path):
     (tmp_path / "odd" / "*").mkdir(parents=True)  # a folder so named is an input like any other
     write_image(tmp_path / "odd" / "*" / "b.png")
     assert plan_source(str(tmp_path / "odd" / "*"), SourceOptions()).total_rows == 1
+
+
+def test_a_corpus_labelled_by_its_own_folder_names_scans_with_metrics_and_trains(ray_local, parity_bundle, tmp_path):
+    """CIFAKE's train/REAL, train/FAKE: `label_folders` reads them as labels, in a scan (its
+    metrics) and in training's plan; the output is tied to that choice."""
+    from pipeline.commands.cli import parse_label_folders
+    from pipeline.scan.run import run_scan
+    from pipeline.scan.store import OutputMismatchError
+    from pipeline.train.data import plan_training_data
+
+    for i in range(8):
+        write_image(tmp_path / "cifake" / "train" / ("FAKE" if i % 2 else "REAL") / f"{i}.png", seed=i)
+    named = parse_label_folders("REAL=real, FAKE=1")
+    assert named == {"REAL": "real", "FAKE": "1"}
+    summary = run_scan(str(parity_bundle), str(tmp_path / "cifake"), str(tmp_path / "out"),
+                       ScanConfig(label_folders=named))
+    assert summary["metrics"]["ALL"]["n"] == 8 and summary["metrics"]["train"]["n"] == 8
+    with pytest.raises(OutputMismatchError, match=r"label_folders: \{'FAKE': '1', 'REAL': 'real'\} there, None now"):
+        run_scan(str(parity_bundle), str(tmp_path / "cifake"), str(tmp_path / "out"), ScanConfig())
+    with pytest.raises(ValueError, match="phase 2 needs a label for every image; 8 in "):
+        plan_training_data(str(tmp_path / "cifake"), 2, 0.25, str(tmp_path / "run-a"))
+    data = plan_training_data(str(tmp_path / "cifake"), 2, 0.25, str(tmp_path / "run-b"), label_folders=named)
+    assert data.n_train + data.n_val == 8
+    with pytest.raises(ConfigError, match=r"--label-folders 'REAL': expected NAME=LABEL pairs"):
+        parse_label_folders("REAL")
+    with pytest.raises(ConfigError, match=r"label_folders: label folder 'FAKE': label value 'x' is not one of"):
+        ScanConfig(label_folders={"FAKE": "x"})

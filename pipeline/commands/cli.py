@@ -66,6 +66,7 @@ def add_scan_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = No
             p.add_argument(flag, type=kind, help=help_text + shown)
     p.add_argument("--alignment", choices=ALIGNMENT_MODES, help="JPEG q96 alignment policy (default: the bundle's)")
     if only is None:
+        p.add_argument("--label-folders", help=LABEL_FOLDERS_HELP)
         p.add_argument("--extensions", help="image file extensions of folder inputs, comma-separated; '*': every "
                                             "file, names without an extension too "
                                             f"(default: {','.join(defaults.extensions)})")
@@ -73,6 +74,22 @@ def add_scan_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = No
         if only is None or flag in only:
             p.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help_text} (default: off)")
+
+
+def parse_label_folders(text: str | None) -> dict[str, str] | None:
+    """'REAL=real,FAKE=fake' -> {'REAL': 'real', 'FAKE': 'fake'} (None: not given)."""
+    if not text:
+        return None
+    pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+    bad = [name for name, eq, value in pairs if not eq or not name.strip() or not value.strip()]
+    if bad:
+        raise ConfigError(f"--label-folders {text!r}: expected NAME=LABEL pairs, comma-separated "
+                          "(REAL=real,FAKE=fake; a label is 0/1/real/fake)")
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+LABEL_FOLDERS_HELP = ("the corpus's own label folders, NAME=LABEL comma-separated (REAL=real,FAKE=fake), besides "
+                      "the official 0_real / 1_fake / nature / ai")
 
 
 def scan_config_from_args(args: argparse.Namespace):
@@ -86,6 +103,7 @@ def scan_config_from_args(args: argparse.Namespace):
         if extensions else None
     overrides.update({field: getattr(args, field, None) for field, _ in SCAN_SWITCHES.values()})
     overrides["sample"] = getattr(args, "sample", None)  # mirror scan's own
+    overrides["label_folders"] = parse_label_folders(getattr(args, "label_folders", None))
     return load_scan_config(args.config, overrides)
 
 
@@ -247,6 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
                      label_smoothing=args.label_smoothing, ortho_weight=args.ortho_weight,
                      val_fraction=args.val_fraction, label=args.label, num_workers=args.workers, use_gpu=args.gpu, seed=args.seed,
+                     label_folders=parse_label_folders(args.label_folders),
                      name=args.name, ema_decay=args.ema,
                      **({} if args.max_failures is None else {"max_failures": args.max_failures}))
     memory = MemoryConfig(args.memory_slots, args.memory_heads, args.top_k) if phase == 1 else None
@@ -267,6 +286,7 @@ def add_train_parser(sub, name: str, help_text: str, phase: int) -> None:
                    + ": folder, manifest, Parquet or WebDataset shards; local or s3://")
     p.add_argument("--label", default="label", help="the label column of a manifest or Parquet input; WebDataset: "
                    "the member (e.g. cls) or .json field holding each sample's label (default: label)")
+    p.add_argument("--label-folders", help=LABEL_FOLDERS_HELP)
     p.add_argument("--output", required=True, help="bundle to write")
     p.add_argument("--storage", required=True, help="Ray Train storage for checkpoints; rerun to resume")
     p.add_argument("--name", default=f"mirror-phase{phase}", help="run name under --storage")

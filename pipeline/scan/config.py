@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror_core.config import ALIGNMENT_MODES, PRECISION_NAMES
+from pipeline.scan.labels import label_folders
 from pipeline.scan.sources import DEFAULT_EXTENSIONS, INPUT_FORMATS, ColumnMap, SourceOptions
 
 
@@ -48,6 +49,7 @@ class ScanConfig:
     update: bool = False  # re-list the input: new files / shards become new units, scored now
     retry_errors: bool = False  # score again the finished units holding read failures
     sample: float | None = None  # `mirror scan` only: score this fraction of the records (pipeline.scan.sample)
+    label_folders: dict[str, Any] | None = None  # a corpus's own label folder names ({REAL: real, FAKE: fake})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,13 +89,19 @@ class ScanConfig:
                 parse_perturbation(self.perturbation)
             except ValueError as err:
                 raise ConfigError(f"{source}: {err}") from None
+        if self.label_folders is not None:
+            try:
+                label_folders(self.label_folders)
+            except ValueError as err:
+                raise ConfigError(f"{source}: label_folders: {err}") from None
         unknown = set(self.columns) - {f.name for f in dataclasses.fields(ColumnMap)}
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) under columns: {sorted(unknown)}")
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(self.input_format, tuple(self.extensions), ColumnMap(**self.columns), self.unit_size,
-                             index_on_cluster=True, address=self.address, sample=self.sample)
+                             index_on_cluster=True, address=self.address, sample=self.sample,
+                             label_folders=label_folders(self.label_folders))
 
     def whole_input(self, command: str) -> None:
         """Refuses a sample to a command that needs every image (an audit's filtered copy,

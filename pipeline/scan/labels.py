@@ -10,22 +10,40 @@ LABEL_NAMES = {**LABEL_FOLDERS, "0": 0, "1": 1, "real": 0, "fake": 1}
 LABEL_VALUES = "0/1/real/fake/0_real/1_fake/nature/ai"
 
 
-def label_like(parts: tuple[str, ...]) -> str | None:
+def label_folders(extra: dict[str, object] | None = None) -> dict[str, int]:
+    """The folder names that label what is below them: the official ones, and `extra`
+    (a corpus's own, such as CIFAKE's {'REAL': 'real', 'FAKE': 'fake'}; a value is any label
+    value, `label_value`); a value that is no label is a ValueError naming the folder."""
+    if not extra:
+        return LABEL_FOLDERS
+    folders = dict(LABEL_FOLDERS)
+    for name, value in extra.items():
+        try:
+            folders[name] = label_value(value if isinstance(value, (bool, int)) else str(value))
+        except ValueError as err:
+            raise ValueError(f"label folder {name!r}: {err}") from None
+        if folders[name] is None:
+            raise ValueError(f"label folder {name!r}: no label given")
+    return folders
+
+
+def label_like(parts: tuple[str, ...], folders: dict[str, int] = LABEL_FOLDERS) -> str | None:
     """The first folder named like a label that is not a label folder ('REAL', 'fake',
     '0_Real'): official label folders are named exactly, so its images are unlabeled."""
-    return next((name for name in parts if name not in LABEL_FOLDERS and name.lower() in LABEL_LIKE), None)
+    return next((name for name in parts if name not in folders and name.lower() in LABEL_LIKE), None)
 
 
 LABEL_LIKE = {name.lower() for name in LABEL_NAMES if not name.isdigit()} | {"reals", "fakes", "generated", "synthetic"}
 
 
-def label_and_subset(parts: tuple[str, ...]) -> tuple[int | None, str | None]:
-    """Folders of a file below the root -> (label of the deepest label folder, subset)."""
+def label_and_subset(parts: tuple[str, ...], folders: dict[str, int] = LABEL_FOLDERS) -> tuple[int | None, str | None]:
+    """Folders of a file below the root -> (label of the deepest label folder, subset);
+    `folders`: the label folders' names (`label_folders`)."""
     label, depth = None, None
     for i, name in enumerate(parts):
-        if name in LABEL_FOLDERS:
-            label, depth = LABEL_FOLDERS[name], i
-    subset = parts[0] if depth is not None and parts[0] not in LABEL_FOLDERS else None
+        if name in folders:
+            label, depth = folders[name], i
+    subset = parts[0] if depth is not None and parts[0] not in folders else None
     return label, subset
 
 

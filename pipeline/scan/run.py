@@ -324,7 +324,7 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         out = ScanStore(job.output_uri)
         policy = model_cfg.preprocess.name + (f"+{job.perturbation}" if job.perturbation else "")
         run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
-        out.claim({**run, "input": job.input_uri, "sample": cfg.sample})
+        out.claim({**run, "input": job.input_uri, "sample": cfg.sample, "label_folders": cfg.label_folders})
         plan, added, versions, found = out.load_plan(), [], None, FileChanges()
         if plan is None:
             with step(f"planning {job.input_uri}") as info:

@@ -29,7 +29,7 @@ from mirror_core.uri import image_name, is_os_metadata, is_web_url, is_within
 from pipeline.scan import webdataset
 from pipeline.scan.changes import FileChanges, KnownFiles, shard_changes
 from pipeline.scan.image_column import ImageColumnError, find_image_column
-from pipeline.scan.labels import label_and_subset, label_like, normalize_labels
+from pipeline.scan.labels import LABEL_FOLDERS, label_and_subset, label_like, normalize_labels
 from pipeline.scan.listing import iter_files
 from pipeline.scan.manifest import (
     is_listed_manifest,
@@ -73,6 +73,7 @@ class SourceOptions:
     index_on_cluster: bool = False  # WebDataset: many tar shards indexed by Ray tasks over the cluster
     address: str | None = None  # that cluster (else RAY_ADDRESS, else a local Ray)
     sample: float | None = None  # plan only this fraction of the records (`pipeline.scan.sample`)
+    label_folders: dict[str, int] = field(default_factory=lambda: LABEL_FOLDERS)  # labels.label_folders
 
 
 @dataclass
@@ -186,12 +187,14 @@ def suffix(path: str) -> str:
 
 
 def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, base: str,
-                  extensions=DEFAULT_EXTENSIONS, notes: dict | None = None) -> pa.Table:
+                  extensions=DEFAULT_EXTENSIONS, notes: dict | None = None,
+                  label_folders: dict[str, int] = LABEL_FOLDERS) -> pa.Table:
     """Files of a folder (filesystem paths below `base`) -> uri, label, subset of its images,
     in the given order; files of other extensions are left out, and so are those an
     operating system makes beside images (`uri.is_os_metadata`: macOS's '._photo.jpg'). Given (path, version)
     pairs, each image's version too (VERSION). `notes` gets "label_like": the first folder
-    above an unlabeled image that is named like a label (`labels.label_like`)."""
+    above an unlabeled image that is named like a label (`labels.label_like`). `label_folders`:
+    the folder names that label the images below them."""
     wanted = image_suffixes(extensions)
     rows = {"uri": [], "label": [], "subset": [], VERSION: [], RECORD_ERROR: []}
     skip = len(base.rstrip("/")) + 1
@@ -204,8 +207,9 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
             continue
         if above != folders:  # a directory's files come together: its label is found once
             folders = above
-            label, subset = label_and_subset(tuple(folders))
-            if label is None and notes is not None and "label_like" not in notes and (like := label_like(folders)):
+            label, subset = label_and_subset(tuple(folders), label_folders)
+            if label is None and notes is not None and "label_like" not in notes and (
+                    like := label_like(folders, label_folders)):
                 notes["label_like"] = like
         uri, error = full_uri(fs, path), None
         if not uri.isascii() and not is_utf8(uri):  # a disk's name in another encoding (Latin-1 archives)
@@ -420,12 +424,13 @@ class FolderImages:
     skipped: int = 0
     single_file: bool = False
     notes: dict = field(default_factory=dict)  # image_records' notes on the folders seen
+    label_folders: dict[str, int] = field(default_factory=lambda: LABEL_FOLDERS)
 
     def __iter__(self) -> Iterator[pa.Table]:
         fs, base = fsspec.core.url_to_fs(self.root)
         base = posixpath.dirname(base) if self.single_file else base
         while listed := list(itertools.islice(self.files, STREAM_BATCH_ROWS)):
-            batch = image_records(listed, fs, base, self.extensions, self.notes)
+            batch = image_records(listed, fs, base, self.extensions, self.notes, self.label_folders)
             self.skipped += len(listed) - batch.num_rows
             yield batch
 
@@ -624,9 +629,10 @@ def open_input(uri: str, options: SourceOptions) -> tuple[str, FolderImages | No
         if not fs.isfile(base):
             raise FileNotFoundError(f"input {uri} does not exist")
         return fmt, FolderImages(uri, iter([(base, listed_version(fs.info(base)))]), options.extensions,
-                                 single_file=True), None
+                                 single_file=True, label_folders=options.label_folders), None
     if fmt == "folder":
-        return fmt, FolderImages(uri, itertools.chain(head, stream), options.extensions), None
+        return fmt, FolderImages(uri, itertools.chain(head, stream), options.extensions,
+                                 label_folders=options.label_folders), None
     return fmt, None, list(itertools.chain(head, stream)) if folder else None
 
 
@@ -655,20 +661,20 @@ def record_batches(uri: str, options: SourceOptions, images: FolderImages | None
 def warn_label_like(uri: str, folder: str) -> None:
     logging.getLogger("mirror").warning(
         "%s: images below a folder named %r are unlabeled: label folders are named exactly 0_real / 1_fake "
-        "(or nature / ai), as the official evaluation reads them; rename the folders, or give a manifest "
-        "with a label column, for metrics", uri, folder)
+        "(or nature / ai), as the official evaluation reads them; name yours, e.g. --label-folders %s=%s "
+        "(each such folder), for metrics", uri, folder, folder, "fake" if "fake" in folder.lower() else "real")
 
 
 LABEL_LIKE_LOOKS = 64  # unlabeled samples of a shard whose folders are looked at for a label-like name
 
 
-def sample_label_like(samples: pa.Table, shard: str, root: str) -> str | None:
+def sample_label_like(samples: pa.Table, shard: str, root: str, folders: dict[str, int] = LABEL_FOLDERS) -> str | None:
     """The first folder named like a label (`labels.label_like`) above one of a shard's
     first unlabeled samples, outside the shard or inside it ('train/REAL/x.jpg' in a zip)."""
     unlabeled = samples.filter(samples["label"].is_null()).slice(0, LABEL_LIKE_LOOKS)["uri"].to_pylist()
     outside = webdataset.shard_folders(shard, root)
     keys = (uri[len(shard) + 1 :] for uri in unlabeled)
-    return next((like for key in keys if (like := label_like(outside + tuple(key.split("/")[:-1])))), None)
+    return next((like for key in keys if (like := label_like(outside + tuple(key.split("/")[:-1]), folders))), None)
 
 
 def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, source: str,
@@ -696,9 +702,9 @@ def _webdataset_plan(uri: str, options: SourceOptions, listing: Listing | None, 
 
     for samples, row in webdataset.indexed_shards(update.to_index(shards) if update is not None else shards,
                                                   options.index_on_cluster, options.address, options.columns.label,
-                                                  input_root(uri)):
+                                                  input_root(uri), options.label_folders):
         version = row["version"]
-        like = like or sample_label_like(samples, row["uri"], input_root(uri))
+        like = like or sample_label_like(samples, row["uri"], input_root(uri), options.label_folders)
         if update is not None:
             row = update.indexed(row["uri"], samples, row)
             samples = samples.filter(pa.array(~update.known.contains(samples["uri"])))

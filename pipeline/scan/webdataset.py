@@ -37,7 +37,7 @@ from mirror_core.preprocess import IMAGE_EXTENSIONS
 from mirror_core.sniff import what_file_holds
 from mirror_core.uri import is_os_metadata
 from pipeline.scan import zip_shards
-from pipeline.scan.labels import label_and_subset, label_value
+from pipeline.scan.labels import LABEL_FOLDERS, label_and_subset, label_value
 from pipeline.scan.schema import shard_changed
 from pipeline.storage import current_version, name_as_text, opened_version, read_ahead, relative_paths
 
@@ -161,12 +161,14 @@ def _zip_members(f, size: int | None, read_now):
     return members, content, None if stopped is None else f"zip archive unreadable: {stopped}"
 
 
-def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[dict], int, str]:
+def index_shard(uri: str, label: str = "label", root: str = "",
+                folders: dict[str, int] = LABEL_FOLDERS) -> tuple[list[dict], int, str]:
     """One shard (a tar, or a zip) -> (records, samples without an image, the version read:
     `storage.opened_version`, which decode tasks check before trusting the offsets).
     Records: uri, the members' spans, the image member's name, the sample's label
     (`sample_label`, else that of its label folder: the folders from the input's folder
-    `root` to the shard and on inside it, as for images of a folder; so is its subset), and
+    `root` to the shard and on inside it, as for images of a folder, label folders named as
+    `folders` says; so is its subset), and
     an error for what damage makes unreadable."""
     kind = "zip" if zip_shards.is_zip(uri) else "tar"
     with fsspec.open(uri, "rb") as f:
@@ -199,13 +201,13 @@ def index_shard(uri: str, label: str = "label", root: str = "") -> tuple[list[di
         if image is None:
             no_image += 1
             continue
-        folder_label, subset = label_and_subset(outside + tuple(key.split("/")[:-1]))
+        folder_label, subset = label_and_subset(outside + tuple(key.split("/")[:-1]), folders)
         label_found = sample_label(found.get(key, {}), label, f"{uri}#{key}")
         records.append({"uri": f"{uri}#{key}", MEMBERS: json.dumps(members_of), IMAGE_MEMBER: f"{key}.{image}",
                         PLAN_ERROR: problems.get(key), "subset": subset,
                         "label": folder_label if label_found is None else label_found})
     if stopped is not None:
-        folder_label, subset = label_and_subset(outside)
+        folder_label, subset = label_and_subset(outside, folders)
         records.append({"uri": f"{uri}#{UNREADABLE}", MEMBERS: "{}", IMAGE_MEMBER: None, PLAN_ERROR: stopped,
                         "label": folder_label, "subset": subset})
     return records, no_image, version
@@ -220,7 +222,7 @@ SHARDS_SCHEMA = pa.schema([("uri", pa.string()), ("records", pa.int64()), ("no_i
 CLUSTER_INDEX_MIN_SHARDS = 64
 
 
-def _indexed_on_cluster(uris: list[str], address: str | None, label: str, root: str
+def _indexed_on_cluster(uris: list[str], address: str | None, label: str, root: str, folders: dict[str, int]
                         ) -> Iterator[tuple[list[dict], int, str]]:
     """index_shard over `uris` as Ray tasks across the cluster, results in shard order, a
     bounded number in flight (finished indexes wait in the object store, not by the thousand)."""
@@ -233,7 +235,7 @@ def _indexed_on_cluster(uris: list[str], address: str | None, label: str, root: 
     window = task_window(INDEX_THREADS)
     pending: deque = deque()
     for uri in uris:
-        pending.append(task.remote(uri, label, root))
+        pending.append(task.remote(uri, label, root, folders))
         if len(pending) >= window:
             yield ray.get(pending.popleft())
     while pending:
@@ -252,17 +254,19 @@ def shard_folders(shard: str, root: str) -> tuple[str, ...]:
 
 
 def indexed_shards(uris: list[str], on_cluster: bool = False, address: str | None = None, label: str = "label",
-                   root: str = "") -> Iterator[tuple[pa.Table, dict]]:
+                   root: str = "", folders: dict[str, int] = LABEL_FOLDERS) -> Iterator[tuple[pa.Table, dict]]:
     """Each shard's records (SAMPLES_SCHEMA) and its row of SHARDS_SCHEMA (record count,
     samples without an image, whether it could not be read whole, its version), in shard order, a
     bounded number indexed ahead. `on_cluster`: more than CLUSTER_INDEX_MIN_SHARDS shards
     are indexed by Ray tasks over the cluster (`address`, else RAY_ADDRESS, else a local
     Ray), so reading every shard's headers scales with its nodes rather than one driver's
-    network. `label`, `root`: where samples' labels come from (`index_shard`)."""
+    network. `label`, `root`, `folders`: where samples' labels come from (`index_shard`)."""
     from pipeline.progress import progress
 
-    indexed = (_indexed_on_cluster(uris, address, label, root) if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
-               else read_ahead(functools.partial(index_shard, label=label, root=root), uris, INDEX_THREADS))
+    indexed = (_indexed_on_cluster(uris, address, label, root, folders)
+               if on_cluster and len(uris) > CLUSTER_INDEX_MIN_SHARDS
+               else read_ahead(functools.partial(index_shard, label=label, root=root, folders=folders), uris,
+                               INDEX_THREADS))
     for uri, (records, no_image, version) in zip(uris, progress(indexed, "indexing tar shards", total=len(uris),
                                                                 unit="shard")):
         yield pa.Table.from_pylist(records, schema=SAMPLES_SCHEMA), {

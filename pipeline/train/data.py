@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from mirror_core.uri import WEB_URL_PATTERN
 from pipeline.scan.decode import unit_inputs
+from pipeline.scan.labels import label_folders as folder_labels
 from pipeline.scan.reads import planned_errors, read_shard_unit
 from pipeline.scan.schema import without_bookkeeping
 from pipeline.scan.sources import RECORD_KINDS, ColumnMap, Plan, SourceOptions, Unit, input_root, plan_source
@@ -95,13 +96,14 @@ def record_tables(plan: Plan, store: Location, columns: ColumnMap) -> Iterator[p
 
 
 def plan_training_data(input_uri: str, phase: int, val_fraction: float, store_uri: str,
-                       label: str = "label") -> TrainingData:
+                       label: str = "label", label_folders: dict | None = None) -> TrainingData:
     """Plan a training input into `store_uri` and check it can train, streaming its records
     once: phase 2 needs a label on every record, and both splits need images (phase 1
-    counts reals only). `label`: the input's label column (WebDataset: member or .json field)."""
+    counts reals only). `label`: the input's label column (WebDataset: member or .json field);
+    `label_folders`: the input's own label folder names (`labels.label_folders`)."""
     store, columns = Location(store_uri), ColumnMap(label=label)
     with PlanRecordsWriter(store) as sink:
-        plan = plan_source(input_uri, SourceOptions(columns=columns), sink)
+        plan = plan_source(input_uri, SourceOptions(columns=columns, label_folders=folder_labels(label_folders)), sink)
     root = input_root(input_uri)
     n_train = n_val = unlabeled = web_links = 0
     for records in record_tables(plan, store, columns):

@@ -51,6 +51,7 @@ class TrainConfig:
     ortho_weight: float = 0.01
     val_fraction: float = 0.2
     label: str = "label"  # the input's label column; WebDataset: the member (cls) or .json field
+    label_folders: dict[str, Any] | None = None  # the input's own label folder names (labels.label_folders)
     ema_decay: float | None = None  # validate and export an EMA of the weights
     num_workers: int = 1
     use_gpu: bool = False
@@ -263,7 +264,7 @@ def plan_into_run(input_uri: str, tc: TrainConfig, storage: str) -> TrainingData
     run, top = Location(join_uri(storage, tc.name)), Location(storage)
     made_run, made_top = not run.exists(), not top.exists()
     try:
-        return plan_training_data(input_uri, tc.phase, tc.val_fraction, run.uri, tc.label)
+        return plan_training_data(input_uri, tc.phase, tc.val_fraction, run.uri, tc.label, tc.label_folders)
     except BaseException:
         if made_run:
             run.remove()
