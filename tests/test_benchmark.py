@@ -92,6 +92,20 @@ def test_unregistered_name_is_one_set_named_all(ray_local, parity_bundle, tmp_pa
     assert [r["Dataset"] for r in rows] == ["ALL"]
 
 
+def test_a_benchmark_folder_labelled_by_its_own_folder_names(ray_local, parity_bundle, tmp_path):
+    """`--label-folders REAL=real,FAKE=fake`: CIFAKE's folders as labels, for the metrics."""
+    for i in range(4):
+        write_image(tmp_path / "data" / "cifake" / ("FAKE" if i % 2 else "REAL") / f"{i}.png", seed=i)
+    out = tmp_path / "out"
+    assert main(["benchmark", "--model", str(parity_bundle), "--data-root", str(tmp_path / "data"),
+                 "--benchmarks", "cifake", "--output", str(out), "--label-folders", "REAL=real,FAKE=fake"]) == 0
+    (csv_path,) = glob.glob(str(out / "cifake_*.csv"))
+    (row,) = read_csv(csv_path)
+    assert row["Dataset"] == "ALL" and 0.0 <= float(row["Bal_Acc"]) <= 1.0
+    labels = pq.read_table(out / "scans" / "cifake" / "input.parquet")["label"].to_pylist()
+    assert sorted(labels) == [0, 0, 1, 1]
+
+
 def test_nightly_regression_is_flagged_with_nonzero_exit(ray_local, parity_bundle, tmp_path, capsys):
     make_benchmark(tmp_path / "data")
     registry = tmp_path / "bench.yaml"

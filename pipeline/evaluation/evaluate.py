@@ -27,6 +27,7 @@ from mirror_core.metrics import OFFICIAL_COLUMNS, binary_metrics, eer, expected_
 from mirror_core.uri import join_uri
 from pipeline.evaluation.registry import BenchmarkSpec
 from pipeline.scan.config import ScanConfig
+from pipeline.scan.labels import LABEL_FOLDERS
 from pipeline.scan.run import ScanJob, run_scans
 from pipeline.scan.sources import list_images
 from pipeline.scan.store import ScanStore
@@ -53,9 +54,11 @@ def with_subset(records: pa.Table, subset: str) -> pa.Table:
                               pa.array([subset] * records.num_rows, pa.string()))
 
 
-def benchmark_records(data_root: str, spec: BenchmarkSpec) -> tuple[pa.Table | None, list[str], list[str]]:
+def benchmark_records(data_root: str, spec: BenchmarkSpec, label_folders: dict[str, int] = LABEL_FOLDERS
+                      ) -> tuple[pa.Table | None, list[str], list[str]]:
     """Folder benchmarks -> (labeled records with subset, found, missing). None when the
-    benchmark root holds Parquet shards instead (scanned directly)."""
+    benchmark root holds Parquet shards instead (scanned directly). `label_folders`: the
+    folder names that label (the official ones, and a corpus's own)."""
     root = join_uri(data_root, spec.folder)
     fs, path = fsspec.core.url_to_fs(root)
     if not fs.isdir(path):
@@ -63,13 +66,13 @@ def benchmark_records(data_root: str, spec: BenchmarkSpec) -> tuple[pa.Table | N
     if any(p.endswith(".parquet") for p in fs.ls(path, detail=False)):
         return None, [], []
     if not spec.subsets:
-        t = list_images(root, OFFICIAL_EXTENSIONS)
+        t = list_images(root, OFFICIAL_EXTENSIONS, label_folders=label_folders)
         t = t.filter(pc.is_valid(t["label"]))
         return with_subset(t, ALL), [ALL], []
     tables, found, missing = [], [], []
     for subset in spec.subsets:
         try:
-            t = list_images(join_uri(root, subset), OFFICIAL_EXTENSIONS)
+            t = list_images(join_uri(root, subset), OFFICIAL_EXTENSIONS, label_folders=label_folders)
         except FileNotFoundError:
             missing.append(subset)
             continue
@@ -137,10 +140,10 @@ class PreparedBenchmark:
     scans: dict[str, ScanJob]  # "clean" / perturbation -> its scan
 
 
-def prepare_benchmark(data_root: str, spec: BenchmarkSpec, output: str, perturbations: list[str] = ()
-                      ) -> PreparedBenchmark:
+def prepare_benchmark(data_root: str, spec: BenchmarkSpec, output: str, perturbations: list[str] = (),
+                      label_folders: dict[str, int] = LABEL_FOLDERS) -> PreparedBenchmark:
     out = Location(output)
-    records, found, missing = benchmark_records(data_root, spec)
+    records, found, missing = benchmark_records(data_root, spec, label_folders)
     if records is None:  # Parquet shards made by `mirror ingest`
         source, found = join_uri(data_root, spec.folder), None
     else:
@@ -181,7 +184,8 @@ def run_benchmark_set(model: Bundle, data_root: str, specs: list[BenchmarkSpec],
                       stamp: str, perturbations: list[str] = ()) -> list[BenchmarkResult]:
     """Every benchmark x perturbation scan through one pipeline: the replicas are built
     (and compiled) once for the whole run; outputs per benchmark as for one."""
-    prepared = [prepare_benchmark(data_root, spec, output, perturbations) for spec in specs]
+    folders = cfg.source_options().label_folders
+    prepared = [prepare_benchmark(data_root, spec, output, perturbations, folders) for spec in specs]
     jobs = [job for p in prepared for job in p.scans.values()]
     summaries = iter(run_scans(model, jobs, dataclasses.replace(cfg, perturbation=None, input_format="auto")))
     by_benchmark = [{name: next(summaries) for name in p.scans} for p in prepared]

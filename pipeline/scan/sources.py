@@ -229,14 +229,16 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
     return table
 
 
-def list_images(root: str, extensions=DEFAULT_EXTENSIONS, files: list[str] | None = None) -> pa.Table:
-    """Recursive listing, sorted: uri, label, subset (`files`: the folder's listing, if made)."""
+def list_images(root: str, extensions=DEFAULT_EXTENSIONS, files: list[str] | None = None,
+                label_folders: dict[str, int] = LABEL_FOLDERS) -> pa.Table:
+    """Recursive listing, sorted: uri, label, subset (`files`: the folder's listing, if made;
+    `label_folders`: the folder names that label the images below them)."""
     fs, base = fsspec.core.url_to_fs(root)
     if files is None:
         if not fs.isdir(base):
             raise FileNotFoundError(f"input folder {root} does not exist")
         files = list_files(root)
-    return image_records(files, fs, base, extensions)
+    return image_records(files, fs, base, extensions, label_folders=label_folders)
 
 
 def standard_records(table: pa.Table, columns: ColumnMap) -> pa.Table:
