@@ -158,6 +158,11 @@ def test_a_sample_of_a_manifest_is_packed_as_a_scan_draws_it(ray_local, tmp_path
         ingest(str(tmp_path / "list.csv"), str(tmp_path / "shards"), rows_per_shard=4, sample=0.5)
     with pytest.raises(ValueError, match=r"--sample must be a fraction within \(0, 1\], got 2"):
         ingest(str(tmp_path / "list.csv"), str(tmp_path / "other"), sample=2.0)
+    # a tree labelled by its own folder names keeps its labels in the shards
+    for i in range(4):
+        write_image(tmp_path / "cifake" / ("FAKE" if i % 2 else "REAL") / f"{i}.png", seed=i)
+    ingest(str(tmp_path / "cifake"), str(tmp_path / "cifake-shards"), label_folders={"REAL": "real", "FAKE": "fake"})
+    assert pq.read_table(tmp_path / "cifake-shards")["label"].to_pylist() == [1, 1, 0, 0]
 
 
 def test_a_file_whose_name_is_not_utf8_is_kept_as_a_row_naming_it(tmp_path):

@@ -205,7 +205,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     r = ingest(args.input, args.output, rows_per_shard=args.rows_per_shard,
                rows_per_row_group=args.rows_per_row_group, fetch_threads=args.fetch_threads,
                address=args.address, honour_opt_out=not args.ignore_opt_out,
-               progress_every_s=args.progress_every_s, stall_report_s=args.stall_report_s, sample=args.sample)
+               progress_every_s=args.progress_every_s, stall_report_s=args.stall_report_s, sample=args.sample,
+               label_folders=parse_label_folders(args.label_folders))
     print(r.line())
     return 1 if r.failed_shards else 0
 
@@ -416,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-threads", type=int, default=16, help="concurrent file reads per shard task")
     p.add_argument("--sample", type=float, help="pack only this fraction of the records (0.01: about 1 in 100), "
                    "drawn as `mirror scan --sample` draws them (by a hash of each uri)")
+    p.add_argument("--label-folders", help=LABEL_FOLDERS_HELP)
     p.add_argument("--ignore-opt-out", action="store_true",
                    help="also download web images whose site opts out of AI use (X-Robots-Tag noai / noimageai)")
     p.add_argument("--progress-every-s", type=float, default=60.0,

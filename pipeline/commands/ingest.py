@@ -30,6 +30,7 @@ from mirror_core.errors import by_frequency, error_kind, error_text, most_freque
 from pipeline.cluster import completed_tasks, ensure_ray, require_shared_paths, resources_line, task_window
 from pipeline.progress import RowProgress, log, stall_reports, step
 from pipeline.scan.faults import FaultHooks
+from pipeline.scan.labels import label_folders as folder_labels
 from pipeline.scan.manifest import is_manifest_name
 from pipeline.scan.reads import fetch_planned, planned_errors
 from pipeline.scan.schema import PLAN_BOOKKEEPING
@@ -142,11 +143,12 @@ def write_shard(records_uri: str, row_group: int, output_uri: str, name: str, ro
 def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per_row_group: int = 256,
            extensions=DEFAULT_EXTENSIONS, fetch_threads: int = 16, address: str | None = None,
            honour_opt_out: bool = True, progress_every_s: float = 60.0, stall_report_s: float = 600.0,
-           sample: float | None = None) -> IngestResult:
+           sample: float | None = None, label_folders: dict | None = None) -> IngestResult:
     """Pack a folder of images, or the images a manifest file names, into shards. A web
     image whose site opts out of AI use (X-Robots-Tag noai / noimageai) is kept as a row
     without bytes (`read_error` 'opted out: ...') unless `honour_opt_out` is False.
     `sample`: only that fraction of the records, drawn as a scan's `--sample` draws them.
+    `label_folders`: a folder tree's own label folder names (`labels.label_folders`).
 
     Shard tasks run a window at a time (`task_window`), finishing in any order; a line of
     progress comes every `progress_every_s` and a warning after `stall_report_s` without a
@@ -171,7 +173,8 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
             listing = ListingDigest(writer)
             # a folder of images, or of manifests (LAION's metadata: Parquet files of URLs), as a scan finds
             options = SourceOptions(input_format="manifest" if manifest else "auto", extensions=tuple(extensions),
-                                    unit_size=rows_per_shard, sample=sample)
+                                    unit_size=rows_per_shard, sample=sample,
+                                    label_folders=folder_labels(label_folders))
             plan = plan_source(input_uri, options, listing)  # one unit a shard, in listing order
             if plan.input_format not in ("folder", "manifest"):
                 raise ValueError(f"{input_uri} holds {plan.input_format} shards, images packed already: scan it "
@@ -183,7 +186,8 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
                     "rows_per_shard": rows_per_shard, "rows_per_row_group": rows_per_row_group,
                     # only when set: outputs of ingests that honoured opt-outs (all earlier ones) keep their identity
                     **({} if honour_opt_out else {"opt_out_ignored": True}),
-                    **({"sample": sample} if sample is not None else {})}
+                    **({"sample": sample} if sample is not None else {}),
+                    **({"label_folders": label_folders} if label_folders else {})}
         previous = out.read_json(IDENTITY_FILE)
         if previous is not None:  # recorded as given by earlier versions
             previous["input"] = canonical_input(previous["input"])
