@@ -1,7 +1,7 @@
 # Sourced by the device round scripts: Ray, transformers and peft from .whl (see
 # dev/pack_device_wheels.sh) into /tmp/site once per machine (setuptools, for the build
 # only, into /tmp/build-site), and the paths they need.
-if [ ! -d /tmp/site/ray ]; then
+if [ ! -d /tmp/site/ray ] || [ ! -d /tmp/site/pillow_heif ]; then
     mkdir -p /tmp/site && tar -xJf .whl/ray-site.tar.xz -C /tmp/site &&
         python3 -m pip install -q --no-index --no-deps --target /tmp/site $(ls .whl/*.whl | grep -v /setuptools-) &&
         python3 -m pip install -q --no-index --no-deps --target /tmp/build-site .whl/setuptools-*.whl || exit 1

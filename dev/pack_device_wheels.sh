@@ -18,7 +18,7 @@ mkdir "$work/site"
 tar -cJf .whl/ray-site.tar.xz -C "$work/site" .
 pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    jsonschema referencing rpds-py jsonschema-specifications "transformers==5.24.0" "peft==0.21.2" \
+    jsonschema referencing rpds-py jsonschema-specifications "transformers==5.24.0" "peft==0.21.2" "pillow-heif==1.8.1" \
     "setuptools==84.2.1"  # builds the C++ extensions there (a Python 3.12 without setuptools has no setup.py)
 rm -rf "$work"
 du -sh .whl

@@ -15,7 +15,7 @@ ALIGNMENT_MODES = ("by-extension", "by-format", "off")
 
 # How a replica computes (what each means: `detector.PRECISIONS`); named here so that
 # checking a setting does not import torch.
-PRECISION_NAMES = ("fp32", "bf16", "fp16", "bf16-weights", "fp8")
+PRECISION_NAMES = ("fp32", "bf16", "fp16", "bf16-weights", "bf16-gelu-tanh", "fp8")
 
 ENTROPY_EPS = 1e-9  # the official read-out entropy is -sum A log(A + 1e-9)
 

@@ -15,6 +15,7 @@ from .config import PRECISION_NAMES, MirrorConfig
 from .errors import error_text
 from .fp8 import fp8_linears_, fp8_supported
 from .fused import fuse_projections_, patch_embedding_as_linear_, precompute_rope_
+from .gelu_gemm import gelu_epilogue_
 from .model import MirrorModel, assemble_model
 from .preprocess import Preprocessed, official_preprocess, preprocess_rgb, read_bytes
 from .readout import inference_readout
@@ -25,14 +26,18 @@ class Precision(NamedTuple):
     autocast: torch.dtype | None  # autocast dtype (None: off)
     weights: torch.dtype | None  # the model cast to this dtype (None: as loaded)
     fp8_gemms: bool = False  # the backbone's Linear layers in FP8 (mirror_core/fp8.py)
+    gelu_tanh: bool = False  # GELU MLPs' up projection + tanh GELU as one GEMM (mirror_core/gelu_gemm.py)
 
 
 # "bf16-weights" casts the whole model: faster than autocast (no fp32 LayerNorms / residual
-# stream) and a little further from fp32 scores; "fp8" is bf16-weights with FP8 backbone
-# GEMMs, further still (opt-in, GPUs with FP8 tensor cores). The memory-bank softmaxes,
-# max and entropy stay fp32 in every mode.
+# stream) and a little further from fp32 scores; "bf16-gelu-tanh" is bf16-weights with the
+# backbone's exact GELU replaced by its tanh approximation, computed in the up projection's
+# GEMM epilogue (cuBLASLt on CUDA); "fp8" is bf16-weights with FP8 backbone GEMMs, further
+# still (opt-in, GPUs with FP8 tensor cores). The memory-bank softmaxes, max and entropy
+# stay fp32 in every mode.
 PRECISIONS = {"fp32": Precision(None, None), "bf16": Precision(torch.bfloat16, None),
               "fp16": Precision(torch.float16, None), "bf16-weights": Precision(None, torch.bfloat16),
+              "bf16-gelu-tanh": Precision(None, torch.bfloat16, gelu_tanh=True),
               "fp8": Precision(None, torch.bfloat16, fp8_gemms=True)}
 assert tuple(PRECISIONS) == PRECISION_NAMES
 
@@ -58,6 +63,9 @@ class Detector:
             patch_embedding_as_linear_(self.model.backbone)
         if mode.fp8_gemms:
             fp8_linears_(self.model.backbone)
+        if mode.gelu_tanh and not gelu_epilogue_(self.model.backbone, approximate="tanh"):
+            raise ValueError(f"precision {precision} approximates the exact GELU of DINOv3 ViT-S/B/L MLPs; this "
+                             "backbone has none (gated SwiGLU MLPs, as ViT-H+, or another family): use bf16-weights")
         precompute_rope_(self.model.backbone, config.preprocess.crop_size)  # the same values, computed once
         self.config = config
         self.model_id = model_id

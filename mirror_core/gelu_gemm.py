@@ -10,9 +10,10 @@ first (equal within 16-bit rounding). For 16-bit weights on CUDA; opt-in
 (`gelu_epilogue_`): on Hopper it loses to cuBLAS + the separate pass (BENCHMARKS.md).
 
 `gelu_epilogue_(..., approximate="tanh")` instead runs the GEMM in cuBLASLt with its own
-GELU epilogue (`torch._addmm_activation`, kept whole by inductor): the tanh approximation
-of GELU on CUDA, so a lossy variant, measured with its score deviation like fp8 (torch's
-CPU kernel computes the exact GELU there).
+GELU epilogue (`torch._addmm_activation`, kept whole by inductor), which is the tanh
+approximation of GELU: a lossy variant (the "bf16-gelu-tanh" precision), measured with its
+score deviation like fp8. Other devices compute the same tanh approximation in two steps
+(torch's CPU `_addmm_activation` would compute the exact GELU: another function).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .fused import replace_submodule
@@ -158,11 +160,13 @@ class GeluEpilogueMLP(nn.Module):
 
 
 class CublasGeluMLP(GeluEpilogueMLP):
-    """DINOv3's GELU MLP with up + GELU as one cuBLASLt GEMM and its GELU epilogue (on
-    CUDA the tanh approximation: see the module's docstring)."""
+    """DINOv3's GELU MLP with the tanh approximation of GELU: on CUDA up + GELU as one
+    cuBLASLt GEMM and its GELU epilogue, elsewhere the same function in two steps."""
 
     def up_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._addmm_activation(self.up_proj.bias, x, self.up_proj.weight.t(), use_gelu=True)
+        if x.is_cuda:
+            return torch._addmm_activation(self.up_proj.bias, x, self.up_proj.weight.t(), use_gelu=True)
+        return F.gelu(self.up_proj(x), approximate="tanh")
 
 
 GELU_EPILOGUES = ("none", "tanh")  # as F.gelu's `approximate`: our exact Triton epilogue, cuBLASLt's tanh one

@@ -87,3 +87,31 @@ def test_fp8_is_refused_on_gpus_without_fp8_tensor_cores(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
     with pytest.raises(ValueError, match="fp8 needs FP8 tensor cores"):
         Detector(assemble_model(cfg, weights), cfg, "m", device="cuda", precision="fp8")
+
+
+def test_bf16_gelu_tanh_mode_approximates_the_gelu_and_scores_near_fp32():
+    from mirror_core.gelu_gemm import CublasGeluMLP
+
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
+    _, weights = random_mirror(cfg, seed=7)
+    fp32 = Detector(assemble_model(cfg, weights), cfg, "m")
+    half = Detector(assemble_model(cfg, weights), cfg, "m", precision="bf16-weights")
+    tanh = Detector(assemble_model(cfg, weights), cfg, "m", precision="bf16-gelu-tanh")
+    mlps = [m for m in tanh.model.modules() if isinstance(m, CublasGeluMLP)]
+    assert len(mlps) == DEMO_BACKBONE["num_hidden_layers"]
+    assert {p.dtype for p in tanh.model.parameters()} == {torch.bfloat16}
+    pixels = np.random.default_rng(5).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    a, b, c = fp32.score_pixels(pixels), half.score_pixels(pixels), tanh.score_pixels(pixels)
+    np.testing.assert_allclose(c["prob_fake"], a["prob_fake"], atol=0.02)
+    assert not np.array_equal(c["prob_fake"], b["prob_fake"])  # the approximation really ran
+    assert ScanConfig(precision="bf16-gelu-tanh").precision == "bf16-gelu-tanh"
+
+
+def test_bf16_gelu_tanh_is_refused_for_a_backbone_without_gelu_mlps():
+    # ViT-H+ (the official backbone) has gated SwiGLU MLPs: nothing to approximate, and a
+    # run labelled with this precision would be a plain bf16-weights run.
+    backbone = dict(DEMO_BACKBONE, use_gated_mlp=True, hidden_act="silu")
+    cfg = MirrorConfig(backbone=BackboneConfig(backbone), memory=DEMO_MEMORY)
+    _, weights = random_mirror(cfg, seed=7)
+    with pytest.raises(ValueError, match="bf16-gelu-tanh .* has none .*use bf16-weights"):
+        Detector(assemble_model(cfg, weights), cfg, "m", precision="bf16-gelu-tanh")

@@ -19,7 +19,7 @@ SCAN_FLAGS = {  # flag -> (ScanConfig field, type, help)
     "--fetch-threads": ("fetch_threads", int, "concurrent reads per decode task"),
     "--unit-size": ("unit_size", int, "records per committed unit (folders, manifests)"),
     "--threshold": ("threshold", float, "decision threshold on prob_fake (default: the bundle's)"),
-    "--precision": ("precision", str, "fp32 | bf16 | fp16 (autocast) | bf16-weights | fp8 (not exact) (default: bf16 on GPU, fp32 on CPU)"),
+    "--precision": ("precision", str, "fp32 | bf16 | fp16 (autocast) | bf16-weights | bf16-gelu-tanh, fp8 (not exact) (default: bf16 on GPU, fp32 on CPU)"),
     "--input-format": ("input_format", str, "auto | folder | parquet | manifest | webdataset (tar or zip shards)"),
     "--address": ("address", str, "Ray cluster address (default: RAY_ADDRESS, else local Ray)"),
 }

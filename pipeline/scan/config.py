@@ -34,7 +34,7 @@ class ScanConfig:
     decode_task_memory_mb: int = 1024  # reserved per decode task (a unit of full-size JPEGs peaks near 1 GB)
     commit_writers: int | None = None  # writer actors of the commit stage; default one per node with CPUs
     unit_size: int = 256  # records per committed unit (folders, manifests)
-    precision: str | None = None  # fp32 | bf16 | fp16 | bf16-weights | fp8; default bf16 on GPU, fp32 on CPU
+    precision: str | None = None  # fp32 | bf16 | fp16 | bf16-weights | bf16-gelu-tanh | fp8; default bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile each replica (slower start; see BENCHMARKS.md)
     alignment: str | None = None  # override the bundle's JPEG alignment policy
     fast_decode: bool = False  # reduced-scale JPEG decoding (not bit-exact; recorded; faster without the region decoder)
