@@ -18,6 +18,12 @@ def is_within(uri: str, folder: str) -> bool:
     return (uri.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
 
 
+def below_start(folder: str) -> int:
+    """Where the part below `folder` begins in a path listed under it: path[below_start(folder):]
+    ('s3://b/x/' and 's3://b/x' list 's3://b/x/y/z.jpg': 'y/z.jpg')."""
+    return len(folder.rstrip("/")) + 1
+
+
 def is_web_url(uri: str) -> bool:
     return uri[:8].lower().startswith(WEB_SCHEMES)
 

@@ -163,6 +163,8 @@ def test_a_sample_of_a_manifest_is_packed_as_a_scan_draws_it(ray_local, tmp_path
         write_image(tmp_path / "cifake" / ("FAKE" if i % 2 else "REAL") / f"{i}.png", seed=i)
     ingest(str(tmp_path / "cifake"), str(tmp_path / "cifake-shards"), label_folders={"REAL": "real", "FAKE": "fake"})
     assert pq.read_table(tmp_path / "cifake-shards")["label"].to_pylist() == [1, 1, 0, 0]
+    ingest(str(tmp_path / "cifake"), str(tmp_path / "cifake-shards"), label_folders={"FAKE": 1, "REAL": "0"})  # same
+    assert pq.read_table(tmp_path / "cifake-shards")["label"].to_pylist() == [1, 1, 0, 0]
 
 
 def test_a_file_whose_name_is_not_utf8_is_kept_as_a_row_naming_it(tmp_path):

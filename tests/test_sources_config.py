@@ -324,7 +324,7 @@ def test_a_corpus_labelled_by_its_own_folder_names_scans_with_metrics_and_trains
     metrics) and in training's plan; the output is tied to that choice."""
     from pipeline.commands.cli import parse_label_folders
     from pipeline.scan.run import run_scan
-    from pipeline.scan.store import OutputMismatchError
+    from pipeline.scan.store import OutputMismatchError, ScanStore
     from pipeline.train.data import plan_training_data
 
     for i in range(8):
@@ -334,8 +334,14 @@ def test_a_corpus_labelled_by_its_own_folder_names_scans_with_metrics_and_trains
     summary = run_scan(str(parity_bundle), str(tmp_path / "cifake"), str(tmp_path / "out"),
                        ScanConfig(label_folders=named))
     assert summary["metrics"]["ALL"]["n"] == 8 and summary["metrics"]["train"]["n"] == 8
-    with pytest.raises(OutputMismatchError, match=r"label_folders: \{'FAKE': '1', 'REAL': 'real'\} there, None now"):
+    with pytest.raises(OutputMismatchError, match=r"label_folders: \{'FAKE': 1, 'REAL': 0\} there, None now"):
         run_scan(str(parity_bundle), str(tmp_path / "cifake"), str(tmp_path / "out"), ScanConfig())
+    # the same setting spelt otherwise resumes the output (an earlier version's spelling too)
+    store = ScanStore(str(tmp_path / "out"))
+    store.write_json("_scan.json", {**store.read_json("_scan.json"), "label_folders": named})
+    again = run_scan(str(parity_bundle), str(tmp_path / "cifake"), str(tmp_path / "out"),
+                     ScanConfig(label_folders=parse_label_folders("FAKE=fake,REAL=0")))
+    assert again["metrics"]["ALL"]["n"] == 8
     with pytest.raises(ValueError, match="phase 2 needs a label for every image; 8 in "):
         plan_training_data(str(tmp_path / "cifake"), 2, 0.25, str(tmp_path / "run-a"))
     data = plan_training_data(str(tmp_path / "cifake"), 2, 0.25, str(tmp_path / "run-b"), label_folders=named)

@@ -31,6 +31,7 @@ from pipeline.cluster import completed_tasks, ensure_ray, require_shared_paths, 
 from pipeline.progress import RowProgress, log, stall_reports, step
 from pipeline.scan.faults import FaultHooks
 from pipeline.scan.labels import label_folders as folder_labels
+from pipeline.scan.labels import label_folders_identity
 from pipeline.scan.manifest import is_manifest_name
 from pipeline.scan.reads import fetch_planned, planned_errors
 from pipeline.scan.schema import PLAN_BOOKKEEPING
@@ -187,10 +188,12 @@ def ingest(input_uri: str, output_uri: str, rows_per_shard: int = 4096, rows_per
                     # only when set: outputs of ingests that honoured opt-outs (all earlier ones) keep their identity
                     **({} if honour_opt_out else {"opt_out_ignored": True}),
                     **({"sample": sample} if sample is not None else {}),
-                    **({"label_folders": label_folders} if label_folders else {})}
+                    **({"label_folders": label_folders_identity(label_folders)} if label_folders else {})}
         previous = out.read_json(IDENTITY_FILE)
         if previous is not None:  # recorded as given by earlier versions
             previous["input"] = canonical_input(previous["input"])
+            if previous.get("label_folders"):
+                previous["label_folders"] = label_folders_identity(previous["label_folders"])
         if previous is not None and previous != identity:
             changed = [k for k in identity if previous.get(k) != identity[k]]
             raise ValueError(f"{output_uri} holds shards of another ingest ({', '.join(changed)} differ); "

@@ -27,6 +27,14 @@ def label_folders(extra: dict[str, object] | None = None) -> dict[str, int]:
     return folders
 
 
+def label_folders_identity(extra: dict[str, object] | None) -> dict[str, int] | None:
+    """A corpus's own label folders as an output's identity records them: each name's label
+    (REAL=real and REAL=0 are one setting), by name; None when unset."""
+    if not extra:
+        return None
+    return {name: label_folders(extra)[name] for name in sorted(extra)}
+
+
 def label_like(parts: tuple[str, ...], folders: dict[str, int] = LABEL_FOLDERS) -> str | None:
     """The first folder named like a label that is not a label folder ('REAL', 'fake',
     '0_Real'): official label folders are named exactly, so its images are unlabeled."""

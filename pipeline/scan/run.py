@@ -25,6 +25,7 @@ from pipeline.scan.commit import add_commit_stage
 from pipeline.scan.config import ScanConfig
 from pipeline.scan.decode import decode_units
 from pipeline.scan.isolation import decode_attempts
+from pipeline.scan.labels import label_folders_identity
 from pipeline.scan.sample import sample_figures, sample_line
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
 from pipeline.scan.sources import (
@@ -324,7 +325,7 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         out = ScanStore(job.output_uri)
         policy = model_cfg.preprocess.name + (f"+{job.perturbation}" if job.perturbation else "")
         run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
-        out.claim({**run, "input": job.input_uri, "sample": cfg.sample, "label_folders": cfg.label_folders})
+        out.claim({**run, "input": job.input_uri, "sample": cfg.sample, "label_folders": label_folders_identity(cfg.label_folders)})
         plan, added, versions, found = out.load_plan(), [], None, FileChanges()
         if plan is None:
             with step(f"planning {job.input_uri}") as info:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from mirror_core.errors import error_text
 from mirror_core.preprocess import IMAGE_EXTENSIONS
 from mirror_core.sniff import what_file_holds
-from mirror_core.uri import image_name, is_os_metadata, is_web_url, is_within
+from mirror_core.uri import below_start, image_name, is_os_metadata, is_web_url, is_within
 from pipeline.scan import webdataset
 from pipeline.scan.changes import FileChanges, KnownFiles, shard_changes
 from pipeline.scan.image_column import ImageColumnError, find_image_column
@@ -197,7 +197,7 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
     the folder names that label the images below them."""
     wanted = image_suffixes(extensions)
     rows = {"uri": [], "label": [], "subset": [], VERSION: [], RECORD_ERROR: []}
-    skip = len(base.rstrip("/")) + 1
+    skip = below_start(base)
     web = is_web_url(base)  # a single image given by its link: its name ends before any query
     folders, label, subset = None, None, None
     for listed in paths:  # string operations: pathlib would intern every name it parses
@@ -442,7 +442,7 @@ def _up_to_first_image(files: Iterator[tuple[str, str]], extensions: tuple[str, 
     """The (path, version) files of a listing of `base` up to its first image (all of them
     when it holds none)."""
     wanted = image_suffixes(extensions)
-    head, skip = [], len(base.rstrip("/")) + 1
+    head, skip = [], below_start(base)
     for path, version in files:
         head.append((path, version))
         if suffix(path) in wanted and not is_os_metadata(path[skip:]):
@@ -559,7 +559,7 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
         if not fs.isdir(base):
             raise FileNotFoundError(f"input {uri} does not exist")
         files = list_files(uri)
-    skip = len(base.rstrip("/")) + 1  # what the OS leaves beside images is below the input, not above it
+    skip = below_start(base)  # what the OS leaves beside images is below the input, not above it
     if any(suffix(p) in wanted and not is_os_metadata(p[skip:]) for p in files):
         return "folder"
     if any(webdataset.is_shard_name(p) for p in files):

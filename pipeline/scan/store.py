@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.progress import every
 from pipeline.scan.changes import FileChanges, KnownFiles, VersionsWriter, recorded_versions, removed_files
+from pipeline.scan.labels import label_folders_identity
 from pipeline.scan.schema import PLAN_BOOKKEEPING, UNIT, VERSION
 from pipeline.scan.sources import RECORD_KINDS, Plan, SourceOptions, Unit, canonical_input, update_plan
 from pipeline.scan.tar_changes import KnownSamples
@@ -342,6 +343,8 @@ class ScanStore(Location):
             return
         if "input" in existing:  # recorded as given by earlier versions: 'data/' is '/home/u/data' run from /home/u
             existing["input"] = canonical_input(existing["input"])
+        if existing.get("label_folders"):  # recorded as given by earlier versions: REAL=real, not REAL=0
+            existing["label_folders"] = label_folders_identity(existing["label_folders"])
         diffs = [k for k in identity if existing.get(k) != identity[k]]
         if diffs and self.read_plan() is None and not self.committed_parts().num_rows:
             # claimed by a run whose planning never ended (an input mistyped, not there): it holds nothing
