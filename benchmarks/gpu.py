@@ -169,9 +169,10 @@ def write_shards(folder: Path, n_images: int, distinct: int = 2048, rows_per_gro
 
 
 def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpus_per_actor: float,
-                     compile: bool = False, serial_baseline: bool = False) -> dict:
-    """A scan of pre-resized shards against the pure model loop. `serial_baseline`: also the
-    scan with one call per replica at a time (each block's upload not overlapping the model)."""
+                     compile: bool = False, serial_baseline: bool = False, precision: str = "bf16") -> dict:
+    """A scan of pre-resized shards against the pure model loop, both in `precision`.
+    `serial_baseline`: also the scan with one call per replica at a time (each block's
+    upload not overlapping the model)."""
     from mirror_core.bundle import load_bundle, save_bundle
     from mirror_core.detector import Detector
     from mirror_core.smoke import official_sized, random_mirror
@@ -189,7 +190,7 @@ def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpu
         write_shards(tmp / "shards", n_images)
         shards_s = time.perf_counter() - t
         bundle = load_bundle(str(tmp / "bundle"))
-        det = Detector.from_bundle(bundle, device="cuda", precision="bf16", compile=compile)
+        det = Detector.from_bundle(bundle, device="cuda", precision=precision, compile=compile)
         torch.cuda.reset_peak_memory_stats()
         crops = natural_like(4 * batch, 2)  # the pure loop cycles through pre-decoded crops
         for _ in range(3):
@@ -205,7 +206,7 @@ def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpu
         torch.cuda.empty_cache()
         ensure_ray()
         scan_cfg = ScanConfig(batch_size=batch, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=1,
-                              decode_rows_per_batch=256, precision="bf16", compile=compile)
+                              decode_rows_per_batch=256, precision=precision, compile=compile)
         summary = run_scan(bundle, str(tmp / "shards"), str(tmp / "out"), scan_cfg)
         serial = {}
         if serial_baseline:
@@ -218,7 +219,7 @@ def pipeline_figures(backbone: dict, n_images: int, batch: int, actors: int, gpu
     return {**serial, "gpu_pure_model_img_s": pure, "gpu_pipeline_img_s": run["images_per_s"],
             "gpu_pipeline_steady_img_s": steady, "gpu_pipeline_efficiency": run["images_per_s"] / pure,
             "gpu_pipeline_steady_efficiency": steady / pure, "gpu_pipeline_first_batch_s": run["first_batch_s"],
-            "gpu_pipeline_images": n_images, "gpu_pipeline_batch": batch, "gpu_pipeline_actors": actors,
+            "gpu_pipeline_images": n_images, "gpu_pipeline_batch": batch, "gpu_pipeline_precision": precision, "gpu_pipeline_actors": actors,
             "gpu_pipeline_gpus_per_actor": gpus_per_actor, "gpu_pipeline_stage_busy_s": run["stage_busy_s"],
             "gpu_shard_write_s": shards_s, "gpu_replica_peak_mem_mb": replica_mb}
 

@@ -320,6 +320,7 @@ def main(argv=None) -> int:
     g.add_argument("--gpu-batches", default="128,256,512")
     g.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
     g.add_argument("--pipeline-compile", action="store_true", help="compile the replicas of the pipeline figures")
+    g.add_argument("--pipeline-precision", default="bf16", help="the pipeline section's precision (model and scan)")
     g.add_argument("--pipeline-serial-baseline", action="store_true",
                    help="pipeline: also scan with one call per replica at a time (uploads not overlapping the model)")
     g.add_argument("--kernel-shape", help="read-out kernel launch shape and method, e.g. r4_w8 or bounded_r1_w8 (default: the library's)")
@@ -366,7 +367,7 @@ def main(argv=None) -> int:
         if "pipeline" in only:
             section(result, "pipeline", lambda: gpu.pipeline_figures(
                 VIT_L, args.pipeline_images, args.pipeline_batch, args.actors, args.gpus_per_actor, args.pipeline_compile,
-                args.pipeline_serial_baseline), args.json_out)
+                args.pipeline_serial_baseline, args.pipeline_precision), args.json_out)
         modes = tuple(args.compile_modes.split(","))
         if "hplus" in only:
             section(result, "hplus", lambda: gpu.architecture_figures("vith_plus", VIT_HPLUS, args.pipeline_batch, reps, modes,
