@@ -79,7 +79,7 @@ def test_score_prints_the_official_scores_a_line_each_and_error_lines_for_what_c
     assert [r["uri"] for r in rows] == images and set(rows[0]) == set(OUTPUT_COLUMNS)
     for r, row in zip(rows, expected):
         assert r["logit_fake"] == pytest.approx(float(row["logit_fake"]), abs=1e-3)
-        assert r["threshold"] == 0.999 and r["pred"] == int(r["prob_fake"] > 0.999)
+        assert r["threshold"] == 0.999 and r["pred"] == int(r["prob_fake"] > 0.999) and r["precision"] == "fp32"
     proc = run_mirror("score", "--model", parity_bundle, parity_dir / "data", check=False)
     assert proc.returncode == 2 and "is a folder: `mirror scan --input" in proc.stderr
     # a reader that went away (`mirror score ... | head -1`): exit 141, no traceback

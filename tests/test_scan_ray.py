@@ -36,6 +36,7 @@ def test_parity_fixture_through_ray_matches_official_scores(ray_local, parity_bu
         assert abs(row["logit_fake"] - float(exp["logit_fake"])) < 1e-3
         assert row["pred"] == int(exp["pred"]) and row["label"] == int(exp["label"]) and row["subset"] == exp["subset"]
         assert row["error"] is None and row["preprocess"] == "official/align=by-extension"
+        assert row["precision"] == "fp32" == summary["this_run"]["precision"]  # resolved: a CPU scan's default
         assert len(row["id"]) == 64  # content sha256 when no id is given
     official = {r["Dataset"]: r for r in csv.DictReader(open(parity_dir / "official_results" / "WildRF_official.csv"))}
     for subset in ("facebook", "reddit", "twitter"):

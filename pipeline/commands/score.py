@@ -77,10 +77,11 @@ def score_images(model: str, images: list[str], cfg: ScanConfig = ScanConfig(),
     device = score_device(device)
     bundle = load_bundle(model)
     config = effective_config(bundle, cfg)
-    precision = cfg.precision or ("bf16" if device.startswith("cuda") else "fp32")
+    precision = cfg.scoring_precision(device.startswith("cuda"))
     scorer = Scorer(bundle.weights.to_numpy(), config.to_dict(), bundle.model_id, device=device, precision=precision,
                     batch_size=cfg.batch_size)
-    run = {"model_id": bundle.model_id, "preprocess": config.preprocess.name, "threshold": config.threshold}
+    run = {"model_id": bundle.model_id, "preprocess": config.preprocess.name, "threshold": config.threshold,
+           "precision": precision}
     payloads = fetch_all(images, cfg.fetch_threads, cfg.max_file_mb * 2**20)
     for start in range(0, len(images), cfg.batch_size):
         chunk = images[start : start + cfg.batch_size]

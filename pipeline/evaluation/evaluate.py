@@ -171,6 +171,7 @@ def finish_benchmark(model: Bundle, data_root: str, prepared: PreparedBenchmark,
     out.write_bytes(csv_name, official_csv(rows).encode())
     detail = {"benchmark": spec.name, "folder": spec.folder, "run": stamp, "model_id": model.model_id,
               "preprocess": summary["preprocess"].split("+")[0], "threshold": summary["threshold"],
+              "precision": summary["this_run"]["precision"],
               "subsets": clean, "missing_subsets": missing, "official_csv": csv_name,
               "perturbations": {k: v for k, v in sets.items() if k != "clean"},
               "scan": prepared.scans["clean"].output_uri,

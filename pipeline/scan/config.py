@@ -98,6 +98,10 @@ class ScanConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) under columns: {sorted(unknown)}")
 
+    def scoring_precision(self, gpu: bool) -> str:
+        """The precision replicas score in: the one set, else bf16 autocast on GPUs, fp32 on CPUs."""
+        return self.precision or ("bf16" if gpu else "fp32")
+
     def source_options(self) -> SourceOptions:
         return SourceOptions(self.input_format, tuple(self.extensions), ColumnMap(**self.columns), self.unit_size,
                              index_on_cluster=True, address=self.address, sample=self.sample,

@@ -151,7 +151,7 @@ def build_dataset(items, bundle: Bundle, model_cfg: MirrorConfig, cfg: ScanConfi
             "config": model_cfg.to_dict(),
             "model_id": bundle.model_id,
             "device": "cuda" if gpu else "cpu",
-            "precision": cfg.precision or ("bf16" if gpu else "fp32"),
+            "precision": cfg.scoring_precision(gpu),
             "compile": cfg.compile,
             "batch_size": cfg.batch_size,
             "attempts": attempts,
@@ -320,6 +320,7 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
     t_start, cpu_start = time.perf_counter(), time.process_time()
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     model_cfg = effective_config(bundle, cfg)
+    precision = cfg.scoring_precision(cfg.gpus_per_actor > 0)
     prepared, items = [], []
     for j, job in enumerate(jobs):
         out = ScanStore(job.output_uri)
@@ -349,7 +350,8 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
                 info.update(items=len(retried), unit="units to score again")
         redo = retried | found.units
         todo = [u for u in plan.units if u.unit_id not in done or u.unit_id in redo]
-        items += unit_descriptors(todo, out, run, job.perturbation, j)
+        # rows say how the model computed them too; a resumed output may hold rows of several precisions
+        items += unit_descriptors(todo, out, {**run, "precision": precision}, job.perturbation, j)
         changes = {"new": len(added), "retried": len(retried), "changed": len(found.units & done)}
         prepared.append((job, out, plan, policy, done - redo, todo, changes, versions, found))
     completions = Completions()
@@ -411,6 +413,7 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
             **({"update": found.as_dict()} if found.checked else {}),
             "this_run": {
                 "rows": done_now["rows"],
+                "precision": precision,
                 "wall_s": round(wall, 3),
                 "plan_s": round(t_plan - t_start, 3),
                 "images_per_s": round(done_now["rows"] / wall, 2) if wall > 0 else None,

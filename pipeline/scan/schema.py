@@ -83,6 +83,7 @@ RUN_FIELDS = [
     pa.field("model_id", pa.string()),
     pa.field("preprocess", pa.string()),
     pa.field("threshold", pa.float64()),
+    pa.field("precision", pa.string()),  # how the model computed the row (mirror_core.detector.PRECISIONS)
 ]
 OUTPUT_FIELDS = RECORD_FIELDS + SCORE_FIELDS + IMAGE_FIELDS + RUN_FIELDS
 
