@@ -136,9 +136,21 @@ def test_a_sampled_scan_scores_the_sample_and_says_what_it_tells(ray_local, pari
     again = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=4, sample=0.25, update=True))
     assert again["this_run"]["rows"] == 0 and again["sample"]["drawn_from"] == 73
     assert ScanStore(str(out)).read_plan().drawn_from == 73 and "of 73" in status_lines(scan_status(str(out)))[1]
-    with pytest.raises(OutputMismatchError, match=r"sample: 0.25 there, None now"):
-        run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=4))
+    with pytest.raises(OutputMismatchError, match=r"sample: 0.25 there, 0.1 now"):  # not within the output's
+        run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=4, sample=0.1))
     assert ScanStore(str(out)).read_plan().sample == 0.25
+    # a larger draw grows the output in place: what it adds is scored, the rows scored stay
+    parts = {p.name: p.stat().st_mtime_ns for p in (out / "scores").glob("part-*.parquet")}
+    grown = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=4, sample=0.5))
+    listed = sorted(map(str, src.iterdir()))
+    drawn = [u for u, keep in zip(listed, in_sample(listed, 0.5)) if keep]
+    assert sorted(pq.read_table(out / "scores")["uri"].to_pylist()) == drawn and grown["rows_out"] == len(drawn)
+    assert grown["this_run"]["rows"] == len(drawn) - updated["rows_out"]
+    assert all((out / "scores" / name).stat().st_mtime_ns == t for name, t in parts.items())
+    assert grown["sample"]["fraction"] == 0.5 and ScanStore(str(out)).read_plan().sample == 0.5
+    assert json.loads((out / "_scan.json").read_text())["sample"] == 0.5
+    whole = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=4))  # no --sample: all of it
+    assert whole["rows_out"] == 73 and "sample" not in whole and ScanStore(str(out)).read_plan().sample is None
 
     shards, out2 = tmp_path / "shards", tmp_path / "out2"
     shards.mkdir()
@@ -149,3 +161,6 @@ def test_a_sampled_scan_scores_the_sample_and_says_what_it_tells(ray_local, pari
     rows = pq.read_table(out2 / "scores")
     assert sorted(rows["uri"].to_pylist()) == sorted(k for k, keep in zip(keys, in_sample(keys, 0.3)) if keep)
     assert rows["error"].null_count == rows.num_rows
+    with pytest.raises(OutputMismatchError, match=r"holds a sample of 0.3 of parquet input: a larger draw grows in "
+                                                  r"place for folders and manifests only; choose a new --output"):
+        run_scan(str(parity_bundle), str(shards), str(out2), ScanConfig(sample=0.6))

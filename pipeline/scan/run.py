@@ -326,7 +326,10 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
         out = ScanStore(job.output_uri)
         policy = model_cfg.preprocess.name + (f"+{job.perturbation}" if job.perturbation else "")
         run = {"model_id": bundle.model_id, "preprocess": policy, "threshold": model_cfg.threshold}
-        out.claim({**run, "input": job.input_uri, "sample": cfg.sample, "label_folders": label_folders_identity(cfg.label_folders)})
+        identity = {**run, "input": job.input_uri, "sample": cfg.sample,
+                    "label_folders": label_folders_identity(cfg.label_folders)}
+        grown_from = out.grown_from(cfg.sample)  # a larger --sample than the output holds: what it adds is new
+        out.claim(identity if grown_from is None else {**identity, "sample": grown_from})
         plan, added, versions, found = out.load_plan(), [], None, FileChanges()
         if plan is None:
             with step(f"planning {job.input_uri}") as info:
@@ -334,9 +337,13 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
                     plan = plan_source(job.input_uri, cfg.source_options(), sink=records)
                 out.save_plan(plan)
                 info.update(items=plan.total_rows, unit=f"records in {len(plan.units)} units")
-        elif cfg.update:
-            with step(f"re-listing {job.input_uri}") as info:
-                plan, added, found, versions = out.relist(plan, cfg.source_options())
+        elif cfg.update or grown_from is not None:
+            drawn = "the whole input" if cfg.sample is None else f"a sample of {cfg.sample}"
+            with step(f"re-listing {job.input_uri}" + (f" for {drawn} (a sample of {grown_from} so far)"
+                                                       if grown_from is not None else "")) as info:
+                plan, added, found, versions = out.relist(plan, cfg.source_options(), grow_sample=grown_from is not None)
+            if grown_from is not None:  # planned: the output holds the larger draw from now on
+                out.write_json("_scan.json", identity)
                 info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units"
                             + (f"; {found.changed} files changed and {found.removed} removed, in "
                                f"{len(found.units)} units to score again" if found.units else ""))

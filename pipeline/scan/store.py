@@ -20,6 +20,7 @@ replaces its part the same way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import socket
@@ -355,6 +356,25 @@ class ScanStore(Location):
             details = "; ".join(f"{k}: {existing.get(k)!r} there, {identity[k]!r} now" for k in diffs)
             raise OutputMismatchError(f"{self.uri} holds another scan ({details}); choose a new --output")
 
+    def grown_from(self, sample: float | None) -> float | None:
+        """The fraction this output holds a sample of, when `sample` draws more of the same
+        input (a 1% draw lies within a 5% one, every draw within the whole input, None):
+        the run then plans what the larger draw adds, as --update plans what is new
+        (`relist(..., grow_sample=True)`). None otherwise (a smaller draw is another scan:
+        the claim refuses it). Folders and manifests only: Parquet and tar shards' units
+        are their row groups and samples as first drawn."""
+        existing = self.read_json("_scan.json")
+        held = existing.get("sample") if existing else None
+        if held is None or held == sample or (sample is not None and sample < held):
+            return None
+        plan = self.read_plan()
+        if plan is None:  # its planning never ended: the claim starts it again
+            return None
+        if plan.input_format not in ("folder", "manifest"):
+            raise OutputMismatchError(f"{self.uri} holds a sample of {held} of {plan.input_format} input: a larger "
+                                      "draw grows in place for folders and manifests only; choose a new --output")
+        return held
+
     def save_plan(self, plan: Plan) -> None:
         """Units, and the records of units that have none stored yet (`plan.records`, which
         then moves to the store: the plan keeps the units only)."""
@@ -426,14 +446,20 @@ class ScanStore(Location):
         tables = list(stored_records(self, plan, columns))
         return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
-    def relist(self, plan: Plan, options: SourceOptions) -> tuple[Plan, list[Unit], FileChanges, Any]:
+    def relist(self, plan: Plan, options: SourceOptions,
+               grow_sample: bool = False) -> tuple[Plan, list[Unit], FileChanges, Any]:
         """--update: the input listed again against the stored plan. Returns the plan with
         its new units (stored), the units added, what changed among a folder's files, the
         records of a manifest with versions (`columns.version`), Parquet or tar shards, and
         what to `commit` once every unit is scored (the versions found:
-        those units are not found changed again; None where there is nothing)."""
+        those units are not found changed again; None where there is nothing).
+        `grow_sample`: the plan becomes a sample of `options.sample`, a larger draw
+        (`grown_from`), and the records it adds are new."""
         checked = plan.input_format == "folder" or (plan.input_format == "manifest" and options.columns.version)
         versions = VersionsWriter(self) if checked else None
+        grown = grow_sample and plan.sample != options.sample
+        if grown:
+            plan = dataclasses.replace(plan, sample=options.sample)
         before, drawn_before = plan.shards, plan.drawn_from
         # new units' records go to the store as a first plan's do; a changed tar shard's
         # units' refreshed records to files of their own (named apart: unique per update)
@@ -443,7 +469,7 @@ class ScanStore(Location):
                      if plan.input_format == "webdataset" else self.known_uris(plan))
             plan, added, found = update_plan(plan, options, known, records)
         if added or found.versioned or (plan.shards is not None and (before is None or not plan.shards.equals(before))) \
-                or plan.drawn_from != drawn_before:
+                or plan.drawn_from != drawn_before or grown:
             self.save_plan(plan)  # new units, first versions of shards, tar shards indexed anew, or a sample's count
         if found.unit_versions or found.shard_versions:  # the run scores them so; stored once it has
             apply_changes(plan, found)
