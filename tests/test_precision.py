@@ -10,6 +10,13 @@ from mirror_core.smoke import DEMO_BACKBONE, DEMO_MEMORY, random_mirror
 from pipeline.scan.config import ConfigError, ScanConfig
 
 
+def demo_detectors(*precisions: str) -> list[Detector]:
+    """The demo-sized model with the same random weights, once per precision."""
+    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
+    _, weights = random_mirror(cfg, seed=7)
+    return [Detector(assemble_model(cfg, weights), cfg, "m", precision=name) for name in precisions]
+
+
 def test_bf16_weights_mode_casts_the_model_and_scores_near_fp32():
     cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
     _, weights = random_mirror(cfg, seed=7)
@@ -66,11 +73,7 @@ def test_fp8_linear_is_close_to_the_bf16_product_and_keeps_zero_rows():
 def test_fp8_mode_quantizes_the_backbone_gemms_and_scores_near_fp32():
     from mirror_core.fp8 import Fp8Linear
 
-    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
-    _, weights = random_mirror(cfg, seed=7)
-    fp32 = Detector(assemble_model(cfg, weights), cfg, "m")
-    half = Detector(assemble_model(cfg, weights), cfg, "m", precision="bf16-weights")
-    fp8 = Detector(assemble_model(cfg, weights), cfg, "m", precision="fp8")
+    fp32, half, fp8 = demo_detectors("fp32", "bf16-weights", "fp8")
     layers = DEMO_BACKBONE["num_hidden_layers"]
     assert sum(isinstance(m, Fp8Linear) for m in fp8.model.backbone.modules()) == 6 * layers  # q k v o, fc1 fc2
     assert not any(isinstance(m, Fp8Linear) for m in fp8.model.modules() if m not in set(fp8.model.backbone.modules()))
@@ -92,11 +95,7 @@ def test_fp8_is_refused_on_gpus_without_fp8_tensor_cores(monkeypatch):
 def test_bf16_gelu_tanh_mode_approximates_the_gelu_and_scores_near_fp32():
     from mirror_core.gelu_gemm import CublasGeluMLP
 
-    cfg = MirrorConfig(backbone=BackboneConfig(dict(DEMO_BACKBONE)), memory=DEMO_MEMORY)
-    _, weights = random_mirror(cfg, seed=7)
-    fp32 = Detector(assemble_model(cfg, weights), cfg, "m")
-    half = Detector(assemble_model(cfg, weights), cfg, "m", precision="bf16-weights")
-    tanh = Detector(assemble_model(cfg, weights), cfg, "m", precision="bf16-gelu-tanh")
+    fp32, half, tanh = demo_detectors("fp32", "bf16-weights", "bf16-gelu-tanh")
     mlps = [m for m in tanh.model.modules() if isinstance(m, CublasGeluMLP)]
     assert len(mlps) == DEMO_BACKBONE["num_hidden_layers"]
     assert {p.dtype for p in tanh.model.parameters()} == {torch.bfloat16}
