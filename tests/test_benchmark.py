@@ -141,7 +141,8 @@ def test_nightly_regression_is_flagged_with_nonzero_exit(ray_local, parity_bundl
     assert acc["delta"] == pytest.approx(float(after["Acc"]) - float(before["Acc"])) and acc["delta"] < -0.01
     assert not any(d["regression"] for d in doc["deltas"] if d["subset"] == "genB")  # untouched
     history_rows = pq.read_table(history)
-    assert set(history_rows.column_names) == {"run", "model_id", "benchmark", "subset", "metric", "value"}
+    assert set(history_rows.column_names) == {"run", "model_id", "benchmark", "subset", "metric", "value", "precision"}
+    assert set(history_rows["precision"].to_pylist()) == {"fp32"}
     assert len(set(history_rows["run"].to_pylist())) == 2
 
 
@@ -191,3 +192,30 @@ def test_all_benchmarks_and_perturbations_share_one_scoring_pool(ray_local, pari
         (together,) = glob.glob(str(tmp_path / "together" / f"{name}_*.csv"))
         (alone,) = glob.glob(str(tmp_path / f"alone-{name}" / f"{name}_*.csv"))
         assert open(together).read() == open(alone).read()  # the same CSV as a run of its own
+
+
+def test_a_nightly_run_is_compared_with_the_last_run_in_its_precision(tmp_path):
+    """An fp8 night between two fp32 nights is no baseline for the second; a history file
+    written before precisions were recorded still reads, and still compares."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.evaluation.history import HISTORY_SCHEMA, append_history, compare, history_rows, read_history
+
+    def night(run: str, acc: float, precision: str | None) -> pa.Table:
+        return history_rows(run, "m", "B", {"ALL": {"Acc": acc}}, [], precision)
+
+    old = night("2026-01-01", 0.90, None).drop_columns(["precision"])  # an earlier version's file
+    pq.write_table(old, tmp_path / "run-old.parquet")
+    append_history(str(tmp_path), night("2026-01-02", 0.91, "fp32"))
+    append_history(str(tmp_path), night("2026-01-03", 0.80, "fp8"))
+    history = read_history(str(tmp_path))
+    assert history.schema == HISTORY_SCHEMA and history.num_rows == 3
+    assert set(history["precision"].to_pylist()) == {"fp32", "fp8", None}
+    fp32 = compare(history, night("2026-01-04", 0.905, "fp32"), 0.01)
+    assert fp32.previous_run == "2026-01-02" and not fp32.regressions
+    fp8 = compare(history, night("2026-01-04", 0.79, "fp8"), 0.05)
+    assert fp8.previous_run == "2026-01-03" and not fp8.regressions
+    without_fp32 = history.filter(pc.field("run") != "2026-01-02")
+    tanh = compare(without_fp32, night("2026-01-04", 0.85, "bf16-gelu-tanh"), 0.01)
+    assert tanh.previous_run == "2026-01-01" and [d["metric"] for d in tanh.regressions] == ["Acc"]  # the null one

@@ -240,8 +240,8 @@ def run_benchmarks(model: Bundle, data_root: str, names: list[str], output: str,
     comparison, comparison_md = None, None
     if history:
         run_id = now.isoformat(timespec="microseconds")
-        rows = pa.concat_tables([hist.history_rows(run_id, model.model_id, r.name, r.detail["subsets"], r.rows)
-                                 for r in results])
+        rows = pa.concat_tables([hist.history_rows(run_id, model.model_id, r.name, r.detail["subsets"], r.rows,
+                                                   r.detail["precision"]) for r in results])
         comparison = hist.compare(hist.read_history(history), rows, tolerance)
         hist.append_history(history, rows)
         comparison_md = hist.comparison_markdown(comparison, tolerance)

@@ -1,8 +1,10 @@
 """Nightly mode: a metrics history table and regression verdicts.
 
 The history is a Parquet dataset (a folder, local or s3://): each run appends
-one file of rows (run, model_id, benchmark, subset, metric, value), so
-concurrent or interrupted runs never corrupt earlier ones.
+one file of rows (run, model_id, benchmark, subset, metric, value, precision), so
+concurrent or interrupted runs never corrupt earlier ones. A run is compared with the
+latest earlier one of the same model in the same precision: fp8 or bf16-gelu-tanh
+metrics moving against fp32 ones are no regression of the model.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import pyarrow.compute as pc
 from pipeline.storage import Location
 
 HISTORY_SCHEMA = pa.schema([("run", pa.string()), ("model_id", pa.string()), ("benchmark", pa.string()),
-                            ("subset", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
+                            ("subset", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
+                            ("precision", pa.string())])  # null: a run recorded before precisions were
 LOWER_IS_BETTER = {"EER", "ECE", "errors"}
 TRACKED = ("Acc", "Real_Acc", "Fake_Acc", "Bal_Acc", "AUC", "AP", "EER", "TPR@1%FPR", "TPR@5%FPR", "ECE")
 
@@ -31,7 +34,8 @@ class Comparison:
         return [d for d in self.deltas if d["regression"]]
 
 
-def history_rows(run: str, model_id: str, benchmark: str, per_subset: dict[str, dict], official_rows) -> pa.Table:
+def history_rows(run: str, model_id: str, benchmark: str, per_subset: dict[str, dict], official_rows,
+                 precision: str | None = None) -> pa.Table:
     rows = []
     mean = next((r for r in official_rows if r["Dataset"] == "MEAN"), None)
     sets = dict(per_subset, **({"MEAN": mean} if mean else {}))
@@ -39,14 +43,21 @@ def history_rows(run: str, model_id: str, benchmark: str, per_subset: dict[str, 
         for metric in TRACKED:
             if metric in metrics and metrics[metric] == metrics[metric]:  # skip NaN
                 rows.append({"run": run, "model_id": model_id, "benchmark": benchmark, "subset": subset,
-                             "metric": metric, "value": float(metrics[metric])})
+                             "metric": metric, "value": float(metrics[metric]), "precision": precision})
     return pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
 
 
 def read_history(uri: str) -> pa.Table:
     out = Location(uri)
     tables = [out.read_parquet(n) for n in out.names() if n.endswith(".parquet")]
-    return pa.concat_tables([t.cast(HISTORY_SCHEMA) for t in tables]) if tables else HISTORY_SCHEMA.empty_table()
+    return pa.concat_tables([_as_history(t) for t in tables]) if tables else HISTORY_SCHEMA.empty_table()
+
+
+def _as_history(table: pa.Table) -> pa.Table:
+    """A history file in the current schema (files of earlier versions lack `precision`)."""
+    columns = [table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in HISTORY_SCHEMA]
+    return pa.Table.from_arrays(columns, names=HISTORY_SCHEMA.names).cast(HISTORY_SCHEMA)
 
 
 def append_history(uri: str, rows: pa.Table) -> None:
@@ -55,12 +66,16 @@ def append_history(uri: str, rows: pa.Table) -> None:
 
 
 def compare(history: pa.Table, current: pa.Table, tolerance: float) -> Comparison:
-    """Deltas against the latest earlier run of the same model on the same benchmarks."""
+    """Deltas against the latest earlier run of the same model on the same benchmarks, in
+    the same precision (or one recorded before precisions were)."""
     if current.num_rows == 0:
         return Comparison(None)
     run, model_id = current["run"][0].as_py(), current["model_id"][0].as_py()
+    precision = current["precision"][0].as_py() if "precision" in current.column_names else None
     benchmarks = set(current["benchmark"].to_pylist())
     earlier = history.filter(pc.and_(pc.equal(history["model_id"], model_id), pc.less(history["run"], run)))
+    if precision is not None:
+        earlier = earlier.filter(pc.or_kleene(earlier["precision"].is_null(), pc.equal(earlier["precision"], precision)))
     earlier = earlier.filter(pc.is_in(earlier["benchmark"], pa.array(sorted(benchmarks))))
     if earlier.num_rows == 0:
         return Comparison(None)
@@ -81,7 +96,7 @@ def compare(history: pa.Table, current: pa.Table, tolerance: float) -> Compariso
 
 def comparison_markdown(c: Comparison, tolerance: float) -> str:
     if c.previous_run is None:
-        return "No earlier run of this model on these benchmarks: nothing to compare.\n"
+        return "No earlier run of this model on these benchmarks in this precision: nothing to compare.\n"
     lines = [f"Compared with run {c.previous_run} (tolerance {tolerance:g}): "
              f"{len(c.regressions)} regression(s).", "",
              "| benchmark | subset | metric | previous | current | delta | |", "|---|---|---|---|---|---|---|"]
