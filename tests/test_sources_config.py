@@ -304,6 +304,10 @@ def test_what_an_operating_system_leaves_beside_images_is_left_out(tmp_path):
     plan = plan_source(str(inside), SourceOptions())
     assert plan.input_format == "folder" and plan.skipped_by_extension == 1
     assert plan.records["uri"].to_pylist() == [str(inside / "0_real" / "b.jpg")]
+    # a file named as the input is scanned whatever its name: the user asked for it
+    named = inside / "0_real" / "._b.jpg"
+    write_image(named)
+    assert plan_source(str(named), SourceOptions()).records["uri"].to_pylist() == [str(named)]
 
 
 def test_an_input_pattern_of_stars_says_what_to_give_instead(tmp_path):

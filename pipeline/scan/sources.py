@@ -188,13 +188,14 @@ def suffix(path: str) -> str:
 
 def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, base: str,
                   extensions=DEFAULT_EXTENSIONS, notes: dict | None = None,
-                  label_folders: dict[str, int] = LABEL_FOLDERS) -> pa.Table:
+                  label_folders: dict[str, int] = LABEL_FOLDERS, named: bool = False) -> pa.Table:
     """Files of a folder (filesystem paths below `base`) -> uri, label, subset of its images,
     in the given order; files of other extensions are left out, and so are those an
     operating system makes beside images (`uri.is_os_metadata`: macOS's '._photo.jpg'). Given (path, version)
     pairs, each image's version too (VERSION). `notes` gets "label_like": the first folder
     above an unlabeled image that is named like a label (`labels.label_like`). `label_folders`:
-    the folder names that label the images below them."""
+    the folder names that label the images below them. `named`: the paths are images the
+    user named one by one (a single image as the input), kept whatever their names."""
     wanted = image_suffixes(extensions)
     rows = {"uri": [], "label": [], "subset": [], VERSION: [], RECORD_ERROR: []}
     skip = below_start(base)
@@ -203,7 +204,7 @@ def image_records(paths: Iterable[str] | Iterable[tuple[str, str | None]], fs, b
     for listed in paths:  # string operations: pathlib would intern every name it parses
         path, version = listed if isinstance(listed, tuple) else (listed, None)
         *above, name = path[skip:].split("/")
-        if suffix(image_name(path) if web else name) not in wanted or is_os_metadata(path[skip:]):
+        if suffix(image_name(path) if web else name) not in wanted or (not named and is_os_metadata(path[skip:])):
             continue
         if above != folders:  # a directory's files come together: its label is found once
             folders = above
@@ -432,7 +433,7 @@ class FolderImages:
         fs, base = fsspec.core.url_to_fs(self.root)
         base = posixpath.dirname(base) if self.single_file else base
         while listed := list(itertools.islice(self.files, STREAM_BATCH_ROWS)):
-            batch = image_records(listed, fs, base, self.extensions, self.notes, self.label_folders)
+            batch = image_records(listed, fs, base, self.extensions, self.notes, self.label_folders, self.single_file)
             self.skipped += len(listed) - batch.num_rows
             yield batch
 
