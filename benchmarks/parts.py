@@ -70,9 +70,9 @@ def parts_figures(parts: int, rows: int, delay_s: float) -> dict:
     from s3_faults import FaultProxy
 
     from pipeline.scan.export import export_scores
-    from pipeline.scan.sources import Plan, Unit
     from pipeline.scan.store import ScanStore
     from pipeline.scan.summary import PART_TALLIES, TALLY_SCHEMA, summarize
+    from pipeline.scan.units import Plan, Unit
 
     bodies = [part_bytes(rows, seed, labeled=False) for seed in range(4)]  # parts differ; four are enough
     bodies += [part_bytes(rows, seed, labeled=True) for seed in range(4)]

@@ -100,8 +100,9 @@ def webdataset_update_figures(fs, bucket: str, shards: int, samples: int = 512, 
 
     from pipeline.scan import webdataset
     from pipeline.scan.schema import UNIT
-    from pipeline.scan.sources import SourceOptions, plan_source, update_plan
+    from pipeline.scan.sources import plan_source, update_plan
     from pipeline.scan.tar_changes import KnownSamples
+    from pipeline.scan.units import SourceOptions
 
     images = small_jpegs(64, seed=1)
 
@@ -264,7 +265,8 @@ def bare_pipeline_cpu(blocks: int, decode_s: float, score_s: float, out_uri: str
 PLAN_CHILD = """
 import json, sys, time
 from pipeline.scan.run import peak_rss_mb, unit_descriptors
-from pipeline.scan.sources import SourceOptions, inline_units, list_images, plan_source
+from pipeline.scan.sources import inline_units, list_images, plan_source
+from pipeline.scan.units import SourceOptions
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
 source, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 imports_mb, t = peak_rss_mb(), time.perf_counter()

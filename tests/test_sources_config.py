@@ -140,7 +140,7 @@ def test_parquet_shard_units_follow_row_groups(tmp_path):
 
 @pytest.mark.parametrize("kind", ["folder", "shards"])
 def test_a_plan_lists_its_input_once(tmp_path, monkeypatch, kind):
-    from pipeline.scan import sources
+    from pipeline.scan import parquet_shards, sources
 
     if kind == "folder":
         for i in range(3):
@@ -153,7 +153,8 @@ def test_a_plan_lists_its_input_once(tmp_path, monkeypatch, kind):
     calls = []
     real = sources.iter_files
     monkeypatch.setattr(sources, "iter_files", lambda root, **kw: calls.append(root) or real(root, **kw))
-    monkeypatch.setattr(sources, "list_files", lambda root: pytest.fail("listed twice"))
+    for module in (sources, parquet_shards):
+        monkeypatch.setattr(module, "list_files", lambda root: pytest.fail("listed twice"))
     plan = plan_source(str(tmp_path / "in"), SourceOptions())
     assert calls == [str(tmp_path / "in")]
     if kind == "folder":

@@ -42,8 +42,8 @@ from pipeline.scan.reads import (
 )
 from pipeline.scan.run import run_scan
 from pipeline.scan.schema import OUTPUT_COLUMNS, RESERVED
-from pipeline.scan.sources import Plan
 from pipeline.scan.store import ScanStore, records_schemas
+from pipeline.scan.units import Plan
 from pipeline.storage import Location, parquet_schema, read_ahead, relative_paths
 
 FILTER_MODES = ("drop", "mark")

@@ -35,8 +35,9 @@ from pipeline.scan.labels import label_folders_identity
 from pipeline.scan.manifest import is_manifest_name
 from pipeline.scan.reads import fetch_planned, planned_errors
 from pipeline.scan.schema import PLAN_BOOKKEEPING
-from pipeline.scan.sources import DEFAULT_EXTENSIONS, SourceOptions, Unit, canonical_input, plan_source
+from pipeline.scan.sources import canonical_input, plan_source
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records
+from pipeline.scan.units import DEFAULT_EXTENSIONS, SourceOptions, Unit
 from pipeline.scan.webdataset import has_braces
 from pipeline.storage import Location, read_ahead
 

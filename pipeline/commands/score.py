@@ -28,7 +28,7 @@ def expand_patterns(images: list[str]) -> list[str]:
     import fsspec
 
     from mirror_core.uri import is_web_url
-    from pipeline.scan.sources import full_uri
+    from pipeline.scan.listing import full_uri
 
     expanded = []
     for image in images:

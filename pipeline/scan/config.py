@@ -10,7 +10,7 @@ from typing import Any
 
 from mirror_core.config import ALIGNMENT_MODES, PRECISION_NAMES
 from pipeline.scan.labels import label_folders
-from pipeline.scan.sources import DEFAULT_EXTENSIONS, INPUT_FORMATS, ColumnMap, SourceOptions
+from pipeline.scan.units import DEFAULT_EXTENSIONS, INPUT_FORMATS, ColumnMap, SourceOptions
 
 
 class ConfigError(ValueError):

@@ -47,8 +47,8 @@ from pipeline.scan.schema import (
     pack_records,
     without_bookkeeping,
 )
-from pipeline.scan.sources import RECORD_KINDS, ColumnMap, Unit
 from pipeline.scan.store import read_unit_records
+from pipeline.scan.units import RECORD_KINDS, ColumnMap, Unit
 
 
 def tensor_column(pixels: np.ndarray) -> pa.Array:

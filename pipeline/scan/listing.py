@@ -386,3 +386,18 @@ def _s3_files(fs, base: str) -> Iterator[tuple[str, str]]:
             yield from release()
     finally:
         lister.close()  # an abandoned listing ends its threads
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def full_uri(fs, path: str) -> str:
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def list_files(root: str) -> list[str]:
+    """Every file below a folder (local or fsspec), sorted, as a scan of the folder lists
+    them (`listing.iter_files`: linked folders walked): one listing serves a plan."""
+    return list(iter_files(root))

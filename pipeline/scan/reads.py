@@ -20,7 +20,8 @@ from pipeline.scan.image_column import class_label_names, find_image_column, spl
 from pipeline.scan.labels import LABEL_NAMES
 from pipeline.scan.sample import shard_row_key, shard_rows_in_sample
 from pipeline.scan.schema import RECORD_ERROR, shard_changed
-from pipeline.scan.sources import ColumnMap, Unit, standard_records
+from pipeline.scan.sources import standard_records
+from pipeline.scan.units import ColumnMap, Unit
 from pipeline.storage import opened_version, read_ahead, resolve_relative
 
 NAME_COLUMN_KEY = b"mirror_name_column"  # records' metadata: the column naming each image (HF path)

@@ -28,17 +28,10 @@ from pipeline.scan.isolation import decode_attempts
 from pipeline.scan.labels import label_folders_identity
 from pipeline.scan.sample import sample_figures, sample_line
 from pipeline.scan.scorer import DEVICE_DECODE_KEY, Scorer
-from pipeline.scan.sources import (
-    RECORD_KINDS,
-    Plan,
-    Unit,
-    canonical_input,
-    input_root,
-    plan_source,
-    refuse_output_in_input,
-)
+from pipeline.scan.sources import canonical_input, input_root, plan_source, refuse_output_in_input
 from pipeline.scan.store import PlanRecordsWriter, ScanStore
 from pipeline.scan.summary import TALLY_SCHEMA, summarize
+from pipeline.scan.units import RECORD_KINDS, Plan, Unit
 
 DECODE_CPUS_KEPT = 2  # CPUs a one-node cluster keeps for decode tasks when sizing CPU scorers
 

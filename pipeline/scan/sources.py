@@ -1,36 +1,30 @@
-"""Sources: folders of images, Parquet shards with image bytes, manifests of URIs.
+"""Sources: folders of images, manifests of URIs, Parquet shards with image bytes
+(`parquet_shards`), tar and zip shards (`webdataset`): what an input is, and its plan.
 
-A source is planned into *units*: small, stable pieces of the input (a chunk
-of files, or one row group of a shard). Units are what the scan commits:
-a unit's rows are written together, once, so a rerun skips finished units.
+A source is planned into *units* (`units.Unit`): small, stable pieces of the input (a chunk
+of files, or one row group of a shard). Units are what the scan commits: a unit's rows are
+written together, once, so a rerun skips finished units.
 """
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import logging
 import os
 import posixpath
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from mirror_core.errors import error_text
-from mirror_core.preprocess import IMAGE_EXTENSIONS
-from mirror_core.sniff import what_file_holds
 from mirror_core.uri import below_start, image_name, is_os_metadata, is_web_url, is_within
 from pipeline.scan import webdataset
 from pipeline.scan.changes import FileChanges, KnownFiles, shard_changes
-from pipeline.scan.image_column import ImageColumnError, find_image_column
 from pipeline.scan.labels import LABEL_FOLDERS, label_and_subset, label_like, normalize_labels
-from pipeline.scan.listing import iter_files
+from pipeline.scan.listing import full_uri, iter_files, list_files
 from pipeline.scan.manifest import (
     is_listed_manifest,
     is_manifest_name,
@@ -39,91 +33,23 @@ from pipeline.scan.manifest import (
     manifest_tables,
     uri_column,
 )
-from pipeline.scan.sample import Draw, sample_records, shard_rows_in_sample
+from pipeline.scan.parquet_shards import has_bytes_column, shard_files, shard_units
+from pipeline.scan.sample import Draw, sample_records
 from pipeline.scan.schema import INDEX, RECORD_ERROR, UNIT, VERSION
 from pipeline.scan.tar_changes import KnownSamples, TarShardUpdate, listed_versions
+from pipeline.scan.units import (
+    DEFAULT_EXTENSIONS,
+    INPUT_FORMATS,
+    ColumnMap,
+    Plan,
+    RecordsSink,
+    SourceOptions,
+    Unit,
+    unit_id,
+    warn_label_case,
+)
 from pipeline.scan.uri_set import UriSet
-from pipeline.storage import is_utf8, listed_version, name_as_text, opened_version, resolve_relative
-
-DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS  # what a folder scan lists unless --extensions says otherwise
-INPUT_FORMATS = ("auto", "folder", "parquet", "manifest", "webdataset")
-RECORD_KINDS = ("inline", "samples")  # units whose records the plan holds (folders, manifests, tar samples)
-
-
-@dataclass
-class ColumnMap:
-    """Names of the record columns in Parquet shards and manifests."""
-
-    bytes: str = "bytes"
-    uri: str = "uri"
-    id: str = "id"
-    label: str = "label"
-    subset: str = "subset"
-    # a manifest column holding each file's version (an ETag, a sha256, a modification
-    # time): `--update` then scores a record again when its version changes
-    version: str | None = None
-
-
-@dataclass
-class SourceOptions:
-    input_format: str = "auto"
-    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
-    columns: ColumnMap = field(default_factory=ColumnMap)
-    unit_size: int = 256  # records per unit for folders and manifests
-    index_on_cluster: bool = False  # WebDataset: many tar shards indexed by Ray tasks over the cluster
-    address: str | None = None  # that cluster (else RAY_ADDRESS, else a local Ray)
-    sample: float | None = None  # plan only this fraction of the records (`pipeline.scan.sample`)
-    label_folders: dict[str, int] = field(default_factory=lambda: LABEL_FOLDERS)  # labels.label_folders
-
-
-@dataclass
-class Unit:
-    """kind 'inline': records listed in the plan; 'samples': tar samples listed in the plan
-    (WebDataset); 'shard': one Parquet row group."""
-
-    unit_id: str
-    kind: str
-    rows: int
-    file: str | None = None
-    row_group: int | None = None
-    version: str | None = None  # a shard unit: its file's version (storage.listed_version) when scored
-    # a shard unit of a sampled plan: the fraction drawn, and its row group's rows (`rows` of them are drawn)
-    sample: float | None = None
-    group_rows: int | None = None
-
-
-class RecordsSink(Protocol):
-    """Where planning puts each folder/manifest/tar-sample unit's records, unit by unit, in
-    order (a scan's store: `store.PlanRecordsWriter`); it tells the unit where they went."""
-
-    def add(self, unit: Unit, records: pa.Table) -> None: ...
-
-
-@dataclass
-class Plan:
-    input: str
-    input_format: str
-    units: list[Unit]
-    # records (+ _unit, _index) of the inline/sample units that no sink has taken, in unit
-    # order: the whole listing for a plan made in memory, empty once they are stored
-    records: pa.Table
-    skipped_by_extension: int = 0  # files of a folder input left out for their extension
-    shards: pa.Table | None = None  # WebDataset: the tar shards indexed (webdataset.SHARDS_SCHEMA)
-    sample: float | None = None  # a sampled plan: the fraction of the records drawn
-    drawn_from: int = 0  # and the records it was drawn from: the whole input as last listed
-
-    @property
-    def total_rows(self) -> int:
-        return sum(u.rows for u in self.units)
-
-
-def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
-def full_uri(fs, path: str) -> str:
-    return path if _is_local(fs) else fs.unstrip_protocol(path)
+from pipeline.storage import is_utf8, listed_version, name_as_text, resolve_relative
 
 
 def canonical_input(uri: str) -> str:
@@ -156,12 +82,6 @@ def refuse_output_in_input(input_uri: str, output_uri: str) -> None:
     if is_within(full_uri(out_fs, out_base), full_uri(fs, base)) and fs.isdir(base):
         raise ValueError(f"--output {output_uri} lies inside the input folder {input_uri}: the input's listing "
                          "would take the output's own files for input; choose an --output outside it")
-
-
-def list_files(root: str) -> list[str]:
-    """Every file below a folder (local or fsspec), sorted, as a scan of the folder lists
-    them (`listing.iter_files`: linked folders walked): one listing serves a plan."""
-    return list(iter_files(root))
 
 
 EVERY_FILE = "*"  # as an extension: every file is an image, names without an extension too (stores naming by hash)
@@ -256,18 +176,6 @@ def standard_records(table: pa.Table, columns: ColumnMap) -> pa.Table:
     return table
 
 
-def warn_label_case(names: list[str], columns: ColumnMap, source: str) -> bool:
-    """A column named as the label column but in another case ('Label') is not read as
-    labels (it may hold class names, which no label is): the console says how to read it.
-    Whether it did."""
-    other = next((n for n in names if n.lower() == columns.label.lower()), None) if columns.label not in names else None
-    if other is not None:
-        logging.getLogger("mirror").warning(
-            "%s: column %r is not read as labels, the label column being %r: set `columns: {label: %s}` (--config) "
-            "to read it, for metrics", source, other, columns.label, other)
-    return other is not None
-
-
 def manifest_batches(uri: str, columns: ColumnMap) -> Iterator[pa.Table]:
     """A manifest's records in standard names, a batch at a time (any length in bounded
     memory; the forms read: `manifest.py`). Relative URIs name files below the manifest's
@@ -301,10 +209,6 @@ def with_versions(records: pa.Table, column: str, manifest: str) -> pa.Table:
     return records.append_column(VERSION, versions)
 
 
-def _unit_id(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
-
-
 def inline_units(records: pa.Table, unit_size: int, source: str, kind: str = "inline",
                  group_sizes: list[int] | None = None, first: int = 0,
                  group_versions: list[str | None] | None = None) -> tuple[list[Unit], pa.Table]:
@@ -322,7 +226,7 @@ def inline_units(records: pa.Table, unit_size: int, source: str, kind: str = "in
     uris, units, start = records["uri"], [], 0
     for n, version in zip(sizes, versions):
         names = [u or "" for u in uris.slice(start, n).to_pylist()]  # a manifest's empty cell: an error row later
-        units.append(Unit(_unit_id(kind, source, str(first + start), *names), kind, n, version=version))
+        units.append(Unit(unit_id(kind, source, str(first + start), *names), kind, n, version=version))
         start += n
     lengths = np.asarray(sizes, dtype=np.int64)
     owner = np.repeat(np.arange(len(sizes)), lengths)  # each record's unit
@@ -330,21 +234,6 @@ def inline_units(records: pa.Table, unit_size: int, source: str, kind: str = "in
     index_col = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     records = records.append_column(UNIT, unit_col).append_column(INDEX, pa.array(index_col, pa.int64()))
     return units, records
-
-
-def shard_files(root: str, files: list[str] | None = None) -> list[str]:
-    """Parquet shards: a brace pattern ('data/train-{00000..00041}-of-00042.parquet'), one
-    file, or a folder's `.parquet` files (but those below a folder named `_...`)."""
-    if webdataset.has_braces(root):
-        return webdataset.expand_braces(root)
-    fs, base = fsspec.core.url_to_fs(root)
-    if files is None:
-        if fs.isfile(base):
-            return [full_uri(fs, base)]
-        if not fs.isdir(base):
-            raise FileNotFoundError(f"input {root} does not exist")
-        files = list_files(root)
-    return [full_uri(fs, p) for p in files if p.endswith(".parquet") and "/_" not in p[len(base):]]
 
 
 def manifest_files(root: str, files: list[str] | None = None) -> list[str]:
@@ -451,89 +340,6 @@ def _up_to_first_image(files: Iterator[tuple[str, str]], extensions: tuple[str, 
     return head
 
 
-FOOTER_THREADS = 32  # Parquet footers read at once (object-store latency, not bandwidth)
-
-
-def shard_units(files: list[str], columns: ColumnMap | None = None, gone_ok: bool = False,
-                draw: Draw | None = None) -> list[Unit]:
-    """One unit per row group, footers read concurrently; every shard's image column is
-    checked on the way (a wrong type is an error before any scoring). `gone_ok`: a file
-    not there is left out (an update's: a shard of a pattern removed), else an error.
-    `draw` (a sampled plan): a unit holds its row group's rows in the sample (none: no unit),
-    and the draw counts every row group's rows."""
-    columns = columns or ColumnMap()
-    fraction = draw.fraction if draw is not None else None
-    from pipeline.progress import progress
-
-    units, warned, unreadable = [], False, []
-    with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
-        footers = pool.map(lambda uri: read_footer(uri, columns, gone_ok), files)
-        for uri, footer in zip(files, progress(footers, "reading shard footers", total=len(files), unit="file")):
-            if footer.unreadable is not None:
-                unreadable.append(f"{uri}: {footer.unreadable}")
-                continue
-            sizes, version = footer.sizes, footer.version
-            warned = warned or warn_label_case(footer.names, columns, uri)
-            if fraction is None:
-                units += [Unit(_unit_id("shard", uri, str(rg), str(rows)), "shard", rows, uri, rg, version)
-                          for rg, rows in enumerate(sizes)]
-                continue
-            draw.seen += sum(sizes)
-            for rg, rows in enumerate(sizes):
-                if drawn := len(shard_rows_in_sample(uri, rg, rows, fraction)):
-                    units.append(Unit(_unit_id("shard", uri, str(rg), str(rows), f"sample {fraction!r}"), "shard",
-                                      drawn, uri, rg, version, fraction, rows))
-    if unreadable:  # its rows are not known: nothing could stand for them in the output
-        raise ValueError(f"{len(unreadable):,} of {len(files):,} Parquet shards cannot be read (download them again, "
-                         f"or move them out of the input), such as {unreadable[0]}")
-    return units
-
-
-@dataclass
-class Footer:
-    """What planning reads of a Parquet shard: its row groups' sizes, its version and columns,
-    or why it cannot be read as Parquet."""
-
-    sizes: list[int]
-    version: str
-    names: list[str]
-    unreadable: str | None = None
-
-
-def read_footer(uri: str, columns: ColumnMap, gone_ok: bool = False) -> Footer:
-    """A Parquet shard's footer (its image column checked: a wrong type is an error before
-    any work). `gone_ok`: a file not there has no row groups, else it is an error."""
-    try:
-        f = fsspec.open(uri, "rb").open()
-    except FileNotFoundError:
-        if gone_ok:
-            return Footer([], "", [])
-        raise FileNotFoundError(f"Parquet shard {uri} does not exist") from None
-    with f:
-        version = opened_version(f)  # what the open found (an object store's HEAD), else the file's stat
-        try:
-            pf = pq.ParquetFile(f)
-        except (pa.ArrowInvalid, OSError) as err:  # a truncated download, a Git LFS pointer
-            what = what_file_holds(f)
-            return Footer([], version, [], f"it is {what}" if what else error_text(err))
-        if find_image_column(pf.schema_arrow, columns.bytes, uri) is None:
-            raise ImageColumnError(f"{uri}: no image column ({columns.bytes!r}, or a Hugging Face Image struct)")
-        meta = pf.metadata
-    return Footer([meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)], version,
-                  pf.schema_arrow.names)
-
-
-def _has_bytes_column(uri: str, columns: ColumnMap) -> bool:
-    """Whether a Parquet file holds images (a shard) rather than records of URIs (a manifest);
-    one that cannot be read as Parquet is taken for a shard, which planning then names."""
-    with fsspec.open(uri, "rb") as f:
-        try:
-            schema = pq.ParquetFile(f).schema_arrow
-        except (pa.ArrowInvalid, OSError):
-            return True
-        return find_image_column(schema, columns.bytes, uri) is not None
-
-
 def detect_format(uri: str, options: SourceOptions, files: list[str] | None = None) -> str:
     """`files`: an input folder's files up to its first image, or all of them when it holds
     none (None: list the folder here, or a single file)."""
@@ -545,10 +351,10 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
     if is_text_manifest(low):
         return "manifest"
     if webdataset.has_braces(uri):  # a pattern of Parquet files: what the first holds says
-        return "parquet" if _has_bytes_column(webdataset.expand_braces(uri)[0], options.columns) else "manifest"
+        return "parquet" if has_bytes_column(webdataset.expand_braces(uri)[0], options.columns) else "manifest"
     fs, base = fsspec.core.url_to_fs(uri)
     if low.endswith(".parquet") and fs.isfile(base):
-        return "parquet" if _has_bytes_column(uri, options.columns) else "manifest"
+        return "parquet" if has_bytes_column(uri, options.columns) else "manifest"
     wanted = image_suffixes(options.extensions)
     if files is None:
         if fs.isfile(base):  # one image: scanned as a folder of one
@@ -567,7 +373,7 @@ def detect_format(uri: str, options: SourceOptions, files: list[str] | None = No
         return "webdataset"
     parquet = [p for p in files if p.endswith(".parquet")]
     if parquet:
-        return "parquet" if _has_bytes_column(full_uri(fs, parquet[0]), options.columns) else "manifest"
+        return "parquet" if has_bytes_column(full_uri(fs, parquet[0]), options.columns) else "manifest"
     if any(is_listed_manifest(p) for p in files):
         return "manifest"
     raise ValueError(f"input {uri} holds no images ({', '.join(options.extensions)}), no .tar or .zip shards, no Parquet "

@@ -40,8 +40,9 @@ from pipeline.progress import every
 from pipeline.scan.changes import FileChanges, KnownFiles, VersionsWriter, recorded_versions, removed_files
 from pipeline.scan.labels import label_folders_identity
 from pipeline.scan.schema import PLAN_BOOKKEEPING, UNIT, VERSION
-from pipeline.scan.sources import RECORD_KINDS, Plan, SourceOptions, Unit, canonical_input, update_plan
+from pipeline.scan.sources import canonical_input, update_plan
 from pipeline.scan.tar_changes import KnownSamples
+from pipeline.scan.units import RECORD_KINDS, Plan, SourceOptions, Unit
 from pipeline.scan.uri_set import UriSet
 from pipeline.storage import Location, parquet_schema, read_ahead, s3_connections
 

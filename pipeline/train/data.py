@@ -27,8 +27,9 @@ from pipeline.scan.decode import unit_inputs
 from pipeline.scan.labels import label_folders as folder_labels
 from pipeline.scan.reads import planned_errors, read_shard_unit
 from pipeline.scan.schema import without_bookkeeping
-from pipeline.scan.sources import RECORD_KINDS, ColumnMap, Plan, SourceOptions, Unit, input_root, plan_source
+from pipeline.scan.sources import input_root, plan_source
 from pipeline.scan.store import PlanRecordsWriter, read_unit_records, stored_records
+from pipeline.scan.units import RECORD_KINDS, ColumnMap, Plan, SourceOptions, Unit
 from pipeline.storage import Location, read_ahead, relative_paths
 from pipeline.train.prepare import prepare_batch
 
