@@ -45,7 +45,7 @@ def ray_cluster(tmp_path):
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats", *agent_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a head, its dashboard and job agent: minutes on 2 busy cores
     while time.time() < deadline:
         probe = subprocess.run([bin_dir / "ray", "job", "list", "--address", address], env=env, capture_output=True)
         if probe.returncode == 0:
