@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_image
+from conftest import mirror_log_lines, write_image
 
 from pipeline.scan.config import ConfigError, ScanConfig
 from pipeline.scan.reads import read_shard_unit
@@ -141,9 +141,13 @@ def test_a_sampled_scan_scores_the_sample_and_says_what_it_tells(ray_local, pari
     assert ScanStore(str(out)).read_plan().sample == 0.25
     # a larger draw grows the output in place: what it adds is scored, the rows scored stay
     parts = {p.name: p.stat().st_mtime_ns for p in (out / "scores").glob("part-*.parquet")}
-    grown = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=4, sample=0.5))
+    with mirror_log_lines() as said:
+        grown = run_scan(str(parity_bundle), str(src), str(out), ScanConfig(unit_size=4, sample=0.5))
     listed = sorted(map(str, src.iterdir()))
     drawn = [u for u, keep in zip(listed, in_sample(listed, 0.5)) if keep]
+    added = len(drawn) - updated["rows_out"]
+    assert any(line.startswith(f"re-listing {src} for a sample of 0.5 (a sample of 0.25 so far): done")
+               and f"{added} new records in" in line for line in said), said
     assert sorted(pq.read_table(out / "scores")["uri"].to_pylist()) == drawn and grown["rows_out"] == len(drawn)
     assert grown["this_run"]["rows"] == len(drawn) - updated["rows_out"]
     assert all((out / "scores" / name).stat().st_mtime_ns == t for name, t in parts.items())

@@ -335,11 +335,11 @@ def _scan_jobs(model: str | Bundle, jobs: list[ScanJob], cfg: ScanConfig,
             with step(f"re-listing {job.input_uri}" + (f" for {drawn} (a sample of {grown_from} so far)"
                                                        if grown_from is not None else "")) as info:
                 plan, added, found, versions = out.relist(plan, cfg.source_options(), grow_sample=grown_from is not None)
-            if grown_from is not None:  # planned: the output holds the larger draw from now on
-                out.write_json("_scan.json", identity)
                 info.update(items=sum(u.rows for u in added), unit=f"new records in {len(added)} new units"
                             + (f"; {found.changed} files changed and {found.removed} removed, in "
                                f"{len(found.units)} units to score again" if found.units else ""))
+            if grown_from is not None:  # planned: the output holds the larger draw from now on
+                out.write_json("_scan.json", identity)
         if check_plan is not None:
             check_plan(out, plan)
         done = out.done_units()
