@@ -256,13 +256,13 @@ REMOVED = "removed"  # a shard unit's version once its file was found gone (its 
 
 
 def removed_shard_units(units: list) -> set[str]:
-    """Of a plan's units (`sources.Unit`s), those of shards an update found removed: a read
+    """Of a plan's units (`units.Unit`s), those of shards an update found removed: a read
     of their rows fails again."""
     return {u.unit_id for u in units if u.version == REMOVED}
 
 
 def shard_changes(planned: list, listed: list) -> tuple[list, FileChanges]:
-    """Parquet shards listed again (`listed`: their units, `sources.Unit`s, as their
+    """Parquet shards listed again (`listed`: their units, `units.Unit`s, as their
     footers give them now) against the plan's units: the units of new shards, and the
     shards changed in place (another version, the same row groups) or removed, whose units
     are scored again. A planned shard with other row groups now is refused: its rows cannot

@@ -1,7 +1,8 @@
 """Reading what a plan names, in the decode tasks (and in training's and an audit's
 readers): a Parquet shard unit's rows, checked against the version planned, and the files,
 links and Hugging Face image paths records name, each as its bytes or the error-row text
-saying why there are none. Planning is `sources.py`; nothing here lists an input."""
+saying why there are none. Planning is `sources.py` (Parquet shards: `parquet_shards.py`);
+nothing here lists an input."""
 from __future__ import annotations
 
 import posixpath
