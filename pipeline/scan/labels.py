@@ -32,7 +32,8 @@ def label_folders_identity(extra: dict[str, object] | None) -> dict[str, int] | 
     (REAL=real and REAL=0 are one setting), by name; None when unset."""
     if not extra:
         return None
-    return {name: label_folders(extra)[name] for name in sorted(extra)}
+    folders = label_folders(extra)
+    return {name: folders[name] for name in sorted(extra)}
 
 
 def label_like(parts: tuple[str, ...], folders: dict[str, int] = LABEL_FOLDERS) -> str | None:
